@@ -1,0 +1,155 @@
+"""Atomic checkpoints: resumable trainer checkpoints and the loadable `best/` model directory.
+
+Everything is written into a temporary sibling directory and renamed into place, so a crash
+(even SIGKILL mid-write) never leaves a directory with a final name that resume would trust.
+Weights go through safetensors; optimizer and RNG states through `torch.save` and are read back
+with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from honelm.errors import HonelmError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp` with renames only (the old one is moved aside first)."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_to_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """Make RNG state loadable with weights_only=True (no numpy objects, no pickled tuples)."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {
+        "python_version": state["python"][0],
+        "python_state": torch.tensor(state["python"][1], dtype=torch.int64),
+        "python_gauss": -1.0 if state["python"][2] is None else float(state["python"][2]),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_meta": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_cached": float(cached),
+        "torch": state["torch"],
+    }
+    if "cuda" in state:
+        out["cuda"] = list(state["cuda"])
+    return out
+
+
+def _rng_from_tensors(saved: dict[str, Any]) -> dict[str, Any]:
+    gauss = None if saved["python_gauss"] == -1.0 else saved["python_gauss"]
+    state = {
+        "python": (saved["python_version"], tuple(int(x) for x in saved["python_state"].tolist()), gauss),
+        "numpy": ("MT19937", saved["numpy_keys"].numpy().astype(np.uint32), int(saved["numpy_meta"][0]),
+                  int(saved["numpy_meta"][1]), float(saved["numpy_cached"])),
+        "torch": saved["torch"],
+    }
+    if "cuda" in saved:
+        state["cuda"] = saved["cuda"]
+    return state
+
+
+def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             trainer_state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically; prune to the `keep` newest."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = _atomic_dir(final)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_to_tensors(rng), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _commit_dir(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never match)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Restore model and optimizer in place; return (trainer_state, rng_state)."""
+    try:
+        try:  # strict, but safetensors knows tied weights are stored once
+            load_model(model, str(path / "model.safetensors"), strict=True)
+        except RuntimeError as e:
+            raise HonelmError(f"{path}: checkpoint does not match the model: {str(e)[:300]}") from None
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        rng = _rng_from_tensors(torch.load(path / "rng.pt", weights_only=True))
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise HonelmError(f"{path}: incomplete checkpoint ({e.filename} missing)") from None
+    return state, rng
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None) -> None:
+    """A Hugging Face model directory (+ tokenizer + optional best.json), replaced atomically."""
+    tmp = _atomic_dir(final)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / "best.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+    _commit_dir(tmp, final)
+
+
+def resolve_model_dir(spec: str) -> str:
+    """`init_from` → a loadable directory: a run dir means its best/ model; `latest` links work too."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if (path / "best" / "config.json").is_file():
+            return str(path / "best")
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return str(path)
+        if (path / "tokenizer" / "tokenizer.json").is_file():
+            return str(path / "tokenizer")
+        raise HonelmError(f"{spec}: not a model directory (no config.json) and not a run with a best/ model")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "runs" in Path(spec).parts:
+        raise HonelmError(f"{spec}: no such directory")
+    return spec  # a hub id; loading it needs network access

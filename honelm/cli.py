@@ -1,0 +1,227 @@
+"""The `honelm` command: verbs → stages, `--config NAME|PATH`, `key.sub=value` overrides, `--help`.
+
+    honelm <verb> [--config NAME|PATH] [--resume RUN] [key.sub=value ...]
+    honelm <verb> --help        every field with type, default and doc
+    honelm ls                   verbs, presets and recent runs
+
+A config NAME is looked up as configs/<verb>/NAME.yaml in the current directory, then in the
+configs/ folder shipped next to the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from honelm import config as C
+from honelm.errors import HonelmError
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    module: str = ""  # config verbs: module with `run(cfg, resume)` and a config class
+    config: str = ""  # name of the config class in `module`
+    positional: str = ""  # config field filled by a bare first argument
+
+
+VERBS: dict[str, Verb] = {v.name: v for v in [
+    Verb("tokenizer", "train a byte-level BPE or WordPiece tokenizer on a corpus", "honelm.stages.tokenizer", "TokenizerConfig"),
+    Verb("pretrain", "causal-LM pre-training on packed text (loss, perplexity, bits-per-byte)", "honelm.stages.pretrain", "PretrainConfig"),
+    Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "honelm.stages.classify", "ClassifyConfig"),
+    Verb("test", "evaluate a run's best checkpoint on its test split, once"),
+    Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "honelm.stages.generate", "GenerateConfig", "model"),
+    Verb("report", "write report.md with plots for a run"),
+    Verb("ls", "list verbs, config presets and recent runs"),
+    Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)"),
+]}
+
+
+def config_roots() -> list[Path]:
+    roots = [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    seen, out = set(), []
+    for r in roots:
+        if r.resolve() not in seen and r.is_dir():
+            seen.add(r.resolve())
+            out.append(r)
+    return out
+
+
+def find_config(verb: str, spec: str) -> Path:
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise HonelmError(f"{spec}: no such config file")
+        return path
+    for root in config_roots():
+        candidate = root / verb / f"{spec}.yaml"
+        if candidate.is_file():
+            return candidate
+    names = sorted({p.stem for r in config_roots() for p in (r / verb).glob("*.yaml")})
+    raise HonelmError(f"no config preset '{spec}' for {verb}; presets: {', '.join(names) or 'none'}")
+
+
+def config_help(verb: Verb, cls: type) -> str:
+    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN] [key.sub=value ...]", "",
+             verb.summary, "", "fields (key: type = default   doc):"]
+    section = None
+    for key, tp, default, doc in C.describe(cls):
+        head = key.split(".")[0]
+        if head != section and "." in key:
+            section = head
+            lines.append(f"\n  [{head}]")
+        lines.append(f"  {key}: {tp} = {default}")
+        if doc:
+            lines.append(f"      {doc}")
+    presets = sorted({p.stem for r in config_roots() for p in (r / verb.name).glob("*.yaml")})
+    if presets:
+        lines.append(f"\npresets (--config NAME): {', '.join(presets)}")
+    return "\n".join(lines)
+
+
+def run_config_verb(verb: Verb, argv: list[str]) -> Any:
+    module = importlib.import_module(verb.module)
+    cls = getattr(module, verb.config)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(verb, cls))
+        return None
+    config_path: str | None = None
+    resume: str | None = None
+    overrides: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            config_path = next(it, None)
+            if config_path is None:
+                raise HonelmError("--config needs a preset name or a YAML path")
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--resume":
+            resume = next(it, None)
+            if resume is None:
+                raise HonelmError("--resume needs the run directory to resume")
+        elif arg.startswith("--resume="):
+            resume = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise HonelmError(f"unknown option {arg}; see honelm {verb.name} --help")
+        elif "=" not in arg and verb.positional and not overrides:
+            overrides.append(f"{verb.positional}={arg}")
+        else:
+            overrides.append(arg)
+    if resume:
+        if config_path:
+            raise HonelmError("--resume uses the run's own config.yaml; drop --config")
+        config_path = str(Path(resume) / "config.yaml")
+        if overrides:
+            raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
+    path = find_config(verb.name, config_path) if config_path else None
+    cfg = C.build(cls, path, overrides)
+    return module.run(cfg, resume=resume)
+
+
+def cmd_test(argv: list[str]) -> Any:
+    p = argparse.ArgumentParser(prog="honelm test", description="Evaluate RUN's best checkpoint on its test split, once. "
+                                "This is the only command that reads the test split; every look is recorded.")
+    p.add_argument("run", help="run directory (e.g. runs/classify/latest)")
+    p.add_argument("--force", action="store_true", help="look again although the test split was already evaluated (recorded)")
+    args = p.parse_args(argv)
+    from honelm.protocol.test import run_test
+
+    metrics = run_test(args.run, force=args.force)
+    for k, v in metrics.items():
+        print(f"{k}: {v}")
+    return metrics
+
+
+def cmd_report(argv: list[str]) -> Any:
+    p = argparse.ArgumentParser(prog="honelm report", description="Write RUN/report.md with PNG plots.")
+    p.add_argument("run", help="run directory")
+    args = p.parse_args(argv)
+    from honelm.protocol.report import write_report
+
+    path = write_report(args.run)
+    print(path)
+    return path
+
+
+def cmd_ls(argv: list[str]) -> Any:
+    p = argparse.ArgumentParser(prog="honelm ls", description="List verbs, config presets and recent runs.")
+    p.add_argument("--runs", default="runs", help="directory holding runs (default: runs)")
+    args = p.parse_args(argv)
+    print("verbs:")
+    for v in VERBS.values():
+        print(f"  {v.name:<10} {v.summary}")
+    print("\nconfig presets (honelm VERB --config NAME):")
+    for root in config_roots():
+        for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            names = sorted(x.stem for x in stage_dir.glob("*.yaml"))
+            if names:
+                print(f"  {stage_dir.name:<10} {', '.join(names)}   ({stage_dir})")
+    runs = Path(args.runs)
+    if runs.is_dir():
+        print(f"\nruns under {runs}:")
+        for stage_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
+            found = sorted((r for r in stage_dir.iterdir() if r.is_dir() and not r.is_symlink()), key=os.path.getmtime)
+            for r in found[-5:]:
+                marks = [m for m, f in (("best", "best"), ("tested", "test_metrics.json"), ("report", "report.md")) if (r / f).exists()]
+                print(f"  {str(r):<45} {' '.join(marks)}")
+    return None
+
+
+def cmd_demo(argv: list[str]) -> Any:
+    from honelm.demo import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], Any]] = {"test": cmd_test, "report": cmd_report, "ls": cmd_ls, "demo": cmd_demo}
+
+
+def usage() -> str:
+    lines = ["usage: honelm <verb> [--config NAME|PATH] [key.sub=value ...]", "", "verbs:"]
+    lines += [f"  {v.name:<10} {v.summary}" for v in VERBS.values()]
+    lines += ["", "honelm <verb> --help lists every field of that verb with its type, default and doc."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from honelm import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    verb = VERBS.get(name)
+    if verb is None:
+        import difflib
+
+        hint = difflib.get_close_matches(name, list(VERBS), n=1)
+        print(f"honelm: unknown verb '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "") + "\n\n" + usage(),
+              file=sys.stderr)
+        return 2
+    try:
+        if verb.module:
+            run_config_verb(verb, rest)
+        else:
+            COMMANDS[name](rest)
+    except HonelmError as e:
+        print(f"honelm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"honelm {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

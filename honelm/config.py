@@ -1,0 +1,392 @@
+"""Config sections as dataclasses, YAML presets, and `key.sub=value` overrides.
+
+Precedence: dataclass defaults < YAML file < command-line overrides. Every field documents itself
+with an attribute docstring (the string literal right below it), which `describe()` reads back
+from the source so `honelm <verb> --help` can print type, default and doc for every field.
+Unknown keys fail with a "did you mean" suggestion; values are checked against the annotations.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from honelm.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by stages. Stage-specific sections live next to their stage in honelm/stages.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded."""
+
+    out_dir: str = ""
+    """Parent directory of the run; empty = runs/<stage>. A `latest` link there points to the newest run."""
+    name: str = ""
+    """Run directory name under out_dir; empty = a timestamp."""
+    seed: int = 0
+    """Seed for model initialisation, data order and dropout (not for the split: see data.seed)."""
+    overwrite: bool = False
+    """Allow reusing an existing run directory that has no checkpoint to resume (its files are replaced)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: a from-scratch preset, an earlier run, or any Hugging Face checkpoint."""
+
+    init_from: str = ""
+    """Start from this: a run directory (its best/ model), a checkpoint directory, or a hub id (online only). Empty = random init from the preset."""
+    arch: Literal["decoder", "encoder"] = "decoder"
+    """From-scratch architecture: decoder (Llama-style) or encoder (BERT-style). Ignored with init_from."""
+    size: Literal["test", "tiny", "small", "base"] = "tiny"
+    """From-scratch preset size. Ignored with init_from."""
+    tokenizer: str = ""
+    """Tokenizer directory or `honelm tokenizer` run; empty = the init_from checkpoint's, or (from scratch) one trained on the train split."""
+    vocab_size: int = 8000
+    """Vocabulary size of a tokenizer trained on the fly (from scratch without model.tokenizer)."""
+    max_positions: int = 512
+    """Longest sequence a from-scratch model supports."""
+    dropout: float = 0.0
+    """Dropout of a from-scratch model (hidden and attention); 0 is usual for pre-training, 0.1 for fine-tuning."""
+    trust_remote_code: bool = False
+    """Allow checkpoints that ship their own Python code (never on unless you trust the source)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: optimiser, schedule, batches, precision, evaluation, checkpoints."""
+
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; never applied to biases and norm weights."""
+    decay_embeddings: bool = False
+    """Apply weight decay to embedding matrices too (with tied embeddings this also decays the output layer)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    batch_size: int = 16
+    """Micro-batch size per process (sequences)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = batch_size x grad_accum x processes."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = derive from epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0 (fractions allowed)."""
+    warmup_steps: int = -1
+    """Linear warmup steps; -1 = use warmup_ratio."""
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of all steps (used when warmup_steps is -1)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the schedule, as a fraction of lr (cosine and linear)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast where a measured probe shows it pays (GPU with bf16, CPU with AMX), else fp32."""
+    eval_every: int = 100
+    """Validate every N optimizer steps (and always at the end); 0 = only at the end."""
+    eval_batch_size: int = 32
+    """Batch size for validation."""
+    metric: str = ""
+    """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default."""
+    metric_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether the metric is better when smaller; auto = min for losses, perplexity, bpb and mse, else max."""
+    patience: int = 0
+    """Stop after this many validations without improvement; 0 = never stop early."""
+    save_every: int = 200
+    """Write a resumable checkpoint every N optimizer steps; 0 = only at the end and on Ctrl-C."""
+    keep_checkpoints: int = 2
+    """How many recent resumable checkpoints to keep."""
+    log_every: int = 10
+    """Log training loss, learning rate and throughput every N optimizer steps."""
+    progress: bool = True
+    """Show a progress bar (tokens/s, loss, ETA) on an interactive terminal."""
+    tensorboard: bool = True
+    """Also write TensorBoard events under tb/ when tensorboard is installed."""
+    compile: bool = False
+    """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
+    threads: int = 0
+    """CPU threads for torch; 0 = leave torch's default."""
+
+
+# --------------------------------------------------------------------------------------------
+# Machinery: docs, describe, load, override, dump.
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (and its bases), read from the source with `ast`."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name for an annotation (for --help)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "{" + "|".join(str(a) for a in get_args(tp)) + "}"
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list[{type_name(args[0])}]" if args else "list"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
+    """Convert one value to the annotated type, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        value = raw
+        if isinstance(raw, str) and all(isinstance(c, int) for c in choices):
+            try:
+                value = int(raw)
+            except ValueError:
+                pass
+        if value not in choices:
+            hint = difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}{extra}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        # Try non-str alternatives first so "3" becomes an int for `int | str`.
+        for alt in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _parse_scalar(raw, alt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {raw!r} is not a valid {type_name(tp)}")
+    if origin in (list, tuple):
+        (inner,) = get_args(tp)[:1] or (str,)
+        if isinstance(raw, str):
+            parsed = yaml.safe_load(raw) if raw.strip().startswith("[") else [p for p in raw.split(",") if p != ""]
+        else:
+            parsed = raw
+        if not isinstance(parsed, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        return [_parse_scalar(v, inner, f"{key}[{i}]") for i, v in enumerate(parsed)]
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return int(raw.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(raw)
+                    if f.is_integer():
+                        return int(f)
+                except ValueError:
+                    pass
+        raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        if isinstance(raw, (int, float)):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        else:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+        return value
+    if tp is str:
+        if isinstance(raw, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {raw!r}")
+        return "" if raw is None else str(raw)
+    if tp is Any:
+        return raw
+    raise ConfigError(f"{key}: unsupported field type {type_name(tp)}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key.split(".")[-1], known, n=1, cutoff=0.5)
+    if not hint:
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    extra = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}'{extra}")
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config class."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_section(tp):
+            keys.extend(all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def set_key(cfg: Any, dotted: str, raw: Any, root: type | None = None) -> None:
+    """Set `a.b.c` on a nested dataclass instance, type-checking the value."""
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise _unknown(dotted, all_keys(type(cfg)) if i == 0 else [*names, *all_keys(type(cfg))])
+        tp = _hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if _is_section(tp):
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"{dotted}: is a section; set its fields ({', '.join(all_keys(tp))})")
+                for k, v in raw.items():
+                    set_key(cfg, f"{dotted}.{k}", v)
+                return
+            setattr(obj, part, _parse_scalar(raw, tp, dotted))
+            return
+        if not _is_section(tp):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+        obj = getattr(obj, part)
+
+
+def apply_mapping(cfg: Any, mapping: dict, prefix: str = "") -> None:
+    """Apply a nested mapping (from YAML) onto cfg."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        sub = cfg
+        for part in dotted.split(".")[:-1]:
+            sub = getattr(sub, part, None)
+        names = [f.name for f in dataclasses.fields(sub)] if sub is not None and dataclasses.is_dataclass(sub) else []
+        if str(key) not in names:
+            raise _unknown(dotted, all_keys(type(cfg)))
+        tp = _hints(type(sub))[str(key)]
+        if _is_section(tp) and isinstance(value, dict):
+            apply_mapping(cfg, value, f"{dotted}.")
+        else:
+            set_key(cfg, dotted, value)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Split `key.sub=value` arguments; anything else is an error."""
+    pairs = []
+    for arg in args:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"expected key=value, got '{arg}'")
+        key, value = arg.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults < YAML < overrides, checked. Returns an instance of `cls`."""
+    cfg = cls()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        try:
+            apply_mapping(cfg, mapping)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for key, value in parse_overrides(overrides or []):
+        set_key(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Any, path: str | Path, header: str = "") -> None:
+    """Write the effective config as YAML that works again as --config."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    Path(path).write_text((header + "\n" if header else "") + text, encoding="utf-8")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field, in declaration order."""
+    rows = []
+    defaults = cls()
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_section(tp):
+            rows.extend(describe(tp, f"{prefix}{f.name}."))
+        else:
+            value = getattr(defaults, f.name)
+            rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), docs.get(f.name, "")))
+    return rows
+
+
+def section(cls: type) -> Any:
+    """`field(default_factory=cls)`: a nested section in a stage config."""
+    return field(default_factory=cls)

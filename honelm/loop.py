@@ -1,0 +1,363 @@
+"""`fit()`: THE training loop, used unchanged by every stage.
+
+Per optimizer step: take the step's micro-batches from a deterministic `BatchStream`, count the
+loss units of the whole step (all processes together), run `objective.step` on each micro-batch
+with scale world/units so the accumulated gradient is the exact mean over the step, clip, set
+the learning rate from the pure schedule, step AdamW. Around it: bf16 autocast chosen by a
+measured probe, validation every N steps, the best model kept, early stopping, atomic periodic
+checkpoints, exact resume (model, optimizer, RNG, data position), Ctrl-C/SIGTERM leaving a
+resumable checkpoint, and a non-finite loss stopping the run with the step named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from honelm import runtime as rt
+from honelm.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
+from honelm.config import TrainConfig
+from honelm.errors import HonelmError, TrainingError
+from honelm.objectives.base import Objective
+from honelm.optim import lr_at, make_optimizer, set_lr, warmup_steps
+from honelm.tracking import Tracker
+
+Batch = dict[str, Any]
+
+
+class BatchStream:
+    """A deterministic, resumable stream of micro-batches, sharded across processes.
+
+    The stream is the concatenation of epochs; epoch e visits the items in an order fixed by
+    (seed, e). Optimizer step k consumes stream positions [k*G, (k+1)*G) with
+    G = batch_size * grad_accum * world; micro-batch a of rank r takes the slice starting at
+    (a*world + r) * batch_size. So one process with grad_accum=2 sees exactly the items that two
+    processes with grad_accum=1 see, and the data position is a single integer.
+    With `lengths`, items are sorted by length inside windows of 50 steps (then the step chunks
+    are shuffled) so padded batches waste little compute.
+    """
+
+    def __init__(self, n_items: int, collate: Callable[[list[int]], Batch], batch_size: int, grad_accum: int,
+                 seed: int, world: int = 1, rank: int = 0, shuffle: bool = True, lengths: Sequence[int] | None = None):
+        if n_items <= 0:
+            raise HonelmError("the training split is empty")
+        self.n, self.collate, self.bs, self.accum = n_items, collate, batch_size, grad_accum
+        self.seed, self.world, self.rank, self.shuffle = seed, world, rank, shuffle
+        self.lengths = lengths
+        self.position = 0
+        self._epoch_cache: tuple[int, list[int]] | None = None
+
+    @property
+    def step_items(self) -> int:
+        return self.bs * self.accum * self.world
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self._epoch_cache and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.lengths is not None and self.shuffle:
+            window = self.step_items * 50
+            grouped: list[int] = []
+            for start in range(0, self.n, window):
+                grouped.extend(sorted(order[start:start + window], key=lambda i: self.lengths[i]))
+            chunks = [grouped[i:i + self.step_items] for i in range(0, self.n, self.step_items)]
+            perm = torch.randperm(len(chunks), generator=g).tolist()
+            order = [i for c in perm for i in chunks[c]]
+        self._epoch_cache = (epoch, order)
+        return order
+
+    def item_at(self, position: int) -> int:
+        return self.epoch_order(position // self.n)[position % self.n]
+
+    def next_step(self) -> list[Batch]:
+        """The micro-batches of this rank for the next optimizer step."""
+        start = self.position
+        batches = []
+        for a in range(self.accum):
+            first = start + (a * self.world + self.rank) * self.bs
+            batches.append(self.collate([self.item_at(p) for p in range(first, first + self.bs)]))
+        self.position += self.step_items
+        return batches
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n
+
+
+@dataclass
+class FitResult:
+    """What a run ended with (also written as the `end` event)."""
+
+    steps: int
+    reason: str
+    best_step: int
+    best_metric: str
+    best_value: float | None
+    train_time_s: float
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def metric_is_min(metric: str, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "min"
+    return any(k in metric for k in ("loss", "ppl", "perplexity", "bpb", "mse", "error"))
+
+
+class _Interrupt:
+    """First Ctrl-C/SIGTERM asks for a clean stop at the next step boundary; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _tokens(batch: Batch) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_items / step_items))
+
+
+def fit(
+    model: nn.Module,
+    objective: Objective,
+    stream: BatchStream,
+    cfg: TrainConfig,
+    runtime: rt.Runtime,
+    run_dir: Path,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    save_best: Callable[[nn.Module, dict[str, Any]], None],
+    metric: str,
+    resume: bool = False,
+    tracker: Tracker | None = None,
+) -> FitResult:
+    """Train `model` with `objective` on `stream`; see the module docstring for the contract.
+
+    `evaluate(model)` returns validation metrics named `val_*`; `save_best(model, info)` writes
+    the loadable best model (main process only). With `resume`, the newest checkpoint under
+    run_dir/checkpoints is restored first.
+    """
+    device = runtime.device
+    model.to(device)
+    total = total_steps_for(cfg, stream.n, stream.step_items)
+    warm = warmup_steps(cfg, total)
+    optimizer = make_optimizer(model, cfg)
+    ckpt_root = run_dir / "checkpoints"
+    minimize = metric_is_min(metric, cfg.metric_mode)
+    tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
+    state: dict[str, Any] = {"step": 0, "position": 0, "best_value": None, "best_step": 0, "bad_evals": 0,
+                             "precision": None, "precision_reason": "", "train_time_s": 0.0, "finished": False}
+    if resume:
+        found = list_checkpoints(ckpt_root)
+        if not found:
+            raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {ckpt_root}")
+        saved, rng = load_training_checkpoint(found[-1], model, optimizer)
+        state.update(saved)
+        stream.position = state["position"]
+        if state["finished"]:
+            tracker.say(f"run already finished at step {state['step']}; nothing to resume")
+            return FitResult(state["step"], "already finished", state["best_step"], metric, state["best_value"],
+                             state["train_time_s"])
+        tracker.event("info", state["step"], message=f"resumed from {found[-1].name}")
+
+    train_model: nn.Module = model
+    if runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+
+    if state["precision"] is None:
+        probe_batch = _to_device(stream.collate([stream.item_at(p) for p in range(min(stream.bs, stream.n))]), device)
+
+        def probe(mode: str) -> None:
+            ctx = rt.Runtime(device=device, precision=mode).autocast
+            objective.step(model, probe_batch, 1.0, ctx)
+            model.zero_grad(set_to_none=True)
+
+        model.train()
+        state["precision"], state["precision_reason"] = rt.choose_precision(cfg.precision, device, probe)
+        if runtime.distributed:  # every rank must agree: take rank 0's measurement
+            flag = torch.tensor([1 if state["precision"] == "bf16" else 0], device=device)
+            torch.distributed.broadcast(flag, 0)
+            state["precision"] = "bf16" if int(flag) else "fp32"
+        tracker.event("info", 0, message=f"precision: {state['precision_reason']}")
+    runtime.precision = state["precision"]
+    if resume:
+        rt.set_rng_state(rng)  # last: everything above must not consume the restored streams
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = state["step"]
+    start_time = time.perf_counter() - state["train_time_s"]
+    last_eval: dict[str, float] = {}
+    reason = "max_steps"
+    check_every = 1 if device.type == "cpu" else max(cfg.log_every, 1)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss sum, grad norm) not yet checked
+    run_loss = torch.zeros((), device=device)
+    run_units = 0
+    run_tokens = 0
+    run_metrics: dict[str, torch.Tensor] = {}
+    window_start = time.perf_counter()
+    kill_at = int(os.environ.get("HONELM_TEST_KILL_AT_STEP", "0"))  # test hook: SIGKILL ourselves
+
+    def checkpoint(finished: bool = False) -> None:
+        state.update(step=step, position=stream.position, finished=finished,
+                     train_time_s=time.perf_counter() - start_time)
+        rng = rt.rng_state()
+        if runtime.is_main:
+            path = save_training_checkpoint(ckpt_root, step, model, optimizer, dict(state), rng, cfg.keep_checkpoints)
+            tracker.event("checkpoint", step, path=str(path.relative_to(run_dir)))
+        runtime.barrier()
+
+    def run_eval() -> None:
+        nonlocal last_eval, reason
+        if evaluate is None:
+            return
+        model.eval()
+        with torch.no_grad(), runtime.autocast():
+            last_eval = evaluate(model)
+        model.train()
+        tracker.event("eval", step, split="val", **last_eval)
+        value = last_eval.get(metric)
+        if value is None:
+            raise HonelmError(f"train.metric={metric!r} is not among the validation metrics {sorted(last_eval)}")
+        best = state["best_value"]
+        if best is None or (value < best if minimize else value > best):
+            state.update(best_value=value, best_step=step, bad_evals=0)
+            if runtime.is_main:
+                save_best(model, {"step": step, "metric": metric, "value": value, **last_eval})
+            tracker.event("best", step, metric=metric, value=value)
+        else:
+            state["bad_evals"] += 1
+
+    def check_finite() -> None:
+        if not pending:
+            return
+        losses = torch.stack([p[1] for p in pending])
+        norms = torch.stack([p[2] for p in pending])
+        bad = ~(torch.isfinite(losses) & torch.isfinite(norms))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            bad_step, what = pending[i][0], ("loss" if not torch.isfinite(losses[i]) else "gradient norm")
+            last = list_checkpoints(ckpt_root)
+            hint = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise TrainingError(f"non-finite {what} ({float(losses[i] if what == 'loss' else norms[i])}) at step {bad_step}: "
+                                f"try a lower train.lr, train.precision=fp32 or check the data{hint}")
+        pending.clear()
+
+    model.train()
+    tracker.say(f"training {total} steps ({warm} warmup, {cfg.schedule}), {stream.step_items} sequences per step "
+                f"({stream.bs} x {stream.accum} accumulation x {runtime.world_size} processes)")
+    tracker.start_progress(total)
+    tracker.progress(step, "")
+    with _Interrupt() as interrupt:
+        while step < total:
+            micro = stream.next_step()
+            units = torch.tensor([sum(objective.units(b) for b in micro)], dtype=torch.float64)
+            tokens = sum(_tokens(b) for b in micro)
+            units = runtime.all_reduce_sum(units.to(device)).cpu()
+            n_units = float(units)
+            scale = runtime.world_size / max(n_units, 1.0)
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                batch = _to_device(batch, device)
+                sync = i == len(micro) - 1 or not runtime.distributed
+                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
+                with ctx:
+                    loss = objective.step(train_model, batch, scale, runtime.autocast)
+                step_loss += loss.value.detach().float()
+                for k, v in loss.metrics.items():
+                    run_metrics[k] = run_metrics.get(k, 0) + v.detach().float()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            pending.append((step + 1, step_loss, grad_norm.detach()))
+            if len(pending) >= check_every:
+                check_finite()  # on CPU before the update, so a bad step never touches the weights
+            lr = lr_at(step, peak=cfg.lr, total=total, warmup=warm, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+            set_lr(optimizer, lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            run_loss += step_loss
+            run_units += int(n_units)
+            run_tokens += tokens
+
+            if step % max(cfg.log_every, 1) == 0 or step == total:
+                check_finite()
+                elapsed = time.perf_counter() - window_start
+                local_units = max(run_units / runtime.world_size, 1)
+                fields = {"epoch": round(stream.epoch, 4), "loss": float(run_loss) / local_units, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens_per_s": run_tokens * runtime.world_size / max(elapsed, 1e-9)}
+                fields.update({k: float(v) / local_units for k, v in run_metrics.items()})
+                tracker.event("train", step, **fields)
+                tracker.progress(step, f"loss {fields['loss']:.4f} · {fields['tokens_per_s']:,.0f} tok/s")
+                run_loss.zero_()
+                run_units = run_tokens = 0
+                run_metrics = {}
+                window_start = time.perf_counter()
+
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total:
+                run_eval()
+                if cfg.patience > 0 and state["bad_evals"] >= cfg.patience:
+                    reason = "early_stop"
+                    tracker.event("early_stop", step, patience=cfg.patience, best_step=state["best_step"])
+                    break
+            if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total:
+                checkpoint()
+            if interrupt.requested:
+                reason = "interrupted"
+                break
+
+        check_finite()
+        if evaluate is None and runtime.is_main:
+            state.update(best_step=step)
+            save_best(model, {"step": step, "metric": None, "value": None})
+        checkpoint(finished=reason != "interrupted")
+
+    train_time = state["train_time_s"]
+    if reason == "interrupted":
+        tracker.say(f"interrupted at step {step}: resume with `--resume` (checkpoint saved)")
+    tracker.event("end", step, reason=reason, best_step=state["best_step"], best_metric=metric,
+                  best_value=state["best_value"], train_time_s=round(train_time, 2))
+    return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval)
+

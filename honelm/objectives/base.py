@@ -1,0 +1,48 @@
+"""The objective contract shared by every stage: `Loss` and the `Objective` base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Loss:
+    """A micro-batch loss.
+
+    value:   scalar tensor, the SUM of per-unit losses (it carries the graph).
+    units:   how many units (target tokens / examples) `value` sums over.
+    metrics: detached scalar SUMS over the same units (e.g. correct predictions), logged as
+             sum / units; plain means would make accumulation inexact.
+    """
+
+    value: torch.Tensor
+    units: int | torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: subclasses implement `__call__` and `units`; `step` is overridable."""
+
+    #: name of the default validation metric for this objective (lower is better unless noted)
+    default_metric: str = "val_loss"
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+        raise NotImplementedError
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """Number of loss units in `batch` (counted without the model)."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: dict[str, Any], scale: float, autocast: Any) -> Loss:
+        """Forward and backward of one micro-batch; gradients accumulate in `.grad`.
+
+        `scale` turns the summed loss into its share of the step mean (world_size / step units).
+        """
+        with autocast():
+            loss = self(model, batch)
+        (loss.value.float() * scale).backward()
+        return loss

@@ -1,0 +1,43 @@
+"""Sequence classification and regression heads: summed cross-entropy or squared error.
+
+Classification: loss = sum_i -log softmax(logits_i)[y_i]; metrics count correct predictions.
+Regression (one output): loss = sum_i (f(x_i) - y_i)^2, the sum of squared errors, so the
+logged mean is the MSE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from honelm.objectives.base import Loss, Objective
+
+MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
+
+
+class Classify(Objective):
+    """Cross-entropy over labels (int64) or squared error for regression (float)."""
+
+    def __init__(self, regression: bool = False):
+        self.regression = regression
+        self.default_metric = "val_mse" if regression else "val_accuracy"
+
+    def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}).logits.float()  # (B, C)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+        logits = self.logits(model, batch)
+        labels = batch["labels"]
+        if self.regression:
+            pred = logits.squeeze(-1)
+            loss = F.mse_loss(pred, labels.float(), reduction="sum")
+            return Loss(value=loss, units=labels.numel())
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum().detach().float()
+        return Loss(value=loss, units=labels.numel(), metrics={"accuracy": correct})
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["labels"].numel())

@@ -1,0 +1,45 @@
+"""Causal language modelling: next-token cross-entropy summed over target tokens.
+
+For a batch of token ids x (B, T) and labels y (B, T) (y = x with -100 where nothing is to be
+predicted), the model predicts y[:, 1:] from x[:, :-1]:
+
+    loss = sum_{b,t : y[b,t+1] != -100} -log softmax(logits[b,t])[y[b,t+1]]
+
+computed in fp32 even under bf16 autocast (a bf16 log-softmax over a large vocabulary loses
+the small probabilities that the loss is made of).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from honelm.objectives.base import Loss, Objective
+
+IGNORE = -100
+
+
+def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and target count. logits (B, T, V), labels (B, T)."""
+    pred = logits[:, :-1, :].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return nll, (target != IGNORE).sum()
+
+
+class CausalLM(Objective):
+    """Next-token prediction on `input_ids`/`labels` (and optional `attention_mask`)."""
+
+    default_metric = "val_loss"
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
+        logits = model(**inputs).logits  # (B, T, V)
+        nll, count = shifted_token_nll(logits, batch["labels"])
+        return Loss(value=nll, units=count)
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())

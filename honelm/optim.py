@@ -1,0 +1,74 @@
+"""AdamW parameter groups and the learning-rate schedule as a pure function of the step.
+
+Weight decay is decoupled (AdamW) and applies only to weight matrices: biases and norm weights
+(1-D tensors) never decay, and embeddings decay only when asked (with tied embeddings, decaying
+the input table also decays the output layer; METHODS.md section 6.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from honelm.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two groups: decayed matrices, and everything else (biases, norms, maybe embeddings)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embedding_ids
+        if p.ndim >= 2 and (decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; fused on CUDA where available."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             fused=True if on_cuda else None)
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.warmup_steps >= 0:
+        return min(cfg.warmup_steps, total_steps)
+    return int(round(cfg.warmup_ratio * total_steps))
+
+
+def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Learning rate used for optimizer step `step` (0-based).
+
+    Warmup: lr * (step + 1) / (warmup + 1), so the first step is not wasted at lr = 0.
+    Then decay from peak to peak * min_ratio over the remaining steps, reaching the floor on the
+    last step (the schedule is tied to the real step count; METHODS.md 6.3 item 5).
+    """
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return peak
+    span = max(total - warmup - 1, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    floor = peak * min_ratio
+    if schedule == "linear":
+        return peak - (peak - floor) * progress
+    if schedule == "cosine":
+        return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,71 @@
+"""`honelm test RUN`: the one and only reader of the test split.
+
+It rebuilds the run's splits from its saved config (splits are deterministic by content), checks
+that train and validation hash to what the run recorded, opens the test split inside
+`unlock_test_split`, evaluates the best checkpoint once, writes `test_metrics.json`, and appends
+the look to `test_looks.jsonl`. A second look is refused unless forced; forced looks are
+recorded as such, so a report always shows how many times the test set was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from honelm.data.splits import unlock_test_split, verify_manifest
+from honelm.errors import HonelmError
+from honelm.stages import setup as S
+
+
+def looks(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "test_looks.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
+    """Evaluate RUN's best model on its test split once; returns the metrics."""
+    run_dir = Path(run_dir)
+    stage = S.stage_of(run_dir)
+    previous = looks(run_dir)
+    if previous and not force:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous[-1]["time"]))
+        raise HonelmError(f"{run_dir}: the test split was already evaluated ({len(previous)} look(s), last {when}). "
+                          "Choosing anything after seeing test results makes them optimistic; "
+                          "if you must look again, pass --force (the look is recorded).")
+    if stage == "pretrain":
+        from honelm.stages import pretrain as stage_mod
+
+        cfg = S.load_run_config(run_dir, stage_mod.PretrainConfig)
+        splits = S.text_splits(cfg.data, lambda _: None)
+    elif stage == "classify":
+        from honelm.stages import classify as stage_mod  # type: ignore[no-redef]
+
+        cfg = S.load_run_config(run_dir, stage_mod.ClassifyConfig)
+        splits = S.labelled_splits(cfg.data, lambda _: None)
+    else:
+        raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
+    recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
+    verify_manifest(recorded, splits.manifest)
+    with unlock_test_split("honelm test"):
+        test = splits.test
+    if not test:
+        raise HonelmError(f"{run_dir}: the test split is empty (data.split gives it no share and data.test is unset)")
+    if stage == "pretrain":
+        metrics = stage_mod.evaluate_test(run_dir, cfg, test)  # type: ignore[call-arg]
+    else:
+        metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]
+    predictions = metrics.pop("predictions", None)
+    best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
+    record = {"time": time.time(), "forced": bool(previous), "look": len(previous) + 1, "best_step": best.get("step"),
+              "metrics": metrics}
+    (run_dir / "test_metrics.json").write_text(json.dumps({**metrics, "look": len(previous) + 1,
+                                                           "best_step": best.get("step")}, indent=2), encoding="utf-8")
+    if predictions is not None:
+        (run_dir / "test_predictions.json").write_text(json.dumps(predictions), encoding="utf-8")
+    with open(run_dir / "test_looks.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return metrics

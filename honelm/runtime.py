@@ -1,0 +1,149 @@
+"""Where and how training runs: device, processes, precision, seeding, RNG state.
+
+One place decides the device (CUDA if present, else CPU), whether several processes train
+together (launched by `torchrun` or `accelerate launch`: both set RANK/WORLD_SIZE/LOCAL_RANK,
+and accelerate's `PartialState` joins the process group with NCCL on GPU and gloo on CPU), and
+whether bf16 autocast pays on this machine for this model (measured, not assumed: below ~10M
+parameters the bf16 casts cost more than AMX saves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Runtime:
+    """The process's place in the world and the precision it trains with."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    precision: str = "fp32"  # "bf16" (autocast) or "fp32"
+    precision_reason: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op in fp32)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        return value
+
+
+def setup(threads: int = 0) -> Runtime:
+    """Join the process group when launched with several processes; pick the device."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        device = state.device
+        return Runtime(device=device, rank=state.process_index, world_size=state.num_processes,
+                       local_rank=state.local_process_index)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Runtime(device=device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul units (AMX or AVX512-BF16)."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(requested: str, device: torch.device, probe: Callable[[str], None] | None) -> tuple[str, str]:
+    """Pick bf16 autocast or fp32, with the reason as the log will say it.
+
+    `probe(mode)` runs one forward+backward in that mode; with `requested == "auto"` on a CPU
+    with bf16 units we time it both ways and keep bf16 only if it is at least 15% faster.
+    """
+    if requested == "fp32":
+        return "fp32", "fp32 (asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "bf16 autocast (GPU supports bf16)" if requested == "auto" else "bf16 autocast (asked for)"
+        if requested == "bf16":
+            raise RuntimeError("precision=bf16 asked for, but this GPU does not support bf16")
+        return "fp32", "fp32 (GPU without bf16)"
+    if requested == "bf16":
+        return "bf16", "bf16 autocast (asked for)"
+    if not cpu_has_fast_bf16():
+        return "fp32", "fp32 (this CPU has no AMX/AVX512-BF16 units)"
+    if probe is None:
+        return "fp32", "fp32 (no probe batch)"
+    timings = {}
+    with preserved_rng():
+        for mode in ("fp32", "bf16", "fp32", "bf16"):  # first pass of each warms up; keep the best
+            t0 = time.perf_counter()
+            probe(mode)
+            dt = time.perf_counter() - t0
+            timings[mode] = min(timings.get(mode, float("inf")), dt)
+    speedup = timings["fp32"] / max(timings["bf16"], 1e-9)
+    if speedup >= 1.15:
+        return "bf16", f"bf16 autocast (measured {speedup:.2f}x faster than fp32 on this CPU)"
+    return "fp32", f"fp32 (bf16 autocast measured {speedup:.2f}x: does not pay for this model size)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states a resumed run must restore to continue bit-identically."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without disturbing any RNG (used by the precision probe)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -1,0 +1,1 @@
+"""One module per verb: a config dataclass and `run(cfg, resume) -> summary dict`."""

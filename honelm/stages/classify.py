@@ -1,0 +1,154 @@
+"""`honelm classify`: sequence classification (single texts or pairs) and regression.
+
+Works on an encoder or a decoder, from a preset, a `pretrain`/`adapt` run, or any checkpoint.
+Validation reports loss, accuracy and macro-F1 (MSE and Pearson for regression); the best
+validation checkpoint is kept and early stopping watches validation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from honelm import metrics as M
+from honelm import runtime as rt
+from honelm.checkpoint import save_pretrained_atomic
+from honelm.config import ModelConfig, RunConfig, TrainConfig, section
+from honelm.data.batches import EncodedExamples, encode_examples
+from honelm.errors import HonelmError
+from honelm.loop import BatchStream, fit
+from honelm.models import model_kind
+from honelm.objectives.classify import Classify
+from honelm.stages import setup as S
+
+
+@dataclass
+class LabelledDataConfig(S.SplitDataConfig):
+    """Labelled examples: which fields hold the text, the optional second text, and the label."""
+
+    text_field: str = "text"
+    """Field (column) holding the text."""
+    pair_field: str = ""
+    """Field holding a second text for pair tasks (entailment, similarity); empty = single texts."""
+    label_field: str = "label"
+    """Field holding the label (class name or integer; a number for regression)."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification (one label per example) or regression (one real-valued output)."""
+    max_length: int = 128
+    """Longest input in tokens; longer inputs are truncated and the count is logged."""
+
+
+def _classify_train_defaults() -> TrainConfig:
+    return TrainConfig(lr=5e-5, weight_decay=0.01, adam_beta2=0.999, warmup_ratio=0.06, schedule="linear",
+                       min_lr_ratio=0.0, epochs=3.0, batch_size=32, eval_every=100, patience=5)
+
+
+@dataclass
+class ClassifyConfig:
+    """Fine-tune a sequence classifier or regressor."""
+
+    run: RunConfig = section(RunConfig)
+    data: LabelledDataConfig = section(LabelledDataConfig)
+    model: ModelConfig = section(ModelConfig)
+    train: TrainConfig = section(_classify_train_defaults)  # type: ignore[arg-type]
+
+
+def label_maps(train: list[Any], task: str) -> tuple[dict | None, dict[int, str] | None]:
+    """label → id over the TRAIN labels, sorted (numbers numerically, names alphabetically)."""
+    if task == "regression":
+        return None, None
+    labels = sorted({e.label for e in train}, key=lambda x: (isinstance(x, str), x))
+    label2id = {label: i for i, label in enumerate(labels)}
+    return label2id, {i: str(label) for label, i in label2id.items()}
+
+
+def predict(model: torch.nn.Module, data: EncodedExamples, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits (N, C) in the order of `data`, computed in length-sorted batches."""
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(data)
+    objective = Classify()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(idx).items()}
+        logits = objective.logits(model, batch).cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row]
+    return torch.stack(out) if out else torch.empty(0, 1)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, regression: bool, n_labels: int, prefix: str) -> dict[str, float]:
+    if regression:
+        pred = logits.squeeze(-1)
+        return {f"{prefix}_loss": M.mse(pred, labels), f"{prefix}_mse": M.mse(pred, labels),
+                f"{prefix}_pearson": M.pearson(pred, labels)}
+    pred = logits.argmax(-1)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    return {f"{prefix}_loss": loss, f"{prefix}_accuracy": M.accuracy(pred, labels),
+            f"{prefix}_macro_f1": M.macro_f1(pred, labels, list(range(n_labels)))}
+
+
+def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
+    runtime = rt.setup(cfg.train.threads)
+    rt.seed_everything(cfg.run.seed)
+    run_dir = S.run_directory("classify", cfg, runtime, resume)
+    tracker = S.tracker_for(run_dir, runtime, cfg)
+    regression = cfg.data.task == "regression"
+    splits = S.labelled_splits(cfg.data, tracker.say)
+    S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
+    label2id, id2label = label_maps(splits.train, cfg.data.task)
+    kind = "bpe" if cfg.model.arch == "decoder" else "wordpiece"
+    tokenizer = S.resolve_tokenizer(cfg.model, run_dir if runtime.is_main else None,
+                                    lambda: [e.text for e in splits.train] + [e.text_pair for e in splits.train if e.text_pair],
+                                    kind, tracker.say)
+    model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
+                            num_labels=1 if regression else len(label2id), id2label=id2label)
+    S.check_block_fits(model, cfg.data.max_length, "data.max_length")
+    is_decoder = model_kind(model) == "decoder"
+    train = encode_examples(tokenizer, splits.train, label2id, cfg.data.max_length, is_decoder)
+    val = encode_examples(tokenizer, splits.val, label2id, cfg.data.max_length, is_decoder) if splits.val else None
+    for name, enc in (("train", train), ("validation", val)):
+        if enc is not None and enc.truncated:
+            tracker.say(f"note: {enc.truncated} of {len(enc)} {name} examples are longer than data.max_length="
+                        f"{cfg.data.max_length} and were truncated")
+    stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
+                         runtime.world_size, runtime.rank, lengths=train.lengths)
+    n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return scores(predict(m, val, cfg.train.eval_batch_size, runtime.device), val.labels, regression, n_labels, "val")
+
+    objective = Classify(regression=regression)
+    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate if val is not None else None,
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
+    tracker.close()
+    return {"run_dir": str(run_dir), "steps": result.steps, "best_step": result.best_step, **result.last_eval}
+
+
+def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], train_examples: list[Any]) -> dict[str, Any]:
+    """Test metrics of the run's best model (called only by honelm.protocol.test)."""
+    from honelm.data.readers import check_labels_seen
+    from honelm.models import load_model
+    from honelm.tokenizer import load_tokenizer
+
+    regression = cfg.data.task == "regression"
+    if not regression:
+        check_labels_seen(train_examples, test_examples, "test")
+    label2id, _ = label_maps(train_examples, cfg.data.task)
+    device = rt.setup().device
+    best = run_dir / "best"
+    if not (best / "config.json").is_file():
+        raise HonelmError(f"{run_dir}: no best/ model to test")
+    tokenizer = load_tokenizer(best)
+    model = load_model(best, "classify").to(device).eval()
+    data = encode_examples(tokenizer, test_examples, label2id, cfg.data.max_length, model_kind(model) == "decoder")
+    with torch.no_grad():
+        logits = predict(model, data, cfg.train.eval_batch_size, device)
+    n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
+    out: dict[str, Any] = scores(logits, data.labels, regression, n_labels, "test")
+    out["n_examples"] = len(data)
+    out["predictions"] = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
+    return out

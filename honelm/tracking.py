@@ -1,0 +1,114 @@
+"""One readable log line per event, `metrics.jsonl`, TensorBoard when installed, a progress bar.
+
+Only the main process writes. Every event is a JSON object with `event`, `step` and `time`
+(see docs/run-directory.md for the schema); the same event is printed as one line, so the
+terminal, `log.txt` and `metrics.jsonl` always tell the same story.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value) or math.isinf(value):
+            return str(value)
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) < 1e-3:
+            return f"{value:.2e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+class Tracker:
+    """Writes events; prints them; drives the optional progress bar."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = False, total_steps: int = 0,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._jsonl = None
+        self._log = None
+        self._tb = None
+        self._progress: Progress | None = None
+        self._task = None
+        self._want_progress = False
+        if not enabled or run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._log = open(run_dir / "log.txt", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+        self._want_progress = progress
+        if total_steps > 0:
+            self.start_progress(total_steps)
+
+    def start_progress(self, total_steps: int) -> None:
+        """Show a progress bar for `total_steps` steps (interactive terminals only)."""
+        if self.enabled and self._want_progress and self._progress is None and sys.stderr.isatty():
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console, transient=True,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, info="")
+            self._progress.start()
+
+    def say(self, line: str) -> None:
+        """Print one line (and keep it in log.txt)."""
+        if not self.enabled:
+            return
+        console.print(line, markup=False)
+        if self._log:
+            self._log.write(line + "\n")
+            self._log.flush()
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """Record an event in metrics.jsonl and print it as one line."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "step": step, **fields, "time": round(time.time(), 3)}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if k != "message")
+        message = fields.get("message", "")
+        self.say(f"[step {step}] {kind}{(' ' + message) if message else ''}{(' ' + shown) if shown else ''}")
+
+    def progress(self, step: int, info: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        for handle in (self._jsonl, self._log):
+            if handle:
+                handle.close()
+        self._jsonl = self._log = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
