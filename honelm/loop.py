@@ -149,6 +149,32 @@ def _tokens(batch: Batch) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
+def accumulate(model: nn.Module, objective: Objective, micro: list[Batch], runtime: rt.Runtime
+               ) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """Forward+backward every micro-batch of one optimizer step; `.grad` ends as the exact step mean.
+
+    Each micro-batch's summed loss is scaled by world / U, where U is the number of loss units
+    (target tokens, examples) in the whole step across all processes; DDP's gradient averaging
+    divides by world again, so the result is sum(losses) / U however the step is cut.
+    Returns the summed loss (detached), U, and summed metrics.
+    """
+    units = torch.tensor([float(sum(objective.units(b) for b in micro))], dtype=torch.float64)
+    n_units = float(runtime.all_reduce_sum(units.to(runtime.device)).cpu())
+    scale = runtime.world_size / max(n_units, 1.0)
+    step_loss = torch.zeros((), device=runtime.device)
+    metrics: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro):
+        batch = _to_device(batch, runtime.device)
+        last = i == len(micro) - 1
+        ctx = model.no_sync() if runtime.distributed and not last else contextlib.nullcontext()  # type: ignore[operator]
+        with ctx:
+            loss = objective.step(model, batch, scale, runtime.autocast)
+        step_loss += loss.value.detach().float()
+        for k, v in loss.metrics.items():
+            metrics[k] = metrics.get(k, 0) + v.detach().float()
+    return step_loss, n_units, metrics
+
+
 def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -291,21 +317,10 @@ def fit(
     with _Interrupt() as interrupt:
         while step < total:
             micro = stream.next_step()
-            units = torch.tensor([sum(objective.units(b) for b in micro)], dtype=torch.float64)
             tokens = sum(_tokens(b) for b in micro)
-            units = runtime.all_reduce_sum(units.to(device)).cpu()
-            n_units = float(units)
-            scale = runtime.world_size / max(n_units, 1.0)
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                batch = _to_device(batch, device)
-                sync = i == len(micro) - 1 or not runtime.distributed
-                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
-                with ctx:
-                    loss = objective.step(train_model, batch, scale, runtime.autocast)
-                step_loss += loss.value.detach().float()
-                for k, v in loss.metrics.items():
-                    run_metrics[k] = run_metrics.get(k, 0) + v.detach().float()
+            step_loss, n_units, metrics = accumulate(train_model, objective, micro, runtime)
+            for k, v in metrics.items():
+                run_metrics[k] = run_metrics.get(k, 0) + v
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             pending.append((step + 1, step_loss, grad_norm.detach()))

@@ -183,7 +183,7 @@ def text_splits(data: Any, say: Callable[[str], None]) -> Any:
     load_test = (lambda: read_documents(data.test.split(","), unit=data.unit, text_field=data.text_field)) \
         if data.test else None
     splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
-                         load_test=load_test, test_source=data.test or None, dedup=data.dedup,
+                         load_test=load_test, test_path=data.test or None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold)
     _say_split(splits.manifest, say)
     return splits
@@ -203,7 +203,7 @@ def labelled_splits(data: Any, say: Callable[[str], None]) -> Any:
     load_test = (lambda: read_examples(data.test, **fields)) if data.test else None
     splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
                          stratify=data.task == "classification", val=val, load_test=load_test,
-                         test_source=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold)
+                         test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold)
     if data.task == "classification" and val is not None:
         check_labels_seen(splits.train, splits.val, "validation")
     _say_split(splits.manifest, say)

@@ -1,0 +1,30 @@
+"""Shared fixtures: offline, one torch thread per worker, tiny in-process models and tokenizers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 2-layer Llama with a 64-token vocabulary, built from a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                          attention_dropout=dropout, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(cfg)
+
+    return make

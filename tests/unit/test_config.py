@@ -1,0 +1,102 @@
+"""Config machinery: docs, overrides with type checks, did-you-mean, YAML round trip, shipped presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from honelm import config as C
+from honelm.cli import VERBS, config_help, find_config, main
+from honelm.errors import ConfigError
+from honelm.stages.classify import ClassifyConfig
+from honelm.stages.pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_field_has_a_doc():
+    for cls in (PretrainConfig, ClassifyConfig):
+        for key, _tp, _default, doc in C.describe(cls):
+            assert doc, f"{cls.__name__}.{key} has no docstring"
+
+
+def test_overrides_are_typed():
+    cfg = C.build(PretrainConfig, overrides=["train.lr=3e-4", "train.batch_size=8", "train.progress=false",
+                                             "model.arch=encoder", "data.block_size=128"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 8 and cfg.train.progress is False
+    assert cfg.model.arch == "encoder" and cfg.data.block_size == 128
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=eight", "expected an integer"),
+    ("train.lr=fast", "expected a number"),
+    ("train.progress=maybe", "expected true or false"),
+    ("model.arch=decodr", "did you mean 'decoder'"),
+    ("train.learning_rate=1e-3", "unknown config key 'train.learning_rate'"),
+    ("trian.lr=1e-3", "did you mean"),
+    ("train.lr", "expected key=value"),
+])
+def test_bad_overrides_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        C.build(PretrainConfig, overrides=[override])
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        C.build(PretrainConfig, overrides=["train.batchsize=3"])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = C.build(ClassifyConfig, overrides=["train.lr=0.01", "data.pair_field=hypothesis", "run.seed=7"])
+    C.dump(cfg, tmp_path / "c.yaml", header="# honelm classify --config c.yaml")
+    again = C.build(ClassifyConfig, tmp_path / "c.yaml")
+    assert again == cfg
+
+
+def test_yaml_unknown_key_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*did you mean '(train\.)?lr'"):
+        C.build(PretrainConfig, path)
+
+
+def test_shipped_presets_validate_and_start_with_their_command():
+    presets = sorted((ROOT / "configs").glob("*/*.yaml"))
+    assert presets
+    for path in presets:
+        stage = path.parent.name
+        verb = VERBS[stage]
+        import importlib
+
+        cls = getattr(importlib.import_module(verb.module), verb.config)
+        C.build(cls, path)
+        assert path.read_text().startswith(f"# honelm {stage} "), path
+        assert find_config(stage, path.stem) is not None
+
+
+def test_help_lists_every_field(capsys):
+    for verb in VERBS.values():
+        if verb.module:
+            assert main([verb.name, "--help"]) == 0
+            out = capsys.readouterr().out
+            import importlib
+
+            cls = getattr(importlib.import_module(verb.module), verb.config)
+            for key, tp, default, _doc in C.describe(cls):
+                assert f"{key}: {tp} = {default}" in out
+
+
+def test_top_level_help_and_ls_list_verbs(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert main(["ls"]) == 0
+    out_ls = capsys.readouterr().out
+    for name in ("tokenizer", "pretrain", "classify", "test", "generate", "report", "ls"):
+        assert name in out and name in out_ls
+
+
+def test_unknown_verb_suggests(capsys):
+    assert main(["pretrian"]) == 2
+    assert "did you mean 'pretrain'" in capsys.readouterr().err
