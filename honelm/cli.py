@@ -201,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # transformers' own per-shard progress bars would interleave with our one-line log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     verb = VERBS.get(name)
     if verb is None:
         import difflib

@@ -100,14 +100,16 @@ def choose_precision(requested: str, device: torch.device, probe: Callable[[str]
         return "fp32", "fp32 (this CPU has no AMX/AVX512-BF16 units)"
     if probe is None:
         return "fp32", "fp32 (no probe batch)"
-    timings = {}
+    timings: dict[str, list[float]] = {"fp32": [], "bf16": []}
     with preserved_rng():
-        for mode in ("fp32", "bf16", "fp32", "bf16"):  # first pass of each warms up; keep the best
-            t0 = time.perf_counter()
-            probe(mode)
-            dt = time.perf_counter() - t0
-            timings[mode] = min(timings.get(mode, float("inf")), dt)
-    speedup = timings["fp32"] / max(timings["bf16"], 1e-9)
+        probe("fp32"), probe("bf16")  # warm-up: first calls pay one-time initialisation
+        for _ in range(3):  # alternate so drifting machine load hits both modes alike
+            for mode in ("fp32", "bf16"):
+                t0 = time.perf_counter()
+                probe(mode)
+                timings[mode].append(time.perf_counter() - t0)
+    fp32, bf16 = sorted(timings["fp32"])[1], sorted(timings["bf16"])[1]  # medians of three
+    speedup = fp32 / max(bf16, 1e-9)
     if speedup >= 1.15:
         return "bf16", f"bf16 autocast (measured {speedup:.2f}x faster than fp32 on this CPU)"
     return "fp32", f"fp32 (bf16 autocast measured {speedup:.2f}x: does not pay for this model size)"

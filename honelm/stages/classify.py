@@ -137,13 +137,14 @@ def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], 
     regression = cfg.data.task == "regression"
     if not regression:
         check_labels_seen(train_examples, test_examples, "test")
-    label2id, _ = label_maps(train_examples, cfg.data.task)
+    label2id, id2label = label_maps(train_examples, cfg.data.task)
     device = rt.setup().device
     best = run_dir / "best"
     if not (best / "config.json").is_file():
         raise HonelmError(f"{run_dir}: no best/ model to test")
     tokenizer = load_tokenizer(best)
-    model = load_model(best, "classify").to(device).eval()
+    model = load_model(best, "classify", num_labels=1 if regression else len(label2id),  # type: ignore[arg-type]
+                       id2label=id2label).to(device).eval()
     data = encode_examples(tokenizer, test_examples, label2id, cfg.data.max_length, model_kind(model) == "decoder")
     with torch.no_grad():
         logits = predict(model, data, cfg.train.eval_batch_size, device)
