@@ -161,9 +161,11 @@ def resolve_model_dir(spec: str) -> str:
             return str(path / "best")
         if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return str(path)
-        if (path / "tokenizer" / "tokenizer.json").is_file():
+        if (path / "tokenizer" / "tokenizer.json").is_file():  # a `honelm tokenizer` run
             return str(path / "tokenizer")
-        raise HonelmError(f"{spec}: not a model directory (no config.json) and not a run with a best/ model")
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():  # a tokenizer directory
+            return str(path)
+        raise HonelmError(f"{spec}: not a model or tokenizer directory (no config.json) and not a run with a best/ model")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "runs" in Path(spec).parts:
         raise HonelmError(f"{spec}: no such directory")
     return spec  # a hub id; loading it needs network access

@@ -1,0 +1,59 @@
+"""`honelm classify` (+ `test`) through the real CLI: decoder from a pretrain run, encoder from scratch,
+pairs, regression; the best checkpoint loads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.stages.conftest import FAST, cli, events
+
+SHORT = ["train.max_steps=30", "train.eval_every=10", "train.batch_size=16", "train.lr=2e-3", "data.max_length=48", *FAST]
+
+
+def test_classify_from_pretrain_run(pretrained, data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}",
+        f"run.out_dir={tmp_path}", "run.name=c", *SHORT)
+    run = tmp_path / "c"
+    train = events(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert {"val_accuracy", "val_macro_f1", "val_loss"} <= set(events(run, "eval")[-1])
+    model = AutoModelForSequenceClassification.from_pretrained(run / "best")
+    tok = AutoTokenizer.from_pretrained(run / "best")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    logits = model(**tok(["the film was superb ."], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+    cli("test", str(run))
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_examples"] == 40
+
+
+def test_encoder_pairs_from_scratch(data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'pairs.jsonl'}", "data.text_field=a", "data.pair_field=b",
+        "data.label_field=same", "model.arch=encoder", "model.size=test", "model.vocab_size=500",
+        f"run.out_dir={tmp_path}", "run.name=p", *SHORT)
+    assert (tmp_path / "p" / "best" / "model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "p" / "best")
+    enc = tok("a b", "c d")
+    assert 1 in enc["token_type_ids"]
+
+
+def test_regression(data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'scores.jsonl'}", "data.label_field=score", "data.task=regression",
+        "model.arch=encoder", "model.size=test", "model.vocab_size=500", f"run.out_dir={tmp_path}", "run.name=r", *SHORT)
+    ev = events(tmp_path / "r", "eval")[-1]
+    assert {"val_mse", "val_pearson"} <= set(ev)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "r" / "best")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    cli("test", str(tmp_path / "r"))
+    assert "test_mse" in json.loads((tmp_path / "r" / "test_metrics.json").read_text())
+
+
+def test_early_stopping_on_validation(data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
+        "model.vocab_size=500", "train.lr=1e-9", "train.max_steps=200", "train.eval_every=2", "train.patience=2",
+        "train.metric=val_loss", f"run.out_dir={tmp_path}", "run.name=e", *FAST)
+    stop = events(tmp_path / "e", "early_stop")
+    assert stop and stop[0]["step"] < 200
