@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if verb.module:
-            run_config_verb(verb, rest)
+            result = run_config_verb(verb, rest)
+            if isinstance(result, dict) and result.get("reason") == "interrupted":
+                return 130  # the checkpoint is written; the shell should still see an interrupted command
         else:
             COMMANDS[name](rest)
     except HonelmError as e:

@@ -82,7 +82,8 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
                  lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
     tracker.close()
-    return {"run_dir": str(run_dir), "steps": result.steps, "best_step": result.best_step, **result.last_eval}
+    return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
+            **result.last_eval}
 
 
 def evaluate_test(run_dir: Path, cfg: PretrainConfig, test_docs: list[Any]) -> dict[str, float]:
