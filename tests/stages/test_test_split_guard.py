@@ -1,0 +1,68 @@
+"""Only `honelm test` reads the test split: training, validation and model selection never touch it."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from honelm.data import splits as splits_mod
+from honelm.errors import TestSplitAccessError
+from tests.stages.conftest import FAST, cli
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Record every file opened in this process, with the function that opened it."""
+    paths: list[tuple[str, str]] = []
+    real_open, real_io_open = builtins.open, io.open
+
+    def spy(file, *args, **kwargs):
+        paths.append((str(file), sys._getframe(1).f_code.co_name))
+        return real_open(file, *args, **kwargs)
+
+    def spy_io(file, *args, **kwargs):
+        paths.append((str(file), sys._getframe(1).f_code.co_name))
+        return real_io_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy_io)
+    return paths
+
+
+def test_training_never_reads_the_test_split(data_dir, tmp_path, opened):
+    rows = (data_dir / "reviews.jsonl").read_text().splitlines()
+    train, test = tmp_path / "train.jsonl", tmp_path / "held_out_test.jsonl"
+    train.write_text("\n".join(rows[:300]) + "\n")
+    test.write_text("\n".join(rows[300:]) + "\n")
+    opened.clear()  # only what honelm opens from here on counts
+    before = splits_mod.test_access_count()
+    args = [f"data.train={train}", "model.arch=encoder", "model.size=test", "model.vocab_size=400",
+            "train.max_steps=6", "train.eval_every=3", "data.max_length=32", *FAST]
+    # 1) a user-supplied test file is never parsed by classify: only its bytes are hashed for the
+    #    manifest (so `honelm test` can tell if the file changed since training)
+    cli("classify", *args, f"data.test={test}", f"run.out_dir={tmp_path}", "run.name=file")
+    readers = {fn for p, fn in opened if p.endswith("held_out_test.jsonl")}
+    assert readers <= {"_file_sha256"}, readers
+    # 2) a ratio-split test share is never materialised outside `honelm test`
+    cli("classify", *args, "data.split=6:2:2", f"run.out_dir={tmp_path}", "run.name=ratio")
+    assert splits_mod.test_access_count() == before
+    # 3) `honelm test` does read it, exactly once per look
+    cli("test", str(tmp_path / "file"))
+    assert {fn for p, fn in opened if p.endswith("held_out_test.jsonl")} - {"_file_sha256"}
+    cli("test", str(tmp_path / "ratio"))
+    assert splits_mod.test_access_count() == before + 2
+    assert json.loads((tmp_path / "ratio" / "test_metrics.json").read_text())["n_examples"] == 60
+
+
+def test_the_lock_raises_outside_honelm_test(data_dir):
+    from honelm.data.readers import read_examples
+    from honelm.data.splits import make_splits
+
+    s = make_splits(read_examples(data_dir / "reviews.jsonl"), ratios="8:1:1")
+    with pytest.raises(TestSplitAccessError):
+        _ = s.test
