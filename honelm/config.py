@@ -270,10 +270,28 @@ def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {type_name(tp)}")
 
 
+# Names users bring from Hugging Face TrainingArguments, mapped to ours for the suggestion.
+HF_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+              "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "max_grad_norm": "grad_clip",
+              "lr_scheduler_type": "schedule", "eval_steps": "eval_every", "save_steps": "save_every",
+              "logging_steps": "log_every", "per_device_eval_batch_size": "eval_batch_size",
+              "early_stopping_patience": "patience", "model_name_or_path": "init_from", "seq_len": "block_size"}
+
+
 def _unknown(key: str, known: list[str]) -> ConfigError:
-    hint = difflib.get_close_matches(key.split(".")[-1], known, n=1, cutoff=0.5)
+    """Suggest the closest full dotted key: a known alias, the whole key, then its last part."""
+    alias = HF_ALIASES.get(key.split(".")[-1])
+    hint = [k for k in known if alias and k.split(".")[-1] == alias][:1]
+    hint = hint or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not hint:
-        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        leaf = key.split(".")[-1]
+        by_leaf = {k.split(".")[-1]: k for k in known}
+        same_section = {k.split(".")[-1]: k for k in known if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]}
+        for pool in (same_section, by_leaf):
+            close = difflib.get_close_matches(leaf, list(pool), n=1, cutoff=0.5)
+            if close:
+                hint = [pool[close[0]]]
+                break
     extra = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown config key '{key}'{extra}")
 
@@ -297,7 +315,7 @@ def set_key(cfg: Any, dotted: str, raw: Any, root: type | None = None) -> None:
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
-            raise _unknown(dotted, all_keys(type(cfg)) if i == 0 else [*names, *all_keys(type(cfg))])
+            raise _unknown(dotted, all_keys(type(cfg)))
         tp = _hints(type(obj))[part]
         if i == len(parts) - 1:
             if _is_section(tp):

@@ -1,0 +1,517 @@
+#!/usr/bin/env python
+"""Pre-training throughput: honelm vs Hugging Face `Trainer` vs a minimal PyTorch loop, in one run.
+
+The same ~26.5M-parameter Llama-style model (honelm's `decoder/small` preset: 8 layers, d=384,
+SwiGLU, RoPE, tied embeddings, a 32,000-row vocabulary), the same initial weights (seed), the
+same packed blocks and the same number of AdamW steps with gradient clipping at 1.0 are trained
+by four contenders, each in its own subprocess (so peak RSS is per contender and no contender
+inherits another's allocator state):
+
+  honelm      honelm's `fit()` exactly as `honelm pretrain` calls it (precision=auto, which times
+              fp32 against bf16 autocast on a probe batch and keeps the faster).
+  hf_default  transformers `Trainer` with default `TrainingArguments`, changed only where the work
+              must be equal (batch size, max_steps, lr) or where it would write files
+              (save_strategy="no", report_to="none").
+  hf_best     the same `Trainer` with its best settings found for this CPU (see HF_VARIANTS).
+  minimal     a hand-written loop: bf16 autocast forward, `.loss`, backward, clip_grad_norm_,
+              fused AdamW step, zero_grad. The speed-of-light reference.
+
+Timing: every contender runs `warmup + steps + 1` optimizer steps and timestamps the same point of
+every iteration (honelm: when the loop asks its BatchStream for the step's batch; Trainer: the
+`on_step_begin` callback; minimal: the top of its loop). The measured time is the span from the
+mark of step `warmup` to the mark of step `warmup + steps`, i.e. exactly `steps` whole iterations
+(data, forward, backward, clipping, optimizer, logging); set-up, the first `warmup` steps
+(one-time initialisation, honelm's precision probe, compilation), the last step and everything
+after it (honelm's final save) are outside it. tokens/s = steps * batch * block / time.
+
+MFU = flops_per_token(config, block) * tokens/s / peak, where flops_per_token is honelm's
+6*N + 12*L*A*T (PaLM, Chowdhery et al. 2022, appendix B; N = matmul weights including the tied
+output projection) and the peak is the best bf16 matmul rate of this machine, measured by this
+run (square n x n @ n x n, FLOPs = 2 n^3, best of several repeats, before and after the
+contenders).
+
+Data: tinyshakespeare (`../shared/data/tinyshakespeare/input.txt` from the repository root, one
+document per non-empty line as `honelm pretrain data.unit=lines` does), a byte-level BPE
+tokenizer trained on it (vocab 8,000 by default), packed into blocks of 256 tokens. Only full
+blocks are used so every contender sees identical, unpadded work. The model keeps the 32,000-row
+vocabulary regardless of the tokenizer's real size (ids above it are simply never used), so the
+model is the ~30M-parameter one the benchmark is about; compute does not depend on which ids
+occur. Without the file the benchmark says so and exits 0, unless `--synthetic` asks for
+generated text.
+
+Run by hand (never by CI):  python benchmarks/pretrain_throughput.py [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CONTENDERS = ("honelm", "hf_default", "hf_best", "minimal")
+TARGETS = {"hf_default": 1.5, "hf_best": 1.0, "minimal": 0.95}
+
+# TrainingArguments on top of the common ones (batch, steps, lr, no saving, no reporting) for each
+# Trainer contender. `hf_best` is what tuning on a 2-core AVX512-BF16 EPYC found fastest (see
+# docs/benchmarks.md); the other bf16 variants stay selectable with --contenders for re-tuning.
+HF_VARIANTS: dict[str, dict[str, Any]] = {
+    "hf_default": {},
+    "hf_best": {"bf16": True, "optim": "adamw_torch_fused"},
+    "hf_bf16_foreach": {"bf16": True, "optim": "adamw_torch"},
+    "hf_bf16_compile": {"bf16": True, "optim": "adamw_torch_fused", "torch_compile": True},
+}
+MINIMAL_VARIANTS = ("minimal", "minimal_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by parent and children
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (VmHWM), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_bf16_units() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(found) or "none"
+
+
+class StepClock:
+    """Timestamps one fixed point of every iteration; the timed span is marks[W] .. marks[W+S]."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.marks: list[float] = []
+        self.rss_at_end: float | None = None
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+        if len(self.marks) == self.warmup + self.steps + 1:
+            self.rss_at_end = peak_rss_mib()
+
+    def seconds(self) -> float:
+        need = self.warmup + self.steps + 1
+        if len(self.marks) < need:
+            raise RuntimeError(f"only {len(self.marks)} step marks, expected at least {need}")
+        return self.marks[self.warmup + self.steps] - self.marks[self.warmup]
+
+    def step_times(self) -> list[float]:
+        m = self.marks[self.warmup: self.warmup + self.steps + 1]
+        return [b - a for a, b in zip(m, m[1:])]
+
+
+# ----------------------------------------------------------------------------------------------
+# data (parent)
+
+
+def synthetic_lines(n_bytes: int, seed: int) -> list[str]:
+    """Zipf-distributed pseudo-words in lines of 4-16 words: enough structure for BPE merges."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(20000)]
+    weights = [1.0 / (i + 1) for i in range(len(words))]
+    lines, size = [], 0
+    while size < n_bytes:
+        line = " ".join(rng.choices(words, weights, k=rng.randint(4, 16)))
+        lines.append(line.capitalize() + ".")
+        size += len(lines[-1]) + 1
+    return lines
+
+
+def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
+    """Train the tokenizer, pack the blocks, save both under `work`; None when there is no data."""
+    import torch
+
+    from honelm.data.packing import pack
+    from honelm.tokenizer import train_tokenizer
+
+    if args.synthetic:
+        lines, source = synthetic_lines(1_100_000, args.seed), "synthetic (generated in-process, ~1.1 MB)"
+    else:
+        path = Path(args.data)
+        if not path.is_file():
+            return None
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        source = str(path)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(lines, kind="bpe", vocab_size=args.vocab)
+    blocks = pack(tok, lines, args.block_size)
+    full = blocks.attention_mask.all(dim=1)  # drop the padded tail block: identical work everywhere
+    data = {"input_ids": blocks.input_ids[full].clone(), "labels": blocks.labels[full].clone()}
+    tok_dir = work / "tokenizer"
+    tok.save_pretrained(tok_dir)
+    torch.save(data, work / "blocks.pt")
+    return {"source": source, "documents": len(lines), "tokenizer_vocab": len(tok), "blocks": int(full.sum()),
+            "tokens": int(full.sum()) * args.block_size, "prep_s": round(time.perf_counter() - t0, 1),
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
+# ----------------------------------------------------------------------------------------------
+# peak (parent)
+
+
+def matmul_peak(dtype_name: str, n: int, repeats: int) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul in `dtype_name` (2 n^3 FLOPs per product)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------
+# contenders (children)
+
+
+def build_benchmark_model(args: argparse.Namespace, meta: dict[str, Any]):
+    from honelm.models import build_model
+
+    # As `honelm pretrain` builds it (stages/setup.py resolve_model), with the 32k vocabulary.
+    return build_model("decoder", "small", vocab_size=args.model_vocab, task="lm", seed=args.seed,
+                       max_positions=512, pad_token_id=meta["pad_token_id"], bos_token_id=meta["bos_token_id"],
+                       eos_token_id=meta["eos_token_id"], attention_dropout=0.0)
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return args.warmup_steps + args.steps + 1
+
+
+def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path) -> dict[str, Any]:
+    """`fit()` with the arguments `honelm pretrain` passes (stages/pretrain.py), no validation split."""
+    from honelm import runtime as rt
+    from honelm.checkpoint import save_pretrained_atomic
+    from honelm.config import TrainConfig
+    from honelm.data.packing import PackedBlocks
+    from honelm.loop import BatchStream, fit
+    from honelm.objectives.lm import CausalLM
+    from honelm.tokenizer import load_tokenizer
+    from honelm.tracking import Tracker
+
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=total_steps(args),
+                      precision=args.honelm_precision, eval_every=0, save_every=0, progress=False, tensorboard=False,
+                      threads=args.threads)
+    runtime = rt.setup(cfg.threads)
+    rt.seed_everything(args.seed)
+    tokenizer = load_tokenizer(work / "tokenizer")
+    ids = data["input_ids"]
+    blocks = PackedBlocks(ids, data["labels"], torch_ones_like(ids), 0, 0)
+
+    class TimedStream(BatchStream):
+        def next_step(self):
+            clock.mark()
+            return super().next_step()
+
+    stream = TimedStream(len(blocks), blocks.collate, cfg.batch_size, cfg.grad_accum, args.seed,
+                         runtime.world_size, runtime.rank)
+    run_dir = work / "honelm_run"
+    tracker = Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
+    fit(model, CausalLM(), stream, cfg, runtime, run_dir, None,
+        lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+        metric="val_loss", tracker=tracker)
+    tracker.close()
+    reported = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    precision = next((e["message"].removeprefix("precision: ") for e in reported
+                      if e["event"] == "info" and e.get("message", "").startswith("precision:")), runtime.precision)
+    return {"precision": precision, "settings": f"TrainConfig(precision={cfg.precision}, log_every={cfg.log_every})"}
+
+
+def torch_ones_like(t):
+    import torch
+
+    return torch.ones_like(t)
+
+
+def run_hf(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, variant: str) -> dict[str, Any]:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return data["input_ids"].size(0)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = data["input_ids"][i]
+            return {"input_ids": ids, "labels": data["labels"][i], "attention_mask": torch.ones_like(ids)}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            clock.mark()
+
+    extra = HF_VARIANTS[variant]
+    targs = TrainingArguments(output_dir=str(work / f"{variant}_out"), per_device_train_batch_size=args.batch_size,
+                              gradient_accumulation_steps=args.grad_accum, max_steps=total_steps(args),
+                              learning_rate=args.lr, save_strategy="no", report_to="none", use_cpu=True, **extra)
+    trainer = Trainer(model=model, args=targs, train_dataset=Blocks(), callbacks=[Clock()])
+    trainer.train()
+    optim = getattr(targs.optim, "value", targs.optim)
+    settings = ", ".join(f"{k}={v}" for k, v in extra.items() if k != "optim")
+    return {"precision": "bf16 autocast" if targs.bf16 else "fp32",
+            "settings": f"TrainingArguments({settings + ', ' if settings else ''}optim={optim})"}
+
+
+def run_minimal(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, variant: str
+                ) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(args.seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    ids_all, labels_all = data["input_ids"], data["labels"]
+    n = ids_all.size(0)
+    order = torch.randperm(n)
+    micro = args.batch_size
+    pos = 0
+    for _ in range(total_steps(args)):
+        clock.mark()
+        for _ in range(args.grad_accum):
+            idx = order[torch.arange(pos, pos + micro) % n]
+            pos += micro
+            ids, labels = ids_all[idx], labels_all[idx]
+            kwargs = {"attention_mask": torch.ones_like(ids)} if variant == "minimal_mask" else {}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels, **kwargs).loss
+            (loss / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"precision": "bf16 autocast", "settings": "fused AdamW, clip 1.0" +
+            (", all-ones attention_mask passed" if variant == "minimal_mask" else "")}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    meta = json.loads((work / "meta.json").read_text())
+    data = torch.load(work / "blocks.pt")
+    model = build_benchmark_model(args, meta)
+    clock = StepClock(args.warmup_steps, args.steps)
+    name = args.contender
+    t0 = time.perf_counter()
+    if name == "honelm":
+        info = run_honelm(model, data, args, clock, work)
+    elif name in HF_VARIANTS:
+        info = run_hf(model, data, args, clock, work, name)
+    elif name in MINIMAL_VARIANTS:
+        info = run_minimal(model, data, args, clock, work, name)
+    else:
+        raise SystemExit(f"unknown contender {name!r}")
+    seconds = clock.seconds()
+    tokens = args.steps * args.batch_size * args.grad_accum * args.block_size
+    times = sorted(clock.step_times())
+    result = {"contender": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+              "step_s": seconds / args.steps, "step_s_median": times[len(times) // 2], "step_s_min": times[0],
+              "peak_rss_mib": clock.rss_at_end, "peak_rss_mib_process": peak_rss_mib(),
+              "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), **info}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parent
+
+
+def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", name, "--work", str(work),
+           "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
+           "--grad-accum", str(args.grad_accum), "--block-size", str(args.block_size),
+           "--model-vocab", str(args.model_vocab), "--threads", str(args.threads), "--lr", str(args.lr),
+           "--seed", str(args.seed), "--honelm-precision", args.honelm_precision]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+    return {"contender": name, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
+
+
+def fmt_row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def report(results: list[dict], machine: dict, setup: dict, flops_tok: float, peak: float) -> tuple[list[str], dict]:
+    lines = []
+    head = ["contender", "tokens/s", "step s (mean)", "step s (median)", "peak RSS MiB", "MFU", "precision"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["contender"], "failed", "", "", "", "", ""])
+            continue
+        r["mfu"] = flops_tok * r["tokens_per_s"] / peak
+        rows.append([r["contender"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}", f"{r['step_s_median']:.3f}",
+                     f"{r['peak_rss_mib']:,.0f}", f"{100 * r['mfu']:.1f}%", r["precision"].split(" (")[0]])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines.append(fmt_row(head, widths))
+    lines.append(fmt_row(["-" * w for w in widths], widths))
+    lines.extend(fmt_row(r, widths) for r in rows)
+    by = {r["contender"]: r for r in results if "error" not in r}
+    ratios = {}
+    if "honelm" in by:
+        lines.append("")
+        for other, target in TARGETS.items():
+            if other in by:
+                ratio = by["honelm"]["tokens_per_s"] / by[other]["tokens_per_s"]
+                ok = ratio >= target
+                ratios[f"honelm/{other}"] = {"ratio": ratio, "target": target, "pass": ok}
+                lines.append(f"honelm / {other:<10} {ratio:5.2f}x   target >= {target:.2f}x   {'PASS' if ok else 'FAIL'}")
+    lines.append("")
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['contender']}: FAILED\n{r['error']}")
+        else:
+            lines.append(f"{r['contender']}: {r['settings']}; precision: {r['precision']}")
+    return lines, ratios
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in contenders if c not in ("honelm", *HF_VARIANTS, *MINIMAL_VARIANTS)]
+    if unknown:
+        print(f"unknown contender(s) {unknown}; known: honelm, {', '.join(HF_VARIANTS)}, {', '.join(MINIMAL_VARIANTS)}")
+        return 2
+    import transformers
+
+    machine = {"cpu": cpu_model(), "bf16_units": cpu_bf16_units(), "logical_cpus": os.cpu_count(),
+               "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+               "python": platform.python_version()}
+    print(f"machine: {machine['cpu']} ({machine['bf16_units']}), {machine['logical_cpus']} logical CPUs, "
+          f"{args.threads} torch threads; torch {machine['torch']}, transformers {machine['transformers']}, "
+          f"Python {machine['python']}")
+    with tempfile.TemporaryDirectory(prefix="honelm-bench-") as tmp:
+        work = Path(tmp)
+        meta = prepare_data(args, work)
+        if meta is None:
+            print(f"skipped: {args.data} not found (pass --data PATH, or --synthetic for generated text)")
+            return 0
+        (work / "meta.json").write_text(json.dumps(meta))
+        from honelm.models import build_config, count_parameters, flops_per_token
+
+        config = build_config("decoder", "small", args.model_vocab)
+        n_params = count_parameters(build_benchmark_model(args, meta))[1]
+        flops_tok = flops_per_token(config, args.block_size)
+        print(f"data: {meta['source']}: {meta['documents']:,} documents, BPE vocab {meta['tokenizer_vocab']:,} "
+              f"→ {meta['blocks']:,} full blocks of {args.block_size} ({meta['tokens']:,} tokens; prep {meta['prep_s']}s)")
+        print(f"model: honelm decoder/small, vocab rows {args.model_vocab:,} (tokenizer uses {meta['tokenizer_vocab']:,}), "
+              f"{n_params / 1e6:.2f}M parameters; {flops_tok / 1e6:.1f} MFLOPs/token (6N + 12·L·A·T)")
+        gbatch = args.batch_size * args.grad_accum
+        print(f"work: {args.warmup_steps} untimed warm-up steps, then {args.steps} timed steps of {gbatch} x "
+              f"{args.block_size} = {gbatch * args.block_size:,} tokens (micro-batch {args.batch_size} x "
+              f"{args.grad_accum} accumulation), AdamW lr {args.lr}, clip 1.0")
+        peaks = [matmul_peak("bf16", args.peak_n, args.peak_repeats)]
+        fp32_peak = matmul_peak("fp32", args.peak_n, max(3, args.peak_repeats // 2))
+        print(f"peak: bf16 matmul {peaks[0] / 1e9:,.0f} GFLOP/s, fp32 matmul {fp32_peak / 1e9:,.0f} GFLOP/s "
+              f"({args.peak_n}x{args.peak_n}, best of {args.peak_repeats})", flush=True)
+        results = []
+        for name in contenders:
+            r = run_child(name, args, work)
+            results.append(r)
+            if "error" in r:
+                print(f"  {name}: FAILED", flush=True)
+            else:
+                print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s ({r['wall_s']:.0f}s in all)", flush=True)
+        peaks.append(matmul_peak("bf16", args.peak_n, args.peak_repeats))
+    peak = max(peaks)
+    print(f"bf16 peak used for MFU: {peak / 1e9:,.0f} GFLOP/s (best of the measurements before and after: "
+          + ", ".join(f"{p / 1e9:,.0f}" for p in peaks) + ")")
+    print()
+    lines, ratios = report(results, machine, vars(args), flops_tok, peak)
+    print("\n".join(lines))
+    print("\nTimed: the same point of every iteration is time-stamped; the span covers exactly --steps whole "
+          "optimizer steps after --warmup-steps untimed ones (set-up, honelm's precision probe and final save "
+          "are outside it). MFU against the measured bf16 matmul peak; FLOPs per token 6N + 12·L·A·T "
+          "(PaLM appendix B), N counting the tied output projection.")
+    if args.json:
+        payload = {"machine": machine, "data": meta, "model": {"parameters": n_params, "vocab_rows": args.model_vocab,
+                   "flops_per_token": flops_tok}, "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                   "peak_bf16_flops": peak, "peak_bf16_measurements": peaks, "peak_fp32_flops": fp32_peak,
+                   "results": results, "ratios": ratios}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    failed = any("error" in r for r in results)
+    missed = any(not v["pass"] for v in ratios.values())
+    return 1 if failed or (args.strict and missed) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="plain-text corpus (default: tinyshakespeare)")
+    p.add_argument("--synthetic", action="store_true", help="generate ~1.1 MB of text instead of reading --data")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per contender")
+    p.add_argument("--warmup-steps", type=int, default=5, help="untimed optimizer steps before the timed ones")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--vocab", type=int, default=8000, help="BPE vocabulary trained on the data")
+    p.add_argument("--model-vocab", type=int, default=32000, help="embedding rows of the model")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every process")
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help=f"comma-separated; also {', '.join(c for c in (*HF_VARIANTS, *MINIMAL_VARIANTS) if c not in CONTENDERS)}")
+    p.add_argument("--honelm-precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="honelm's train.precision (auto is what `honelm pretrain` uses)")
+    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak measurement")
+    p.add_argument("--peak-repeats", type=int, default=10)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--strict", action="store_true", help="exit 1 when honelm misses a target")
+    p.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender (child process)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup_steps < 0:
+        p.error("--steps must be >= 1 and --warmup-steps >= 0")
+    return child_main(args) if args.contender else parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
