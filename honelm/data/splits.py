@@ -633,8 +633,8 @@ def _ordered_pair(uni: _Universe, i: int, j: int) -> tuple[int, int]:
     return (i, j) if (uni.split[i], uni.index[i]) <= (uni.split[j], uni.index[j]) else (j, i)
 
 
-def _exact_duplicates(uni: _Universe) -> tuple[int, list[dict[str, Any]], set[int], dict[str, int]]:
-    """Cross-split exact duplicate pairs: (count, first pairs, train items involved, within)."""
+def _exact_duplicates(uni: _Universe) -> tuple[int, list[dict[str, Any]], set[int], dict[str, int], dict[str, int]]:
+    """Cross-split exact duplicate pairs: (count, first pairs, train items involved, within, count per split pair)."""
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(uni.hashes):
         by_hash[h].append(i)
@@ -642,6 +642,7 @@ def _exact_duplicates(uni: _Universe) -> tuple[int, list[dict[str, Any]], set[in
     listed: list[dict[str, Any]] = []
     train_hit: set[int] = set()
     within: Counter[str] = Counter()
+    by_pair: Counter[str] = Counter()
     for items in by_hash.values():
         per_split: dict[int, list[int]] = defaultdict(list)
         for i in items:
@@ -654,20 +655,24 @@ def _exact_duplicates(uni: _Universe) -> tuple[int, list[dict[str, Any]], set[in
             train_hit.update(per_split[0])
         for sa, sb in itertools.combinations(sorted(per_split), 2):
             count += len(per_split[sa]) * len(per_split[sb])
+            by_pair[f"{SPLIT_NAMES[sa]}-{SPLIT_NAMES[sb]}"] += len(per_split[sa]) * len(per_split[sb])
             for a, b in itertools.product(per_split[sa], per_split[sb]):
                 if len(listed) >= _MAX_LISTED_PAIRS:
                     break
                 listed.append({**uni.describe(a, "a"), **uni.describe(b, "b")})
     listed.sort(key=lambda p: (p["a_split"], p["a_index"], p["b_split"], p["b_index"]))
-    return count, listed, train_hit, {s: within.get(s, 0) for s in SPLIT_NAMES}
+    return count, listed, train_hit, {s: within.get(s, 0) for s in SPLIT_NAMES}, dict(by_pair)
 
 
-def _near_duplicates(uni: _Universe, threshold: float) -> tuple[int, list[dict[str, Any]], set[int], bool]:
+def _near_duplicates(uni: _Universe, threshold: float
+                     ) -> tuple[int, list[dict[str, Any]], set[int], bool, dict[str, int]]:
     """Cross-split near-duplicate pairs that are not exact duplicates.
 
-    Returns (count, first pairs, train items involved, whether the search was complete).
+    Returns (count, first pairs, train items involved, whether the search was complete,
+    count per split pair such as "train-test").
     """
     result = _near_duplicate_units(uni.texts, uni.split, threshold)
+    by_pair: Counter[str] = Counter()
     count = 0
     listed: list[dict[str, Any]] = []
     train_hit: set[int] = set()
@@ -681,11 +686,12 @@ def _near_duplicates(uni: _Universe, threshold: float) -> tuple[int, list[dict[s
                 continue  # same split, or an exact duplicate (reported as such)
             count += 1
             a, b = _ordered_pair(uni, i, j)
+            by_pair[f"{SPLIT_NAMES[uni.split[a]]}-{SPLIT_NAMES[uni.split[b]]}"] += 1
             if uni.split[a] == 0:
                 train_hit.add(a)
             if len(listed) < _MAX_LISTED_PAIRS:
                 listed.append({**uni.describe(a, "a"), **uni.describe(b, "b"), "jaccard": round(jaccard, 4)})
-    return count, listed, train_hit, result.complete
+    return count, listed, train_hit, result.complete, dict(by_pair)
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,8 +804,8 @@ def make_splits(
             test_sha = _file_sha256(test_path)
 
     uni = _universe(train, val_rows, test_rows, test_texts_for_leak_check, test_source, known)
-    exact_count, exact_pairs, exact_train, within = _exact_duplicates(uni)
-    near_count, near_pairs, near_train, near_complete = _near_duplicates(uni, near_dup_threshold)
+    exact_count, exact_pairs, exact_train, within, exact_by_pair = _exact_duplicates(uni)
+    near_count, near_pairs, near_train, near_complete, near_by_pair = _near_duplicates(uni, near_dup_threshold)
     if not near_complete:
         warnings.warn(
             "near-duplicate search stopped early: too many similar texts (templated data?); "
@@ -853,9 +859,11 @@ def make_splits(
         "hashes": split_hashes,
         "example_hashes": example_hashes,
         "duplicates": {
-            "exact": {"count": exact_count, "pairs": exact_pairs, "within_split": within},
+            "exact": {"count": exact_count, "by_split_pair": exact_by_pair, "pairs": exact_pairs,
+                      "within_split": within},
             "near": {
                 "count": near_count,
+                "by_split_pair": near_by_pair,
                 "threshold": near_dup_threshold,
                 "pairs": near_pairs,
                 "complete": near_complete,

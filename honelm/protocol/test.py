@@ -26,6 +26,15 @@ def looks(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def cross_split_duplicates(manifest: dict[str, Any]) -> dict[str, int]:
+    """Exact / near duplicate pairs between the test split and train or validation."""
+    out = {}
+    for kind in ("exact", "near"):
+        by_pair = manifest.get("duplicates", {}).get(kind, {}).get("by_split_pair", {})
+        out[kind] = sum(n for pair, n in by_pair.items() if "test" in pair.split("-"))
+    return out
+
+
 def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     """Evaluate RUN's best model on its test split once; returns the metrics."""
     run_dir = Path(run_dir)
@@ -54,11 +63,24 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
         test = splits.test
     if not test:
         raise HonelmError(f"{run_dir}: the test split is empty (data.split gives it no share and data.test is unset)")
+    leakage = None
+    if cfg.data.test:  # a user test file: training could not look for duplicates in it, so look now
+        from dataclasses import replace
+
+        from honelm.data.splits import content_text
+
+        make = S.text_splits if stage == "pretrain" else S.labelled_splits
+        checked = make(replace(cfg.data, dedup=False), lambda _: None, leak_texts=[content_text(e) for e in test])
+        leakage = cross_split_duplicates(checked.manifest)
+    elif "duplicates" in recorded:
+        leakage = cross_split_duplicates(recorded)
     if stage == "pretrain":
         metrics = stage_mod.evaluate_test(run_dir, cfg, test)  # type: ignore[call-arg]
     else:
         metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]
     predictions = metrics.pop("predictions", None)
+    if leakage is not None:
+        metrics["test_duplicates_of_train_or_val"] = leakage
     best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
     record = {"time": time.time(), "forced": bool(previous), "look": len(previous) + 1, "best_step": best.get("step"),
               "metrics": metrics}

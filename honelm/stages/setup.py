@@ -171,7 +171,7 @@ def check_block_fits(model: torch.nn.Module, length: int, what: str) -> None:
 # data
 
 
-def text_splits(data: Any, say: Callable[[str], None]) -> Any:
+def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Documents for language modelling, split by data.split (or the given val/test files)."""
     from honelm.data.readers import read_documents
     from honelm.data.splits import make_splits, parse_ratios
@@ -184,13 +184,17 @@ def text_splits(data: Any, say: Callable[[str], None]) -> Any:
         if data.test else None
     splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
-                         near_dup_threshold=data.near_dup_threshold)
+                         near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
     _say_split(splits.manifest, say)
     return splits
 
 
-def labelled_splits(data: Any, say: Callable[[str], None]) -> Any:
-    """Labelled examples, split stratified by label (classification) by data.split."""
+def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+    """Labelled examples, split stratified by label (classification) by data.split.
+
+    `leak_texts` (the texts of a user-supplied test file) is passed only by `honelm test`, which
+    has already opened that file: training never reads it, so its duplicates are found then.
+    """
     from honelm.data.readers import read_examples
     from honelm.data.splits import make_splits, parse_ratios
 
@@ -203,7 +207,8 @@ def labelled_splits(data: Any, say: Callable[[str], None]) -> Any:
     load_test = (lambda: read_examples(data.test, **fields)) if data.test else None
     splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
                          stratify=data.task == "classification", val=val, load_test=load_test,
-                         test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold)
+                         test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
+                         test_texts_for_leak_check=leak_texts)
     _say_split(splits.manifest, say)
     return splits
 

@@ -38,7 +38,7 @@ def test_training_never_reads_the_test_split(data_dir, tmp_path, opened):
     rows = (data_dir / "reviews.jsonl").read_text().splitlines()
     train, test = tmp_path / "train.jsonl", tmp_path / "held_out_test.jsonl"
     train.write_text("\n".join(rows[:300]) + "\n")
-    test.write_text("\n".join(rows[300:]) + "\n")
+    test.write_text("\n".join(rows[300:] + rows[:1]) + "\n")  # one planted duplicate of a training row
     opened.clear()  # only what honelm opens from here on counts
     before = splits_mod.test_access_count()
     args = [f"data.train={train}", "model.arch=encoder", "model.size=test", "model.vocab_size=400",
@@ -56,7 +56,12 @@ def test_training_never_reads_the_test_split(data_dir, tmp_path, opened):
     assert {fn for p, fn in opened if p.endswith("held_out_test.jsonl")} - {"_file_sha256"}
     cli("test", str(tmp_path / "ratio"))
     assert splits_mod.test_access_count() == before + 2
-    assert json.loads((tmp_path / "ratio" / "test_metrics.json").read_text())["n_examples"] == 60
+    metrics = json.loads((tmp_path / "ratio" / "test_metrics.json").read_text())
+    assert metrics["n_examples"] == 60
+    # duplicates between test and train/val are reported with the test metrics
+    assert set(metrics["test_duplicates_of_train_or_val"]) == {"exact", "near"}
+    leak = json.loads((tmp_path / "file" / "test_metrics.json").read_text())["test_duplicates_of_train_or_val"]
+    assert leak["exact"] >= 1  # the planted row (found at test time: training never opened the file)
 
 
 def test_the_lock_raises_outside_honelm_test(data_dir):
