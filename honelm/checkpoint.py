@@ -8,12 +8,13 @@ with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -127,15 +128,36 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
     return state, rng
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None) -> None:
-    """A Hugging Face model directory (+ tokenizer + optional best.json), replaced atomically."""
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on error it is removed."""
     tmp = _atomic_dir(final)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "best.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _commit_dir(tmp, final)
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None) -> None:
+    """A Hugging Face model directory (+ tokenizer + optional best.json), replaced atomically.
+
+    A peft model (a LoRA run) is saved as a standard PEFT adapter directory; when its base is
+    not on disk as such, the base is written once to `final.parent / "base"` (`RUN/base/` for
+    `RUN/best/`), which the adapter's `base_model_name_or_path` then names.
+    """
+    from honelm.boosters.lora import is_peft_model, save_adapter
+
+    with atomic_directory(final) as tmp:
+        if is_peft_model(model):
+            save_adapter(model, tmp, run_dir=final.parent)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "best.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
 
 
 def resolve_model_dir(spec: str) -> str:
@@ -157,8 +179,8 @@ def resolve_model_dir(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         path = path.resolve()
-        if (path / "best" / "config.json").is_file():
-            return str(path / "best")
+        if (path / "best" / "config.json").is_file() or (path / "best" / "adapter_config.json").is_file():
+            return str(path / "best")  # a LoRA run's best/ is an adapter directory
         if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return str(path)
         if (path / "tokenizer" / "tokenizer.json").is_file():  # a `honelm tokenizer` run

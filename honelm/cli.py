@@ -34,9 +34,11 @@ class Verb:
 VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("tokenizer", "train a byte-level BPE or WordPiece tokenizer on a corpus", "honelm.stages.tokenizer", "TokenizerConfig"),
     Verb("pretrain", "causal-LM pre-training on packed text (loss, perplexity, bits-per-byte)", "honelm.stages.pretrain", "PretrainConfig"),
+    Verb("adapt", "continued pre-training on domain/task text: DAPT, TAPT, curated TAPT (MLM or causal LM)", "honelm.stages.adapt", "AdaptConfig"),
     Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "honelm.stages.classify", "ClassifyConfig"),
     Verb("test", "evaluate a run's best checkpoint on its test split, once"),
     Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "honelm.stages.generate", "GenerateConfig", "model"),
+    Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain transformers model)"),
     Verb("report", "write report.md with plots for a run"),
     Verb("ls", "list verbs, config presets and recent runs"),
     Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)"),
@@ -150,6 +152,20 @@ def cmd_report(argv: list[str]) -> Any:
     return path
 
 
+def cmd_export(argv: list[str]) -> Any:
+    p = argparse.ArgumentParser(prog="honelm export", description="Write RUN's best model to a directory that needs "
+                                "nothing else: a LoRA run merged into a plain transformers model (--merge) or its "
+                                "PEFT adapter as is; any other run's best/ copied.")
+    p.add_argument("run", help="run directory (e.g. runs/classify/latest) or a model/adapter directory (then --out)")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base (in fp32) and save a plain checkpoint")
+    p.add_argument("--out", default=None, help="destination directory (default: RUN/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    args = p.parse_args(argv)
+    from honelm.stages.export import export
+
+    return export(args.run, merge=args.merge, out=args.out, overwrite=args.overwrite)
+
+
 def cmd_ls(argv: list[str]) -> Any:
     p = argparse.ArgumentParser(prog="honelm ls", description="List verbs, config presets and recent runs.")
     p.add_argument("--runs", default="runs", help="directory holding runs (default: runs)")
@@ -180,7 +196,8 @@ def cmd_demo(argv: list[str]) -> Any:
     return main(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], Any]] = {"test": cmd_test, "report": cmd_report, "ls": cmd_ls, "demo": cmd_demo}
+COMMANDS: dict[str, Callable[[list[str]], Any]] = {"test": cmd_test, "export": cmd_export, "report": cmd_report,
+                                                   "ls": cmd_ls, "demo": cmd_demo}
 
 
 def usage() -> str:

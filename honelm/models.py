@@ -7,7 +7,7 @@ This module owns:
 * `build_config` / `build_model`: turn a preset into a transformers config / randomly
   initialized model for a task ("lm", "mlm", "classify", "base"), deterministically per seed.
 * `load_model`: load any local HF checkpoint (or hub id when online) for a task, including
-  re-heading a checkpoint for classification.
+  re-heading a checkpoint for classification; a LoRA adapter directory loads merged into its base.
 * Small helpers: `count_parameters`, `model_kind`, `flops_per_token`.
 
 It does not import `honelm.tokenizer`: callers pass special token ids themselves.
@@ -290,12 +290,21 @@ def load_model(
     count can be re-headed; newly initialized weights are logged and recorded on the model as
     `honelm_new_weights` (list of parameter names). A decoder config without pad_token_id gets
     eos_token_id as pad (logged as a warning).
+
+    A PEFT LoRA adapter directory (adapter_config.json, no config.json) loads as its base model
+    with the adapter merged in (`honelm.boosters.lora.load_merged`), so every stage that loads a
+    model can start from a LoRA run: the adapter is merged before the next stage.
     """
     _check_choice("task", task, TASKS)
     local = Path(str(path_or_id)).expanduser()
     if local.exists():
         if not local.is_dir():
             raise HonelmError(f"model path {str(local)!r} is a file; expected a checkpoint directory")
+        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+            from honelm.boosters.lora import load_merged  # lazy: peft is only needed for adapters
+
+            return load_merged(local, task, num_labels=num_labels, id2label=id2label,
+                               trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type)
         source = str(local)
         has_safetensors = any(local.glob("*.safetensors"))
     elif _is_local_checkpoint_path(path_or_id):
@@ -364,6 +373,9 @@ def load_model(
 
     new_weights = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
     model.honelm_new_weights = new_weights
+    # The directory (or hub id) holding exactly these weights, if any: a LoRA adapter trained on
+    # this model names it as its base. With freshly initialised weights no directory does.
+    model.honelm_source = None if new_weights else (str(local.resolve()) if local.exists() else source)
     if new_weights:
         # Expected for a re-headed classifier; anything else means the trunk did not load.
         level = logging.INFO if task == "classify" else logging.WARNING

@@ -748,8 +748,8 @@ def make_splits(
     `load_test` (a zero-argument loader that is only called by `Splits.test`, inside
     `unlock_test_split`, so its labels are never parsed here) with `test_texts_for_leak_check`
     (its `content_text` strings, used only to find duplicates) and `test_path` (recorded with
-    its sha256; a list of paths is hashed together). With val and test both supplied, all `examples` go to train. The ratio of a
-    split that is neither supplied nor > 0 is a ConfigError.
+    its sha256; a list of paths is hashed together). With val and test both supplied, all `examples` go to train. A split whose ratio
+    is 0 and that is not supplied is empty.
 
     Exact and near duplicates (Jaccard >= `near_dup_threshold` over word 3-gram shingles)
     that cross splits are reported in the manifest; with `dedup`, the train rows involved are
@@ -767,9 +767,8 @@ def make_splits(
         raise ValueError("test_texts_for_leak_check is only meaningful with load_test")
     r = parse_ratios(ratios)
     supplied = {"val": val is not None, "test": load_test is not None}
-    for i, name in ((1, "val"), (2, "test")):
-        if r[i] == 0 and not supplied[name]:
-            raise ConfigError(f"the {name} ratio is 0 but no {name} split was supplied")
+    # A 0 ratio with nothing supplied is allowed: that split is simply empty (e.g. "9:1:0" for a
+    # pre-training corpus with no test share; `honelm test` then says there is nothing to test).
     active = [name for name in SPLIT_NAMES if not supplied.get(name, False)]
     weights = [r[SPLIT_NAMES.index(name)] for name in active]
     weights = [w / sum(weights) for w in weights]

@@ -55,6 +55,15 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
 
         cfg = S.load_run_config(run_dir, stage_mod.ClassifyConfig)
         splits = S.labelled_splits(cfg.data, lambda _: None)
+    elif stage == "adapt":
+        from honelm.stages import adapt as stage_mod  # type: ignore[no-redef]
+
+        cfg = S.load_run_config(run_dir, stage_mod.AdaptConfig)
+        if not cfg.data.train:  # the task's test text is classify's to read, never adapt's
+            raise HonelmError(f"{run_dir}: this adapt run has no domain corpus (data.train), so no test split of its "
+                              "own; test it downstream: `honelm classify model.init_from=RUN`, then `honelm test` "
+                              "that run")
+        splits = S.text_splits(cfg.data, lambda _: None)
     else:
         raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
     recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
@@ -69,12 +78,12 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
 
         from honelm.data.splits import content_text
 
-        make = S.text_splits if stage == "pretrain" else S.labelled_splits
+        make = S.labelled_splits if stage == "classify" else S.text_splits
         checked = make(replace(cfg.data, dedup=False), lambda _: None, leak_texts=[content_text(e) for e in test])
         leakage = cross_split_duplicates(checked.manifest)
     elif "duplicates" in recorded:
         leakage = cross_split_duplicates(recorded)
-    if stage == "pretrain":
+    if stage in ("pretrain", "adapt"):
         metrics = stage_mod.evaluate_test(run_dir, cfg, test)  # type: ignore[call-arg]
     else:
         metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]

@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 import torch
 
+from honelm import boosters
 from honelm import metrics as M
 from honelm import runtime as rt
+from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.batches import EncodedExamples, encode_examples
@@ -54,6 +56,7 @@ class ClassifyConfig:
     data: LabelledDataConfig = section(LabelledDataConfig)
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(_classify_train_defaults)  # type: ignore[arg-type]
+    lora: LoraConfig = section(LoraConfig)
 
 
 def label_maps(train: list[Any], task: str) -> tuple[dict | None, dict[int, str] | None]:
@@ -100,11 +103,12 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
     S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
     label2id, id2label = label_maps(splits.train, cfg.data.task)
     kind = "bpe" if cfg.model.arch == "decoder" else "wordpiece"
-    tokenizer = S.resolve_tokenizer(cfg.model, run_dir if runtime.is_main else None,
+    tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
                                     lambda: [e.text for e in splits.train] + [e.text_pair for e in splits.train if e.text_pair],
-                                    kind, tracker.say)
+                                    kind, tracker.say, runtime, resume is not None)
     model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
                             num_labels=1 if regression else len(label2id), id2label=id2label)
+    model = boosters.apply(model, cfg, "classify", tracker.say)
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     is_decoder = model_kind(model) == "decoder"
     train = encode_examples(tokenizer, splits.train, label2id, cfg.data.max_length, is_decoder)
@@ -141,7 +145,7 @@ def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], 
     label2id, id2label = label_maps(train_examples, cfg.data.task)
     device = rt.setup().device
     best = run_dir / "best"
-    if not (best / "config.json").is_file():
+    if not ((best / "config.json").is_file() or (best / "adapter_config.json").is_file()):  # LoRA: an adapter dir
         raise HonelmError(f"{run_dir}: no best/ model to test")
     tokenizer = load_tokenizer(best)
     model = load_model(best, "classify", num_labels=1 if regression else len(label2id),  # type: ignore[arg-type]

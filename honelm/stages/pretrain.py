@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 import torch
 
+from honelm import boosters
 from honelm import runtime as rt
+from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
@@ -42,6 +44,7 @@ class PretrainConfig:
     data: TextDataConfig = section(TextDataConfig)
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(TrainConfig)
+    lora: LoraConfig = section(LoraConfig)
 
 
 def lm_metrics(model: torch.nn.Module, blocks: PackedBlocks, batch_size: int, device: torch.device,
@@ -67,9 +70,10 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     tracker = S.tracker_for(run_dir, runtime, cfg)
     splits = S.text_splits(cfg.data, tracker.say)
     S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
-    tokenizer = S.resolve_tokenizer(cfg.model, run_dir if runtime.is_main else None,
-                                    lambda: [d.text for d in splits.train], "bpe", tracker.say)
+    tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
+                                    lambda: [d.text for d in splits.train], "bpe", tracker.say, runtime, resume is not None)
     model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say)
+    model = boosters.apply(model, cfg, "lm", tracker.say)
     S.check_block_fits(model, cfg.data.block_size, "data.block_size")
     train_blocks = pack(tokenizer, [d.text for d in splits.train], cfg.data.block_size)
     val_blocks = pack(tokenizer, [d.text for d in splits.val], cfg.data.block_size) if splits.val else None

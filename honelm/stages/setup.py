@@ -119,18 +119,34 @@ def write_json(path: Path, payload: Any, runtime: Runtime | None = None) -> None
 
 
 def resolve_tokenizer(model_cfg: C.ModelConfig, run_dir: Path | None, train_texts: Callable[[], list[str]],
-                      kind: Literal["bpe", "wordpiece"], say: Callable[[str], None]) -> Any:
-    """model.tokenizer, else the init_from checkpoint's, else one trained now on the train split."""
+                      kind: Literal["bpe", "wordpiece"], say: Callable[[str], None], runtime: Runtime | None = None,
+                      resume: bool = False) -> Any:
+    """model.tokenizer, else the init_from checkpoint's, else one trained now on the train split.
+
+    A tokenizer trained on the fly is saved in RUN/tokenizer and that copy is what a resumed run
+    and the other processes of a distributed run load: tokenizer training is not guaranteed to
+    give the same ids twice (WordPiece ties), so it must happen exactly once per run.
+    """
     from honelm.tokenizer import load_tokenizer, train_tokenizer
 
     if model_cfg.tokenizer:
         return load_tokenizer(resolve_model_dir(model_cfg.tokenizer))
     if model_cfg.init_from:
         return load_tokenizer(resolve_model_dir(model_cfg.init_from))
-    say(f"no model.tokenizer given: training a {kind} tokenizer (vocab {model_cfg.vocab_size}) on the train split")
-    tokenizer = train_tokenizer(train_texts(), kind=kind, vocab_size=model_cfg.vocab_size)
-    if run_dir is not None:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+    saved = run_dir / "tokenizer" if run_dir is not None else None
+    if resume and saved is not None and (saved / "tokenizer.json").is_file():
+        say(f"tokenizer: {saved} (trained when this run started)")
+        return load_tokenizer(saved)
+    tokenizer = None
+    if runtime is None or runtime.is_main:
+        say(f"no model.tokenizer given: training a {kind} tokenizer (vocab {model_cfg.vocab_size}) on the train split")
+        tokenizer = train_tokenizer(train_texts(), kind=kind, vocab_size=model_cfg.vocab_size)
+        if saved is not None:
+            tokenizer.save_pretrained(saved)
+    if runtime is not None and runtime.distributed:
+        runtime.barrier()
+        if not runtime.is_main:
+            return load_tokenizer(saved)
     return tokenizer
 
 
@@ -156,8 +172,8 @@ def resolve_model(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int
         if id2label is not None:
             model.config.id2label = dict(id2label)
             model.config.label2id = {v: k for k, v in id2label.items()}
-    trainable, total = count_parameters(model)
-    say(f"model: {type(model).__name__} {origin}; {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+    _, total = count_parameters(model)
+    say(f"model: {type(model).__name__} {origin}; {total / 1e6:.2f}M parameters")
     return model
 
 

@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_field_has_a_doc():
-    for cls in (PretrainConfig, ClassifyConfig):
+    import importlib
+
+    classes = [getattr(importlib.import_module(v.module), v.config) for v in VERBS.values() if v.module]
+    assert PretrainConfig in classes and ClassifyConfig in classes
+    for cls in classes:
         for key, _tp, _default, doc in C.describe(cls):
             assert doc, f"{cls.__name__}.{key} has no docstring"
 

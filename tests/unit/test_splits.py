@@ -60,9 +60,11 @@ def test_parse_ratios_rejects(spec: object) -> None:
         S.parse_ratios(spec)  # type: ignore[arg-type]
 
 
-def test_zero_ratio_needs_a_supplied_split() -> None:
-    with pytest.raises(ConfigError, match="val ratio is 0"):
-        S.make_splits(dataset({"a": 20}), ratios="9:0:1")
+def test_zero_ratio_gives_an_empty_split() -> None:
+    s = S.make_splits(dataset({"a": 18, "b": 2}), ratios="9:1:0")
+    assert s.manifest["counts"]["test"] == 0 and len(s.train) + len(s.val) == 20
+    with S.unlock_test_split("test"):
+        assert s.test == []
 
 
 def test_content_hash_ignores_label_but_not_pair() -> None:

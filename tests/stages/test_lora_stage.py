@@ -1,0 +1,120 @@
+"""LoRA through the real CLI: `classify lora.enabled=true` on a decoder from a pretrain run and on an encoder
+from scratch, `pretrain` with LoRA from a checkpoint (then `generate`, then a stage chained on it),
+`honelm test`, `honelm export` (merged: plain transformers, same test predictions), and `--resume`
+of a LoRA run ≡ uninterrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.stages.conftest import FAST, cli, events
+
+LORA = ["lora.enabled=true", "lora.dropout=0.0"]
+SHORT = ["train.max_steps=30", "train.eval_every=10", "train.batch_size=16", "train.lr=1e-2", "data.max_length=48",
+         *FAST]
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+
+
+def adapter_config(run) -> dict:
+    return json.loads((run / "best" / "adapter_config.json").read_text())
+
+
+def test_lora_classify_from_pretrain_run_then_test_and_merged_export(pretrained, data_dir, tmp_path):
+    from honelm.data.batches import encode_examples
+    from honelm.data.splits import unlock_test_split
+    from honelm.stages import setup as S
+    from honelm.stages.classify import ClassifyConfig, label_maps, predict
+
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}",
+        f"run.out_dir={tmp_path}", "run.name=c", *LORA, *SHORT)
+    run = tmp_path / "c"
+    train = events(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    files = {p.name for p in (run / "best").iterdir()}
+    assert ADAPTER_FILES <= files and "model.safetensors" not in files
+    # the classifier head is new, so no directory held these weights: the run keeps its base
+    assert adapter_config(run)["base_model_name_or_path"] == str((run / "base").resolve())
+    assert "score" in adapter_config(run)["modules_to_save"]
+    assert "trainable of" in (run / "log.txt").read_text()
+
+    cli("test", str(run))
+    predictions = json.loads((run / "test_predictions.json").read_text())
+    cli("export", str(run), "--merge")
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "export")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    cfg = S.load_run_config(run, ClassifyConfig)
+    splits = S.labelled_splits(cfg.data, lambda _: None)
+    with unlock_test_split("stage test: the merged export must predict what `honelm test` recorded"):
+        test = splits.test
+    label2id, _ = label_maps(splits.train, "classification")
+    data = encode_examples(tokenizer, test, label2id, cfg.data.max_length, is_decoder=True)
+    with torch.no_grad():
+        assert predict(model, data, 32, torch.device("cpu")).argmax(-1).tolist() == predictions
+
+
+def test_lora_encoder_from_scratch_saves_its_base_and_loads_with_plain_peft(data_dir, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
+        "model.vocab_size=500", "lora.r=4", "lora.dora=true", f"run.out_dir={tmp_path}", "run.name=e", *LORA, *SHORT)
+    run = tmp_path / "e"
+    train = events(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert adapter_config(run)["base_model_name_or_path"] == str((run / "base").resolve())  # random init
+    assert (run / "base" / "config.json").is_file() and (run / "base" / "model.safetensors").is_file()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run / "best").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "best")
+    with torch.no_grad():
+        assert model(**tokenizer(["the film was superb ."], return_tensors="pt")).logits.shape == (1, 2)
+    cli("test", str(run))
+    assert "test_accuracy" in json.loads((run / "test_metrics.json").read_text())
+    cli("export", str(run))  # no --merge: the adapter as it is
+    assert ADAPTER_FILES <= {p.name for p in (run / "export").iterdir()}
+
+
+def test_lora_pretrain_from_a_checkpoint_then_generate(pretrained, data_dir, tmp_path, capsys):
+    cli("pretrain", f"data.train={data_dir / 'corpus.txt'}", f"model.init_from={pretrained}", "data.block_size=32",
+        "train.max_steps=10", "train.eval_every=5", "train.lr=1e-2", "train.batch_size=8", "lora.r=4",
+        "lora.target_modules=q_proj,v_proj", f"run.out_dir={tmp_path}", "run.name=p", *LORA, *FAST)
+    run = tmp_path / "p"
+    # the frozen base is the pretrain run's best/ itself: the adapter points there, nothing is copied
+    assert adapter_config(run)["base_model_name_or_path"] == str((pretrained / "best").resolve())
+    assert not (run / "base").exists()
+    assert sorted(adapter_config(run)["target_modules"]) == [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
+    ev = events(run, "eval")
+    assert ev[-1]["val_loss"] <= ev[0]["val_loss"]
+    capsys.readouterr()
+    cli("generate", str(run), "prompt=the film", "sampling.max_new_tokens=5")
+    assert capsys.readouterr().out.startswith("the film")
+    # the next stage starts from the merged model (here a full fine-tune, re-headed for classification)
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={run}", f"run.out_dir={tmp_path}",
+        "run.name=c", "train.max_steps=3", "data.max_length=48", *FAST)
+    assert (tmp_path / "c" / "best" / "model.safetensors").is_file()
+
+
+def test_lora_classify_resume_is_bit_identical(data_dir, tmp_path):
+    # one tokenizer for all three runs: a tokenizer trained on the fly is not the same from run to run
+    cli("tokenizer", f"data.train={data_dir / 'reviews.jsonl'}", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
+        f"run.out_dir={tmp_path}", "run.name=tok")
+    args = [f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
+            f"model.tokenizer={tmp_path / 'tok'}",
+            "lora.dropout=0.1", "lora.enabled=true", "train.max_steps=8", "train.eval_every=4", "train.save_every=4",
+            "train.keep_checkpoints=5", "train.batch_size=8", "train.lr=1e-2", "data.max_length=32",
+            f"run.out_dir={tmp_path}", *FAST]
+    cli("classify", *args, "run.name=full")
+    cli("classify", *args, "run.name=cut")
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "checkpoints" / "step-00000008")  # as if killed after step 4's checkpoint
+    cli("classify", "--resume", str(cut))
+    full = load_file(tmp_path / "full" / "checkpoints" / "step-00000008" / "model.safetensors")
+    resumed = load_file(cut / "checkpoints" / "step-00000008" / "model.safetensors")
+    assert full.keys() == resumed.keys() and any("lora_A" in k for k in full)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    assert (cut / "best" / "adapter_config.json").is_file()

@@ -1,0 +1,372 @@
+"""LoRA on peft: identity at init, only adapters and heads train, merged ≡ unmerged, scaling applied once,
+adapter directories that plain peft loads, a merged export that plain transformers loads, target
+resolution errors, rsLoRA/DoRA, parameter counts in the log, and resume ≡ uninterrupted."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from honelm import runtime as rt
+from honelm.boosters.lora import LoraConfig, apply_lora, base_state_dict, mutates_base, parameter_counts
+from honelm.checkpoint import save_pretrained_atomic
+from honelm.config import TrainConfig
+from honelm.errors import ConfigError
+from honelm.loop import BatchStream, fit
+from honelm.models import build_model, load_model
+from honelm.objectives.lm import CausalLM
+from honelm.optim import make_optimizer
+
+VOCAB = 120
+
+
+def decoder_lm(seed: int = 0):
+    return build_model("decoder", "test", VOCAB, task="lm", seed=seed, pad_token_id=0, eos_token_id=1)
+
+
+def encoder_classifier(seed: int = 0, vocab: int = VOCAB):
+    return build_model("encoder", "test", vocab, task="classify", num_labels=3, seed=seed,
+                       id2label={0: "a", 1: "b", 2: "c"})
+
+
+def batch(seed: int = 0, rows: int = 4, length: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (rows, length), generator=g)  # within the small tokenizer's vocabulary too
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # some padding
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
+            "labels": torch.randint(0, 3, (rows,), generator=g)}
+
+
+def outputs(model, b) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def train_steps(model, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps on a classification (or next-token) loss through honelm's optimizer."""
+    opt = make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.01))
+    model.train()
+    for s in range(steps):
+        b = batch(seed=s)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        if logits.dim() == 3:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), b["input_ids"][:, 1:].reshape(-1))
+        else:
+            loss = F.cross_entropy(logits, b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def lora(**kw) -> LoraConfig:
+    return LoraConfig(enabled=True, **{"r": 4, "alpha": 8, "dropout": 0.0, **kw})
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("task, kw", [
+    ("lm", {}), ("classify", {}), ("lm", {"init": "gaussian"}), ("classify", {"dora": True}),
+    ("lm", {"rslora": True, "dropout": 0.1}),
+])
+def test_identical_to_base_before_the_first_step(task, kw):
+    model = decoder_lm() if task == "lm" else encoder_classifier()
+    b = batch()
+    ref = outputs(model, b)
+    wrapped = apply_lora(model, lora(**kw), task, quiet)
+    assert torch.equal(outputs(wrapped, b), ref)  # bit-exact: B = 0 (or B·A = 0) adds exact zeros
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "pissa", "olora"])
+def test_decomposing_inits_keep_the_function_up_to_rounding(init):
+    model = encoder_classifier()
+    b = batch()
+    ref = outputs(model, b)
+    wrapped = apply_lora(model, lora(init=init), "classify", quiet)
+    # orthogonal: B0·A0 = 0 only in exact arithmetic; pissa/olora: W_res + s·B0·A0 = W0 up to rounding (SVD / QR)
+    torch.testing.assert_close(outputs(wrapped, b), ref, rtol=1e-4, atol=1e-5)
+    assert mutates_base(init) == (init != "orthogonal")  # a rewritten base must be saved with the run
+
+
+def test_only_adapters_and_head_change():
+    model = encoder_classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = apply_lora(model, lora(), "classify", quiet)
+    trainable = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".modules_to_save." in n for n in trainable)
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    optimizer = make_optimizer(wrapped, TrainConfig())
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == parameter_counts(wrapped)[0]
+    train_steps(wrapped)
+    base = base_state_dict(wrapped)
+    assert base.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(base[k], v), f"frozen base weight {k} changed"
+    for n, p in wrapped.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, trainable[n]), f"{n} did not train"
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_equals_unmerged_and_scaling_is_applied_once(rslora):
+    wrapped = apply_lora(decoder_lm(), lora(rslora=rslora), "lm", quiet)
+    train_steps(wrapped)
+    b = batch()
+    unmerged = outputs(wrapped, b)
+    layer = wrapped.base_model.model.model.layers[0].self_attn.q_proj
+    w0, a, bm = (layer.base_layer.weight.detach().clone(), layer.lora_A["default"].weight.detach(),
+                 layer.lora_B["default"].weight.detach())
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    scaling = 8 / (2.0 if rslora else 4)  # alpha / sqrt(r) or alpha / r, with r=4, alpha=8: worked by hand
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, w0 + scaling * bm @ a)
+    torch.testing.assert_close(outputs(merged, b), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_target_matching_nothing_lists_the_linear_modules():
+    with pytest.raises(ConfigError, match=r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"):
+        apply_lora(decoder_lm(), lora(target_modules="query"), "lm", quiet)
+    with pytest.raises(ConfigError, match=r"'vproj' names no .*q_proj"):  # one typo in a list is caught too
+        apply_lora(decoder_lm(), lora(target_modules="q_proj,vproj"), "lm", quiet)
+    with pytest.raises(ConfigError, match=r"regex .* matches no .*query, key, value, dense"):
+        apply_lora(encoder_classifier(), lora(target_modules=r"re:.*q_proj"), "classify", quiet)
+    with pytest.raises(ConfigError, match="invalid regex"):
+        apply_lora(decoder_lm(), lora(target_modules="re:(q"), "lm", quiet)
+
+
+@pytest.mark.parametrize("spec", [r"re:.*\.(q|v)_proj", "q_proj, v_proj", "self_attn.q_proj,self_attn.v_proj"])
+def test_regex_and_list_targets(spec):
+    wrapped = apply_lora(decoder_lm(), lora(target_modules=spec), "lm", quiet)
+    adapted = sorted(n for n, m in wrapped.named_modules() if hasattr(m, "lora_A"))
+    assert adapted == [f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
+
+
+def test_all_linear_skips_the_output_layer_and_heads():
+    wrapped = apply_lora(build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0),
+                         lora(), "classify", quiet)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    lm = apply_lora(decoder_lm(), lora(), "lm", quiet)
+    assert not hasattr(lm.base_model.model.lm_head, "lora_A")  # tied to the embedding: not a target
+
+
+def test_weights_the_loader_initialised_train_fully(tmp_path):
+    build_model("encoder", "test", VOCAB, task="mlm", seed=0).save_pretrained(tmp_path / "mlm")
+    model = load_model(tmp_path / "mlm", "classify", num_labels=2)  # BertForMaskedLM has no pooler: it is new
+    assert "bert.pooler.dense.weight" in model.honelm_new_weights and model.honelm_source is None
+    lines: list[str] = []
+    wrapped = apply_lora(model, lora(), "classify", lines.append)
+    assert "trained fully: classifier, bert.pooler;" in lines[0]
+    assert wrapped.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.requires_grad
+    assert not any("pooler" in t for t in wrapped.peft_config["default"].target_modules)
+    assert wrapped.honelm_base_pending  # no directory holds a random pooler and head: the run saves its base
+
+
+def test_a_new_mlm_head_trains_but_its_tied_decoder_stays_tied(tmp_path):
+    build_model("encoder", "test", VOCAB, task="base", seed=0).save_pretrained(tmp_path / "bare")
+    model = load_model(tmp_path / "bare", "mlm")  # a bare encoder: the whole MLM head is new, its decoder tied
+    lines: list[str] = []
+    wrapped = apply_lora(model, lora(), "mlm", lines.append)
+    inner = wrapped.base_model.model
+    assert "trained fully: cls.predictions.transform;" in lines[0]
+    assert inner.cls.predictions.decoder.weight is inner.bert.embeddings.word_embeddings.weight
+    assert not inner.cls.predictions.decoder.weight.requires_grad  # not vocab x hidden trained weights
+    assert "stay at their init" in lines[1] and "cls.predictions.bias" in lines[1]
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora"])
+def test_rslora_and_dora_build_and_train(variant):
+    wrapped = apply_lora(encoder_classifier(), lora(**{variant: True}), "classify", quiet)
+    layer = wrapped.base_model.model.bert.encoder.layer[0].attention.self.query
+    if variant == "rslora":
+        assert layer.scaling["default"] == pytest.approx(8 / 2.0)
+    else:
+        assert "default" in layer.lora_magnitude_vector
+    watched = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    train_steps(wrapped, steps=2)
+    assert all(torch.isfinite(p).all() for p in wrapped.parameters())
+    changed = [n for n, p in wrapped.named_parameters() if n in watched and not torch.equal(p, watched[n])]
+    assert any("lora_B" in n for n in changed)
+    if variant == "dora":
+        assert any("lora_magnitude_vector" in n for n in changed)
+
+
+def test_trainable_and_total_counts_are_logged():
+    lines: list[str] = []
+    model = encoder_classifier()
+    base_total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.classifier.parameters())
+    wrapped = apply_lora(model, lora(), "classify", lines.append)
+    (line,) = lines
+    found = re.search(r"([\d,]+) trainable of ([\d,]+) parameters \(([\d.]+)%\)", line)
+    assert found, line
+    trainable, total = (int(found.group(i).replace(",", "")) for i in (1, 2))
+    lora_params = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert trainable == lora_params + head == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert total == base_total + lora_params
+    assert float(found.group(3)) == pytest.approx(100 * trainable / total, abs=0.01)
+    assert "trained fully: classifier" in line and "r=4" in line
+
+
+@pytest.mark.parametrize("init, message", [("eva", "data"), ("false", "not the base"), ("loftq", "quantises"),
+                                           ("bogus", "choose one of")])
+def test_unsupported_inits_fail_clearly(init, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_lora(decoder_lm(), lora(init=init), "lm", quiet)
+    with pytest.raises(ConfigError, match="even"):
+        apply_lora(decoder_lm(), lora(init="orthogonal", r=3), "lm", quiet)
+
+
+# ------------------------------------------------------------------------------------------------
+# adapter directories
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A trained LoRA encoder classifier saved as a run's best/ (adapter + tokenizer), and its logits."""
+    from honelm.tokenizer import train_tokenizer
+
+    run = tmp_path_factory.mktemp("lora") / "run"
+    tokenizer = train_tokenizer(["the film was good", "a bad film", "good acting", "bad music"] * 5, kind="wordpiece",
+                                vocab_size=60, min_frequency=1)
+    model = encoder_classifier(vocab=len(tokenizer))
+    wrapped = apply_lora(model, lora(dora=True), "classify", quiet)
+    train_steps(wrapped)
+    save_pretrained_atomic(wrapped, tokenizer, run / "best", {"step": 3})
+    texts = ["the film was good", "bad music", "good"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    wrapped.eval()
+    with torch.no_grad():
+        logits = wrapped(**enc).logits
+    return run, enc, logits
+
+
+def test_best_is_a_standard_peft_directory_that_plain_peft_loads(lora_run):
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run, enc, logits = lora_run
+    best = run / "best"
+    assert (best / "adapter_model.safetensors").is_file() and not (best / "model.safetensors").exists()
+    config = json.loads((best / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run / "base").resolve())  # random init: base saved once
+    assert "classifier" in config["modules_to_save"] and config["use_dora"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"])
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(base, best).eval()(**enc).logits
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(best).eval()(**enc).logits
+    torch.testing.assert_close(plain, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(auto, logits, rtol=0, atol=1e-6)
+
+
+def test_merged_export_loads_in_plain_transformers_with_the_same_predictions(lora_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from honelm.stages.export import export
+
+    run, enc, logits = lora_run
+    out = export(run, merge=True, out=tmp_path / "merged", say=quiet)
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        merged = model(**tok(["the film was good", "bad music", "good"], padding=True, return_tensors="pt")).logits
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert torch.equal(merged.argmax(-1), logits.argmax(-1))
+    torch.testing.assert_close(merged, logits, rtol=1e-5, atol=1e-5)
+    # without --merge: the adapter directory itself; an existing destination is refused
+    copied = export(run, merge=False, out=tmp_path / "adapter", say=quiet)
+    assert (copied / "adapter_config.json").is_file() and (copied / "tokenizer.json").is_file()
+    from honelm.errors import HonelmError
+
+    with pytest.raises(HonelmError, match="not empty"):
+        export(run, merge=True, out=tmp_path / "adapter", say=quiet)
+
+
+def test_export_of_a_run_without_lora_copies_best(tmp_path):
+    from honelm.stages.export import export
+
+    save_pretrained_atomic(encoder_classifier(), None, tmp_path / "run" / "best", {"step": 1})
+    lines: list[str] = []
+    out = export(tmp_path / "run", merge=True, say=lines.append)
+    assert out == tmp_path / "run" / "export" and (out / "model.safetensors").is_file() and (out / "best.json").is_file()
+    assert "nothing to merge" in lines[0]
+
+
+def test_load_model_merges_and_reheads_an_adapter(lora_run):
+    run, enc, logits = lora_run
+    merged = load_model(run / "best", "classify", num_labels=3, id2label={0: "x", 1: "y", 2: "z"})
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, logits, rtol=1e-5, atol=1e-5)
+    assert merged.config.id2label == {0: "x", 1: "y", 2: "z"} and merged.honelm_source is None
+    reheaded = load_model(run / "best", "classify", num_labels=2)  # chaining into a task with other labels
+    assert reheaded.classifier.weight.shape[0] == 2 and "classifier.weight" in reheaded.honelm_new_weights
+    torch.testing.assert_close(reheaded.bert.encoder.layer[0].attention.self.query.weight,
+                               merged.bert.encoder.layer[0].attention.self.query.weight)
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_adapter_points_at_the_weights_it_was_trained_on(tmp_path, init):
+    decoder_lm().save_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src", "lm")
+    wrapped = apply_lora(model, lora(init=init), "lm", quiet)
+    train_steps(wrapped, steps=2)
+    b = batch()
+    expected = outputs(wrapped, b)
+    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best")
+    base = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if init == "default":  # the frozen base is init_from itself: no copy
+        assert base == str((tmp_path / "src").resolve()) and not (tmp_path / "run" / "base").exists()
+    else:  # pissa rewrote the base: the run keeps its own
+        assert base == str((tmp_path / "run" / "base").resolve())
+    torch.testing.assert_close(outputs(load_model(tmp_path / "run" / "best", "lm"), b), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+
+
+def _fit(tmp_path, name: str, resume: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(2, VOCAB, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g) for _ in range(16)]
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, : len(rows[i])], mask[r, : len(rows[i])] = rows[i], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=6, eval_every=3, save_every=3, log_every=2, precision="fp32",
+                      progress=False, tensorboard=False, warmup_steps=1, keep_checkpoints=10)
+    torch.manual_seed(seed)  # what seed_everything does before a stage builds its model
+    model = apply_lora(decoder_lm(seed=seed), lora(dropout=0.1), "lm", quiet)  # dropout: RNG must resume too
+    val = collate(list(range(4)))
+    run = tmp_path / name
+    torch.manual_seed(0)
+    fit(model, CausalLM(), BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
+        run, lambda m: {"val_loss": float(CausalLM()(m, val).value)},
+        lambda m, info: save_pretrained_atomic(m, None, run / "best", info), "val_loss", resume=resume)
+    return model
+
+
+def test_resume_with_lora_is_bit_identical(tmp_path):
+    full = _fit(tmp_path, "full")
+    _fit(tmp_path, "cut")
+    for c in (tmp_path / "cut" / "checkpoints").iterdir():  # as if killed after step 3's checkpoint
+        if not c.name.endswith("00000003"):
+            shutil.rmtree(c)
+    torch.manual_seed(123)
+    resumed = _fit(tmp_path, "cut", resume=True, seed=99)  # another base: the checkpoint restores it
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert (tmp_path / "cut" / "best" / "adapter_config.json").is_file() and (tmp_path / "cut" / "base").is_dir()
