@@ -33,13 +33,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; fused on CUDA where available."""
+    """AdamW over the trainable parameters, with the fused kernel (one pass over all tensors).
+
+    torch has fused AdamW for CUDA and CPU; it is measurably faster than the per-tensor
+    "foreach" default on both (benchmarks/pretrain_throughput.py). Other devices fall back.
+    """
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    on_cuda = next(model.parameters()).is_cuda
+    device = next(p for g in groups for p in g["params"]).device.type
+    fused = True if device in ("cuda", "cpu") else None
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             fused=True if on_cuda else None)
+                             fused=fused)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -23,10 +23,14 @@ IGNORE = -100
 
 
 def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and target count. logits (B, T, V), labels (B, T)."""
-    pred = logits[:, :-1, :].float()  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    """Summed next-token NLL and target count. logits (B, T, V), labels (B, T).
+
+    The labels are shifted left (position t is scored against labels[t+1]; the last position gets
+    -100) instead of slicing the logits: slicing would copy the whole (B, T-1, V) tensor.
+    """
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
+    flat = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
+    nll = F.cross_entropy(flat.float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return nll, (target != IGNORE).sum()
 
 
