@@ -364,7 +364,15 @@ def load_model(
         kwargs["ignore_mismatched_sizes"] = True
 
     try:
-        model, info = auto_cls.from_pretrained(source, **kwargs)
+        # transformers prints its own multi-line load report; honelm reports new weights itself
+        # (one line, below, and in the stage log), so quieten it for the duration of the load.
+        hf_logger = logging.getLogger("transformers")
+        previous = hf_logger.level
+        hf_logger.setLevel(logging.ERROR)
+        try:
+            model, info = auto_cls.from_pretrained(source, **kwargs)
+        finally:
+            hf_logger.setLevel(previous)
     except ValueError as err:
         # Raised e.g. when the Auto class has no mapping for this model type.
         raise ConfigError(f"cannot load {source!r} ({config.model_type}) for task {task!r}: {err}") from err

@@ -160,6 +160,10 @@ def resolve_model(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int
         model = load_model(path, task, num_labels=num_labels, id2label=id2label,
                            trust_remote_code=model_cfg.trust_remote_code)
         origin = f"from {path}"
+        new = getattr(model, "honelm_new_weights", [])
+        if new:
+            shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+            say(f"newly initialised weights (not in the checkpoint): {shown}")
     else:
         dropout = model_cfg.dropout
         extra = ({"attention_dropout": dropout} if model_cfg.arch == "decoder"
