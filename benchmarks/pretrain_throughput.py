@@ -250,6 +250,8 @@ def total_steps(args: argparse.Namespace) -> int:
 def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, variant: str
                ) -> dict[str, Any]:
     """`fit()` with the arguments `honelm pretrain` passes (stages/pretrain.py), no validation split."""
+    import torch
+
     from honelm import runtime as rt
     from honelm.checkpoint import save_pretrained_atomic
     from honelm.config import TrainConfig
@@ -266,7 +268,7 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     rt.seed_everything(args.seed)
     tokenizer = load_tokenizer(work / "tokenizer")
     ids = data["input_ids"]
-    blocks = PackedBlocks(ids, data["labels"], torch_ones_like(ids), 0, 0)
+    blocks = PackedBlocks(ids, data["labels"], torch.ones_like(ids), 0, 0)  # what pack() returned, all full
 
     class TimedStream(BatchStream):
         def next_step(self):
@@ -275,7 +277,7 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
 
     stream = TimedStream(len(blocks), blocks.collate, cfg.batch_size, cfg.grad_accum, args.seed,
                          runtime.world_size, runtime.rank)
-    run_dir = work / "honelm_run"
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}_run_", dir=work))  # fresh per attempt
     tracker = Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
     fit(model, CausalLM(), stream, cfg, runtime, run_dir, None,
         lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
@@ -285,12 +287,6 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     precision = next((e["message"].removeprefix("precision: ") for e in reported
                       if e["event"] == "info" and e.get("message", "").startswith("precision:")), runtime.precision)
     return {"precision": precision, "settings": f"TrainConfig(precision={cfg.precision}, log_every={cfg.log_every})"}
-
-
-def torch_ones_like(t):
-    import torch
-
-    return torch.ones_like(t)
 
 
 def run_hf(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, variant: str) -> dict[str, Any]:

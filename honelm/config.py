@@ -122,6 +122,8 @@ class TrainConfig:
     """Show a progress bar (tokens/s, loss, ETA) on an interactive terminal."""
     tensorboard: bool = True
     """Also write TensorBoard events under tb/ when tensorboard is installed."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of storing them: less memory for about a third more compute."""
     compile: bool = False
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
     threads: int = 0

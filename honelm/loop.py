@@ -175,6 +175,20 @@ def accumulate(model: nn.Module, objective: Objective, micro: list[Batch], runti
     return step_loss, n_units, metrics
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in a transformers model (also under a peft wrapper).
+
+    Non-reentrant checkpointing is used: it needs no input that requires grad, so it works with
+    frozen embeddings (LoRA) and with `inputs_embeds` fed by boosters.
+    """
+    target = model
+    while not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "model"):
+        target = target.model
+    if not hasattr(target, "gradient_checkpointing_enable"):
+        raise HonelmError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -223,6 +237,9 @@ def fit(
                              state["train_time_s"])
         tracker.event("info", state["step"], message=f"resumed from {found[-1].name}")
 
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        tracker.say("gradient checkpointing: on (activations recomputed in the backward pass)")
     train_model: nn.Module = model
     if runtime.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -66,8 +66,8 @@ class LoraConfig:
     """Rank of each update B·A (A: r x d_in, B: d_out x r)."""
     alpha: float = 16.0
     """Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
-    dropout: float = 0.05
-    """Dropout on the input of the LoRA branch only (use 0 with dora: dropout there costs an extra matmul)."""
+    dropout: float = 0.0
+    """Dropout on the input of the LoRA branch only. 0 (peft's default) by default: peft keeps one dropped-out copy of the input per adapted module, which costs memory and time (benchmarks/lora_memory.py); with dora it also costs an extra matmul."""
     target_modules: str = "all-linear"
     """Modules that get an adapter: all-linear (every Linear except the output/head layer), a comma-separated list of module names or name suffixes (q_proj,v_proj), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
     rslora: bool = False
