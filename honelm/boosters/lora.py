@@ -315,10 +315,12 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
     trainable, total = parameter_counts(wrapped)
     scaling = cfg.alpha / (cfg.r ** 0.5 if cfg.rslora else cfg.r)
     variant = "DoRA" if cfg.dora else "rsLoRA" if cfg.rslora else "LoRA"
+    # count the modules that really carry an adapter: peft may have folded the target list into suffixes
+    adapted = sum(1 for m in wrapped.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A")) > 0)
     kinds = [k for k in linear_suffixes(wrapped.get_base_model()) if any(t.rsplit(".", 1)[-1] == k for t in targets)]
     kinds += sorted({t.rsplit(".", 1)[-1] for t in targets} - set(kinds))  # embeddings, convs
     return (f"lora: {variant} r={cfg.r} alpha={cfg.alpha:g} (scaling {scaling:.4g}), init {cfg.init}, "
-            f"on {len(targets)} modules ({', '.join(kinds)})" + (f"; trained fully: {', '.join(heads)}" if heads else "")
+            f"on {adapted} modules ({', '.join(kinds)})" + (f"; trained fully: {', '.join(heads)}" if heads else "")
             + f"; {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 
 
