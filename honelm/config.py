@@ -378,7 +378,19 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
             raise ConfigError(f"{path}: {e}") from None
     for key, value in parse_overrides(overrides or []):
         set_key(cfg, key, value)
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Call `validate()` on the config and every section that has one: cross-field errors come before any work."""
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    for f in dataclasses.fields(cfg):
+        section_value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section_value):
+            validate(section_value)
 
 
 def to_dict(cfg: Any) -> dict:

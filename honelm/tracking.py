@@ -101,10 +101,14 @@ class Tracker:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
 
-    def close(self) -> None:
+    def stop_progress(self) -> None:
+        """Remove the progress bar (a later `start_progress` shows a new one)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def close(self) -> None:
+        self.stop_progress()
         for handle in (self._jsonl, self._log):
             if handle:
                 handle.close()

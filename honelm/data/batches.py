@@ -43,7 +43,8 @@ class EncodedExamples:
             mask[row, :n] = 1
             if types is not None:
                 types[row, :n] = torch.tensor(self.type_ids[i])  # type: ignore[index]
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[torch.tensor(idx)]}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[torch.tensor(idx)],
+                 "index": torch.tensor(idx)}  # which examples: plae looks up their stored perturbations
         if types is not None:
             batch["token_type_ids"] = types
         return batch

@@ -31,6 +31,16 @@ class Objective:
     default_metric: str = "val_loss"
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+        return self.outputs(model, batch)[0]
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        """The loss and the fp32 outputs it was computed from, one row per loss unit.
+
+        Rows are (units, C) logits for classification, (units, V) next-token/masked-token logits
+        for language modelling, (units, 1) predictions for regression. Consistency regularisers
+        (SMART, R3F, VAT in `honelm.boosters.adversarial`) compare these rows between a clean and
+        a perturbed pass.
+        """
         raise NotImplementedError
 
     def units(self, batch: dict[str, Any]) -> int:

@@ -24,20 +24,21 @@ class Classify(Objective):
     def __init__(self, regression: bool = False):
         self.regression = regression
         self.default_metric = "val_mse" if regression else "val_accuracy"
+        self.continuous = regression  # outputs are real values, not logits
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}).logits.float()  # (B, C)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
         logits = self.logits(model, batch)
         labels = batch["labels"]
         if self.regression:
             pred = logits.squeeze(-1)
             loss = F.mse_loss(pred, labels.float(), reduction="sum")
-            return Loss(value=loss, units=labels.numel())
+            return Loss(value=loss, units=labels.numel()), logits
         loss = F.cross_entropy(logits, labels, reduction="sum")
         correct = (logits.argmax(-1) == labels).sum().detach().float()
-        return Loss(value=loss, units=labels.numel(), metrics={"accuracy": correct})
+        return Loss(value=loss, units=labels.numel(), metrics={"accuracy": correct}), logits
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].numel())

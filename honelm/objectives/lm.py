@@ -40,10 +40,19 @@ class CausalLM(Objective):
     default_metric = "val_loss"
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
-        logits = model(**inputs).logits  # (B, T, V)
-        nll, count = shifted_token_nll(logits, batch["labels"])
+        nll, count = shifted_token_nll(self._logits(model, batch), batch["labels"])
         return Loss(value=nll, units=count)
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        logits = self._logits(model, batch)
+        nll, count = shifted_token_nll(logits, batch["labels"])
+        target = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # same shift as the loss
+        return Loss(value=nll, units=count), logits[target != IGNORE].float()  # (units, V): target rows only
+
+    @staticmethod
+    def _logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
+        return model(**inputs).logits  # (B, T, V)
 
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())

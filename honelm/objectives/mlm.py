@@ -26,8 +26,9 @@ IGNORE = -100
 MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
 
 
-def masked_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed NLL, masked count, correct predictions) over positions with labels != -100.
+def masked_token_nll(logits: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL, masked count, correct predictions, fp32 logit rows (M, V)) over labels != -100.
 
     logits (B, T, V), labels (B, T).
     """
@@ -36,7 +37,7 @@ def masked_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     target = labels[selected]  # (M,)
     nll = F.cross_entropy(picked, target, reduction="sum")
     correct = (picked.argmax(-1) == target).sum().detach().float()
-    return nll, selected.sum(), correct
+    return nll, selected.sum(), correct, picked
 
 
 class MaskedLM(Objective):
@@ -44,11 +45,11 @@ class MaskedLM(Objective):
 
     default_metric = "val_loss"
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> Loss:
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}  # labels stay out: the loss is ours
         logits = model(**inputs).logits  # (B, T, V)
-        nll, count, correct = masked_token_nll(logits, batch["labels"])
-        return Loss(value=nll, units=count, metrics={"accuracy": correct})
+        nll, count, correct, rows = masked_token_nll(logits, batch["labels"])
+        return Loss(value=nll, units=count, metrics={"accuracy": correct}), rows
 
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE).sum())

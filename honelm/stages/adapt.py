@@ -43,6 +43,7 @@ import torch
 
 from honelm import boosters
 from honelm import runtime as rt
+from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import resolve_model_dir, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -118,6 +119,12 @@ class AdaptConfig:
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(_adapt_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
+
+    def validate(self) -> None:
+        if self.adversarial.method == "plae":
+            raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
+                              "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +503,7 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
                 for name, rows in val_rows.items()}
         return lm_scores(sums, val_rows, "val")
 
-    objective = MaskedLM() if kind == "encoder" else CausalLM()
+    objective = boosters.objective(MaskedLM() if kind == "encoder" else CausalLM(), cfg, tokenizer, say)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate if val_rows else None,
                  lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)

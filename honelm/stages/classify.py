@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from honelm import boosters
 from honelm import metrics as M
 from honelm import runtime as rt
+from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -57,6 +58,7 @@ class ClassifyConfig:
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(_classify_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
 
 
 def label_maps(train: list[Any], task: str) -> tuple[dict | None, dict[int, str] | None]:
@@ -117,20 +119,84 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         if enc is not None and enc.truncated:
             tracker.say(f"note: {enc.truncated} of {len(enc)} {name} examples are longer than data.max_length="
                         f"{cfg.data.max_length} and were truncated")
-    stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
-                         runtime.world_size, runtime.rank, lengths=train.lengths)
     n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return scores(predict(m, val, cfg.train.eval_batch_size, runtime.device), val.labels, regression, n_labels, "val")
 
-    objective = Classify(regression=regression)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate if val is not None else None,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
+    def train_model(model: torch.nn.Module, objective: Any, out_dir: Path, tracker: Any, resume: bool) -> Any:
+        stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
+                             runtime.world_size, runtime.rank, lengths=train.lengths)
+        return fit(model, objective, stream, cfg.train, runtime, out_dir, evaluate if val is not None else None,
+                   lambda m, info: save_pretrained_atomic(m, tokenizer, out_dir / "best", info),
+                   metric=cfg.train.metric or objective.default_metric, resume=resume, tracker=tracker)
+
+    inner = Classify(regression=regression)
+    stored = None
+    if cfg.adversarial.method == "plae" and cfg.adversarial.resolved().active:
+        stored = plae_stage(cfg, run_dir, runtime, tracker, model, inner, tokenizer, train, train_model,
+                            n_labels, id2label)
+        if stored is None:
+            tracker.close()
+            return {"run_dir": str(run_dir), "steps": 0, "reason": "interrupted", "best_step": 0}
+        rt.seed_everything(cfg.run.seed)  # the student starts exactly where the teacher did
+        model = boosters.apply(S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
+                                               num_labels=n_labels, id2label=id2label), cfg, "classify", tracker.say)
+    objective = boosters.objective(inner, cfg, tokenizer, tracker.say, stored=stored)
+    result = train_model(model, objective, run_dir, tracker, resume is not None)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
             **result.last_eval}
+
+
+def plae_stage(cfg: ClassifyConfig, run_dir: Path, runtime: rt.Runtime, tracker: Any, model: torch.nn.Module,
+               inner: Classify, tokenizer: Any, train: EncodedExamples, train_model: Callable[..., Any],
+               n_labels: int, id2label: dict[int, str] | None
+               ) -> Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None:
+    """plae's teacher run and generation (honelm.boosters.plae); returns the student's lookup (None if interrupted).
+
+    Both are kept under RUN/plae_teacher/, so `--resume` continues an interrupted teacher and
+    never regenerates stored embeddings.
+    """
+    from honelm.boosters import plae
+    from honelm.models import load_model
+
+    adv = cfg.adversarial.resolved()
+    teacher_dir = run_dir / plae.TEACHER_DIR
+    deltas_path = teacher_dir / plae.DELTAS_FILE
+    if not deltas_path.is_file():
+        (teacher_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        started = any((teacher_dir / "checkpoints").iterdir())
+        tracker.say(f"plae 1/3: teacher fine-tuning ({adv.teacher}) in {teacher_dir}")
+        teacher_tracker = S.tracker_for(teacher_dir, runtime, cfg)
+        teacher_cfg = ClassifyConfig(adversarial=plae.teacher_config(adv))
+        result = train_model(model, boosters.objective(inner, teacher_cfg, tokenizer, teacher_tracker.say),
+                             teacher_dir, teacher_tracker, started)
+        teacher_tracker.close()
+        if result.reason == "interrupted":
+            return None  # the teacher's checkpoint is saved; `--resume` continues it
+        teacher = load_model(teacher_dir / "best", "classify", num_labels=n_labels, id2label=id2label).to(runtime.device)
+        tracker.say(f"plae 2/3: {adv.copies} adversarial embedding(s) per training example by PGD against the "
+                    f"teacher (epsilon={adv.epsilon}, steps={adv.steps}, step_size={adv.step_size}, norm={adv.norm})")
+        tracker.start_progress(len(train) * adv.copies)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            tracker.progress(done[0], "generating adversarial embeddings")
+
+        deltas = plae.generate(teacher, inner, adv, list(tokenizer.all_special_ids or []), len(train), train.collate,
+                               cfg.train.eval_batch_size, runtime.device, runtime.autocast, advance)
+        tracker.stop_progress()
+        if runtime.is_main:
+            plae.save(deltas, deltas_path)
+        runtime.barrier()
+        del teacher
+    deltas = plae.load(deltas_path)
+    size = sum(t.numel() * t.element_size() for t in deltas.values())
+    tracker.say(f"plae 3/3: a fresh student from the same start trains on clean + stored adversarial embeddings "
+                f"({len(deltas)} stored, {size / 2**20:.1f} MiB; weight {adv.weight})")
+    return plae.stored_lookup(deltas, adv.copies)
 
 
 def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], train_examples: list[Any]) -> dict[str, Any]:

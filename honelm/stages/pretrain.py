@@ -15,9 +15,11 @@ import torch
 
 from honelm import boosters
 from honelm import runtime as rt
+from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
+from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
 from honelm.loop import BatchStream, fit
 from honelm.objectives.lm import CausalLM
@@ -45,6 +47,12 @@ class PretrainConfig:
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(TrainConfig)
     lora: LoraConfig = section(LoraConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
+
+    def validate(self) -> None:
+        if self.adversarial.method == "plae":
+            raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
+                              "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
 
 
 def lm_metrics(model: torch.nn.Module, blocks: PackedBlocks, batch_size: int, device: torch.device,
@@ -82,7 +90,8 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     stream = BatchStream(len(train_blocks), train_blocks.collate, cfg.train.batch_size, cfg.train.grad_accum,
                          cfg.run.seed, runtime.world_size, runtime.rank)
     evaluate = (lambda m: lm_metrics(m, val_blocks, cfg.train.eval_batch_size, runtime.device)) if val_blocks else None
-    result = fit(model, CausalLM(), stream, cfg.train, runtime, run_dir, evaluate,
+    objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
+    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
                  lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
     tracker.close()

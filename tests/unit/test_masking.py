@@ -175,9 +175,9 @@ def test_mlm_loss_sums_so_accumulation_is_exact():
     logits = torch.randn(4, 6, 10)
     labels = torch.full((4, 6), -100)
     labels[0, 1], labels[1, 2], labels[1, 4], labels[3, 0], labels[3, 5] = 1, 2, 3, 4, 5
-    whole, units, _ = masked_token_nll(logits, labels)
+    whole, units, _, _ = masked_token_nll(logits, labels)
     parts = [masked_token_nll(logits[i:i + 2], labels[i:i + 2]) for i in (0, 2)]
     assert float(sum(p[0] for p in parts)) == pytest.approx(float(whole), abs=1e-5)
     assert int(units) == 5
-    empty, n, _ = masked_token_nll(logits, torch.full((4, 6), -100))  # nothing masked: zero, not NaN
+    empty, n, _, _ = masked_token_nll(logits, torch.full((4, 6), -100))  # nothing masked: zero, not NaN
     assert float(empty) == 0.0 and int(n) == 0
