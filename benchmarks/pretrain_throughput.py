@@ -24,6 +24,14 @@ mark of step `warmup` to the mark of step `warmup + steps`, i.e. exactly `steps`
 (one-time initialisation, honelm's precision probe, compilation), the last step and everything
 after it (honelm's final save) are outside it. tokens/s = steps * batch * block / time.
 
+Noise: on a small shared VM, run-to-run drift is several percent even when nothing else runs, and
+two processes sharing 2 cores slow each other down by far more than 2x (OpenMP threads wait on a
+descheduled sibling). So the contenders run in `--rounds` rounds (rotating order); tokens/s is the
+median over rounds and each ratio is the median of the per-round ratios (neighbours in time, so slow
+drift cancels). Before each run the script waits for other processes to go quiet (`--idle-wait`),
+records the CPU other processes used during the timed span ("other load", in cores), and reruns a
+contended one (`--retries`), keeping the least contended attempt.
+
 MFU = flops_per_token(config, block) * tokens/s / peak, where flops_per_token is honelm's
 6*N + 12*L*A*T (PaLM, Chowdhery et al. 2022, appendix B; N = matmul weights including the tied
 output projection) and the peak is the best bf16 matmul rate of this machine, measured by this
@@ -424,47 +432,70 @@ def fmt_row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
-def report(results: list[dict], machine: dict, setup: dict, flops_tok: float, peak: float) -> tuple[list[str], dict]:
-    lines = []
-    head = ["contender", "tokens/s", "step s", "tok/s median step", "peak RSS MiB", "MFU", "precision", "other load"]
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append([r["contender"], "failed", "", "", "", "", "", ""])
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def summarize(runs: dict[str, list[dict]], step_tokens: int, flops_tok: float, peak: float) -> dict[str, dict]:
+    """Per contender over its rounds: median tokens/s, range, max peak RSS, max other load."""
+    out = {}
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out[name] = {"error": rs[-1]["error"] if rs else "not run"}
             continue
-        r["mfu"] = flops_tok * r["tokens_per_s"] / peak
-        rows.append([r["contender"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}",
-                     f"{r['tokens_per_s_median_step']:,.0f}",
-                     f"{r['peak_rss_mib']:,.0f}", f"{100 * r['mfu']:.1f}%", r["precision"].split(" (")[0],
-                     f"{r['other_load']:.2f}"])
+        tps = [r["tokens_per_s"] for r in ok]
+        mid = median(tps)
+        precisions = list(dict.fromkeys(r["precision"] for r in ok))
+        out[name] = {"tokens_per_s": mid, "tokens_per_s_rounds": tps, "step_s": step_tokens / mid,
+                     "peak_rss_mib": max(r["peak_rss_mib"] for r in ok), "mfu": flops_tok * mid / peak,
+                     "other_load": max(r["other_load"] for r in ok), "precisions": precisions,
+                     "settings": ok[0]["settings"], "rounds": len(ok), "failed_rounds": len(rs) - len(ok)}
+    return out
+
+
+def report(runs: dict[str, list[dict]], summary: dict[str, dict]) -> tuple[list[str], dict]:
+    lines = []
+    head = ["contender", "tokens/s", "range over rounds", "s/step", "peak RSS MiB", "MFU", "precision", "other load"]
+    rows = []
+    for name, s in summary.items():
+        if "error" in s:
+            rows.append([name, "failed", "", "", "", "", "", ""])
+            continue
+        rng = f"{min(s['tokens_per_s_rounds']):,.0f}-{max(s['tokens_per_s_rounds']):,.0f}"
+        prec = " / ".join(dict.fromkeys(p.split(" (")[0] for p in s["precisions"]))
+        rows.append([name, f"{s['tokens_per_s']:,.0f}", rng, f"{s['step_s']:.3f}", f"{s['peak_rss_mib']:,.0f}",
+                     f"{100 * s['mfu']:.1f}%", prec, f"{s['other_load']:.2f}"])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines.append(fmt_row(head, widths))
     lines.append(fmt_row(["-" * w for w in widths], widths))
     lines.extend(fmt_row(r, widths) for r in rows)
-    by = {r["contender"]: r for r in results if "error" not in r}
     ratios = {}
-    if "honelm" in by:
+    if "error" not in summary.get("honelm", {"error": 1}):
         lines.append("")
         for other, target in TARGETS.items():
-            if other in by:
-                ratio = by["honelm"]["tokens_per_s"] / by[other]["tokens_per_s"]
-                med = by["honelm"]["tokens_per_s_median_step"] / by[other]["tokens_per_s_median_step"]
-                ok = ratio >= target
-                ratios[f"honelm/{other}"] = {"ratio": ratio, "ratio_median_step": med, "target": target, "pass": ok}
-                lines.append(f"honelm / {other:<10} {ratio:5.2f}x   target >= {target:.2f}x   {'PASS' if ok else 'FAIL'}"
-                             f"   (median-step ratio {med:.2f}x)")
-    busy = [r["contender"] for r in results if "error" not in r and r["other_load"] > 0.25]
+            if "error" in summary.get(other, {"error": 1}):
+                continue
+            pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["honelm"], runs[other])
+                     if "error" not in a and "error" not in b]
+            ratio = median(pairs)
+            ok = ratio >= target
+            ratios[f"honelm/{other}"] = {"ratio": ratio, "per_round": pairs, "target": target, "pass": ok}
+            lines.append(f"honelm / {other:<10} {ratio:5.2f}x   target >= {target:.2f}x   {'PASS' if ok else 'FAIL'}"
+                         f"   (per round: {', '.join(f'{x:.2f}' for x in pairs)})")
+    busy = [name for name, s in summary.items() if "error" not in s and s["other_load"] > 0.25]
     if busy:
         lines.append("")
         lines.append(f"WARNING: other processes used CPU during the timed steps of {', '.join(busy)} ('other load' "
                      "in cores): those numbers are contended; rerun on an idle machine.")
     lines.append("")
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['contender']}: FAILED\n{r['error']}")
+    for name, s in summary.items():
+        if "error" in s:
+            lines.append(f"{name}: FAILED\n{s['error']}")
         else:
-            tries = f"; best of {r['attempts']} attempts (least contended)" if r.get("attempts", 1) > 1 else ""
-            lines.append(f"{r['contender']}: {r['settings']}; precision: {r['precision']}{tries}")
+            lines.append(f"{name}: {s['settings']}; precision: {' / '.join(s['precisions'])}")
     return lines, ratios
 
 
@@ -510,45 +541,51 @@ def parent_main(args: argparse.Namespace) -> int:
         fp32_peak = matmul_peak("fp32", args.peak_n, max(3, args.peak_repeats // 2))
         print(f"peak: bf16 matmul {peaks[0] / 1e9:,.0f} GFLOP/s, fp32 matmul {fp32_peak / 1e9:,.0f} GFLOP/s "
               f"({args.peak_n}x{args.peak_n}, best of {args.peak_repeats})", flush=True)
-        results = []
-        for name in contenders:
-            tries: list[dict[str, Any]] = []
-            while True:
-                wait_for_idle(args.idle_wait)
-                r = run_child(name, args, work)
-                tries.append(r)
-                if "error" in r:
-                    print(f"  {name}: FAILED", flush=True)
-                    break
-                print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, other load {r['other_load']:.2f} cores "
-                      f"({r['wall_s']:.0f}s in all)", flush=True)
-                if r["other_load"] <= 0.25 or len(tries) > args.retries:
-                    break
-                print(f"    contended: running {name} again", flush=True)
-            ok = [t for t in tries if "error" not in t]
-            best = min(ok, key=lambda t: t["other_load"]) if ok else tries[-1]
-            best["attempts"] = len(tries)
-            results.append(best)
+        runs: dict[str, list[dict]] = {name: [] for name in contenders}
+        for rnd in range(args.rounds):
+            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]  # rotate: no fixed slot
+            print(f"round {rnd + 1}/{args.rounds}", flush=True)
+            for name in order:
+                tries: list[dict[str, Any]] = []
+                while True:
+                    wait_for_idle(args.idle_wait)
+                    r = run_child(name, args, work)
+                    tries.append(r)
+                    if "error" in r:
+                        print(f"  {name}: FAILED", flush=True)
+                        break
+                    print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, other load {r['other_load']:.2f} cores "
+                          f"({r['wall_s']:.0f}s in all)", flush=True)
+                    if r["other_load"] <= 0.25 or len(tries) > args.retries:
+                        break
+                    print(f"    contended: running {name} again", flush=True)
+                ok = [t for t in tries if "error" not in t]
+                best = min(ok, key=lambda t: t["other_load"]) if ok else tries[-1]
+                best["attempts"] = len(tries)
+                runs[name].append(best)
         wait_for_idle(args.idle_wait)
         peaks.append(matmul_peak("bf16", args.peak_n, args.peak_repeats))
     peak = max(peaks)
     print(f"bf16 peak used for MFU: {peak / 1e9:,.0f} GFLOP/s (best of the measurements before and after: "
           + ", ".join(f"{p / 1e9:,.0f}" for p in peaks) + ")")
     print()
-    lines, ratios = report(results, machine, vars(args), flops_tok, peak)
+    step_tokens = args.batch_size * args.grad_accum * args.block_size
+    summary = summarize(runs, step_tokens, flops_tok, peak)
+    lines, ratios = report(runs, summary)
     print("\n".join(lines))
-    print("\nTimed: the same point of every iteration is time-stamped; the span covers exactly --steps whole "
-          "optimizer steps after --warmup-steps untimed ones (set-up, honelm's precision probe and final save "
-          "are outside it). MFU against the measured bf16 matmul peak; FLOPs per token 6N + 12·L·A·T "
-          "(PaLM appendix B), N counting the tied output projection.")
+    print(f"\nTimed: the same point of every iteration is time-stamped; the span covers exactly --steps whole "
+          f"optimizer steps after --warmup-steps untimed ones (set-up, honelm's precision probe and final save "
+          f"are outside it). tokens/s is the median over {args.rounds} rounds (contenders in rotating order, one "
+          f"process each); ratios are medians of the per-round ratios. MFU against the measured bf16 matmul peak; "
+          f"FLOPs per token 6N + 12·L·A·T (PaLM appendix B), N counting the tied output projection.")
     if args.json:
         payload = {"machine": machine, "data": meta, "model": {"parameters": n_params, "vocab_rows": args.model_vocab,
                    "flops_per_token": flops_tok}, "settings": {k: v for k, v in vars(args).items() if k != "json"},
                    "peak_bf16_flops": peak, "peak_bf16_measurements": peaks, "peak_fp32_flops": fp32_peak,
-                   "results": results, "ratios": ratios}
+                   "summary": summary, "runs": runs, "ratios": ratios}
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
-    failed = any("error" in r for r in results)
+    failed = any("error" in r for rs in runs.values() for r in rs)
     missed = any(not v["pass"] for v in ratios.values())
     return 1 if failed or (args.strict and missed) else 0
 
@@ -558,8 +595,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="plain-text corpus (default: tinyshakespeare)")
     p.add_argument("--synthetic", action="store_true", help="generate ~1.1 MB of text instead of reading --data")
-    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per contender")
-    p.add_argument("--warmup-steps", type=int, default=5, help="untimed optimizer steps before the timed ones")
+    p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per contender and round")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed optimizer steps before the timed ones")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run every contender this often, in rotating order; report medians (drift cancels)")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch (sequences)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
@@ -581,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender (child process)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup_steps < 0:
-        p.error("--steps must be >= 1 and --warmup-steps >= 0")
+    if args.steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1, --warmup-steps >= 0")
     return child_main(args) if args.contender else parent_main(args)
 
 
