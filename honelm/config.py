@@ -41,7 +41,7 @@ class RunConfig:
     seed: int = 0
     """Seed for model initialisation, data order and dropout (not for the split: see data.seed)."""
     overwrite: bool = False
-    """Allow reusing an existing run directory that has no checkpoint to resume (its files are replaced)."""
+    """Reuse the name of an existing honelm run that has no checkpoint to resume: its old files are removed first."""
 
 
 @dataclass

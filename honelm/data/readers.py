@@ -542,15 +542,21 @@ def _json_field_with_bad_bytes(path: Path, data: bytes, line: int) -> str | None
     return _field_holding(candidates[-1], _ESCAPED_BYTE) if candidates else None
 
 
-def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+def _parse_csv(path: Path, fields: _Fields | None) -> tuple[list[str], dict[str, int], list[tuple[int, list[str]]]]:
+    """(header, column index, [(line, cells)]) of a CSV/TSV file, strictly: wrong column counts,
+    bad bytes and malformed quoting are errors naming file and line."""
     delimiter, kind = ("\t", "TSV") if path.suffix.lower() == ".tsv" else (",", "CSV")
     # Long documents exceed the csv module's default 128 KiB field limit.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     rows: list[tuple[int, list[str]]] = []
+    index: dict[str, int] = {}
     # surrogateescape lets the csv module keep going over a bad byte; we then report it with
     # the exact field (column) and byte offset.
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter, strict=True)
+        # TSV (IANA text/tab-separated-values, GLUE) has no quoting: a field may start with a quote
+        # character that is text (SST-2 phrases do); CSV follows RFC 4180 quoting
+        quoting = csv.QUOTE_NONE if kind == "TSV" else csv.QUOTE_MINIMAL
+        reader = csv.reader(fh, delimiter=delimiter, strict=True, quoting=quoting)
         header: list[str] | None = None
         prev_end = 0
         while True:
@@ -567,7 +573,7 @@ def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[E
                     row[0] = row[0][1:]
                 header = row
                 _check_csv_cells(path, start, None, row)
-                _check_header(path, header, fields)
+                _check_header(path, header, fields or _Fields(header[0] if header else "", None, None, "classification"))
                 index = {name: i for i, name in enumerate(header)}
                 continue
             if not row:
@@ -581,7 +587,11 @@ def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[E
             rows.append((start, row))
     if header is None:
         raise DataError(path, 1, None, "empty file: a header row is required")
+    return header, index, rows
 
+
+def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+    _, index, rows = _parse_csv(path, fields)
     examples: list[Example] = []
     raw_labels: list[str] = []
     for line, row in rows:
@@ -736,6 +746,83 @@ def read_examples(
     if not examples:
         raise DataError(_spec_name(path), None, None, "no examples found (the files hold no rows)")
     return examples
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw structured row (a JSON object, a CSV record, a Parquet row) and where it came from."""
+
+    data: dict[str, Any]
+    source: str
+    line: int
+
+
+def _rows_of(path: Path) -> Iterator[Row]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for lineno, start, raw in _iter_binary_lines(path):
+            text = _decode_line(path, lineno, start, raw, json_line=True)
+            if not text.strip():
+                continue
+            try:
+                row = _DECODER.decode(text)
+            except _DuplicateKey as e:
+                raise DataError(path, lineno, e.key, "appears twice in the same object") from None
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
+            yield _checked_row(path, lineno, row)
+    elif suffix == ".json":
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+            raise DataError(path, line, _json_field_with_bad_bytes(path, data, line),
+                            _bad_utf8_message(e.start, data[e.start: e.start + 1], column)) from None
+        if text.startswith(_BOM):
+            text = " " + text[1:]
+        for line, row in _iter_json_rows(path, text):
+            yield _checked_row(path, line, row)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+            raise DataError(path, None, None, f"not a readable parquet file: {e}") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield Row(row, str(path), i)
+    elif suffix in (".csv", ".tsv"):
+        header, _, records = _parse_csv(path, None)
+        for line, cells in records:
+            yield Row(dict(zip(header, cells)), str(path), line)
+    else:
+        raise DataError(path, None, None, "structured rows need .jsonl, .json, .csv, .tsv or .parquet")
+
+
+def _checked_row(path: Path, line: int, row: Any) -> Row:
+    if not isinstance(row, dict):
+        raise DataError(path, line, None, f"row is a JSON {_json_type(row)}, expected an object")
+    return Row(row, str(path), line)
+
+
+def read_rows(path: str | Path | Sequence[str | Path]) -> list[Row]:
+    """Every structured row of the files (see `expand_paths`), with file and line, strictly parsed.
+
+    The stages whose rows are nested (SFT conversations, preference pairs) validate the fields
+    themselves and name file, line and field in their errors.
+    """
+    rows: list[Row] = []
+    for file in expand_paths(path):
+        if file.suffix.lower() not in _STRUCTURED:
+            raise DataError(file, None, None, "rows need a structured file: .jsonl, .json, .csv, .tsv or .parquet")
+        rows.extend(_rows_of(file))
+    if not rows:
+        raise DataError(_spec_name(path), None, None, "no rows found (the files hold no rows)")
+    return rows
 
 
 def _read_paragraphs(path: Path) -> Iterator[Document]:

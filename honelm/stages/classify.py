@@ -8,6 +8,7 @@ validation checkpoint is kept and early stopping watches validation only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -18,7 +19,7 @@ from honelm import metrics as M
 from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.checkpoint import list_checkpoints, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.batches import EncodedExamples, encode_examples
 from honelm.errors import HonelmError
@@ -143,7 +144,9 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         model = boosters.apply(S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
                                                num_labels=n_labels, id2label=id2label), cfg, "classify", tracker.say)
     objective = boosters.objective(inner, cfg, tokenizer, tracker.say, stored=stored)
-    result = train_model(model, objective, run_dir, tracker, resume is not None)
+    # plae: a run resumed during its teacher stage may have no checkpoint of its own yet
+    result = train_model(model, objective, run_dir, tracker,
+                         resume is not None and bool(list_checkpoints(run_dir / "checkpoints")))
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
             **result.last_eval}
@@ -185,11 +188,15 @@ def plae_stage(cfg: ClassifyConfig, run_dir: Path, runtime: rt.Runtime, tracker:
             done[0] += n
             tracker.progress(done[0], "generating adversarial embeddings")
 
+        started_at = time.perf_counter()
         deltas = plae.generate(teacher, inner, adv, list(tokenizer.all_special_ids or []), len(train), train.collate,
                                cfg.train.eval_batch_size, runtime.device, runtime.autocast, advance)
         tracker.stop_progress()
         if runtime.is_main:
             plae.save(deltas, deltas_path)
+            S.write_json(teacher_dir / "plae.json", {"teacher_train_time_s": round(result.train_time_s, 2),
+                                                     "generation_time_s": round(time.perf_counter() - started_at, 2),
+                                                     "copies": adv.copies, "stored": len(deltas)})
         runtime.barrier()
         del teacher
     deltas = plae.load(deltas_path)

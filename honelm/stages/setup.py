@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -58,13 +59,25 @@ def _broadcast_str(runtime: Runtime, value: str) -> str:
     return box[0]
 
 
+def _any_checkpoint(run_dir: Path) -> bool:
+    """Training checkpoints in the run, or in a sub-run it keeps (plae's teacher in RUN/plae_teacher/)."""
+    if list_checkpoints(run_dir / "checkpoints"):
+        return True
+    return any(list_checkpoints(sub / "checkpoints") for sub in run_dir.iterdir() if sub.is_dir())
+
+
 def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) -> Path:
-    """Create (or, with resume, reopen) the run directory and point `latest` at it."""
+    """Create (or, with resume, reopen) the run directory and point `latest` at it.
+
+    An existing non-empty directory is refused, except with `run.overwrite=true` on a honelm run
+    without checkpoints: its old files are removed first, so the new run's logs are not mixed
+    with the old one's. A directory that is not a honelm run (no run.json) is never removed.
+    """
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise HonelmError(f"{resume}: not a run directory (no config.yaml)")
-        if not list_checkpoints(run_dir / "checkpoints"):
+        if not _any_checkpoint(run_dir):
             raise HonelmError(f"{resume}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
         return run_dir
     out = Path(cfg.run.out_dir or f"runs/{stage}")
@@ -72,11 +85,15 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
     run_dir = out / name
     if runtime.is_main:
         if run_dir.exists() and any(run_dir.iterdir()):
-            if list_checkpoints(run_dir / "checkpoints"):
+            if _any_checkpoint(run_dir):
                 raise HonelmError(f"{run_dir} already holds a run: resume it with `honelm {stage} --resume {run_dir}` "
                                   "or choose another run.name")
             if not cfg.run.overwrite:
                 raise HonelmError(f"{run_dir} exists and is not empty; set run.overwrite=true or another run.name")
+            if not (run_dir / "run.json").is_file():
+                raise HonelmError(f"{run_dir} is not a honelm run directory (no run.json): run.overwrite does not "
+                                  "remove other files; choose another run.name")
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         C.dump(cfg, run_dir / "config.yaml", header=f"# honelm {stage} --config {run_dir / 'config.yaml'}")
         info = {"stage": stage, "honelm_version": __version__, "argv": sys.argv, "started": time.time(),

@@ -176,6 +176,13 @@ def test_tsv_int_labels_are_converted(tmp_path: Path) -> None:
     assert [(e.text, e.label, e.line) for e in got] == [("hello, world", 0, 2), ("bye", 1, 3)]
 
 
+def test_tsv_has_no_quoting_and_csv_does(tmp_path: Path) -> None:
+    p = write(tmp_path / "a.tsv", 'text\tlabel\n" quoted " phrase\t0\n"open only\t1\n')
+    assert [e.text for e in read_examples(p)] == ['" quoted " phrase', '"open only']
+    q = write(tmp_path / "a.csv", 'text,label\n"a, b",0\n')
+    assert [e.text for e in read_examples(q)] == ["a, b"]
+
+
 def test_csv_labels_stay_strings_unless_all_ints(tmp_path: Path) -> None:
     p = write(tmp_path / "a.csv", "text,label\na,3\nb,x\n")
     assert [e.label for e in read_examples(p)] == ["3", "x"]
