@@ -12,11 +12,11 @@ contenders, each in its own subprocess so that peak RSS is per contender:
                `BatchStream` over `EncodedExamples`), no booster: every weight trains.
   honelm_lora  the same, after `honelm.boosters.apply` with `lora.enabled=true, r=8,
                target_modules=all-linear` (every other LoRA setting at honelm's default:
-               alpha 16, dropout 0.05; the classification head `score` trains fully).
+               alpha 16, dropout 0; the classification head `score` trains fully).
   peft_full    reference: a minimal hand-written loop on the same model: forward (`.loss` of the
                transformers model), backward, clip_grad_norm_, AdamW step, zero_grad.
   peft_lora    reference: `peft.get_peft_model` with the equivalent `peft.LoraConfig` (r=8,
-               alpha=16, dropout=0.05, target_modules="all-linear", task_type=SEQ_CLS, which makes
+               alpha=16, dropout=0, target_modules="all-linear", task_type=SEQ_CLS, which makes
                `score` a fully trained module) and the same minimal loop.
 
 Why classification: fine-tuning a ~30M model on a labelled task is where LoRA is used in honelm
@@ -157,7 +157,8 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     from honelm.tracking import Tracker
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=total_steps(args), precision=args.precision,
-                      eval_every=0, save_every=0, progress=False, tensorboard=False, threads=args.threads)
+                      eval_every=0, save_every=0, progress=False, tensorboard=False, threads=args.threads,
+                      gradient_checkpointing=args.gradient_checkpointing)
     runtime = rt.setup(cfg.threads)
     rt.seed_everything(args.seed)
     run_dir = work / "run"
@@ -210,6 +211,10 @@ def run_reference(model, data: dict, args: argparse.Namespace, clock: StepClock,
             model = peft.get_peft_model(model, config)
         settings = (f"peft.get_peft_model(LoraConfig(r={args.lora_r}, lora_alpha=16, lora_dropout={args.lora_dropout}, "
                     "target_modules='all-linear', task_type=SEQ_CLS)); " + settings)
+    if args.gradient_checkpointing:
+        inner = model.get_base_model() if lora else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        settings += "; gradient checkpointing (non-reentrant)"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -284,6 +289,8 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
            "--seq-len", str(args.seq_len), "--examples", str(args.examples), "--model-vocab", str(args.model_vocab),
            "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed),
            "--precision", args.precision, "--lora-r", str(args.lora_r), "--lora-dropout", str(args.lora_dropout)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     if args.malloc_mmap_threshold > 0:  # glibc: every allocation at least this large is its own mmap, unmapped on free
@@ -436,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the same in every contender (bf16 = bf16 autocast)")
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="honelm's lora.dropout default is 0.05")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="honelm's lora.dropout default is 0 (peft's too)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every contender recomputes activations in the backward (honelm: train.gradient_checkpointing; "
+                        "reference: transformers' gradient_checkpointing_enable, non-reentrant)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in every process")

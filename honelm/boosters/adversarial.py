@@ -14,8 +14,9 @@ SUM over the inner objective's units, scaled by the loop's `scale`, so gradient 
 clipping stay exact.
 
   fgm      L(e) + λ·L(e + ε·g/‖g‖),  g = ∇_e L(e) taken from the clean backward (Miyato et al. 2017).
-  pgd      L(e) + λ·L(e + δ_K): K ascent steps δ ← Π_ε(δ + α·ĝ) (ĝ = g/‖g‖₂, or sign(g) for linf),
-           optional random start; ascent passes differentiate w.r.t. δ only (Madry et al. 2018).
+  pgd      L(e + δ_K) (the min-max of Madry et al. 2018): K ascent steps δ ← Π_ε(δ + α·ĝ)
+           (ĝ = g/‖g‖₂, or sign(g) for linf) from 0 or a random start, each differentiating
+           w.r.t. δ only; then one backward into θ.
   freelb   (1/K)·Σ_t L(e + δ_t): K passes, θ-gradients averaged over them, δ ← Π_ε(δ + α·g/‖g‖)
            between passes, δ₀ ~ U(-1,1)·init/√(T_i·d) (l2) or U(-init, init) (linf), the same
            dropout masks in every pass; ε = inf means no projection (Zhu et al. 2020).
@@ -57,7 +58,7 @@ METHODS = ("none", "fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune", "pl
 # BERT-style models), except: r3f's noise half-width, neftune's α, freelb's optional projection.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fgm": {"epsilon": 1.0, "steps": 1, "weight": 1.0},
-    "pgd": {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "init_mag": 0.0, "weight": 1.0},
+    "pgd": {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "init_mag": 0.0},
     "freelb": {"epsilon": math.inf, "step_size": 0.1, "steps": 2, "init_mag": 0.2},
     "smart": {"epsilon": 1.0, "step_size": 1.0, "steps": 1, "init_mag": 1e-3, "weight": 1.0},
     "r3f": {"epsilon": 1e-5, "weight": 1.0},
@@ -68,7 +69,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Which fields each method reads (anything else set explicitly is an error, not silently ignored).
 USES: dict[str, set[str]] = {
     "fgm": {"epsilon", "steps", "weight", "norm"},
-    "pgd": {"epsilon", "step_size", "steps", "init_mag", "weight", "norm"},
+    "pgd": {"epsilon", "step_size", "steps", "init_mag", "norm"},
     "freelb": {"epsilon", "step_size", "steps", "init_mag", "norm"},
     "smart": {"epsilon", "step_size", "steps", "init_mag", "weight", "norm"},
     "r3f": {"epsilon", "weight", "noise"},
@@ -95,7 +96,7 @@ class AdversarialConfig:
     norm: Literal["l2", "linf"] = "l2"
     """Per-example norm of steps and projection: l2 (Frobenius over the example's tokens x dims) or linf."""
     weight: float | None = None
-    """λ: weight of the adversarial loss (fgm, pgd, plae) or of the regulariser (smart, r3f, vat); 1.0."""
+    """λ: weight of the adversarial loss (fgm, plae) or of the regulariser (smart, r3f, vat); 1.0. pgd trains on the adversarial loss alone."""
     noise: Literal["uniform", "normal"] = "uniform"
     """r3f noise: U(-ε, ε) or N(0, ε²)."""
     perturb_special: bool = False
@@ -147,7 +148,7 @@ class AdversarialConfig:
 
 
 COST = {  # forward+backward passes per micro-batch, plain = 1 (the README's cost column)
-    "fgm": "2 passes", "pgd": "K+1 passes (K-1 of them gradients w.r.t. δ only); K+2 with a random start",
+    "fgm": "2 passes", "pgd": "K+1 passes, K of them gradients w.r.t. δ only",
     "freelb": "K passes", "smart": "K+2 forwards, K+1 backwards (K of them w.r.t. δ only)",
     "r3f": "2 forwards, 1 backward", "vat": "K+2 forwards and backwards (K w.r.t. δ only)",
     "neftune": "1 pass", "plae": "2 passes, after a teacher run and one PGD generation pass",
@@ -420,25 +421,24 @@ class Adversarial(Objective):
         return self._result(clean, adv.value, delta, mask, cfg.norm)
 
     def _pgd(self, model: nn.Module, batch: dict[str, Any], scale: float, autocast: Any) -> Loss:
+        """Madry et al.'s min-max: θ trains on L(e + δ_K) alone; the K ascent passes touch δ only.
+
+        Without a random start the first ascent pass is at δ = 0, so its loss is the clean loss
+        (logged as `loss`); with one, `loss` is the loss at the random start.
+        """
         cfg, mask = self.cfg, self.mask(batch)
-        shape = self._shape(model, batch)
-        if cfg.init_mag:  # random start: the clean gradient is not at δ0, so K ascent passes follow
-            clean = self._loss(model, batch, torch.zeros(shape, device=mask.device), autocast)
-            (clean.value.float() * scale).backward()
-            delta = self._ascend(model, batch, mask, autocast, None)
-        else:  # no random start: the clean backward supplies the first ascent gradient for free
-            clean, g = self._clean_with_grad(model, batch, shape, scale, autocast)
-            delta = self._ascend(model, batch, mask, autocast, g)
+        first: list[Loss] = []
+        delta = self._ascend(model, batch, mask, autocast, None, first)
         adv = self._loss(model, batch, delta, autocast)
-        (adv.value.float() * (cfg.weight * scale)).backward()  # type: ignore[operator]
-        return self._result(clean, adv.value, delta, mask, cfg.norm)
+        (adv.value.float() * scale).backward()
+        return self._result(first[0], adv.value, delta, mask, cfg.norm)
 
     def _ascend(self, model: nn.Module, batch: dict[str, Any], mask: torch.Tensor, autocast: Any,
-                g0: torch.Tensor | None) -> torch.Tensor:
+                g0: torch.Tensor | None, losses: list[Loss] | None = None) -> torch.Tensor:
         """δ_K after K projected ascent steps δ ← Π_ε(δ + α·ĝ) (pgd, and plae's generator).
 
         Starts at 0 with `g0` = ∇_e L(e) when given (so only K-1 more passes), else at a random
-        point of radius init_mag (or 0) with K passes.
+        point of radius init_mag (or 0) with K passes. The loss of each pass goes to `losses`.
         """
         cfg, m3 = self.cfg, mask.unsqueeze(-1)
         shape = self._shape(model, batch)
@@ -450,7 +450,9 @@ class Adversarial(Objective):
         elif cfg.init_mag:
             delta = project(random_start(shape, mask, cfg.init_mag, cfg.norm, mask.device), eps, cfg.norm)
         for _ in range(steps):
-            g, _ = self._ascent_grad(model, batch, delta, autocast)
+            g, loss = self._ascent_grad(model, batch, delta, autocast)
+            if losses is not None:
+                losses.append(loss)
             delta = project(delta + alpha * direction(g * m3, cfg.norm), eps, cfg.norm) * m3
         return delta
 

@@ -75,6 +75,26 @@ def test_pgd_keeps_delta_in_the_ball_and_off_padding_and_specials(norm):
     assert float(delta[~fixed].abs().max()) > 0
 
 
+def test_pgd_trains_on_the_adversarial_loss_alone():
+    """θ's gradient is that of L(e + δ_K) with δ_K from the same K ascent steps; `loss` is the clean loss."""
+    b = batch()
+    model = classifier(dropout=0.0).train()
+    a = adv("pgd", epsilon=0.3, steps=3, step_size=0.2)
+    loss = a.step(model, b, 0.5, NULL)
+    got = grads(model)
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    delta = a.generate(ref, b, NULL)
+    ref.zero_grad(set_to_none=True)  # generate must not leave θ-gradients behind
+    with perturbed(ref, delta):
+        (Classify()(ref, b).value * 0.5).backward()
+    want = grads(ref)
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-4) for k in got)
+    with torch.no_grad():
+        assert float(loss.value) == pytest.approx(float(Classify()(model, b).value), rel=1e-5)
+
+
 def test_directions_have_unit_size():
     g = torch.randn(3, 4, 5)
     assert torch.allclose(example_norms(direction(g, "l2"), "l2"), torch.ones(3))
