@@ -36,12 +36,18 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("pretrain", "causal-LM pre-training on packed text (loss, perplexity, bits-per-byte)", "honelm.stages.pretrain", "PretrainConfig"),
     Verb("adapt", "continued pre-training on domain/task text: DAPT, TAPT, curated TAPT (MLM or causal LM)", "honelm.stages.adapt", "AdaptConfig"),
     Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "honelm.stages.classify", "ClassifyConfig"),
+    Verb("sft", "instruction tuning: loss on assistant replies of chat data (alpaca, messages, sharegpt, prompt/completion), packed", "honelm.stages.sft", "SFTConfig"),
+    Verb("reward", "Bradley-Terry reward model on preference pairs (scalar head, optional margin and centring)", "honelm.stages.reward", "RewardConfig"),
+    Verb("dpo", "direct preference optimisation of a causal LM: DPO, cDPO, IPO, hinge; frozen, LoRA-disabled or precomputed reference", "honelm.stages.dpo", "DPOConfig"),
+    Verb("ppo", "PPO against a reward model or a programmatic reward, per-token KL to the starting policy, value head", "honelm.stages.ppo", "PPOConfig"),
     Verb("test", "evaluate a run's best checkpoint on its test split, once"),
     Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "honelm.stages.generate", "GenerateConfig", "model"),
+    Verb("chat", "multi-turn chat with a model in the terminal, through its chat template (/reset, /quit)", "honelm.stages.chat", "ChatConfig", "model"),
     Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain transformers model)"),
     Verb("report", "write report.md with plots for a run"),
     Verb("ls", "list verbs, config presets and recent runs"),
     Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)"),
+    Verb("pipeline", "run the stages of a pipeline YAML in order, chained by named outputs; finished stages are skipped"),
 ]}
 
 
@@ -196,8 +202,14 @@ def cmd_demo(argv: list[str]) -> Any:
     return main(argv)
 
 
+def cmd_pipeline(argv: list[str]) -> Any:
+    from honelm.pipeline import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], Any]] = {"test": cmd_test, "export": cmd_export, "report": cmd_report,
-                                                   "ls": cmd_ls, "demo": cmd_demo}
+                                                   "ls": cmd_ls, "demo": cmd_demo, "pipeline": cmd_pipeline}
 
 
 def usage() -> str:

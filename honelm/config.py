@@ -382,15 +382,22 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
     return cfg
 
 
-def validate(cfg: Any) -> None:
-    """Call `validate()` on the config and every section that has one: cross-field errors come before any work."""
+def validate(cfg: Any, section_name: str = "") -> None:
+    """Call `validate()` on the config and every section that has one: cross-field errors come before any work.
+
+    A section's ValueError (e.g. `SamplingConfig`, also used outside configs) becomes a ConfigError
+    naming the section, so the CLI reports it as a config error instead of a traceback.
+    """
     check = getattr(cfg, "validate", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{section_name}: {e}" if section_name else str(e)) from None
     for f in dataclasses.fields(cfg):
         section_value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section_value):
-            validate(section_value)
+            validate(section_value, f"{section_name}.{f.name}" if section_name else f.name)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -404,15 +411,19 @@ def dump(cfg: Any, path: str | Path, header: str = "") -> None:
     Path(path).write_text((header + "\n" if header else "") + text, encoding="utf-8")
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for every leaf field, in declaration order."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field, in declaration order.
+
+    A section's defaults are read from the enclosing config's instance, so a stage that builds a
+    section with its own factory (e.g. classify's train defaults) shows those, not the class's.
+    """
     rows = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if _is_section(tp):
-            rows.extend(describe(tp, f"{prefix}{f.name}."))
+            rows.extend(describe(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
         else:
             value = getattr(defaults, f.name)
             rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), docs.get(f.name, "")))

@@ -53,8 +53,77 @@ def review(rng: random.Random, positive: bool) -> str:
     return " ".join(parts)
 
 
-def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed: int = 0) -> tuple[Path, Path]:
-    """Write corpus.txt (unlabelled, one document per line) and reviews.jsonl (text, label)."""
+def instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """Instruction-tuning rows in the review language, in two formats (detected per row by `honelm sft`).
+
+    alpaca rows ask for a review's sentiment (a one-word reference answer: exact match and token
+    F1 mean something) or for a new review of a given sentiment; messages rows (with a system
+    prompt) ask for the sentiment, then for a review of the opposite sentiment (two assistant turns).
+    """
+    rng = random.Random(f"instructions-{seed}")  # its own stream: corpus.txt and reviews.jsonl do not change
+    rows: list[dict] = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        label = "positive" if positive else "negative"
+        other = "negative" if positive else "positive"
+        kind = rng.random()
+        if kind < 0.45:
+            rows.append({"instruction": "is this review positive or negative ?", "input": review(rng, positive),
+                         "output": label})
+        elif kind < 0.75:
+            rows.append({"instruction": f"write a short {label} review of a film .", "input": "",
+                         "output": review(rng, positive)})
+        else:
+            rows.append({"messages": [
+                {"role": "system", "content": "you answer questions about film reviews ."},
+                {"role": "user", "content": f"what is the sentiment of this review ? {review(rng, positive)}"},
+                {"role": "assistant", "content": label},
+                {"role": "user", "content": f"now write a {other} one ."},
+                {"role": "assistant", "content": review(rng, not positive)}]})
+    return rows
+
+
+ASKS = ["what did you think of {s} ?", "how was {s} ?", "tell me about {s} .", "give me your verdict on {s} .",
+        "write a short review of {s} .", "would you recommend {s} ?"]
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs in the review language for `honelm reward` / `honelm dpo`, separable by design.
+
+    The prompt asks about a subject (after an optional filler sentence); the chosen reply is a
+    positive review of that subject, the rejected one a negative review of it, built the same way
+    (same length distribution, no negation), so a reward model can reach near-perfect accuracy.
+    One row in five uses the ShareGPT ranking form ({conversations, chosen, rejected}).
+    """
+    rng = random.Random(f"preferences-{seed}")  # its own stream: the other files do not change
+
+    def reply(subject: str, positive: bool) -> str:
+        words = POSITIVE if positive else NEGATIVE
+        text = f"{subject} was {rng.choice(INTENSIFIERS)}{rng.choice(words)} ."
+        if rng.random() < 0.5:
+            text += f" {rng.choice(SUBJECTS)} was {rng.choice(words)} too ."
+        return text
+
+    rows: list[dict] = []
+    for _ in range(n):
+        subject = rng.choice(SUBJECTS)
+        prompt = rng.choice(ASKS).format(s=subject)
+        if rng.random() < 0.5:
+            prompt = f"{rng.choice(FILLERS)} {prompt}"
+        chosen, rejected = reply(subject, True), reply(subject, False)
+        if rng.random() < 0.2:
+            rows.append({"conversations": [{"from": "human", "value": prompt}],
+                         "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed: int = 0,
+                  n_instructions: int = 600, n_preferences: int = 600) -> tuple[Path, Path]:
+    """Write corpus.txt (unlabelled, one document per line), reviews.jsonl (text, label),
+    instructions.jsonl (instruction-tuning rows for `honelm sft`, see `instruction_rows`) and
+    preferences.jsonl (preference pairs for `honelm reward` / `honelm dpo`, see `preference_rows`)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
@@ -64,6 +133,12 @@ def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed:
         for _ in range(n_labelled):
             positive = rng.random() < 0.5
             handle.write(json.dumps({"text": review(rng, positive), "label": "positive" if positive else "negative"}) + "\n")
+    with open(out / "instructions.jsonl", "w", encoding="utf-8") as handle:
+        for row in instruction_rows(n_instructions, seed):
+            handle.write(json.dumps(row) + "\n")
+    with open(out / "preferences.jsonl", "w", encoding="utf-8") as handle:
+        for row in preference_rows(n_preferences, seed):
+            handle.write(json.dumps(row) + "\n")
     return corpus, labelled
 
 
@@ -73,10 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="honelm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo-runs", help="directory for the generated data and all runs")
     p.add_argument("--steps", type=int, default=400, help="pre-training steps")
+    p.add_argument("--data-only", action="store_true", help="only write the generated data to OUT/data (corpus, "
+                   "labelled reviews, instructions, preference pairs) and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
     corpus, labelled = generate_data(out / "data")
+    if args.data_only:
+        print(f"generated data in {out / 'data'}: {', '.join(sorted(f.name for f in (out / 'data').iterdir()))}")
+        return {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def step(*words: str) -> None:

@@ -3,7 +3,8 @@
 This module owns:
 - `SamplingConfig`: the knobs of decoding, validated in one place;
 - `generate`: batched, left-padded, seeded generation that returns only the new text per prompt
-  and leaves the caller's model mode and global RNG state exactly as it found them;
+  and leaves the caller's model mode and global RNG state exactly as it found them
+  (`generate_ids` does the same for prompts given as token ids, e.g. rendered chat prompts);
 - `read_prompts` / `write_generations`: the prompt-file and generations-file formats.
 """
 
@@ -136,6 +137,33 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
+    rows = tokenizer(list(prompts))["input_ids"]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt #{i} tokenizes to zero tokens (and the tokenizer adds no BOS); give it some text")
+    return generate_ids(model, tokenizer, rows, cfg, batch_size)
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+) -> list[str]:
+    """`generate` for prompts already tokenised (e.g. a chat template rendered with its special tokens).
+
+    Chat prompts must be passed as ids: re-tokenising their rendered text would add the
+    tokenizer's own BOS a second time. Same seeding, batching and decoding as `generate`.
+    """
+    cfg.validate()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not rows:
+        return []
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt #{i} has no tokens")
 
     eos_id = _special_id(tokenizer, model, "eos")
     pad_id = _special_id(tokenizer, model, "pad")
@@ -172,16 +200,8 @@ def generate(
     try:
         with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
             torch.manual_seed(cfg.seed)
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                rows = tokenizer(list(batch))["input_ids"]
-                for offset, row in enumerate(rows):
-                    if not row:
-                        raise ValueError(
-                            f"prompt #{start + offset} tokenizes to zero tokens (and the tokenizer adds no BOS); "
-                            "give it some text"
-                        )
-                input_ids, attention_mask = _left_pad(rows, pad_id)
+            for start in range(0, len(rows), batch_size):
+                input_ids, attention_mask = _left_pad([list(r) for r in rows[start : start + batch_size]], pad_id)
                 sequences = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -249,18 +269,21 @@ def write_generations(
     path: str | Path,
     prompts: list[str],
     outputs: list[str],
-    cfg: SamplingConfig,
+    cfg: SamplingConfig | list[SamplingConfig],
 ) -> None:
     """Write one JSON line per prompt: {"prompt", "output", "sampling"}, sampling = the full config.
 
-    The sampling settings ride on every row so a single line is reproducible on its own.
+    The sampling settings ride on every row so a single line is reproducible on its own; pass one
+    config per row when they differ (several samples per prompt use seeds seed, seed+1, ...).
     """
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs; they must pair one to one")
+    configs = cfg if isinstance(cfg, list) else [cfg] * len(prompts)
+    if len(configs) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    sampling = dataclasses.asdict(cfg)
     with p.open("w", encoding="utf-8") as fh:
-        for prompt, output in zip(prompts, outputs):
-            row = {"prompt": prompt, "output": output, "sampling": sampling}
+        for prompt, output, one in zip(prompts, outputs, configs):
+            row = {"prompt": prompt, "output": output, "sampling": dataclasses.asdict(one)}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

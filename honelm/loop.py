@@ -198,7 +198,7 @@ def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
 def fit(
     model: nn.Module,
     objective: Objective,
-    stream: BatchStream,
+    stream: BatchStream | Any,
     cfg: TrainConfig,
     runtime: rt.Runtime,
     run_dir: Path,
@@ -209,6 +209,10 @@ def fit(
     tracker: Tracker | None = None,
 ) -> FitResult:
     """Train `model` with `objective` on `stream`; see the module docstring for the contract.
+
+    `stream` is a `BatchStream` or anything with its interface (`next_step()`, `position`, `n`,
+    `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
+    PPO's `honelm.rl.rollout.RolloutStream`.
 
     `evaluate(model)` returns validation metrics named `val_*`; `save_best(model, info)` writes
     the loadable best model (main process only). With `resume`, the newest checkpoint under
@@ -249,7 +253,10 @@ def fit(
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     if state["precision"] is None:
-        probe_batch = _to_device(stream.collate([stream.item_at(p) for p in range(min(stream.bs, stream.n))]), device)
+        # a stream may supply its own probe batch (PPO's rollout stream: no items to collate before a rollout)
+        own_probe = getattr(stream, "probe_batch", None)
+        probe_batch = _to_device(own_probe() if own_probe is not None else
+                                 stream.collate([stream.item_at(p) for p in range(min(stream.bs, stream.n))]), device)
 
         def probe(mode: str) -> None:
             ctx = rt.Runtime(device=device, precision=mode).autocast

@@ -1,12 +1,17 @@
-"""Evaluation metrics computed from predictions: accuracy, macro-F1, MSE, Pearson.
+"""Evaluation metrics computed from predictions: accuracy, macro-F1, MSE, Pearson; for generated
+text, exact match and token F1 (SQuAD-style answer normalisation), chrF and BLEU.
 
 Hand-written because each is a few lines and a scikit-learn dependency would cost more than it
-saves; tests check them against hand-worked numbers.
+saves; tests check them against hand-worked numbers. chrF and BLEU come from sacrebleu, whose
+tokenisation and smoothing are the reference ones (a home-made BLEU is not comparable to papers).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -44,3 +49,63 @@ def pearson(pred: torch.Tensor, gold: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# generated text against a reference answer
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, drop punctuation and the articles a/an/the, squeeze spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the multiset overlap of normalised words (SQuAD): 2PR / (P + R).
+
+    Two empty answers agree (1.0); one empty answer against a non-empty one scores 0.0.
+    """
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, exp smoothing), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def reference_scores(predictions: Sequence[str], references: Sequence[str], prefix: str) -> dict[str, float]:
+    """Mean exact match and token F1, corpus chrF and BLEU of generations against one reference each."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        return {}
+    n = len(predictions)
+    return {f"{prefix}_exact_match": sum(map(exact_match, predictions, references)) / n,
+            f"{prefix}_token_f1": sum(map(token_f1, predictions, references)) / n,
+            f"{prefix}_chrf": chrf(predictions, references),
+            f"{prefix}_bleu": bleu(predictions, references)}

@@ -54,17 +54,20 @@ from honelm.objectives.base import Loss, Objective
 METHODS = ("none", "fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune", "plae")
 
 # Per-method defaults for the fields left at None (README "Adversarial training" has the table and
-# the reasons). ε is a per-example radius in word-embedding space (whose rows have norm ≈ 1-2 in
-# BERT-style models), except: r3f's noise half-width, neftune's α, freelb's optional projection.
+# the reasons). ε is a per-example radius in raw word-embedding space, except: r3f's noise
+# half-width, neftune's α, freelb's optional projection. 0.2 matches the size FreeLB's published
+# settings reach (adv_lr 0.1 from an init of 0.2/√3: ‖δ‖ ≈ 0.15-0.3); an example's whole embedding
+# has norm ≈ 5 in MiniLM (≈ 1.1 per token), and fgm at ε = 1 made MiniLM on 500 SST-2 examples
+# collapse to one class on validation (docs/benchmarks.md).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "fgm": {"epsilon": 1.0, "steps": 1, "weight": 1.0},
-    "pgd": {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "init_mag": 0.0},
+    "fgm": {"epsilon": 0.2, "steps": 1, "weight": 1.0},
+    "pgd": {"epsilon": 0.2, "step_size": 0.1, "steps": 3, "init_mag": 0.0},
     "freelb": {"epsilon": math.inf, "step_size": 0.1, "steps": 2, "init_mag": 0.2},
-    "smart": {"epsilon": 1.0, "step_size": 1.0, "steps": 1, "init_mag": 1e-3, "weight": 1.0},
+    "smart": {"epsilon": 0.2, "step_size": 0.2, "steps": 1, "init_mag": 1e-3, "weight": 1.0},
     "r3f": {"epsilon": 1e-5, "weight": 1.0},
-    "vat": {"epsilon": 1.0, "steps": 1, "init_mag": 0.1, "weight": 1.0},
+    "vat": {"epsilon": 0.2, "steps": 1, "init_mag": 0.02, "weight": 1.0},
     "neftune": {"epsilon": 5.0},
-    "plae": {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "init_mag": 0.0, "weight": 1.0},
+    "plae": {"epsilon": 0.2, "step_size": 0.1, "steps": 3, "init_mag": 0.0, "weight": 1.0},
 }
 # Which fields each method reads (anything else set explicitly is an error, not silently ignored).
 USES: dict[str, set[str]] = {
@@ -86,13 +89,13 @@ class AdversarialConfig:
     method: Literal["none", "fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune", "plae"] = "none"
     """none, fgm, pgd, freelb, smart, r3f, vat, neftune or plae (README: papers, defaults, cost)."""
     epsilon: float | None = None
-    """Size of the perturbation. fgm/pgd/smart/vat/plae: radius of the per-example ball (1.0); freelb: projection radius (inf = none, the reference default); r3f: noise half-width (1e-5); neftune: alpha (5). 0 turns the method off."""
+    """Size of the perturbation. fgm/pgd/smart/vat/plae: radius of the per-example ball (0.2); freelb: projection radius (inf = none, the reference default); r3f: noise half-width (1e-5); neftune: alpha (5). 0 turns the method off."""
     steps: int | None = None
     """Passes K: ascent steps (pgd 3, smart 1, plae 3), freelb passes (2), vat power iterations (1); fgm is 1. 0 turns the method off."""
     step_size: float | None = None
-    """Ascent step α (pgd 0.3, freelb 0.1 = adv_lr, smart 1.0, plae 0.3), along g/‖g‖ (l2) or sign(g) (linf; freelb: g/max|g| as its reference)."""
+    """Ascent step α (pgd 0.1, freelb 0.1 = adv_lr, smart 0.2, plae 0.1), along g/‖g‖ (l2) or sign(g) (linf; freelb: g/max|g| as its reference)."""
     init_mag: float | None = None
-    """Random start: freelb initial magnitude (0.2; 0 = clean first pass), pgd/plae random-start radius (0 = none), smart noise std per entry (1e-3), vat probe size ξ (0.1)."""
+    """Random start: freelb initial magnitude (0.2; 0 = clean first pass), pgd/plae random-start radius (0 = none), smart noise std per entry (1e-3), vat probe size ξ (0.02)."""
     norm: Literal["l2", "linf"] = "l2"
     """Per-example norm of steps and projection: l2 (Frobenius over the example's tokens x dims) or linf."""
     weight: float | None = None

@@ -115,8 +115,12 @@ def _check_order(row: Row, name: str, messages: Messages) -> None:
         if m["role"] != want:
             at = i + (len(messages) - len(rest))
             raise DataError(row.source, row.line, f"{name}[{at}]",
-                            f"is a {m['role']} message where a {want} message must come "
+                            f"is {_article(m['role'])} {m['role']} message where {_article(want)} {want} message must come "
                             "(system first if any, then user and assistant alternating)")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def detect_format(data: dict[str, Any]) -> str | None:
@@ -231,6 +235,42 @@ def _reply(row: Row, name: str, value: Any, key_role: str, key_text: str, roles:
 
 def read_preferences(spec: str | Sequence[str]) -> list[Preference]:
     return [preference_of(r) for r in read_rows(spec)]
+
+
+def prompt_of(row: Row) -> Messages:
+    """The prompt of a row, for sampling (PPO rollouts): messages ending with a user turn.
+
+    Accepts {"prompt": text | messages} alone, alpaca rows with or without "output", messages /
+    sharegpt conversations ending with a user turn or with an assistant turn (the final reply is
+    dropped: it is what the policy will write), prompt_completion rows and preference rows (their
+    prompt).
+    """
+    data = row.data
+    if "chosen" in data or "rejected" in data:
+        return preference_of(row).prompt
+    if "messages" in data or "conversations" in data:
+        name = "messages" if "messages" in data else "conversations"
+        msgs = (_messages(row, name, data[name]) if name == "messages"
+                else _messages(row, name, data[name], "from", "value", SHAREGPT_ROLES))
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+    elif "instruction" in data:
+        instruction = _text(row, "instruction", data["instruction"])
+        if data.get("input"):
+            instruction = f"{instruction}\n\n{_text(row, 'input', data['input'])}"
+        msgs = [{"role": "system", "content": _text(row, "system", data["system"])}] if data.get("system") else []
+        msgs.append({"role": "user", "content": instruction})
+    elif "prompt" in data:
+        raw = data["prompt"]
+        msgs = (_messages(row, "prompt", raw) if isinstance(raw, list)
+                else [{"role": "user", "content": _text(row, "prompt", raw)}])
+    else:
+        raise DataError(row.source, row.line, "prompt", f"is missing: no prompt format fits the fields {sorted(data)} "
+                        "(prompt, instruction, messages, conversations, or a preference row)")
+    if not msgs or msgs[-1]["role"] != "user":
+        raise DataError(row.source, row.line, "messages" if "messages" in data else "prompt",
+                        "the prompt must end with a user message")
+    return msgs
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,10 @@ class CausalLM(Objective):
     @staticmethod
     def _logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
-        return model(**inputs).logits  # (B, T, V)
+        # use_cache=False: training needs no KV cache, and with one (transformers creates it when the
+        # config says use_cache) the mask builder ignores position_ids, so packed rows (position_ids
+        # restarting per example, no attention_mask) would attend across examples.
+        return model(**inputs, use_cache=False).logits  # (B, T, V)
 
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())

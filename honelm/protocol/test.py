@@ -64,6 +64,18 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
                               "own; test it downstream: `honelm classify model.init_from=RUN`, then `honelm test` "
                               "that run")
         splits = S.text_splits(cfg.data, lambda _: None)
+    elif stage == "sft":
+        from honelm.stages import sft as stage_mod  # type: ignore[no-redef]
+
+        cfg = S.load_run_config(run_dir, stage_mod.SFTConfig)
+        splits = stage_mod.chat_splits(cfg.data, lambda _: None)
+    elif stage in ("reward", "dpo"):
+        from honelm.data.preferences import split_pairs
+        from honelm.stages import dpo, reward
+
+        stage_mod = reward if stage == "reward" else dpo  # type: ignore[assignment]
+        cfg = S.load_run_config(run_dir, reward.RewardConfig if stage == "reward" else dpo.DPOConfig)
+        splits = split_pairs(cfg.data, lambda _: None)
     else:
         raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
     recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
@@ -78,12 +90,13 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
 
         from honelm.data.splits import content_text
 
-        make = S.labelled_splits if stage == "classify" else S.text_splits
+        make = (S.labelled_splits if stage == "classify" else stage_mod.chat_splits if stage == "sft"  # type: ignore[attr-defined]
+                else split_pairs if stage in ("reward", "dpo") else S.text_splits)
         checked = make(replace(cfg.data, dedup=False), lambda _: None, leak_texts=[content_text(e) for e in test])
         leakage = cross_split_duplicates(checked.manifest)
     elif "duplicates" in recorded:
         leakage = cross_split_duplicates(recorded)
-    if stage in ("pretrain", "adapt"):
+    if stage in ("pretrain", "adapt", "sft"):
         metrics = stage_mod.evaluate_test(run_dir, cfg, test)  # type: ignore[call-arg]
     else:
         metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]

@@ -1,0 +1,133 @@
+"""Direct preference optimisation: DPO (sigmoid), cDPO (label smoothing), IPO and hinge losses.
+
+For P pairs, with summed completion log-probs (`honelm.objectives.logprobs`) of the policy π and
+the frozen reference π_ref, each (P,):
+
+    h   = [log π(y_c|x) - log π_ref(y_c|x)] - [log π(y_r|x) - log π_ref(y_r|x)]      (P,)
+
+    sigmoid (DPO, Rafailov et al. 2023)     L = -log σ(β·h)
+    cDPO (label smoothing ε, Mitchell)      L = -(1-ε)·log σ(β·h) - ε·log σ(-β·h)
+                                              = (1-ε)·L_DPO(y_c, y_r) + ε·L_DPO(y_r, y_c)
+    hinge (SLiC)                            L = max(0, 1 - β·h)
+    ipo (Azar et al. 2023; β plays τ)       L = (h̄ - 1/(2β))²,  h̄ = the log-ratios divided by
+                                              each completion's token count (TRL's normalisation,
+                                              confirmed with the IPO authors)
+
+Label smoothing applies to `sigmoid` only. Current TRL (1.x) IGNORES `label_smoothing` for
+`loss_type="sigmoid"` (it uses it only for robust/exo_pair/aot); TRL 0.12 applied it as above.
+honelm applies it as above: that is what the name promises.
+
+Implicit rewards (detached, summed log-ratios for every loss type, as TRL logs them):
+r̂_c = β·(log π(y_c|x) - log π_ref(y_c|x)), r̂_r likewise. Metrics are sums over the P pairs
+(units = pairs; the loop logs sum / pairs): `rewards_chosen`, `rewards_rejected`,
+`rewards_margin` (r̂_c - r̂_r), `rewards_accuracy` (r̂_c > r̂_r, strict: with π = π_ref every
+reward is 0 and the accuracy 0, not 0.5), `logps_chosen`, `logps_rejected` (policy log-probs).
+TRL calls them rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
+logps/chosen, logps/rejected.
+
+The reference, in the order `DPO.reference_logps` tries them: log-probs stored in the batch
+(`ref_logps`, precomputed once before training), a separate frozen model, or, for a LoRA policy,
+the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
+model LoRA was applied to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from honelm.objectives.base import Loss, Objective
+from honelm.objectives.logprobs import sequence_logps
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair loss (P,) from summed log-probs, each (P,); token counts (P,) are needed by `ipo` only."""
+    chosen_ratio = policy_chosen - ref_chosen  # log π(y_c|x)/π_ref(y_c|x)   (P,)
+    rejected_ratio = policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        z = beta * (chosen_ratio - rejected_ratio)  # β·h
+        loss = -F.logsigmoid(z)
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+        return loss
+    if label_smoothing:
+        raise ValueError(f"label smoothing applies to the sigmoid loss only, not {loss_type!r}")
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the completion token counts")
+        h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+
+def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Detached sums over the P pairs of the implicit rewards, their margin and accuracy, and the policy log-probs."""
+    pc, pr = policy_chosen.detach().float(), policy_rejected.detach().float()
+    rc = beta * (pc - ref_chosen.detach().float())  # r̂_c (P,)
+    rr = beta * (pr - ref_rejected.detach().float())
+    return {"rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(), "rewards_margin": (rc - rr).sum(),
+            "rewards_accuracy": (rc > rr).sum().float(), "logps_chosen": pc.sum(), "logps_rejected": pr.sum()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP / torch.compile wrapper (the peft model itself, if any)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
+    """peft's `disable_adapter()` on a LoRA model: the base it was applied to, for the block's duration."""
+    inner = unwrap(model)
+    if not hasattr(inner, "disable_adapter"):
+        raise RuntimeError("DPO without a reference model or stored reference log-probs needs a LoRA (peft) policy")
+    return inner.disable_adapter()
+
+
+class DPO(Objective):
+    """DPO-family loss on [chosen; rejected] batches with completion-only labels."""
+
+    default_metric = "val_loss"
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 reference: nn.Module | None = None):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.reference = reference
+
+    def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(2P,) reference log-probs: stored in the batch, else a frozen model's, else the adapter-free policy's."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"].float()
+        with torch.no_grad():
+            if self.reference is not None:
+                return sequence_logps(self.reference, batch, right_padded=True)[0]
+            with adapters_disabled(model):
+                return sequence_logps(unwrap(model), batch, right_padded=True)[0]
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        ref = self.reference_logps(model, batch)  # (2P,), first: no graph held while it runs
+        logps, tokens = sequence_logps(model, batch, right_padded=True)  # (2P,), (2P,): pairs are right-padded
+        pc, pr = logps.chunk(2)
+        rc, rr = ref.chunk(2)
+        tc, tr = tokens.chunk(2)
+        per_pair = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing, tc, tr)  # (P,)
+        logit = self.beta * ((pc - rc) - (pr - rr))  # β·h (P,)
+        return (Loss(value=per_pair.sum(), units=pc.numel(), metrics=dpo_metrics(pc, pr, rc, rr, self.beta)),
+                logit.unsqueeze(1))  # (P, 1)
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].size(0)) // 2

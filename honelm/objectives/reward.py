@@ -1,0 +1,84 @@
+"""Bradley-Terry reward modelling: a scalar score per sequence, trained so chosen outscores rejected.
+
+With r_c, r_r (P,) the scores of the chosen and rejected sequences of P pairs (one forward over
+the (2P, T) batch [chosen; rejected]; the score is the sequence-classification head's output at
+the last non-pad token), the per-pair loss is (InstructGPT; TRL's RewardTrainer, METHODS.md §4.1)
+
+    L_p = -log σ(r_c - r_r - m_p)  +  coef · (r_c + r_r)²
+
+where m_p is an optional per-pair margin from the data (a larger m_p asks for a wider gap) and
+the second term (reward centring, Eisenstein et al. 2023; TRL's center_rewards_coefficient)
+pulls the mean reward towards 0 so the scale stays usable downstream. `Loss.value` sums L_p over
+the pairs (units = pairs), so the loop's mean is TRL's `loss.mean() + coef · mean((r_c + r_r)²)`.
+
+Metrics (sums over pairs, logged divided by the pair count): `accuracy` counts r_c > r_r
+(strict: a tie counts as wrong), `margin` sums r_c - r_r, `reward_mean` sums (r_c + r_r)/2,
+`reward_chosen` / `reward_rejected` sum r_c / r_r. Spread and extremes (std, min, max) are not
+sums, so they are reported by validation and `honelm test` (`reward_stats`), not per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from honelm.objectives.base import Loss, Objective
+
+MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                  center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair loss (P,): -log σ(r_c - r_r - m) + coef·(r_c + r_r)²; r_c, r_r, m (P,)."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)  # = log(1 + exp(-diff)), stable for large |diff|
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached sums over P pairs: accuracy (strict >), margin, reward_mean, reward_chosen, reward_rejected."""
+    c, r = r_chosen.detach().float(), r_rejected.detach().float()
+    return {"accuracy": (c > r).sum().float(), "margin": (c - r).sum(), "reward_mean": ((c + r) / 2).sum(),
+            "reward_chosen": c.sum(), "reward_rejected": r.sum()}
+
+
+def reward_stats(r_chosen: torch.Tensor, r_rejected: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Summary over a whole evaluation set: accuracy, margin, and mean/std/min/max of all 2P rewards."""
+    both = torch.cat([r_chosen, r_rejected]).double()
+    n = max(r_chosen.numel(), 1)
+    return {f"{prefix}_accuracy": float((r_chosen > r_rejected).sum()) / n,
+            f"{prefix}_margin": float((r_chosen - r_rejected).double().sum()) / n,
+            f"{prefix}_reward_mean": float(both.mean()), f"{prefix}_reward_std": float(both.std(unbiased=False)),
+            f"{prefix}_reward_min": float(both.min()), f"{prefix}_reward_max": float(both.max())}
+
+
+class RewardModel(Objective):
+    """Bradley-Terry loss of a one-output sequence classifier on [chosen; rejected] batches."""
+
+    default_metric = "val_loss"
+
+    def __init__(self, center_coef: float = 0.0):
+        self.center_coef = center_coef
+
+    @staticmethod
+    def scores(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_c, r_r), each (P,) in fp32, from one forward over the (2P, T) batch."""
+        logits = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}).logits  # (2P, 1)
+        rewards = logits.float().squeeze(-1)  # (2P,)
+        return rewards.chunk(2)  # type: ignore[return-value]
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        r_c, r_r = self.scores(model, batch)
+        per_pair = bradley_terry(r_c, r_r, batch.get("margin"), self.center_coef)  # (P,)
+        return (Loss(value=per_pair.sum(), units=r_c.numel(), metrics=pair_metrics(r_c, r_r)),
+                torch.stack([r_c, r_r], dim=1))  # (P, 2)
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].size(0)) // 2
