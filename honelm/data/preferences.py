@@ -11,8 +11,10 @@ This module owns:
   hashes of the full pair contents per split (`hashes.train_pairs`, ...), so `honelm test`
   notices an edited reply, not only an edited prompt.
 * `encode_pairs` / `EncodedPairs`: prompt + chosen and prompt + rejected, each tokenised through
-  the chat template with labels on the reply only (`encode_prompt_reply`); pairs whose reply is cut
-  away by `max_length` are dropped and counted (never silently), cut replies are counted.
+  the chat template with labels on the reply only (`encode_prompt_reply`). When a reply does not
+  fit in `max_length`, the prompt's oldest user/assistant exchanges are dropped first (the system
+  message and the last user turn stay; counted); pairs whose reply is still cut away are dropped
+  and counted (never silently), cut replies are counted.
 * `EncodedPairs.collate`: P pairs → one batch of 2P rows, chosen first then rejected, right-padded
   with the pad id:
 
@@ -136,6 +138,7 @@ class EncodedPairs:
     pad_id: int
     rows: list[PairRow]
     truncated: int = 0  # kept pairs with a reply cut by max_length
+    trimmed: int = 0  # kept pairs whose prompt lost its oldest exchanges to fit
     dropped: list[PairRow] = field(default_factory=list)  # pairs whose reply was cut away entirely
     ref_logps: torch.Tensor | None = None  # (N, 2) float32 [chosen, rejected], when precomputed
 
@@ -168,12 +171,22 @@ class EncodedPairs:
         return batch
 
 
-def encode_pairs(tokenizer: Any, rows: Sequence[PairRow], max_length: int, drop_truncated: bool = False
-                 ) -> EncodedPairs:
+def older_turns_dropped(prompt: list[dict[str, str]]) -> list[dict[str, str]] | None:
+    """The prompt without its oldest user/assistant exchange (a system message stays); None when only
+    the last user turn is left."""
+    head = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
+    rest = prompt[len(head):]
+    return head + rest[2:] if len(rest) >= 3 else None
+
+
+def encode_pairs(tokenizer: Any, rows: Sequence[PairRow], max_length: int, drop_truncated: bool = False,
+                 trim_turns: bool = True) -> EncodedPairs:
     """Tokenise prompt + chosen and prompt + rejected through the chat template (labels on the reply).
 
-    A pair is dropped (and listed in `dropped`) when truncation at `max_length` leaves either reply
-    without a target token, or, with `drop_truncated`, when either reply is cut at all.
+    With `trim_turns`, a pair whose replies do not both fit within `max_length` loses the oldest
+    exchanges of its prompt, one at a time, until they fit or only the last user turn is left
+    (`trimmed` counts these pairs). A pair is then dropped (and listed in `dropped`) when truncation
+    leaves either reply without a target token, or, with `drop_truncated`, when either is cut at all.
     """
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -183,13 +196,22 @@ def encode_pairs(tokenizer: Any, rows: Sequence[PairRow], max_length: int, drop_
     for row in rows:
         pref = row.pair
         assert pref is not None
-        c = encode_prompt_reply(tokenizer, pref.prompt, pref.chosen, max_length)
-        r = encode_prompt_reply(tokenizer, pref.prompt, pref.rejected, max_length)
+        prompt: list[dict[str, str]] | None = pref.prompt
+        trimmed = False
+        while True:
+            c = encode_prompt_reply(tokenizer, prompt, pref.chosen, max_length)
+            r = encode_prompt_reply(tokenizer, prompt, pref.rejected, max_length)
+            fits = c is not None and r is not None and not (c.truncated or r.truncated)
+            shorter = older_turns_dropped(prompt) if trim_turns and not fits else None
+            if shorter is None:
+                break
+            prompt, trimmed = shorter, True
         cut = c is not None and r is not None and (c.truncated or r.truncated)
         if c is None or r is None or (cut and drop_truncated):
             out.dropped.append(row)
             continue
         out.truncated += int(cut)
+        out.trimmed += int(trimmed)
         out.chosen.append(c.ids)
         out.chosen_labels.append(c.labels)
         out.rejected.append(r.ids)
@@ -205,6 +227,9 @@ def encode_pairs(tokenizer: Any, rows: Sequence[PairRow], max_length: int, drop_
 def describe_encoding(enc: EncodedPairs, name: str, max_length: int, drop_truncated: bool) -> str | None:
     """One log line about truncated and dropped pairs of a split (None when there are none)."""
     parts = []
+    if enc.trimmed:
+        parts.append(f"{enc.trimmed} of {len(enc) + len(enc.dropped)} {name} pairs lost their prompt's oldest "
+                     f"exchanges to fit data.max_length={max_length} (data.trim_turns)")
     if enc.truncated:
         parts.append(f"{enc.truncated} of {len(enc) + len(enc.dropped)} {name} pairs have a reply cut at "
                      f"data.max_length={max_length} (kept; a cut reply changes its score)")

@@ -22,7 +22,9 @@ class PreferenceDataConfig(S.SplitDataConfig):
     """Preference pairs: {prompt, chosen, rejected} (strings or message lists) or ShareGPT {conversations, chosen, rejected} rows; splits group pairs by prompt."""
 
     max_length: int = 512
-    """Longest prompt + reply in tokens (chat template included); the end is cut. Pairs left with no reply token are dropped; both are counted in the log."""
+    """Longest prompt + reply in tokens (chat template included): the prompt's oldest turns go first (trim_turns), then the end is cut; pairs left with no reply token are dropped. All counted in the log."""
+    trim_turns: bool = True
+    """When a reply does not fit in max_length, drop the prompt's oldest user/assistant exchanges (the system message and the last user turn stay) until it fits; counted in the log. false = cut the end instead."""
     drop_truncated: bool = False
     """Also drop pairs whose chosen or rejected reply is cut by max_length (a cut reply changes its score); counted in the log."""
 
@@ -57,7 +59,7 @@ def pair_texts(rows: list[PairRow]) -> list[str]:
 def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig, name: str,
                  say: Callable[[str], None]) -> EncodedPairs:
     """Encode one split's pairs and log what truncation cut or dropped."""
-    enc = encode_pairs(tokenizer, rows, data.max_length, data.drop_truncated)
+    enc = encode_pairs(tokenizer, rows, data.max_length, data.drop_truncated, data.trim_turns)
     note = describe_encoding(enc, name, data.max_length, data.drop_truncated)
     if note:
         say(f"note: {note}")

@@ -99,3 +99,23 @@ def test_encoding_labels_the_reply_and_drops_pairs_cut_away_counting_them(tokeni
     short = encode_pairs(tokenizer, rows[:1], max_length=len(enc.chosen[0]) - 2)  # cuts the chosen reply
     assert short.truncated == 1 and len(short) == 1
     assert len(encode_pairs(tokenizer, rows[:1], max_length=len(enc.chosen[0]) - 2, drop_truncated=True)) == 0
+
+
+def test_a_long_multi_turn_prompt_loses_its_oldest_exchanges_first(tokenizer):
+    from honelm.data.chat import Preference
+    from honelm.data.preferences import PairRow, describe_encoding, older_turns_dropped, prompt_identity
+
+    long = "what did you think of the film ? " * 4
+    msgs = [{"role": "system", "content": "be brief ."},
+            {"role": "user", "content": long}, {"role": "assistant", "content": long},
+            {"role": "user", "content": long}, {"role": "assistant", "content": long},
+            {"role": "user", "content": "the film ?"}]
+    assert [m["role"] for m in older_turns_dropped(msgs)] == ["system", "user", "assistant", "user"]
+    assert older_turns_dropped(msgs[:1] + msgs[-1:]) is None  # only the last user turn is left
+    row = PairRow(prompt_identity(msgs), "f.jsonl", 1, pair=Preference(msgs, "wonderful .", "dull .", "f.jsonl", 1))
+    enc = encode_pairs(tokenizer, [row], max_length=60)
+    assert len(enc) == 1 and enc.trimmed == 1 and enc.truncated == 0
+    text = tokenizer.decode(enc.chosen[0])
+    assert text.startswith("<|system|>\nbe brief .") and text.count("<|user|>") < 3  # oldest exchange(s) gone
+    assert "trim_turns" in describe_encoding(enc, "train", 60, False)
+    assert len(encode_pairs(tokenizer, [row], max_length=60, trim_turns=False)) == 0  # cut at the end: no reply left
