@@ -10,8 +10,9 @@ loads that directory, so all start from identical weights and render identical t
 Data: `../shared/data/dpo-en-demo/dpo_en_demo.json` (300 ShareGPT ranking pairs; long, often
 multi-turn prompts) read by honelm's strict reader into conversational rows {prompt: messages,
 chosen, rejected}, or with `--synthetic` the demo's generated preference set (short sequences).
-Both contenders truncate at `--max-length` tokens (keeping the start) and drop pairs left without
-a reply token (honelm counts them in its log; TRL drops pairs whose prompt fills max_length).
+Both contenders truncate at `--max-length` tokens (keeping the start; honelm's `data.trim_turns`,
+which would drop old prompt turns first, is off so the work is the same) and drop pairs left
+without a reply token (honelm counts them in its log; TRL drops pairs whose prompt fills max_length).
 
 Contenders, each in its own subprocess (peak RSS per contender, no shared allocator state):
 
@@ -137,6 +138,7 @@ def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, tokens: l
     run_dir = Path(tempfile.mkdtemp(prefix="honelm_run_", dir=work))
     cfg = C.build(dpo.DPOConfig, overrides=[
         f"data.train={work / 'pairs.jsonl'}", "data.split=1:0:0", f"data.max_length={args.max_length}",
+        "data.trim_turns=false",  # cut long pairs at the end, as TRL does (keep_start): the same work
         f"model.init_from={work / 'model'}", f"train.batch_size={args.batch_size}",
         f"train.grad_accum={args.grad_accum}", f"train.max_steps={total_steps(args)}", f"train.lr={args.lr}",
         "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0", "train.log_every=1000",

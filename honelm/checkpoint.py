@@ -140,12 +140,15 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     _commit_dir(tmp, final)
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None) -> None:
-    """A Hugging Face model directory (+ tokenizer + optional best.json), replaced atomically.
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None,
+                           files: dict[str, str] | None = None) -> None:
+    """A Hugging Face model directory (+ tokenizer + optional best.json + optional text `files`), replaced atomically.
 
     A peft model (a LoRA run) is saved as a standard PEFT adapter directory; when its base is
     not on disk as such, the base is written once to `final.parent / "base"` (`RUN/base/` for
-    `RUN/best/`), which the adapter's `base_model_name_or_path` then names.
+    `RUN/best/`), which the adapter's `base_model_name_or_path` then names. `files` (name → text,
+    e.g. classify's val_predictions.jsonl) go into the same atomic swap, so they always describe
+    the model beside them.
     """
     from honelm.boosters.lora import is_peft_model, save_adapter
 
@@ -158,6 +161,8 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "best.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
 def resolve_model_dir(spec: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -44,10 +45,12 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "honelm.stages.generate", "GenerateConfig", "model"),
     Verb("chat", "multi-turn chat with a model in the terminal, through its chat template (/reset, /quit)", "honelm.stages.chat", "ChatConfig", "model"),
     Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain transformers model)"),
-    Verb("report", "write report.md with plots for a run"),
+    Verb("report", "write report.md and a self-contained report.html for a run, a search or an ablation"),
     Verb("ls", "list verbs, config presets and recent runs"),
     Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)"),
     Verb("pipeline", "run the stages of a pipeline YAML in order, chained by named outputs; finished stages are skipped"),
+    Verb("search", "hyperparameter search (Optuna TPE/random/grid, pruning) on validation only; resumable study"),
+    Verb("ablate", "boosters vs baseline over seeds: mean ± std, paired-bootstrap CI on test, verdict, cost"),
 ]}
 
 
@@ -136,25 +139,34 @@ def run_config_verb(verb: Verb, argv: list[str]) -> Any:
 def cmd_test(argv: list[str]) -> Any:
     p = argparse.ArgumentParser(prog="honelm test", description="Evaluate RUN's best checkpoint on its test split, once. "
                                 "This is the only command that reads the test split; every look is recorded.")
-    p.add_argument("run", help="run directory (e.g. runs/classify/latest)")
+    p.add_argument("run", help="run directory (e.g. runs/classify/latest), or a search directory (its best trial)")
     p.add_argument("--force", action="store_true", help="look again although the test split was already evaluated (recorded)")
     args = p.parse_args(argv)
     from honelm.protocol.test import run_test
 
-    metrics = run_test(args.run, force=args.force)
+    run = Path(args.run)
+    if (run / "search.json").is_file():  # a search directory: its best trial is the run to test
+        best = run / "best.json"
+        if not best.is_file():
+            raise HonelmError(f"{run}: this search has no complete trial yet")
+        run = Path(json.loads(best.read_text(encoding="utf-8"))["run_dir"])
+        print(f"testing the search's best trial: {run}")
+    metrics = run_test(run, force=args.force)
     for k, v in metrics.items():
         print(f"{k}: {v}")
     return metrics
 
 
 def cmd_report(argv: list[str]) -> Any:
-    p = argparse.ArgumentParser(prog="honelm report", description="Write RUN/report.md with PNG plots.")
-    p.add_argument("run", help="run directory")
+    p = argparse.ArgumentParser(prog="honelm report", description="Write DIR/report.md and a self-contained "
+                                "DIR/report.html (plots embedded) for a run, a search or an ablation directory.")
+    p.add_argument("run", help="run, search or ablation directory")
     args = p.parse_args(argv)
-    from honelm.protocol.report import write_report
+    from honelm.protocol.reports import write_any
 
-    path = write_report(args.run)
+    path = write_any(args.run)
     print(path)
+    print(path.with_suffix(".html"))
     return path
 
 
@@ -208,8 +220,21 @@ def cmd_pipeline(argv: list[str]) -> Any:
     return main(argv)
 
 
+def cmd_search(argv: list[str]) -> Any:
+    from honelm.protocol.search import main
+
+    return main(argv)
+
+
+def cmd_ablate(argv: list[str]) -> Any:
+    from honelm.protocol.ablate import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], Any]] = {"test": cmd_test, "export": cmd_export, "report": cmd_report,
-                                                   "ls": cmd_ls, "demo": cmd_demo, "pipeline": cmd_pipeline}
+                                                   "ls": cmd_ls, "demo": cmd_demo, "pipeline": cmd_pipeline,
+                                                   "search": cmd_search, "ablate": cmd_ablate}
 
 
 def usage() -> str:

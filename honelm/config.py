@@ -298,6 +298,11 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{extra}")
 
 
+def unknown_key(key: str, cls: type) -> ConfigError:
+    """The error for a dotted key that `cls` does not have, with a did-you-mean."""
+    return _unknown(key, all_keys(cls))
+
+
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config class."""
     keys = []

@@ -12,6 +12,7 @@ resumable checkpoint, and a non-finite loss stopping the run with the step named
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import signal
@@ -32,6 +33,23 @@ from honelm.optim import lr_at, make_optimizer, set_lr, warmup_steps
 from honelm.tracking import Tracker
 
 Batch = dict[str, Any]
+
+# Observers of validation, set around a whole run by a caller that is not the stage (the search's
+# pruner). Each gets (run_dir, step, val metrics) after every evaluation of the run in `run_dir`
+# and may return a reason (e.g. "pruned") to stop it there: the run then ends cleanly, with its
+# best model, a final checkpoint and an `end` event carrying that reason.
+EvalHook = Callable[[Path, int, dict[str, float]], "str | None"]
+_EVAL_HOOKS: contextvars.ContextVar[tuple[EvalHook, ...]] = contextvars.ContextVar("honelm_eval_hooks", default=())
+
+
+@contextlib.contextmanager
+def eval_hook(hook: EvalHook) -> Any:
+    """Call `hook(run_dir, step, metrics)` after each validation of every fit() inside this block."""
+    token = _EVAL_HOOKS.set(_EVAL_HOOKS.get() + (hook,))
+    try:
+        yield
+    finally:
+        _EVAL_HOOKS.reset(token)
 
 
 class BatchStream:
@@ -275,6 +293,10 @@ def fit(
         rt.set_rng_state(rng)  # last: everything above must not consume the restored streams
 
     params = [p for p in model.parameters() if p.requires_grad]
+    from honelm.models import count_parameters
+
+    n_trainable, n_total = count_parameters(model)
+    memory_window = rt.reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
     step = state["step"]
     start_time = time.perf_counter() - state["train_time_s"]
     last_eval: dict[str, float] = {}
@@ -287,6 +309,7 @@ def fit(
     run_metrics: dict[str, torch.Tensor] = {}
     window_start = time.perf_counter()
     kill_at = int(os.environ.get("HONELM_TEST_KILL_AT_STEP", "0"))  # test hook: SIGKILL ourselves
+    stop_reason: list[str] = [""]  # set by an eval hook (see eval_hook)
 
     def checkpoint(finished: bool = False) -> None:
         state.update(step=step, position=stream.position, finished=finished,
@@ -317,6 +340,10 @@ def fit(
             tracker.event("best", step, metric=metric, value=value)
         else:
             state["bad_evals"] += 1
+        for hook in _EVAL_HOOKS.get():
+            stop = hook(run_dir, step, dict(last_eval))
+            if stop:
+                stop_reason[0] = str(stop)
 
     def check_finite() -> None:
         if not pending:
@@ -377,6 +404,10 @@ def fit(
                 os.kill(os.getpid(), signal.SIGKILL)
             if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total:
                 run_eval()
+                if stop_reason[0]:
+                    reason = stop_reason[0]
+                    tracker.event("info", step, message=f"stopped by {reason} after this validation")
+                    break
                 if cfg.patience > 0 and state["bad_evals"] >= cfg.patience:
                     reason = "early_stop"
                     tracker.event("early_stop", step, patience=cfg.patience, best_step=state["best_step"])
@@ -396,7 +427,10 @@ def fit(
     train_time = state["train_time_s"]
     if reason == "interrupted":
         tracker.say(f"interrupted at step {step}: resume with `--resume` (checkpoint saved)")
+    # cost of the run, read by `honelm ablate` (peak memory covers this process since fit started:
+    # after a resume, only the resumed part)
     tracker.event("end", step, reason=reason, best_step=state["best_step"], best_metric=metric,
-                  best_value=state["best_value"], train_time_s=round(train_time, 2))
+                  best_value=state["best_value"], train_time_s=round(train_time, 2), trainable_params=n_trainable,
+                  total_params=n_total, **rt.peak_memory_mb(device), peak_memory_window=memory_window)
     return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval)
 

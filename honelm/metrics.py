@@ -1,5 +1,6 @@
-"""Evaluation metrics computed from predictions: accuracy, macro-F1, MSE, Pearson; for generated
-text, exact match and token F1 (SQuAD-style answer normalisation), chrF and BLEU.
+"""Evaluation metrics computed from predictions: accuracy, macro-F1, MSE, Pearson; for classifier
+probabilities, the confusion matrix and calibration (reliability bins, ECE); for generated text,
+exact match and token F1 (SQuAD-style answer normalisation), chrF and BLEU.
 
 Hand-written because each is a few lines and a scikit-learn dependency would cost more than it
 saves; tests check them against hand-worked numbers. chrF and BLEU come from sacrebleu, whose
@@ -8,10 +9,12 @@ tokenisation and smoothing are the reference ones (a home-made BLEU is not compa
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -49,6 +52,75 @@ def pearson(pred: torch.Tensor, gold: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier probabilities: confusion and calibration
+#
+# These take plain Python sequences rather than tensors: their caller is the report, which reads
+# them from a predictions file.
+
+CALIBRATION_BINS = 10
+
+
+def confusion_matrix(gold: Sequence[int], pred: Sequence[int], n_labels: int) -> list[list[int]]:
+    """counts[g][p] = number of examples with gold label g predicted as p (rows gold, columns predicted)."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    counts = [[0] * n_labels for _ in range(n_labels)]
+    for g, p in zip(gold, pred):
+        if not (0 <= g < n_labels and 0 <= p < n_labels):
+            raise ValueError(f"label id out of range 0..{n_labels - 1}: gold={g}, pred={p}")
+        counts[g][p] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One confidence bin (lower, upper]: how many examples fell in it, their accuracy and mean confidence."""
+
+    lower: float
+    upper: float
+    count: int
+    accuracy: float | None  # None for an empty bin
+    confidence: float | None
+
+
+def calibration_bins(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = CALIBRATION_BINS
+                     ) -> list[CalibrationBin]:
+    """Equal-width bins (0, 1/n], (1/n, 2/n], …, ((n-1)/n, 1] of the confidence (the max probability).
+
+    Bins are closed on the right so that confidence 1.0 falls in the last bin; a confidence of
+    exactly 0 (impossible for a softmax) is put in the first. The upper edges are computed as
+    (b+1)/n, so a confidence of exactly 0.3 lands in (0.2, 0.3], not in (0.3, 0.4] as
+    ceil(0.3 * 10) = 4 would put it.
+    """
+    if len(confidence) != len(correct):
+        raise ValueError(f"{len(confidence)} confidences but {len(correct)} correctness flags")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    uppers = [(b + 1) / n_bins for b in range(n_bins)]
+    members: list[list[tuple[float, bool]]] = [[] for _ in range(n_bins)]
+    for c, ok in zip(confidence, correct):
+        if not 0.0 <= c <= 1.0 + 1e-6:  # rounded probabilities may overshoot 1 by a hair
+            raise ValueError(f"confidence {c} is outside [0, 1]")
+        members[min(bisect.bisect_left(uppers, c), n_bins - 1)].append((c, bool(ok)))
+    out = []
+    for b, rows in enumerate(members):
+        n = len(rows)
+        out.append(CalibrationBin(b / n_bins, uppers[b], n, sum(ok for _, ok in rows) / n if n else None,
+                                  sum(c for c, _ in rows) / n if n else None))
+    return out
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool],
+                               n_bins: int = CALIBRATION_BINS) -> float:
+    """ECE = Σ_b (n_b / N) · |acc_b − conf_b| over `calibration_bins` (Guo et al. 2017); NaN with no examples."""
+    total = len(confidence)
+    if total == 0:
+        return float("nan")
+    return sum(b.count / total * abs(b.accuracy - b.confidence)  # type: ignore[operator]
+               for b in calibration_bins(confidence, correct, n_bins) if b.count)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -422,9 +422,15 @@ def command_for(planned: Planned) -> list[str]:
 
 def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run (or, dry, only show) every stage that is not finished; returns one summary row per stage."""
+    return execute(load(path), dry_run)
+
+
+def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict[str, Any]]:
+    """Run the stages of `pipe` that are not finished (see the module docstring); `again` is the
+    command that continues it after an interruption (default: `honelm pipeline FILE`)."""
     from honelm.cli import main as cli
 
-    pipe = load(path)
+    again = again or f"honelm pipeline {pipe.path}"
     steps = plan(pipe)
     summary: list[dict[str, Any]] = []
     print(f"pipeline {pipe.path}: {len(steps)} stages, runs under {pipe.out_dir}", flush=True)
@@ -451,7 +457,7 @@ def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]
         row["time_s"] = round(time.time() - started, 1)
         if code != 0:
             how = "was interrupted" if code == 130 else f"failed (exit {code})"
-            message = (f"stage '{stage.name}' {how}; run `honelm pipeline {pipe.path}` again to continue "
+            message = (f"stage '{stage.name}' {how}; run `{again}` again to continue "
                        "(finished stages are skipped, a stage with a checkpoint resumes)")
             if code == 130:  # the shell should see an interrupted command, as for the verb itself
                 print(message, file=sys.stderr, flush=True)

@@ -155,3 +155,44 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory of one run inside a longer process (a search or an ablation runs many in one).
+
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a fresh peak-memory window; returns how the peak will be measured (for the record).
+
+    Linux: writing 5 to /proc/self/clear_refs resets the process's resident high-water mark
+    (VmHWM), so `peak_memory_mb` covers only what follows, not an earlier trial in the same
+    process. Elsewhere the process-lifetime peak (ru_maxrss) is the best available and is
+    labelled as such. CUDA: the allocator's own peak counter is reset too.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return "rss_since_start"
+    except OSError:
+        return "rss_process_lifetime"
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory (MiB) since `reset_peak_memory`, plus the CUDA allocator's peak on a GPU."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        import resource
+        import sys
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_mb"] = round(maxrss / (2**20 if sys.platform == "darwin" else 1024), 1)
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out

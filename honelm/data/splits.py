@@ -41,6 +41,7 @@ __all__ = [
     "make_splits",
     "parse_ratios",
     "test_access_count",
+    "forbid_test_split",
     "unlock_test_split",
     "verify_manifest",
 ]
@@ -119,6 +120,7 @@ def _split_hash(hashes: Sequence[str]) -> str:
 _UNLOCK_REASON: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "honelm_test_split_unlock", default=None
 )
+_FORBID_REASON: contextvars.ContextVar[str | None] = contextvars.ContextVar("honelm_test_split_forbid", default=None)
 _ACCESS_LOCK = threading.Lock()
 _TEST_ACCESSES = 0
 
@@ -133,11 +135,30 @@ def unlock_test_split(reason: str) -> Iterator[None]:
     """
     if not reason or not reason.strip():
         raise ValueError("unlock_test_split needs a reason (it is recorded while unlocked)")
+    forbidden = _FORBID_REASON.get()
+    if forbidden is not None:
+        raise TestSplitAccessError(f"the test split is sealed during {forbidden}: hyperparameters are chosen on "
+                                   f"validation only; test the selected run afterwards with `honelm test`")
     token = _UNLOCK_REASON.set(reason)
     try:
         yield
     finally:
         _UNLOCK_REASON.reset(token)
+
+
+@contextmanager
+def forbid_test_split(reason: str) -> Iterator[None]:
+    """Seal the test split inside this block: even `unlock_test_split` raises TestSplitAccessError.
+
+    `honelm search` runs every trial inside it, so no code path reachable from a search (a
+    stage, a callback, a stray `honelm test` call) can read the test split while choices are
+    still being made on validation.
+    """
+    token = _FORBID_REASON.set(reason)
+    try:
+        yield
+    finally:
+        _FORBID_REASON.reset(token)
 
 
 def test_access_count() -> int:

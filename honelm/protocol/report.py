@@ -1,9 +1,15 @@
-"""The run report: `RUN/report.md` plus `RUN/plots/*.png`, built only from the files a run leaves behind.
+"""The run report: `RUN/report.md`, `RUN/report.html`, `RUN/plots/*.png`, built only from the files a run leaves.
 
 This module owns reading a run directory tolerantly (missing optional files, unknown keys,
 runs with no eval events, a torn last line in metrics.jsonl), the rule that flags where
-overfitting starts, the three plots, and the markdown layout. `write_report` is a pure
-function of those files: running it twice gives byte-identical report.md.
+overfitting starts, the plots, and the markdown layout. For classification runs it adds a
+confusion matrix and calibration (reliability diagram, ECE) from the per-example predictions
+(honelm.protocol.predictions): the test split's when the run was tested, else the validation
+predictions saved with the best checkpoint. `write_report` is a pure function of those files:
+running it twice gives byte-identical report.md (and report.html).
+
+`write_html` / `md_to_html` (from honelm.protocol.html_report, re-exported here) turn any
+honelm markdown report into a self-contained HTML file.
 """
 
 from __future__ import annotations
@@ -17,13 +23,20 @@ from typing import Any
 
 import yaml
 
+from honelm.protocol import predictions as P
+from honelm.protocol.html_report import md_to_html, write_html
+
+__all__ = ["write_report", "load_run", "write_html", "md_to_html", "find_overfit", "series"]
+
 # Relative rise of val_loss over its minimum that counts as "really worse" rather than noise.
 OVERFIT_REL_RISE = 0.02
 # How many train-loss points to average on each side of the overfit step when checking that
 # train loss was still falling (averaging keeps a single noisy batch from deciding).
 TRAIN_TREND_WINDOW = 5
 PLOT_DPI = 110
-PLOT_NAMES = ("loss.png", "lr.png", "val_metrics.png")
+PLOT_NAMES = ("loss.png", "lr.png", "val_metrics.png", "confusion.png", "calibration.png", "pred_vs_gold.png")
+# Beyond this many classes the confusion plot drops its per-cell numbers (unreadable); the table keeps them.
+CONFUSION_ANNOTATE_MAX = 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +88,12 @@ class RunData:
     test_looks: list[dict[str, Any]] = field(default_factory=list)
     bad_look_lines: list[int] = field(default_factory=list)
     test_looks_present: bool = False
+    labels: dict[int, str] | None = None
+    labels_error: str | None = None
+    predictions: list[dict[str, Any]] | None = None
+    predictions_split: str | None = None  # "test" or "validation"
+    predictions_file: str | None = None  # relative to the run directory
+    predictions_errors: list[str] = field(default_factory=list)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == kind]
@@ -150,6 +169,27 @@ def load_run(run_dir: str | Path) -> RunData:
     if looks_path.is_file():
         data.test_looks_present = True
         data.test_looks, data.bad_look_lines = _read_jsonl(looks_path)
+
+    try:
+        data.labels = P.read_labels(root)
+    except ValueError as exc:
+        data.labels_error = str(exc)
+    # The test predictions are the honest ones; the best checkpoint's validation predictions are
+    # the fallback for a run not tested yet (they were used to pick that checkpoint: optimistic).
+    for split, rel in (("test", P.TEST_FILE), ("validation", f"best/{P.VAL_FILE}")):
+        path = root / rel
+        if not path.is_file():
+            continue
+        try:
+            rows = P.read_records(path)
+        except (ValueError, UnicodeDecodeError) as exc:
+            data.predictions_errors.append(f"`{rel}` could not be used: {exc}")
+            continue
+        if not rows:
+            data.predictions_errors.append(f"`{rel}` is empty.")
+            continue
+        data.predictions, data.predictions_split, data.predictions_file = rows, split, rel
+        break
     return data
 
 
@@ -413,6 +453,78 @@ def plot_val_metrics(path: Path, metrics: dict[str, list[tuple[int, float]]]) ->
     _save(fig, path)
 
 
+def plot_confusion(path: Path, counts: list[list[int]], names: list[str], split: str) -> None:
+    """Counts heat map, rows = gold, columns = predicted, each cell numbered (up to CONFUSION_ANNOTATE_MAX classes)."""
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(names)
+    side = min(max(4.0, 0.55 * n + 2.5), 14.0)
+    fig = _new_figure(side + 1.0, side)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(counts, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="examples", ticks=MaxNLocator(integer=True))
+    peak = max((c for row in counts for c in row), default=0)
+    if n <= CONFUSION_ANNOTATE_MAX:
+        for g, row in enumerate(counts):
+            for p, c in enumerate(row):
+                ax.text(p, g, str(c), ha="center", va="center", fontsize=9,
+                        color="white" if peak and c > peak / 2 else "black")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(names, rotation=45 if max((len(x) for x in names), default=0) > 6 or n > 8 else 0,
+                       ha="right" if n > 8 else "center")
+    ax.set_yticklabels(names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"Confusion matrix ({split})")
+    _save(fig, path)
+
+
+def plot_calibration(path: Path, bins: list[Any], ece: float, split: str) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, counts per bin below."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(6.5, 6.5)
+    top = fig.add_subplot(2, 1, 1)
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    width = bins[0].upper - bins[0].lower
+    full = [b for b in bins if b.count]
+    centres = [b.lower + width / 2 for b in full]
+    top.bar(centres, [b.accuracy for b in full], width=width * 0.95, color="tab:blue", edgecolor="black",
+            linewidth=0.5, label="accuracy")
+    top.plot([b.confidence for b in full], [b.accuracy for b in full], "o", color="tab:orange", markersize=4,
+             label="mean confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"Reliability diagram ({split}; ECE {ece:.4f})")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(True, alpha=0.3)
+    bottom.bar([b.lower + width / 2 for b in bins], [b.count for b in bins], width=width * 0.95, color="tab:gray",
+               edgecolor="black", linewidth=0.5)
+    bottom.set_xlabel("confidence (max probability)")
+    bottom.set_ylabel("examples")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
+def plot_pred_vs_gold(path: Path, gold: list[float], pred: list[float], split: str) -> None:
+    """Regression: each example's prediction against its gold value, with the y = x line."""
+    fig = _new_figure(5.5, 5.5)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(gold, pred, s=10, alpha=0.6, color="tab:blue", edgecolors="none")
+    lo, hi = min(gold + pred), max(gold + pred)
+    ax.plot([lo, hi], [lo, hi], linestyle="--", color="gray", linewidth=1, label="y = x")
+    ax.set_xlabel("gold")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"Predicted vs gold ({split})")
+    ax.legend(loc="upper left")
+    ax.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Markdown sections
 # --------------------------------------------------------------------------------------------
@@ -621,16 +733,91 @@ def _test_lines(data: RunData) -> list[str]:
     return [*out, ""]
 
 
+def _predictions_heading(data: RunData) -> str:
+    if data.predictions_split == "test":
+        return "test split"
+    best = data.best_json.get("step") if data.best_json else None
+    return "validation split, best checkpoint" + (f" (step {fmt(best)})" if best is not None else "")
+
+
+def _predictions_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
+    """Confusion matrix + calibration (classification) or predicted-vs-gold (regression); plots into `plots`.
+
+    Returns no lines for runs without predictions files and without problems reading them
+    (stages other than classify, or classify runs from before these files existed).
+    """
+    from honelm import metrics as M  # torch comes with it: imported only when there is something to score
+
+    rows = data.predictions
+    if rows is None:
+        if not data.predictions_errors:
+            return []
+        return ["## Predictions", "", *[f"> {e}" for e in data.predictions_errors], ""]
+
+    split = _predictions_heading(data)
+    n = len(rows)
+    notes = [f"> {e}" for e in data.predictions_errors] + ([f"> {data.labels_error}"] if data.labels_error else [])
+    source = f"From `{data.predictions_file}` ({n} examples)."
+    if data.predictions_split == "validation":
+        source += (" The run has not been tested; validation predictions were used to choose this checkpoint, "
+                   "so they are optimistic.")
+
+    if not P.is_classification(rows):
+        out = [f"## Regression predictions ({split})", "", *notes, *([""] if notes else []), source, ""]
+        gold = [float(r["gold"]) for r in rows]
+        pred = [float(r["pred"]) for r in rows]
+        plot_pred_vs_gold(plots / "pred_vs_gold.png", gold, pred, split)
+        written.add("pred_vs_gold.png")
+        mae = sum(abs(g - p) for g, p in zip(gold, pred)) / n
+        return [*out, "![predicted vs gold](plots/pred_vs_gold.png)", "", f"Mean absolute error: {fmt(mae)}.", ""]
+
+    gold_ids = [int(r["gold"]) for r in rows]
+    pred_ids = [int(r["pred"]) for r in rows]
+    n_labels = max([len(r["probs"]) for r in rows] + [i + 1 for i in gold_ids + pred_ids]
+                   + [i + 1 for i in (data.labels or {})])
+    names = [(data.labels or {}).get(i, str(i)) for i in range(n_labels)]
+    correct = [g == p for g, p in zip(gold_ids, pred_ids)]
+    accuracy = sum(correct) / n
+
+    out = [f"## Classification quality ({split})", "", *notes, *([""] if notes else []),
+           f"{source} Accuracy {fmt(accuracy)}.", ""]
+    if data.labels is None:
+        out += ["No `labels.json` in this run: classes are shown by id.", ""]
+
+    counts = M.confusion_matrix(gold_ids, pred_ids, n_labels)
+    plot_confusion(plots / "confusion.png", counts, names, split)
+    written.add("confusion.png")
+    table_rows = [[names[g], *row, sum(row), f"{row[g] / sum(row):.1%}" if sum(row) else "—"]
+                  for g, row in enumerate(counts)]
+    out += ["### Confusion matrix", "", "![confusion matrix](plots/confusion.png)", "",
+            "Rows are gold labels, columns predicted labels; recall is the diagonal share of each row.", "",
+            *table(["gold \\ predicted", *names, "total", "recall"], table_rows), ""]
+
+    confidence = [max(r["probs"]) for r in rows]
+    bins = M.calibration_bins(confidence, correct)
+    ece = M.expected_calibration_error(confidence, correct)
+    plot_calibration(plots / "calibration.png", bins, ece, split)
+    written.add("calibration.png")
+    bin_rows = [[f"({b.lower:.1f}, {b.upper:.1f}]", b.count, fmt(b.accuracy), fmt(b.confidence)] for b in bins]
+    out += ["### Calibration", "", "![reliability diagram](plots/calibration.png)", "",
+            f"**Expected calibration error (ECE): {ece:.4f}** — confidence is the highest class probability; "
+            f"examples fall into {len(bins)} equal-width bins (0, 0.1], …, (0.9, 1], and "
+            "`ECE = Σ_b (n_b / N) · |accuracy_b − confidence_b|`. 0 is perfectly calibrated.", "",
+            *table(["confidence bin", "examples", "accuracy", "mean confidence"], bin_rows), ""]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write `RUN/report.md` and `RUN/plots/{loss,lr,val_metrics}.png`; return the report path.
+    """Write `RUN/report.md`, its self-contained twin `RUN/report.html` and `RUN/plots/*.png`; return the md path.
 
     Plots with no data are not written (and a stale copy from an earlier report is removed, so
-    the directory never shows a plot the report does not describe).
+    the directory never shows a plot the report does not describe). The HTML sits beside the
+    markdown: `report_path.with_suffix(".html")`.
     """
     data = load_run(run_dir)
     root = data.run_dir
@@ -655,6 +842,7 @@ def write_report(run_dir: str | Path) -> Path:
     if val_metrics:
         plot_val_metrics(plots / "val_metrics.png", val_metrics)
         written.add("val_metrics.png")
+    predictions_lines = _predictions_section(data, plots, written)  # adds its plots to `written`
     for name in PLOT_NAMES:
         if name not in written:
             (plots / name).unlink(missing_ok=True)
@@ -694,6 +882,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines += _manifest_lines(data)
     lines += _test_lines(data)
+    lines += predictions_lines
 
     lines += ["## Config", ""]
     if data.config_text is not None:
@@ -703,4 +892,5 @@ def write_report(run_dir: str | Path) -> Path:
 
     report = root / "report.md"
     report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    write_html(report)
     return report

@@ -2,9 +2,11 @@
 
 It rebuilds the run's splits from its saved config (splits are deterministic by content), checks
 that train and validation hash to what the run recorded, opens the test split inside
-`unlock_test_split`, evaluates the best checkpoint once, writes `test_metrics.json`, and appends
-the look to `test_looks.jsonl`. A second look is refused unless forced; forced looks are
-recorded as such, so a report always shows how many times the test set was seen.
+`unlock_test_split`, evaluates the best checkpoint once, writes `test_metrics.json` (and, for
+classify runs, `test_predictions.jsonl` in honelm.protocol.predictions' format plus `labels.json`;
+sft and reward runs keep their `test_predictions.json`), and appends the look to
+`test_looks.jsonl`. A second look is refused unless forced; forced looks are recorded as such,
+so a report always shows how many times the test set was seen.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     else:
         metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]
     predictions = metrics.pop("predictions", None)
+    id2label = metrics.pop("id2label", None)
     if leakage is not None:
         metrics["test_duplicates_of_train_or_val"] = leakage
     best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
@@ -108,7 +111,14 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
               "metrics": metrics}
     (run_dir / "test_metrics.json").write_text(json.dumps({**metrics, "look": len(previous) + 1,
                                                            "best_step": best.get("step")}, indent=2), encoding="utf-8")
-    if predictions is not None:
+    if stage == "classify":
+        from honelm.protocol import predictions as P
+
+        # one record per test example, in test-split order; labels.json too, for runs trained
+        # before classify wrote it (the names come from the same train labels either way)
+        P.write_records(run_dir / P.TEST_FILE, predictions)
+        P.write_labels(run_dir, id2label)
+    elif predictions is not None:  # sft answers, reward [r_chosen, r_rejected] pairs
         (run_dir / "test_predictions.json").write_text(json.dumps(predictions), encoding="utf-8")
     with open(run_dir / "test_looks.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

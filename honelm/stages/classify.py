@@ -2,7 +2,9 @@
 
 Works on an encoder or a decoder, from a preset, a `pretrain`/`adapt` run, or any checkpoint.
 Validation reports loss, accuracy and macro-F1 (MSE and Pearson for regression); the best
-validation checkpoint is kept and early stopping watches validation only.
+validation checkpoint is kept and early stopping watches validation only. The run writes
+`labels.json` (label id → name) and, beside the best model, `best/val_predictions.jsonl`: the
+per-example predictions of the evaluation that made it best (format: honelm.protocol.predictions).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from honelm.errors import HonelmError
 from honelm.loop import BatchStream, fit
 from honelm.models import model_kind
 from honelm.objectives.classify import Classify
+from honelm.protocol import predictions as P
 from honelm.stages import setup as S
 
 
@@ -105,6 +108,8 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
     splits = S.labelled_splits(cfg.data, tracker.say)
     S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
     label2id, id2label = label_maps(splits.train, cfg.data.task)
+    if runtime.is_main:
+        P.write_labels(run_dir, id2label)
     kind = "bpe" if cfg.model.arch == "decoder" else "wordpiece"
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
                                     lambda: [e.text for e in splits.train] + [e.text_pair for e in splits.train if e.text_pair],
@@ -122,14 +127,29 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
                         f"{cfg.data.max_length} and were truncated")
     n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
 
+    # gold as read from the data (regression labels without a float32 round trip), in split order
+    val_gold = [float(e.label) for e in splits.val] if regression else val.labels.tolist() if val is not None else []
+    last_val_logits: list[torch.Tensor | None] = [None]
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return scores(predict(m, val, cfg.train.eval_batch_size, runtime.device), val.labels, regression, n_labels, "val")
+        logits = predict(m, val, cfg.train.eval_batch_size, runtime.device)
+        # fit() calls save_best right after the evaluation that set a new best, so keeping the last
+        # logits gives best/ its validation predictions without a second pass over val
+        last_val_logits[0] = logits
+        return scores(logits, val.labels, regression, n_labels, "val")
+
+    def save_best(m: torch.nn.Module, info: dict[str, Any], out_dir: Path) -> None:
+        logits = last_val_logits[0]
+        files = ({P.VAL_FILE: P.dumps_records(P.prediction_records(logits, val_gold, regression))}
+                 if logits is not None and info.get("metric") is not None else None)  # no eval, no val predictions
+        save_pretrained_atomic(m, tokenizer, out_dir / "best", info, files=files)
 
     def train_model(model: torch.nn.Module, objective: Any, out_dir: Path, tracker: Any, resume: bool) -> Any:
         stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
                              runtime.world_size, runtime.rank, lengths=train.lengths)
+        last_val_logits[0] = None  # plae: the student must not inherit the teacher's last evaluation
         return fit(model, objective, stream, cfg.train, runtime, out_dir, evaluate if val is not None else None,
-                   lambda m, info: save_pretrained_atomic(m, tokenizer, out_dir / "best", info),
+                   lambda m, info: save_best(m, info, out_dir),
                    metric=cfg.train.metric or objective.default_metric, resume=resume, tracker=tracker)
 
     inner = Classify(regression=regression)
@@ -229,5 +249,9 @@ def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], 
     n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
     out: dict[str, Any] = scores(logits, data.labels, regression, n_labels, "test")
     out["n_examples"] = len(data)
-    out["predictions"] = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
+    # per-example records (honelm.protocol.predictions) and the label names; honelm.protocol.test
+    # pops both and writes test_predictions.jsonl and labels.json
+    gold = [float(e.label) for e in test_examples] if regression else data.labels.tolist()
+    out["predictions"] = P.prediction_records(logits, gold, regression)
+    out["id2label"] = id2label
     return out

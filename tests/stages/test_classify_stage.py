@@ -1,13 +1,15 @@
-"""`honelm classify` (+ `test`) through the real CLI: decoder from a pretrain run, encoder from scratch,
-pairs, regression; the best checkpoint loads with plain transformers."""
+"""`honelm classify` (+ `test`, `report`) through the real CLI: decoder from a pretrain run, encoder from scratch,
+pairs, regression; the best checkpoint loads with plain transformers; per-example predictions files."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from honelm.protocol.predictions import read_records
 from tests.stages.conftest import FAST, cli, events
 
 SHORT = ["train.max_steps=30", "train.eval_every=10", "train.batch_size=16", "train.lr=2e-3", "data.max_length=48", *FAST]
@@ -25,9 +27,32 @@ def test_classify_from_pretrain_run(pretrained, data_dir, tmp_path):
     assert model.config.id2label == {0: "negative", 1: "positive"}
     logits = model(**tok(["the film was superb ."], return_tensors="pt")).logits
     assert logits.shape == (1, 2)
+    assert json.loads((run / "labels.json").read_text()) == {"task": "classification",
+                                                             "id2label": {"0": "negative", "1": "positive"}}
+    # best/ carries the predictions of the evaluation that made it best: same accuracy as best.json
+    best = json.loads((run / "best" / "best.json").read_text())
+    val = read_records(run / "best" / "val_predictions.jsonl")
+    assert len(val) == 40 and set(val[0]) == {"i", "gold", "pred", "probs"} and len(val[0]["probs"]) == 2
+    assert sum(r["gold"] == r["pred"] for r in val) / len(val) == pytest.approx(best["val_accuracy"])
+    assert all(abs(sum(r["probs"]) - 1) < 1e-5 and r["pred"] == max(range(2), key=r["probs"].__getitem__)
+               for r in val)
+
     cli("test", str(run))
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_examples"] == 40
+    assert "predictions" not in metrics and "id2label" not in metrics
+    test = read_records(run / "test_predictions.jsonl")
+    assert [r["i"] for r in test] == list(range(40))
+    assert sum(r["gold"] == r["pred"] for r in test) / 40 == pytest.approx(metrics["test_accuracy"])
+    assert not (run / "test_predictions.json").exists()
+
+    cli("report", str(run))
+    report = (run / "report.md").read_text()
+    assert "## Classification quality (test split)" in report
+    assert "| gold \\ predicted | negative | positive |" in report
+    assert "Expected calibration error (ECE)" in report
+    assert (run / "plots" / "confusion.png").is_file() and (run / "plots" / "calibration.png").is_file()
+    assert "data:image/png;base64," in (run / "report.html").read_text()
 
 
 def test_encoder_pairs_from_scratch(data_dir, tmp_path):
@@ -47,8 +72,13 @@ def test_regression(data_dir, tmp_path):
     assert {"val_mse", "val_pearson"} <= set(ev)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "r" / "best")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    val = read_records(tmp_path / "r" / "best" / "val_predictions.jsonl")
+    assert set(val[0]) == {"i", "gold", "pred"} and {r["gold"] for r in val} <= {1.0, 4.0}
     cli("test", str(tmp_path / "r"))
     assert "test_mse" in json.loads((tmp_path / "r" / "test_metrics.json").read_text())
+    test = read_records(tmp_path / "r" / "test_predictions.jsonl")
+    assert len(test) == 40 and all(isinstance(r["pred"], float) and "probs" not in r for r in test)
+    assert json.loads((tmp_path / "r" / "labels.json").read_text()) == {"task": "regression"}
 
 
 def test_early_stopping_on_validation(data_dir, tmp_path):

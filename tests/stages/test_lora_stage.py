@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from honelm.protocol.predictions import read_records
 from tests.stages.conftest import FAST, cli, events
 
 LORA = ["lora.enabled=true", "lora.dropout=0.0"]
@@ -42,8 +43,10 @@ def test_lora_classify_from_pretrain_run_then_test_and_merged_export(pretrained,
     assert "score" in adapter_config(run)["modules_to_save"]
     assert "trainable of" in (run / "log.txt").read_text()
 
+    # an adapter dir as best/ still carries the validation predictions of its evaluation
+    assert len(read_records(run / "best" / "val_predictions.jsonl")) == 40
     cli("test", str(run))
-    predictions = json.loads((run / "test_predictions.json").read_text())
+    predictions = [r["pred"] for r in read_records(run / "test_predictions.jsonl")]
     cli("export", str(run), "--merge")
     model = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "export")

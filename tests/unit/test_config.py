@@ -74,8 +74,16 @@ def test_shipped_presets_validate_and_start_with_their_command():
         verb = VERBS[stage]
         import importlib
 
-        if stage == "pipeline":  # not a config preset: `honelm pipeline FILE` (checked in tests/stages/test_pipeline_stage.py)
-            assert path.read_text().startswith(f"# honelm pipeline configs/pipeline/{path.name}\n"), path
+        if stage in ("pipeline", "search", "ablate"):  # files of their own verbs, not config presets
+            assert path.read_text().startswith(f"# honelm {stage} configs/{stage}/{path.name}\n"), path
+            if stage == "search":
+                from honelm.protocol.search import load_spec
+
+                load_spec(path)  # checks every key of the space and builds the config at its corners
+            elif stage == "ablate":
+                from honelm.protocol.ablate import load_spec as load_ablation
+
+                load_ablation(path)  # builds every cell's configs
             continue
         cls = getattr(importlib.import_module(verb.module), verb.config)
         C.build(cls, path)

@@ -201,3 +201,176 @@ def test_end_without_eval_has_no_best(tmp_path: Path) -> None:
     )
     text = write_report(run).read_text(encoding="utf-8")
     assert "| Best step | — |" in text and "| Steps run | 5 |" in text and "max_steps" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example predictions: confusion matrix, calibration, regression scatter
+# --------------------------------------------------------------------------------------------
+
+# 3 classes, 8 examples. Confusion (row gold, column predicted):
+#   neg: 2 right, 1 as pos   → [2, 0, 1]
+#   neu: 1 right             → [0, 1, 0]
+#   pos: 1 as neg, 3 right   → [1, 0, 3]
+CLASSIFIED = [  # (gold, pred, max prob)
+    (0, 0, 0.9), (0, 0, 0.8), (0, 2, 0.6), (1, 1, 0.5), (2, 0, 0.7), (2, 2, 0.95), (2, 2, 0.95), (2, 2, 0.85),
+]
+
+
+def _probs(pred: int, top: float) -> list[float]:
+    rest = round((1 - top) / 2, 6)
+    return [top if k == pred else rest for k in range(3)]
+
+
+def _classify_run(root: Path, file: str = "test_predictions.jsonl") -> Path:
+    run = _full_run(root)
+    (run / "labels.json").write_text(json.dumps({"task": "classification",
+                                                 "id2label": {"0": "neg", "1": "neu", "2": "pos"}}), encoding="utf-8")
+    rows = [{"i": i, "gold": g, "pred": p, "probs": _probs(p, c)} for i, (g, p, c) in enumerate(CLASSIFIED)]
+    (run / file).parent.mkdir(exist_ok=True)
+    _write_jsonl(run / file, rows)
+    return run
+
+
+def test_classification_report_confusion_and_calibration(tmp_path: Path) -> None:
+    from honelm import metrics as M
+
+    run = _classify_run(tmp_path)
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "## Classification quality (test split)" in text
+    assert "From `test_predictions.jsonl` (8 examples). Accuracy 0.75." in text
+    assert "| gold \\ predicted | neg | neu | pos | total | recall |" in text
+    assert "| neg | 2 | 0 | 1 | 3 | 66.7% |" in text
+    assert "| neu | 0 | 1 | 0 | 1 | 100.0% |" in text
+    assert "| pos | 1 | 0 | 3 | 4 | 75.0% |" in text
+    ece = M.expected_calibration_error([c for _, _, c in CLASSIFIED], [g == p for g, p, _ in CLASSIFIED])
+    # by hand: (0.4,0.5] 1 right at .5 → .5; (0.5,0.6] wrong .6 → .6; (0.6,0.7] wrong .7 → .7;
+    # (0.7,0.8] right .8 → .2; (0.8,0.9] right .9 and .85 → 2·(1 − .875); (0.9,1] right .95, .95 → 2·.05;
+    # all over N = 8
+    assert ece == pytest.approx((0.5 + 0.6 + 0.7 + 0.2 + 2 * 0.125 + 2 * 0.05) / 8)
+    assert f"**Expected calibration error (ECE): {ece:.4f}**" in text
+    assert "| (0.9, 1.0] | 2 | 1 | 0.95 |" in text
+    assert "](plots/confusion.png)" in text and "](plots/calibration.png)" in text
+    _assert_valid_png(run / "plots" / "confusion.png")
+    _assert_valid_png(run / "plots" / "calibration.png")
+    assert not (run / "plots" / "pred_vs_gold.png").exists()
+
+
+def test_untested_run_uses_best_val_predictions_and_stale_plots_go(tmp_path: Path) -> None:
+    run = _classify_run(tmp_path, "best/val_predictions.jsonl")
+    (run / "best" / "best.json").write_text(json.dumps({"step": 200}), encoding="utf-8")
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "## Classification quality (validation split, best checkpoint (step 200))" in text
+    assert "From `best/val_predictions.jsonl`" in text and "optimistic" in text
+    assert (run / "plots" / "confusion.png").exists()
+    (run / "best" / "val_predictions.jsonl").unlink()
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "Classification quality" not in text
+    assert not (run / "plots" / "confusion.png").exists() and not (run / "plots" / "calibration.png").exists()
+
+
+def test_regression_predictions_scatter(tmp_path: Path) -> None:
+    run = _full_run(tmp_path)
+    _write_jsonl(run / "test_predictions.jsonl",
+                 [{"i": i, "gold": g, "pred": p} for i, (g, p) in enumerate([(1.0, 1.5), (4.0, 3.0), (2.5, 2.5)])])
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "## Regression predictions (test split)" in text and "Mean absolute error: 0.5." in text
+    assert "Confusion" not in text and "calibration" not in text.lower()
+    _assert_valid_png(run / "plots" / "pred_vs_gold.png")
+
+
+def test_malformed_predictions_are_reported_not_dropped(tmp_path: Path) -> None:
+    run = _classify_run(tmp_path)
+    lines = (run / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    lines[3] = json.dumps({"i": 3, "gold": 7, "pred": 1, "probs": [0.2, 0.5, 0.3]})  # gold outside the 3 classes
+    (run / "test_predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "`test_predictions.jsonl` could not be used:" in text and "test_predictions.jsonl:4" in text
+    assert "label id in 0..2" in text and "Classification quality" not in text
+
+
+def test_prediction_records_format_and_reader(tmp_path: Path) -> None:
+    import torch
+
+    from honelm.protocol import predictions as P
+
+    logits = torch.tensor([[0.0, 0.0], [1.0, 3.0]], dtype=torch.bfloat16)
+    rows = P.prediction_records(logits, [1, 1], regression=False)
+    assert rows[0] == {"i": 0, "gold": 1, "pred": 0, "probs": [0.5, 0.5]}
+    assert rows[1]["pred"] == 1 and rows[1]["probs"] == [0.119203, 0.880797]  # softmax([1, 3]) to 6 places
+    P.write_records(tmp_path / "p.jsonl", rows)
+    first = (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    assert first == '{"i": 0, "gold": 1, "pred": 0, "probs": [0.5, 0.5]}'
+    assert P.read_records(tmp_path / "p.jsonl") == rows
+    reg = P.prediction_records(torch.tensor([[2.9000001], [0.1]]), [3.2, 0.0], regression=True)
+    assert reg == [{"i": 0, "gold": 3.2, "pred": 2.9}, {"i": 1, "gold": 0.0, "pred": 0.1}]
+    _write_jsonl(tmp_path / "bad.jsonl", [{"i": 0, "gold": 1, "pred": 1}, {"i": 2, "gold": 1, "pred": 1}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected i=1"):
+        P.read_records(tmp_path / "bad.jsonl")
+    P.write_labels(tmp_path, {1: "pos", 0: "neg"})
+    assert P.read_labels(tmp_path) == {0: "neg", 1: "pos"}
+
+
+# --------------------------------------------------------------------------------------------
+# report.html
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_html_is_self_contained(tmp_path: Path) -> None:
+    import re
+
+    run = _classify_run(tmp_path)
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    events.insert(1, {"event": "info", "step": 0, "message": "data <script>alert(1)</script> & more", "time": T0})
+    _write_jsonl(run / "metrics.jsonl", events)
+    write_report(run)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<title>Run report: run-abc (stage: sft)</title>" in page
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) == 5  # loss, lr, val metrics, confusion, calibration
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "plots/" not in "".join(sources) and "http" not in "".join(sources)
+    assert "<script>" not in page and "data &lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page
+    assert "<table>" in page and "<th>gold \\ predicted</th>" in page and "<td>neg</td>" in page
+    assert '<pre><code class="language-yaml">run:\n  name: run-abc' in page
+
+
+def test_report_html_is_deterministic(tmp_path: Path) -> None:
+    run = _classify_run(tmp_path)
+    write_report(run)
+    first = (run / "report.html").read_bytes()
+    write_report(run)
+    assert (run / "report.html").read_bytes() == first
+
+
+def test_md_to_html_subset(tmp_path: Path) -> None:
+    from honelm.protocol.report import md_to_html, write_html
+
+    md = "\n".join([
+        "# T `x` <b>", "",
+        "Some **bold `a|b`** text, a [link](https://example.org/?a=1&b=2), a [bad one](javascript:alert) and "
+        "<i>tags</i>",
+        "on two lines.", "",
+        "- one", "  continued", "- `two`", "",
+        "| a | b \\| c |", "|---|---:|", "| 1 | `x\\|y` |", "",
+        "> quoted **line**", "",
+        "````md", "```", "<not html>", "````", "",
+        "![missing](plots/none.png)", "",
+        "![remote](https://example.org/x.png)",
+    ])
+    page = md_to_html(md, tmp_path, "a <title>")
+    assert "<title>a &lt;title&gt;</title>" in page
+    assert "<h1>T <code>x</code> &lt;b&gt;</h1>" in page
+    assert "<strong>bold <code>a|b</code></strong>" in page
+    assert '<a href="https://example.org/?a=1&amp;b=2">link</a>' in page
+    assert "javascript" not in page and "bad one" in page and "&lt;i&gt;tags&lt;/i&gt;" in page
+    assert "<li>one continued</li>" in page and "<li><code>two</code></li>" in page
+    assert '<th style="text-align: right">b | c</th>' in page and '<code>x|y</code>' in page
+    assert "<blockquote>\n<p>quoted <strong>line</strong></p>\n</blockquote>" in page
+    assert '<pre><code class="language-md">```\n&lt;not html&gt;</code></pre>' in page
+    assert "image not embedded: plots/none.png: file not found" in page
+    assert "<img" not in page  # neither the missing nor the remote image becomes an <img>
+    (tmp_path / "r.md").write_text("# R\n\n![p](p.png)\n", encoding="utf-8")
+    (tmp_path / "p.png").write_bytes(PNG_SIGNATURE + b"fake")
+    out = write_html(tmp_path / "r.md")
+    assert out == tmp_path / "r.html"
+    assert '<img alt="p" src="data:image/png;base64,iVBORw0KGgpmYWtl">' in out.read_text(encoding="utf-8")

@@ -1,0 +1,480 @@
+"""`honelm ablate FILE`: which booster helped — variants × seeds, each tested once, with intervals.
+
+    # honelm ablate configs/ablate/demo.yaml
+    out_dir: runs/ablate/demo
+    seeds: 2                      # seeds 0..N-1, or a list [0, 1, 2]; default 3
+    metric: accuracy              # test metric of the interval and verdict: accuracy, macro_f1, mse, pearson
+    bootstrap: 2000               # paired-bootstrap resamples
+    confidence: 0.95
+    vars: {data: runs/demo/data}  # as in a pipeline file: ${vars.data}
+    stages:                       # the baseline, as pipeline stages; the LAST one is tested
+      - {name: classify, verb: classify, config: demo, set: {data.train: "${vars.data}/reviews.jsonl"}}
+    search:                       # optional: every variant gets this search on validation;
+      n_trials: 4                 #   without it, hyperparameters are fixed
+      metric: val_accuracy
+      space: {train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}}
+    variants:                     # the baseline is always there, named "baseline"
+      lora: {set: {lora.r: 8}}                       # overrides of the tested stage
+      fgm: {set: {adversarial.method: fgm}}
+      tapt:                                          # stages that run before the tested one
+        before: [{name: tapt, verb: adapt, config: tapt-mlm, set: {data.task_data: "${vars.data}/reviews.jsonl"}}]
+        set: {model.init_from: "${tapt}"}
+      lora+fgm: {combine: [lora, fgm]}               # a combination of listed variants
+
+A cell is one variant at one seed: a pipeline (honelm.pipeline) in OUT_DIR/cells/VARIANT/seed-S
+whose run stages all get `run.seed=S` (the data split, `data.seed`, stays the same so every
+cell is tested on the same examples). With `search`, each variant first runs that search (the
+same space and trial budget for all) in OUT_DIR/cells/VARIANT/search, on the first seed, after
+its `before` stages; the best values are then used at every seed. The tested stage's selected
+checkpoint (best validation) is tested once by `honelm test`'s own code; predictions are kept.
+
+Results (results.json, results.csv, report.md/.html, plots/ablation.png): mean ± std over seeds of
+every test metric; the paired-bootstrap interval of the difference from baseline on `metric`
+(honelm.protocol.stats) and its verdict; cost per variant (train time of all its stages, peak
+memory, trainable parameters of the tested stage).
+
+Resumable: a finished cell (cell.json) is never recomputed; an unfinished one continues through
+its pipeline (finished stages skipped, interrupted ones resumed). A cell whose planned configs no
+longer match what the file asks for is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from honelm import config as C
+from honelm.errors import ConfigError, HonelmError
+from honelm.protocol import stats
+
+KEYS = {"out_dir", "seeds", "metric", "bootstrap", "confidence", "vars", "stages", "search", "variants"}
+VARIANT_KEYS = {"set", "before", "combine"}
+BASELINE = "baseline"
+ABLATION_FILE = "ablation.json"  # marks an ablation directory
+
+
+@dataclass
+class Variant:
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the tested stage
+    before: list[dict[str, Any]] = field(default_factory=list)  # raw pipeline stages run first
+
+
+@dataclass
+class AblationSpec:
+    path: Path
+    out_dir: Path
+    seeds: list[int]
+    metric: str
+    stages: list[dict[str, Any]]
+    variants: list[Variant]
+    variables: dict[str, str] = field(default_factory=dict)
+    search: dict[str, Any] | None = None
+    bootstrap: int = 2000
+    confidence: float = 0.95
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in stats.LOWER_IS_BETTER
+
+
+def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir: str | None = None) -> AblationSpec:
+    """Read and check an ablation file (with the command line's --var and --out-dir on top); errors
+    name the file and the field."""
+    from honelm.pipeline import _flatten
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HonelmError(f"{p}: cannot read the ablation file: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: an ablation file is a mapping with out_dir, stages and variants")
+    if out_dir:
+        raw["out_dir"] = out_dir
+    if variables:
+        known = raw.get("vars") or {}
+        missing = sorted(set(variables) - set(known)) if isinstance(known, dict) else []
+        if missing:
+            raise ConfigError(f"{p}: --var {', '.join(missing)}: not among the file's vars ({', '.join(known) or 'none'})")
+        raw["vars"] = {**known, **variables}
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)} (fields: {', '.join(sorted(KEYS))})")
+    if not isinstance(raw.get("out_dir"), str) or not raw["out_dir"].strip():
+        raise ConfigError(f"{p}: field 'out_dir' is missing")
+    seeds_raw = raw.get("seeds", 3)
+    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw > 0:
+        seeds = list(range(seeds_raw))
+    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) for s in seeds_raw) \
+            and len(set(seeds_raw)) == len(seeds_raw):
+        seeds = list(seeds_raw)
+    else:
+        raise ConfigError(f"{p}: field 'seeds' must be a positive count or a list of distinct integers")
+    metric = str(raw.get("metric", "accuracy"))
+    if metric not in stats.METRICS:
+        raise ConfigError(f"{p}: field 'metric': {metric!r} is not one of {', '.join(stats.METRICS)}")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"{p}: field 'stages' must be a non-empty list of pipeline stages (the last one is tested)")
+    variants_raw = raw.get("variants") or {}
+    if not isinstance(variants_raw, dict):
+        raise ConfigError(f"{p}: field 'variants' must map names to {{set, before, combine}}")
+    variants: dict[str, Variant] = {BASELINE: Variant(BASELINE)}
+    for name, body in variants_raw.items():
+        name = str(name)
+        where = f"{p}: variants.{name}"
+        if name == BASELINE:
+            raise ConfigError(f"{where}: the baseline is the file's stages; name the variant otherwise")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ConfigError(f"{where}: a variant name is letters, digits, '+', '-', '_' or '.' (it names a directory)")
+        body = body or {}
+        if not isinstance(body, dict) or set(body) - VARIANT_KEYS:
+            raise ConfigError(f"{where}: a variant is a mapping with set, before and/or combine")
+        if "combine" in body:
+            parts = body["combine"]
+            if not isinstance(parts, list) or len(parts) < 2 or set(body) != {"combine"}:
+                raise ConfigError(f"{where}.combine: list two or more variants defined above (and nothing else)")
+            merged = Variant(name)
+            for part in parts:
+                if part not in variants or part == BASELINE:
+                    raise ConfigError(f"{where}.combine: '{part}' is not a variant defined above it")
+                for k, v in variants[part].settings.items():
+                    if k in merged.settings and merged.settings[k] != v:
+                        raise ConfigError(f"{where}.combine: '{k}' is set differently by the combined variants")
+                    merged.settings[k] = v
+                merged.before += [s for s in variants[part].before if s not in merged.before]
+            variants[name] = merged
+            continue
+        settings = body.get("set") or {}
+        before = body.get("before") or []
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where}.set: a mapping of config keys of the tested stage")
+        if not isinstance(before, list) or not all(isinstance(s, dict) for s in before):
+            raise ConfigError(f"{where}.before: a list of pipeline stages")
+        variants[name] = Variant(name, dict(_flatten(settings)), before)
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"{p}: field 'vars' must map names to strings")
+    search = raw.get("search")
+    if search is not None and not isinstance(search, dict):
+        raise ConfigError(f"{p}: field 'search' must be a mapping (space, metric, n_trials, ...)")
+    bootstrap, confidence = raw.get("bootstrap", 2000), raw.get("confidence", 0.95)
+    if not isinstance(bootstrap, int) or bootstrap < 100:
+        raise ConfigError(f"{p}: field 'bootstrap' must be an integer ≥ 100")
+    if not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise ConfigError(f"{p}: field 'confidence' must be in [0.5, 1)")
+    spec = AblationSpec(p, Path(raw["out_dir"]), seeds, metric, stages, list(variants.values()),
+                        {str(k): str(v) for k, v in variables.items()}, search, bootstrap, float(confidence))
+    for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
+        from honelm.pipeline import plan
+
+        plan(cell_pipeline(spec, variant, spec.seeds[0]))
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+
+
+def cell_dir(spec: AblationSpec, variant: Variant, seed: int) -> Path:
+    return spec.out_dir / "cells" / variant.name / f"seed-{seed}"
+
+
+def cell_pipeline(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any] | None = None,
+                  upto: int | None = None) -> Any:
+    """The pipeline of one cell: the variant's `before` stages, then the baseline's, every run stage
+    at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top."""
+    from honelm.pipeline import Pipeline, Stage, _flatten, has_run_dir
+
+    raw_stages = [copy.deepcopy(s) for s in variant.before + spec.stages]
+    stages: list[Stage] = []
+    for i, item in enumerate(raw_stages):
+        verb = item.get("verb")
+        name = str(item.get("name") or verb)
+        settings = dict(_flatten(item.get("set") or {}))
+        if i == len(raw_stages) - 1:
+            settings.update(variant.settings)
+            settings.update(extra or {})
+        if isinstance(verb, str) and _known_verb(verb) and has_run_dir(verb):
+            settings.setdefault("run.seed", seed)
+        bad = sorted(set(item) - {"name", "verb", "config", "set", "args", "output"})
+        if bad or not isinstance(verb, str) or not _known_verb(verb):
+            raise ConfigError(f"{spec.path}: stage '{name}' of variant '{variant.name}': a stage needs a honelm verb "
+                              f"and only name, verb, config, set, args, output" + (f" (unknown: {', '.join(bad)})" if bad else ""))
+        stages.append(Stage(name, verb, 0, str(item.get("config") or ""), settings,
+                            [str(a) for a in item.get("args") or []], str(item.get("output") or "")))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{spec.path}: variant '{variant.name}' has two stages named alike ({', '.join(names)})")
+    if upto is not None:
+        stages = stages[:upto]
+    return Pipeline(spec.path, cell_dir(spec, variant, seed), {**spec.variables, "seed": str(seed)}, stages)
+
+
+def _known_verb(verb: str) -> bool:
+    from honelm.cli import VERBS
+
+    return verb in VERBS
+
+
+def _planned_identity(pipe: Any) -> str:
+    from honelm.pipeline import plan
+
+    configs = []
+    for planned in plan(pipe):
+        configs.append(C.to_dict(planned.config) if planned.config is not None else planned.argv)
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("event") == kind:
+                out.append(row)
+    return out
+
+
+def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
+    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`)."""
+    path = run_dir / "test_predictions.jsonl"
+    if not path.is_file():
+        raise HonelmError(f"{run_dir}: no test_predictions.jsonl: `honelm ablate` compares classification or "
+                          "regression runs by their per-example test predictions")
+    gold, pred = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            gold.append(row["gold"])
+            pred.append(row["pred"])
+        except (ValueError, KeyError) as e:
+            raise HonelmError(f"{path}:{n}: unreadable prediction row ({e})") from None
+    return gold, pred
+
+
+def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train (or continue) the cell's pipeline, test its last stage once, record cell.json."""
+    from honelm.pipeline import execute
+    from honelm.protocol.test import run_test
+
+    pipe = cell_pipeline(spec, variant, seed, extra)
+    ident = _planned_identity(pipe)
+    out = cell_dir(spec, variant, seed)
+    record_path = out / "cell.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("identity") != ident:
+            raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the file "
+                              f"now asks for; delete {out} to run it again")
+        print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
+        return record
+    print(f"\n>> {variant.name} seed {seed}", flush=True)
+    execute(pipe, again=f"honelm ablate {spec.path}")
+    tested = out / pipe.stages[-1].name
+    if (tested / "test_metrics.json").is_file():  # tested just before a crash: never look twice
+        metrics = json.loads((tested / "test_metrics.json").read_text(encoding="utf-8"))
+    else:
+        metrics = run_test(tested)
+    gold, pred = read_predictions(tested)
+    time_s, peak, trainable = 0.0, 0.0, None
+    for stage in pipe.stages:
+        ends = _events(out / stage.name, "end")
+        if ends:
+            end = ends[-1]
+            time_s += float(end.get("train_time_s") or 0)
+            peak = max(peak, float(end.get("peak_rss_mb") or 0), float(end.get("peak_cuda_mb") or 0))
+            if stage is pipe.stages[-1]:
+                trainable = end.get("trainable_params")
+    record = {"variant": variant.name, "seed": seed, "run_dir": str(tested), "identity": ident,
+              "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+              "gold": gold, "pred": pred, "train_time_s": round(time_s, 2), "peak_memory_mb": round(peak, 1),
+              "trainable_params": trainable, "settings": extra}
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    return record
+
+
+def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
+    """The variant's search (same space and budget for every variant) on the first seed; returns best params."""
+    from honelm.pipeline import _as_override, execute, resolve
+    from honelm.protocol import search as S
+
+    seed = spec.seeds[0]
+    full = cell_pipeline(spec, variant, seed)
+    if len(full.stages) > 1:  # the stages the searched one starts from, at the first seed
+        execute(cell_pipeline(spec, variant, seed, upto=len(full.stages) - 1), again=f"honelm ablate {spec.path}")
+    last = full.stages[-1]
+    index = len(full.stages) - 1
+    settings = {k: resolve(full, index, _as_override(v), f"set.{k}") for k, v in last.set.items()}
+    raw = {**(spec.search or {}), "verb": last.verb, "config": resolve(full, index, last.config, "config"),
+           "set": settings, "out_dir": str(spec.out_dir / "cells" / variant.name / "search")}
+    raw.setdefault("metric", "val_loss" if spec.metric in stats.LOWER_IS_BETTER else f"val_{spec.metric}")
+    raw["set"] = {k: v for k, v in settings.items() if k not in {str(s) for s in (spec.search or {}).get("space", {})}}
+    search_spec = S.spec_from_mapping(raw, spec.path)
+    print(f"\n>> {variant.name}: search ({search_spec.n_trials} trials on validation, seed {seed})", flush=True)
+    best = S.run_search(search_spec)
+    if not best:
+        raise HonelmError(f"{search_spec.out_dir}: the search of variant '{variant.name}' has no complete trial")
+    return dict(best["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per variant: mean ± std of each test metric, the interval vs baseline, verdict, cost."""
+    base = cells[BASELINE]
+    gold = base[0]["gold"]
+    for name, records in cells.items():
+        for r in records:
+            if r["gold"] != gold:
+                raise HonelmError(f"{r['run_dir']}: its test examples differ from the baseline's; every cell must be "
+                                  "tested on the same split (same data and data.seed)")
+    rows = []
+    for variant in spec.variants:
+        records = cells[variant.name]
+        metric_names = sorted({k for r in records for k in r["test"] if k.startswith("test_") and k != "test_loss"})
+        row: dict[str, Any] = {"variant": variant.name, "seeds": [r["seed"] for r in records]}
+        for m in metric_names:
+            row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([r["test"].get(m) for r in records])
+        row["metric"] = spec.metric
+        row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(r["pred"])) for r in records]
+        row["mean"], row["std"] = stats.mean_std(row["values"])
+        if variant.name == BASELINE:
+            row.update(diff=0.0, low=None, high=None, verdict="—")
+        else:
+            ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in records], [r["pred"] for r in base],
+                                        spec.bootstrap, spec.confidence, seed=0)
+            row.update(diff=ci.diff, low=ci.low, high=ci.high,
+                       verdict=stats.verdict(ci.low, ci.high, spec.higher_is_better))
+        row["train_time_s"] = stats.mean_std([r["train_time_s"] for r in records])[0]
+        row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in records)
+        row["trainable_params"] = records[0].get("trainable_params")
+        row["settings"] = records[0].get("settings") or {}
+        rows.append(row)
+    return rows
+
+
+def _arr(values: list[Any]) -> Any:
+    import numpy as np
+
+    return np.asarray(values)
+
+
+def write_results(spec: AblationSpec, rows: list[dict[str, Any]]) -> None:
+    out = spec.out_dir
+    (out / "results.json").write_text(json.dumps({"metric": spec.metric, "confidence": spec.confidence,
+                                                  "bootstrap": spec.bootstrap, "seeds": spec.seeds, "rows": rows},
+                                                 indent=2, default=_json_default), encoding="utf-8")
+    columns = ["variant", "metric", "mean", "std", "diff", "low", "high", "verdict", "train_time_s", "peak_memory_mb",
+               "trainable_params"]
+    with open(out / "results.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row.get(c) for c in columns])
+    plot_ablation(spec, rows, out / "plots" / "ablation.png")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: each variant's metric per seed and mean; right: difference from baseline with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [r["variant"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(2.5, 0.55 * len(rows) + 1.2)), sharey=True)
+    ys = list(range(len(rows)))[::-1]
+    for y, r in zip(ys, rows):
+        left.scatter(r["values"], [y] * len(r["values"]), color="0.6", s=18, zorder=2)
+        left.scatter([r["mean"]], [y], color="black", marker="|", s=300, zorder=3)
+    left.set_yticks(ys, names)
+    left.set_xlabel(f"test {spec.metric} (dots: seeds, bar: mean)")
+    colours = {"helps": "tab:green", "hurts": "tab:red", "no evidence": "tab:gray", "—": "black"}
+    for y, r in zip(ys, rows):
+        if r["variant"] == BASELINE:
+            continue
+        c = colours[r["verdict"]]
+        right.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", color=c,
+                       capsize=4)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlabel(f"Δ {spec.metric} vs baseline, {int(spec.confidence * 100)}% paired-bootstrap CI")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
+              "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
+              "confidence": spec.confidence}
+    (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
+    print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {len(spec.seeds)} seeds, "
+          + (f"a {spec.search.get('n_trials', 10)}-trial search per variant" if spec.search else "fixed hyperparameters"),
+          flush=True)
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for variant in spec.variants:
+        extra = search_variant(spec, variant) if spec.search else {}
+        cells[variant.name] = [run_cell(spec, variant, seed, extra) for seed in spec.seeds]
+    rows = summarise(spec, cells)
+    write_results(spec, rows)
+    return rows
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="honelm ablate", description="Variants × seeds, each tested once; mean ± std, "
+                                "paired-bootstrap interval vs baseline, verdict and cost. See configs/ablate/.")
+    p.add_argument("file", help="ablation YAML (e.g. configs/ablate/demo.yaml)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set one of the file's vars")
+    p.add_argument("--out-dir", default=None, help="where the cells and results live (overrides the file)")
+    args = p.parse_args(argv)
+    variables = {}
+    for item in args.var:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--var expects NAME=VALUE, got {item!r}")
+        variables[name] = value
+    spec = load_spec(args.file, variables, args.out_dir)
+    rows = run_ablation(spec)
+    from honelm.protocol.reports import write_any
+
+    report = write_any(spec.out_dir)
+    width = max(len(r["variant"]) for r in rows)
+    print(f"\n{'variant':<{width}}  test {spec.metric:<10} Δ vs baseline [{int(spec.confidence * 100)}% CI]   verdict")
+    for r in rows:
+        spread = f"± {r['std']:.4f}" if math.isfinite(r["std"]) else ""
+        ci = "" if r["low"] is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}")
+    print(f"\nreport: {report}")
+    return rows

@@ -1,0 +1,662 @@
+"""`honelm search FILE`: hyperparameter search with Optuna, on the validation split only.
+
+    # honelm search configs/search/demo.yaml
+    verb: classify                      # any training verb
+    config: demo                        # its base preset or YAML (optional)
+    set: {train.max_steps: 60}          # fixed settings: dotted keys or nested mappings
+    out_dir: runs/search/demo           # the study, the trials' runs and every output
+    metric: val_accuracy                # a validation metric the stage logs
+    direction: maximize                 # optional: default min for losses/mse/ppl/bpb, else max
+    sampler: tpe                        # tpe | random | grid
+    pruner: median                      # median | halving | none (from intermediate validations)
+    n_trials: 8
+    timeout: 0                          # seconds for this invocation; 0 = no limit
+    seed: 0                             # the sampler's seed
+    space:
+      train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}   # float range (log scale)
+      train.batch_size: [16, 32]                         # a list: categorical choices
+      lora.r: {low: 4, high: 16, step: 4}                # int range when low/high are ints
+      adversarial.method: {values: [none, fgm]}          # the same as a list
+
+Every trial is one ordinary run of the verb (its directory under OUT_DIR/trials/), built from the
+base config, the fixed settings and the sampled values, with `train.metric` set to the search's
+metric so the checkpoint each trial keeps is the one the search scores it by (its best
+validation value). The whole search runs inside `forbid_test_split`: nothing reachable from it
+can read the test split, not even `honelm test`; test the winner once afterwards.
+
+Resuming: the study lives in OUT_DIR/study.db (SQLite). Running the same command again continues
+the same study up to `n_trials` finished (complete or pruned) trials. A trial that was running
+when the process died or was interrupted is marked failed and its parameters are tried again
+first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
+trials are then detected by heartbeat and retried by Optuna's RetryFailedTrialCallback.
+
+Outputs, rewritten after every trial: trials.jsonl and trials.csv, best.json, best.yaml (the best
+trial's config, ready for `honelm VERB --config best.yaml`), a `best` link to the best trial's
+run (its best/ model is the search's best checkpoint), plots/ (optimisation history, parameter
+importances, parallel coordinates) and report.md/report.html (`honelm report OUT_DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from honelm import config as C
+from honelm.errors import ConfigError, HonelmError, TrainingError
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "halving", "none")
+KEYS = {"verb", "config", "set", "out_dir", "metric", "direction", "sampler", "pruner", "n_trials", "timeout", "seed",
+        "space", "keep_models", "study"}
+SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
+
+
+# ----------------------------------------------------------------------------------------------
+# the search file
+
+
+@dataclass
+class Param:
+    """One dimension of the space: categorical `choices`, or a numeric range."""
+
+    key: str
+    choices: list[Any] | None = None
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and \
+            (self.step is None or isinstance(self.step, int))
+
+    def grid_values(self) -> list[Any]:
+        """Every value of this dimension for the grid sampler (ranges need an int step)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.is_int and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))  # type: ignore[arg-type]
+        raise ConfigError(f"space.{self.key}: the grid sampler needs finite values: give a list (or values: [...]) "
+                          "or an int range with a step")
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        scale = " (log)" if self.log else ""
+        step = f" step {self.step}" if self.step is not None else ""
+        return f"{self.low} … {self.high}{step}{scale}"
+
+
+@dataclass
+class SearchSpec:
+    """A search as the file (and the command line) gives it."""
+
+    path: Path
+    verb: str
+    out_dir: Path
+    metric: str
+    space: list[Param]
+    config: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    direction: str = ""
+    sampler: str = "tpe"
+    pruner: str = "median"
+    n_trials: int = 10
+    timeout: float = 0.0
+    seed: int = 0
+    keep_models: str = "best"
+    study: str = "honelm"
+    storage: str = ""  # set by --storage; default sqlite in out_dir
+
+    @property
+    def minimize(self) -> bool:
+        from honelm.loop import metric_is_min
+
+        return self.direction == "minimize" if self.direction else metric_is_min(self.metric, "auto")
+
+    def identity(self) -> str:
+        """What must not change between invocations on one study (the space, the metric, the base)."""
+        ident = {"verb": self.verb, "config": self.config, "set": self.settings, "metric": self.metric,
+                 "minimize": self.minimize, "space": [dataclasses.asdict(p) for p in self.space]}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _param(key: str, raw: Any, where: str) -> Param:
+    if isinstance(raw, list):
+        raw = {"values": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: space.{key} must be a list of choices or a mapping with low/high (or values)")
+    unknown = sorted(set(raw) - {"values", "low", "high", "step", "log"})
+    if unknown:
+        raise ConfigError(f"{where}: space.{key}: unknown field(s) {', '.join(unknown)} (values, low, high, step, log)")
+    if "values" in raw:
+        values = raw["values"]
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{where}: space.{key}.values must be a non-empty list of distinct values")
+        if set(raw) - {"values"}:
+            raise ConfigError(f"{where}: space.{key}: give either values or low/high, not both")
+        return Param(key, choices=values)
+    low, high = raw.get("low"), raw.get("high")
+    for name, value in (("low", low), ("high", high)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: space.{key}.{name} must be a number (got {value!r})")
+    if not low < high:  # type: ignore[operator]
+        raise ConfigError(f"{where}: space.{key}: low ({low}) must be below high ({high})")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: space.{key}.log must be true or false")
+    if log and low <= 0:  # type: ignore[operator]
+        raise ConfigError(f"{where}: space.{key}: a log scale needs low > 0")
+    step = raw.get("step")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise ConfigError(f"{where}: space.{key}.step must be a positive number")
+    if step is not None and log:
+        raise ConfigError(f"{where}: space.{key}: step and log cannot be combined")
+    return Param(key, low=low, high=high, step=step, log=log)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+              ) -> SearchSpec:
+    """Read and check a search file; `overrides` are the command line's options (n_trials, timeout,
+    storage, out_dir), `settings` its extra `key=value` fixed settings."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HonelmError(f"{p}: cannot read the search file: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if settings and isinstance(raw, dict):
+        from honelm.pipeline import _flatten
+
+        raw["set"] = {**dict(_flatten(raw.get("set") or {})), **settings}
+    return spec_from_mapping(raw, p, overrides)
+
+
+def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
+    """A SearchSpec from a parsed mapping (a search file, or an ablation's `search` section)."""
+    from honelm.cli import VERBS
+    from honelm.pipeline import _flatten
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a search file is a mapping with verb, out_dir, metric and space")
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    unknown = sorted(set(raw) - KEYS - {"storage"})
+    if unknown:
+        import difflib
+
+        hints = [h for k in unknown for h in difflib.get_close_matches(k, sorted(KEYS), n=1)]
+        raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints else "")
+                          + f" (fields: {', '.join(sorted(KEYS))})")
+    for name in ("verb", "out_dir", "metric"):
+        if not isinstance(raw.get(name), str) or not raw[name].strip():
+            raise ConfigError(f"{p}: field '{name}' is missing or not a string")
+    verb = raw["verb"]
+    if verb not in VERBS or not VERBS[verb].module or verb in ("tokenizer", "generate", "chat"):
+        trainable = [v for v in VERBS.values() if v.module and v.name not in ("tokenizer", "generate", "chat")]
+        raise ConfigError(f"{p}: field 'verb': {verb!r} is not a training verb ({', '.join(v.name for v in trainable)})")
+    if not raw["metric"].startswith("val_"):
+        raise ConfigError(f"{p}: field 'metric': {raw['metric']!r} is not a validation metric (val_*): a search "
+                          "selects on validation only")
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise ConfigError(f"{p}: field 'space' must map config keys to their ranges or choices")
+    settings = raw.get("set") or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{p}: field 'set' must be a mapping of config keys to values")
+    choices = {"direction": ("", "minimize", "maximize"), "sampler": SAMPLERS, "pruner": PRUNERS,
+               "keep_models": ("best", "all")}
+    for name, allowed in choices.items():
+        if name in raw and raw[name] not in allowed:
+            raise ConfigError(f"{p}: field '{name}': {raw[name]!r} is not one of {', '.join(a for a in allowed if a)}")
+    for name in ("n_trials", "seed"):
+        if raw.get(name) is not None and (not isinstance(raw[name], int) or isinstance(raw[name], bool) or raw[name] < 0):
+            raise ConfigError(f"{p}: field '{name}' must be a non-negative integer")
+    if "timeout" in raw and (not isinstance(raw["timeout"], (int, float)) or raw["timeout"] < 0):
+        raise ConfigError(f"{p}: field 'timeout' must be a number of seconds (0 = none)")
+    space = [_param(str(k), v, str(p)) for k, v in space_raw.items()]
+    spec = SearchSpec(p, verb, Path(raw["out_dir"]), raw["metric"], space, str(raw.get("config") or ""),
+                      dict(_flatten(settings)), str(raw.get("direction") or ""), raw.get("sampler", "tpe"),
+                      raw.get("pruner", "median"), int(raw.get("n_trials") or 10), float(raw.get("timeout") or 0),
+                      int(raw.get("seed") or 0), raw.get("keep_models", "best"), str(raw.get("study") or "honelm"),
+                      str(raw.get("storage") or ""))
+    if spec.sampler == "grid":  # every dimension must be finite; by default the whole grid is tried
+        size = math.prod(len(prm.grid_values()) for prm in space)
+        if raw.get("n_trials") is None:
+            spec.n_trials = size
+    check_spec(spec)
+    return spec
+
+
+def stage_module(verb: str) -> tuple[Any, type]:
+    from honelm.cli import VERBS
+
+    v = VERBS[verb]
+    module = importlib.import_module(v.module)
+    return module, getattr(module, v.config)
+
+
+def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> list[str]:
+    """The `key=value` overrides of one trial: fixed settings, sampled values, where it runs, what it keeps."""
+    from honelm.pipeline import _as_override
+
+    out = [f"{k}={_as_override(v)}" for k, v in spec.settings.items()]
+    out += [f"{k}={_as_override(v)}" for k, v in params.items()]
+    out += [f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", "run.overwrite=true",
+            f"train.metric={spec.metric}", f"train.metric_mode={'min' if spec.minimize else 'max'}"]
+    return out
+
+
+def build_trial_config(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> Any:
+    from honelm.cli import find_config
+
+    _, cls = stage_module(spec.verb)
+    base = find_config(spec.verb, spec.config) if spec.config else None
+    return C.build(cls, base, trial_overrides(spec, params, run_dir))
+
+
+def check_spec(spec: SearchSpec) -> None:
+    """Before any trial: every key exists (did-you-mean), fixed settings don't fight the space, and the
+    config builds at the corners of the space (types checked, `validate()` run)."""
+    _, cls = stage_module(spec.verb)
+    known = C.all_keys(cls)
+    for prm in spec.space:
+        if prm.key not in known:
+            raise ConfigError(f"{spec.path}: space: {C.unknown_key(prm.key, cls)}")
+        if prm.key in spec.settings:
+            raise ConfigError(f"{spec.path}: '{prm.key}' is both searched (space) and fixed (set)")
+        if prm.key.startswith("run.") or prm.key in ("train.metric", "train.metric_mode"):
+            raise ConfigError(f"{spec.path}: space.{prm.key}: the search owns this key")
+    fixed_metric = spec.settings.get("train.metric")
+    if fixed_metric and fixed_metric != spec.metric:
+        raise ConfigError(f"{spec.path}: set train.metric={fixed_metric} but the search scores trials by {spec.metric}; "
+                          "each trial keeps the checkpoint the search scores, so drop train.metric")
+    corners = [{}, {}]  # type: list[dict[str, Any]]
+    for prm in spec.space:
+        if prm.choices is not None:
+            corners[0][prm.key], corners[1][prm.key] = prm.choices[0], prm.choices[-1]
+        else:
+            corners[0][prm.key], corners[1][prm.key] = prm.low, prm.high
+    for corner in corners:
+        try:
+            build_trial_config(spec, corner, spec.out_dir / "trials" / "check")
+        except ConfigError as e:
+            raise ConfigError(f"{spec.path}: the config does not build with {corner}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# the study
+
+
+def _optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def make_sampler(spec: SearchSpec) -> Any:
+    optuna = _optuna()
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({p.key: p.grid_values() for p in spec.space}, seed=spec.seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+def make_pruner(spec: SearchSpec) -> Any:
+    optuna = _optuna()
+    if spec.pruner == "median":  # no pruning until a few trials have finished: their medians are the bar
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if spec.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def storage_for(spec: SearchSpec) -> Any:
+    optuna = _optuna()
+    if spec.storage:  # shared: several processes/machines; stale trials found by heartbeat and retried
+        return optuna.storages.RDBStorage(spec.storage, heartbeat_interval=60, grace_period=180,
+                                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{(spec.out_dir / 'study.db').resolve()}")
+
+
+def suggest(trial: Any, prm: Param) -> Any:
+    if prm.choices is not None:
+        return trial.suggest_categorical(prm.key, prm.choices)
+    if prm.is_int:
+        return trial.suggest_int(prm.key, int(prm.low), int(prm.high), step=int(prm.step or 1), log=prm.log)  # type: ignore[arg-type]
+    return trial.suggest_float(prm.key, float(prm.low), float(prm.high), step=prm.step, log=prm.log)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Lock:
+    """An exclusive lock on the search directory while a local (SQLite) search runs in it."""
+
+    path: Path
+    handle: Any = None
+
+    def __enter__(self) -> "_Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise HonelmError(f"{self.path.parent}: another `honelm search` is running in this directory "
+                              "(to share one study between processes, give them --storage URL)") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
+    """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive) or
+    failed by an interrupt: mark them failed and try their parameters again first. Returns how many."""
+    optuna = _optuna()
+    TS = optuna.trial.TrialState
+    retried_path = spec.out_dir / "retried.json"
+    retried = set(json.loads(retried_path.read_text())) if retried_path.is_file() else set()
+    again = 0
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False):
+        stale = t.state == TS.RUNNING and not spec.storage
+        if stale:
+            storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TS.FAIL)
+        if (stale or (t.state == TS.FAIL and t.user_attrs.get("interrupted"))) and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            retried.add(t.number)
+            again += 1
+    if again:
+        retried_path.write_text(json.dumps(sorted(retried)))
+    return again
+
+
+def _finished(study: Any) -> int:
+    TS = _optuna().trial.TrialState
+    return sum(t.state in (TS.COMPLETE, TS.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def _best_value(run_dir: Path) -> float | None:
+    path = run_dir / "best" / "best.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("value")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_search(spec: SearchSpec) -> dict[str, Any]:
+    """Run (or continue) the study until n_trials trials are finished or the timeout passes; returns best.json."""
+    from honelm.data.splits import forbid_test_split
+    from honelm.loop import eval_hook
+
+    optuna = _optuna()
+    module, _ = stage_module(spec.verb)
+    trials_dir = spec.out_dir / "trials"
+    with _Lock(spec.out_dir / ".lock") if not spec.storage else contextlib.nullcontext():
+        storage = storage_for(spec)
+        study = optuna.create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
+                                    study_name=spec.study, direction="minimize" if spec.minimize else "maximize",
+                                    load_if_exists=True)
+        ident = study.user_attrs.get("identity")
+        if ident is None:
+            study.set_user_attr("identity", spec.identity())
+            study.set_user_attr("spec", {"verb": spec.verb, "config": spec.config, "set": spec.settings,
+                                         "metric": spec.metric, "space": [dataclasses.asdict(p) for p in spec.space]})
+        elif ident != spec.identity():
+            raise HonelmError(f"{spec.out_dir}: this study was started with a different verb, base config, settings, "
+                              f"metric or space; use another out_dir (or --study NAME) for the new search, or delete "
+                              f"{spec.out_dir} to start over")
+        _write_marker(spec)
+        again = _recover(study, storage, spec)
+        done = _finished(study)
+        todo = max(spec.n_trials - done, 0)
+        print(f"search {spec.out_dir}: {spec.verb}, {spec.metric} ({'min' if spec.minimize else 'max'}), "
+              f"{spec.sampler} sampler, {spec.pruner} pruner; {done} trial(s) finished, {todo} to run"
+              + (f", {again} interrupted trial(s) tried again first" if again else ""), flush=True)
+
+        def objective(trial: Any) -> float:
+            params = {prm.key: suggest(trial, prm) for prm in spec.space}
+            run_dir = trials_dir / f"trial-{trial.number:04d}"
+            trial.set_user_attr("run_dir", str(run_dir))
+            cfg = build_trial_config(spec, params, run_dir)
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+            print(f"\n> trial {trial.number} ({done_now() + 1}/{spec.n_trials}): {shown}", flush=True)
+
+            def report(where: Path, step: int, metrics: dict[str, float]) -> str | None:
+                if where.resolve() != run_dir.resolve() or spec.metric not in metrics:
+                    return None  # e.g. plae's teacher run inside the trial
+                trial.report(float(metrics[spec.metric]), step)
+                return "pruned" if trial.should_prune() else None
+
+            started = time.time()
+            try:
+                with eval_hook(report):
+                    result = module.run(cfg, resume=None)
+            except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
+                trial.set_user_attr("error", str(e)[:500])
+                trial.set_user_attr("time_s", round(time.time() - started, 1))
+                raise
+            trial.set_user_attr("time_s", round(time.time() - started, 1))
+            reason = result.get("reason") if isinstance(result, dict) else None
+            if reason == "interrupted":
+                trial.set_user_attr("interrupted", True)
+                raise KeyboardInterrupt
+            if spec.keep_models == "best":
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # trials are never resumed
+            if reason == "pruned":
+                raise optuna.TrialPruned(f"pruned at a validation below the median")
+            value = _best_value(run_dir)
+            if value is None or not math.isfinite(value):
+                raise TrainingError(f"{run_dir}: the trial finished without a best validation {spec.metric}")
+            return value
+
+        def done_now() -> int:
+            return _finished(study)
+
+        def after(study_: Any, frozen: Any) -> None:
+            _log_trial(spec, study_, frozen)
+            write_outputs(spec, study_)
+
+        if todo:
+            callbacks = [optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                                optuna.trial.TrialState.PRUNED)), after]
+            with forbid_test_split("honelm search"):
+                try:
+                    study.optimize(objective, n_trials=todo, timeout=spec.timeout or None, callbacks=callbacks,
+                                   catch=(TrainingError, ConfigError), gc_after_trial=True)
+                except KeyboardInterrupt:
+                    write_outputs(spec, study)
+                    print(f"search interrupted: run `honelm search {spec.path}` again to continue the same study",
+                          flush=True)
+                    raise
+        best = write_outputs(spec, study, plots=True)
+    return best
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _log_trial(spec: SearchSpec, study: Any, t: Any) -> None:
+    TS = _optuna().trial.TrialState
+    tail = f" [{t.user_attrs.get('time_s', 0):.0f} s]"
+    if t.state == TS.COMPLETE:
+        line = f"trial {t.number}: {spec.metric} {t.value:.4f}"
+    elif t.state == TS.PRUNED:
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        line = f"trial {t.number}: pruned" + (f" after step {last}" if last is not None else "")
+    else:
+        line = f"trial {t.number}: {t.state.name.lower()}"
+    try:
+        best = study.best_trial
+        line += f"; best so far {best.value:.4f} (trial {best.number})"
+    except ValueError:
+        pass
+    print(line + tail, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def _write_marker(spec: SearchSpec) -> None:
+    marker = {"kind": "search", "file": str(spec.path), "verb": spec.verb, "config": spec.config, "set": spec.settings,
+              "metric": spec.metric, "direction": "minimize" if spec.minimize else "maximize",
+              "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.n_trials, "study": spec.study,
+              "storage": spec.storage or "sqlite (study.db)",
+              "space": {p.key: p.describe() for p in spec.space}}
+    (spec.out_dir / SEARCH_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                     **{f"params.{k}": v for k, v in t.params.items()},
+                     "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+                     "time_s": t.user_attrs.get("time_s"), "retry_of": t.user_attrs.get("retry_of"),
+                     "error": t.user_attrs.get("error"),
+                     "run_dir": t.user_attrs.get("run_dir")})
+    return rows
+
+
+def write_outputs(spec: SearchSpec, study: Any, plots: bool = False) -> dict[str, Any]:
+    """trials.jsonl/.csv, best.json/.yaml, the `best` link, unneeded models removed; plots at the end."""
+    rows = trial_rows(study)
+    out = spec.out_dir
+    with open(out / "trials.jsonl", "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=str) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "trials.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return {}
+    run_dir = Path(best.user_attrs["run_dir"])
+    info = {"trial": best.number, "value": best.value, "metric": spec.metric, "params": best.params,
+            "run_dir": str(run_dir), "n_complete": sum(r["state"] == "complete" for r in rows),
+            "n_pruned": sum(r["state"] == "pruned" for r in rows), "n_failed": sum(r["state"] == "fail" for r in rows)}
+    (out / "best.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    if (run_dir / "config.yaml").is_file():
+        _, cls = stage_module(spec.verb)
+        cfg = C.build(cls, run_dir / "config.yaml")
+        cfg.run.out_dir, cfg.run.name, cfg.run.overwrite = "", "", False  # a fresh run, never the trial's
+        C.dump(cfg, out / "best.yaml", header=f"# honelm {spec.verb} --config {out / 'best.yaml'}\n"
+               f"# best of {info['n_complete']} complete trial(s) of {spec.out_dir}: trial {best.number}, "
+               f"{spec.metric} = {best.value:.6g}")
+    link = out / "best"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path("trials") / run_dir.name)
+    if spec.keep_models == "best":  # only the best trial's model is worth its disk
+        for row in rows:
+            other = Path(row["run_dir"]) if row["run_dir"] else None
+            if other is not None and other != run_dir and row["state"] != "running" and (other / "best").is_dir():
+                shutil.rmtree(other / "best")
+    if plots:
+        write_plots(study, out / "plots")
+    return info
+
+
+def write_plots(study: Any, plots: Path) -> dict[str, str]:
+    """Optimisation history, parameter importances and parallel coordinates as PNGs; returns
+    {name: why not} for each plot that could not be drawn (too few trials, one parameter...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optuna = _optuna()
+    vm = optuna.visualization.matplotlib
+    plots.mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, str] = {}
+    TS = optuna.trial.TrialState
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TS.COMPLETE]
+    for name, draw, need in (("history", vm.plot_optimization_history, 1),
+                             ("importances", vm.plot_param_importances, 2),
+                             ("parallel", vm.plot_parallel_coordinate, 2)):
+        path = plots / f"{name}.png"
+        path.unlink(missing_ok=True)
+        if len(complete) < need:
+            skipped[name] = f"needs at least {need} complete trials"
+            continue
+        try:
+            ax = draw(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of a constant parameter
+            skipped[name] = str(e).splitlines()[0][:200]
+            continue
+        fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+        fig.set_size_inches(8, 4.5)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    (plots / "skipped.json").write_text(json.dumps(skipped, indent=2), encoding="utf-8")
+    return skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# the verb
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="honelm search", description="Hyperparameter search with Optuna on the validation "
+                                "split (the test split is sealed throughout). See configs/search/ for examples.")
+    p.add_argument("file", help="search YAML (e.g. configs/search/demo.yaml)")
+    p.add_argument("--n-trials", type=int, default=None, help="finished trials to reach (overrides the file)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by several workers (default: "
+                   "sqlite in OUT_DIR/study.db)")
+    p.add_argument("--out-dir", default=None, help="where the study and trials live (overrides the file)")
+    p.add_argument("settings", nargs="*", metavar="key.sub=value", help="extra fixed settings (added to the file's set)")
+    args = p.parse_intermixed_args(argv)
+    extra = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key.sub=value, got {item!r}")
+        extra[key] = value
+    raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
+                                     "out_dir": args.out_dir}
+    spec = load_spec(args.file, raw_overrides, extra)
+    best = run_search(spec)
+    if best:
+        print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "
+              + ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items()))
+        print(f"config: {spec.out_dir / 'best.yaml'}   model: {spec.out_dir / 'best' / 'best'}   "
+              f"test it once: honelm test {spec.out_dir}")
+    return best
+
+
+def iter_trials(search_dir: Path) -> Iterator[dict[str, Any]]:
+    """The rows of SEARCH/trials.jsonl (for reports)."""
+    path = search_dir / "trials.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,184 @@
+"""`honelm search` and `honelm ablate` on tiny classify runs: sealed test split, resume, pruning, reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from honelm import config as C
+from honelm.data import splits as splits_mod
+from honelm.errors import ConfigError, HonelmError, TestSplitAccessError
+from honelm.loop import eval_hook
+from honelm.protocol import search as S
+from honelm.stages.classify import ClassifyConfig
+from tests.stages.conftest import FAST, cli, events
+
+TINY = {"model.arch": "encoder", "model.size": "test", "model.vocab_size": 400, "data.max_length": 32,
+        "train.max_steps": 6, "train.eval_every": 3, "train.batch_size": 8, **{k: v for k, v in (a.split("=") for a in FAST)}}
+
+
+def search_file(tmp_path: Path, data_dir: Path, **fields) -> Path:
+    fixed = {k: v for k, v in TINY.items() if k != "train.batch_size"}  # searched below
+    spec = {"verb": "classify", "set": {"data.train": str(data_dir / "reviews.jsonl"), **fixed},
+            "out_dir": str(tmp_path / "search"), "metric": "val_accuracy", "n_trials": 2, "pruner": "none",
+            "space": {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True}, "train.batch_size": [8, 16]}, **fields}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_search_seals_the_test_split_resumes_and_writes_its_outputs(data_dir, tmp_path):
+    path = search_file(tmp_path, data_dir)
+    attempts: list[str] = []
+
+    def try_test_split(run_dir, step, metrics):
+        try:
+            with splits_mod.unlock_test_split("a sneaky look"):
+                attempts.append("opened")
+        except TestSplitAccessError:
+            attempts.append("refused")
+        return None
+
+    before = splits_mod.test_access_count()
+    with eval_hook(try_test_split):
+        best = S.run_search(S.load_spec(path))
+    assert attempts and set(attempts) == {"refused"}  # at every validation of every trial
+    assert splits_mod.test_access_count() == before
+    out = tmp_path / "search"
+    rows = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    header = (out / "trials.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["number", "state", "value"] and "params.train.lr" in header
+    assert best["trial"] in (0, 1) and (out / "best").resolve() == Path(best["run_dir"]).resolve()
+    assert (out / "best" / "best" / "config.json").is_file()  # the best trial's model is kept ...
+    loser = [r for r in rows if r["number"] != best["trial"]][0]
+    assert not (Path(loser["run_dir"]) / "best").exists()  # ... the other's is not (keep_models: best)
+    # best.yaml is a config the verb takes as is, and it is a fresh run (never the trial's directory)
+    cfg = C.build(ClassifyConfig, out / "best.yaml")
+    assert cfg.run.name == "" and not cfg.run.overwrite and cfg.train.metric == "val_accuracy"
+    assert cfg.train.lr == pytest.approx(best["params"]["train.lr"])
+
+    # resume: the same study continues to 3 finished trials; the first two are not run again
+    first_mtime = (Path(rows[0]["run_dir"]) / "metrics.jsonl").stat().st_mtime
+    cli("search", str(path), "--n-trials", "3")
+    rows = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["number"] for r in rows] == [0, 1, 2]
+    assert (Path(rows[0]["run_dir"]) / "metrics.jsonl").stat().st_mtime == first_mtime
+    study = optuna.load_study(study_name="honelm", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 3
+
+    # a trial left running by a dead process is failed and its parameters tried again first
+    study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
+               "train.batch_size": optuna.distributions.CategoricalDistribution([8, 16])})
+    cli("search", str(path), "--n-trials", "4")
+    rows = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert rows[3]["state"] == "fail" and rows[4]["retry_of"] == 3 and rows[4]["state"] == "complete"
+    assert rows[4]["params.train.lr"] == rows[3]["params.train.lr"]
+
+    # a changed space is another study: refused, naming the way out
+    path.write_text(path.read_text().replace("- 16", "- 32"))
+    with pytest.raises(HonelmError, match="different verb, base config"):
+        S.run_search(S.load_spec(path))
+
+    # the search's report, and `honelm test SEARCH` tests the best trial once
+    cli("report", str(out))
+    assert "## Trials" in (out / "report.md").read_text() and (out / "report.html").is_file()
+    cli("test", str(out))
+    assert (Path(best["run_dir"]) / "test_metrics.json").is_file()
+
+
+def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_path, monkeypatch):
+    path = search_file(tmp_path, data_dir, n_trials=2, pruner="median")
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    S.run_search(S.load_spec(path))
+    rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows] == ["complete", "pruned"]
+    pruned_run = Path(rows[1]["run_dir"])
+    end = events(pruned_run, "end")[-1]
+    assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
+
+
+def test_search_files_are_checked_before_any_trial(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        S.load_spec(search_file(tmp_path, data_dir, space={"train.lrr": [1e-3, 2e-3]}))
+    with pytest.raises(ConfigError, match="not a validation metric"):
+        S.load_spec(search_file(tmp_path, data_dir, metric="test_accuracy"))
+    with pytest.raises(ConfigError, match="grid sampler needs finite values"):
+        S.load_spec(search_file(tmp_path, data_dir, sampler="grid"))
+    with pytest.raises(ConfigError, match="both searched"):
+        S.load_spec(search_file(tmp_path, data_dir, space={"train.max_steps": [4, 6]}))
+    grid = S.load_spec(search_file(tmp_path, data_dir, sampler="grid", n_trials=None,
+                                   space={"train.batch_size": [8, 16], "lora.r": {"low": 4, "high": 8, "step": 4}}))
+    assert grid.n_trials == 4
+    assert not (tmp_path / "search").exists()  # nothing ran
+
+
+def ablation_file(tmp_path: Path, data_dir: Path, seeds=1, **fields) -> Path:
+    spec = {"out_dir": str(tmp_path / "ablation"), "seeds": seeds, "metric": "accuracy", "bootstrap": 200,
+            "vars": {"data": str(data_dir)},
+            "stages": [{"name": "classify", "verb": "classify",
+                        "set": {"data.train": "${vars.data}/reviews.jsonl", **TINY}}],
+            "variants": {"fgm": {"set": {"adversarial.method": "fgm"}}}, **fields}
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_dir, tmp_path, capsys):
+    path = ablation_file(tmp_path, data_dir, seeds=2)
+    cli("ablate", str(path))
+    out = tmp_path / "ablation"
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert set(rows) == {"baseline", "fgm"} and len(rows["fgm"]["values"]) == 2
+    assert rows["fgm"]["verdict"] in ("helps", "hurts", "no evidence")
+    assert rows["fgm"]["low"] <= rows["fgm"]["diff"] <= rows["fgm"]["high"]
+    assert rows["baseline"]["trainable_params"] > 0 and rows["baseline"]["peak_memory_mb"] > 0
+    cells = sorted(out.glob("cells/*/seed-*/cell.json"))
+    assert len(cells) == 4
+    for cell in cells:  # one look at the test split per cell
+        run = Path(json.loads(cell.read_text())["run_dir"])
+        assert len((run / "test_looks.jsonl").read_text().splitlines()) == 1
+    seeds = {json.loads(c.read_text())["seed"] for c in cells}
+    assert seeds == {0, 1}
+    # every run stage got its cell's seed
+    cfg = C.build(ClassifyConfig, out / "cells" / "fgm" / "seed-1" / "classify" / "config.yaml")
+    assert cfg.run.seed == 1 and cfg.adversarial.method == "fgm"
+    report = (out / "report.md").read_text()
+    assert "| fgm |" in report and "paired bootstrap" in report and (out / "plots" / "ablation.png").is_file()
+    assert (out / "report.html").is_file()
+
+    # run again: every cell is reused, nothing trains or looks at the test split again
+    mtimes = [c.stat().st_mtime for c in cells]
+    capsys.readouterr()
+    cli("ablate", str(path))
+    assert capsys.readouterr().out.count("finished earlier, reused") == 4
+    assert [c.stat().st_mtime for c in cells] == mtimes
+
+    # asking for other settings in a finished cell is an error that names it
+    path.write_text(path.read_text().replace("adversarial.method: fgm", "adversarial.method: fgm\n      adversarial.epsilon: 0.5"))
+    with pytest.raises(HonelmError, match="cell fgm/seed-0 finished with other settings"):
+        from honelm.protocol import ablate
+
+        ablate.run_ablation(ablate.load_spec(path))
+
+
+def test_ablation_files_are_checked(data_dir, tmp_path):
+    from honelm.protocol import ablate
+
+    with pytest.raises(ConfigError, match="metric"):
+        ablate.load_spec(ablation_file(tmp_path, data_dir, metric="bleu"))
+    with pytest.raises(ConfigError, match="'nope' is not a variant defined above"):
+        ablate.load_spec(ablation_file(tmp_path, data_dir, variants={"fgm": {"set": {"adversarial.method": "fgm"}},
+                                                                    "both": {"combine": ["fgm", "nope"]}}))
+    with pytest.raises(ConfigError, match="did you mean"):
+        ablate.load_spec(ablation_file(tmp_path, data_dir, variants={"x": {"set": {"adversarial.methd": "fgm"}}}))
+    combined = ablate.load_spec(ablation_file(tmp_path, data_dir, variants={
+        "fgm": {"set": {"adversarial.method": "fgm"}}, "lora": {"set": {"lora.enabled": True}},
+        "lora+fgm": {"combine": ["lora", "fgm"]}}))
+    assert [v.name for v in combined.variants] == ["baseline", "fgm", "lora", "lora+fgm"]
+    assert combined.variants[-1].settings == {"adversarial.method": "fgm", "lora.enabled": True}
