@@ -191,12 +191,15 @@ def cmd_ls(argv: list[str]) -> Any:
     print("verbs:")
     for v in VERBS.values():
         print(f"  {v.name:<10} {v.summary}")
-    print("\nconfig presets (honelm VERB --config NAME):")
-    for root in config_roots():
-        for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            names = sorted(x.stem for x in stage_dir.glob("*.yaml"))
-            if names:
-                print(f"  {stage_dir.name:<10} {', '.join(names)}   ({stage_dir})")
+    files_verbs = ("pipeline", "search", "ablate")  # their YAML is a file of their own, not a config preset
+    for title, wanted in (("config presets (honelm VERB --config NAME)", False),
+                          ("pipeline, search and ablation files (honelm VERB FILE)", True)):
+        print(f"\n{title}:")
+        for root in config_roots():
+            for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and (p.name in files_verbs) == wanted):
+                names = sorted(x.stem for x in stage_dir.glob("*.yaml"))
+                if names:
+                    print(f"  {stage_dir.name:<10} {', '.join(names)}   ({stage_dir})")
     runs = Path(args.runs)
     if runs.is_dir():
         print(f"\nruns under {runs}:")

@@ -17,13 +17,19 @@
       lora: {set: {lora.r: 8}}                       # overrides of the tested stage
       fgm: {set: {adversarial.method: fgm}}
       tapt:                                          # stages that run before the tested one
-        before: [{name: tapt, verb: adapt, config: tapt-mlm, set: {data.task_data: "${vars.data}/reviews.jsonl"}}]
+        before: [{name: tapt, verb: adapt, config: tapt-mlm, set: {task.train: "${vars.data}/reviews.jsonl"}}]
         set: {model.init_from: "${tapt}"}
+      dapt:                                          # shared: run once (first seed), used by every seed
+        before: [{name: dapt, verb: adapt, shared: true, set: {data.train: "${vars.data}/corpus.txt"}}]
+        set: {model.init_from: "${dapt}"}
       lora+fgm: {combine: [lora, fgm]}               # a combination of listed variants
 
 A cell is one variant at one seed: a pipeline (honelm.pipeline) in OUT_DIR/cells/VARIANT/seed-S
 whose run stages all get `run.seed=S` (the data split, `data.seed`, stays the same so every
-cell is tested on the same examples). With `search`, each variant first runs that search (the
+cell is tested on the same examples). A before-stage marked `shared: true` (an expensive DAPT,
+say) runs once, at the first seed, in OUT_DIR/shared/VARIANT and every seed's cell starts from it;
+the interval then carries no variation of that stage (say so when reporting), and its time counts
+in each cell's cost. With `search`, each variant first runs that search (the
 same space and trial budget for all) in OUT_DIR/cells/VARIANT/search, on the first seed, after
 its `before` stages; the best values are then used at every seed. The tested stage's selected
 checkpoint (best validation) is tested once by `honelm test`'s own code; predictions are kept.
@@ -61,6 +67,7 @@ KEYS = {"out_dir", "seeds", "metric", "bootstrap", "confidence", "vars", "stages
 VARIANT_KEYS = {"set", "before", "combine"}
 BASELINE = "baseline"
 ABLATION_FILE = "ablation.json"  # marks an ablation directory
+AGAIN = "honelm ablate FILE (the same command)"  # how to continue after an interruption
 
 
 @dataclass
@@ -88,7 +95,8 @@ class AblationSpec:
         return self.metric not in stats.LOWER_IS_BETTER
 
 
-def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir: str | None = None) -> AblationSpec:
+def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir: str | None = None,
+              seeds: int | None = None) -> AblationSpec:
     """Read and check an ablation file (with the command line's --var and --out-dir on top); errors
     name the file and the field."""
     from honelm.pipeline import _flatten
@@ -104,6 +112,8 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
         raise ConfigError(f"{p}: an ablation file is a mapping with out_dir, stages and variants")
     if out_dir:
         raw["out_dir"] = out_dir
+    if seeds is not None:
+        raw["seeds"] = seeds
     if variables:
         known = raw.get("vars") or {}
         missing = sorted(set(variables) - set(known)) if isinstance(known, dict) else []
@@ -182,6 +192,7 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
         from honelm.pipeline import plan
 
         plan(cell_pipeline(spec, variant, spec.seeds[0]))
+        plan(shared_pipeline(spec, variant))
     return spec
 
 
@@ -193,35 +204,71 @@ def cell_dir(spec: AblationSpec, variant: Variant, seed: int) -> Path:
     return spec.out_dir / "cells" / variant.name / f"seed-{seed}"
 
 
+def shared_dir(spec: AblationSpec, variant: Variant) -> Path:
+    return spec.out_dir / "shared" / variant.name
+
+
+def shared_pipeline(spec: AblationSpec, variant: Variant) -> Any:
+    """The variant's `shared: true` before-stages: run once, at the first seed, used by every seed's cell."""
+    from honelm.pipeline import Pipeline
+
+    items = [s for s in variant.before if s.get("shared")]
+    return Pipeline(spec.path, shared_dir(spec, variant), {**spec.variables, "seed": str(spec.seeds[0])},
+                    _stages(spec, variant, items, spec.seeds[0], None, tested=False))
+
+
 def cell_pipeline(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any] | None = None,
                   upto: int | None = None) -> Any:
     """The pipeline of one cell: the variant's `before` stages, then the baseline's, every run stage
-    at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top."""
-    from honelm.pipeline import Pipeline, Stage, _flatten, has_run_dir
+    at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top.
+    `${NAME}` of a shared before-stage stands for its run in OUT_DIR/shared/VARIANT."""
+    from honelm.pipeline import Pipeline
 
-    raw_stages = [copy.deepcopy(s) for s in variant.before + spec.stages]
-    stages: list[Stage] = []
+    shared = {str(s.get("name") or s.get("verb")): shared_dir(spec, variant) / str(s.get("name") or s.get("verb"))
+              for s in variant.before if s.get("shared")}
+    items = [s for s in variant.before if not s.get("shared")] + spec.stages
+    stages = _stages(spec, variant, items, seed, extra, tested=True, shared=shared)
+    if upto is not None:
+        stages = stages[:upto]
+    return Pipeline(spec.path, cell_dir(spec, variant, seed), {**spec.variables, "seed": str(seed)}, stages)
+
+
+def _substitute(value: Any, shared: dict[str, Path]) -> Any:
+    if not isinstance(value, str) or not shared:
+        return value
+    return re.sub(r"\$\{\s*([^}]*?)\s*\}", lambda m: str(shared[m.group(1)]) if m.group(1) in shared else m.group(0), value)
+
+
+def _stages(spec: AblationSpec, variant: Variant, items: list[dict[str, Any]], seed: int, extra: dict[str, Any] | None,
+            tested: bool, shared: dict[str, Path] | None = None) -> list[Any]:
+    from honelm.pipeline import Stage, _flatten, has_run_dir
+
+    shared = shared or {}
+    raw_stages = [copy.deepcopy(s) for s in items]
+    stages: list[Any] = []
     for i, item in enumerate(raw_stages):
         verb = item.get("verb")
         name = str(item.get("name") or verb)
         settings = dict(_flatten(item.get("set") or {}))
-        if i == len(raw_stages) - 1:
+        if tested and i == len(raw_stages) - 1:
             settings.update(variant.settings)
             settings.update(extra or {})
         if isinstance(verb, str) and _known_verb(verb) and has_run_dir(verb):
             settings.setdefault("run.seed", seed)
-        bad = sorted(set(item) - {"name", "verb", "config", "set", "args", "output"})
+        bad = sorted(set(item) - {"name", "verb", "config", "set", "args", "output", "shared"})
         if bad or not isinstance(verb, str) or not _known_verb(verb):
             raise ConfigError(f"{spec.path}: stage '{name}' of variant '{variant.name}': a stage needs a honelm verb "
-                              f"and only name, verb, config, set, args, output" + (f" (unknown: {', '.join(bad)})" if bad else ""))
-        stages.append(Stage(name, verb, 0, str(item.get("config") or ""), settings,
-                            [str(a) for a in item.get("args") or []], str(item.get("output") or "")))
-    names = [s.name for s in stages]
+                              f"and only name, verb, config, set, args, output, shared"
+                              + (f" (unknown: {', '.join(bad)})" if bad else ""))
+        if tested and item.get("shared") is not None:
+            raise ConfigError(f"{spec.path}: stage '{name}': only a variant's before-stages can be shared")
+        settings = {k: _substitute(v, shared) for k, v in settings.items()}
+        stages.append(Stage(name, verb, 0, _substitute(str(item.get("config") or ""), shared), settings,
+                            [_substitute(str(a), shared) for a in item.get("args") or []], str(item.get("output") or "")))
+    names = [s.name for s in stages] + list(shared)
     if len(set(names)) != len(names):
         raise ConfigError(f"{spec.path}: variant '{variant.name}' has two stages named alike ({', '.join(names)})")
-    if upto is not None:
-        stages = stages[:upto]
-    return Pipeline(spec.path, cell_dir(spec, variant, seed), {**spec.variables, "seed": str(seed)}, stages)
+    return stages
 
 
 def _known_verb(verb: str) -> bool:
@@ -278,7 +325,8 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
     from honelm.protocol.test import run_test
 
     pipe = cell_pipeline(spec, variant, seed, extra)
-    ident = _planned_identity(pipe)
+    common = shared_pipeline(spec, variant)
+    ident = _planned_identity(pipe) + (_planned_identity(common) if common.stages else "")
     out = cell_dir(spec, variant, seed)
     record_path = out / "cell.json"
     if record_path.is_file():
@@ -289,7 +337,9 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
         print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
         return record
     print(f"\n>> {variant.name} seed {seed}", flush=True)
-    execute(pipe, again=f"honelm ablate {spec.path}")
+    if common.stages:
+        execute(common, again=AGAIN)
+    execute(pipe, again=AGAIN)
     tested = out / pipe.stages[-1].name
     if (tested / "test_metrics.json").is_file():  # tested just before a crash: never look twice
         metrics = json.loads((tested / "test_metrics.json").read_text(encoding="utf-8"))
@@ -297,8 +347,9 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
         metrics = run_test(tested)
     gold, pred = read_predictions(tested)
     time_s, peak, trainable = 0.0, 0.0, None
-    for stage in pipe.stages:
-        ends = _events(out / stage.name, "end")
+    # a shared stage's time counts in every cell that uses it: it is part of what the variant costs
+    for where, stage in [(shared_dir(spec, variant), s) for s in common.stages] + [(out, s) for s in pipe.stages]:
+        ends = _events(where / stage.name, "end")
         if ends:
             end = ends[-1]
             time_s += float(end.get("train_time_s") or 0)
@@ -320,8 +371,11 @@ def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
 
     seed = spec.seeds[0]
     full = cell_pipeline(spec, variant, seed)
+    common = shared_pipeline(spec, variant)
+    if common.stages:
+        execute(common, again=AGAIN)
     if len(full.stages) > 1:  # the stages the searched one starts from, at the first seed
-        execute(cell_pipeline(spec, variant, seed, upto=len(full.stages) - 1), again=f"honelm ablate {spec.path}")
+        execute(cell_pipeline(spec, variant, seed, upto=len(full.stages) - 1), again=AGAIN)
     last = full.stages[-1]
     index = len(full.stages) - 1
     settings = {k: resolve(full, index, _as_override(v), f"set.{k}") for k, v in last.set.items()}
@@ -455,9 +509,10 @@ def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="honelm ablate", description="Variants × seeds, each tested once; mean ± std, "
                                 "paired-bootstrap interval vs baseline, verdict and cost. See configs/ablate/.")
-    p.add_argument("file", help="ablation YAML (e.g. configs/ablate/demo.yaml)")
+    p.add_argument("file", help="ablation YAML or a preset name (e.g. configs/ablate/demo.yaml, or demo)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set one of the file's vars")
     p.add_argument("--out-dir", default=None, help="where the cells and results live (overrides the file)")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (overrides the file)")
     args = p.parse_args(argv)
     variables = {}
     for item in args.var:
@@ -465,7 +520,9 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         if not sep or not name:
             raise ConfigError(f"--var expects NAME=VALUE, got {item!r}")
         variables[name] = value
-    spec = load_spec(args.file, variables, args.out_dir)
+    from honelm.cli import find_config
+
+    spec = load_spec(find_config("ablate", args.file), variables, args.out_dir, args.seeds)
     rows = run_ablation(spec)
     from honelm.protocol.reports import write_any
 

@@ -488,8 +488,8 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
                                    catch=(TrainingError, ConfigError), gc_after_trial=True)
                 except KeyboardInterrupt:
                     write_outputs(spec, study)
-                    print(f"search interrupted: run `honelm search {spec.path}` again to continue the same study",
-                          flush=True)
+                    print(f"search interrupted: run the same `honelm search {spec.path} ...` command again to "
+                          "continue the same study", flush=True)
                     raise
         best = write_outputs(spec, study, plots=True)
     return best
@@ -627,7 +627,7 @@ def write_plots(study: Any, plots: Path) -> dict[str, str]:
 def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="honelm search", description="Hyperparameter search with Optuna on the validation "
                                 "split (the test split is sealed throughout). See configs/search/ for examples.")
-    p.add_argument("file", help="search YAML (e.g. configs/search/demo.yaml)")
+    p.add_argument("file", help="search YAML or a preset name (e.g. configs/search/demo.yaml, or demo)")
     p.add_argument("--n-trials", type=int, default=None, help="finished trials to reach (overrides the file)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by several workers (default: "
@@ -643,7 +643,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         extra[key] = value
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
-    spec = load_spec(args.file, raw_overrides, extra)
+    from honelm.cli import find_config
+
+    spec = load_spec(find_config("search", args.file), raw_overrides, extra)
     best = run_search(spec)
     if best:
         print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "

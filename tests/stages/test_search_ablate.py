@@ -182,3 +182,22 @@ def test_ablation_files_are_checked(data_dir, tmp_path):
         "lora+fgm": {"combine": ["lora", "fgm"]}}))
     assert [v.name for v in combined.variants] == ["baseline", "fgm", "lora", "lora+fgm"]
     assert combined.variants[-1].settings == {"adversarial.method": "fgm", "lora.enabled": True}
+
+
+def test_a_shared_before_stage_runs_once_and_every_seed_starts_from_it(data_dir, tmp_path):
+    from honelm.pipeline import plan
+    from honelm.protocol import ablate
+
+    spec = ablate.load_spec(ablation_file(tmp_path, data_dir, seeds=2, variants={"dapt": {
+        "before": [{"name": "dapt", "verb": "adapt", "shared": True,
+                    "set": {"data.train": "${vars.data}/corpus.txt", "model.init_from": "x"}}],
+        "set": {"model.init_from": "${dapt}"}}}))
+    dapt = spec.variants[1]
+    shared = ablate.shared_pipeline(spec, dapt)
+    assert [s.name for s in shared.stages] == ["dapt"] and shared.stages[0].set["run.seed"] == 0
+    for seed in (0, 1):
+        cell = ablate.cell_pipeline(spec, dapt, seed)
+        assert [s.name for s in cell.stages] == ["classify"]
+        built = plan(cell)[-1].config
+        assert built.model.init_from == str(tmp_path / "ablation" / "shared" / "dapt" / "dapt")
+        assert built.run.seed == seed
