@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from honelm.protocol.report import fenced, fmt, fmt_duration, table, write_report
+from honelm.protocol.report import fenced, fmt, table, write_report
 
 
 def kind_of(path: Path) -> str:
@@ -50,6 +50,15 @@ def _finish(path: Path, lines: list[str]) -> Path:
     return report
 
 
+def fmt_duration(seconds: float) -> str:
+    """12.3 s, 4m 05s, 2h 03m: short enough for a table cell."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
 def _fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -81,9 +90,6 @@ def write_search_report(path: Path) -> Path:
         lines += [f"Trial {best['trial']}: **{best['metric']} = {best['value']:.4f}**, run `{best['run_dir']}` "
                   "(its `best/` is the search's best checkpoint; `best` links to it).", "",
                   *table(["parameter", "value"], [[k, _fmt_value(v)] for k, v in best["params"].items()]), ""]
-        if (path / "best.yaml").is_file():
-            lines += ["`best.yaml`, ready for `honelm " + meta["verb"] + " --config " + str(path / "best.yaml") + "`:", "",
-                      *fenced((path / "best.yaml").read_text(encoding="utf-8"), "yaml"), ""]
     else:
         lines += ["No complete trial yet.", ""]
     lines += ["## Plots", ""]
@@ -109,6 +115,9 @@ def write_search_report(path: Path) -> Path:
     errors = [(r["number"], r["error"]) for r in rows if r.get("error")]
     if errors:
         lines += ["Failed trials:", "", *[f"- trial {n}: {e}" for n, e in errors], ""]
+    if best and (path / "best.yaml").is_file():
+        lines += ["## Best config", "", "`best.yaml`, ready for `honelm " + meta["verb"] + " --config "
+                  + str(path / "best.yaml") + "`:", "", *fenced((path / "best.yaml").read_text(encoding="utf-8"), "yaml"), ""]
     return _finish(path, lines)
 
 
