@@ -298,6 +298,19 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{extra}")
 
 
+def read_yaml(path: str | Path, what: str, loader: type = yaml.SafeLoader) -> Any:
+    """Parse a YAML file; an unreadable file or bad YAML is an error naming the file (and `what` it is)."""
+    p = Path(path)
+    try:
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (SafeLoader or a subclass)
+    except OSError as e:
+        from honelm.errors import HonelmError
+
+        raise HonelmError(f"{p}: cannot read the {what}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+
+
 def unknown_key(key: str, cls: type) -> ConfigError:
     """The error for a dotted key that `cls` does not have, with a did-you-mean."""
     return _unknown(key, all_keys(cls))

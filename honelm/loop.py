@@ -321,7 +321,7 @@ def fit(
         runtime.barrier()
 
     def run_eval() -> None:
-        nonlocal last_eval, reason
+        nonlocal last_eval
         if evaluate is None:
             return
         model.eval()

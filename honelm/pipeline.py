@@ -105,12 +105,7 @@ def load(path: str | Path) -> Pipeline:
     from honelm.cli import VERBS
 
     p = Path(path)
-    try:
-        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
-    except OSError as e:
-        raise HonelmError(f"{p}: cannot read the pipeline file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    raw = C.read_yaml(p, "pipeline file", _LineLoader)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a pipeline file is a mapping with out_dir and stages")
     unknown = sorted(set(raw) - {"out_dir", "vars", "stages", "__line__"})

@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from honelm import config as C
 from honelm.errors import ConfigError, HonelmError
@@ -102,12 +101,7 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
     from honelm.pipeline import _flatten
 
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise HonelmError(f"{p}: cannot read the ablation file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    raw = C.read_yaml(p, "ablation file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: an ablation file is a mapping with out_dir, stages and variants")
     if out_dir:
@@ -514,12 +508,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--out-dir", default=None, help="where the cells and results live (overrides the file)")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (overrides the file)")
     args = p.parse_args(argv)
-    variables = {}
-    for item in args.var:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--var expects NAME=VALUE, got {item!r}")
-        variables[name] = value
+    variables = dict(C.parse_overrides(args.var))
     from honelm.cli import find_config
 
     spec = load_spec(find_config("ablate", args.file), variables, args.out_dir, args.seeds)

@@ -47,7 +47,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -55,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from honelm import config as C
 from honelm.errors import ConfigError, HonelmError, TrainingError
@@ -177,12 +175,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, setting
     """Read and check a search file; `overrides` are the command line's options (n_trials, timeout,
     storage, out_dir), `settings` its extra `key=value` fixed settings."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise HonelmError(f"{p}: cannot read the search file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    raw = C.read_yaml(p, "search file")
     if settings and isinstance(raw, dict):
         from honelm.pipeline import _flatten
 
@@ -466,7 +459,7 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
             if spec.keep_models == "best":
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # trials are never resumed
             if reason == "pruned":
-                raise optuna.TrialPruned(f"pruned at a validation below the median")
+                raise optuna.TrialPruned("stopped by the pruner at an intermediate validation")
             value = _best_value(run_dir)
             if value is None or not math.isfinite(value):
                 raise TrainingError(f"{run_dir}: the trial finished without a best validation {spec.metric}")
@@ -635,12 +628,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--out-dir", default=None, help="where the study and trials live (overrides the file)")
     p.add_argument("settings", nargs="*", metavar="key.sub=value", help="extra fixed settings (added to the file's set)")
     args = p.parse_intermixed_args(argv)
-    extra = {}
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key.sub=value, got {item!r}")
-        extra[key] = value
+    extra = dict(C.parse_overrides(args.settings))
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
     from honelm.cli import find_config
