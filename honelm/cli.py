@@ -133,6 +133,9 @@ def run_config_verb(verb: Verb, argv: list[str]) -> Any:
             raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
     path = find_config(verb.name, config_path) if config_path else None
     cfg = C.build(cls, path, overrides)
+    from honelm.runtime import reset_peak_memory
+
+    reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
     return module.run(cfg, resume=resume)
 
 

@@ -296,7 +296,6 @@ def fit(
     from honelm.models import count_parameters
 
     n_trainable, n_total = count_parameters(model)
-    memory_window = rt.reset_peak_memory(device)  # this run's peak, not an earlier run's in the same process
     step = state["step"]
     start_time = time.perf_counter() - state["train_time_s"]
     last_eval: dict[str, float] = {}
@@ -427,10 +426,10 @@ def fit(
     train_time = state["train_time_s"]
     if reason == "interrupted":
         tracker.say(f"interrupted at step {step}: resume with `--resume` (checkpoint saved)")
-    # cost of the run, read by `honelm ablate` (peak memory covers this process since fit started:
-    # after a resume, only the resumed part)
+    # cost of the run, read by `honelm ablate`: peak memory since the CLI (or the search) started
+    # this run (rt.reset_peak_memory; after a resume, only the resumed part)
     tracker.event("end", step, reason=reason, best_step=state["best_step"], best_metric=metric,
                   best_value=state["best_value"], train_time_s=round(train_time, 2), trainable_params=n_trainable,
-                  total_params=n_total, **rt.peak_memory_mb(device), peak_memory_window=memory_window)
+                  total_params=n_total, **rt.peak_memory_mb(device))
     return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval)
 

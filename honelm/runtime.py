@@ -161,27 +161,35 @@ def preserved_rng() -> Iterator[None]:
 # Peak memory of one run inside a longer process (a search or an ablation runs many in one).
 
 
-def reset_peak_memory(device: torch.device) -> str:
-    """Start a fresh peak-memory window; returns how the peak will be measured (for the record).
+_PEAK_WINDOW = "process"  # what peak_memory_mb covers: the whole process until reset_peak_memory runs
 
-    Linux: writing 5 to /proc/self/clear_refs resets the process's resident high-water mark
-    (VmHWM), so `peak_memory_mb` covers only what follows, not an earlier trial in the same
-    process. Elsewhere the process-lifetime peak (ru_maxrss) is the best available and is
-    labelled as such. CUDA: the allocator's own peak counter is reset too.
+
+def reset_peak_memory() -> str:
+    """Start a fresh peak-memory window for the run about to start; returns how it will be measured.
+
+    Called once per run by whoever starts it (the CLI for each verb, the search for each trial),
+    never inside fit(): benchmarks call fit() directly and compare whole-process peaks with other
+    trainers. Linux: writing 5 to /proc/self/clear_refs resets the resident high-water mark
+    (VmHWM), so a run's peak does not include an earlier trial in the same process. Elsewhere the
+    process-lifetime peak (ru_maxrss) is all there is, and is labelled so. CUDA: the allocator's
+    peak counter is reset too.
     """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    global _PEAK_WINDOW
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-        return "rss_since_start"
+        _PEAK_WINDOW = "run"
     except OSError:
-        return "rss_process_lifetime"
+        _PEAK_WINDOW = "process"
+    return _PEAK_WINDOW
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory (MiB) since `reset_peak_memory`, plus the CUDA allocator's peak on a GPU."""
-    out: dict[str, float] = {}
+def peak_memory_mb(device: torch.device) -> dict[str, Any]:
+    """Peak resident memory (MiB) since `reset_peak_memory` (`peak_memory_window`: run or process), plus
+    the CUDA allocator's peak on a GPU."""
+    out: dict[str, Any] = {"peak_memory_window": _PEAK_WINDOW}
     try:
         with open("/proc/self/status") as handle:
             for line in handle:

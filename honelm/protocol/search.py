@@ -444,6 +444,9 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
                 return "pruned" if trial.should_prune() else None
 
             started = time.time()
+            from honelm.runtime import reset_peak_memory
+
+            reset_peak_memory()  # each trial's `end` event reports its own peak
             try:
                 with eval_hook(report):
                     result = module.run(cfg, resume=None)
