@@ -201,3 +201,20 @@ def test_a_shared_before_stage_runs_once_and_every_seed_starts_from_it(data_dir,
         built = plan(cell)[-1].config
         assert built.model.init_from == str(tmp_path / "ablation" / "shared" / "dapt" / "dapt")
         assert built.run.seed == seed
+
+
+def test_ablation_with_a_search_gives_every_variant_the_same_budget(data_dir, tmp_path):
+    space = {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True}}
+    path = ablation_file(tmp_path, data_dir, seeds=1,
+                         search={"n_trials": 2, "sampler": "random", "pruner": "none", "space": space})
+    cli("ablate", str(path))
+    out = tmp_path / "ablation"
+    for variant in ("baseline", "fgm"):
+        rows = [json.loads(x) for x in (out / "cells" / variant / "search" / "trials.jsonl").read_text().splitlines()]
+        assert [r["state"] for r in rows] == ["complete", "complete"]  # the same budget for each variant
+        best = json.loads((out / "cells" / variant / "search" / "best.json").read_text())
+        cell = json.loads((out / "cells" / variant / "seed-0" / "cell.json").read_text())
+        assert cell["settings"] == best["params"]  # the chosen value is what the tested cell trained with
+        cfg = C.build(ClassifyConfig, out / "cells" / variant / "seed-0" / "classify" / "config.yaml")
+        assert cfg.train.lr == pytest.approx(best["params"]["train.lr"])
+    assert "Hyperparameters chosen on validation" in (out / "report.md").read_text()
