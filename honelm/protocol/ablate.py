@@ -295,22 +295,19 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 
 def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
-    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`)."""
-    path = run_dir / "test_predictions.jsonl"
+    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`),
+    read by honelm.protocol.predictions' strict reader (file:line errors, split order checked)."""
+    from honelm.protocol.predictions import TEST_FILE, read_records
+
+    path = run_dir / TEST_FILE
     if not path.is_file():
-        raise HonelmError(f"{run_dir}: no test_predictions.jsonl: `honelm ablate` compares classification or "
+        raise HonelmError(f"{run_dir}: no {TEST_FILE}: `honelm ablate` compares classification or "
                           "regression runs by their per-example test predictions")
-    gold, pred = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            gold.append(row["gold"])
-            pred.append(row["pred"])
-        except (ValueError, KeyError) as e:
-            raise HonelmError(f"{path}:{n}: unreadable prediction row ({e})") from None
-    return gold, pred
+    try:
+        rows = read_records(path)
+    except ValueError as e:
+        raise HonelmError(str(e)) from None
+    return [r["gold"] for r in rows], [r["pred"] for r in rows]
 
 
 def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
