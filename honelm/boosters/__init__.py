@@ -14,6 +14,26 @@ import torch
 from torch import nn
 
 
+def carries_adapter(cfg: Any, stage: str) -> bool:
+    """Whether the stage continues the LoRA adapter of its init_from run (`lora.carry`); checks that it may.
+
+    dpo and ppo refuse: their reference is the policy with its adapters disabled, which under a
+    carried adapter would be the model from before that adapter, not the starting policy.
+    """
+    from honelm.errors import ConfigError
+
+    lora_cfg = getattr(cfg, "lora", None)
+    if lora_cfg is None or not lora_cfg.carry:
+        return False
+    if not lora_cfg.enabled:
+        raise ConfigError("lora.carry=true needs lora.enabled=true (it keeps training the init_from run's adapter)")
+    if stage in ("dpo", "ppo"):
+        raise ConfigError(f"lora.carry=true is not available for {stage}: its reference is the policy with adapters "
+                          "disabled, which would then be the model before the carried adapter; leave lora.carry=false "
+                          "(the init_from adapter is merged, and a fresh adapter trains on top)")
+    return True
+
+
 def apply(model: nn.Module, cfg: Any, task: str, say: Callable[[str], None]) -> nn.Module:
     """Return the model the loop should train (the same object when no booster applies)."""
     lora_cfg = getattr(cfg, "lora", None)

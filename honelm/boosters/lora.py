@@ -11,6 +11,8 @@ This module owns:
   `base_model_name_or_path` points to a directory holding exactly the weights LoRA was applied to.
   When no such directory exists (random init, a merged adapter, a re-headed checkpoint, or an
   init that rewrites the base), the base is written once to `RUN/base/`.
+* `load_for_carry` + `apply_lora` (`lora.carry`): an adapter directory → its base, re-headed for
+  the task, and the same adapter attached again with its weights, to keep training it.
 * `load_merged`: an adapter directory → base model + adapter, merged (`merge_and_unload`), for the
   task asked. `honelm.models.load_model` calls it, so `model.init_from`, `honelm test`,
   `honelm generate` and `honelm export --merge` all accept adapter directories.
@@ -78,6 +80,8 @@ class LoraConfig:
     """Adapter init: default (kaiming A, B = 0), gaussian, orthogonal (even r), pissa, pissa_niter_N, olora. pissa/olora rewrite the base weights, so the run saves its own base/ copy."""
     bias: Literal["none", "lora_only", "all"] = "none"
     """Also train biases: none, those of adapted modules (lora_only), or all (saved with the adapter)."""
+    carry: bool = False
+    """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +293,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, task: str, say: Callable[[str]
 
     if isinstance(model, peft.PeftModel):
         raise HonelmError("the model already carries a peft adapter; load it merged (model.init_from does) first")
-    config = peft_config(model, cfg, task)
+    carried = getattr(model, "honelm_carry", None)
+    config = peft_config(model, cfg, task) if carried is None else carried_config(model, cfg, task, carried)
     heads = modules_to_save(model, task)
     try:
         # The adapter init draws from its own stream seeded by the run seed (torch.initial_seed() is what
@@ -304,11 +309,86 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, task: str, say: Callable[[str]
     pending = source is None or mutates_base(cfg.init)
     wrapped.peft_config["default"].base_model_name_or_path = None if pending else source
     wrapped.honelm_base_pending = pending  # save_adapter writes RUN/base/ once
+    if carried is not None:
+        say(load_carried(wrapped, carried))
     say(_summary(wrapped, cfg, sorted(config.target_modules), heads))
     frozen_new = uncovered_new_weights(model, heads)
     if frozen_new:
         say(f"lora: note: newly initialised {', '.join(frozen_new)} share a module with loaded weights and stay at their init")
     return wrapped
+
+
+def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[str, Any]) -> Any:
+    """The `peft.LoraConfig` that re-creates a carried adapter on `model` (see `load_for_carry`).
+
+    Rank, alpha, targets and variant are the adapter's: a stage setting that contradicts them is an
+    error rather than silently ignored. Dropout is this stage's (it is a training choice, not part
+    of the weights). The heads to train fully are this task's.
+    """
+    import peft
+
+    saved, where = carried["config"], carried["dir"]
+    check_config(cfg)
+    theirs = {"r": saved.get("r"), "alpha": saved.get("lora_alpha"), "rslora": bool(saved.get("use_rslora")),
+              "dora": bool(saved.get("use_dora")), "bias": saved.get("bias", "none")}
+    mine = {"r": cfg.r, "alpha": cfg.alpha, "rslora": cfg.rslora, "dora": cfg.dora, "bias": cfg.bias}
+    wrong = [f"lora.{k}={mine[k]} but the adapter has {theirs[k]}" for k in mine
+             if (float(mine[k]) != float(theirs[k]) if k in ("r", "alpha") else mine[k] != theirs[k])]
+    if wrong:
+        raise ConfigError(f"lora.carry=true continues the adapter in {where}: {'; '.join(wrong)} (set them to match, "
+                          "or lora.carry=false to merge it into the base and start a fresh adapter)")
+    targets = saved.get("target_modules")
+    if not targets:
+        raise HonelmError(f"{where}/adapter_config.json: no target_modules, so there is no adapter to carry on")
+    heads = modules_to_save(model, task)
+    task_type = _task_type(task, model)
+    extra_heads = [h for h in heads if task_type is None or h not in ("classifier", "score")]
+    return peft.LoraConfig(
+        r=int(saved["r"]), lora_alpha=saved["lora_alpha"], lora_dropout=cfg.dropout,
+        target_modules=sorted(targets) if isinstance(targets, list) else targets, modules_to_save=extra_heads or None,
+        bias=theirs["bias"], use_rslora=theirs["rslora"], use_dora=theirs["dora"], init_lora_weights=True,
+        task_type=task_type)
+
+
+def load_carried(wrapped: nn.Module, carried: dict[str, Any]) -> str:
+    """Copy a carried adapter's weights into `wrapped`; returns the log line saying what was carried.
+
+    Every adapter tensor of a module this model has must load (same name, same shape), or it is an
+    error. Tensors of modules the new task lacks (an MLM head's adapter when a classifier continues
+    from a DAPT run) and heads of another shape (a classifier with other labels) stay behind, and
+    the line names them.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    where = Path(carried["dir"])
+    path = where / "adapter_model.safetensors"
+    if not path.is_file():
+        raise HonelmError(f"{where}: no adapter_model.safetensors to carry on")
+    saved = load_file(str(path))
+    mine = get_peft_model_state_dict(wrapped)
+    absent = sorted(k for k in mine if "lora_" in k and k not in saved)
+    if absent:
+        raise HonelmError(f"{path}: no weights for {len(absent)} adapter tensors this model needs "
+                          f"(first: {absent[0]}); the adapter does not fit this model")
+    wrong = sorted(k for k in mine if "lora_" in k and saved[k].shape != mine[k].shape)
+    if wrong:
+        raise HonelmError(f"{path}: {wrong[0]} has shape {tuple(saved[wrong[0]].shape)}, this model needs "
+                          f"{tuple(mine[wrong[0]].shape)}; the adapter does not fit this model")
+    take = {k: v for k, v in saved.items() if k in mine and v.shape == mine[k].shape}
+    # peft looks up every module-to-save it knows: the heads not carried keep their current (fresh) values
+    result = set_peft_model_state_dict(wrapped, {**mine, **take})
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise HonelmError(f"{path}: peft did not place {unexpected[0]} (and {len(unexpected) - 1} more)")
+    left = sorted(k.removeprefix("base_model.model.") for k in set(saved) - set(take))
+    heads = sorted({k for k in take if "lora_" not in k})
+    line = (f"lora: carried on the adapter of {where}: {sum(1 for k in take if 'lora_' in k)} adapter tensors"
+            + (f" and {len(heads)} head tensors" if heads else ""))
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        line += f"; left behind (no such module of that shape in this model): {shown}"
+    return line
 
 
 def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: list[str]) -> str:
@@ -418,6 +498,23 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
     if not info.get("base_model_name_or_path"):
         raise HonelmError(f"{path}: no base_model_name_or_path, so there is no base model to attach the adapter to")
     return info
+
+
+def load_for_carry(adapter_dir: str | Path, task: str, num_labels: int | None = None,
+                   id2label: dict | None = None, trust_remote_code: bool = False,
+                   problem_type: str | None = None) -> nn.Module:
+    """The base an adapter was trained on, loaded for `task` (re-headed when needed), marked so that
+    `apply_lora` attaches the same adapter again with its weights (`lora.carry`)."""
+    from honelm.models import load_model
+
+    info = adapter_info(adapter_dir)
+    base = info["base_model_name_or_path"]
+    if Path(base).is_absolute() and not Path(base).exists():
+        raise HonelmError(f"{adapter_dir}: the adapter's base model {base} does not exist (moved or deleted?)")
+    model = load_model(base, task, num_labels=num_labels, id2label=id2label, trust_remote_code=trust_remote_code,
+                       problem_type=problem_type)
+    model.honelm_carry = {"dir": str(Path(adapter_dir).resolve()), "config": info}
+    return model
 
 
 def load_merged(adapter_dir: str | Path, task: str | None = None, num_labels: int | None = None,

@@ -456,7 +456,8 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir, lambda: [d.text for d in corpus.train],
                                     "wordpiece" if kind == "encoder" else "bpe", say, runtime, resume is not None)
     task = "mlm" if kind == "encoder" else "lm"
-    model = S.resolve_model(cfg.model, task, tokenizer, cfg.run.seed, say)
+    model = S.resolve_model(cfg.model, task, tokenizer, cfg.run.seed, say,
+                            carry=boosters.carries_adapter(cfg, "adapt"))
     report_new_head(model, say)
     S.check_block_fits(model, cfg.data.block_size, "data.block_size")
     if kind == "encoder" and (tokenizer.mask_token_id is None or tokenizer.cls_token_id is None):

@@ -115,7 +115,8 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
                                     lambda: [e.text for e in splits.train] + [e.text_pair for e in splits.train if e.text_pair],
                                     kind, tracker.say, runtime, resume is not None)
     model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
-                            num_labels=1 if regression else len(label2id), id2label=id2label)
+                            num_labels=1 if regression else len(label2id), id2label=id2label,
+                            carry=boosters.carries_adapter(cfg, "classify"))
     model = boosters.apply(model, cfg, "classify", tracker.say)
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     is_decoder = model_kind(model) == "decoder"
@@ -161,8 +162,9 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
             tracker.close()
             return {"run_dir": str(run_dir), "steps": 0, "reason": "interrupted", "best_step": 0}
         rt.seed_everything(cfg.run.seed)  # the student starts exactly where the teacher did
-        model = boosters.apply(S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
-                                               num_labels=n_labels, id2label=id2label), cfg, "classify", tracker.say)
+        student = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=n_labels,
+                                  id2label=id2label, carry=boosters.carries_adapter(cfg, "classify"))
+        model = boosters.apply(student, cfg, "classify", tracker.say)
     objective = boosters.objective(inner, cfg, tokenizer, tracker.say, stored=stored)
     # plae: a run resumed during its teacher stage may have no checkpoint of its own yet
     result = train_model(model, objective, run_dir, tracker,

@@ -151,7 +151,8 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
     run_dir = S.run_directory("dpo", cfg, runtime, resume)
     tracker = S.tracker_for(run_dir, runtime, cfg)
     splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say)
+    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                            carry=boosters.carries_adapter(cfg, "dpo"))
     from honelm.models import model_kind
 
     if model_kind(model) != "decoder":

@@ -97,7 +97,8 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     if tokenizer.eos_token_id is None:
         raise HonelmError("the tokenizer has no EOS token: responses could never end (and nothing would be masked)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, say)
+    policy = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, say,
+                             carry=boosters.carries_adapter(cfg, "ppo"))
     if disable_dropout(policy):
         say("dropout: turned off in the policy (PPO's ratio must be exactly 1 before an update)")
     train, cut = encode_prompts(tokenizer, splits.train, chat, cfg.data.max_prompt_length)

@@ -80,7 +80,8 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
                                     lambda: [d.text for d in splits.train], "bpe", tracker.say, runtime, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say)
+    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                            carry=boosters.carries_adapter(cfg, "pretrain"))
     model = boosters.apply(model, cfg, "lm", tracker.say)
     S.check_block_fits(model, cfg.data.block_size, "data.block_size")
     train_blocks = pack(tokenizer, [d.text for d in splits.train], cfg.data.block_size)

@@ -103,7 +103,7 @@ def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
     tracker = S.tracker_for(run_dir, runtime, cfg)
     splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
     model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=1,
-                            id2label={0: "reward"})
+                            id2label={0: "reward"}, carry=boosters.carries_adapter(cfg, "reward"))
     # the head reads the last token that is not the pad id: batches are padded with the tokenizer's
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -168,15 +168,33 @@ def resolve_tokenizer(model_cfg: C.ModelConfig, run_dir: Path | None, train_text
 
 
 def resolve_model(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int, say: Callable[[str], None],
-                  num_labels: int | None = None, id2label: dict[int, str] | None = None) -> torch.nn.Module:
-    """Load init_from (re-headed for the task when needed) or build the preset from random init."""
+                  num_labels: int | None = None, id2label: dict[int, str] | None = None,
+                  carry: bool = False) -> torch.nn.Module:
+    """Load init_from (re-headed for the task when needed) or build the preset from random init.
+
+    A LoRA run as init_from is merged into its base, unless `carry` (`lora.carry`, see
+    `honelm.boosters.carries_adapter`): then its base is loaded and the adapter is attached again
+    by `honelm.boosters.apply`.
+    """
     from honelm.models import build_model, count_parameters, load_model
 
+    if carry and not model_cfg.init_from:
+        raise ConfigError("lora.carry=true continues the adapter of a LoRA run: set model.init_from to that run")
     if model_cfg.init_from:
         path = resolve_model_dir(model_cfg.init_from)
-        model = load_model(path, task, num_labels=num_labels, id2label=id2label,
-                           trust_remote_code=model_cfg.trust_remote_code)
-        origin = f"from {path}"
+        if carry:
+            from honelm.boosters.lora import is_adapter_dir, load_for_carry
+
+            if not is_adapter_dir(path):
+                raise ConfigError(f"lora.carry=true: model.init_from={model_cfg.init_from} holds no LoRA adapter "
+                                  f"({path} has no adapter_config.json); set lora.carry=false to add a fresh adapter")
+            model = load_for_carry(path, task, num_labels=num_labels, id2label=id2label,
+                                   trust_remote_code=model_cfg.trust_remote_code)
+            origin = f"the base of the LoRA adapter in {path} (the adapter is carried on)"
+        else:
+            model = load_model(path, task, num_labels=num_labels, id2label=id2label,
+                               trust_remote_code=model_cfg.trust_remote_code)
+            origin = f"from {path}"
         new = getattr(model, "honelm_new_weights", [])
         if new:
             shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")

@@ -276,7 +276,8 @@ def run(cfg: SFTConfig, resume: str | None = None) -> dict[str, Any]:
                                     "bpe", tracker.say, runtime, resume is not None)
     if not ensure_template(tokenizer, tracker.say):
         tracker.say("chat template: the tokenizer's own")
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say)
+    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                            carry=boosters.carries_adapter(cfg, "sft"))
     model = boosters.apply(model, cfg, "lm", tracker.say)
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     train = encode_split(tokenizer, splits.train, cfg.data)

@@ -118,7 +118,7 @@ def test_curated_tapt_records_its_picks(bare_encoder, data_dir, tmp_path):
     assert "domain" not in corpus["val"]  # the rest of the domain corpus plays no part
 
 
-def test_lora_adapt_then_classify(bare_encoder, data_dir, tmp_path):
+def test_lora_adapt_then_classify(bare_encoder, data_dir, tmp_path, capsys):
     cli("adapt", f"task.train={data_dir / 'reviews.jsonl'}", f"model.init_from={bare_encoder}", "lora.enabled=true",
         "lora.r=4", "train.max_steps=20", f"run.out_dir={tmp_path}", "run.name=lora", *SHORT)
     run = tmp_path / "lora"
@@ -127,6 +127,17 @@ def test_lora_adapt_then_classify(bare_encoder, data_dir, tmp_path):
     cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={run}",
         f"run.out_dir={tmp_path}", "run.name=cls", *CLASSIFY)
     assert (tmp_path / "cls" / "best" / "model.safetensors").is_file()
+    # or carried on: the classifier keeps training the adapt run's adapter (same rank) instead of merging it
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={run}", "lora.enabled=true",
+        "lora.r=4", "lora.carry=true", f"run.out_dir={tmp_path}", "run.name=carried", *CLASSIFY)
+    carried = tmp_path / "carried"
+    log = (carried / "log.txt").read_text(encoding="utf-8")
+    assert f"lora: carried on the adapter of {run / 'best'}" in log and "left behind" in log  # the MLM head's part
+    assert json.loads((carried / "best" / "adapter_config.json").read_text())["r"] == 4
+    capsys.readouterr()
+    code = main(["classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={tmp_path / 'cls'}",
+                 "lora.enabled=true", "lora.carry=true", f"run.out_dir={tmp_path}", "run.name=bad", *CLASSIFY])
+    assert code != 0 and "holds no LoRA adapter" in capsys.readouterr().err
 
 
 def test_resume_restores_the_dynamic_masks_exactly(data_dir, tmp_path):

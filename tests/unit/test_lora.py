@@ -370,3 +370,77 @@ def test_resume_with_lora_is_bit_identical(tmp_path):
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
     assert (tmp_path / "cut" / "best" / "adapter_config.json").is_file() and (tmp_path / "cut" / "base").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# lora.carry: keep training an adapter in the next stage
+
+
+def _mlm_adapter_run(tmp_path, **kw):
+    """An encoder MLM checkpoint with a LoRA adapter trained on it (as `honelm adapt` with LoRA leaves it)."""
+    from transformers import AutoModelForMaskedLM
+
+    build_model("encoder", "test", VOCAB, task="mlm", seed=0).save_pretrained(tmp_path / "mlm")
+    wrapped = apply_lora(load_model(tmp_path / "mlm", "mlm"), lora(**kw), "mlm", quiet)
+    train_steps(wrapped)
+    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best", {"step": 3})
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")  # the base the adapter points at
+    return tmp_path / "run" / "best", wrapped
+
+
+def test_carry_continues_the_same_adapter_on_its_base_for_a_new_task(tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    from honelm.boosters.lora import load_for_carry, load_merged
+
+    best, trained = _mlm_adapter_run(tmp_path)
+    model = load_for_carry(best, "classify", num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+    lines: list[str] = []
+    carried = apply_lora(model, lora(carry=True), "classify", lines.append)
+    assert lines[0].startswith(f"lora: carried on the adapter of {best}: 24 adapter tensors;")
+    # the MLM head's adapter has no module to go to in a classifier, and the line says so
+    assert lines[0].endswith("left behind (no such module of that shape in this model): "
+                             "cls.predictions.transform.dense.lora_A.weight, cls.predictions.transform.dense.lora_B.weight")
+    before = get_peft_model_state_dict(trained)
+    after = get_peft_model_state_dict(carried)
+    lora_keys = [k for k in before if "lora_" in k and ".cls." not in k]
+    assert lora_keys and all(torch.equal(before[k], after[k]) for k in lora_keys)  # the adapter's own weights
+    assert carried.base_model.model.classifier.modules_to_save["default"].weight.requires_grad  # the new head trains
+    for name, p in carried.named_parameters():  # the base stays frozen: only adapter and head tensors train
+        assert p.requires_grad == ("lora_" in name or "modules_to_save" in name), name
+    # the carried trunk computes what the merged adapter computes (the new head aside)
+    merged = load_merged(best, "mlm")
+    b = batch()
+    carried.eval()
+    with torch.no_grad():
+        mine = carried.base_model.model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        theirs = merged.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    # and it keeps training: the adapter moves away from where it started
+    train_steps(carried, steps=2)
+    moved = get_peft_model_state_dict(carried)
+    assert any(not torch.equal(moved[k], before[k]) for k in lora_keys)
+
+
+def test_carry_refuses_a_section_that_contradicts_the_adapter(tmp_path):
+    from honelm.boosters.lora import load_for_carry
+
+    best, _ = _mlm_adapter_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"lora.r=8 but the adapter has 4.*lora.carry=false"):
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, r=8), "mlm", quiet)
+    with pytest.raises(ConfigError, match=r"lora.dora=True but the adapter has False"):
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, dora=True), "mlm", quiet)
+
+
+def test_carry_needs_lora_and_an_adapter_and_is_refused_where_the_reference_would_change(tmp_path):
+    from types import SimpleNamespace
+
+    from honelm import boosters
+
+    assert not boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True)), "classify")
+    assert boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True, carry=True)), "sft")
+    with pytest.raises(ConfigError, match="needs lora.enabled=true"):
+        boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(carry=True)), "classify")
+    for stage in ("dpo", "ppo"):
+        with pytest.raises(ConfigError, match=f"not available for {stage}"):
+            boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True, carry=True)), stage)
