@@ -28,7 +28,7 @@ Resuming: the study lives in OUT_DIR/study.db (SQLite). Running the same command
 the same study up to `n_trials` finished (complete or pruned) trials. A trial that was running
 when the process died or was interrupted is marked failed and its parameters are tried again
 first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
-trials are then detected by heartbeat and retried by Optuna's RetryFailedTrialCallback.
+trials are then detected by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
 
 Outputs, rewritten after every trial: trials.jsonl and trials.csv, best.json, best.yaml (the best
 trial's config, ready for `honelm VERB --config best.yaml`), a `best` link to the best trial's
@@ -327,8 +327,11 @@ def make_pruner(spec: SearchSpec) -> Any:
 def storage_for(spec: SearchSpec) -> Any:
     optuna = _optuna()
     if spec.storage:  # shared: several processes/machines; stale trials found by heartbeat and retried
-        return optuna.storages.RDBStorage(spec.storage, heartbeat_interval=60, grace_period=180,
-                                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9 renamed the hook
+            retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        else:
+            retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+        return optuna.storages.RDBStorage(spec.storage, heartbeat_interval=60, grace_period=180, **retry)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(f"sqlite:///{(spec.out_dir / 'study.db').resolve()}")
 
@@ -407,6 +410,7 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
     optuna = _optuna()
     module, _ = stage_module(spec.verb)
     trials_dir = spec.out_dir / "trials"
+    spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker
     with _Lock(spec.out_dir / ".lock") if not spec.storage else contextlib.nullcontext():
         storage = storage_for(spec)
         study = optuna.create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
@@ -517,11 +521,21 @@ def _log_trial(spec: SearchSpec, study: Any, t: Any) -> None:
 # outputs
 
 
+def _shown_url(url: str) -> str:
+    """A storage URL as it may be written to disk and logs: without its password."""
+    from sqlalchemy.engine import make_url  # optuna's RDB storage depends on sqlalchemy
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # sqlalchemy's parse errors have several types; an unparsable URL is shown as a scheme only
+        return url.split(":", 1)[0] + ":***"
+
+
 def _write_marker(spec: SearchSpec) -> None:
     marker = {"kind": "search", "file": str(spec.path), "verb": spec.verb, "config": spec.config, "set": spec.settings,
               "metric": spec.metric, "direction": "minimize" if spec.minimize else "maximize",
               "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.n_trials, "study": spec.study,
-              "storage": spec.storage or "sqlite (study.db)",
+              "storage": _shown_url(spec.storage) if spec.storage else "sqlite (study.db)",
               "space": {p.key: p.describe() for p in spec.space}}
     (spec.out_dir / SEARCH_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import optuna
@@ -100,6 +101,24 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     pruned_run = Path(rows[1]["run_dir"])
     end = events(pruned_run, "end")[-1]
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
+
+
+def test_a_storage_url_keeping_every_model_halving_and_a_timeout(data_dir, tmp_path):
+    """--storage URL (what several machines share; no local study.db, no directory lock), keep_models: all,
+    the successive-halving pruner, and --timeout (no trial starts after it; the running one finishes)."""
+    path = search_file(tmp_path, data_dir, n_trials=2, pruner="halving", keep_models="all")
+    assert isinstance(S.make_pruner(S.load_spec(path)), optuna.pruners.SuccessiveHalvingPruner)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    cli("search", str(path), "--storage", url)
+    out = tmp_path / "search"
+    assert not (out / "study.db").exists() and len(optuna.load_study(study_name="honelm", storage=url).trials) == 2
+    rows = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert all((Path(r["run_dir"]) / "best" / "config.json").is_file() for r in rows)  # every trial's model kept
+    assert json.loads((out / "search.json").read_text())["storage"] == url
+    assert S._shown_url("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"  # never on disk
+    with eval_hook(lambda *_: time.sleep(0.6)):  # a trial (two validations) now outlasts the timeout
+        cli("search", str(path), "--storage", url, "--n-trials", "10", "--timeout", "1")
+    assert len(optuna.load_study(study_name="honelm", storage=url).trials) == 3  # one trial, then the time was up
 
 
 def test_search_files_are_checked_before_any_trial(data_dir, tmp_path):
