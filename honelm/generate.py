@@ -10,11 +10,12 @@ This module owns:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -96,7 +97,7 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _rng_devices(device: torch.device) -> tuple[str | None, list[int]]:
+def rng_devices(device: torch.device) -> tuple[str | None, list[int]]:
     """Which accelerator RNGs `torch.manual_seed` will touch, so fork_rng can restore all of them."""
     if device.type in ("cpu", "meta"):
         acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
@@ -110,6 +111,30 @@ def _rng_devices(device: torch.device) -> tuple[str | None, list[int]]:
     # listing them explicitly also silences fork_rng's many-devices warning.
     count = mod.device_count() if hasattr(mod, "device_count") else 0
     return device_type, list(range(count))
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model: Any) -> Iterator[None]:
+    """For the duration: `model.generation_config` holds only its special-token ids.
+
+    transformers merges the checkpoint's generation_config into every `generate` call, and a
+    repetition_penalty, min_length or no_repeat_ngram_size saved with a model would reshape the
+    distribution even though every sampling knob is passed explicitly; the caller's settings must
+    be the whole story (and PPO's rollouts must sample from exactly softmax(logits / T)).
+    """
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(target, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    target.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in
+                                                   ("bos_token_id", "eos_token_id", "pad_token_id")})
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def generate(
@@ -194,11 +219,12 @@ def generate_ids(
     device = next(model.parameters()).device
     is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     was_training = model.training
-    device_type, devices = _rng_devices(device)
+    device_type, devices = rng_devices(device)
     outputs: list[str] = []
     model.eval()
     try:
-        with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
+        with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad(), \
+                neutral_generation_config(model):
             torch.manual_seed(cfg.seed)
             for start in range(0, len(rows), batch_size):
                 input_ids, attention_mask = _left_pad([list(r) for r in rows[start : start + batch_size]], pad_id)

@@ -93,23 +93,12 @@ class PolicyWithValue(nn.Module):
 
     @torch.no_grad()
     def generate(self, **kwargs: Any) -> torch.Tensor:
-        """The policy's `generate` with a neutral generation config.
+        """The policy's `generate` with a neutral generation config (`honelm.generate.neutral_generation_config`):
+        rollouts must sample from exactly softmax(logits / T), whatever the checkpoint saved."""
+        from honelm.generate import neutral_generation_config
 
-        transformers merges the checkpoint's generation_config into every call (a
-        repetition_penalty or min_length saved with a model would reshape the distribution even
-        when a config is passed), and rollouts must sample from exactly softmax(logits / T); so
-        only the special-token ids are kept, for the duration of the call.
-        """
-        from transformers import GenerationConfig
-
-        target = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-        saved = target.generation_config
-        target.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in
-                                                       ("bos_token_id", "eos_token_id", "pad_token_id")})
-        try:
+        with neutral_generation_config(self.policy):
             return self.policy.generate(**kwargs)
-        finally:
-            target.generation_config = saved
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """What `train.gradient_checkpointing` calls: on for the policy (and a separate value trunk)."""

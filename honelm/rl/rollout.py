@@ -36,7 +36,7 @@ import torch
 
 from honelm.checkpoint import STEP_DIR, list_checkpoints
 from honelm.errors import ConfigError, HonelmError
-from honelm.generate import _rng_devices
+from honelm.generate import rng_devices
 from honelm.loop import BatchStream
 from honelm.objectives.ppo import response_logits, token_logprobs
 from honelm.rl.advantages import gae, kl_estimate, masked_whiten, response_mask, token_rewards
@@ -153,7 +153,7 @@ class Sampler:
     def generate(self, query: torch.Tensor, query_mask: torch.Tensor, seed: int) -> torch.Tensor:
         """(B, R') sampled response tokens, R' <= response_length (HF stops when every row has ended)."""
         device = next(self.model.parameters()).device
-        device_type, devices = _rng_devices(device)
+        device_type, devices = rng_devices(device)
         with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad(), self.autocast():
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device), do_sample=True,

@@ -6,6 +6,7 @@ so the tests run offline in a couple of seconds.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,30 @@ def test_greedy_is_deterministic_and_seed_independent(
     b = generate(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=15, do_sample=False, seed=99))
     assert a == b
     assert any(out for out in a), "greedy produced only empty strings; the test would prove nothing"
+
+
+def test_a_saved_generation_config_cannot_reshape_the_distribution(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A checkpoint's repetition_penalty / no_repeat_ngram_size would change every token picked; the
+    caller's settings are the whole story, and the saved config is restored afterwards."""
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    plain = generate(model, tokenizer, PROMPTS, cfg)
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    try:
+        assert generate(model, tokenizer, PROMPTS, cfg) == plain
+        assert model.generation_config.repetition_penalty == 50.0  # put back as it was
+        with torch.no_grad():  # the knobs do bite when transformers is left to apply them
+            ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+            raw = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.decode(raw[0, ids.shape[1]:], skip_special_tokens=True) != generate(
+            model, tokenizer, PROMPTS[:1], cfg)[0]
+    finally:
+        model.generation_config = saved
 
 
 def test_temperature_zero_means_greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
