@@ -34,7 +34,11 @@ OVERFIT_REL_RISE = 0.02
 # train loss was still falling (averaging keeps a single noisy batch from deciding).
 TRAIN_TREND_WINDOW = 5
 PLOT_DPI = 110
-PLOT_NAMES = ("loss.png", "lr.png", "val_metrics.png", "confusion.png", "calibration.png", "pred_vs_gold.png")
+PLOT_NAMES = ("loss.png", "lr.png", "val_metrics.png", "rollouts.png", "ppo.png", "confusion.png", "calibration.png",
+              "pred_vs_gold.png")
+# What a PPO run's `rollout` events (one per sampled batch) and its `train` events carry, in panel order.
+ROLLOUT_KEYS = ("score", "rlhf_reward", "kl", "response_length", "ended", "time_s")
+PPO_TRAIN_KEYS = ("pg_loss", "vf_loss", "entropy", "clipfrac", "vf_clipfrac", "approx_kl")
 # Beyond this many classes the confusion plot drops its per-cell numbers (unreadable); the table keeps them.
 CONFUSION_ANNOTATE_MAX = 20
 
@@ -429,8 +433,9 @@ def plot_lr(path: Path, lr: list[tuple[int, float]]) -> None:
     _save(fig, path)
 
 
-def plot_val_metrics(path: Path, metrics: dict[str, list[tuple[int, float]]]) -> None:
-    """One small panel per metric, shared step axis.
+def plot_val_metrics(path: Path, metrics: dict[str, list[tuple[int, float]]],
+                     title: str = "Validation metrics vs step") -> None:
+    """One small panel per metric, shared step axis (validation metrics; PPO's rollout and update statistics).
 
     One panel each rather than one shared axis: accuracy (0–1) and perplexity (tens or more)
     on one y-axis would flatten every metric but the largest into a line at the bottom.
@@ -449,7 +454,7 @@ def plot_val_metrics(path: Path, metrics: dict[str, list[tuple[int, float]]]) ->
         ax.set_xlabel("step")
         ax.set_ylabel(name.removeprefix("val_"))
         ax.grid(True, alpha=0.3)
-    fig.suptitle("Validation metrics vs step")
+    fig.suptitle(title)
     _save(fig, path)
 
 
@@ -842,6 +847,14 @@ def write_report(run_dir: str | Path) -> Path:
     if val_metrics:
         plot_val_metrics(plots / "val_metrics.png", val_metrics)
         written.add("val_metrics.png")
+    rollouts = {k: pts for k in ROLLOUT_KEYS if (pts := series(data.events, "rollout", k))}
+    if rollouts:
+        plot_val_metrics(plots / "rollouts.png", rollouts, "PPO rollouts vs step (per-sequence means)")
+        written.add("rollouts.png")
+    updates = {k: pts for k in PPO_TRAIN_KEYS if (pts := series(data.events, "train", k))} if rollouts else {}
+    if updates:
+        plot_val_metrics(plots / "ppo.png", updates, "PPO updates vs step (per response token)")
+        written.add("ppo.png")
     predictions_lines = _predictions_section(data, plots, written)  # adds its plots to `written`
     for name in PLOT_NAMES:
         if name not in written:
@@ -873,6 +886,16 @@ def write_report(run_dir: str | Path) -> Path:
         last_eval = {name: pts[-1] for name, pts in val_metrics.items()}
         rows = [[name, fmt(v), s] for name, (s, v) in last_eval.items()]
         lines += ["Last value of each validation metric:", "", *table(["metric", "value", "step"], rows), ""]
+
+    if rollouts:
+        lines += ["## PPO rollouts", "",
+                  "Each rollout samples responses at the training temperature; `score` is the reward model's, "
+                  "`kl` the summed per-token KL to the reference, `rlhf_reward` = score − kl_coef·kl, `ended` the "
+                  "fraction of responses that emitted EOS.", "", "![PPO rollouts](plots/rollouts.png)", ""]
+        if "ppo.png" in written:
+            lines += ["![PPO updates](plots/ppo.png)", ""]
+        rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
+        lines += [*table(["statistic", "first", "last", "last step"], rows), ""]
 
     infos = [e for e in data.of("info") if e.get("message")]
     if infos:

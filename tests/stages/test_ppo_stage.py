@@ -45,6 +45,10 @@ def test_ppo_run_and_exact_resume(pretrained, prompts_file, tmp_path):
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"] in PROMPTS and isinstance(sample["response"], str) and "score" in sample
     assert AutoModelForCausalLM.from_pretrained(run / "best") is not None  # the policy alone, plain transformers
+    cli("report", str(run))  # the report plots the rollouts and the PPO update statistics
+    report = (run / "report.md").read_text()
+    assert "## PPO rollouts" in report and "plots/rollouts.png" in report and "plots/ppo.png" in report
+    assert (run / "plots" / "rollouts.png").is_file() and (run / "plots" / "ppo.png").is_file()
 
     # resume from step 3 (mid-rollout: its minibatches come from the saved rollout) ends bit-identical
     copy = tmp_path / "b"
