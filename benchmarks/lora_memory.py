@@ -65,7 +65,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,11 +73,11 @@ from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pretrain_throughput import StepClock, cpu_bf16_units, cpu_model, fmt_row, peak_rss_mib  # noqa: E402
+from _common import (StepClock, child_env, cpu_bf16_units, cpu_model, fmt_row, peak_rss_mib,  # noqa: E402
+                     rss_mib, run_child_process)
 
 CONTENDERS = ("honelm_full", "honelm_lora", "peft_full", "peft_lora")
 TARGETS = {"peak_rss_mib": 0.7, "step_s": 0.9}  # honelm_lora / honelm_full, at most
@@ -86,17 +85,6 @@ TARGETS = {"peak_rss_mib": 0.7, "step_s": 0.9}  # honelm_lora / honelm_full, at 
 
 # ----------------------------------------------------------------------------------------------
 # helpers (children)
-
-
-def rss_mib() -> float:
-    """Current resident set size of this process (VmRSS), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def make_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,17 +279,10 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
            "--precision", args.precision, "--lora-r", str(args.lora_r), "--lora-dropout", str(args.lora_dropout)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    env = child_env()
     if args.malloc_mmap_threshold > 0:  # glibc: every allocation at least this large is its own mmap, unmapped on free
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-    return {"contender": name, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
+    return run_child_process(cmd, env, "contender", name)
 
 
 def ratio_lines(by: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:

@@ -58,15 +58,20 @@ import math
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:  # _common sits beside this file, also when this module is imported from elsewhere
+    sys.path.insert(0, str(HERE))
+
+from _common import (StepClock, child_env, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
+                     peak_rss_mib, run_child_process, run_rounds, wait_for_idle)
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CONTENDERS = ("honelm", "hf_default", "hf_best", "minimal")
 TARGETS = {"hf_default": 1.5, "hf_best": 1.0, "minimal": 0.95}
@@ -84,89 +89,6 @@ MINIMAL_VARIANTS = ("minimal", "minimal_mask")
 # honelm with train.precision forced (the `honelm` contender uses auto, as `honelm pretrain` does).
 HONELM_VARIANTS = {"honelm": "auto", "honelm_bf16": "bf16", "honelm_fp32": "fp32"}
 EXTRA = [c for c in (*HONELM_VARIANTS, *HF_VARIANTS, *MINIMAL_VARIANTS) if c not in CONTENDERS]
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers shared by parent and children
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (VmHWM), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_bf16_units() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return ", ".join(found) or "none"
-
-
-def cpu_counters() -> tuple[float, float]:
-    """(CPU seconds of this process, busy CPU seconds of the whole machine) so far."""
-    t = os.times()
-    own = t.user + t.system
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    except (OSError, ValueError, IndexError):
-        busy = math.nan
-    return own, busy
-
-
-class StepClock:
-    """Timestamps one fixed point of every iteration; the timed span is marks[W] .. marks[W+S].
-
-    Also samples CPU time at both ends of the span: `other_load` is the CPU the rest of the
-    machine used meanwhile, in cores (near 0 on an idle machine; another training job shows as ~1+).
-    """
-
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps = warmup, steps
-        self.marks: list[float] = []
-        self.rss_at_end: float | None = None
-        self.cpu: list[tuple[float, float]] = []
-
-    def mark(self) -> None:
-        self.marks.append(time.perf_counter())
-        if len(self.marks) in (self.warmup + 1, self.warmup + self.steps + 1):
-            self.cpu.append(cpu_counters())
-        if len(self.marks) == self.warmup + self.steps + 1:
-            self.rss_at_end = peak_rss_mib()
-
-    def load(self) -> dict[str, float]:
-        (own0, busy0), (own1, busy1) = self.cpu[0], self.cpu[-1]
-        wall = self.seconds()
-        own = own1 - own0
-        return {"own_cores": own / wall, "other_load": max(0.0, (busy1 - busy0) - own) / wall}
-
-    def seconds(self) -> float:
-        need = self.warmup + self.steps + 1
-        if len(self.marks) < need:
-            raise RuntimeError(f"only {len(self.marks)} step marks, expected at least {need}")
-        return self.marks[self.warmup + self.steps] - self.marks[self.warmup]
-
-    def step_times(self) -> list[float]:
-        m = self.marks[self.warmup: self.warmup + self.steps + 1]
-        return [b - a for a, b in zip(m, m[1:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,52 +312,13 @@ def child_main(args: argparse.Namespace) -> int:
 # parent
 
 
-def other_busy(window: float = 3.0) -> float:
-    """Cores kept busy by other processes over `window` seconds (this process sleeps meanwhile)."""
-    own0, busy0 = cpu_counters()
-    time.sleep(window)
-    own1, busy1 = cpu_counters()
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / window
-
-
-def wait_for_idle(limit: float, threshold: float = 0.25) -> float:
-    """Wait (at most `limit` s) until other processes use under `threshold` cores; returns the last reading."""
-    deadline = time.monotonic() + limit
-    busy = other_busy()
-    said = False
-    while busy >= threshold and time.monotonic() < deadline:
-        if not said:
-            print(f"    waiting for the machine to go idle (other processes use {busy:.1f} cores)", flush=True)
-            said = True
-        busy = other_busy(5.0)
-    return busy
-
-
 def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", name, "--work", str(work),
            "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
            "--grad-accum", str(args.grad_accum), "--block-size", str(args.block_size),
            "--model-vocab", str(args.model_vocab), "--threads", str(args.threads), "--lr", str(args.lr),
            "--seed", str(args.seed)]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-    return {"contender": name, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
-
-
-def fmt_row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return run_child_process(cmd, child_env(), "contender", name)
 
 
 def summarize(runs: dict[str, list[dict]], step_tokens: int, flops_tok: float, peak: float) -> dict[str, dict]:
@@ -541,28 +424,10 @@ def parent_main(args: argparse.Namespace) -> int:
         fp32_peak = matmul_peak("fp32", args.peak_n, max(3, args.peak_repeats // 2))
         print(f"peak: bf16 matmul {peaks[0] / 1e9:,.0f} GFLOP/s, fp32 matmul {fp32_peak / 1e9:,.0f} GFLOP/s "
               f"({args.peak_n}x{args.peak_n}, best of {args.peak_repeats})", flush=True)
-        runs: dict[str, list[dict]] = {name: [] for name in contenders}
-        for rnd in range(args.rounds):
-            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]  # rotate: no fixed slot
-            print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            for name in order:
-                tries: list[dict[str, Any]] = []
-                while True:
-                    wait_for_idle(args.idle_wait)
-                    r = run_child(name, args, work)
-                    tries.append(r)
-                    if "error" in r:
-                        print(f"  {name}: FAILED", flush=True)
-                        break
-                    print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, other load {r['other_load']:.2f} cores "
-                          f"({r['wall_s']:.0f}s in all)", flush=True)
-                    if r["other_load"] <= 0.25 or len(tries) > args.retries:
-                        break
-                    print(f"    contended: running {name} again", flush=True)
-                ok = [t for t in tries if "error" not in t]
-                best = min(ok, key=lambda t: t["other_load"]) if ok else tries[-1]
-                best["attempts"] = len(tries)
-                runs[name].append(best)
+        runs = run_rounds(contenders, args.rounds, args.idle_wait, args.retries,
+                          lambda name: run_child(name, args, work),
+                          lambda r: f"{r['tokens_per_s']:,.0f} tokens/s, other load {r['other_load']:.2f} cores "
+                                    f"({r['wall_s']:.0f}s in all)")
         wait_for_idle(args.idle_wait)
         peaks.append(matmul_peak("bf16", args.peak_n, args.peak_repeats))
     peak = max(peaks)

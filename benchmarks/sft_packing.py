@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,8 +59,8 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from pretrain_throughput import (StepClock, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
-                                 wait_for_idle)
+from _common import (StepClock, child_env, cpu_bf16_units, cpu_model, fmt_row, median,  # noqa: E402
+                     run_child_process, wait_for_idle)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca-en-demo" / "alpaca_en_demo.json"
 MODES = ("packed", "padded", "padded_grouped")
@@ -173,15 +172,7 @@ def run_child(mode: str, args: argparse.Namespace, work: Path, precision: str) -
            "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--size", args.size, "--threads", str(args.threads),
            "--lr", str(args.lr), "--seed", str(args.seed), "--precision", precision]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-    return {"mode": mode, "error": f"exit {proc.returncode} after {time.perf_counter() - t0:.0f}s:\n{tail}"}
+    return run_child_process(cmd, child_env(), "mode", mode)
 
 
 def report(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
