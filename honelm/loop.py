@@ -272,9 +272,12 @@ def fit(
 
     if state["precision"] is None:
         # a stream may supply its own probe batch (PPO's rollout stream: no items to collate before a rollout)
+        # Half a micro-batch: the fp32 probe keeps fp32 activations, which for a batch sized for bf16
+        # training would set the run's peak memory above anything training itself reaches.
         own_probe = getattr(stream, "probe_batch", None)
+        probe_rows = max(1, min(stream.bs, stream.n) // 2)
         probe_batch = _to_device(own_probe() if own_probe is not None else
-                                 stream.collate([stream.item_at(p) for p in range(min(stream.bs, stream.n))]), device)
+                                 stream.collate([stream.item_at(p) for p in range(probe_rows)]), device)
 
         def probe(mode: str) -> None:
             ctx = rt.Runtime(device=device, precision=mode).autocast
