@@ -387,9 +387,13 @@ def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
 
 
 def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per variant: mean ± std of each test metric, the interval vs baseline, verdict, cost."""
+    """One row per variant with finished cells: mean ± std of each test metric, the interval vs
+    baseline, verdict, cost. An unfinished ablation (some seeds or variants still to run) gives the
+    rows it can, each marked with `complete`; the interval pairs each variant seed with the
+    baseline's run of the same seed, so it only uses seeds both sides have."""
     base = cells[BASELINE]
     gold = base[0]["gold"]
+    base_by_seed = {r["seed"]: r for r in base}
     for name, records in cells.items():
         for r in records:
             if r["gold"] != gold:
@@ -397,9 +401,12 @@ def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> lis
                                   "tested on the same split (same data and data.seed)")
     rows = []
     for variant in spec.variants:
-        records = cells[variant.name]
+        records = cells.get(variant.name) or []
+        if not records:
+            continue
         metric_names = sorted({k for r in records for k in r["test"] if k.startswith("test_") and k != "test_loss"})
-        row: dict[str, Any] = {"variant": variant.name, "seeds": [r["seed"] for r in records]}
+        row: dict[str, Any] = {"variant": variant.name, "seeds": [r["seed"] for r in records],
+                               "complete": len(records) == len(spec.seeds)}
         for m in metric_names:
             row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([r["test"].get(m) for r in records])
         row["metric"] = spec.metric
@@ -407,8 +414,11 @@ def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> lis
         row["mean"], row["std"] = stats.mean_std(row["values"])
         if variant.name == BASELINE:
             row.update(diff=0.0, low=None, high=None, verdict="—")
+        elif not (paired := [r for r in records if r["seed"] in base_by_seed]):
+            row.update(diff=None, low=None, high=None, verdict="pending")  # its seeds' baselines are still to run
         else:
-            ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in records], [r["pred"] for r in base],
+            ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in paired],
+                                        [base_by_seed[r["seed"]]["pred"] for r in paired],
                                         spec.bootstrap, spec.confidence, seed=0)
             row.update(diff=ci.diff, low=ci.low, high=ci.high,
                        verdict=stats.verdict(ci.low, ci.high, spec.higher_is_better))
@@ -426,10 +436,15 @@ def _arr(values: list[Any]) -> Any:
     return np.asarray(values)
 
 
-def write_results(spec: AblationSpec, rows: list[dict[str, Any]]) -> None:
+def write_results(spec: AblationSpec, rows: list[dict[str, Any]], cells_done: int | None = None) -> None:
+    """results.json/csv and the chart; `cells_done` (of variants × seeds) when the ablation is unfinished."""
     out = spec.out_dir
+    planned = len(spec.variants) * len(spec.seeds)
+    done = planned if cells_done is None else cells_done
     (out / "results.json").write_text(json.dumps({"metric": spec.metric, "confidence": spec.confidence,
-                                                  "bootstrap": spec.bootstrap, "seeds": spec.seeds, "rows": rows},
+                                                  "bootstrap": spec.bootstrap, "seeds": spec.seeds,
+                                                  "complete": done == planned, "cells_done": done,
+                                                  "cells_planned": planned, "rows": rows},
                                                  indent=2, default=_json_default), encoding="utf-8")
     columns = ["variant", "metric", "mean", "std", "diff", "low", "high", "verdict", "train_time_s", "peak_memory_mb",
                "trainable_params"]
@@ -455,7 +470,8 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [r["variant"] for r in rows]
+    names = [r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{len(spec.seeds)})"
+             for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(2.5, 0.55 * len(rows) + 1.2)), sharey=True)
     ys = list(range(len(rows)))[::-1]
     for y, r in zip(ys, rows):
@@ -465,7 +481,7 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
     left.set_xlabel(f"test {spec.metric} (dots: seeds, bar: mean)")
     colours = {"helps": "tab:green", "hurts": "tab:red", "no evidence": "tab:gray", "—": "black"}
     for y, r in zip(ys, rows):
-        if r["variant"] == BASELINE:
+        if r["variant"] == BASELINE or r.get("low") is None:  # no interval (yet)
             continue
         c = colours[r["verdict"]]
         right.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", color=c,
@@ -477,6 +493,26 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def results_from_cells(out_dir: Path) -> bool:
+    """Rewrite results.json/csv and the chart from the cells finished on disk (what `honelm report`
+    calls for an ablation stopped midway, or one whose results predate its newest cell); False when
+    no baseline cell has finished yet, so there is nothing to compare."""
+    meta = json.loads((out_dir / ABLATION_FILE).read_text(encoding="utf-8"))
+    spec = AblationSpec(Path(meta["file"]), out_dir, list(meta["seeds"]), meta["metric"], [],
+                        [Variant(name) for name in meta["variants"]], bootstrap=int(meta["bootstrap"]),
+                        confidence=float(meta["confidence"]))
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for variant in spec.variants:
+        for seed in spec.seeds:
+            path = cell_dir(spec, variant, seed) / "cell.json"
+            if path.is_file():
+                cells.setdefault(variant.name, []).append(json.loads(path.read_text(encoding="utf-8")))
+    if not cells.get(BASELINE):
+        return False
+    write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+    return True
 
 
 def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
@@ -491,7 +527,11 @@ def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
     cells: dict[str, list[dict[str, Any]]] = {}
     for variant in spec.variants:
         extra = search_variant(spec, variant) if spec.search else {}
-        cells[variant.name] = [run_cell(spec, variant, seed, extra) for seed in spec.seeds]
+        cells[variant.name] = []
+        for seed in spec.seeds:
+            cells[variant.name].append(run_cell(spec, variant, seed, extra))
+            # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
+            write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
     rows = summarise(spec, cells)
     write_results(spec, rows)
     return rows

@@ -142,14 +142,26 @@ def write_ablation_report(path: Path) -> Path:
              f"({meta['bootstrap']} resamples). Verdict: the interval above zero → helps, below → hurts, "
              "containing zero → no evidence.", ""]
     results_path = path / "results.json"
+    newest_cell = max((c.stat().st_mtime for c in (path / "cells").glob("*/seed-*/cell.json")), default=None)
+    if newest_cell is not None and (not results_path.is_file() or results_path.stat().st_mtime < newest_cell):
+        from honelm.protocol.ablate import results_from_cells
+
+        results_from_cells(path)  # stopped midway (or by an older honelm): the results of the cells on disk
     if not results_path.is_file():
         lines += ["No results yet: run `honelm ablate " + meta["file"] + "` to finish the cells.", ""]
         return _finish(path, lines)
-    rows = json.loads(results_path.read_text(encoding="utf-8"))["rows"]
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    rows = results["rows"]
+    if not results.get("complete", True):
+        lines += [f"> **Unfinished:** {results['cells_done']} of {results['cells_planned']} cells done. Variants with "
+                  "fewer seeds than planned are marked; their intervals pair only the seeds the baseline has too, "
+                  f"and every number here can still change. Run `honelm ablate {meta['file']}` to continue.", ""]
+    n_seeds = len(meta["seeds"])
     body = []
     for r in rows:
+        name = r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{n_seeds} seeds)"
         ci = "—" if r.get("low") is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-        body.append([r["variant"], _pm(r["mean"], r["std"]), ci, f"**{r['verdict']}**" if r["variant"] != "baseline" else "—",
+        body.append([name, _pm(r["mean"], r["std"]), ci, f"**{r['verdict']}**" if r["variant"] != "baseline" else "—",
                      fmt_duration(r["train_time_s"]) if r.get("train_time_s") is not None else "—",
                      f"{r['peak_memory_mb']:,.0f} MiB" if r.get("peak_memory_mb") else "—",
                      f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"])

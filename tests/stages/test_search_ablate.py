@@ -186,6 +186,34 @@ def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_di
         ablate.run_ablation(ablate.load_spec(path))
 
 
+def test_an_unfinished_ablation_reports_the_cells_it_has(data_dir, tmp_path, monkeypatch):
+    from honelm.protocol import ablate
+
+    path = ablation_file(tmp_path, data_dir, seeds=2, variants={"fgm": {"set": {"adversarial.method": "fgm"}},
+                                                                "r3f": {"set": {"adversarial.method": "r3f"}}})
+    real = ablate.run_cell
+
+    def stop_at_r3f(spec, variant, seed, extra):
+        if variant.name == "r3f" or (variant.name == "fgm" and seed == 1):
+            raise KeyboardInterrupt  # the session ended here
+        return real(spec, variant, seed, extra)
+
+    monkeypatch.setattr(ablate, "run_cell", stop_at_r3f)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablation(ablate.load_spec(path))
+    out = tmp_path / "ablation"
+    results = json.loads((out / "results.json").read_text())  # written after every cell
+    assert not results["complete"] and (results["cells_done"], results["cells_planned"]) == (3, 6)
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert set(rows) == {"baseline", "fgm"} and rows["baseline"]["complete"] and not rows["fgm"]["complete"]
+    assert rows["fgm"]["seeds"] == [0] and rows["fgm"]["low"] <= rows["fgm"]["diff"] <= rows["fgm"]["high"]
+    (out / "results.json").unlink()  # e.g. stopped by a honelm that wrote results only at the end
+    cli("report", str(out))
+    report = (out / "report.md").read_text()
+    assert "**Unfinished:** 3 of 6 cells done" in report and "| fgm (1/2 seeds) |" in report
+    assert "r3f" not in report.split("## Results")[1].split("## Cells")[0]
+
+
 def test_ablation_files_are_checked(data_dir, tmp_path):
     from honelm.protocol import ablate
 
