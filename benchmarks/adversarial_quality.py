@@ -4,7 +4,7 @@
         [--seeds 0 1 2] [--methods none,fgm,freelb,smart,r3f,plae] [--radius 1.0] [--dry-run]
 
 Hand-run and resumable; never run by CI. Every training and test step goes through the real CLI
-(`honelm.cli.main([...])`, in-process), as benchmarks/chemprot_recipe.py does.
+(`honelm.cli.main([...])`, in-process).
 
 Data (../shared/data/sst2, the GLUE copy; `--data` to point elsewhere). For each seed s the
 benchmark draws, from the de-duplicated `train.tsv` (exact duplicate texts merged; the 5 texts
