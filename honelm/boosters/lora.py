@@ -334,6 +334,8 @@ def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[s
     mine = {"r": cfg.r, "alpha": cfg.alpha, "rslora": cfg.rslora, "dora": cfg.dora, "bias": cfg.bias}
     wrong = [f"lora.{k}={mine[k]} but the adapter has {theirs[k]}" for k in mine
              if (float(mine[k]) != float(theirs[k]) if k in ("r", "alpha") else mine[k] != theirs[k])]
+    if cfg.init.strip().lower() not in ("default", "true"):
+        wrong.append(f"lora.init={cfg.init} would be overwritten by the adapter's trained weights (leave it default)")
     if wrong:
         raise ConfigError(f"lora.carry=true continues the adapter in {where}: {'; '.join(wrong)} (set them to match, "
                           "or lora.carry=false to merge it into the base and start a fresh adapter)")

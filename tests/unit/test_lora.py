@@ -430,6 +430,8 @@ def test_carry_refuses_a_section_that_contradicts_the_adapter(tmp_path):
         apply_lora(load_for_carry(best, "mlm"), lora(carry=True, r=8), "mlm", quiet)
     with pytest.raises(ConfigError, match=r"lora.dora=True but the adapter has False"):
         apply_lora(load_for_carry(best, "mlm"), lora(carry=True, dora=True), "mlm", quiet)
+    with pytest.raises(ConfigError, match=r"lora.init=pissa would be overwritten"):
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, init="pissa"), "mlm", quiet)
 
 
 def test_carry_needs_lora_and_an_adapter_and_is_refused_where_the_reference_would_change(tmp_path):
