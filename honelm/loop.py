@@ -225,8 +225,13 @@ def fit(
     metric: str,
     resume: bool = False,
     tracker: Tracker | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train `model` with `objective` on `stream`; see the module docstring for the contract.
+
+    `on_start(precision)` ("bf16" or "fp32") runs once the precision is chosen and before the
+    first step of a fresh run (not on resume: the weights are then the checkpoint's), for work
+    that must use the training precision on the starting model (DPO's precomputed reference).
 
     `stream` is a `BatchStream` or anything with its interface (`next_step()`, `position`, `n`,
     `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
@@ -292,6 +297,8 @@ def fit(
             state["precision"] = "bf16" if int(flag) else "fp32"
         tracker.event("info", 0, message=f"precision: {state['precision_reason']}")
     runtime.precision = state["precision"]
+    if on_start is not None and not resume:
+        on_start(state["precision"])
     if resume:
         rt.set_rng_state(rng)  # last: everything above must not consume the restored streams
 

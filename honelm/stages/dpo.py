@@ -33,7 +33,7 @@ from torch import nn
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig, mutates_base
-from honelm.checkpoint import atomic_directory, save_pretrained_atomic
+from honelm.checkpoint import atomic_directory, list_checkpoints, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
@@ -130,6 +130,17 @@ def precompute_reference(model: nn.Module, splits: list[EncodedPairs], batch_siz
     model.train(was_training)
 
 
+def checkpoint_precision(run_dir: Path) -> str:
+    """The precision ("bf16"/"fp32") a run's newest checkpoint trained in."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {run_dir / 'checkpoints'}")
+    state = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("precision") not in ("bf16", "fp32"):
+        raise HonelmError(f"{found[-1] / 'trainer_state.json'}: no training precision recorded")
+    return state["precision"]
+
+
 def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bool, runtime: rt.Runtime) -> dict:
     """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
     if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
@@ -172,14 +183,26 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
         S.write_json(run_dir / REFERENCE_FILE, location)
 
     reference = None
+    on_start = None
     if cfg.dpo.precompute_ref:
-        started = time.perf_counter()
-        precision = rt.Runtime(device=runtime.device, precision="bf16" if cfg.train.precision == "bf16" else "fp32")
-        precompute_reference(model, [d for d in (train, val) if d is not None and len(d)], cfg.train.eval_batch_size,
-                             runtime.device, precision.autocast)
-        tracker.say(f"reference: log-probs of the starting model precomputed for {len(train)} train + "
-                    f"{len(val) if val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
-                    f"({precision.precision}); no reference model is kept")
+        splits_with_pairs = [d for d in (train, val) if d is not None and len(d)]
+
+        def precompute(precision: str) -> None:
+            # in the precision the policy trains in: at step 0 policy and reference log-probs are then equal
+            # (all implicit rewards 0), which an fp32 reference against a bf16 policy would not give
+            started = time.perf_counter()
+            autocast = rt.Runtime(device=runtime.device, precision=precision).autocast
+            precompute_reference(model, splits_with_pairs, cfg.train.eval_batch_size, runtime.device, autocast)
+            tracker.say(f"reference: log-probs of the starting model precomputed for {len(train)} train + "
+                        f"{len(val) if val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
+                        f"({precision}, the training precision); no reference model is kept")
+
+        if resume:  # the starting model is still what `model` holds; the precision is the checkpoint's
+            precompute(checkpoint_precision(run_dir))
+        else:  # fit chooses the precision first (its probe step reads these zeros), then calls precompute
+            for data in splits_with_pairs:
+                data.ref_logps = torch.zeros(len(data), 2)
+            on_start = precompute
     elif cfg.lora.enabled:
         tracker.say("reference: the policy with its LoRA adapters disabled (the model LoRA was applied to)")
     else:
@@ -195,7 +218,8 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
                 if val is not None and len(val) else None)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
                  lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
+                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
+                 on_start=on_start)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
             **result.last_eval}

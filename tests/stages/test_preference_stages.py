@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -75,6 +76,31 @@ def test_dpo_lora_with_precomputed_reference_from_a_pretrain_run(pretrained, dat
     assert json.loads((run / "reference.json").read_text()) == {"kind": "adapter_base"}
     cli("test", str(run))
     assert "test_rewards_accuracy" in json.loads((run / "test_metrics.json").read_text())
+
+
+@pytest.mark.parametrize("probe_says", [None, "bf16"])
+def test_precomputed_reference_uses_the_training_precision(data_dir, tmp_path, monkeypatch, probe_says):
+    """precision=auto: fit's probe chooses first (its probe step runs on placeholder log-probs), then the reference
+    is computed in that precision, so policy and reference agree at step 0 (loss ln 2, margins ~0). With the
+    probe's choice forced to bf16, an fp32 reference would leave a bf16-rounding margin at step 0."""
+    if probe_says:
+        from honelm import runtime as rt
+
+        monkeypatch.setattr(rt, "choose_precision", lambda requested, device, probe: (
+            probe("fp32"), probe("bf16"), ("bf16", "bf16 autocast (forced by the test)"))[-1])
+    cli("dpo", f"data.train={data_dir / 'preferences.jsonl'}", "model.size=test", "model.vocab_size=600",
+        "data.max_length=96", "train.batch_size=16", "train.max_steps=2", "train.log_every=1", "train.lr=1e-9",
+        "train.precision=auto", "train.progress=false", "train.tensorboard=false", "dpo.precompute_ref=true",
+        f"run.out_dir={tmp_path}", "run.name=p")
+    run = tmp_path / "p"
+    chosen = next(e["message"] for e in events(run, "info") if e["message"].startswith("precision:"))
+    precision = "bf16" if chosen.startswith("precision: bf16") else "fp32"
+    log = (run / "log.txt").read_text()
+    assert "pairs in" in log and f"({precision}, the training precision)" in log
+    assert log.index("precision:") < log.index("reference: log-probs")  # chosen first, then used
+    first = events(run, "train")[0]
+    assert abs(first["loss"] - 0.6931) < 1e-3 and abs(first["rewards_margin"]) < 1e-3, first
+    assert abs(first["rewards_chosen"]) < 1e-3 and abs(first["rewards_rejected"]) < 1e-3, first
 
 
 def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
