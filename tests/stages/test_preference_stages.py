@@ -103,8 +103,10 @@ def test_precomputed_reference_uses_the_training_precision(data_dir, tmp_path, m
     assert abs(first["rewards_chosen"]) < 1e-3 and abs(first["rewards_rejected"]) < 1e-3, first
 
 
-def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
-    """The reference is rebuilt on resume (a frozen copy of the same start): the run ends as if never killed."""
+@pytest.mark.parametrize("reference", [[], ["dpo.precompute_ref=true"]], ids=["frozen-copy", "precomputed"])
+def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, reference):
+    """The reference is rebuilt on resume (a frozen copy of the same start, or its log-probs precomputed again in the
+    checkpoint's precision): the run ends as if never killed."""
     import signal
 
     from safetensors.torch import load_file
@@ -112,7 +114,7 @@ def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     from tests.stages.conftest import cli_subprocess
 
     args = ["dpo", f"data.train={data_dir / 'preferences.jsonl'}", *SCRATCH, "train.batch_size=8", "train.max_steps=6",
-            "train.save_every=2", "train.eval_every=3", "train.lr=3e-3", f"run.out_dir={tmp_path}"]
+            "train.save_every=2", "train.eval_every=3", "train.lr=3e-3", f"run.out_dir={tmp_path}", *reference]
     cli(*args, "run.name=full")
     killed = cli_subprocess(*args, "run.name=cut", env={"HONELM_TEST_KILL_AT_STEP": "3"}, check=False)
     assert killed.returncode == -signal.SIGKILL
