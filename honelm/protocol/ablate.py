@@ -272,12 +272,42 @@ def _known_verb(verb: str) -> bool:
 
 
 def _planned_identity(pipe: Any) -> str:
+    """A short hash of the cell's planned configs, kept in cell.json as a record of what ran."""
     from honelm.pipeline import plan
 
     configs = []
     for planned in plan(pipe):
         configs.append(C.to_dict(planned.config) if planned.config is not None else planned.argv)
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cell_differences(pipes: list[Any], record: dict[str, Any]) -> list[str]:
+    """What a finished cell ran differently from what the file now asks for: `stage: key` for every
+    config key whose saved value (config.yaml read with today's defaults, as the pipeline does)
+    differs, and `stage: command` for a command stage whose arguments changed. A config field added
+    to honelm after the cell ran takes its default and is no difference, so finished hours of work
+    survive an upgrade; a changed default is one."""
+    from honelm.pipeline import config_differences, plan
+
+    diffs: list[str] = []
+    commands = record.get("commands", {})
+    for pipe in pipes:
+        for planned in plan(pipe):
+            name = planned.stage.name
+            if planned.run_dir is None:
+                if commands.get(name) != planned.argv:
+                    diffs.append(f"{name}: command")
+            elif not (planned.run_dir / "config.yaml").is_file():
+                diffs.append(f"{name}: no run in {planned.run_dir}")
+            else:
+                diffs += [f"{name}: {key}" for key in config_differences(planned)]
+    return diffs
+
+
+def _commands(pipes: list[Any]) -> dict[str, list[str]]:
+    from honelm.pipeline import plan
+
+    return {p.stage.name: p.argv for pipe in pipes for p in plan(pipe) if p.run_dir is None}
 
 
 def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
@@ -322,9 +352,14 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
     record_path = out / "cell.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("identity") != ident:
-            raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the file "
-                              f"now asks for; delete {out} to run it again")
+        if record.get("identity") != ident:  # a new honelm version or a changed file: compare the settings
+            diffs = _cell_differences([common, pipe] if common.stages else [pipe], record)
+            if diffs:
+                shown = ", ".join(diffs[:8]) + (f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the "
+                                  f"file now asks for ({shown}); delete {out} to run it again")
+            record["identity"] = ident
+            record_path.write_text(json.dumps(record), encoding="utf-8")
         print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
         return record
     print(f"\n>> {variant.name} seed {seed}", flush=True)
@@ -348,6 +383,7 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
             if stage is pipe.stages[-1]:
                 trainable = end.get("trainable_params")
     record = {"variant": variant.name, "seed": seed, "run_dir": str(tested), "identity": ident,
+              "commands": _commands([common, pipe] if common.stages else [pipe]),
               "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
               "gold": gold, "pred": pred, "train_time_s": round(time_s, 2), "peak_memory_mb": round(peak, 1),
               "trainable_params": trainable, "settings": extra}

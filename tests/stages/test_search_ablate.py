@@ -178,11 +178,23 @@ def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_di
     assert capsys.readouterr().out.count("finished earlier, reused") == 4
     assert [c.stat().st_mtime for c in cells] == mtimes
 
-    # asking for other settings in a finished cell is an error that names it
-    path.write_text(path.read_text().replace("adversarial.method: fgm", "adversarial.method: fgm\n      adversarial.epsilon: 0.5"))
-    with pytest.raises(HonelmError, match="cell fgm/seed-0 finished with other settings"):
-        from honelm.protocol import ablate
+    # a cell finished by an older honelm (a config field it did not have yet, a record hashed over
+    # fewer fields) is still reused: the missing field takes its default, which is what that run did
+    from honelm.protocol import ablate
 
+    saved = out / "cells" / "fgm" / "seed-0" / "classify" / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if "carry:" not in line) + "\n")
+    record_path = out / "cells" / "fgm" / "seed-0" / "cell.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "identity": "from-an-older-honelm"}))
+    capsys.readouterr()
+    ablate.run_ablation(ablate.load_spec(path))
+    assert capsys.readouterr().out.count("finished earlier, reused") == 4
+    assert json.loads(record_path.read_text())["identity"] == record["identity"]  # the record is brought up to date
+
+    # asking for other settings in a finished cell is an error that names it and the key
+    path.write_text(path.read_text().replace("adversarial.method: fgm", "adversarial.method: fgm\n      adversarial.epsilon: 0.5"))
+    with pytest.raises(HonelmError, match=r"cell fgm/seed-0 finished with other settings .*classify: adversarial\.epsilon"):
         ablate.run_ablation(ablate.load_spec(path))
 
 
