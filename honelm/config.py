@@ -107,7 +107,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     """Batch size for validation."""
     metric: str = ""
-    """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default."""
+    """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default.
+    A validation that ties the best value with a lower validation loss counts as an improvement."""
     metric_mode: Literal["auto", "min", "max"] = "auto"
     """Whether the metric is better when smaller; auto = min for losses, perplexity, bpb and mse, else max."""
     patience: int = 0

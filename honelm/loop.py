@@ -342,8 +342,13 @@ def fit(
         if value is None:
             raise HonelmError(f"train.metric={metric!r} is not among the validation metrics {sorted(last_eval)}")
         best = state["best_value"]
-        if best is None or (value < best if minimize else value > best):
-            state.update(best_value=value, best_step=step, bad_evals=0)
+        # A coarse metric (accuracy on a small validation set) often ties; a tie with a lower
+        # validation loss is progress, so it becomes the best and patience is not spent on it.
+        loss, best_loss = last_eval.get("val_loss"), state.get("best_loss")
+        tie_better = (value == best and metric != "val_loss" and loss is not None and best_loss is not None
+                      and loss < best_loss)
+        if best is None or (value < best if minimize else value > best) or tie_better:
+            state.update(best_value=value, best_step=step, bad_evals=0, best_loss=loss)
             if runtime.is_main:
                 save_best(model, {"step": step, "metric": metric, "value": value, **last_eval})
             tracker.event("best", step, metric=metric, value=value)

@@ -178,3 +178,24 @@ def test_gradient_checkpointing_under_lora(tiny_llama):
     assert plain and plain.keys() == again.keys()  # frozen embeddings: grads still reach the adapters
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("losses, stops_at, best_step", [
+    ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], None, 6),   # accuracy ties while the loss falls: progress, never stops
+    ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 3, 1),      # ties with no lower loss: patience runs out after 2
+    ([1.0, 1.1, 0.9, 1.2, 1.3, 1.4], 5, 3),      # a lower loss than the best's resets patience once
+])
+def test_a_metric_tie_with_a_lower_validation_loss_is_progress(tiny_llama, tmp_path, losses, stops_at, best_step):
+    rows = variable_length_data(16)
+    cfg = TrainConfig(max_steps=6, batch_size=4, eval_every=1, patience=2, precision="fp32", progress=False,
+                      tensorboard=False, save_every=0)
+    seen = iter(losses)
+    evaluate = lambda m: {"val_accuracy": 0.5, "val_loss": next(seen)}  # noqa: E731
+    saved: list[int] = []
+    result = fit(tiny_llama(), CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0), cfg,
+                 rt.Runtime(device=torch.device("cpu")), tmp_path / "tie", evaluate,
+                 lambda m, info: saved.append(info["step"]), "val_accuracy")
+    events = [json.loads(x) for x in (tmp_path / "tie" / "metrics.jsonl").read_text().splitlines()]
+    stops = [e["step"] for e in events if e["event"] == "early_stop"]
+    assert stops == ([] if stops_at is None else [stops_at])
+    assert saved[-1] == best_step and result.best_step == best_step
