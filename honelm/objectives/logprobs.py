@@ -93,6 +93,67 @@ class HeadLogProbs(torch.autograd.Function):
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None
 
 
+class HeadNLLSum(torch.autograd.Function):
+    """sum_i -log softmax(h_i W^T)[target_i] for h (N, d), W (V, d), targets (N,) → fp32 scalar, chunk by chunk,
+    with the gradient computed in the forward pass (a fused linear cross-entropy).
+
+    The output is one scalar, so its gradient is one number g and
+        d loss / d h = g (softmax(z) - onehot) W,    d loss / d W = g (softmax(z) - onehot)^T h
+    can be formed while each chunk's logits z = h W^T are at hand, with g applied in the backward
+    pass. Against the plain path (B, T, V) logits, their fp32 copy and their log-softmax are never
+    stored, and unlike `HeadLogProbs` (per-row outputs, whose gradient must wait for the backward)
+    no chunk's logits are computed twice. Per chunk: z in `dtype` (the autocast dtype, as the plain
+    path's head would produce), log-softmax in fp32, the gradient cast to `dtype` for its two
+    matmuls, d W accumulated in fp32. `need_h` / `need_w` (the caller knows whether a gradient will
+    be wanted; inside forward grad mode is off) skip the gradient work nobody reads: a frozen head
+    under LoRA, or evaluation.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                dtype: torch.dtype, need_h: bool, need_w: bool) -> torch.Tensor:
+        n, v = h.size(0), weight.size(0)
+        chunk = max(1, CHUNK_ELEMENTS // v)
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, n, chunk):
+                hc, tc = h[s:s + chunk].to(dtype), targets[s:s + chunk, None]  # (c, d), (c, 1)
+                logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=torch.float32)  # (c, V)
+                total -= logp.gather(1, tc).sum()
+                if dh is None and dw is None:
+                    continue
+                g = logp.exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logp.dtype)).to(dtype)  # p - onehot
+                if dh is not None:
+                    dh[s:s + chunk] = (g @ w).to(h.dtype)
+                if dw is not None:
+                    dw += (g.t() @ hc).float()
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.has = (dh is not None, dw is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        saved = list(ctx.saved_tensors)
+        dh = saved.pop(0) if ctx.has[0] else None
+        dw = saved.pop(0) if ctx.has[1] else None
+        if (ctx.needs_input_grad[0] and dh is None) or (ctx.needs_input_grad[1] and dw is None):
+            raise RuntimeError("HeadNLLSum: a gradient was asked for that the forward pass was told not to compute")
+        g = grad.float()
+        return ((dh * g.to(dh.dtype)) if dh is not None else None,
+                (dw * g).to(ctx.weight_dtype) if dw is not None else None, None, None, None, None)
+
+
+def head_nll_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Summed next-token NLL of rows h (N, d) through a bias-free output layer W (V, d) (see `HeadNLLSum`)."""
+    grad = torch.is_grad_enabled()
+    return HeadNLLSum.apply(h, weight, targets, dtype, grad and h.requires_grad, grad and weight.requires_grad)
+
+
 def _transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / torch.compile / peft wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -127,6 +188,22 @@ def head_switched_off(base: nn.Module, name: str) -> Iterator[nn.Linear]:
         setattr(base, name, head)
 
 
+def final_hidden(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, nn.Linear, torch.dtype] | None:
+    """(final hidden states (B, T, d), the output layer, the dtype its matmul would run in) from one
+    forward pass with the output layer switched off; None when the head is not a plain Linear (see
+    `plain_head`) or the model is compiled (swapping a module would make it recompile), in which
+    case the caller runs the model as is."""
+    found = None if hasattr(model, "_orig_mod") else plain_head(model)
+    if found is None:
+        return None
+    base, name = found
+    with head_switched_off(base, name) as head:
+        hidden = model(**inputs).logits  # (B, T, d): the head is an identity here
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    return hidden, head, dtype
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, Any], right_padded: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a causal LM on `batch`; (B,) summed fp32 completion log-probs of its `labels`, and (B,) counts.
@@ -139,16 +216,12 @@ def sequence_logps(model: nn.Module, batch: dict[str, Any], right_padded: bool =
     keys = MODEL_KEYS if not right_padded else tuple(k for k in MODEL_KEYS if k != "attention_mask")
     inputs = {k: v for k, v in batch.items() if k in keys}
     labels = batch["labels"]
-    found = None if hasattr(model, "_orig_mod") else plain_head(model)  # compiled: swapping modules would recompile
+    found = final_hidden(model, inputs)
     if found is None:
         return completion_logps(model(**inputs).logits, labels)  # (B, T, V) logits
-    base, name = found
-    with head_switched_off(base, name) as head:
-        hidden = model(**inputs).logits  # (B, T, d): the head is an identity here
+    hidden, head, dtype = found
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts labels[t+1]
     mask = target != IGNORE
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     per_token = HeadLogProbs.apply(hidden[mask], head.weight, target[mask], dtype)  # (N,)
     rows = mask.nonzero()[:, 0]  # (N,) row of each completion token
     logps = torch.zeros(labels.size(0), dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)

@@ -88,3 +88,83 @@ def test_no_decay_on_bias_norm_and_embeddings(tiny_llama):
     assert any("embed" in names[id(p)] for p in no_decay["params"])
     decay_e, _ = param_groups(model, 0.1, decay_embeddings=True)
     assert any("embed" in names[id(p)] for p in decay_e["params"])
+
+
+def _lm_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 64, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[2, 6:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _loss_and_grads(model, batch, fused: bool, monkeypatch, autocast: bool, embeds: bool = False):
+    import contextlib
+
+    from honelm.objectives import lm
+
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(lm, "final_hidden", lambda model, inputs: None)
+        model.zero_grad()
+        batch = dict(batch)
+        if embeds:  # how the adversarial wrapper calls it: embeddings that carry a gradient
+            emb = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
+            batch["inputs_embeds"] = emb
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = CausalLM()(model, batch)
+        (loss.value * 0.37).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if embeds:
+            grads["inputs_embeds"] = emb.grad.clone()
+        return loss.value.detach(), int(loss.units), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_loss_equals_the_full_logits_loss_with_gradients(tiny_llama, monkeypatch, autocast, tied):
+    from honelm.objectives import logprobs as L
+
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 64 * 5)  # 5 rows per chunk: several chunks and a ragged last one
+    model = tiny_llama()
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
+    assert L.plain_head(model) is not None
+    batch = _lm_batch()
+    fast, units, g_fast = _loss_and_grads(model, batch, True, monkeypatch, autocast)
+    slow, units_slow, g_slow = _loss_and_grads(model, batch, False, monkeypatch, autocast)
+    assert units == units_slow == 5 + 8 + 5  # last positions, the prompt and the padding score nothing
+    assert fast.dtype == torch.float32
+    assert g_fast.keys() == g_slow.keys() and ("lm_head.weight" in g_fast) == (not tied)
+    if autocast:  # bf16 matmuls in a different blocking: equal up to bf16 rounding (2^-8 relative)
+        assert torch.allclose(fast, slow, rtol=2e-3)
+        for name in g_fast:
+            assert (g_fast[name] - g_slow[name]).norm() <= 1e-2 * g_slow[name].norm(), name
+    else:
+        assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+        for name in g_fast:
+            assert torch.allclose(g_fast[name], g_slow[name], rtol=1e-5, atol=1e-6), name
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back in place
+
+
+def test_fused_head_loss_through_inputs_embeds_under_lora_and_without_gradients(tiny_llama, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in model.named_parameters():  # non-zero B, so the adapters change the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _lm_batch()
+    fast, _, g_fast = _loss_and_grads(model, batch, True, monkeypatch, False, embeds=True)
+    slow, _, g_slow = _loss_and_grads(model, batch, False, monkeypatch, False, embeds=True)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    assert "inputs_embeds" in g_fast and all("lora_" in n for n in g_fast if n != "inputs_embeds")
+    for name in g_slow:
+        assert torch.allclose(g_fast[name], g_slow[name], rtol=1e-5, atol=1e-6), name
+    with torch.no_grad():  # evaluation: the loss alone, no gradient work
+        assert torch.allclose(CausalLM()(model, batch).value, slow, rtol=1e-5, atol=1e-6)
