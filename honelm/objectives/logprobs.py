@@ -154,7 +154,7 @@ def head_nll_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d
     return HeadNLLSum.apply(h, weight, targets, dtype, grad and h.requires_grad, grad and weight.requires_grad)
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
+def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / torch.compile / peft wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
@@ -164,7 +164,7 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 def plain_head(model: nn.Module) -> tuple[nn.Module, str] | None:
     """(the transformers model, its output layer's attribute name) when the head is a bias-free nn.Linear
     applied as is (no LoRA on it, no logit scaling or soft-capping); else None."""
-    base = _transformers_model(model)
+    base = transformers_model(model)
     get = getattr(base, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(base, "config", None)

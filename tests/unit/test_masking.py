@@ -181,3 +181,47 @@ def test_mlm_loss_sums_so_accumulation_is_exact():
     assert int(units) == 5
     empty, n, _, _ = masked_token_nll(logits, torch.full((4, 6), -100))  # nothing masked: zero, not NaN
     assert float(empty) == 0.0 and int(n) == 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_mlm_head_on_masked_rows_only_equals_full_logits(monkeypatch, autocast, lora):
+    import contextlib
+
+    from honelm.models import build_model
+    from honelm.objectives import mlm
+
+    model = build_model("encoder", "test", vocab_size=96, task="mlm", seed=0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    assert mlm.masked_head(model) is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 96, (3, 10), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[0, [1, 4]], labels[1, 7], labels[2, [0, 2, 9]] = ids[0, [1, 4]], ids[1, 7], ids[2, [0, 2, 9]]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(mlm, "masked_head", lambda model: None)
+            model.zero_grad()
+            torch.manual_seed(1)  # the same dropout masks in both passes
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                loss, rows = MaskedLM().outputs(model, batch)
+            (loss.value * 0.5).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((loss, rows.detach(), grads))
+    (a, ra, ga), (b, rb, gb) = results
+    assert int(a.units) == int(b.units) == 6 and ra.shape == rb.shape == (6, 96)
+    assert float(a.metrics["accuracy"]) == float(b.metrics["accuracy"])
+    assert ga.keys() == gb.keys() and (all("lora_" in n for n in ga) if lora else len(ga) > 10)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a.value, b.value, **tol) and torch.allclose(ra, rb, **tol)
+    for n in ga:
+        assert (ga[n] - gb[n]).norm() <= (1e-2 if autocast else 1e-5) * gb[n].norm() + 1e-7, n
