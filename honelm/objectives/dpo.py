@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from honelm.objectives.base import Loss, Objective
-from honelm.objectives.logprobs import sequence_logps
+from honelm.objectives.logprobs import sequence_logps, unwrap
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
@@ -79,13 +79,6 @@ def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_
     rr = beta * (pr - ref_rejected.detach().float())
     return {"rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(), "rewards_margin": (rc - rr).sum(),
             "rewards_accuracy": (rc > rr).sum().float(), "logps_chosen": pc.sum(), "logps_rejected": pr.sum()}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DDP / torch.compile wrapper (the peft model itself, if any)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
 
 
 def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:

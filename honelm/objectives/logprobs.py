@@ -154,10 +154,16 @@ def head_nll_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d
     return HeadNLLSum.apply(h, weight, targets, dtype, grad and h.requires_grad, grad and weight.requires_grad)
 
 
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP / torch.compile / peft wrappers."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP / torch.compile wrapper (the peft model itself, if any)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / torch.compile / peft wrappers."""
+    model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
