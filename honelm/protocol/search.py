@@ -227,7 +227,8 @@ def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None
     space = [_param(str(k), v, str(p)) for k, v in space_raw.items()]
     spec = SearchSpec(p, verb, Path(raw["out_dir"]), raw["metric"], space, str(raw.get("config") or ""),
                       dict(_flatten(settings)), str(raw.get("direction") or ""), raw.get("sampler", "tpe"),
-                      raw.get("pruner", "median"), int(raw.get("n_trials") or 10), float(raw.get("timeout") or 0),
+                      raw.get("pruner", "median"), 10 if raw.get("n_trials") is None else int(raw["n_trials"]),
+                      float(raw.get("timeout") or 0),
                       int(raw.get("seed") or 0), raw.get("keep_models", "best"), str(raw.get("study") or "honelm"),
                       str(raw.get("storage") or ""))
     if spec.sampler == "grid":  # every dimension must be finite; by default the whole grid is tried

@@ -133,6 +133,8 @@ def test_search_files_are_checked_before_any_trial(data_dir, tmp_path):
     grid = S.load_spec(search_file(tmp_path, data_dir, sampler="grid", n_trials=None,
                                    space={"train.batch_size": [8, 16], "lora.r": {"low": 4, "high": 8, "step": 4}}))
     assert grid.n_trials == 4
+    assert S.load_spec(search_file(tmp_path, data_dir, n_trials=0)).n_trials == 0  # 0 means none, not the default
+    assert S.load_spec(search_file(tmp_path, data_dir, n_trials=None)).n_trials == 10
     assert not (tmp_path / "search").exists()  # nothing ran
 
 
