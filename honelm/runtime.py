@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -164,6 +165,32 @@ def preserved_rng() -> Iterator[None]:
 _PEAK_WINDOW = "process"  # what peak_memory_mb covers: the whole process until reset_peak_memory runs
 
 
+def release_freed_memory() -> bool:
+    """Collect garbage, then ask glibc to return the free pages of its heap (`malloc_trim(0)`).
+
+    glibc keeps freed small and medium blocks resident, so a process that trained one model and
+    then another holds both runs' high-water heap. Returns whether malloc_trim could be called:
+    only glibc has it (musl, macOS and Windows do not, and their allocators behave differently),
+    so its absence is expected and not an error.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # no loadable libc, or a libc without malloc_trim (musl)
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def reset_peak_memory() -> str:
     """Start a fresh peak-memory window for the run about to start; returns how it will be measured.
 
@@ -173,8 +200,13 @@ def reset_peak_memory() -> str:
     (VmHWM), so a run's peak does not include an earlier trial in the same process. Elsewhere the
     process-lifetime peak (ru_maxrss) is all there is, and is labelled so. CUDA: the allocator's
     peak counter is reset too.
+
+    Before the reset, memory the earlier runs freed is handed back to the operating system
+    (`release_freed_memory`): otherwise a long in-process search or ablation carries every earlier
+    run's retained heap, and each run's "peak" starts from there.
     """
     global _PEAK_WINDOW
+    release_freed_memory()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     try:
