@@ -348,18 +348,21 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
     pipe = cell_pipeline(spec, variant, seed, extra)
     common = shared_pipeline(spec, variant)
     ident = _planned_identity(pipe) + (_planned_identity(common) if common.stages else "")
+    pipes = [common, pipe] if common.stages else [pipe]  # what the cell runs, shared stages first
     out = cell_dir(spec, variant, seed)
     record_path = out / "cell.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("identity") != ident:  # a new honelm version or a changed file: compare the settings
-            diffs = _cell_differences([common, pipe] if common.stages else [pipe], record)
+            diffs = _cell_differences(pipes, record)
             if diffs:
                 shown = ", ".join(diffs[:8]) + (f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
                 raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the "
                                   f"file now asks for ({shown}); delete {out} to run it again")
             record["identity"] = ident
-            record_path.write_text(json.dumps(record), encoding="utf-8")
+            tmp = record_path.with_suffix(".json.tmp")  # atomic: a crash here must not lose the finished cell
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            tmp.replace(record_path)
         print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
         return record
     print(f"\n>> {variant.name} seed {seed}", flush=True)
@@ -383,7 +386,7 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
             if stage is pipe.stages[-1]:
                 trainable = end.get("trainable_params")
     record = {"variant": variant.name, "seed": seed, "run_dir": str(tested), "identity": ident,
-              "commands": _commands([common, pipe] if common.stages else [pipe]),
+              "commands": _commands(pipes),
               "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
               "gold": gold, "pred": pred, "train_time_s": round(time_s, 2), "peak_memory_mb": round(peak, 1),
               "trainable_params": trainable, "settings": extra}
