@@ -28,6 +28,7 @@ from honelm import runtime as rt
 from honelm.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
+from honelm.frozen import SPILL_NAME, FrozenBf16
 from honelm.objectives.base import Objective
 from honelm.optim import lr_at, make_optimizer, set_lr, warmup_steps
 from honelm.tracking import Tracker
@@ -320,12 +321,25 @@ def fit(
     kill_at = int(os.environ.get("HONELM_TEST_KILL_AT_STEP", "0"))  # test hook: SIGKILL ourselves
     stop_reason: list[str] = [""]  # set by an eval hook (see eval_hook)
 
+    # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
+    frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank)) if (
+        runtime.precision == "bf16" and cfg.bf16_frozen) else FrozenBf16(model, run_dir / "-", enabled=False)
+
+    def saving() -> contextlib.AbstractContextManager:
+        """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""
+        from honelm.boosters.lora import is_peft_model
+
+        adapter_only = is_peft_model(model) and not (getattr(model, "honelm_base_pending", False)
+                                                       and not (run_dir / "base" / "config.json").is_file())
+        return contextlib.nullcontext() if adapter_only else frozen.restored()
+
     def checkpoint(finished: bool = False) -> None:
         state.update(step=step, position=stream.position, finished=finished,
                      train_time_s=time.perf_counter() - start_time)
         rng = rt.rng_state()
         if runtime.is_main:
-            path = save_training_checkpoint(ckpt_root, step, model, optimizer, dict(state), rng, cfg.keep_checkpoints)
+            with frozen.restored():  # checkpoints hold the exact fp32 weights
+                path = save_training_checkpoint(ckpt_root, step, model, optimizer, dict(state), rng, cfg.keep_checkpoints)
             tracker.event("checkpoint", step, path=str(path.relative_to(run_dir)))
         runtime.barrier()
 
@@ -350,7 +364,8 @@ def fit(
         if best is None or (value < best if minimize else value > best) or tie_better:
             state.update(best_value=value, best_step=step, bad_evals=0, best_loss=loss)
             if runtime.is_main:
-                save_best(model, {"step": step, "metric": metric, "value": value, **last_eval})
+                with saving():
+                    save_best(model, {"step": step, "metric": metric, "value": value, **last_eval})
             tracker.event("best", step, metric=metric, value=value)
         else:
             state["bad_evals"] += 1
@@ -379,7 +394,9 @@ def fit(
                 f"({stream.bs} x {stream.accum} accumulation x {runtime.world_size} processes)")
     tracker.start_progress(total)
     tracker.progress(step, "")
-    with _Interrupt() as interrupt:
+    with _Interrupt() as interrupt, frozen:
+        if frozen.count or frozen.skipped:
+            tracker.say(frozen.describe())
         while step < total:
             micro = stream.next_step()
             tokens = sum(_tokens(b) for b in micro)
@@ -435,7 +452,8 @@ def fit(
         check_finite()
         if evaluate is None and runtime.is_main:
             state.update(best_step=step)
-            save_best(model, {"step": step, "metric": None, "value": None})
+            with saving():
+                save_best(model, {"step": step, "metric": None, "value": None})
         checkpoint(finished=reason != "interrupted")
 
     train_time = state["train_time_s"]

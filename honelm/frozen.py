@@ -1,0 +1,155 @@
+"""Frozen Linear weights held in bf16 while training under bf16 autocast (`train.bf16_frozen`).
+
+Under bf16 autocast every `nn.Linear` call casts its weight and bias to bf16 before the matmul.
+For a trainable weight autocast caches that cast once per step; for a frozen one (a LoRA base,
+any layer with `requires_grad=False`) it casts afresh at every call and the backward pass keeps
+the cast copy alive. So a frozen fp32 Linear weight costs its fp32 storage, a bf16 copy per step
+and the time to make it, while the model only ever computes with the bf16 values. Storing the
+weight in bf16 from the start gives exactly the same computation (the cast of a bf16 tensor to
+bf16 is the tensor itself, and it is the same round-to-nearest-even value autocast would have
+made), for half the memory and none of the casting.
+
+The fp32 values are not thrown away: before the cast they are written to a file in the run
+directory (`.frozen-fp32.rank<R>.safetensors`, one per process) and put back, bit for bit, when
+training ends (normally, on an error or on Ctrl-C), before anything saves the model, and around
+every save made during training. So checkpoints, `RUN/base/`, merged exports and everything that
+uses the model after `fit()` see the original fp32 weights.
+
+What is left alone, because autocast would not have produced the same numbers from a bf16
+tensor: parameters shared with a module that is not a plain `nn.Linear` (a head tied to the
+input embeddings: the embedding lookup is not autocast, so its output dtype would change),
+`nn.Linear` subclasses (their forward may be different), the base layers of DoRA adapters (DoRA
+computes the base weight's column norms itself), and trainable or non-fp32 weights. If casting
+would change the `dtype` a transformers model reports (it reads its first parameter, and some
+models build attention masks in that dtype) nothing is cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+SPILL_NAME = ".frozen-fp32.rank{rank}.safetensors"
+
+
+def _dora_base_layers(model: nn.Module) -> set[int]:
+    """ids of the base layers that peft wraps with DoRA (their weight enters a norm, not just a matmul)."""
+    out = set()
+    for module in model.modules():
+        use_dora = getattr(module, "use_dora", None)
+        base = getattr(module, "base_layer", None)
+        if isinstance(use_dora, dict) and any(use_dora.values()) and isinstance(base, nn.Module):
+            out.add(id(base))
+    return out
+
+
+def eligible(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Frozen fp32 parameters that only plain `nn.Linear` modules hold (name → parameter, each once)."""
+    holders: dict[int, list[nn.Module]] = {}
+    names: dict[int, str] = {}
+    params: dict[int, nn.Parameter] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(module)
+            names.setdefault(id(p), f"{mod_name}.{p_name}" if mod_name else p_name)
+            params[id(p)] = p
+    dora = _dora_base_layers(model)
+    out = {}
+    for key, p in params.items():
+        if p.requires_grad or p.dtype != torch.float32 or p.device.type not in ("cpu", "cuda"):
+            continue
+        if all(type(m) is nn.Linear and id(m) not in dora for m in holders[key]):
+            out[names[key]] = p
+    return out
+
+
+def _reported_dtypes(model: nn.Module) -> list[torch.dtype]:
+    """The `dtype` every transformers model inside `model` reports (its first floating parameter's)."""
+    found = []
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module, "get_input_embeddings"):
+            try:
+                found.append(module.dtype)
+            except (AttributeError, StopIteration):
+                pass
+    return found
+
+
+class FrozenBf16:
+    """Context manager: frozen Linear weights in bf16 inside, the exact fp32 weights outside.
+
+    `with FrozenBf16(model, path) as frozen:` spills and casts on entry (nothing when no weight is
+    eligible: `frozen.count == 0`), restores and deletes the spill file on exit;
+    `with frozen.restored():` puts the fp32 weights back for a while (to save the model).
+    """
+
+    def __init__(self, model: nn.Module, spill: Path, enabled: bool = True) -> None:
+        self.model, self.spill, self.enabled = model, Path(spill), enabled
+        self.params: dict[str, nn.Parameter] = {}
+        self.count, self.bytes_fp32 = 0, 0
+        self.skipped = ""  # why nothing was cast, when something could have been
+
+    def __enter__(self) -> "FrozenBf16":
+        from safetensors.torch import save_file
+
+        params = eligible(self.model) if self.enabled else {}
+        if not params:
+            return self
+        before = _reported_dtypes(self.model)
+        self.spill.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spill.with_name(self.spill.name + ".tmp")
+        save_file({name: p.detach().contiguous() for name, p in params.items()}, str(tmp))
+        os.replace(tmp, self.spill)
+        self.params = params
+        self._cast()
+        if _reported_dtypes(self.model) != before:
+            self._restore()
+            self.params = {}
+            self.spill.unlink(missing_ok=True)
+            self.skipped = "the model would report a different dtype"
+            return self
+        self.count = len(params)
+        self.bytes_fp32 = sum(p.numel() * 4 for p in params.values())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.params:
+            self._restore()
+            self.params = {}
+            self.spill.unlink(missing_ok=True)
+
+    def _cast(self) -> None:
+        for p in self.params.values():
+            p.data = p.data.to(torch.bfloat16)
+
+    def _restore(self) -> None:
+        from safetensors import safe_open
+
+        device = next(iter(self.params.values())).device
+        with safe_open(str(self.spill), framework="pt", device=str(device)) as f:
+            for name, p in self.params.items():
+                t = f.get_tensor(name)
+                p.data = t.clone() if t.device.type == "cpu" else t  # never a view of the (deleted) file
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """The exact fp32 weights for the duration (a save); bf16 again afterwards."""
+        if not self.params:
+            yield
+            return
+        self._restore()
+        try:
+            yield
+        finally:
+            self._cast()
+
+    def describe(self) -> str:
+        if self.skipped:
+            return f"frozen weights: kept in fp32 ({self.skipped})"
+        return (f"frozen weights: {self.count} Linear weights ({self.bytes_fp32 / 2**20:,.1f} MiB in fp32) held in bf16 "
+                f"while training (autocast computes with bf16 anyway; fp32 restored afterwards from {self.spill.name})")

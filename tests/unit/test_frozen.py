@@ -1,0 +1,198 @@
+"""`train.bf16_frozen`: under bf16 autocast, frozen Linear weights are held in bf16 while training.
+
+It must change nothing but memory: the same losses and trained weights bit for bit as with fp32
+frozen weights, the exact fp32 weights back after training (also after an error), in every
+checkpoint and in a written base; and only plain, untied, non-DoRA Linear weights are touched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from honelm import runtime as rt
+from honelm.boosters.lora import LoraConfig, apply_lora
+from honelm.checkpoint import save_pretrained_atomic
+from honelm.config import TrainConfig
+from honelm.errors import TrainingError
+from honelm.frozen import FrozenBf16, eligible
+from honelm.loop import BatchStream, fit
+from honelm.models import build_model
+from honelm.objectives.classify import Classify
+from honelm.objectives.lm import CausalLM
+
+VOCAB = 120
+
+
+def lm_rows(n: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, VOCAB, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def collate_for(rows: list[torch.Tensor], classify: bool):
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, : len(rows[i])], mask[r, : len(rows[i])] = rows[i], 1
+        labels = torch.tensor([int(rows[i][0]) % 3 for i in idx]) if classify else ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
+
+
+class Spy:
+    """Wraps an objective; records the dtype of one frozen base weight at every call."""
+
+    def __init__(self, inner, probe: nn.Parameter):
+        self.inner, self.probe, self.dtypes = inner, probe, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, model, batch):
+        return self.inner(model, batch)
+
+    def step(self, model, batch, scale, autocast):
+        self.dtypes.append(self.probe.dtype)
+        return self.inner.step(model, batch, scale, autocast)
+
+
+def build(task: str, seed: int = 0, **lora_kw):
+    torch.manual_seed(seed)
+    if task == "lm":
+        base = build_model("decoder", "test", VOCAB, task="lm", seed=seed, pad_token_id=0, eos_token_id=1)
+    else:
+        base = build_model("encoder", "test", VOCAB, task="classify", num_labels=3, seed=seed,
+                           id2label={0: "a", 1: "b", 2: "c"})
+    cfg = LoraConfig(enabled=True, **{"r": 4, "alpha": 8, "dropout": 0.1, **lora_kw})
+    return apply_lora(base, cfg, task, lambda _: None)
+
+
+def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = False, max_steps: int = 6,
+            seed: int = 0, objective=None, **lora_kw):
+    rows = lm_rows()
+    collate = collate_for(rows, classify=task == "classify")
+    model = build(task, seed=seed, **lora_kw)
+    obj = objective or (Classify() if task == "classify" else CausalLM())
+    if isinstance(obj, type):
+        obj = obj(obj_default(task), next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=max_steps, eval_every=3, save_every=3, log_every=1,
+                      precision="bf16", bf16_frozen=bf16_frozen, progress=False, tensorboard=False,
+                      warmup_steps=1, keep_checkpoints=10)
+    val = collate(list(range(4)))
+    run = tmp_path / name
+    torch.manual_seed(0)
+    fit(model, obj, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
+        run, lambda m: {"val_loss": float(obj(m, val).value)},
+        lambda m, info: save_pretrained_atomic(m, None, run / "best", info), "val_loss", resume=resume)
+    return model, obj, run
+
+
+def obj_default(task: str):
+    return Classify() if task == "classify" else CausalLM()
+
+
+def train_losses(run) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "train"]
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_same_training_bit_for_bit_and_fp32_weights_back(tmp_path, task):
+    reference = build(task)  # the untrained model: its frozen weights must come back exactly
+    plain, _, plain_run = run_fit(tmp_path, "plain", task, bf16_frozen=False)
+    held, spy, held_run = run_fit(tmp_path, "held", task, bf16_frozen=True, objective=Spy)
+
+    assert spy.dtypes and all(d == torch.bfloat16 for d in spy.dtypes)  # bf16 while training
+    assert train_losses(plain_run) == train_losses(held_run)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), held.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    frozen_names = [n for n, p in held.named_parameters() if not p.requires_grad]
+    ref = dict(reference.named_parameters())
+    for n in frozen_names:
+        assert torch.equal(dict(held.named_parameters())[n], ref[n]), n  # exact fp32 values restored
+    assert not list(held_run.glob(".frozen-fp32*")), "the spill file is removed"
+    assert "frozen weights:" in (held_run / "log.txt").read_text()
+    # checkpoints hold the fp32 weights, equal to the plain run's checkpoint
+    for ckpt in sorted((held_run / "checkpoints").iterdir()):
+        a = load_file(str(ckpt / "model.safetensors"))
+        b = load_file(str(plain_run / "checkpoints" / ckpt.name / "model.safetensors"))
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in b), ckpt.name
+
+
+def test_a_written_base_is_the_exact_fp32_base(tmp_path):
+    reference = build("lm")
+    _, _, run = run_fit(tmp_path, "held", "lm", bf16_frozen=True)
+    base = load_file(str(run / "base" / "model.safetensors"))  # random init: the base is written by the first save
+    ref = {k.replace(".base_layer.", "."): v for k, v in reference.get_base_model().state_dict().items() if "lora_" not in k}
+    assert base and all(v.dtype == torch.float32 and torch.equal(v, ref[k]) for k, v in base.items())
+
+
+def test_resume_under_held_weights_is_bit_identical(tmp_path):
+    full, _, _ = run_fit(tmp_path, "full", "lm", bf16_frozen=True)
+    run_fit(tmp_path, "cut", "lm", bf16_frozen=True)
+    for c in (tmp_path / "cut" / "checkpoints").iterdir():  # as if killed after step 3's checkpoint
+        if not c.name.endswith("00000003"):
+            shutil.rmtree(c)
+    torch.manual_seed(123)
+    resumed, _, _ = run_fit(tmp_path, "cut", "lm", bf16_frozen=True, resume=True, seed=99)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+
+
+class Exploding(CausalLM):
+    def __call__(self, model, batch):
+        loss = super().__call__(model, batch)
+        return type(loss)(value=loss.value * float("nan"), units=loss.units)
+
+
+def test_weights_come_back_after_a_failed_run(tmp_path):
+    reference = build("lm")
+    with pytest.raises(TrainingError):
+        model, _, _ = run_fit(tmp_path, "boom", "lm", bf16_frozen=True, objective=Exploding())
+    # the model object is gone with the exception: rebuild the situation by hand
+    model = build("lm")
+    held = FrozenBf16(model, tmp_path / "spill.safetensors")
+    with pytest.raises(RuntimeError), held:
+        assert held.count > 0 and all(p.dtype == torch.bfloat16 for p in held.params.values())
+        raise RuntimeError("mid-training failure")
+    for (n, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+    assert not (tmp_path / "spill.safetensors").exists() and not list((tmp_path / "boom").glob(".frozen-fp32*"))
+
+
+def test_only_plain_untied_non_dora_linear_weights_are_held():
+    lm = build("lm")
+    names = set(eligible(lm))
+    assert names and all(n.endswith("base_layer.weight") or n.endswith("base_layer.bias") for n in names)
+    tied = lm.get_base_model().lm_head.weight is lm.get_base_model().get_input_embeddings().weight
+    assert tied  # the test preset ties its head; a tied head must stay fp32 (the embedding lookup is not autocast)
+    assert not any("lm_head" in n or "embed" in n for n in names)
+    assert not any("base_layer" in n for n in eligible(build("classify", dora=True)))
+
+    class Sub(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(3, 3), Sub(3, 3), nn.Linear(3, 3))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net[2].weight.requires_grad_(True)
+    assert set(eligible(net)) == {"0.weight", "0.bias", "2.bias"}
+
+
+def test_off_in_fp32_and_when_asked(tmp_path):
+    rows = lm_rows()
+    collate = collate_for(rows, classify=False)
+    for precision, flag in (("fp32", True), ("bf16", False)):
+        model = build("lm")
+        spy = Spy(CausalLM(), next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
+        cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, eval_every=0, save_every=0, precision=precision,
+                          bf16_frozen=flag, progress=False, tensorboard=False)
+        fit(model, spy, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
+            tmp_path / f"{precision}-{flag}", None, lambda m, info: None, "val_loss")
+        assert spy.dtypes and all(d == torch.float32 for d in spy.dtypes)
