@@ -10,7 +10,7 @@ bf16 is the tensor itself, and it is the same round-to-nearest-even value autoca
 made), for half the memory and none of the casting.
 
 The fp32 values are not thrown away: before the cast they are written to a file in the run
-directory (`.frozen-fp32.rank<R>.safetensors`, one per process) and put back, bit for bit, when
+directory (`.frozen-fp32.rank<R>.bin`, raw fp32, one per process) and put back, bit for bit, when
 training ends (normally, on an error or on Ctrl-C), before anything saves the model, and around
 every save made during training. So checkpoints, `RUN/base/`, merged exports and everything that
 uses the model after `fit()` see the original fp32 weights.
@@ -27,14 +27,14 @@ models build attention masks in that dtype) nothing is cast.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-SPILL_NAME = ".frozen-fp32.rank{rank}.safetensors"
+SPILL_NAME = ".frozen-fp32.rank{rank}.bin"
 
 
 def _dora_base_layers(model: nn.Module) -> set[int]:
@@ -91,20 +91,25 @@ class FrozenBf16:
     def __init__(self, model: nn.Module, spill: Path, enabled: bool = True) -> None:
         self.model, self.spill, self.enabled = model, Path(spill), enabled
         self.params: dict[str, nn.Parameter] = {}
+        self.offsets: dict[str, int] = {}  # byte offset of each parameter in the spill file
         self.count, self.bytes_fp32 = 0, 0
         self.skipped = ""  # why nothing was cast, when something could have been
 
     def __enter__(self) -> "FrozenBf16":
-        from safetensors.torch import save_file
-
         params = eligible(self.model) if self.enabled else {}
         if not params:
             return self
         before = _reported_dtypes(self.model)
         self.spill.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.spill.with_name(self.spill.name + ".tmp")
-        save_file({name: p.detach().contiguous() for name, p in params.items()}, str(tmp))
-        os.replace(tmp, self.spill)
+        # Raw fp32 bytes, one tensor after another, streamed (a serialiser that builds the whole file in
+        # memory first would cost the very fp32 copy this saves); offsets stay in memory.
+        self.offsets = {}
+        offset = 0
+        with open(self.spill, "wb") as f:
+            for name, p in params.items():
+                p.detach().to("cpu").contiguous().numpy().tofile(f)
+                self.offsets[name] = offset
+                offset += p.numel() * 4
         self.params = params
         self._cast()
         if _reported_dtypes(self.model) != before:
@@ -128,13 +133,9 @@ class FrozenBf16:
             p.data = p.data.to(torch.bfloat16)
 
     def _restore(self) -> None:
-        from safetensors import safe_open
-
-        device = next(iter(self.params.values())).device
-        with safe_open(str(self.spill), framework="pt", device=str(device)) as f:
-            for name, p in self.params.items():
-                t = f.get_tensor(name)
-                p.data = t.clone() if t.device.type == "cpu" else t  # never a view of the (deleted) file
+        for name, p in self.params.items():
+            values = np.fromfile(self.spill, dtype=np.float32, count=p.numel(), offset=self.offsets[name])
+            p.data = torch.from_numpy(values).view(p.shape).to(p.device)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:

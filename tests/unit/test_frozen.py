@@ -157,13 +157,13 @@ def test_weights_come_back_after_a_failed_run(tmp_path):
         model, _, _ = run_fit(tmp_path, "boom", "lm", bf16_frozen=True, objective=Exploding())
     # the model object is gone with the exception: rebuild the situation by hand
     model = build("lm")
-    held = FrozenBf16(model, tmp_path / "spill.safetensors")
+    held = FrozenBf16(model, tmp_path / "spill.bin")
     with pytest.raises(RuntimeError), held:
         assert held.count > 0 and all(p.dtype == torch.bfloat16 for p in held.params.values())
         raise RuntimeError("mid-training failure")
     for (n, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), n
-    assert not (tmp_path / "spill.safetensors").exists() and not list((tmp_path / "boom").glob(".frozen-fp32*"))
+    assert not (tmp_path / "spill.bin").exists() and not list((tmp_path / "boom").glob(".frozen-fp32*"))
 
 
 def test_only_plain_untied_non_dora_linear_weights_are_held():
