@@ -28,7 +28,10 @@ LoRA. Sequences are 128 tokens, no padding, so every contender does identical wo
 Precision is fixed to the same value in every contender (`--precision`, default fp32), not
 honelm's `auto`: auto measures bf16 against fp32 per model, and could pick differently for the
 full and the LoRA model, which would confound the memory comparison (bf16 autocast also keeps
-bf16 copies of trainable weights for the backward pass).
+bf16 copies of trainable weights for the backward pass). Under `--precision bf16` honelm holds the
+frozen Linear weights (LoRA's base) in bf16 while training (`train.bf16_frozen`, on by default:
+autocast computes with their bf16 values anyway, so the results are identical); plain PEFT keeps
+them in fp32 and autocast casts them at every call. `--no-bf16-frozen` turns honelm's off.
 
 Both loops use the same optimizer: `torch.optim.AdamW` over the trainable parameters with honelm's
 defaults (betas 0.9/0.95, weight decay 0.1 on matrices, default implementation, which on CPU is
@@ -146,7 +149,7 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=total_steps(args), precision=args.precision,
                       eval_every=0, save_every=0, progress=False, tensorboard=False, threads=args.threads,
-                      gradient_checkpointing=args.gradient_checkpointing)
+                      gradient_checkpointing=args.gradient_checkpointing, bf16_frozen=not args.no_bf16_frozen)
     runtime = rt.setup(cfg.threads)
     rt.seed_everything(args.seed)
     run_dir = work / "run"
@@ -175,6 +178,7 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     info = {"precision": runtime.precision, "loss_first_logged": losses[0] if losses else None,
             "loss_last_logged": losses[-1] if losses else None,
             "settings": f"honelm fit(), TrainConfig(batch_size={cfg.batch_size}, precision={cfg.precision}, "
+                        f"bf16_frozen={cfg.bf16_frozen}, "
                         f"log_every={cfg.log_every})" + (f"; {said[0]}" if said else "")}
     return model, info
 
@@ -279,6 +283,8 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
            "--precision", args.precision, "--lora-r", str(args.lora_r), "--lora-dropout", str(args.lora_dropout)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.no_bf16_frozen:
+        cmd.append("--no-bf16-frozen")
     env = child_env()
     if args.malloc_mmap_threshold > 0:  # glibc: every allocation at least this large is its own mmap, unmapped on free
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -428,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every contender recomputes activations in the backward (honelm: train.gradient_checkpointing; "
                         "reference: transformers' gradient_checkpointing_enable, non-reentrant)")
+    p.add_argument("--no-bf16-frozen", action="store_true",
+                   help="honelm contenders: train.bf16_frozen=false (frozen Linear weights stay fp32 under bf16 autocast)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in every process")
