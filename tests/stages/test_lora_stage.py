@@ -121,3 +121,24 @@ def test_lora_classify_resume_is_bit_identical(data_dir, tmp_path):
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert (cut / "best" / "adapter_config.json").is_file()
+
+
+def test_lora_under_bf16_holds_the_base_in_bf16_and_changes_nothing(pretrained, data_dir, tmp_path):
+    """`train.bf16_frozen` (default on) against off, through the CLI under bf16 autocast: the same
+    adapter bit for bit, the same test predictions, an fp32 base written, no spill file left."""
+    common = ["classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}",
+              f"run.out_dir={tmp_path}", *LORA, *SHORT, "train.precision=bf16"]  # after FAST's fp32
+    cli(*common, "run.name=held")
+    cli(*common, "run.name=plain", "train.bf16_frozen=false")
+    held, plain = tmp_path / "held", tmp_path / "plain"
+    assert "frozen weights:" in (held / "log.txt").read_text()
+    assert "frozen weights:" not in (plain / "log.txt").read_text()
+    assert not list(held.glob(".frozen-fp32*"))
+    a, b = (load_file(r / "best" / "adapter_model.safetensors") for r in (held, plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(held / "base" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in base.values())
+    assert all(torch.equal(base[k], t) for k, t in load_file(plain / "base" / "model.safetensors").items())
+    for run in (held, plain):
+        cli("test", str(run))
+    assert (read_records(held / "test_predictions.jsonl") == read_records(plain / "test_predictions.jsonl"))
