@@ -105,11 +105,15 @@ class FrozenBf16:
         # memory first would cost the very fp32 copy this saves); offsets stay in memory.
         self.offsets = {}
         offset = 0
-        with open(self.spill, "wb") as f:
-            for name, p in params.items():
-                p.detach().to("cpu").contiguous().numpy().tofile(f)
-                self.offsets[name] = offset
-                offset += p.numel() * 4
+        try:
+            with open(self.spill, "wb") as f:
+                for name, p in params.items():
+                    p.detach().to("cpu").contiguous().numpy().tofile(f)
+                    self.offsets[name] = offset
+                    offset += p.numel() * 4
+        except BaseException:  # a full disk, Ctrl-C: nothing is cast yet; leave no partial file behind
+            self.spill.unlink(missing_ok=True)
+            raise
         self.params = params
         self._cast()
         if _reported_dtypes(self.model) != before:
