@@ -350,13 +350,14 @@ def fit(
         # Validation allocates in other sizes than training (a larger batch, no autograd graph); freed
         # training blocks glibc keeps resident would not fit them and the heap would grow on top, and
         # the same again the other way after. Handing the free pages back at both ends keeps the
-        # process's resident peak near what is live (ms per call; validation is infrequent).
-        rt.release_freed_memory()
+        # process's resident peak near what is live (milliseconds: no garbage collection here, the
+        # tensors of a step or a validation are freed by reference counting).
+        rt.release_freed_memory(collect=False)
         model.eval()
         with torch.no_grad(), runtime.autocast():
             last_eval = evaluate(model)
         model.train()
-        rt.release_freed_memory()
+        rt.release_freed_memory(collect=False)
         tracker.event("eval", step, split="val", **last_eval)
         value = last_eval.get(metric)
         if value is None:
