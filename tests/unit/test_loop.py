@@ -217,3 +217,10 @@ def test_freed_heap_is_handed_back_before_a_run_starts():
         pytest.skip("no malloc_trim in this libc")
     assert before - rss_mib() >= 40
     assert len(kept) == 1500
+
+
+def test_freed_heap_is_handed_back_around_every_validation(tiny_llama, tmp_path, monkeypatch):
+    calls: list[bool] = []
+    monkeypatch.setattr(rt, "release_freed_memory", lambda collect=True: calls.append(collect) or True)
+    _train(tiny_llama, tmp_path, "trim", max_steps=6)  # validation at steps 3 and 6
+    assert calls == [False] * 4  # before and after each validation, without a garbage collection
