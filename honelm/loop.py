@@ -322,8 +322,8 @@ def fit(
     stop_reason: list[str] = [""]  # set by an eval hook (see eval_hook)
 
     # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
-    frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank)) if (
-        runtime.precision == "bf16" and cfg.bf16_frozen) else FrozenBf16(model, run_dir / "-", enabled=False)
+    frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank),
+                        enabled=runtime.precision == "bf16" and cfg.bf16_frozen)
 
     def saving() -> contextlib.AbstractContextManager:
         """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""

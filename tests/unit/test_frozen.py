@@ -196,3 +196,32 @@ def test_off_in_fp32_and_when_asked(tmp_path):
         fit(model, spy, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
             tmp_path / f"{precision}-{flag}", None, lambda m, info: None, "val_loss")
         assert spy.dtypes and all(d == torch.float32 for d in spy.dtypes)
+
+
+def test_nothing_is_cast_when_the_model_would_report_another_dtype(tmp_path):
+    """A transformers model reports the dtype of its first parameter; if that is a frozen Linear
+    weight, casting would change it (and masks built in that dtype), so everything stays fp32."""
+
+    class FirstIsLinear(nn.Module):
+        config = object()
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.embed = nn.Embedding(10, 4)
+            self.proj.requires_grad_(False)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        @property
+        def dtype(self):
+            return next(self.parameters()).dtype
+
+    model = FirstIsLinear()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with FrozenBf16(model, tmp_path / "spill.bin") as held:
+        assert held.count == 0 and "different dtype" in held.describe()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "spill.bin").exists()
