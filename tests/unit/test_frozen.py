@@ -75,13 +75,14 @@ def build(task: str, seed: int = 0, **lora_kw):
 
 
 def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = False, max_steps: int = 6,
-            seed: int = 0, objective=None, **lora_kw):
+            seed: int = 0, objective=None, spy: bool = False, **lora_kw):
+    """fit() a LoRA model under bf16 autocast; `spy=True` wraps the objective in a `Spy` on a base weight."""
     rows = lm_rows()
     collate = collate_for(rows, classify=task == "classify")
     model = build(task, seed=seed, **lora_kw)
     obj = objective or (Classify() if task == "classify" else CausalLM())
-    if isinstance(obj, type):
-        obj = obj(obj_default(task), next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
+    if spy:
+        obj = Spy(obj, next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=max_steps, eval_every=3, save_every=3, log_every=1,
                       precision="bf16", bf16_frozen=bf16_frozen, progress=False, tensorboard=False,
                       warmup_steps=1, keep_checkpoints=10)
@@ -94,10 +95,6 @@ def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = Fa
     return model, obj, run
 
 
-def obj_default(task: str):
-    return Classify() if task == "classify" else CausalLM()
-
-
 def train_losses(run) -> list[float]:
     return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "train"]
 
@@ -106,7 +103,7 @@ def train_losses(run) -> list[float]:
 def test_same_training_bit_for_bit_and_fp32_weights_back(tmp_path, task):
     reference = build(task)  # the untrained model: its frozen weights must come back exactly
     plain, _, plain_run = run_fit(tmp_path, "plain", task, bf16_frozen=False)
-    held, spy, held_run = run_fit(tmp_path, "held", task, bf16_frozen=True, objective=Spy)
+    held, spy, held_run = run_fit(tmp_path, "held", task, bf16_frozen=True, spy=True)
 
     assert spy.dtypes and all(d == torch.bfloat16 for d in spy.dtypes)  # bf16 while training
     assert train_losses(plain_run) == train_losses(held_run)
