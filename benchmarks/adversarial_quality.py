@@ -3,6 +3,10 @@
     python benchmarks/adversarial_quality.py [--out runs/adversarial_quality] [--sizes 500 2000]
         [--seeds 0 1 2] [--methods none,fgm,freelb,smart,r3f,plae] [--radius 1.0] [--dry-run]
 
+A method may carry options as METHOD:KEY=VALUE[:KEY=VALUE...], each passed on as
+`adversarial.KEY=VALUE` (e.g. `plae:teacher=plain`, `fgm:epsilon=0.5`); such a variant is a cell
+of its own (run directory `plae_teacher-plain-seed0`) and a row of its own in the tables.
+
 Hand-run and resumable; never run by CI. Every training and test step goes through the real CLI
 (`honelm.cli.main([...])`, in-process).
 
@@ -210,6 +214,25 @@ def attack_settings(args: argparse.Namespace) -> dict[str, Any]:
             "attack_limit": args.attack_limit}
 
 
+def method_options(spec: str) -> tuple[str, dict[str, str]]:
+    """`plae:teacher=plain:epsilon=0.1` -> ("plae", {"teacher": "plain", "epsilon": "0.1"})."""
+    name, *parts = spec.split(":")
+    options: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value or key == "method":
+            raise ValueError(f"method variant {spec!r}: {part!r} is not KEY=VALUE (an adversarial.* key other than method)")
+        if key in options:
+            raise ValueError(f"method variant {spec!r}: {key} is given twice")
+        options[key] = value
+    return name, options
+
+
+def run_name(method: str, seed: int) -> str:
+    """The cell's run directory name: `plae:teacher=plain`, seed 0 -> `plae_teacher-plain-seed0`."""
+    return f"{method.replace(':', '_').replace('=', '-')}-seed{seed}"
+
+
 def classify_args(args: argparse.Namespace, data: Path, out: Path, n: int, method: str, seed: int) -> list[str]:
     s = train_settings(args, n)
     val_path, train_paths = subset_paths(out, seed, [n], args.val_size)
@@ -221,8 +244,9 @@ def classify_args(args: argparse.Namespace, data: Path, out: Path, n: int, metho
             f"train.eval_every={s['eval_every']}", f"train.eval_batch_size={args.eval_batch_size}",
             f"train.patience={s['patience']}", "train.metric=val_accuracy", f"train.save_every={s['save_every']}",
             "train.keep_checkpoints=1", f"train.log_every={s['eval_every']}", f"train.precision={s['precision']}",
-            f"adversarial.method={method}",
-            f"run.seed={seed}", f"run.out_dir={out / 'runs' / f'n{n}'}", f"run.name={method}-seed{seed}",
+            f"adversarial.method={method_options(method)[0]}",
+            *(f"adversarial.{key}={value}" for key, value in method_options(method)[1].items()),
+            f"run.seed={seed}", f"run.out_dir={out / 'runs' / f'n{n}'}", f"run.name={run_name(method, seed)}",
             "run.overwrite=true"]
 
 
@@ -347,7 +371,7 @@ def attack_cell(run: Path, settings: dict[str, Any], batch_size: int, seed: int)
 
 
 def run_cell(args: argparse.Namespace, data: Path, out: Path, n: int, method: str, seed: int) -> dict[str, Any]:
-    run = out / "runs" / f"n{n}" / f"{method}-seed{seed}"
+    run = out / "runs" / f"n{n}" / run_name(method, seed)
     settings = {"train": train_settings(args, n), "attack": attack_settings(args)}
     cell_path = run / "bench_cell.json"
     if cell_path.is_file():
@@ -493,7 +517,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000], help="training subset sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=[",".join(METHODS)],
-                   help="adversarial.method values, comma- or space-separated (plain = none)")
+                   help="adversarial.method values, comma- or space-separated (plain = none); "
+                        "METHOD:KEY=VALUE[:KEY=VALUE] for a variant with adversarial.KEY set")
     p.add_argument("--val-size", type=int, default=500, help="validation examples per seed (disjoint from train)")
     p.add_argument("--epochs-small", type=float, default=5, help=f"epochs for sizes <= {SMALL_MAX}")
     p.add_argument("--epochs-large", type=float, default=3, help=f"epochs for sizes > {SMALL_MAX}")
@@ -516,9 +541,15 @@ def main() -> None:
     args = p.parse_args()
     methods = [m.strip() for spec in args.methods for m in spec.split(",") if m.strip()]
     methods = ["none" if m == "plain" else m for m in methods]
-    unknown = [m for m in methods if m not in METHODS]
+    try:
+        unknown = [m for m in methods if method_options(m)[0] not in METHODS]
+    except ValueError as exc:
+        p.error(str(exc))
     if unknown:
-        p.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)} (plain = none)")
+        p.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)} (plain = none), "
+                "optionally with :KEY=VALUE options")
+    if len(set(methods)) != len(methods) or len({run_name(m, 0) for m in methods}) != len(methods):
+        p.error(f"--methods lists a method twice, or two variants that name the same run directory: {methods}")
     data = Path(args.data).resolve()
     if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
         print(f"skipped: {data}/train.tsv or dev.tsv not found (the shared datasets are not part of the repository)")
@@ -536,7 +567,7 @@ def main() -> None:
                 val_path, train_paths = subset_paths(out, seed, [n], args.val_size)
                 print(f"# subsets: {train_paths[n]} and {val_path}")
                 for method in methods:
-                    run = out / "runs" / f"n{n}" / f"{method}-seed{seed}"
+                    run = out / "runs" / f"n{n}" / run_name(method, seed)
                     if (run / "bench_cell.json").is_file():
                         print(f"# done: {run}")
                         continue
