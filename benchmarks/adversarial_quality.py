@@ -272,7 +272,7 @@ def train_cell(args: argparse.Namespace, data: Path, out: Path, run: Path, n: in
             raise SystemExit(f"{run} was trained with other settings ({recorded}, now {settings}): use another --out")
         return
     log = run.parent / f".{run.name}.walls.jsonl"  # outside RUN: a restart with run.overwrite keeps it
-    if list_checkpoints(run / "checkpoints"):
+    if list_checkpoints(run / "checkpoints") or list_checkpoints(run / "plae_teacher" / "checkpoints"):
         command = ["classify", "--resume", str(run)]  # finished already: returns at once
     else:
         command = classify_args(args, data, out, n, method, seed)
