@@ -205,7 +205,10 @@ def run_reference(model, data: dict, args: argparse.Namespace, clock: StepClock,
                     "target_modules='all-linear', task_type=SEQ_CLS)); " + settings)
     if args.gradient_checkpointing:
         inner = model.get_base_model() if lora else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         settings += "; gradient checkpointing (non-reentrant)"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-dropout", type=float, default=0.0, help="honelm's lora.dropout default is 0 (peft's too)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every contender recomputes activations in the backward (honelm: train.gradient_checkpointing; "
-                        "reference: transformers' gradient_checkpointing_enable, non-reentrant)")
+                        "reference: transformers' activation_checkpointing_enable, non-reentrant)")
     p.add_argument("--no-bf16-frozen", action="store_true",
                    help="honelm contenders: train.bf16_frozen=false (frozen Linear weights stay fp32 under bf16 autocast)")
     p.add_argument("--lr", type=float, default=3e-4)

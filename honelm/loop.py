@@ -200,12 +200,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing is used: it needs no input that requires grad, so it works with
     frozen embeddings (LoRA) and with `inputs_embeds` fed by boosters.
     """
+    kwargs = {"use_reentrant": False}
     target = model
-    while not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "model"):
+    while True:
+        # transformers 5 renamed it (the old name warns and goes away in v6); honelm's PPO wrapper has the old name only
+        if hasattr(target, "activation_checkpointing_enable"):
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            return
+        if hasattr(target, "gradient_checkpointing_enable"):
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            return
+        if not hasattr(target, "model"):
+            raise HonelmError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
         target = target.model
-    if not hasattr(target, "gradient_checkpointing_enable"):
-        raise HonelmError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 from honelm import runtime as rt
 from honelm.config import TrainConfig
-from honelm.errors import TrainingError
+from honelm.errors import HonelmError, TrainingError
 from honelm.loop import BatchStream, accumulate, fit
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.lm import CausalLM
@@ -158,7 +159,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
     model = tiny_llama()
     model.train()
     plain = grads_after(model, [batch])
-    enable_gradient_checkpointing(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecated gradient_checkpointing_enable
+        enable_gradient_checkpointing(model)
     assert model.model.gradient_checkpointing
     again = grads_after(model, [batch])
     for name in plain:
@@ -178,6 +181,18 @@ def test_gradient_checkpointing_under_lora(tiny_llama):
     assert plain and plain.keys() == again.keys()  # frozen embeddings: grads still reach the adapters
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_reaches_a_wrapper_with_its_own_entry_point(tiny_llama):
+    from honelm.loop import enable_gradient_checkpointing
+    from honelm.rl.policy import PolicyWithValue
+
+    policy = tiny_llama()
+    wrapper = PolicyWithValue(policy, torch.nn.Linear(policy.config.hidden_size, 1))
+    enable_gradient_checkpointing(wrapper)  # PPO's wrapper: not a transformers model, turns it on inside
+    assert policy.model.gradient_checkpointing
+    with pytest.raises(HonelmError, match="does not support it"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("losses, stops_at, best_step", [
