@@ -1,7 +1,7 @@
 """Adversarial training on small SST-2 subsets with MiniLM: accuracy, and accuracy under attack.
 
     python benchmarks/adversarial_quality.py [--out runs/adversarial_quality] [--sizes 500 2000]
-        [--seeds 0 1 2] [--methods none,fgm,freelb,smart,r3f,plae] [--radius 1.0] [--dry-run]
+        [--seeds 0 1 2] [--methods none,fgm,freelb,smart,r3f,plae] [--radius 1.0] [--dry-run | --report]
 
 A method may carry options as METHOD:KEY=VALUE[:KEY=VALUE...], each passed on as
 `adversarial.KEY=VALUE` (e.g. `plae:teacher=plain`, `fgm:epsilon=0.5`); such a variant is a cell
@@ -53,7 +53,10 @@ recomputes is kept only as a consistency check (`clean_accuracy_check`) and must
 `honelm test` number.
 
 Resumable: a cell whose RUN/bench_cell.json exists is reused as it is (its settings are checked
-against the current flags; a mismatch is an error: use another --out). An interrupted training
+against the current flags and against the method's adversarial section with honelm's current
+defaults resolved, so a cell made under older defaults is not passed off as today's method; a
+mismatch is an error: use another --out). `--report` rewrites the results from the finished cells
+of the listed sizes, seeds and methods and runs nothing. An interrupted training
 is continued with `honelm classify --resume RUN` (or restarted when it stopped before its first
 checkpoint; plae continues its teacher either way); a finished training is not rerun, a finished
 `honelm test` is not repeated, a finished attack is not recomputed. RUN/checkpoints (resumable
@@ -81,6 +84,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -228,6 +232,18 @@ def method_options(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+def adversarial_settings(method: str) -> dict[str, Any]:
+    """The cell's `adversarial` section with every default resolved, as JSON stores it: a cell made
+    under other method defaults (an older honelm) no longer matches and is not silently reused."""
+    from honelm import config as C
+    from honelm.stages.classify import ClassifyConfig
+
+    name, options = method_options(method)
+    cfg = C.build(ClassifyConfig, None, [f"adversarial.method={name}",
+                                         *(f"adversarial.{k}={v}" for k, v in options.items())])
+    return json.loads(json.dumps(dataclasses.asdict(cfg.adversarial.resolved())))
+
+
 def run_name(method: str, seed: int) -> str:
     """The cell's run directory name: `plae:teacher=plain`, seed 0 -> `plae_teacher-plain-seed0`."""
     return f"{method.replace(':', '_').replace('=', '-')}-seed{seed}"
@@ -370,17 +386,32 @@ def attack_cell(run: Path, settings: dict[str, Any], batch_size: int, seed: int)
             "device": str(device), "time_s": round(time.perf_counter() - t0, 2)}
 
 
-def run_cell(args: argparse.Namespace, data: Path, out: Path, n: int, method: str, seed: int) -> dict[str, Any]:
+def cell_settings(args: argparse.Namespace, n: int, method: str) -> dict[str, Any]:
+    return {"train": train_settings(args, n), "attack": attack_settings(args), "adversarial": adversarial_settings(method)}
+
+
+def reuse_cell(args: argparse.Namespace, out: Path, n: int, method: str, seed: int) -> dict[str, Any] | None:
+    """The finished cell's row (None when it is not finished); an error when it was made with other settings."""
     run = out / "runs" / f"n{n}" / run_name(method, seed)
-    settings = {"train": train_settings(args, n), "attack": attack_settings(args)}
     cell_path = run / "bench_cell.json"
-    if cell_path.is_file():
-        row = json.loads(cell_path.read_text(encoding="utf-8"))
-        if row.get("settings") != settings:
-            raise SystemExit(f"{run} was made with other settings ({row.get('settings')}, now {settings}): "
-                             "use another --out")
-        print(f"reused: {run}", flush=True)
+    if not cell_path.is_file():
+        return None
+    row = json.loads(cell_path.read_text(encoding="utf-8"))
+    settings = cell_settings(args, n, method)
+    if row.get("settings") != settings:
+        raise SystemExit(f"{run} was made with other settings ({row.get('settings')}, now {settings}): "
+                         "use another --out")
+    print(f"reused: {run}", flush=True)
+    return row
+
+
+def run_cell(args: argparse.Namespace, data: Path, out: Path, n: int, method: str, seed: int) -> dict[str, Any]:
+    row = reuse_cell(args, out, n, method, seed)
+    if row is not None:
         return row
+    run = out / "runs" / f"n{n}" / run_name(method, seed)
+    settings = cell_settings(args, n, method)
+    cell_path = run / "bench_cell.json"
     make_subsets(data, out, seed, [n], args.val_size)
     train_cell(args, data, out, run, n, method, seed)
     if not (run / "test_metrics.json").is_file():
@@ -538,6 +569,8 @@ def main() -> None:
                    help="attack only the first N test examples (smoke testing only; 0 = all)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep RUN/checkpoints after a cell finishes")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished cells and exit")
+    p.add_argument("--report", action="store_true",
+                   help="rewrite results.md/json from the finished cells only (run nothing; unfinished cells are left out)")
     args = p.parse_args()
     methods = [m.strip() for spec in args.methods for m in spec.split(",") if m.strip()]
     methods = ["none" if m == "plain" else m for m in methods]
@@ -581,8 +614,20 @@ def main() -> None:
     for n in args.sizes:  # size-major, then seed: a stopped run has every method for the first seeds
         for seed in args.seeds:
             for method in methods:
+                if args.report:
+                    row = reuse_cell(args, out, n, method, seed)
+                    if row is None:
+                        print(f"not finished, left out: {out / 'runs' / f'n{n}' / run_name(method, seed)}", flush=True)
+                        continue
+                    rows.append(row)
+                    continue
                 rows.append(run_cell(args, data, out, n, method, seed))
                 summarise(rows, out, budget)
+    if args.report:
+        if not rows:
+            raise SystemExit(f"no finished cell under {out / 'runs'} for these sizes, seeds and methods")
+        summarise(rows, out, budget)
+        return
     print(f"\nall cells done in {(time.time() - t0) / 60:.1f} min; results in {out / 'results.md'}", file=sys.stderr)
 
 
