@@ -126,9 +126,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them: less memory for about a third more compute."""
     bf16_frozen: bool = True
-    """Under bf16 autocast, hold frozen Linear weights (a LoRA base) in bf16 while training: autocast computes
-    with their bf16 values anyway, so results are identical, for half their memory and no per-step cast. The
-    fp32 values wait in RUN/.frozen-fp32.rank<R>.bin and are restored for every save and at the end."""
+    """Under bf16 autocast, hold frozen Linear weights (a LoRA base, DPO's frozen reference copy) in bf16 while
+    training: autocast computes with their bf16 values anyway, so results are identical, for half their memory and
+    no per-step cast. The fp32 values wait in RUN/.frozen-fp32.rank<R>.bin and are restored for every save and at
+    the end."""
     compile: bool = False
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
     threads: int = 0

@@ -7,7 +7,8 @@ the cast copy alive. So a frozen fp32 Linear weight costs its fp32 storage, a bf
 and the time to make it, while the model only ever computes with the bf16 values. Storing the
 weight in bf16 from the start gives exactly the same computation (the cast of a bf16 tensor to
 bf16 is the tensor itself, and it is the same round-to-nearest-even value autocast would have
-made), for half the memory and none of the casting.
+made), for half the memory and none of the casting. The same holds for a whole frozen model that
+the objective runs beside the trained one (DPO's reference copy: `Objective.frozen_models()`).
 
 The fp32 values are not thrown away: before the cast they are written to a file in the run
 directory (`.frozen-fp32.rank<R>.bin`, raw fp32, one per process) and put back, bit for bit, when
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -84,12 +85,15 @@ class FrozenBf16:
     """Context manager: frozen Linear weights in bf16 inside, the exact fp32 weights outside.
 
     `with FrozenBf16(model, path) as frozen:` spills and casts on entry (nothing when no weight is
-    eligible: `frozen.count == 0`), restores and deletes the spill file on exit;
+    eligible: `frozen.count == 0`), restores and deletes the spill file on exit; `extra` models (run
+    by the objective, never trained, such as DPO's frozen reference) are treated the same way;
     `with frozen.restored():` puts the fp32 weights back for a while (to save the model).
     """
 
-    def __init__(self, model: nn.Module, spill: Path, enabled: bool = True) -> None:
-        self.model, self.spill, self.enabled = model, Path(spill), enabled
+    def __init__(self, model: nn.Module, spill: Path, enabled: bool = True, extra: Sequence[nn.Module] = ()) -> None:
+        # `extra`: frozen models that run beside the trained one (DPO's reference copy); scanned as one tree
+        self.model = nn.ModuleList([model, *extra]) if extra else model
+        self.spill, self.enabled = Path(spill), enabled
         self.params: dict[str, nn.Parameter] = {}
         self.offsets: dict[str, int] = {}  # byte offset of each parameter in the spill file
         self.count, self.bytes_fp32 = 0, 0

@@ -330,7 +330,8 @@ def fit(
 
     # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
     frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank),
-                        enabled=runtime.precision == "bf16" and cfg.bf16_frozen)
+                        enabled=runtime.precision == "bf16" and cfg.bf16_frozen,
+                        extra=getattr(objective, "frozen_models", list)())
 
     def saving() -> contextlib.AbstractContextManager:
         """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""

@@ -337,6 +337,9 @@ class Adversarial(Objective):
     def units(self, batch: dict[str, Any]) -> int:
         return self.inner.units(batch)
 
+    def frozen_models(self) -> list[nn.Module]:
+        return self.inner.frozen_models()
+
     def mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, T) float: 1 where δ may be non-zero (real, and non-special unless asked)."""
         ids = batch["input_ids"]

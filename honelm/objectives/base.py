@@ -47,6 +47,15 @@ class Objective:
         """Number of loss units in `batch` (counted without the model)."""
         raise NotImplementedError
 
+    def frozen_models(self) -> list[nn.Module]:
+        """Models the objective runs but never trains (DPO's frozen reference copy).
+
+        The loop holds their Linear weights in bf16 while it trains under bf16 autocast, as it does
+        for the trained model's frozen ones (`train.bf16_frozen`, honelm.frozen), and puts the exact
+        fp32 weights back when training ends.
+        """
+        return []
+
     def step(self, model: nn.Module, batch: dict[str, Any], scale: float, autocast: Any) -> Loss:
         """Forward and backward of one micro-batch; gradients accumulate in `.grad`.
 

@@ -101,6 +101,9 @@ class DPO(Objective):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference = reference
 
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.reference] if self.reference is not None else []
+
     def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """(2P,) reference log-probs: stored in the batch, else a frozen model's, else the adapter-free policy's."""
         if "ref_logps" in batch:

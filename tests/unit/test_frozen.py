@@ -47,7 +47,7 @@ def collate_for(rows: list[torch.Tensor], classify: bool):
 
 
 class Spy:
-    """Wraps an objective; records the dtype of one frozen base weight at every call."""
+    """Wraps an objective; records the dtype of one frozen weight (a LoRA base, a reference's) at every step."""
 
     def __init__(self, inner, probe: nn.Parameter):
         self.inner, self.probe, self.dtypes = inner, probe, []
@@ -222,3 +222,55 @@ def test_nothing_is_cast_when_the_model_would_report_another_dtype(tmp_path):
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (tmp_path / "spill.bin").exists()
+
+
+def pair_collate(n_pairs: int):
+    """Right-padded [chosen; rejected] rows with a 3-token prompt masked out of the labels."""
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(2, VOCAB, (int(torch.randint(5, 9, (1,), generator=g)),), generator=g)
+            for _ in range(2 * n_pairs)]
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        picked = [rows[2 * i] for i in idx] + [rows[2 * i + 1] for i in idx]
+        width = max(len(r) for r in picked)
+        ids = torch.zeros(len(picked), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(picked):
+            ids[r, : len(row)], mask[r, : len(row)] = row, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :3] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
+
+
+@pytest.mark.parametrize("bf16_frozen", [False, True])
+def test_dpo_reference_copy_is_held_in_bf16_and_changes_nothing(tmp_path, bf16_frozen):
+    import copy
+
+    from honelm.objectives.dpo import DPO
+
+    runs = {}
+    for flag in (False, bf16_frozen):  # the fp32 run first, then the one under test
+        policy = build_model("decoder", "test", VOCAB, task="lm", seed=0, pad_token_id=0, eos_token_id=1)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        start = {n: p.detach().clone() for n, p in reference.named_parameters()}
+        probe = reference.get_submodule("model.layers.0.self_attn.q_proj").weight
+        objective = Spy(DPO(beta=0.1, reference=reference), probe)
+        collate = pair_collate(8)
+        cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, eval_every=2, save_every=2, log_every=1,
+                          precision="bf16", bf16_frozen=flag, progress=False, tensorboard=False, warmup_steps=1)
+        run = tmp_path / f"run-{flag}-{len(runs)}"
+        val = collate([0, 1])
+        torch.manual_seed(0)
+        fit(policy, objective, BatchStream(8, collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
+            run, lambda m: {"val_loss": float(objective(m, val).value)}, lambda m, info: None, "val_loss")
+        runs[flag if not runs else "test"] = (policy, objective, run)
+        for n, p in reference.named_parameters():  # exact fp32 weights back after training
+            assert p.dtype == torch.float32 and torch.equal(p, start[n]), n
+
+    (plain, _, plain_run), (held, spy, held_run) = runs[False], runs["test"]
+    want = torch.bfloat16 if bf16_frozen else torch.float32
+    assert spy.dtypes and all(d == want for d in spy.dtypes)
+    assert train_losses(plain_run) == train_losses(held_run)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), held.state_dict().items()):
+        assert torch.equal(a, b), name
