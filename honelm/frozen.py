@@ -93,6 +93,7 @@ class FrozenBf16:
     def __init__(self, model: nn.Module, spill: Path, enabled: bool = True, extra: Sequence[nn.Module] = ()) -> None:
         # `extra`: frozen models that run beside the trained one (DPO's reference copy); scanned as one tree
         self.model = nn.ModuleList([model, *extra]) if extra else model
+        self.trained = model  # what saves write: `restored()` brings back its weights only
         self.spill, self.enabled = Path(spill), enabled
         self.params: dict[str, nn.Parameter] = {}
         self.offsets: dict[str, int] = {}  # byte offset of each parameter in the spill file
@@ -136,26 +137,32 @@ class FrozenBf16:
             self.params = {}
             self.spill.unlink(missing_ok=True)
 
-    def _cast(self) -> None:
-        for p in self.params.values():
+    def _cast(self, params: dict[str, nn.Parameter] | None = None) -> None:
+        for p in (self.params if params is None else params).values():
             p.data = p.data.to(torch.bfloat16)
 
-    def _restore(self) -> None:
-        for name, p in self.params.items():
+    def _restore(self, params: dict[str, nn.Parameter] | None = None) -> None:
+        for name, p in (self.params if params is None else params).items():
             values = np.fromfile(self.spill, dtype=np.float32, count=p.numel(), offset=self.offsets[name])
             p.data = torch.from_numpy(values).view(p.shape).to(p.device)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        """The exact fp32 weights for the duration (a save); bf16 again afterwards."""
-        if not self.params:
+        """The trained model's exact fp32 weights for the duration (a save); bf16 again afterwards.
+
+        `extra` models stay in bf16: nothing saves them during training, so reading them back from
+        the spill file at every checkpoint would be work for nothing.
+        """
+        own = {id(p) for p in self.trained.parameters()}
+        params = {name: p for name, p in self.params.items() if id(p) in own}
+        if not params:
             yield
             return
-        self._restore()
+        self._restore(params)
         try:
             yield
         finally:
-            self._cast()
+            self._cast(params)
 
     def describe(self) -> str:
         if self.skipped:

@@ -274,3 +274,26 @@ def test_dpo_reference_copy_is_held_in_bf16_and_changes_nothing(tmp_path, bf16_f
     assert train_losses(plain_run) == train_losses(held_run)
     for (name, a), (_, b) in zip(plain.state_dict().items(), held.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_extra_models_are_held_too_but_only_the_trained_model_comes_back_for_a_save(tmp_path):
+    import copy
+
+    from honelm.boosters.adversarial import Adversarial, AdversarialConfig
+    from honelm.objectives.dpo import DPO
+
+    model = build("lm")  # LoRA: its base is frozen
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    objective = Adversarial(DPO(reference=reference), AdversarialConfig(method="fgm"))
+    assert objective.frozen_models() == [reference]  # the wrapper hands the inner objective's on
+
+    base = next(p for n, p in model.named_parameters() if "base_layer.weight" in n)
+    ref = next(p for n, p in reference.named_parameters() if "base_layer.weight" in n)
+    ref_start = ref.detach().clone()
+    with FrozenBf16(model, tmp_path / "spill.bin", extra=objective.frozen_models()) as held:
+        assert base.dtype == ref.dtype == torch.bfloat16
+        with held.restored():
+            assert base.dtype == torch.float32  # what a checkpoint writes
+            assert ref.dtype == torch.bfloat16  # never saved during training: left alone
+        assert base.dtype == ref.dtype == torch.bfloat16
+    assert ref.dtype == torch.float32 and torch.equal(ref, ref_start)
