@@ -568,9 +568,10 @@ def main() -> None:
     p.add_argument("--attack-limit", type=int, default=0,
                    help="attack only the first N test examples (smoke testing only; 0 = all)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep RUN/checkpoints after a cell finishes")
-    p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished cells and exit")
-    p.add_argument("--report", action="store_true",
-                   help="rewrite results.md/json from the finished cells only (run nothing; unfinished cells are left out)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished cells and exit")
+    mode.add_argument("--report", action="store_true",
+                      help="rewrite results.md/json from the finished cells only (run nothing; unfinished cells are left out)")
     args = p.parse_args()
     methods = [m.strip() for spec in args.methods for m in spec.split(",") if m.strip()]
     methods = ["none" if m == "plain" else m for m in methods]
@@ -583,6 +584,13 @@ def main() -> None:
                 "optionally with :KEY=VALUE options")
     if len(set(methods)) != len(methods) or len({run_name(m, 0) for m in methods}) != len(methods):
         p.error(f"--methods lists a method twice, or two variants that name the same run directory: {methods}")
+    from honelm.errors import HonelmError
+
+    for m in methods:  # an unknown key or a bad value fails now, not hours later when its first cell comes up
+        try:
+            adversarial_settings(m)
+        except HonelmError as exc:
+            p.error(f"method variant {m!r}: {exc}")
     data = Path(args.data).resolve()
     if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
         print(f"skipped: {data}/train.tsv or dev.tsv not found (the shared datasets are not part of the repository)")
