@@ -126,7 +126,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them: less memory for about a third more compute."""
     bf16_frozen: bool = True
-    """Under bf16 autocast, hold frozen Linear weights (a LoRA base, DPO's frozen reference copy) in bf16 while
+    """Under bf16 autocast, hold frozen Linear weights (a LoRA base, DPO's and PPO's frozen reference copies, PPO's reward model) in bf16 while
     training: autocast computes with their bf16 values anyway, so results are identical, for half their memory and
     no per-step cast. The fp32 values wait in RUN/.frozen-fp32.rank<R>.bin and are restored for every save and at
     the end."""

@@ -8,7 +8,9 @@ and the time to make it, while the model only ever computes with the bf16 values
 weight in bf16 from the start gives exactly the same computation (the cast of a bf16 tensor to
 bf16 is the tensor itself, and it is the same round-to-nearest-even value autocast would have
 made), for half the memory and none of the casting. The same holds for a whole frozen model that
-the objective runs beside the trained one (DPO's reference copy: `Objective.frozen_models()`).
+runs beside the trained one: the objective's (DPO's reference copy: `Objective.frozen_models()`)
+and those the data stream runs (PPO's sampler: a reference copy and a reward model, passed as
+`fit(frozen=...)`).
 
 The fp32 values are not thrown away: before the cast they are written to a file in the run
 directory (`.frozen-fp32.rank<R>.bin`, raw fp32, one per process) and put back, bit for bit, when

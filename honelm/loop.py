@@ -215,6 +215,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         target = target.model
 
 
+def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """Each model once, in order (an objective and a sampler may name the same one)."""
+    seen: set[int] = set()
+    return [m for m in models if not (id(m) in seen or seen.add(id(m)))]
+
+
 def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -234,6 +240,7 @@ def fit(
     resume: bool = False,
     tracker: Tracker | None = None,
     on_start: Callable[[str], None] | None = None,
+    frozen: Sequence[nn.Module] = (),
 ) -> FitResult:
     """Train `model` with `objective` on `stream`; see the module docstring for the contract.
 
@@ -244,6 +251,11 @@ def fit(
     `stream` is a `BatchStream` or anything with its interface (`next_step()`, `position`, `n`,
     `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
     PPO's `honelm.rl.rollout.RolloutStream`.
+
+    `frozen`: models that run beside the trained one outside the objective and are never trained
+    (PPO's sampler: a reference copy, a reward model). With the objective's own
+    (`Objective.frozen_models()`, DPO's reference) they are held in bf16 under bf16 autocast like
+    the trained model's frozen weights (`train.bf16_frozen`, honelm.frozen) and are fp32 again after.
 
     `evaluate(model)` returns validation metrics named `val_*`; `save_best(model, info)` writes
     the loadable best model (main process only). With `resume`, the newest checkpoint under
@@ -331,7 +343,7 @@ def fit(
     # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
     frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank),
                         enabled=runtime.precision == "bf16" and cfg.bf16_frozen,
-                        extra=getattr(objective, "frozen_models", list)())
+                        extra=_distinct([*getattr(objective, "frozen_models", list)(), *frozen]))
 
     def saving() -> contextlib.AbstractContextManager:
         """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""

@@ -128,6 +128,10 @@ class Reference:
         else:
             yield self._model
 
+    def frozen_models(self) -> list[nn.Module]:
+        """The frozen copy, if there is one (with LoRA the base belongs to the trained policy)."""
+        return [] if self.lora else [self._model]
+
     def to(self, device: torch.device) -> "Reference":
         if not self.lora:
             self._model.to(device)

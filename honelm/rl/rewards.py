@@ -14,6 +14,10 @@ from a list of finished `Sample`s to a (B,) tensor of scores, one per response.
     contains:TEXT   1 if the decoded response contains TEXT, else 0
     regex:PATTERN   1 if the Python regex PATTERN matches somewhere in the decoded response, else 0
     token:ID        how many times token id ID occurs in the response (up to and including EOS)
+
+`scorer_models(scorer)` lists the frozen models a scorer runs (the reward model), so that the
+training loop can hold them in bf16 under bf16 autocast (`train.bf16_frozen`) like the policy's
+other frozen weights.
 """
 
 from __future__ import annotations
@@ -133,6 +137,10 @@ class RewardModelScorer:
             return s.query_ids + s.response_ids
         return self.tokenizer(s.prompt + s.response_text)["input_ids"]
 
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """The reward model: never trained, run only under the loop's autocast."""
+        return [self.model]
+
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> torch.Tensor:
         scores = []
@@ -167,6 +175,26 @@ def _reward_labels(path: str) -> int:
     return 1
 
 
+class PenalisedScorer:
+    """A scorer minus `penalty` for every response that hit the length limit without EOS."""
+
+    def __init__(self, base: Scorer, penalty: float):
+        self.base, self.penalty = base, penalty
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        return scorer_models(self.base)
+
+    def __call__(self, samples: list[Sample]) -> torch.Tensor:
+        ended = torch.tensor([s.ended for s in samples])
+        return self.base(samples) - self.penalty * (~ended).float()
+
+
+def scorer_models(scorer: Scorer) -> list[torch.nn.Module]:
+    """The frozen models `scorer` runs (a reward model); none for a programmatic reward."""
+    found = getattr(scorer, "frozen_models", None)
+    return list(found()) if callable(found) else []
+
+
 def make_scorer(cfg: RewardConfig, policy_tokenizer: Any, device: torch.device, autocast: Callable[[], Any],
                 batch_size: int, trust_remote_code: bool = False) -> Scorer:
     """The scorer the config asks for, with the missing-EOS penalty applied after it."""
@@ -177,10 +205,4 @@ def make_scorer(cfg: RewardConfig, policy_tokenizer: Any, device: torch.device, 
         base = RewardModelScorer(cfg.model, policy_tokenizer, device, autocast, batch_size, trust_remote_code)
     if cfg.missing_eos_penalty == 0:
         return base
-    penalty = cfg.missing_eos_penalty
-
-    def penalised(samples: list[Sample]) -> torch.Tensor:
-        ended = torch.tensor([s.ended for s in samples])
-        return base(samples) - penalty * (~ended).float()
-
-    return penalised
+    return PenalisedScorer(base, cfg.missing_eos_penalty)

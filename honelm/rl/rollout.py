@@ -42,7 +42,7 @@ from honelm.objectives.ppo import response_logits, token_logprobs
 from honelm.rl.advantages import gae, kl_estimate, masked_whiten, response_mask, token_rewards
 from honelm.rl.policy import PolicyWithValue, Reference
 from honelm.rl.prompts import EncodedPrompt
-from honelm.rl.rewards import Sample, Scorer
+from honelm.rl.rewards import Sample, Scorer, scorer_models
 
 Batch = dict[str, Any]
 
@@ -149,6 +149,10 @@ class Sampler:
     pad_id: int
     autocast: Callable[[], Any]
     chunk: int  # rows per forward pass
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """The models sampling runs but never trains (a reference copy, a reward model): `fit(frozen=...)`."""
+        return [*self.reference.frozen_models(), *scorer_models(self.scorer)]
 
     def generate(self, query: torch.Tensor, query_mask: torch.Tensor, seed: int) -> torch.Tensor:
         """(B, R') sampled response tokens, R' <= response_length (HF stops when every row has ended)."""

@@ -297,3 +297,90 @@ def test_extra_models_are_held_too_but_only_the_trained_model_comes_back_for_a_s
             assert ref.dtype == torch.bfloat16  # never saved during training: left alone
         assert base.dtype == ref.dtype == torch.bfloat16
     assert ref.dtype == torch.float32 and torch.equal(ref, ref_start)
+
+
+def word_tokenizer_of(size: int):
+    """One token per word "t0".."t{size-1}" (t0 pads, t1 ends): ids equal the policy's own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing(tmp_path, tiny_llama):
+    """PPO's sampler runs two frozen models outside the objective (`fit(frozen=...)`): a reference copy
+    of the policy and a reward model. Holding them in bf16 must leave rollouts, losses and the trained
+    policy bit for bit as they are with fp32 copies, and give their exact fp32 weights back."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from honelm.objectives.ppo import PPO
+    from honelm.rl.policy import PolicyWithValue, Reference
+    from honelm.rl.prompts import EncodedPrompt
+    from honelm.rl.rewards import PenalisedScorer, RewardModelScorer
+    from honelm.rl.rollout import PPOOptions, RolloutStream, Sampler
+    from honelm.tracking import Tracker
+
+    tokenizer = word_tokenizer_of(64)
+    reward_dir = tmp_path / "reward"
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=1, pad_token_id=0, eos_token_id=1,
+    )).save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    g = torch.Generator().manual_seed(0)
+    prompts = [EncodedPrompt(torch.randint(2, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist(),
+                             f"p{i}", "test", i + 1) for i in range(16)]
+    opts = PPOOptions(rollout_batch=8, ppo_epochs=2, response_length=6, temperature=1.0, kl_coef=0.1)
+
+    runs = {}
+    for flag in (False, True):  # fp32 copies first, then held in bf16
+        runtime = rt.Runtime(device=torch.device("cpu"))
+        policy = tiny_llama(seed=0)
+        reference = Reference(policy, lora=False)
+        scorer = PenalisedScorer(RewardModelScorer(str(reward_dir), tokenizer, runtime.device, runtime.autocast, 8), 0.5)
+        sampler = Sampler(PolicyWithValue.shared(policy), reference, scorer, tokenizer, opts, 1, 0, runtime.autocast,
+                          chunk=8)
+        frozen = sampler.frozen_models()
+        ref_model, reward_model = frozen
+        assert ref_model is not policy and reward_model is scorer.base.model  # both reach the loop
+        start = {f"{i}.{n}": p.detach().clone() for i, m in enumerate(frozen) for n, p in m.named_parameters()}
+        probes = [m.get_submodule("model.layers.0.self_attn.q_proj").weight for m in frozen]
+        dtypes: list[tuple[torch.dtype, ...]] = []
+        objective = PPO(opts.temperature)
+        inner_step = objective.step
+
+        def spy_step(model, batch, scale, autocast, inner_step=inner_step, probes=probes, dtypes=dtypes):
+            dtypes.append(tuple(p.dtype for p in probes))
+            return inner_step(model, batch, scale, autocast)
+
+        objective.step = spy_step
+        run = tmp_path / f"run-{flag}-{len(runs)}"
+        tracker = Tracker(run, tensorboard=False, progress=False)
+        stream = RolloutStream(sampler, prompts, batch_size=4, grad_accum=1, seed=0, run_dir=run, tracker=tracker)
+        cfg = TrainConfig(lr=1e-2, max_steps=2 * stream.steps_per_rollout, precision="bf16", bf16_frozen=flag,
+                          eval_every=0, save_every=stream.steps_per_rollout, log_every=1, progress=False,
+                          tensorboard=False, warmup_steps=0)
+        torch.manual_seed(0)
+        fit(sampler.model, objective, stream, cfg, runtime, run, None, lambda m, info: None, metric="val_score",
+            tracker=tracker, frozen=frozen)
+        tracker.close()
+        assert runtime.precision == "bf16"
+        runs[flag] = (policy, dtypes, run)
+        for i, m in enumerate(frozen):  # the exact fp32 weights back after training
+            for n, p in m.named_parameters():
+                assert p.dtype == torch.float32 and torch.equal(p, start[f"{i}.{n}"]), n
+
+    (plain, plain_dtypes, plain_run), (held, dtypes, held_run) = runs[False], runs[True]
+    assert plain_dtypes and all(d == (torch.float32, torch.float32) for d in plain_dtypes)
+    assert dtypes and all(d == (torch.bfloat16, torch.bfloat16) for d in dtypes)
+    events = [json.loads(x) for x in (held_run / "metrics.jsonl").read_text().splitlines()]
+    plain_events = [json.loads(x) for x in (plain_run / "metrics.jsonl").read_text().splitlines()]
+    timeless = lambda rows: [{k: v for k, v in e.items() if k not in ("time", "time_s")}  # noqa: E731
+                             for e in rows if e["event"] == "rollout"]
+    assert len(timeless(events)) == 2 and timeless(events) == timeless(plain_events)  # same samples, scores and KL
+    assert train_losses(plain_run) == train_losses(held_run)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), held.state_dict().items()):
+        assert torch.equal(a, b), name
