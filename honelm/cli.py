@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"honelm: unknown verb '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "") + "\n\n" + usage(),
               file=sys.stderr)
         return 2
+    loop = sys.modules.get("honelm.loop")  # loaded only by verbs that train
+    if loop is not None:
+        loop.late_stop_requested(clear=True)  # a run of an earlier call in this process (a pipeline's stage)
     try:
         if verb.module:
             result = run_config_verb(verb, rest)
@@ -283,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 130  # the checkpoint is written; the shell should still see an interrupted command
         else:
             COMMANDS[name](rest)
+        loop = sys.modules.get("honelm.loop")
+        if loop is not None and loop.late_stop_requested(clear=True):
+            # the stop came while a finished run saved itself: its work is kept, but a pipeline, a shell
+            # script or a search must not go on as if nobody had asked to stop
+            print(f"honelm {name}: stopped (the run had finished when the stop came)", file=sys.stderr)
+            return 130
     except HonelmError as e:
         print(f"honelm {name}: error: {e}", file=sys.stderr)
         return 1

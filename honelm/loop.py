@@ -124,6 +124,23 @@ class FitResult:
     best_value: float | None
     train_time_s: float
     last_eval: dict[str, float] = field(default_factory=dict)
+    stop_requested: bool = False
+    """A stop (Ctrl-C, SIGTERM) arrived after the last step's check, while the finished run wrote its
+    final checkpoint: the run is complete and saved, but nothing that would follow it should start."""
+
+
+# Set by fit() when it returns with `stop_requested`; the CLI (and a search between trials) reads it,
+# so that a stop which came too late to interrupt the run still ends the command (exit 130).
+_late_stop = False
+
+
+def late_stop_requested(clear: bool = False) -> bool:
+    """Whether a run in this process finished with a stop request it could not act on; `clear` resets it."""
+    global _late_stop
+    found = _late_stop
+    if clear:
+        _late_stop = False
+    return found
 
 
 def metric_is_min(metric: str, mode: str) -> bool:
@@ -482,14 +499,21 @@ def fit(
             with saving():
                 save_best(model, {"step": step, "metric": None, "value": None})
         checkpoint(finished=reason != "interrupted")
+        late_stop = interrupt.requested and reason != "interrupted"
 
     train_time = state["train_time_s"]
     if reason == "interrupted":
         tracker.say(f"interrupted at step {step}: resume with `--resume` (checkpoint saved)")
+    if late_stop:  # the request came after the last step's check: the run is complete, the command stops here
+        global _late_stop
+        _late_stop = True
+        tracker.say(f"stop requested while the final checkpoint was written: the run finished at step {step} "
+                    "and is saved; nothing after it starts")
     # cost of the run, read by `honelm ablate`: peak memory since the CLI (or the search) started
     # this run (rt.reset_peak_memory; after a resume, only the resumed part)
     tracker.event("end", step, reason=reason, best_step=state["best_step"], best_metric=metric,
                   best_value=state["best_value"], train_time_s=round(train_time, 2), trainable_params=n_trainable,
                   total_params=n_total, **rt.peak_memory_mb(device))
-    return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval)
+    return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval,
+                     stop_requested=late_stop)
 

@@ -406,7 +406,7 @@ def _best_value(run_dir: Path) -> float | None:
 def run_search(spec: SearchSpec) -> dict[str, Any]:
     """Run (or continue) the study until n_trials trials are finished or the timeout passes; returns best.json."""
     from honelm.data.splits import forbid_test_split
-    from honelm.loop import eval_hook
+    from honelm.loop import eval_hook, late_stop_requested
 
     optuna = _optuna()
     module, _ = stage_module(spec.verb)
@@ -464,6 +464,10 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
             if reason == "interrupted":
                 trial.set_user_attr("interrupted", True)
                 raise KeyboardInterrupt
+            if late_stop_requested():  # finished as the stop came: keep this trial, start no other
+                print("search: stop requested; no further trial starts (run the same command again to continue)",
+                      flush=True)
+                study.stop()
             if spec.keep_models == "best":
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # trials are never resumed
             if reason == "pruned":

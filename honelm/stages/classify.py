@@ -200,6 +200,8 @@ def plae_stage(cfg: ClassifyConfig, run_dir: Path, runtime: rt.Runtime, tracker:
         teacher_tracker.close()
         if result.reason == "interrupted":
             return None  # the teacher's checkpoint is saved; `--resume` continues it
+        if result.stop_requested:  # the teacher finished as the stop came: `--resume` goes on with generation
+            return None
         teacher = load_model(teacher_dir / "best", "classify", num_labels=n_labels, id2label=id2label).to(runtime.device)
         tracker.say(f"plae 2/3: {adv.copies} adversarial embedding(s) per training example by PGD against the "
                     f"teacher (epsilon={adv.epsilon}, steps={adv.steps}, step_size={adv.step_size}, norm={adv.norm})")

@@ -103,6 +103,32 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
 
 
+def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import honelm.loop as loop
+    from honelm.cli import main
+
+    save = loop.save_training_checkpoint
+
+    def save_and_get_stopped(root, step, *args, **kwargs):
+        path = save(root, step, *args, **kwargs)
+        if step == 6:  # the first trial's final checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(loop, "save_training_checkpoint", save_and_get_stopped)
+    path = search_file(tmp_path, data_dir, n_trials=3)
+    assert main(["search", str(path)]) == 130
+    rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows] == ["complete"]  # the finished trial counts; no second one started
+    monkeypatch.setattr(loop, "save_training_checkpoint", save)
+    cli("search", str(path))  # the same command continues the study
+    rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in rows] == ["complete"] * 3
+
+
 def test_a_storage_url_keeping_every_model_halving_and_a_timeout(data_dir, tmp_path):
     """--storage URL (what several machines share; no local study.db, no directory lock), keep_models: all,
     the successive-halving pruner, and --timeout (no trial starts after it; the running one finishes)."""
