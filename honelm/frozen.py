@@ -10,7 +10,7 @@ bf16 is the tensor itself, and it is the same round-to-nearest-even value autoca
 made), for half the memory and none of the casting. The same holds for a whole frozen model that
 runs beside the trained one: the objective's (DPO's reference copy: `Objective.frozen_models()`)
 and those the data stream runs (PPO's sampler: a reference copy and a reward model, passed as
-`fit(frozen=...)`).
+`fit(frozen_models=...)`).
 
 The fp32 values are not thrown away: before the cast they are written to a file in the run
 directory (`.frozen-fp32.rank<R>.bin`, raw fp32, one per process) and put back, bit for bit, when

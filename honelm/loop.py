@@ -257,7 +257,7 @@ def fit(
     resume: bool = False,
     tracker: Tracker | None = None,
     on_start: Callable[[str], None] | None = None,
-    frozen: Sequence[nn.Module] = (),
+    frozen_models: Sequence[nn.Module] = (),
 ) -> FitResult:
     """Train `model` with `objective` on `stream`; see the module docstring for the contract.
 
@@ -269,7 +269,7 @@ def fit(
     `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
     PPO's `honelm.rl.rollout.RolloutStream`.
 
-    `frozen`: models that run beside the trained one outside the objective and are never trained
+    `frozen_models`: models that run beside the trained one outside the objective and are never trained
     (PPO's sampler: a reference copy, a reward model). With the objective's own
     (`Objective.frozen_models()`, DPO's reference) they are held in bf16 under bf16 autocast like
     the trained model's frozen weights (`train.bf16_frozen`, honelm.frozen) and are fp32 again after.
@@ -360,7 +360,7 @@ def fit(
     # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
     frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank),
                         enabled=runtime.precision == "bf16" and cfg.bf16_frozen,
-                        extra=_distinct([*getattr(objective, "frozen_models", list)(), *frozen]))
+                        extra=_distinct([*getattr(objective, "frozen_models", list)(), *frozen_models]))
 
     def saving() -> contextlib.AbstractContextManager:
         """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""

@@ -138,7 +138,7 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
                  lambda m, info: save_pretrained_atomic(m.policy, tokenizer, run_dir / "best", info),
                  metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
-                 frozen=sampler.frozen_models())
+                 frozen_models=sampler.frozen_models())
     if result.reason != "interrupted" and val and runtime.is_main:
         write_samples(run_dir / "samples.jsonl", sampler, val, cfg.run.seed)
     tracker.close()

@@ -310,7 +310,7 @@ def word_tokenizer_of(size: int):
 
 
 def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing(tmp_path, tiny_llama):
-    """PPO's sampler runs two frozen models outside the objective (`fit(frozen=...)`): a reference copy
+    """PPO's sampler runs two frozen models outside the objective (`fit(frozen_models=...)`): a reference copy
     of the policy and a reward model. Holding them in bf16 must leave rollouts, losses and the trained
     policy bit for bit as they are with fp32 copies, and give their exact fp32 weights back."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -365,7 +365,7 @@ def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing
                           tensorboard=False, warmup_steps=0)
         torch.manual_seed(0)
         fit(sampler.model, objective, stream, cfg, runtime, run, None, lambda m, info: None, metric="val_score",
-            tracker=tracker, frozen=frozen)
+            tracker=tracker, frozen_models=frozen)
         tracker.close()
         assert runtime.precision == "bf16"
         runs[flag] = (policy, dtypes, run)
