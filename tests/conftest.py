@@ -28,3 +28,30 @@ def tiny_llama():
             return LlamaForCausalLM(cfg)
 
     return make
+
+
+@pytest.fixture
+def stop_during_checkpoint(monkeypatch):
+    """`arm(step, under="")`: send this process SIGINT right after the loop writes the checkpoint of
+    `step` (in a run directory whose path contains `under`), as a Ctrl-C landing during that save
+    would; `disarm()` puts the real save back."""
+    import signal
+
+    import honelm.loop as loop
+
+    save = loop.save_training_checkpoint
+
+    def arm(step: int, under: str = "") -> None:
+        def save_then_stop(root, at, *args, **kwargs):
+            path = save(root, at, *args, **kwargs)
+            if at == step and under in str(root):
+                os.kill(os.getpid(), signal.SIGINT)
+            return path
+
+        monkeypatch.setattr(loop, "save_training_checkpoint", save_then_stop)
+
+    def disarm() -> None:
+        monkeypatch.setattr(loop, "save_training_checkpoint", save)
+
+    arm.disarm = disarm  # type: ignore[attr-defined]
+    return arm

@@ -61,24 +61,11 @@ def test_plae_outside_classify_and_unknown_fields_are_errors(data_dir, tmp_path,
     assert code != 0 and "adversarial.steps does not apply to method r3f" in capsys.readouterr().err
 
 
-def test_plae_stop_while_the_teacher_saves_its_end_starts_no_student(data_dir, tmp_path, monkeypatch):
+def test_plae_stop_while_the_teacher_saves_its_end_starts_no_student(data_dir, tmp_path, stop_during_checkpoint):
     """A Ctrl-C that lands while the finished teacher writes its final checkpoint cannot interrupt the
     teacher any more, but must still stop the command (exit 130) before the student starts;
     `--resume` then goes on with the stored embeddings and the student."""
-    import os
-    import signal
-
-    import honelm.loop as loop
-
-    save = loop.save_training_checkpoint
-
-    def save_and_get_stopped(root, step, *args, **kwargs):
-        path = save(root, step, *args, **kwargs)
-        if "plae_teacher" in str(root) and step == 8:
-            os.kill(os.getpid(), signal.SIGINT)
-        return path
-
-    monkeypatch.setattr(loop, "save_training_checkpoint", save_and_get_stopped)
+    stop_during_checkpoint(8, under="plae_teacher")
     args = ["classify", f"data.train={data_dir / 'reviews.jsonl'}", "adversarial.method=plae",
             f"run.out_dir={tmp_path}", "run.name=a", *SHORT]
     assert main(args) == 130
@@ -87,7 +74,7 @@ def test_plae_stop_while_the_teacher_saves_its_end_starts_no_student(data_dir, t
     assert "stop requested while the final checkpoint was written" in (run / "plae_teacher" / "log.txt").read_text()
     log = (run / "log.txt").read_text()
     assert "plae 2/3" not in log and not events(run, "train")  # neither generation nor the student started
-    monkeypatch.setattr(loop, "save_training_checkpoint", save)
+    stop_during_checkpoint.disarm()
     assert main(["classify", "--resume", str(run)]) == 0
     assert "plae 3/3" in (run / "log.txt").read_text()
     assert events(run, "end")[-1]["reason"] == "max_steps"

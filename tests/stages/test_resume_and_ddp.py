@@ -69,27 +69,18 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(data_dir, tmp_path):
     assert events(tmp_path / "int", "end")[-1]["reason"] == "interrupted"
 
 
-def test_ctrl_c_during_the_final_checkpoint_keeps_the_finished_run_and_exits_130(data_dir, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_ctrl_c_during_the_final_checkpoint_keeps_the_finished_run_and_exits_130(data_dir, tmp_path,
+                                                                                  capsys, stop_during_checkpoint):
     """Too late to interrupt: the run ends finished and saved, but the command still exits 130 so that a
     shell script or a pipeline does not go on to its next stage."""
-    import honelm.loop as loop
     from honelm.cli import main
 
-    save = loop.save_training_checkpoint
-
-    def save_and_get_stopped(root, step, *args, **kwargs):
-        path = save(root, step, *args, **kwargs)
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return path
-
-    monkeypatch.setattr(loop, "save_training_checkpoint", save_and_get_stopped)
+    stop_during_checkpoint(4)
     assert main(_pretrain_args(data_dir, tmp_path, "late", steps=4)) == 130
     assert "honelm pretrain: stopped (the run had finished when the stop came)" in capsys.readouterr().err
     run = tmp_path / "late"
     assert events(run, "end")[-1]["reason"] == "max_steps" and (run / "best" / "best.json").is_file()
-    monkeypatch.setattr(loop, "save_training_checkpoint", save)
+    stop_during_checkpoint.disarm()
     assert main(["pretrain", "--resume", str(run)]) == 0  # finished: nothing to resume, and no stale 130
     assert "run already finished" in capsys.readouterr().err
 

@@ -103,27 +103,15 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
 
 
-def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, monkeypatch):
-    import os
-    import signal
-
-    import honelm.loop as loop
+def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, stop_during_checkpoint):
     from honelm.cli import main
 
-    save = loop.save_training_checkpoint
-
-    def save_and_get_stopped(root, step, *args, **kwargs):
-        path = save(root, step, *args, **kwargs)
-        if step == 6:  # the first trial's final checkpoint
-            os.kill(os.getpid(), signal.SIGINT)
-        return path
-
-    monkeypatch.setattr(loop, "save_training_checkpoint", save_and_get_stopped)
+    stop_during_checkpoint(6)  # the first trial's final checkpoint
     path = search_file(tmp_path, data_dir, n_trials=3)
     assert main(["search", str(path)]) == 130
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"]  # the finished trial counts; no second one started
-    monkeypatch.setattr(loop, "save_training_checkpoint", save)
+    stop_during_checkpoint.disarm()
     cli("search", str(path))  # the same command continues the study
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"] * 3

@@ -241,23 +241,12 @@ def test_freed_heap_is_handed_back_around_every_validation(tiny_llama, tmp_path,
     assert calls == [False] * 4  # before and after each validation, without a garbage collection
 
 
-def test_a_stop_during_the_final_checkpoint_finishes_the_run_and_is_reported(tiny_llama, tmp_path, monkeypatch):
+def test_a_stop_during_the_final_checkpoint_finishes_the_run_and_is_reported(tiny_llama, tmp_path, stop_during_checkpoint):
     """Ctrl-C after the last step's check (while the final checkpoint is written) cannot interrupt the
     run any more: it ends complete and saved, and says that a stop was asked for so callers stop."""
-    import os
-    import signal
-
     import honelm.loop as loop
 
-    save = loop.save_training_checkpoint
-
-    def save_and_get_stopped(root, step, *args, **kwargs):
-        path = save(root, step, *args, **kwargs)
-        if step == 4:  # the final one
-            os.kill(os.getpid(), signal.SIGINT)
-        return path
-
-    monkeypatch.setattr(loop, "save_training_checkpoint", save_and_get_stopped)
+    stop_during_checkpoint(4)  # the final one
     rows = variable_length_data()
     cfg = TrainConfig(lr=1e-3, batch_size=2, max_steps=4, eval_every=0, save_every=0, precision="fp32",
                       progress=False, tensorboard=False)
@@ -270,7 +259,7 @@ def test_a_stop_during_the_final_checkpoint_finishes_the_run_and_is_reported(tin
     assert state["finished"] is True  # nothing is left to resume
     assert "stop requested while the final checkpoint was written" in (tmp_path / "log.txt").read_text()
     # without a stop the flag stays down
-    monkeypatch.setattr(loop, "save_training_checkpoint", save)
+    stop_during_checkpoint.disarm()
     again = fit(tiny_llama(), CausalLM(), BatchStream(len(rows), collate_fn(rows), 2, 1, seed=0), cfg,
                 rt.Runtime(device=torch.device("cpu")), tmp_path / "b", None, lambda m, info: None, metric="loss")
     assert not again.stop_requested and not loop.late_stop_requested()
