@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step(*words: str) -> None:
         print(f"\n$ honelm {' '.join(words)}", flush=True)
-        if cli(list(words)) != 0:
+        code = cli(list(words))
+        if code == 130:  # Ctrl-C: the step saved what it had; stop the demo as an interrupted command
+            raise KeyboardInterrupt
+        if code != 0:
             raise SystemExit(f"demo step failed: honelm {' '.join(words)}")
 
     step("tokenizer", f"data.train={corpus}", "tokenizer.vocab_size=1000", f"run.out_dir={out}/tokenizer", f"run.name={stamp}")

@@ -130,3 +130,17 @@ def test_shipped_pipelines_plan(name):
     assert verbs[-1] in ("dpo", "ppo") and "sft" in verbs and "pretrain" in verbs
     sft = next(s for s in steps if s.stage.verb == "sft")
     assert sft.config.model.init_from == str(pipe.out_dir / "pretrain")
+
+
+@pytest.mark.parametrize("code, raised", [(130, KeyboardInterrupt), (1, SystemExit)])
+def test_the_demo_stops_as_interrupted_when_a_step_was(tmp_path, monkeypatch, code, raised):
+    """A step that exits 130 (Ctrl-C, its checkpoint saved) ends `honelm demo` as interrupted (exit 130
+    from the CLI), not as a failed step; any other non-zero exit is a failure."""
+    import honelm.cli
+    from honelm.demo import main as demo
+
+    calls = []
+    monkeypatch.setattr(honelm.cli, "main", lambda words: calls.append(words) or code)
+    with pytest.raises(raised):
+        demo(["--out", str(tmp_path)])
+    assert [c[0] for c in calls] == ["tokenizer"]  # nothing ran after the stopped step
