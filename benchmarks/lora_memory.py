@@ -376,7 +376,7 @@ def ratio_lines(runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]
 
 
 def summarize(runs: dict[str, list[dict]]) -> list[dict]:
-    """One row per contender: medians over its successful rounds (the first failure when none succeeded)."""
+    """One row per contender: the median of every number over its successful rounds (the first failure when none succeeded)."""
     rows = []
     for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
@@ -384,9 +384,11 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
             rows.append(rs[0])
             continue
         row = dict(ok[0])
-        for key in ("step_s", "step_s_median", "peak_rss_mib", "rss_after_model_mib", "peak_increase_mib"):
-            row[key] = median([r[key] for r in ok])
-        row["other_load"] = max(r["other_load"] for r in ok)
+        for key, value in ok[0].items():  # every measured number: a median, never round 1's alone
+            values = [r[key] for r in ok]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and len(set(values)) > 1:
+                row[key] = median(values)
+        row["other_load"] = max(r["other_load"] for r in ok)  # the worst round, for the contention warning
         row["rounds"] = len(ok)
         rows.append(row)
     return rows

@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"honelm: unknown verb '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "") + "\n\n" + usage(),
               file=sys.stderr)
         return 2
-    loop = sys.modules.get("honelm.loop")  # loaded only by verbs that train
-    if loop is not None:
-        loop.late_stop_requested(clear=True)  # a run of an earlier call in this process (a pipeline's stage)
+    _take_late_stop()  # one left by an earlier call in this process (a pipeline's stage) is not this one's
     try:
         if verb.module:
             result = run_config_verb(verb, rest)
@@ -286,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 130  # the checkpoint is written; the shell should still see an interrupted command
         else:
             COMMANDS[name](rest)
-        loop = sys.modules.get("honelm.loop")
-        if loop is not None and loop.late_stop_requested(clear=True):
+        if _take_late_stop():
             # the stop came while a finished run saved itself: its work is kept, but a pipeline, a shell
             # script or a search must not go on as if nobody had asked to stop
             print(f"honelm {name}: stopped (the run had finished when the stop came)", file=sys.stderr)
@@ -298,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"honelm {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _take_late_stop()  # whatever way the verb ended, the flag does not outlive it
     return 0
 
+
+def _take_late_stop() -> bool:
+    """Whether a run of this call finished with a stop it could not act on (honelm.loop); clears it."""
+    loop = sys.modules.get("honelm.loop")  # loaded only by verbs that train
+    return loop is not None and loop.late_stop_requested(clear=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,12 +88,13 @@ class FrozenBf16:
 
     `with FrozenBf16(model, path) as frozen:` spills and casts on entry (nothing when no weight is
     eligible: `frozen.count == 0`), restores and deletes the spill file on exit; `extra` models (run
-    by the objective, never trained, such as DPO's frozen reference) are treated the same way;
+    beside the trained one and never trained: DPO's frozen reference, PPO's reference copy and
+    reward model) are treated the same way;
     `with frozen.restored():` puts the fp32 weights back for a while (to save the model).
     """
 
     def __init__(self, model: nn.Module, spill: Path, enabled: bool = True, extra: Sequence[nn.Module] = ()) -> None:
-        # `extra`: frozen models that run beside the trained one (DPO's reference copy); scanned as one tree
+        # `extra`: frozen models that run beside the trained one; scanned with it as one tree
         self.model = nn.ModuleList([model, *extra]) if extra else model
         self.trained = model  # what saves write: `restored()` brings back its weights only
         self.spill, self.enabled = Path(spill), enabled

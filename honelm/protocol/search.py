@@ -409,6 +409,7 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
     from honelm.loop import eval_hook, late_stop_requested
 
     optuna = _optuna()
+    late_stop_requested(clear=True)  # only a stop during this search ends it early
     module, _ = stage_module(spec.verb)
     trials_dir = spec.out_dir / "trials"
     spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker

@@ -103,7 +103,9 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
 
 
-def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, stop_during_checkpoint):
+def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, monkeypatch,
+                                                                                  stop_during_checkpoint):
+    import honelm.loop as loop
     from honelm.cli import main
 
     stop_during_checkpoint(6)  # the first trial's final checkpoint
@@ -111,8 +113,10 @@ def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other
     assert main(["search", str(path)]) == 130
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"]  # the finished trial counts; no second one started
+    assert not loop.late_stop_requested()  # the CLI took it: nothing carries over to the next call
     stop_during_checkpoint.disarm()
-    cli("search", str(path))  # the same command continues the study
+    monkeypatch.setattr(loop, "_late_stop", True)  # a stale stop from an earlier run in this process...
+    S.run_search(S.load_spec(path))  # ...does not end a search that starts later: it continues the study
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"] * 3
 
