@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from honelm import runtime as rt
+from honelm.boosters.lora import autocast_inputs
 from honelm.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
@@ -438,7 +439,8 @@ def fit(
                 f"({stream.bs} x {stream.accum} accumulation x {runtime.world_size} processes)")
     tracker.start_progress(total)
     tracker.progress(step, "")
-    with _Interrupt() as interrupt, frozen:
+    # Under autocast, LoRA branches skip peft's bf16 -> fp32 -> bf16 input round trip (identical results).
+    with _Interrupt() as interrupt, frozen, autocast_inputs(model, enabled=runtime.precision == "bf16"):
         if frozen.count or frozen.skipped:
             tracker.say(frozen.describe())
         while step < total:

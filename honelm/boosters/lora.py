@@ -407,6 +407,50 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
 
 
 # ----------------------------------------------------------------------------------------------
+# training under autocast
+
+
+def _plain_lora_linear(module: nn.Module) -> bool:
+    """A peft LoRA `Linear` (exactly, not a quantised subclass) whose every adapter is vanilla LoRA
+    with no dropout: its branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    return (type(module) is PeftLoraLinear and not module.lora_variant
+            and all(isinstance(d, nn.Identity) for d in module.lora_dropout.values()))
+
+
+@contextlib.contextmanager
+def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Inside: LoRA branches take their input in the dtype it arrives in; yields how many layers.
+
+    peft casts the input of every LoRA branch to the adapter's dtype (fp32) before `lora_A`. Under
+    bf16 autocast an input that is already bf16 (the attention output entering `o_proj`, the
+    SwiGLU product entering `down_proj`) is then copied to fp32 and autocast copies it back to bf16
+    for the matmul: two casts forward, two more backward, and the bf16 copy kept for the backward
+    pass where the original would have done. The round trip bf16 → fp32 → bf16 is exact, so the
+    branch computes the same numbers without it: lora_A's matmul gets the same bf16 input (autocast
+    casts A to bf16 as before), and the input's gradient is the same bf16 tensor. That holds only
+    for a branch that does nothing else with x, hence plain LoRA without dropout (dropout would
+    compute its mask and scaling in the other dtype) and without a variant (DoRA reads x itself).
+
+    Only for use under autocast: outside it a bf16 input would meet fp32 adapter weights. The flags
+    are put back on exit, so the model behaves as peft's default afterwards.
+    """
+    layers = [m for m in model.modules() if _plain_lora_linear(m)] if enabled else []
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield len(layers)
+    finally:
+        for m, flag in zip(layers, before):
+            m.cast_input_dtype_enabled = flag
+
+
+# ----------------------------------------------------------------------------------------------
 # save
 
 

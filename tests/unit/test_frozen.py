@@ -7,6 +7,7 @@ checkpoint and in a written base; and only plain, untied, non-DoRA Linear weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -383,4 +384,87 @@ def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing
     assert len(timeless(events)) == 2 and timeless(events) == timeless(plain_events)  # same samples, scores and KL
     assert train_losses(plain_run) == train_losses(held_run)
     for (name, a), (_, b) in zip(plain.state_dict().items(), held.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA branches under autocast take their input as it comes (honelm.boosters.lora.autocast_inputs)
+
+
+def lora_input_dtypes(model) -> dict[str, torch.dtype]:
+    """Hooks every lora_A; returns the dict they fill with the dtype of the input each one receives."""
+    seen: dict[str, torch.dtype] = {}
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].dtype))
+    return seen
+
+
+def test_lora_branches_skip_the_fp32_round_trip_and_compute_the_same_bits():
+    from honelm.boosters.lora import autocast_inputs
+
+    model = build("lm", dropout=0.0)
+    # B = 0 at init would hide a difference in the branch: give the adapters values
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    batch = collate_for(lm_rows(), classify=False)(list(range(6)))
+    seen = lora_input_dtypes(model)
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = CausalLM()(model, batch).value
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, dict(seen)
+
+    loss, grads, peft_dtypes = loss_and_grads()
+    with autocast_inputs(model) as count:
+        own_loss, own_grads, own_dtypes = loss_and_grads()
+    assert count == len(peft_dtypes) > 0
+    # peft's default hands every branch fp32; inside, o_proj and down_proj get the bf16 they receive
+    assert set(peft_dtypes.values()) == {torch.float32}
+    assert {n for n, d in own_dtypes.items() if d == torch.bfloat16} == {n for n in own_dtypes
+                                                                         if ".o_proj." in n or ".down_proj." in n}
+    assert torch.equal(loss, own_loss)
+    assert grads.keys() == own_grads.keys() and all(torch.equal(grads[n], own_grads[n]) for n in grads)
+    # and peft's own behaviour is back afterwards
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_lora_branches_that_read_their_input_otherwise_keep_peft_s_cast():
+    from honelm.boosters.lora import autocast_inputs
+
+    for kw in ({"dropout": 0.1}, {"dropout": 0.0, "dora": True}):
+        with autocast_inputs(build("lm", **kw)) as count:
+            assert count == 0, kw
+    with autocast_inputs(build("lm", dropout=0.0), enabled=False) as count:
+        assert count == 0
+
+
+def test_fit_under_bf16_skips_the_round_trip_only_while_training_and_changes_nothing(tmp_path, monkeypatch):
+    import honelm.loop as loop
+
+    class Flags(CausalLM):
+        """Records, at every step, whether peft would cast the inputs of the LoRA branches."""
+
+        def __init__(self):
+            super().__init__()
+            self.flags: list[set[bool]] = []
+
+        def __call__(self, model, batch):
+            self.flags.append({m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A")})
+            return super().__call__(model, batch)
+
+    own, own_obj, own_run = run_fit(tmp_path, "own", "lm", bf16_frozen=True, objective=Flags(), dropout=0.0)
+    monkeypatch.setattr(loop, "autocast_inputs", lambda model, enabled: contextlib.nullcontext(0))
+    peft_, peft_obj, peft_run = run_fit(tmp_path, "peft", "lm", bf16_frozen=True, objective=Flags(), dropout=0.0)
+
+    assert own_obj.flags and all(f == {False} for f in own_obj.flags)  # training and validation alike
+    assert peft_obj.flags and all(f == {True} for f in peft_obj.flags)
+    assert all(m.cast_input_dtype_enabled for m in own.modules() if hasattr(m, "lora_A"))  # back after fit
+    assert train_losses(own_run) == train_losses(peft_run)
+    for (name, a), (_, b) in zip(own.state_dict().items(), peft_.state_dict().items()):
         assert torch.equal(a, b), name
