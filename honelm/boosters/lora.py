@@ -410,16 +410,16 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
 # training under autocast
 
 
-def _plain_lora_linear(module: nn.Module) -> bool:
-    """A peft LoRA `Linear` (exactly, not a quantised subclass) whose every adapter is vanilla LoRA
-    with no dropout: its branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
-    peft = sys.modules.get("peft")
-    if peft is None:
-        return False
+def _plain_lora_linears(model: nn.Module) -> list[nn.Module]:
+    """peft LoRA `Linear` layers (exactly, not quantised subclasses) whose every adapter is vanilla
+    LoRA with no dropout: their branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
+    if "peft" not in sys.modules:  # a model without adapters: peft was never imported
+        return []
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-    return (type(module) is PeftLoraLinear and not module.lora_variant
-            and all(isinstance(d, nn.Identity) for d in module.lora_dropout.values()))
+    return [m for m in model.modules()
+            if type(m) is PeftLoraLinear and not m.lora_variant
+            and all(isinstance(d, nn.Identity) for d in m.lora_dropout.values())]
 
 
 @contextlib.contextmanager
@@ -439,7 +439,7 @@ def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     Only for use under autocast: outside it a bf16 input would meet fp32 adapter weights. The flags
     are put back on exit, so the model behaves as peft's default afterwards.
     """
-    layers = [m for m in model.modules() if _plain_lora_linear(m)] if enabled else []
+    layers = _plain_lora_linears(model) if enabled else []
     before = [m.cast_input_dtype_enabled for m in layers]
     for m in layers:
         m.cast_input_dtype_enabled = False
