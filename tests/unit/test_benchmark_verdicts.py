@@ -1,0 +1,52 @@
+"""benchmarks/lora_memory.py's verdict: PASS/FAIL on the median of per-round ratios, and `not settled`
+when too few rounds agree with it (a one-sided sign test, p > 0.05). The benchmark itself is run by
+hand; this checks only the arithmetic that prints its verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def lora_memory():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("lora_memory_under_test", BENCH / "lora_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def runs_with(step_ratios: list[float], rss_ratio: float = 0.6) -> dict[str, list[dict]]:
+    full = {"step_s": 1.0, "step_s_median": 1.0, "peak_rss_mib": 1000.0, "peak_increase_mib": 500.0}
+    lora = [{"step_s": r, "step_s_median": r, "peak_rss_mib": 1000.0 * rss_ratio, "peak_increase_mib": 200.0}
+            for r in step_ratios]
+    return {"honelm_lora": lora, "honelm_full": [dict(full) for _ in step_ratios]}
+
+
+def test_sign_test_counts_and_p_values(lora_memory):
+    assert lora_memory.sign_test([0.8] * 5, 0.9, True) == (5, 1 / 32)
+    agree, p = lora_memory.sign_test([0.8] * 12 + [0.95] * 3, 0.9, True)
+    assert agree == 12 and p == pytest.approx(576 / 32768)  # C(15,12)+C(15,13)+C(15,14)+C(15,15) = 576
+    assert lora_memory.sign_test([0.95, 0.8, 0.96], 0.9, False) == (2, 0.5)
+
+
+def test_verdicts_settled_and_not(lora_memory):
+    lines, ratios = lora_memory.ratio_lines(runs_with([0.86, 0.77, 0.79, 0.92, 0.89]))
+    step = ratios["honelm_lora/honelm_full step_s"]
+    assert step["pass"] and not step["settled"] and step["rounds_agreeing"] == 4
+    assert "PASS (not settled: 4 of 5 rounds agree" in lines[1]
+    rss = ratios["honelm_lora/honelm_full peak_rss_mib"]
+    assert rss["pass"] and rss["settled"] and "PASS   (" in lines[0]
+
+    lines, ratios = lora_memory.ratio_lines(runs_with([0.95, 0.97, 0.99, 0.93, 0.96], rss_ratio=0.75))
+    assert "step time   0.96x   target <= 0.90x   FAIL   (" in lines[1]  # all 5 agree: settled
+    assert not ratios["honelm_lora/honelm_full peak_rss_mib"]["pass"] and "FAIL   (" in lines[0]
