@@ -437,7 +437,9 @@ def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     compute its mask and scaling in the other dtype) and without a variant (DoRA reads x itself).
 
     Only for use under autocast: outside it a bf16 input would meet fp32 adapter weights. The flags
-    are put back on exit, so the model behaves as peft's default afterwards.
+    are put back on exit, so the model behaves as peft's default afterwards. (peft's own
+    `peft.helpers.disable_input_dtype_casting` sets the same flag on every tuner layer, dropout and
+    DoRA ones included, where the numbers would change; hence this filtered version.)
     """
     layers = _plain_lora_linears(model) if enabled else []
     before = [m.cast_input_dtype_enabled for m in layers]
