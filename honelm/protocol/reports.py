@@ -10,6 +10,7 @@ ablation leaves behind (so they can be rewritten at any time, also for an unfini
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -187,3 +188,15 @@ def write_ablation_report(path: Path) -> Path:
                           fmt_duration(c["train_time_s"])])
     lines += table(["variant", "seed", f"test {metric}", "run", "train time"], cell_rows) + [""]
     return _finish(path, lines)
+
+
+def main(argv: list[str]) -> Path:
+    """`honelm report DIR`."""
+    p = argparse.ArgumentParser(prog="honelm report", description="Write DIR/report.md and a self-contained "
+                                "DIR/report.html (plots embedded) for a run, a search or an ablation directory.")
+    p.add_argument("run", help="run, search or ablation directory")
+    args = p.parse_args(argv)
+    path = write_any(args.run)
+    print(path)
+    print(path.with_suffix(".html"))
+    return path

@@ -11,14 +11,21 @@ so a report always shows how many times the test set was seen.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from honelm.data.splits import unlock_test_split, verify_manifest
+from honelm import config as C
+from honelm import registry
+from honelm import runtime as rt
+from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
 from honelm.stages import setup as S
+from honelm.stages.contract import RunContext, Stage, best_dir
+from honelm.tokenizer import load_tokenizer
 
 
 def looks(run_dir: Path) -> list[dict[str, Any]]:
@@ -47,6 +54,9 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
         raise HonelmError(f"{run_dir}: the test split was already evaluated ({len(previous)} look(s), last {when}). "
                           "Choosing anything after seeing test results makes them optimistic; "
                           "if you must look again, pass --force (the look is recorded).")
+    if stage in registry.training_verbs() and registry._ported(registry.verb(stage)):
+        metrics = _test_stage(registry.stage(stage), run_dir)
+        return _record(run_dir, previous, metrics)
     if stage == "pretrain":
         from honelm.stages import pretrain as stage_mod
 
@@ -106,11 +116,47 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     id2label = metrics.pop("id2label", None)
     if leakage is not None:
         metrics["test_duplicates_of_train_or_val"] = leakage
+    return _record(run_dir, previous, metrics, predictions, id2label, stage)
+
+
+def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
+    """Rebuild the split, check it against the manifest, open the test split once and score best/ on it."""
+    cfg = C.build(stage.config, run_dir / "config.yaml")
+    ctx = RunContext(cfg=cfg, runtime=rt.setup(), run_dir=run_dir)
+    stage.check_testable(ctx)
+    quiet = lambda _: None  # noqa: E731
+    ctx.splits = stage.splits(cfg, quiet)
+    recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
+    verify_manifest(recorded, ctx.splits.manifest)
+    with unlock_test_split("honelm test"):
+        test = ctx.splits.test
+    if not test:
+        raise HonelmError(f"{run_dir}: the test split is empty (data.split gives it no share and data.test is unset)")
+    leakage = None
+    if cfg.data.test:  # a user test file: training could not look for duplicates in it, so look now
+        undeduped = replace(cfg, data=replace(cfg.data, dedup=False))
+        checked = stage.splits(undeduped, quiet, leak_texts=[content_text(e) for e in test])
+        leakage = cross_split_duplicates(checked.manifest)
+    elif "duplicates" in recorded:
+        leakage = cross_split_duplicates(recorded)
+    ctx.tokenizer = load_tokenizer(best_dir(run_dir))
+    metrics = stage.test(ctx, test)
+    if leakage is not None:
+        metrics["test_duplicates_of_train_or_val"] = leakage
+    return metrics
+
+
+def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, Any], predictions: Any = None,
+            id2label: Any = None, stage: str = "") -> dict[str, Any]:
+    """Write test_metrics.json, the files the stage asked for, and the look in test_looks.jsonl."""
+    files = metrics.pop("files", {})
     best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
     record = {"time": time.time(), "forced": bool(previous), "look": len(previous) + 1, "best_step": best.get("step"),
               "metrics": metrics}
     (run_dir / "test_metrics.json").write_text(json.dumps({**metrics, "look": len(previous) + 1,
                                                            "best_step": best.get("step")}, indent=2), encoding="utf-8")
+    for name, text in files.items():
+        (run_dir / name).write_text(text, encoding="utf-8")
     if stage == "classify":
         from honelm.protocol import predictions as P
 
@@ -122,4 +168,24 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
         (run_dir / "test_predictions.json").write_text(json.dumps(predictions), encoding="utf-8")
     with open(run_dir / "test_looks.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+    return metrics
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """`honelm test RUN [--force]`."""
+    p = argparse.ArgumentParser(prog="honelm test", description="Evaluate RUN's best checkpoint on its test split, once. "
+                                "This is the only command that reads the test split; every look is recorded.")
+    p.add_argument("run", help="run directory (e.g. runs/classify/latest), or a search directory (its best trial)")
+    p.add_argument("--force", action="store_true", help="look again although the test split was already evaluated (recorded)")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if (run / "search.json").is_file():  # a search directory: its best trial is the run to test
+        best = run / "best.json"
+        if not best.is_file():
+            raise HonelmError(f"{run}: this search has no complete trial yet")
+        run = Path(json.loads(best.read_text(encoding="utf-8"))["run_dir"])
+        print(f"testing the search's best trial: {run}")
+    metrics = run_test(run, force=args.force)
+    for k, v in metrics.items():
+        print(f"{k}: {v}")
     return metrics

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from honelm import boosters
-from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream
 from honelm.objectives.lm import CausalLM
 from honelm.stages import setup as S
+from honelm.stages.contract import Plan, RunContext, Stage
 
 
 @dataclass
@@ -71,43 +68,29 @@ def lm_metrics(model: torch.nn.Module, blocks: PackedBlocks, batch_size: int, de
             f"{prefix}_bpb": bits_per_byte(nll, blocks.n_bytes)}
 
 
-def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
-    runtime = rt.setup(cfg.train.threads)
-    rt.seed_everything(cfg.run.seed)
-    run_dir = S.run_directory("pretrain", cfg, runtime, resume)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
-    splits = S.text_splits(cfg.data, tracker.say)
-    S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
-    tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
-                                    lambda: [d.text for d in splits.train], "bpe", tracker.say, runtime, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
-                            carry=boosters.carries_adapter(cfg, "pretrain"))
-    model = boosters.apply(model, cfg, "lm", tracker.say)
-    S.check_block_fits(model, cfg.data.block_size, "data.block_size")
-    train_blocks = pack(tokenizer, [d.text for d in splits.train], cfg.data.block_size)
-    val_blocks = pack(tokenizer, [d.text for d in splits.val], cfg.data.block_size) if splits.val else None
-    tracker.say(f"data: {len(splits.train)} train documents → {len(train_blocks)} blocks of {cfg.data.block_size}; "
-                f"{len(splits.val)} validation documents → {len(val_blocks) if val_blocks else 0} blocks")
-    stream = BatchStream(len(train_blocks), train_blocks.collate, cfg.train.batch_size, cfg.train.grad_accum,
-                         cfg.run.seed, runtime.world_size, runtime.rank)
-    evaluate = (lambda m: lm_metrics(m, val_blocks, cfg.train.eval_batch_size, runtime.device)) if val_blocks else None
-    objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
-    tracker.close()
-    return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+class Pretrain(Stage):
+    """Causal LM on packed blocks; validation and test: loss, perplexity and bits-per-byte."""
 
+    name = "pretrain"
+    config = PretrainConfig
 
-def evaluate_test(run_dir: Path, cfg: PretrainConfig, test_docs: list[Any]) -> dict[str, float]:
-    """Test metrics of the run's best model (called only by honelm.protocol.test)."""
-    from honelm.models import load_model
-    from honelm.tokenizer import load_tokenizer
+    def splits(self, cfg: PretrainConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+        return S.text_splits(cfg.data, say, leak_texts)
 
-    device = rt.setup().device
-    tokenizer = load_tokenizer(run_dir / "best")
-    model = load_model(run_dir / "best", "lm").to(device).eval()
-    blocks = pack(tokenizer, [d.text for d in test_docs], cfg.data.block_size)
-    with torch.no_grad():
-        return lm_metrics(model, blocks, cfg.train.eval_batch_size, device, prefix="test")
+    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+        cfg, tokenizer = ctx.cfg, ctx.tokenizer
+        S.check_block_fits(loaded.model, cfg.data.block_size, "data.block_size")
+        train_blocks = pack(tokenizer, [d.text for d in ctx.splits.train], cfg.data.block_size)
+        val_blocks = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
+        ctx.say(f"data: {len(ctx.splits.train)} train documents → {len(train_blocks)} blocks of {cfg.data.block_size}; "
+                f"{len(ctx.splits.val)} validation documents → {len(val_blocks) if val_blocks else 0} blocks")
+        stream = BatchStream(len(train_blocks), train_blocks.collate, cfg.train.batch_size, cfg.train.grad_accum,
+                             cfg.run.seed, ctx.runtime.world_size, ctx.runtime.rank)
+        evaluate = (lambda m: self.score(ctx, m, val_blocks, "val")) if val_blocks else None
+        return Plan(CausalLM(), stream, evaluate, metric=cfg.train.metric or "val_loss")
+
+    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> PackedBlocks:
+        return pack(ctx.tokenizer, [d.text for d in rows], ctx.cfg.data.block_size)
+
+    def score(self, ctx: RunContext, model: torch.nn.Module, data: PackedBlocks, split: str) -> dict[str, float]:
+        return lm_metrics(model, data, ctx.cfg.train.eval_batch_size, ctx.device, prefix=split)

@@ -1,0 +1,188 @@
+"""The one list of verbs and commands, and where their config presets are found.
+
+Every verb `honelm` knows is listed here once, with what it runs: a training stage (a
+`honelm.stages.contract.Stage` subclass, run by `honelm.stages.runner`), a config verb (a module
+with a config class and `run(cfg, resume)`) or a command (a `main(argv)` function with argparse
+options of its own). Targets are named as "module:attribute" strings and imported on first use,
+so `honelm --help` does not load torch. `cli`, `pipeline`, `search`, `ablate`, `test` and
+`report` find stages through this module and know none by name; `tests/unit/test_registry.py`
+keeps it, `configs/` and the README's verb table in sync.
+
+A config NAME is looked up as configs/<verb>/NAME.yaml in the current directory, then in the
+configs/ folder shipped next to the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from honelm import config as C
+from honelm.errors import HonelmError
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    kind: Literal["stage", "config", "command"]
+    target: str
+    """stage: "module:StageClass"; config: "module:ConfigClass" (the module has run(cfg, resume)); command: "module:main"."""
+    positional: str = ""
+    """Config verbs: the field a bare first argument fills (`honelm generate RUN`)."""
+
+    @property
+    def module(self) -> str:
+        """The module that defines a stage's or config verb's config class ("" for a command)."""
+        return "" if self.kind == "command" else self.target.split(":")[0]
+
+    @property
+    def config(self) -> str:
+        """The name of the config class in `module` ("" for a command)."""
+        return "" if self.kind == "command" else config_class(self.name).__name__
+
+
+VERBS: dict[str, Verb] = {v.name: v for v in [
+    Verb("tokenizer", "train a byte-level BPE or WordPiece tokenizer on a corpus", "config",
+         "honelm.stages.tokenizer:TokenizerConfig"),
+    Verb("pretrain", "causal-LM pre-training on packed text (loss, perplexity, bits-per-byte)", "stage",
+         "honelm.stages.pretrain:Pretrain"),
+    Verb("adapt", "continued pre-training on domain/task text: DAPT, TAPT, curated TAPT (MLM or causal LM)", "stage",
+         "honelm.stages.adapt:Adapt"),
+    Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "stage",
+         "honelm.stages.classify:Classification"),
+    Verb("sft", "instruction tuning: loss on assistant replies of chat data (alpaca, messages, sharegpt, "
+         "prompt/completion), packed", "stage", "honelm.stages.sft:SFT"),
+    Verb("reward", "Bradley-Terry reward model on preference pairs (scalar head, optional margin and centring)",
+         "stage", "honelm.stages.reward:Reward"),
+    Verb("dpo", "direct preference optimisation of a causal LM: DPO, cDPO, IPO, hinge; frozen, LoRA-disabled or "
+         "precomputed reference", "stage", "honelm.stages.dpo:DPOStage"),
+    Verb("ppo", "PPO against a reward model or a programmatic reward, per-token KL to the starting policy, value head",
+         "stage", "honelm.stages.ppo:PPOStage"),
+    Verb("test", "evaluate a run's best checkpoint on its test split, once", "command", "honelm.protocol.test:main"),
+    Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "config",
+         "honelm.stages.generate:GenerateConfig", "model"),
+    Verb("chat", "multi-turn chat with a model in the terminal, through its chat template (/reset, /quit)", "config",
+         "honelm.stages.chat:ChatConfig", "model"),
+    Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain "
+         "transformers model)", "command", "honelm.stages.export:main"),
+    Verb("report", "write report.md and a self-contained report.html for a run, a search or an ablation", "command",
+         "honelm.protocol.reports:main"),
+    Verb("ls", "list verbs, config presets and recent runs", "command", "honelm.cli:cmd_ls"),
+    Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)",
+         "command", "honelm.demo:main"),
+    Verb("pipeline", "run the stages of a pipeline YAML in order, chained by named outputs; finished stages are "
+         "skipped", "command", "honelm.pipeline:main"),
+    Verb("search", "hyperparameter search (Optuna TPE/random/grid, pruning) on validation only; resumable study",
+         "command", "honelm.protocol.search:main"),
+    Verb("ablate", "boosters vs baseline over seeds: mean ± std, paired-bootstrap CI on test, verdict, cost",
+         "command", "honelm.protocol.ablate:main"),
+]}
+
+
+RUNNER = "honelm.stages.runner:run_stage"
+
+
+def _resolve(target: str) -> Any:
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# TRANSITION (issue 17): stages not yet ported to the contract keep their module's run() and config
+# class; removed when the last one is ported.
+_LEGACY_CONFIG = {"adapt": "AdaptConfig", "classify": "ClassifyConfig", "sft": "SFTConfig", "reward": "RewardConfig",
+                  "dpo": "DPOConfig", "ppo": "PPOConfig"}
+
+
+def _ported(v: Verb) -> bool:
+    module, attr = v.target.split(":")
+    return hasattr(importlib.import_module(module), attr)
+
+
+def verb(name: str) -> Verb:
+    found = VERBS.get(name)
+    if found is None:
+        raise HonelmError(f"unknown verb '{name}'")
+    return found
+
+
+def has_config(name: str) -> bool:
+    """Whether the verb is run with a config (`--config`, `key=value`): stages and config verbs."""
+    return name in VERBS and VERBS[name].kind != "command"
+
+
+def training_verbs() -> list[str]:
+    """The verbs that train a run (a Stage)."""
+    return [v.name for v in VERBS.values() if v.kind == "stage"]
+
+
+def stage(name: str) -> Any:
+    """The Stage object of a training verb."""
+    v = verb(name)
+    if v.kind != "stage":
+        raise HonelmError(f"'{name}' is not a training stage")
+    return _resolve(v.target)()
+
+
+def config_class(name: str) -> type:
+    """The config dataclass of a stage or config verb."""
+    v = verb(name)
+    if v.kind == "stage" and not _ported(v):
+        return getattr(importlib.import_module(v.module), _LEGACY_CONFIG[name])
+    if v.kind == "stage":
+        return _resolve(v.target).config
+    if v.kind == "config":
+        return _resolve(v.target)
+    raise HonelmError(f"'{name}' takes no config (see honelm {name} --help)")
+
+
+def command(name: str) -> Any:
+    """The `main(argv)` of a command verb."""
+    return _resolve(verb(name).target)
+
+
+def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """Run a stage (through the runner) or a config verb with a built config; returns its summary."""
+    v = verb(name)
+    if v.kind == "stage" and _ported(v):
+        return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
+    return importlib.import_module(v.target.split(":")[0]).run(cfg, resume=resume)
+
+
+# ----------------------------------------------------------------------------------------------
+# config presets
+
+
+def config_roots() -> list[Path]:
+    roots = [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    seen, out = set(), []
+    for r in roots:
+        if r.resolve() not in seen and r.is_dir():
+            seen.add(r.resolve())
+            out.append(r)
+    return out
+
+
+def presets(name: str) -> list[str]:
+    return sorted({p.stem for r in config_roots() for p in (r / name).glob("*.yaml")})
+
+
+def find_config(name: str, spec: str) -> Path:
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise HonelmError(f"{spec}: no such config file")
+        return path
+    for root in config_roots():
+        candidate = root / name / f"{spec}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise HonelmError(f"no config preset '{spec}' for {name}; presets: {', '.join(presets(name)) or 'none'}")
+
+
+def build_config(name: str, config: str | None, overrides: list[str]) -> Any:
+    """The verb's config: defaults < the preset or YAML `config` < `key=value` overrides."""
+    path = find_config(name, config) if config else None
+    return C.build(config_class(name), path, overrides)

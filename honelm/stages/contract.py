@@ -1,0 +1,180 @@
+"""The stage contract: what a verb owns, and the context the runner hands it.
+
+A training stage is a `Stage` subclass that keeps only what is its own: its config class, how its
+data is read and split, which model task it needs, what happens to the loaded model before the
+boosters see it, its training plan (objective, batch stream, validation, how `best/` is saved)
+and one `score` used for validation and for `honelm test` alike. Everything stages share (runtime,
+seed, run directory, tracker, split manifest, tokenizer, model loading, boosters, `fit`, close)
+is done once, by `honelm.stages.runner`, in this order:
+
+    check(cfg) → run directory, tracker → read(ctx) → tokenizer (tokenizer_texts, tokenizer_kind)
+    → prepare(ctx) → model_spec(ctx) → model loaded → before_boosters(ctx, loaded) → boosters
+    → plan(ctx, loaded) → objective wrapped by boosters → fit → finish(ctx, plan, result)
+
+`honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
+`best/`, `encode`s the rows and `score`s them with the prefix "test", and `test_outputs` names the
+per-example files the look writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+
+from honelm.checkpoint import save_pretrained_atomic
+from honelm.errors import HonelmError
+from honelm.models import load_model
+from honelm.objectives.base import Objective
+from honelm.runtime import Runtime
+from honelm.tracking import Tracker
+
+
+@dataclass
+class ModelSpec:
+    """The model a stage needs: the task head (lm, mlm, classify) and, for classify, its labels."""
+
+    task: str
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+
+
+@dataclass
+class Plan:
+    """What a stage hands the loop (the runner wraps `objective` with the boosters first)."""
+
+    objective: Objective
+    stream: Any
+    evaluate: Callable[[nn.Module], dict[str, float]] | None
+    metric: str
+    save_best: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    """None: the model and the run's tokenizer are written to RUN/best (`RunContext.save_best`)."""
+    model: nn.Module | None = None
+    """What trains when it is not the loaded model itself (PPO: the policy with its value function)."""
+    frozen_models: Sequence[nn.Module] = ()
+    callbacks: Sequence[Any] = ()
+
+
+@dataclass
+class RunContext:
+    """One run as a stage sees it: its config, where it lives, and what the runner has built so far.
+
+    `honelm test` builds one too (no tracker; `tokenizer` is best/'s), so `score` and `encode`
+    serve validation and test alike.
+    """
+
+    cfg: Any
+    runtime: Runtime
+    run_dir: Path
+    tracker: Tracker | None = None
+    resume: bool = False
+    splits: Any = None
+    tokenizer: Any = None
+    loaded: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Stage-owned values computed in one hook and read in a later one (label maps, encoded data)."""
+
+    def say(self, line: str) -> None:
+        if self.tracker is not None:
+            self.tracker.say(line)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    def write_json(self, name: str, payload: Any) -> None:
+        """RUN/name as indented JSON, from the main process only."""
+        if self.runtime.is_main:
+            (self.run_dir / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str),
+                                             encoding="utf-8")
+
+    def save_best(self, model: nn.Module, info: dict[str, Any], files: dict[str, str] | None = None) -> None:
+        """The model with this run's tokenizer as RUN/best (a plain HF or PEFT directory)."""
+        save_pretrained_atomic(model, self.tokenizer, self.run_dir / "best", info, files=files)
+
+
+class Stage:
+    """A training verb. Subclasses set `name` and `config` and override what is their own."""
+
+    name: ClassVar[str]
+    config: ClassVar[type]
+    testable: ClassVar[bool] = True
+    """Whether `honelm test` applies (PPO has no test split of answers to score)."""
+    test_outputs: ClassVar[dict[str, str]] = {}
+    """Per-example outputs `test()` returns under a key, and the run file `honelm test` writes them to."""
+
+    # ---- training: called by the runner, in this order
+
+    def check(self, cfg: Any) -> None:
+        """Checks that need nothing but the config, before the run directory exists."""
+
+    def splits(self, cfg: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+        """The stage's train/val/test split (`honelm.data.splits.Splits`); `leak_texts` only from `honelm test`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define splits()")
+
+    def read(self, ctx: RunContext) -> None:
+        """Read and split the data into ctx.splits and write the manifest."""
+        ctx.splits = self.splits(ctx.cfg, ctx.say)
+        ctx.write_json("split_manifest.json", ctx.splits.manifest)
+
+    def tokenizer_texts(self, ctx: RunContext) -> list[str]:
+        """The texts a tokenizer trained on the fly learns from (train split only)."""
+        return [d.text for d in ctx.splits.train]
+
+    def tokenizer_kind(self, cfg: Any) -> Literal["bpe", "wordpiece"]:
+        """What a tokenizer trained on the fly is: byte-level BPE (decoders) or WordPiece (encoders)."""
+        return "bpe"
+
+    def prepare(self, ctx: RunContext) -> None:
+        """After the tokenizer, before the model (a chat template, label maps)."""
+
+    def model_spec(self, ctx: RunContext) -> ModelSpec:
+        return ModelSpec("lm")
+
+    def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
+        """Work on the loaded model before LoRA wraps it (dropout off, a reference copy, checks)."""
+
+    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+        raise NotImplementedError(f"{type(self).__name__} does not define plan()")
+
+    def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
+        """After training (samples from the best model); returns extra summary fields."""
+        return {}
+
+    # ---- validation and test
+
+    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> Any:
+        """Rows of a split → what `score` reads (blocks, encoded examples, pairs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define encode()")
+
+    def score(self, ctx: RunContext, model: nn.Module, data: Any, split: str) -> dict[str, float]:
+        """Metrics named `{split}_*` of `model` on encoded data: validation and test use this one function."""
+        raise NotImplementedError(f"{type(self).__name__} does not define score()")
+
+    def check_testable(self, ctx: RunContext) -> None:
+        """Refuse `honelm test` on a run that has no test split of its own (before anything is read)."""
+        if not self.testable:
+            raise HonelmError(f"{ctx.run_dir}: `honelm test` does not apply to {self.name} runs")
+
+    def load_best(self, ctx: RunContext) -> nn.Module:
+        """The run's best/ model for `honelm test` (an adapter directory is merged)."""
+        return load_model(best_dir(ctx.run_dir), self.model_spec(ctx).task)
+
+    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
+        """Test metrics of best/ on `rows` (called only by honelm.protocol.test, inside the unlock)."""
+        model = self.load_best(ctx).to(ctx.device).eval()
+        data = self.encode(ctx, rows, "test")
+        with torch.no_grad():
+            return self.score(ctx, model, data, "test")
+
+
+def best_dir(run_dir: Path) -> Path:
+    """RUN/best, or an error when the run kept no model (a LoRA run's best/ is an adapter directory)."""
+    best = run_dir / "best"
+    if not ((best / "config.json").is_file() or (best / "adapter_config.json").is_file()):
+        raise HonelmError(f"{run_dir}: no best/ model to test")
+    return best
