@@ -54,6 +54,19 @@ def pearson(pred: torch.Tensor, gold: torch.Tensor) -> float:
     return float((x * y).sum()) / denom if denom > 0 else float("nan")
 
 
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor, regression: bool, n_labels: int,
+                          prefix: str) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of logits (N, C) against label ids; loss (the MSE), MSE and Pearson for regression."""
+    if regression:
+        pred = logits.squeeze(-1)
+        return {f"{prefix}_loss": mse(pred, labels), f"{prefix}_mse": mse(pred, labels),
+                f"{prefix}_pearson": pearson(pred, labels)}
+    pred = logits.argmax(-1)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    return {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy(pred, labels),
+            f"{prefix}_macro_f1": macro_f1(pred, labels, list(range(n_labels)))}
+
+
 # ----------------------------------------------------------------------------------------------
 # classifier probabilities: confusion and calibration
 #

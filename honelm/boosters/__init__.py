@@ -1,17 +1,21 @@
-"""Boosters transform a model (LoRA) or wrap an objective (adversarial training).
+"""Boosters transform a model (LoRA), prepare a run of their own (plae's teacher) or wrap an objective.
 
-`apply()` and `objective()` are the one place a stage hands its model, objective and config to
-the boosters, so every stage gets the same behaviour: a stage config with a `lora` section gets
-LoRA when `lora.enabled`; one with an `adversarial` section gets its method around the objective.
+`apply()`, `prepare()` and `objective()` are the one place the runner hands the model, the
+stage's plan, the objective and the config to the boosters, so every stage gets the same
+behaviour: a stage config with a `lora` section gets LoRA when `lora.enabled`; one with an
+`adversarial` section gets its method around the objective (plae: after its teacher run).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from torch import nn
+
+from honelm.boosters import plae
 
 
 def carries_adapter(cfg: Any, stage: str) -> bool:
@@ -42,6 +46,36 @@ def apply(model: nn.Module, cfg: Any, task: str, say: Callable[[str], None]) -> 
 
         model = apply_lora(model, lora_cfg, task, say)
     return model
+
+
+@dataclass
+class Prepared:
+    """What a booster's own run before the main one leaves for it (plae: the stored adversarial embeddings)."""
+
+    stored: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
+    """The `stored(batch, like)` lookup `objective()` hands to plae's wrapper."""
+    loaded: Any = None
+    """The model the main run trains instead of the first one (which the booster's run trained)."""
+    interrupted: bool = False
+    """The booster's run stopped (Ctrl-C, or a stop that came as it finished): the main run must not start."""
+
+
+def prepare(ctx: Any, stage: Any, loaded: Any, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any],
+            reload: Callable[[], Any]) -> Prepared | None:
+    """Run what a booster needs before the main run, with the stage's plan; None when no booster needs anything.
+
+    `train(sub, model, objective, resume)` fits `model` with the plan's stream, validation and best/
+    into the sub-run `sub` (`ctx.sub_run(name)`); `reload()` gives a fresh model the way the runner
+    loaded the first (the seed reset first). plae: the teacher trains the loaded model, so the main
+    run (the student) trains a fresh one from the same start.
+    """
+    adv_cfg = getattr(ctx.cfg, "adversarial", None)
+    if adv_cfg is None or adv_cfg.method != "plae" or not adv_cfg.resolved().active:
+        return None
+    stored = plae.prepare(ctx, stage.model_spec(ctx), loaded.model, plan, train)
+    if stored is None:
+        return Prepared(interrupted=True)
+    return Prepared(stored=stored, loaded=reload())
 
 
 def objective(inner: Any, cfg: Any, tokenizer: Any, say: Callable[[str], None],

@@ -17,11 +17,13 @@ abstract was available (docs/adversarial.md says the same):
 
 The teacher lives in RUN/plae_teacher/ (a normal run directory); the perturbations in
 RUN/plae_teacher/adversarial_embeddings.safetensors (fp16, real positions only), so a resumed
-run reuses both.
+run reuses both. `prepare` is the booster's step before the main run (`honelm.boosters.prepare`):
+teacher and generation, with the stage's own plan (stream, validation, best/) for the teacher.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,8 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from honelm.boosters.adversarial import Adversarial, AdversarialConfig
+from honelm.boosters.adversarial import Adversarial, AdversarialConfig, describe
 from honelm.errors import HonelmError
+from honelm.models import load_model
+
+Lookup = Callable[[dict[str, Any], torch.Tensor], torch.Tensor]
 
 TEACHER_DIR = "plae_teacher"
 DELTAS_FILE = "adversarial_embeddings.safetensors"
@@ -43,6 +48,82 @@ def teacher_config(cfg: AdversarialConfig) -> AdversarialConfig:
         return AdversarialConfig(method="none")
     return AdversarialConfig(method="pgd", epsilon=r.epsilon, steps=r.steps, step_size=r.step_size,
                              init_mag=r.init_mag, norm=r.norm, perturb_special=r.perturb_special)
+
+
+def teacher_objective(inner: Any, cfg: AdversarialConfig, special_ids: list[int], say: Callable[[str], None]) -> Any:
+    """What the teacher trains with: `inner` wrapped by PGD with plae's settings, or `inner` itself (teacher=plain)."""
+    teacher = teacher_config(cfg)
+    if teacher.method == "none":
+        return inner
+    wrapped = Adversarial(inner, teacher, special_ids=special_ids)
+    say(describe(wrapped.cfg))
+    return wrapped
+
+
+def prepare(ctx: Any, spec: Any, model: nn.Module, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any]
+            ) -> Lookup | None:
+    """The teacher run and the generation; returns the student's lookup (None when the teacher stopped).
+
+    Both are kept under RUN/plae_teacher/, so `--resume` continues an interrupted teacher and
+    never regenerates stored embeddings. `spec` is the stage's model spec (task, labels) the
+    teacher's best/ loads with; `train(sub, model, objective, resume)` fits with the stage's plan.
+    """
+    adv = ctx.cfg.adversarial.resolved()
+    deltas_path = ctx.run_dir / TEACHER_DIR / DELTAS_FILE
+    if not deltas_path.is_file() and not _teach_and_generate(ctx, spec, model, plan, train, adv, deltas_path):
+        return None
+    deltas = load(deltas_path)
+    size = sum(t.numel() * t.element_size() for t in deltas.values())
+    ctx.say(f"plae 3/3: a fresh student from the same start trains on clean + stored adversarial embeddings "
+            f"({len(deltas)} stored, {size / 2**20:.1f} MiB; weight {adv.weight})")
+    return stored_lookup(deltas, adv.copies)
+
+
+def _teach_and_generate(ctx: Any, spec: Any, model: nn.Module, plan: Any, train: Callable[..., Any],
+                        adv: AdversarialConfig, deltas_path: Path) -> bool:
+    """Fine-tune the teacher (or continue it), then store its adversarial embeddings; False when it stopped."""
+    teacher_dir = deltas_path.parent
+    (teacher_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    started = any((teacher_dir / "checkpoints").iterdir())
+    ctx.say(f"plae 1/3: teacher fine-tuning ({adv.teacher}) in {teacher_dir}")
+    sub = ctx.sub_run(TEACHER_DIR)
+    special_ids = list(getattr(ctx.tokenizer, "all_special_ids", []) or [])
+    result = train(sub, model, teacher_objective(plan.objective, adv, special_ids, sub.say), started)
+    sub.tracker.close()
+    if result.reason == "interrupted":
+        return False  # the teacher's checkpoint is saved; `--resume` continues it
+    if result.stop_requested:  # the teacher finished as the stop came: `--resume` goes on with generation
+        return False
+    runtime = ctx.runtime
+    teacher = load_model(teacher_dir / "best", spec.task, num_labels=spec.num_labels,
+                         id2label=spec.id2label).to(runtime.device)
+    ctx.say(f"plae 2/3: {adv.copies} adversarial embedding(s) per training example by PGD against the "
+            f"teacher (epsilon={adv.epsilon}, steps={adv.steps}, step_size={adv.step_size}, norm={adv.norm})")
+    started_at = time.perf_counter()
+    deltas = _generate_with_progress(ctx, teacher, plan, adv)
+    if runtime.is_main:
+        save(deltas, deltas_path)
+        sub.write_json("plae.json", {"teacher_train_time_s": round(result.train_time_s, 2),
+                                     "generation_time_s": round(time.perf_counter() - started_at, 2),
+                                     "copies": adv.copies, "stored": len(deltas)})
+    runtime.barrier()
+    return True
+
+
+def _generate_with_progress(ctx: Any, teacher: nn.Module, plan: Any, adv: AdversarialConfig) -> dict[str, torch.Tensor]:
+    """`generate` over the plan's training examples (its stream's collate), with a progress bar on the run's tracker."""
+    stream, tracker, runtime = plan.stream, ctx.tracker, ctx.runtime
+    tracker.start_progress(stream.n * adv.copies)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        tracker.progress(done[0], "generating adversarial embeddings")
+
+    deltas = generate(teacher, plan.objective, adv, list(ctx.tokenizer.all_special_ids or []), stream.n,
+                      stream.collate, ctx.cfg.train.eval_batch_size, runtime.device, runtime.autocast, advance)
+    tracker.stop_progress()
+    return deltas
 
 
 def generate(teacher: nn.Module, inner: Any, cfg: AdversarialConfig, special_ids: list[int], n_examples: int,
@@ -77,7 +158,7 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def stored_lookup(deltas: dict[str, torch.Tensor], copies: int) -> Callable[[dict[str, Any], torch.Tensor], torch.Tensor]:
+def stored_lookup(deltas: dict[str, torch.Tensor], copies: int) -> Lookup:
     """The `stored(batch, like)` callback of `Adversarial`: one stored copy per example, drawn at random."""
     def lookup(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
         if "index" not in batch:

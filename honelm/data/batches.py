@@ -84,3 +84,12 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
         labels = torch.tensor([label2id[e.label] for e in examples], dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EncodedExamples(ids, type_ids, labels, pad, truncated)
+
+
+def label_maps(train: Sequence[Example], task: str) -> tuple[dict | None, dict[int, str] | None]:
+    """label → id over the TRAIN labels, sorted (numbers numerically, names alphabetically), and id → name."""
+    if task == "regression":
+        return None, None
+    labels = sorted({e.label for e in train}, key=lambda x: (isinstance(x, str), x))
+    label2id = {label: i for i, label in enumerate(labels)}
+    return label2id, {i: str(label) for label, i in label2id.items()}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.data.batches import EncodedExamples
 from honelm.objectives.base import Loss, Objective
 
 MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids")
@@ -42,3 +43,17 @@ class Classify(Objective):
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].numel())
+
+
+def predict(model: nn.Module, data: EncodedExamples, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits (N, C) in the order of `data`, computed in length-sorted batches."""
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(data)
+    objective = Classify()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(idx).items()}
+        logits = objective.logits(model, batch).cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row]
+    return torch.stack(out) if out else torch.empty(0, 1)

@@ -109,11 +109,16 @@ def is_classification(records: Sequence[dict[str, Any]]) -> bool:
     return bool(records) and all("probs" in r for r in records)
 
 
-def write_labels(run_dir: Path, id2label: dict[int, str] | None) -> None:
-    """`RUN/labels.json`: `{"task": "classification", "id2label": {"0": "neg", ...}}` or `{"task": "regression"}`."""
+def labels_text(id2label: dict[int, str] | None) -> str:
+    """The text of `RUN/labels.json`: `{"task": "classification", "id2label": {"0": "neg", ...}}` or `{"task": "regression"}`."""
     payload: dict[str, Any] = {"task": "regression"} if id2label is None else {
         "task": "classification", "id2label": {str(i): name for i, name in sorted(id2label.items())}}
-    (run_dir / LABELS_FILE).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_labels(run_dir: Path, id2label: dict[int, str] | None) -> None:
+    """Write `RUN/labels.json` (`labels_text`)."""
+    (run_dir / LABELS_FILE).write_text(labels_text(id2label), encoding="utf-8")
 
 
 def read_labels(run_dir: Path) -> dict[int, str] | None:

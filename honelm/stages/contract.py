@@ -19,7 +19,7 @@ per-example files the look writes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -31,6 +31,7 @@ from honelm.errors import HonelmError
 from honelm.models import load_model
 from honelm.objectives.base import Objective
 from honelm.runtime import Runtime
+from honelm.stages import setup as S
 from honelm.tracking import Tracker
 
 
@@ -52,11 +53,18 @@ class Plan:
     evaluate: Callable[[nn.Module], dict[str, float]] | None
     metric: str
     save_best: Callable[[nn.Module, dict[str, Any]], None] | None = None
-    """None: the model and the run's tokenizer are written to RUN/best (`RunContext.save_best`)."""
+    """None: the model and the run's tokenizer are written to RUN/best (`RunContext.save_best`). A plan that
+    saves its own way cannot train a booster's sub-run (a teacher saves into its own best/)."""
     model: nn.Module | None = None
     """What trains when it is not the loaded model itself (PPO: the policy with its value function)."""
     frozen_models: Sequence[nn.Module] = ()
     callbacks: Sequence[Any] = ()
+    best_files: Callable[[dict[str, Any]], dict[str, str] | None] | None = None
+    """Extra files written into best/ beside the model, from the best evaluation's info (classify's
+    val_predictions.jsonl); used when `save_best` is None."""
+    reset: Callable[[], None] | None = None
+    """Called before every fit of this plan: a booster's sub-run (a teacher) trains with the same plan
+    before the main run, and nothing of it may carry over (the stream's position, kept evaluation outputs)."""
 
 
 @dataclass
@@ -95,6 +103,12 @@ class RunContext:
     def save_best(self, model: nn.Module, info: dict[str, Any], files: dict[str, str] | None = None) -> None:
         """The model with this run's tokenizer as RUN/best (a plain HF or PEFT directory)."""
         save_pretrained_atomic(model, self.tokenizer, self.run_dir / "best", info, files=files)
+
+    def sub_run(self, name: str) -> RunContext:
+        """A run kept inside this one, RUN/name (a booster's teacher): the same config, data and tokenizer, its own
+        log.txt, metrics.jsonl, checkpoints and best/. The caller closes its tracker."""
+        run_dir = self.run_dir / name
+        return replace(self, run_dir=run_dir, tracker=S.tracker_for(run_dir, self.runtime, self.cfg))
 
 
 class Stage:

@@ -2,18 +2,24 @@
 
 `run_stage(stage, cfg, resume, callbacks)` seeds, opens (or reopens) the run directory, reads the
 data through the stage, resolves the tokenizer and the model, hands the model to the boosters,
-asks the stage for its plan, lets the boosters wrap the objective, calls `fit`, and returns the
-run's summary. The order of these steps is the order of the RNG use, which exact resume depends
-on: the stage hooks are called where the stage modules used to do the same work by hand.
+asks the stage for its plan, lets the boosters prepare (a run of their own with that plan, such as
+a teacher, after which the main run trains a fresh model from the same start), lets the boosters
+wrap the objective, calls `fit`, and returns the run's summary. The order of these steps is the
+order of the RNG use, which exact resume depends on: the stage hooks are called where the stage
+modules used to do the same work by hand.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
+from honelm.checkpoint import list_checkpoints
+from honelm.errors import HonelmError
 from honelm.loop import fit
 from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
@@ -36,6 +42,12 @@ def load(stage: Stage, ctx: RunContext) -> Any:
     ctx.tokenizer = S.resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
                                         stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
     stage.prepare(ctx)
+    return load_model(stage, ctx)
+
+
+def load_model(stage: Stage, ctx: RunContext) -> Any:
+    """The stage's model, adjusted by the stage and transformed by the boosters; kept as ctx.loaded."""
+    cfg = ctx.cfg
     spec = stage.model_spec(ctx)
     model = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
@@ -46,15 +58,50 @@ def load(stage: Stage, ctx: RunContext) -> Any:
     return loaded
 
 
+def reload(stage: Stage, ctx: RunContext) -> Any:
+    """A fresh model from the same start as the first: the seed is reset, so random init and new heads repeat."""
+    rt.seed_everything(ctx.cfg.run.seed)
+    return load_model(stage, ctx)
+
+
+def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resume: bool) -> Any:
+    """One fit of `plan` into ctx.run_dir: the run itself, or a sub-run a booster keeps inside it (`ctx.sub_run`)."""
+    if plan.reset is not None:
+        plan.reset()
+    save = plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
+                                                            if plan.best_files is not None else None))
+    return fit(model, objective, plan.stream, ctx.cfg.train, ctx.runtime, ctx.run_dir, plan.evaluate, save,
+               metric=plan.metric, resume=resume, tracker=ctx.tracker, frozen_models=plan.frozen_models)
+
+
+def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], Any]:
+    """`train(sub, model, objective, resume)` for a booster's sub-run: the plan's stream, validation and best/."""
+    def train(sub: RunContext, model: nn.Module, objective: Any, resume: bool) -> Any:
+        if plan.save_best is not None:
+            raise HonelmError(f"{sub.run_dir}: this stage saves best/ its own way (Plan.save_best), so a booster "
+                              "cannot train a run of its own with the stage's plan")
+        return fit_plan(sub, plan, model, objective, resume)
+    return train
+
+
 def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
-    """The stage's plan with the boosters' objective, through `fit`."""
+    """The stage's plan, what the boosters prepare for it, the boosters' objective, through `fit`.
+
+    The result is None when a booster's own run before the main one (a teacher) stopped: the main
+    run did not start, and `--resume` continues the booster's run.
+    """
     plan = stage.plan(ctx, loaded)
-    objective = boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say)
-    save = plan.save_best or ctx.save_best
-    result = fit(plan.model if plan.model is not None else loaded.model, objective, plan.stream, ctx.cfg.train,
-                 ctx.runtime, ctx.run_dir, plan.evaluate, save, metric=plan.metric, resume=ctx.resume,
-                 tracker=ctx.tracker, frozen_models=plan.frozen_models)
-    return plan, result
+    prepared = boosters.prepare(ctx, stage, loaded, plan, sub_fit(plan), lambda: reload(stage, ctx))
+    if prepared is not None and prepared.interrupted:
+        return plan, None
+    if prepared is not None and prepared.loaded is not None:
+        loaded = prepared.loaded
+    objective = boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say,
+                                   stored=prepared.stored if prepared is not None else None)
+    # the run resumes from its own checkpoint only: one resumed during a booster's sub-run has none yet
+    resume = ctx.resume and bool(list_checkpoints(ctx.run_dir / "checkpoints"))
+    model = plan.model if plan.model is not None else loaded.model
+    return plan, fit_plan(ctx, plan, model, objective, resume)
 
 
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +116,10 @@ def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequ
     ctx = open_run(stage, cfg, resume)
     loaded = load(stage, ctx)
     plan, result = train(stage, ctx, loaded, callbacks)
-    extra = stage.finish(ctx, plan, result)
     assert ctx.tracker is not None
+    if result is None:  # a booster's own run stopped before the main run started
+        ctx.tracker.close()
+        return {"run_dir": str(ctx.run_dir), "steps": 0, "reason": "interrupted", "best_step": 0}
+    extra = stage.finish(ctx, plan, result)
     ctx.tracker.close()
     return summary(ctx, result, extra)
