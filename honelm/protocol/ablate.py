@@ -326,8 +326,8 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
     """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`),
-    read by honelm.protocol.predictions' strict reader (file:line errors, split order checked)."""
-    from honelm.protocol.predictions import TEST_FILE, read_records
+    read by honelm.predictions' strict reader (file:line errors, split order checked)."""
+    from honelm.predictions import TEST_FILE, read_records
 
     path = run_dir / TEST_FILE
     if not path.is_file():

@@ -4,7 +4,7 @@ Works on an encoder or a decoder, from a preset, a `pretrain`/`adapt` run, or an
 Validation reports loss, accuracy and macro-F1 (MSE and Pearson for regression); the best
 validation checkpoint is kept and early stopping watches validation only. The run writes
 `labels.json` (label id → name) and, beside the best model, `best/val_predictions.jsonl`: the
-per-example predictions of the evaluation that made it best (format: honelm.protocol.predictions).
+per-example predictions of the evaluation that made it best (format: honelm.predictions).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from honelm.errors import HonelmError
 from honelm.loop import BatchStream, fit
 from honelm.models import model_kind
 from honelm.objectives.classify import Classify
-from honelm.protocol import predictions as P
+from honelm import predictions as P
 from honelm.stages import setup as S
 
 
@@ -253,7 +253,7 @@ def evaluate_test(run_dir: Path, cfg: ClassifyConfig, test_examples: list[Any], 
     n_labels = 1 if regression else len(label2id)  # type: ignore[arg-type]
     out: dict[str, Any] = scores(logits, data.labels, regression, n_labels, "test")
     out["n_examples"] = len(data)
-    # per-example records (honelm.protocol.predictions) and the label names; honelm.protocol.test
+    # per-example records (honelm.predictions) and the label names; honelm.protocol.test
     # pops both and writes test_predictions.jsonl and labels.json
     gold = [float(e.label) for e in test_examples] if regression else data.labels.tolist()
     out["predictions"] = P.prediction_records(logits, gold, regression)

@@ -12,8 +12,9 @@ is done once, by `honelm.stages.runner`, in this order:
     → plan(ctx, loaded) → objective wrapped by boosters → fit → finish(ctx, plan, result)
 
 `honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
-`best/`, `encode`s the rows and `score`s them with the prefix "test", and `test_outputs` names the
-per-example files the look writes.
+`best/`, `encode`s the rows and `score`s them with the prefix "test" (per-example files it returns
+under the key "files", {name: text}, are written into the run by the look), and
+`report_sections` are the stage's parts of `honelm report`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
 from honelm.models import load_model
 from honelm.objectives.base import Objective
+from honelm.reporting import ReportSection
 from honelm.runtime import Runtime
 from honelm.tracking import Tracker
 
@@ -104,8 +106,8 @@ class Stage:
     config: ClassVar[type]
     testable: ClassVar[bool] = True
     """Whether `honelm test` applies (PPO has no test split of answers to score)."""
-    test_outputs: ClassVar[dict[str, str]] = {}
-    """Per-example outputs `test()` returns under a key, and the run file `honelm test` writes them to."""
+    report_sections: ClassVar[tuple[ReportSection, ...]] = ()
+    """Parts of `honelm report` this stage contributes (each decides from a run's files whether it applies)."""
 
     # ---- training: called by the runner, in this order
 
