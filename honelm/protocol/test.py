@@ -24,6 +24,7 @@ from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
 from honelm.stages import setup as S
+from honelm.rundir import stage_of
 from honelm.stages.contract import RunContext, Stage, best_dir
 from honelm.tokenizer import load_tokenizer
 
@@ -47,7 +48,7 @@ def cross_split_duplicates(manifest: dict[str, Any]) -> dict[str, int]:
 def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     """Evaluate RUN's best model on its test split once; returns the metrics."""
     run_dir = Path(run_dir)
-    stage = S.stage_of(run_dir)
+    stage = stage_of(run_dir)
     previous = looks(run_dir)
     if previous and not force:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous[-1]["time"]))

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.loop import fit
+from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 
@@ -24,8 +25,8 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     stage.check(cfg)
-    run_dir = S.run_directory(stage.name, cfg, runtime, resume)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
+    run_dir = run_directory(stage.name, cfg, runtime, resume)
+    tracker = tracker_for(run_dir, runtime, cfg)
     return RunContext(cfg=cfg, runtime=runtime, run_dir=run_dir, tracker=tracker, resume=resume is not None)
 
 
