@@ -18,6 +18,8 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from honelm.html_report import write_html
+
 # Relative rise of val_loss over its minimum that counts as "really worse" rather than noise.
 OVERFIT_REL_RISE = 0.02
 # How many train-loss points to average on each side of the overfit step when checking that
@@ -429,3 +431,26 @@ class ReportSection:
     place: Literal["curves", "results"]
     plots: tuple[str, ...]
     build: Callable[[RunData, Path, set[str]], list[str]]
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return fmt(value)
+
+
+def finish_report(path: Path, lines: list[str]) -> Path:
+    """DIR/report.md from `lines`, and its self-contained DIR/report.html; returns the md path."""
+    report = path / "report.md"
+    report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    write_html(report)
+    return report
+
+
+def fmt_duration_short(seconds: float) -> str:
+    """12.3 s, 4m 05s, 2h 03m: short enough for a table cell."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"

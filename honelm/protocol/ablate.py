@@ -60,6 +60,7 @@ from typing import Any
 
 from honelm import config as C
 from honelm.errors import ConfigError, HonelmError
+from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
 from honelm.protocol import stats
 
 KEYS = {"out_dir", "seeds", "metric", "bootstrap", "confidence", "vars", "stages", "search", "variants"}
@@ -589,9 +590,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 
     spec = load_spec(find_config("ablate", args.file), variables, args.out_dir, args.seeds)
     rows = run_ablation(spec)
-    from honelm.protocol.reports import write_any
-
-    report = write_any(spec.out_dir)
+    report = write_report(spec.out_dir)
     width = max(len(r["variant"]) for r in rows)
     print(f"\n{'variant':<{width}}  test {spec.metric:<10} Δ vs baseline [{int(spec.confidence * 100)}% CI]   verdict")
     for r in rows:
@@ -600,3 +599,74 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}")
     print(f"\nreport: {report}")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def _pm(mean: Any, std: Any) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def write_report(path: Path) -> Path:
+    """ABLATION/report.md (+ .html): results with intervals and verdicts, every test metric, chosen settings, cells."""
+    meta = json.loads((path / "ablation.json").read_text(encoding="utf-8"))
+    metric = meta["metric"]
+    conf = int(round(meta["confidence"] * 100))
+    lines = [f"# Ablation report: {path.name}", "",
+             f"{len(meta['variants'])} variants × {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}); "
+             + ("each variant got the same hyperparameter search on validation "
+                f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
+             + f". Every cell's selected checkpoint was tested once. Δ is the difference from baseline in test "
+             f"{metric} (mean over seeds); the interval is a {conf}% paired bootstrap over test examples and seed pairs "
+             f"({meta['bootstrap']} resamples). Verdict: the interval above zero → helps, below → hurts, "
+             "containing zero → no evidence.", ""]
+    results_path = path / "results.json"
+    newest_cell = max((c.stat().st_mtime for c in (path / "cells").glob("*/seed-*/cell.json")), default=None)
+    if newest_cell is not None and (not results_path.is_file() or results_path.stat().st_mtime < newest_cell):
+        results_from_cells(path)  # stopped midway (or by an older honelm): the results of the cells on disk
+    if not results_path.is_file():
+        lines += ["No results yet: run `honelm ablate " + meta["file"] + "` to finish the cells.", ""]
+        return finish_report(path, lines)
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    rows = results["rows"]
+    if not results.get("complete", True):
+        lines += [f"> **Unfinished:** {results['cells_done']} of {results['cells_planned']} cells done. Variants with "
+                  "fewer seeds than planned are marked; their intervals pair only the seeds the baseline has too, "
+                  f"and every number here can still change. Run `honelm ablate {meta['file']}` to continue.", ""]
+    n_seeds = len(meta["seeds"])
+    body = []
+    for r in rows:
+        name = r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{n_seeds} seeds)"
+        ci = "—" if r.get("low") is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        body.append([name, _pm(r["mean"], r["std"]), ci, f"**{r['verdict']}**" if r["variant"] != "baseline" else "—",
+                     fmt_duration_short(r["train_time_s"]) if r.get("train_time_s") is not None else "—",
+                     f"{r['peak_memory_mb']:,.0f} MiB" if r.get("peak_memory_mb") else "—",
+                     f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"])
+    lines += ["## Results", "", *table(["variant", f"test {metric} (mean ± std)", f"Δ vs baseline [{conf}% CI]",
+                                        "verdict", "train time", "peak memory", "trainable params"], body), ""]
+    if (path / "plots" / "ablation.png").is_file():
+        lines += ["![ablation](plots/ablation.png)", ""]
+    others = sorted({k[:-5] for r in rows for k in r if k.startswith("test_") and k.endswith("_mean")})
+    if others:
+        lines += ["## Every test metric (mean ± std over seeds)", "",
+                  *table(["variant", *others], [[r["variant"], *[_pm(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in others]]
+                                                for r in rows]), ""]
+    chosen = [r for r in rows if r.get("settings")]
+    if chosen:
+        lines += ["## Hyperparameters chosen on validation", "",
+                  *table(["variant", "values"], [[r["variant"], ", ".join(f"`{k}={fmt_value(v)}`" for k, v in r["settings"].items())]
+                                                 for r in chosen]), ""]
+    lines += ["## Cells", ""]
+    cell_rows = []
+    for cell in sorted((path / "cells").glob("*/seed-*/cell.json")):
+        c = json.loads(cell.read_text(encoding="utf-8"))
+        cell_rows.append([c["variant"], c["seed"], fmt_value(c["test"].get(f"test_{metric}")), f"`{c['run_dir']}`",
+                          fmt_duration_short(c["train_time_s"])])
+    lines += table(["variant", "seed", f"test {metric}", "run", "train time"], cell_rows) + [""]
+    return finish_report(path, lines)

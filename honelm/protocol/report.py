@@ -7,7 +7,7 @@ confusion matrix and calibration), each of which decides from the run's files wh
 anything to show. `write_report` is a pure function of those files: running it twice gives
 byte-identical report.md (and report.html).
 
-`write_html` / `md_to_html` (from honelm.protocol.html_report, re-exported here) turn any
+`write_html` / `md_to_html` (from honelm.html_report, re-exported here) turn any
 honelm markdown report into a self-contained HTML file.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from honelm import registry
-from honelm.protocol.html_report import md_to_html, write_html
+from honelm.html_report import md_to_html, write_html
 from honelm.reporting import (OVERFIT_REL_RISE, PLOT_NAMES, TRAIN_TREND_WINDOW, Best, Overfit, ReportSection, RunData, event_step, fenced, find_best,
                               find_overfit, fmt, fmt_duration, fmt_time, load_run, plot_loss, plot_lr, plot_val_metrics,
                               num, series, table, val_metric_names)

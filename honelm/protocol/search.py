@@ -57,6 +57,7 @@ from typing import Any, Iterator
 
 from honelm import config as C
 from honelm.errors import ConfigError, HonelmError, TrainingError
+from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
@@ -673,3 +674,62 @@ def iter_trials(search_dir: Path) -> Iterator[dict[str, Any]]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 yield json.loads(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def write_report(path: Path) -> Path:
+    """SEARCH/report.md (+ .html): the space, the best trial and its config, the plots, every trial."""
+    meta = json.loads((path / "search.json").read_text(encoding="utf-8"))
+    rows = list(iter_trials(path))
+    best = json.loads((path / "best.json").read_text(encoding="utf-8")) if (path / "best.json").is_file() else None
+    lines = [f"# Search report: {path.name}", "",
+             f"`honelm {meta['verb']}`" + (f" from `{meta['config']}`" if meta.get("config") else "")
+             + f", scored by **{meta['metric']}** ({meta['direction']}) on the validation split; "
+             f"{meta['sampler']} sampler, {meta['pruner']} pruner, storage {meta['storage']}.", "",
+             "The test split was sealed during the whole search (`forbid_test_split`): no trial could read it. "
+             "Test the selected trial once with `honelm test " + str(path) + "`.", ""]
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    lines += [f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}); "
+              f"target {meta['n_trials']} finished.", ""]
+    lines += ["## Space", "", *table(["key", "values"], [[k, v] for k, v in meta["space"].items()]), ""]
+    if meta.get("set"):
+        lines += ["Fixed settings: " + ", ".join(f"`{k}={v}`" for k, v in meta["set"].items()), ""]
+    lines += ["## Best trial", ""]
+    if best:
+        lines += [f"Trial {best['trial']}: **{best['metric']} = {best['value']:.4f}**, run `{best['run_dir']}` "
+                  "(its `best/` is the search's best checkpoint; `best` links to it).", "",
+                  *table(["parameter", "value"], [[k, fmt_value(v)] for k, v in best["params"].items()]), ""]
+    else:
+        lines += ["No complete trial yet.", ""]
+    lines += ["## Plots", ""]
+    skipped = {}
+    if (path / "plots" / "skipped.json").is_file():
+        skipped = json.loads((path / "plots" / "skipped.json").read_text(encoding="utf-8"))
+    for name, title in (("history", "optimisation history"), ("importances", "parameter importances"),
+                        ("parallel", "parallel coordinates")):
+        if (path / "plots" / f"{name}.png").is_file():
+            lines += [f"![{title}](plots/{name}.png)", ""]
+        elif name in skipped:
+            lines += [f"- {title}: not drawn ({skipped[name]})", ""]
+    lines += ["## Trials", ""]
+    params = list(dict.fromkeys(k for r in rows for k in r if k.startswith("params.")))
+    header = ["#", "state", meta["metric"], *[k[len('params.'):] for k in params], "last step", "time"]
+    body = []
+    for r in rows:
+        note = f" (retry of {r['retry_of']})" if r.get("retry_of") is not None else ""
+        body.append([r["number"], r["state"] + note, fmt_value(r["value"]) if r["value"] is not None else "—",
+                     *[fmt_value(r.get(k)) for k in params], fmt(r.get("last_step")),
+                     fmt_duration_short(r["time_s"]) if r.get("time_s") is not None else "—"])
+    lines += table(header, body) + [""]
+    errors = [(r["number"], r["error"]) for r in rows if r.get("error")]
+    if errors:
+        lines += ["Failed trials:", "", *[f"- trial {n}: {e}" for n, e in errors], ""]
+    if best and (path / "best.yaml").is_file():
+        lines += ["## Best config", "", "`best.yaml`, ready for `honelm " + meta["verb"] + " --config "
+                  + str(path / "best.yaml") + "`:", "", *fenced((path / "best.yaml").read_text(encoding="utf-8"), "yaml"), ""]
+    return finish_report(path, lines)
