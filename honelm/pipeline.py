@@ -19,7 +19,7 @@
 The file is read as `PipelineConfig` (each stage a `PipelineStageConfig`) by honelm.config's
 `from_mapping`; `honelm pipeline --help` lists every field.
 
-Each stage runs through the real CLI (`honelm.cli.main`), exactly as `honelm VERB ...` would.
+Each stage runs in this process through the registry and the runner, exactly as `honelm VERB ...` would.
 Stages that write a run directory get `run.out_dir=OUT_DIR run.name=NAME`.
 
 Resuming: run the same file again. A run stage is FINISHED when its run directory's
@@ -51,6 +51,8 @@ from typing import Any
 import yaml
 
 from honelm import config as C
+from honelm import registry
+from honelm.registry import VERBS
 from honelm.errors import ConfigError, HonelmError
 
 REF = re.compile(r"\$\{([^}]*)\}")
@@ -80,8 +82,6 @@ class PipelineStageConfig:
     writes."""
 
     def validate(self) -> None:
-        from honelm.cli import VERBS
-
         if self.verb not in VERBS:
             hint = difflib.get_close_matches(self.verb, list(VERBS), n=1)
             raise C.FieldError("verb", f"{self.verb!r} is not a honelm verb"
@@ -91,7 +91,7 @@ class PipelineStageConfig:
         if not NAME.fullmatch(self.name or self.verb):
             raise C.FieldError("name", f"{self.name or self.verb!r} must be letters, digits, '-', '_' or '.' "
                                        "(it names a directory)")
-        if VERBS[self.verb].module == "" and (self.set or self.config):
+        if not registry.has_config(self.verb) and (self.set or self.config):
             raise ConfigError(f"'{self.verb}' takes no config; give its command line as 'args'")
 
 
@@ -188,15 +188,9 @@ def run_dir_of(pipe: Pipeline, stage: Stage) -> Path:
 
 def has_run_dir(verb: str) -> bool:
     """Whether the verb's config has a `run` section (so it writes OUT_DIR/NAME)."""
-    from honelm.cli import VERBS
-
-    v = VERBS[verb]
-    if not v.module:
+    if not registry.has_config(verb):
         return False
-    import importlib
-
-    cls = getattr(importlib.import_module(v.module), v.config)
-    return any(f.name == "run" for f in dataclasses.fields(cls))
+    return any(f.name == "run" for f in dataclasses.fields(registry.config_class(verb)))
 
 
 def resolve(pipe: Pipeline, index: int, text: str, what: str) -> str:
@@ -244,8 +238,6 @@ class Planned:
 
 def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
     """The config `honelm VERB ARGV...` would run with (the CLI's own rules: --config, a positional, key=value)."""
-    from honelm.cli import find_config
-
     config_path, overrides = None, []
     it = iter(argv)
     for arg in it:
@@ -257,20 +249,16 @@ def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
             overrides.append(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r} (give settings under 'set')")
-    return C.build(cls, find_config(verb.name, config_path) if config_path else None, overrides)
+    return C.build(cls, registry.find_config(verb.name, config_path) if config_path else None, overrides)
 
 
 def plan(pipe: Pipeline) -> list[Planned]:
     """Every stage's command line and config, built (and validated) before anything runs."""
-    import importlib
-
-    from honelm.cli import VERBS
-
     out: list[Planned] = []
     for i, stage in enumerate(pipe.stages):
         verb = VERBS[stage.verb]
         args = [resolve(pipe, i, a, "args") for a in stage.args]
-        if not verb.module:
+        if not registry.has_config(stage.verb):
             out.append(Planned(stage, [stage.verb, *args]))
             continue
         argv = (["--config", resolve(pipe, i, stage.config, "config")] if stage.config else []) + args
@@ -279,7 +267,7 @@ def plan(pipe: Pipeline) -> list[Planned]:
         if has_run_dir(stage.verb):
             run_dir = run_dir_of(pipe, stage)
             argv += [f"run.out_dir={pipe.out_dir}", f"run.name={stage.name}"]
-        cls = getattr(importlib.import_module(verb.module), verb.config)
+        cls = registry.config_class(stage.verb)
         try:
             built = _build_config(cls, verb, argv)
         except HonelmError as e:
@@ -415,6 +403,34 @@ def command_for(planned: Planned) -> list[str]:
     return planned.argv
 
 
+def run_planned(planned: Planned) -> int:
+    """Run one stage in this process through the registry, as `honelm VERB ...` would; its exit code.
+
+    Failures print the CLI's own line (`honelm VERB: error: ...`); 130 means interrupted (its
+    checkpoint saved) or a stop that came as the finished run saved itself.
+    """
+    verb = planned.stage.verb
+    try:
+        if planned.config is None:  # a command: test, export, report
+            registry.command(verb)(planned.argv[1:])
+            return 0
+        cfg, resume = planned.config, None
+        if planned.status == "resume":
+            assert planned.run_dir is not None and planned.config_cls is not None
+            cfg, resume = C.build(planned.config_cls, planned.run_dir / "config.yaml"), str(planned.run_dir)
+        elif planned.status == "restart":
+            assert planned.config_cls is not None
+            cfg = _build_config(planned.config_cls, registry.verb(verb), planned.argv[1:] + ["run.overwrite=true"])
+        result = registry.run_verb(verb, cfg, resume=resume)
+    except HonelmError as e:
+        print(f"honelm {verb}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"honelm {verb}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return registry.exit_code(result)
+
+
 def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run (or, dry, only show) every stage that is not finished; returns one summary row per stage."""
     return execute(load(path), dry_run)
@@ -423,8 +439,6 @@ def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]
 def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict[str, Any]]:
     """Run the stages of `pipe` that are not finished (see the module docstring); `again` is the
     command that continues it after an interruption (default: `honelm pipeline FILE`)."""
-    from honelm.cli import main as cli
-
     again = again or f"honelm pipeline {pipe.path}"
     steps = plan(pipe)
     summary: list[dict[str, Any]] = []
@@ -448,7 +462,7 @@ def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict
         started = time.time()
         if planned.run_dir is None:
             _marker(pipe, stage).unlink(missing_ok=True)
-        code = cli(words)
+        code = run_planned(planned)
         row["time_s"] = round(time.time() - started, 1)
         if code != 0:
             how = "was interrupted" if code == 130 else f"failed (exit {code})"

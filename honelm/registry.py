@@ -166,7 +166,17 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
     v = verb(name)
     if v.kind == "stage" and _ported(v):
         return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
+    if v.kind == "stage":  # TRANSITION: the runner resets it for ported stages
+        _resolve("honelm.runtime:reset_peak_memory")()
     return importlib.import_module(v.module).run(cfg, resume=resume)
+
+
+def exit_code(result: Any) -> int:
+    """The exit status of a verb that returned `result`: 130 when its run was interrupted (the checkpoint saved)
+    or a stop came as the finished run saved itself (nothing after it should start), else 0."""
+    if isinstance(result, dict) and (result.get("reason") == "interrupted" or result.get("stop_requested")):
+        return 130
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

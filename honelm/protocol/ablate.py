@@ -61,6 +61,7 @@ from typing import Any
 
 
 from honelm import config as C
+from honelm import registry
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import Pipeline, PipelineStageConfig, Stage, _flatten, has_run_dir, plan
 from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
@@ -596,9 +597,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (overrides the file)")
     args = p.parse_args(argv)
     variables = dict(C.parse_overrides(args.var))
-    from honelm.cli import find_config
-
-    spec = load_spec(find_config("ablate", args.file), variables, args.out_dir, args.seeds)
+    spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds)
     rows = run_ablation(spec)
     report = write_report(spec.out_dir)
     width = max(len(r["variant"]) for r in rows)

@@ -47,7 +47,6 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
-import importlib
 import json
 import math
 import shutil
@@ -59,10 +58,10 @@ from typing import Any, Iterator, Literal
 
 
 from honelm import config as C
+from honelm import registry
 from honelm.errors import ConfigError, HonelmError, TrainingError
 from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
-NOT_SEARCHABLE = ("tokenizer", "generate", "chat")  # verbs that train nothing to select
 SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
 
 
@@ -139,9 +138,7 @@ class SearchSpec:
 
 def trainable_verbs() -> list[str]:
     """The verbs a search can run: those that train a model and select a checkpoint on validation."""
-    from honelm.cli import VERBS
-
-    return [v.name for v in VERBS.values() if v.module and v.name not in NOT_SEARCHABLE]
+    return registry.training_verbs()
 
 
 @dataclass
@@ -278,12 +275,8 @@ def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None
     return spec
 
 
-def stage_module(verb: str) -> tuple[Any, type]:
-    from honelm.cli import VERBS
-
-    v = VERBS[verb]
-    module = importlib.import_module(v.module)
-    return module, getattr(module, v.config)
+def config_class(verb: str) -> type:
+    return registry.config_class(verb)
 
 
 def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> list[str]:
@@ -298,17 +291,15 @@ def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> 
 
 
 def build_trial_config(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> Any:
-    from honelm.cli import find_config
-
-    _, cls = stage_module(spec.verb)
-    base = find_config(spec.verb, spec.config) if spec.config else None
+    cls = config_class(spec.verb)
+    base = registry.find_config(spec.verb, spec.config) if spec.config else None
     return C.build(cls, base, trial_overrides(spec, params, run_dir))
 
 
 def check_spec(spec: SearchSpec) -> None:
     """Before any trial: every key exists (did-you-mean), fixed settings don't fight the space, and the
     config builds at the corners of the space (types checked, `validate()` run)."""
-    _, cls = stage_module(spec.verb)
+    cls = config_class(spec.verb)
     known = C.all_keys(cls)
     for prm in spec.space:
         if prm.key not in known:
@@ -449,7 +440,6 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
 
     optuna = _optuna()
     late_stop_requested(clear=True)  # only a stop during this search ends it early
-    module, _ = stage_module(spec.verb)
     trials_dir = spec.out_dir / "trials"
     spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker
     with _Lock(spec.out_dir / ".lock") if not spec.storage else contextlib.nullcontext():
@@ -489,12 +479,9 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
                 return "pruned" if trial.should_prune() else None
 
             started = time.time()
-            from honelm.runtime import reset_peak_memory
-
-            reset_peak_memory()  # each trial's `end` event reports its own peak
             try:
                 with eval_hook(report):
-                    result = module.run(cfg, resume=None)
+                    result = registry.run_verb(spec.verb, cfg)
             except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
                 trial.set_user_attr("error", str(e)[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -619,7 +606,7 @@ def write_outputs(spec: SearchSpec, study: Any, plots: bool = False) -> dict[str
             "n_pruned": sum(r["state"] == "pruned" for r in rows), "n_failed": sum(r["state"] == "fail" for r in rows)}
     (out / "best.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     if (run_dir / "config.yaml").is_file():
-        _, cls = stage_module(spec.verb)
+        cls = config_class(spec.verb)
         cfg = C.build(cls, run_dir / "config.yaml")
         cfg.run.out_dir, cfg.run.name, cfg.run.overwrite = "", "", False  # a fresh run, never the trial's
         C.dump(cfg, out / "best.yaml", header=f"# honelm {spec.verb} --config {out / 'best.yaml'}\n"
@@ -695,9 +682,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     extra = dict(C.parse_overrides(args.settings))
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
-    from honelm.cli import find_config
-
-    spec = load_spec(find_config("search", args.file), raw_overrides, extra)
+    spec = load_spec(registry.find_config("search", args.file), raw_overrides, extra)
     best = run_search(spec)
     if best:
         print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "

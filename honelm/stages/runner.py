@@ -61,7 +61,7 @@ def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] =
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What a stage run returns (the CLI, a search trial and a pipeline read it)."""
     return {"run_dir": str(ctx.run_dir), "steps": result.steps, "reason": result.reason,
-            "best_step": result.best_step, **result.last_eval, **extra}
+            "best_step": result.best_step, **result.last_eval, **extra, "stop_requested": result.stop_requested}
 
 
 def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from honelm import config as C
-from honelm.cli import VERBS, config_help, find_config, main
+from honelm.cli import config_help, main
+from honelm.registry import VERBS, find_config
 from honelm.errors import ConfigError
 from honelm.pipeline import PipelineConfig
 from honelm.protocol.ablate import AblateConfig
