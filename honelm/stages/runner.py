@@ -10,7 +10,7 @@ on: the stage hooks are called where the stage modules used to do the same work 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from honelm import boosters
 from honelm import runtime as rt
@@ -54,8 +54,25 @@ def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] =
     save = plan.save_best or ctx.save_best
     result = fit(plan.model if plan.model is not None else loaded.model, objective, plan.stream, ctx.cfg.train,
                  ctx.runtime, ctx.run_dir, plan.evaluate, save, metric=plan.metric, resume=ctx.resume,
-                 tracker=ctx.tracker, frozen_models=plan.frozen_models)
+                 tracker=ctx.tracker, on_start=_on_start(plan.callbacks), frozen_models=plan.frozen_models)
     return plan, result
+
+
+def _on_start(callbacks: Sequence[Any]) -> Callable[[str], None] | None:
+    """TRANSITION (issue 17): the plan callbacks' `on_start(state)` as today's `fit(on_start=precision)`.
+
+    fit calls it on a fresh run only, so the state says `resumed=False`; removed when fit takes
+    callbacks itself.
+    """
+    starters = [cb for cb in callbacks if hasattr(cb, "on_start")]
+    if not starters:
+        return None
+
+    def on_start(precision: str) -> None:
+        for cb in starters:
+            cb.on_start(SimpleNamespace(precision=precision, resumed=False))
+
+    return on_start
 
 
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
