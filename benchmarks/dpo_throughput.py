@@ -16,10 +16,11 @@ without a reply token (honelm counts them in its log; TRL drops pairs whose prom
 
 Contenders, each in its own subprocess (peak RSS per contender, no shared allocator state):
 
-  honelm     `honelm.stages.dpo.run` (the `honelm dpo` verb itself) with `model.init_from` the saved
-             directory: a frozen copy as reference, sigmoid loss, β `--beta`, dropout off, length-
-             grouped batches, `train.precision=auto` (a measured fp32/bf16 probe); all pairs in
-             train (`data.split=1:0:0`), no validation, no checkpoints inside the timed span.
+  honelm     `honelm.stages.dpo.DPOStage` through `honelm.stages.runner.run_stage` (the `honelm dpo`
+             verb itself) with `model.init_from` the saved directory: a frozen copy as reference,
+             sigmoid loss, β `--beta`, dropout off, length-grouped batches, `train.precision=auto`
+             (a measured fp32/bf16 probe); all pairs in train (`data.split=1:0:0`), no validation,
+             no checkpoints inside the timed span.
   trl        `DPOTrainer` with `DPOConfig` defaults except what the work must share (batch, steps,
              lr, β, max_length) and what would write files or report (save_strategy="no",
              report_to="none"); its reference is loaded from the same directory.
@@ -124,7 +125,8 @@ def total_steps(args: argparse.Namespace) -> int:
 def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, tokens: list[int]) -> dict[str, Any]:
     from honelm import config as C
     from honelm.loop import BatchStream
-    from honelm.stages import dpo
+    from honelm.stages import dpo, preference
+    from honelm.stages.runner import run_stage
 
     class TimedStream(BatchStream):
         def next_step(self):  # type: ignore[no-untyped-def]
@@ -133,7 +135,7 @@ def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, tokens: l
             tokens.append(sum(int(b["attention_mask"].sum()) for b in batches))
             return batches
 
-    dpo.BatchStream = TimedStream  # the stage builds its stream from this name
+    preference.BatchStream = TimedStream  # the stage builds its stream from this name
     run_dir = Path(tempfile.mkdtemp(prefix="honelm_run_", dir=work))
     cfg = C.build(dpo.DPOConfig, overrides=[
         f"data.train={work / 'pairs.jsonl'}", "data.split=1:0:0", f"data.max_length={args.max_length}",
@@ -143,7 +145,7 @@ def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, tokens: l
         "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0", "train.log_every=1000",
         "train.progress=false", "train.tensorboard=false", f"train.threads={args.threads}",
         f"dpo.beta={args.beta}", f"run.seed={args.seed}", f"run.out_dir={run_dir}", "run.name=dpo"])
-    dpo.run(cfg)
+    run_stage(dpo.DPOStage(), cfg)
     events = [json.loads(x) for x in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
     precision = next((e["message"].removeprefix("precision: ") for e in events
                       if e["event"] == "info" and e.get("message", "").startswith("precision:")), "?")

@@ -128,6 +128,17 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
     return state, rng
 
 
+def checkpoint_precision(run_dir: Path) -> str:
+    """The precision ("bf16"/"fp32") a run's newest checkpoint (under run_dir/checkpoints) trained in."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {run_dir / 'checkpoints'}")
+    state = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("precision") not in ("bf16", "fp32"):
+        raise HonelmError(f"{found[-1] / 'trainer_state.json'}: no training precision recorded")
+    return state["precision"]
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on error it is removed."""

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from honelm import config as C
 from honelm import registry
 from honelm.errors import HonelmError
-from honelm.registry import VERBS, Verb, config_roots, find_config, presets
+from honelm.registry import VERBS, Verb, presets
 
 
 def config_help(verb: Verb, cls: type) -> str:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb.kind != "command":
             result = run_config_verb(verb, rest)
-            if isinstance(result, dict) and result.get("reason") == "interrupted":
+            if registry.exit_code(result):
                 return 130  # the checkpoint is written; the shell should still see an interrupted command
         else:
             registry.command(name)(rest)

@@ -4,6 +4,11 @@ Precedence: dataclass defaults < YAML file < command-line overrides. Every field
 with an attribute docstring (the string literal right below it), which `describe()` reads back
 from the source so `honelm <verb> --help` can print type, default and doc for every field.
 Unknown keys fail with a "did you mean" suggestion; values are checked against the annotations.
+
+The files of `honelm pipeline`, `search` and `ablate` are config dataclasses too, read by
+`from_mapping`: strict (no dotted paths: their `set` fields hold dotted keys as data), sections
+nest one, a list or a mapping of named ones deep, and errors name the file, the line where the
+section's YAML mapping starts (`LineLoader`) and the dotted field.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from honelm.errors import ConfigError
+from honelm.errors import ConfigError, HonelmError
 
 # --------------------------------------------------------------------------------------------
 # Sections shared by stages. Stage-specific sections live next to their stage in honelm/stages.
@@ -183,8 +188,13 @@ def type_name(tp: Any) -> str:
     if origin in (list, tuple):
         args = get_args(tp)
         return f"list[{type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        args = get_args(tp)
+        return f"dict[{type_name(args[0])}, {type_name(args[1])}]" if args else "dict"
     if tp is type(None):
         return "None"
+    if tp is Any:
+        return "Any"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -202,13 +212,16 @@ def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             hint = difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1)
             extra = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(str, choices))}{extra}")
+            shown = ", ".join(str(c) for c in choices if c != "")  # "" (= the default behaviour) reads as nothing
+            raise ConfigError(f"{key}: {raw!r} is not one of {shown}{extra}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args):
             if type(None) in args:
                 return None
+        if not isinstance(raw, str) and type(raw) in args:
+            return raw  # already one of the types: `int | float` keeps 4 and 4.0 apart (a search range's low)
         errors = []
         # Try non-str alternatives first so "3" becomes an int for `int | str`.
         for alt in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
@@ -226,6 +239,11 @@ def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
         if not isinstance(parsed, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {raw!r}")
         return [_parse_scalar(v, inner, f"{key}[{i}]") for i, v in enumerate(parsed)]
+    if origin is dict:
+        _, inner = get_args(tp) or (str, Any)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+        return {str(k): _parse_scalar(v, inner, f"{key}.{k}") for k, v in raw.items()}
     if tp is bool:
         if isinstance(raw, bool):
             return raw
@@ -274,7 +292,7 @@ def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {raw!r}")
         return "" if raw is None else str(raw)
     if tp is Any:
-        return raw
+        return _plain(raw)
     raise ConfigError(f"{key}: unsupported field type {type_name(tp)}")
 
 
@@ -286,8 +304,8 @@ HF_ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size"
               "early_stopping_patience": "patience", "model_name_or_path": "init_from", "seq_len": "block_size"}
 
 
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    """Suggest the closest full dotted key: a known alias, the whole key, then its last part."""
+def suggest(key: str, known: list[str]) -> str | None:
+    """The closest full dotted key to `key`: a known alias, the whole key, then its last part."""
     alias = HF_ALIASES.get(key.split(".")[-1])
     hint = [k for k in known if alias and k.split(".")[-1] == alias][:1]
     hint = hint or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -300,7 +318,12 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
             if close:
                 hint = [pool[close[0]]]
                 break
-    extra = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(known))}"
+    return hint[0] if hint else None
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    hint = suggest(key, known)
+    extra = f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown config key '{key}'{extra}")
 
 
@@ -310,8 +333,6 @@ def read_yaml(path: str | Path, what: str, loader: type = yaml.SafeLoader) -> An
     try:
         return yaml.load(p.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (SafeLoader or a subclass)
     except OSError as e:
-        from honelm.errors import HonelmError
-
         raise HonelmError(f"{p}: cannot read the {what}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
@@ -451,9 +472,160 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         else:
             value = getattr(defaults, f.name)
             rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), docs.get(f.name, "")))
+            item, mark = _item_section(tp)  # a spec file's list or mapping of sections: the fields of one
+            if item is not None:
+                rows.extend(describe(item, f"{prefix}{f.name}{mark}."))
     return rows
 
 
 def section(cls: type) -> Any:
     """`field(default_factory=cls)`: a nested section in a stage config."""
     return field(default_factory=cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Spec files (pipeline, search, ablate): strict mappings, nested sections, errors with file:line.
+# --------------------------------------------------------------------------------------------
+
+
+class YamlMapping(dict):
+    """A mapping read by `LineLoader`: a plain dict that also knows the line (1-based) it starts on."""
+
+    line: int = 0
+
+
+class LineLoader(yaml.SafeLoader):
+    """A safe YAML loader whose mappings are `YamlMapping`s, so that errors can point at a line."""
+
+
+def _mapping_with_line(loader: LineLoader, node: yaml.MappingNode) -> YamlMapping:
+    mapping = YamlMapping(loader.construct_mapping(node, deep=True))
+    mapping.line = node.start_mark.line + 1
+    return mapping
+
+
+LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
+
+
+def line_of(value: Any) -> int | None:
+    """The line a mapping read by `LineLoader` starts on; None for anything else."""
+    return value.line if isinstance(value, YamlMapping) else None
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every mapping inside a plain dict (yaml.safe_dump refuses a YamlMapping)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class FieldError(ConfigError):
+    """A `validate()` complaint about one field of a section that `from_mapping` read; it is
+    reported as `FILE[:LINE]: section.field: message`."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def from_mapping(cls: type, raw: Any, source: str | Path, key: str = "") -> Any:
+    """An instance of the dataclass `cls` from a mapping already read (a spec file, or a section of one).
+
+    Strict where `build` is lenient, since these files hold dotted config keys as data: every key
+    must be a field of `cls` (the unknown ones are listed, with a did-you-mean), values are checked
+    against the annotations, an empty value means the field's default, and a field may be a section,
+    a list of sections or a mapping of named sections, read the same way. Then `validate()` runs.
+    Errors name `source`, the line where a nested section's mapping starts (when LineLoader read it)
+    and the dotted field: `p.yaml:3: stages[0].verb: ...`. `key` is where `raw` sits in the file.
+    """
+    where = f"{source}:{line_of(raw)}" if key and line_of(raw) else str(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {key or 'the file'}: expected a mapping, got {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [str(k) for k in raw if str(k) not in names]
+    if unknown:
+        hints = [f"'{hint}'" for hint in (suggest(k, names) for k in unknown) if hint]
+        raise ConfigError(f"{where}: {key + ': ' if key else ''}unknown field(s) {', '.join(unknown)}"
+                          + (f"; did you mean {', '.join(hints)}?" if hints else "")
+                          + f" (fields: {', '.join(sorted(names))})")
+    cfg = cls()
+    hints_of = _hints(cls)
+    for name, value in raw.items():
+        if value is not None:  # `set:` with nothing after it: the default, as an absent key
+            setattr(cfg, str(name), _read_field(value, hints_of[str(name)], source, where, _dotted(key, str(name))))
+    _check(cfg, where, key)
+    return cfg
+
+
+def _dotted(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _item_section(tp: Any) -> tuple[type | None, str]:
+    """For `list[S]` or `dict[str, S]` with S a section: (S, how an item's keys are written); else (None, "")."""
+    args = get_args(tp)
+    if get_origin(tp) is list and args and _is_section(args[0]):
+        return args[0], "[]"
+    if get_origin(tp) is dict and len(args) == 2 and _is_section(args[1]):
+        return args[1], ".<key>"
+    return None, ""
+
+
+def _read_field(value: Any, tp: Any, source: str | Path, where: str, key: str) -> Any:
+    """One field's value: a section (or a list or mapping of them) through from_mapping, else parsed by type."""
+    if _is_section(tp):
+        return from_mapping(tp, _shorthand(tp, value, where, key), source, key)
+    item, _ = _item_section(tp)
+    if item is not None and get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        return [from_mapping(item, _shorthand(item, v, where, f"{key}[{i}]"), source, f"{key}[{i}]")
+                for i, v in enumerate(value)]
+    if item is not None:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return {str(k): from_mapping(item, _shorthand(item, v, where, f"{key}.{k}"), source, f"{key}.{k}")
+                for k, v in value.items()}
+    try:
+        return _parse_scalar(value, tp, key)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _shorthand(cls: type, value: Any, where: str, key: str) -> Any:
+    """A section written as one value → the mapping it stands for: nothing is the defaults, and a class
+    with `shorthand(value) -> dict` accepts its short form (a search range as its list of choices)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict) or not hasattr(cls, "shorthand"):
+        return value
+    try:
+        return cls.shorthand(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key}: {e}") from None
+
+
+def _check(cfg: Any, where: str, key: str) -> None:
+    """Run the section's `validate()`; its complaint is placed in the file like a type error."""
+    check = getattr(cfg, "validate", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except FieldError as e:
+        raise ConfigError(f"{where}: {_dotted(key, e.name)}: {e.message}") from None
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{where}: {key + ': ' if key else ''}{e}") from None
+
+
+def fields_help(cls: type, title: str) -> str:
+    """The `--help` listing of a spec file's fields: `key: type = default` with its doc below."""
+    lines = [title]
+    for key, tp, default, doc in describe(cls):
+        lines.append(f"  {key}: {tp} = {default}")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)

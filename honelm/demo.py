@@ -20,6 +20,8 @@ import random
 import time
 from pathlib import Path
 
+from honelm import registry
+
 SUBJECTS = ["the film", "this movie", "the story", "the acting", "the soundtrack", "the ending", "the director's new work",
             "the cast", "the script", "the second half", "this documentary", "the sequel", "the camera work", "the dialogue"]
 POSITIVE = ["wonderful", "moving", "brilliant", "charming", "gripping", "delightful", "superb", "clever", "beautiful",
@@ -189,20 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
     step("report", f"{out}/pretrain/{stamp}")
     step("generate", f"{out}/pretrain/{stamp}", "prompt=the film was", "sampling.max_new_tokens=16",
          "sampling.temperature=0.8", "num_samples=2")
-    from honelm.cli import find_config
-
     pretrained = f"{out}/pretrain/{stamp}"
     reports = [f"{out}/classify/{stamp}-*/report.html", f"{pretrained}/report.html"]
     if args.trials:  # choose lr and batch size on validation; the test split is sealed meanwhile
         search_dir = f"{out}/search/{stamp}"
-        step("search", str(find_config("search", "demo")), "--out-dir", search_dir, "--n-trials", str(args.trials),
+        step("search", str(registry.find_config("search", "demo")), "--out-dir", search_dir, "--n-trials", str(args.trials),
              f"data.train={labelled}", f"model.init_from={pretrained}")
         step("test", search_dir)
         step("report", search_dir)
         reports.append(f"{search_dir}/report.html")
     if args.seeds:  # baseline vs +LoRA vs +FGM, each seed tested once, paired-bootstrap intervals
         ablate_dir = f"{out}/ablate/{stamp}"
-        step("ablate", str(find_config("ablate", "demo")), "--out-dir", ablate_dir, "--var", f"data={out}/data",
+        step("ablate", str(registry.find_config("ablate", "demo")), "--out-dir", ablate_dir, "--var", f"data={out}/data",
              "--var", f"pretrained={pretrained}", "--seeds", str(args.seeds))
         reports.append(f"{ablate_dir}/report.html")
     print(f"\ndemo finished in {time.time() - t0:.0f} s; test accuracy (read once per run):")

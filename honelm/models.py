@@ -457,3 +457,22 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     if model_kind(config) == "encoder":
         n_matmul += d * d  # MLM head transform before the vocabulary projection
     return float(6 * n_matmul + 12 * n_layers * attn_width * seq_len)
+
+
+def kind_of_dir(path: str | Path, trust_remote_code: bool = False) -> str:
+    """encoder | decoder of a model directory, hub id, or LoRA adapter directory (its base decides).
+
+    Reads the config only (no weights), so a stage can choose its task, tokenizer kind and
+    objective before the model is loaded.
+    """
+    source: str | Path = path
+    local = Path(path)
+    if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
+        from honelm.boosters.lora import adapter_info  # lazy, as in load_model: adapter handling lives there
+
+        source = adapter_info(path)["base_model_name_or_path"]
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except Exception as err:  # hub/IO errors come in many types; all mean "could not get it"
+        raise HonelmError(f"could not read the model config of {path}: {err}") from err
+    return model_kind(config)

@@ -16,7 +16,10 @@
         args: [--data-only, --out, "${vars.data}"]
         output: "${vars.data}"           # what ${data} stands for (optional)
 
-Each stage runs through the real CLI (`honelm.cli.main`), exactly as `honelm VERB ...` would.
+The file is read as `PipelineConfig` (each stage a `PipelineStageConfig`) by honelm.config's
+`from_mapping`; `honelm pipeline --help` lists every field.
+
+Each stage runs in this process through the registry and the runner, exactly as `honelm VERB ...` would.
 Stages that write a run directory get `run.out_dir=OUT_DIR run.name=NAME`.
 
 Resuming: run the same file again. A run stage is FINISHED when its run directory's
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import re
 import sys
@@ -47,32 +51,66 @@ from typing import Any
 import yaml
 
 from honelm import config as C
+from honelm import registry
+from honelm.registry import VERBS
 from honelm.errors import ConfigError, HonelmError
 
 REF = re.compile(r"\$\{([^}]*)\}")
 NOT_IN_PIPELINES = ("pipeline", "chat")  # recursion; interactive
-KEYS = {"name", "verb", "config", "set", "args", "output"}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a stage's name names its run directory
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A safe YAML loader that records each mapping's line (1-based) under the key `__line__`."""
+@dataclass
+class PipelineStageConfig:
+    """One stage of a pipeline file, as the file gives it."""
+
+    verb: str = ""
+    """The honelm verb to run: one that writes a run directory (tokenizer, pretrain, sft, ...) or a command
+    (demo, export, test, ...)."""
+    name: str = ""
+    """The stage's name, unique in the file: its run is OUT_DIR/NAME and ${NAME} stands for it in later stages;
+    empty = the verb."""
+    config: str = ""
+    """The verb's preset name or YAML path (its --config); empty = the verb's defaults."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the verb's config: dotted keys or nested mappings, ${...} allowed in values."""
+    args: list[str] = field(default_factory=list)
+    """Command line of a command verb (honelm VERB ARGS...); for a run verb, extra key=value arguments (or its
+    positional one) before those of `set`."""
+    output: str = ""
+    """What ${NAME} stands for when the stage is a command (it has no run directory), e.g. the directory it
+    writes."""
+
+    def validate(self) -> None:
+        if self.verb not in VERBS:
+            hint = difflib.get_close_matches(self.verb, list(VERBS), n=1)
+            raise C.FieldError("verb", f"{self.verb!r} is not a honelm verb"
+                               + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        if self.verb in NOT_IN_PIPELINES:
+            raise C.FieldError("verb", f"'{self.verb}' cannot run inside a pipeline")
+        if not NAME.fullmatch(self.name or self.verb):
+            raise C.FieldError("name", f"{self.name or self.verb!r} must be letters, digits, '-', '_' or '.' "
+                                       "(it names a directory)")
+        if not registry.has_config(self.verb) and (self.set or self.config):
+            raise ConfigError(f"'{self.verb}' takes no config; give its command line as 'args'")
 
 
-def _mapping_with_line(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    mapping = loader.construct_mapping(node, deep=True)
-    mapping["__line__"] = node.start_mark.line + 1
-    return mapping
+@dataclass
+class PipelineConfig:
+    """A pipeline file (configs/pipeline/*.yaml): where the runs go, named values, and the stages in order."""
 
+    out_dir: str = ""
+    """Directory that holds every stage's run (OUT_DIR/NAME); ${out_dir} stands for it. Required."""
+    vars: dict[str, str] = field(default_factory=dict)
+    """Named values, used as ${vars.NAME} in a stage's config, set, args or output."""
+    stages: list[PipelineStageConfig] = field(default_factory=list)
+    """The stages, run in this order; a stage can name only stages before it. At least one."""
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
-
-
-def _strip_lines(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_lines(v) for k, v in value.items() if k != "__line__"}
-    if isinstance(value, list):
-        return [_strip_lines(v) for v in value]
-    return value
+    def validate(self) -> None:
+        if not self.out_dir.strip():
+            raise C.FieldError("out_dir", "missing (the directory that holds every stage's run)")
+        if not self.stages:
+            raise C.FieldError("stages", "must be a non-empty list")
 
 
 @dataclass
@@ -102,58 +140,20 @@ def _where(pipe_path: Path, line: int | None) -> str:
 
 def load(path: str | Path) -> Pipeline:
     """Parse and check the pipeline file (structure, names, verbs); errors name file, line and field."""
-    from honelm.cli import VERBS
-
     p = Path(path)
-    raw = C.read_yaml(p, "pipeline file", _LineLoader)
+    raw = C.read_yaml(p, "pipeline file", C.LineLoader)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a pipeline file is a mapping with out_dir and stages")
-    unknown = sorted(set(raw) - {"out_dir", "vars", "stages", "__line__"})
-    if unknown:
-        raise ConfigError(f"{p}: unknown top-level key(s) {', '.join(unknown)} (expected out_dir, vars, stages)")
-    if not isinstance(raw.get("out_dir"), str) or not raw["out_dir"].strip():
-        raise ConfigError(f"{p}: field 'out_dir' is missing (the directory that holds every stage's run)")
-    variables = _strip_lines(raw.get("vars") or {})
-    if not isinstance(variables, dict) or not all(isinstance(v, (str, int, float)) for v in variables.values()):
-        raise ConfigError(f"{_where(p, raw.get('vars', {}).get('__line__') if isinstance(raw.get('vars'), dict) else None)}"
-                          ": field 'vars' must map names to strings or numbers")
-    stages_raw = raw.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
-        raise ConfigError(f"{p}: field 'stages' must be a non-empty list")
+    cfg = C.from_mapping(PipelineConfig, raw, p)
     stages: list[Stage] = []
-    for i, item in enumerate(stages_raw):
-        line = item.get("__line__") if isinstance(item, dict) else None
-        where = f"{_where(p, line)}: stages[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: each stage is a mapping with at least 'verb'")
-        bad = sorted(set(item) - KEYS - {"__line__"})
-        if bad:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(bad)} (a stage has {', '.join(sorted(KEYS))})")
-        verb = item.get("verb")
-        if verb not in VERBS:
-            import difflib
-
-            hint = difflib.get_close_matches(str(verb), list(VERBS), n=1)
-            raise ConfigError(f"{where}.verb: {verb!r} is not a honelm verb" + (f"; did you mean '{hint[0]}'?" if hint else ""))
-        if verb in NOT_IN_PIPELINES:
-            raise ConfigError(f"{where}.verb: '{verb}' cannot run inside a pipeline")
-        name = str(item.get("name") or verb)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ConfigError(f"{where}.name: {name!r} must be letters, digits, '-', '_' or '.' (it names a directory)")
+    for i, (entry, item) in enumerate(zip(cfg.stages, raw["stages"])):
+        line = C.line_of(item)
+        name = entry.name or entry.verb
         if any(s.name == name for s in stages):
-            raise ConfigError(f"{where}.name: '{name}' is used by an earlier stage; give this one a 'name'")
-        settings = item.get("set") or {}
-        if not isinstance(settings, dict):
-            raise ConfigError(f"{where}.set: must be a mapping of config keys to values")
-        args = item.get("args") or []
-        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
-            raise ConfigError(f"{where}.args: must be a list of strings")
-        stage = Stage(name, verb, line or 0, str(item.get("config") or ""), _strip_lines(settings),
-                      [str(a) for a in args], str(item.get("output") or ""))
-        if VERBS[verb].module == "" and (stage.set or stage.config):
-            raise ConfigError(f"{where}: '{verb}' takes no config; give its command line as 'args'")
-        stages.append(stage)
-    return Pipeline(p, Path(raw["out_dir"]), {str(k): str(v) for k, v in variables.items()}, stages)
+            raise ConfigError(f"{_where(p, line)}: stages[{i}].name: '{name}' is used by an earlier stage; "
+                              "give this one a 'name'")
+        stages.append(Stage(name, entry.verb, line or 0, entry.config, entry.set, entry.args, entry.output))
+    return Pipeline(p, Path(cfg.out_dir), cfg.vars, stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,15 +188,9 @@ def run_dir_of(pipe: Pipeline, stage: Stage) -> Path:
 
 def has_run_dir(verb: str) -> bool:
     """Whether the verb's config has a `run` section (so it writes OUT_DIR/NAME)."""
-    from honelm.cli import VERBS
-
-    v = VERBS[verb]
-    if not v.module:
+    if not registry.has_config(verb):
         return False
-    import importlib
-
-    cls = getattr(importlib.import_module(v.module), v.config)
-    return any(f.name == "run" for f in dataclasses.fields(cls))
+    return any(f.name == "run" for f in dataclasses.fields(registry.config_class(verb)))
 
 
 def resolve(pipe: Pipeline, index: int, text: str, what: str) -> str:
@@ -244,8 +238,6 @@ class Planned:
 
 def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
     """The config `honelm VERB ARGV...` would run with (the CLI's own rules: --config, a positional, key=value)."""
-    from honelm.cli import find_config
-
     config_path, overrides = None, []
     it = iter(argv)
     for arg in it:
@@ -257,20 +249,16 @@ def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
             overrides.append(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r} (give settings under 'set')")
-    return C.build(cls, find_config(verb.name, config_path) if config_path else None, overrides)
+    return C.build(cls, registry.find_config(verb.name, config_path) if config_path else None, overrides)
 
 
 def plan(pipe: Pipeline) -> list[Planned]:
     """Every stage's command line and config, built (and validated) before anything runs."""
-    import importlib
-
-    from honelm.cli import VERBS
-
     out: list[Planned] = []
     for i, stage in enumerate(pipe.stages):
         verb = VERBS[stage.verb]
         args = [resolve(pipe, i, a, "args") for a in stage.args]
-        if not verb.module:
+        if not registry.has_config(stage.verb):
             out.append(Planned(stage, [stage.verb, *args]))
             continue
         argv = (["--config", resolve(pipe, i, stage.config, "config")] if stage.config else []) + args
@@ -279,7 +267,7 @@ def plan(pipe: Pipeline) -> list[Planned]:
         if has_run_dir(stage.verb):
             run_dir = run_dir_of(pipe, stage)
             argv += [f"run.out_dir={pipe.out_dir}", f"run.name={stage.name}"]
-        cls = getattr(importlib.import_module(verb.module), verb.config)
+        cls = registry.config_class(stage.verb)
         try:
             built = _build_config(cls, verb, argv)
         except HonelmError as e:
@@ -415,6 +403,34 @@ def command_for(planned: Planned) -> list[str]:
     return planned.argv
 
 
+def run_planned(planned: Planned) -> int:
+    """Run one stage in this process through the registry, as `honelm VERB ...` would; its exit code.
+
+    Failures print the CLI's own line (`honelm VERB: error: ...`); 130 means interrupted (its
+    checkpoint saved) or a stop that came as the finished run saved itself.
+    """
+    verb = planned.stage.verb
+    try:
+        if planned.config is None:  # a command: test, export, report
+            registry.command(verb)(planned.argv[1:])
+            return 0
+        cfg, resume = planned.config, None
+        if planned.status == "resume":
+            assert planned.run_dir is not None and planned.config_cls is not None
+            cfg, resume = C.build(planned.config_cls, planned.run_dir / "config.yaml"), str(planned.run_dir)
+        elif planned.status == "restart":
+            assert planned.config_cls is not None
+            cfg = _build_config(planned.config_cls, registry.verb(verb), planned.argv[1:] + ["run.overwrite=true"])
+        result = registry.run_verb(verb, cfg, resume=resume)
+    except HonelmError as e:
+        print(f"honelm {verb}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"honelm {verb}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return registry.exit_code(result)
+
+
 def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
     """Run (or, dry, only show) every stage that is not finished; returns one summary row per stage."""
     return execute(load(path), dry_run)
@@ -423,8 +439,6 @@ def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]
 def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict[str, Any]]:
     """Run the stages of `pipe` that are not finished (see the module docstring); `again` is the
     command that continues it after an interruption (default: `honelm pipeline FILE`)."""
-    from honelm.cli import main as cli
-
     again = again or f"honelm pipeline {pipe.path}"
     steps = plan(pipe)
     summary: list[dict[str, Any]] = []
@@ -448,7 +462,7 @@ def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict
         started = time.time()
         if planned.run_dir is None:
             _marker(pipe, stage).unlink(missing_ok=True)
-        code = cli(words)
+        code = run_planned(planned)
         row["time_s"] = round(time.time() - started, 1)
         if code != 0:
             how = "was interrupted" if code == 130 else f"failed (exit {code})"
@@ -477,7 +491,9 @@ def _quote(word: str) -> str:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="honelm pipeline", description="Run the stages of a pipeline YAML in order "
-                                "(see configs/pipeline/); finished stages are skipped, interrupted ones resume.")
+                                "(see configs/pipeline/); finished stages are skipped, interrupted ones resume.",
+                                epilog=C.fields_help(PipelineConfig, "fields of the file (key: type = default   doc):"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
     p.add_argument("--dry-run", action="store_true", help="show what would run (and check every config) without running")
     args = p.parse_args(argv)

@@ -28,15 +28,18 @@ class Verb:
     name: str
     summary: str
     kind: Literal["stage", "config", "command"]
-    target: str
-    """stage: "module:StageClass"; config: "module:ConfigClass" (the module has run(cfg, resume)); command: "module:main"."""
+    target: str | Any
+    """stage: "module:StageClass"; config: "module:ConfigClass" (the module has run(cfg, resume)); command: "module:main".
+    A registered plug-in may give the object itself instead of its "module:attribute" name."""
     positional: str = ""
     """Config verbs: the field a bare first argument fills (`honelm generate RUN`)."""
 
     @property
     def module(self) -> str:
         """The module that defines a stage's or config verb's config class ("" for a command)."""
-        return "" if self.kind == "command" else self.target.split(":")[0]
+        if self.kind == "command":
+            return ""
+        return self.target.split(":")[0] if isinstance(self.target, str) else self.target.__module__
 
     @property
     def config(self) -> str:
@@ -85,7 +88,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
 RUNNER = "honelm.stages.runner:run_stage"
 
 
-def _resolve(target: str) -> Any:
+def _resolve(target: str | Any) -> Any:
+    if not isinstance(target, str):
+        return target
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -97,8 +102,21 @@ _LEGACY_CONFIG = {"adapt": "AdaptConfig", "classify": "ClassifyConfig", "sft": "
 
 
 def _ported(v: Verb) -> bool:
+    if not isinstance(v.target, str):
+        return True
     module, attr = v.target.split(":")
     return hasattr(importlib.import_module(module), attr)
+
+
+def register(entry: Verb) -> None:
+    """Add a verb (a plug-in stage, say) to the registry; its name must be new."""
+    if entry.name in VERBS:
+        raise HonelmError(f"verb '{entry.name}' is already registered")
+    VERBS[entry.name] = entry
+
+
+def unregister(name: str) -> None:
+    VERBS.pop(name, None)
 
 
 def verb(name: str) -> Verb:
@@ -148,7 +166,17 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
     v = verb(name)
     if v.kind == "stage" and _ported(v):
         return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
-    return importlib.import_module(v.target.split(":")[0]).run(cfg, resume=resume)
+    if v.kind == "stage":  # TRANSITION: the runner resets it for ported stages
+        _resolve("honelm.runtime:reset_peak_memory")()
+    return importlib.import_module(v.module).run(cfg, resume=resume)
+
+
+def exit_code(result: Any) -> int:
+    """The exit status of a verb that returned `result`: 130 when its run was interrupted (the checkpoint saved)
+    or a stop came as the finished run saved itself (nothing after it should start), else 0."""
+    if isinstance(result, dict) and (result.get("reason") == "interrupted" or result.get("stop_requested")):
+        return 130
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ This module owns:
   plus offsets (a Python list of lists costs ~30x the memory), whose `collate` pads a
   micro-batch and masks it afresh every time it is called: dynamic masking, so 100 TAPT epochs
   see 100 different masks (METHODS.md 2.4, failure mode 1).
-* `pack_mlm` / `documents_mlm`: the two ways text becomes rows (see their docstrings).
+* `pack_mlm` / `documents_mlm`: the two ways text becomes rows (see their docstrings);
+  `lm_rows` picks one of them, or packed causal-LM blocks for a decoder.
 
 Randomness: `collate` draws one seed per micro-batch from torch's GLOBAL generator and masks
 with a private generator seeded by (that draw, rank). The loop seeds the global generator and
@@ -27,7 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
-from honelm.data.packing import token_stream
+from honelm.data.packing import PackedBlocks, pack, token_stream
+from honelm.errors import ConfigError
 
 IGNORE = -100
 
@@ -197,3 +199,28 @@ def documents_mlm(tokenizer: Any, texts: Sequence[str], block_size: int, prob: f
     flat, offsets = _rows(rows)
     return MLMRows(flat, offsets, prob=prob, truncated=truncated, n_documents=len(texts), **_mlm_specials(tokenizer))
 
+
+
+def check_mlm_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """Refuse a tokenizer masked LM cannot use: no mask/CLS token, or more ids than the model's `vocab_size`."""
+    if tokenizer.mask_token_id is None or tokenizer.cls_token_id is None:
+        raise ConfigError("masked LM needs a tokenizer with mask, CLS and SEP tokens (a WordPiece/BERT-style "
+                          "tokenizer); this one has none: use the checkpoint's own tokenizer")
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}: "
+                          "use the checkpoint's own tokenizer")
+
+
+def lm_rows(tokenizer: Any, texts: Sequence[str], block_size: int, kind: str, packed: bool, prob: float = 0.15,
+            rank: int = 0) -> MLMRows | PackedBlocks:
+    """The rows a language model of `kind` trains or is scored on.
+
+    A decoder: packed causal-LM blocks (`honelm.data.packing.pack`). An encoder: MLM rows, packed
+    (`pack_mlm`) or one document per row (`documents_mlm`), whose dynamic masks add `rank` to
+    their seed (see the module docstring).
+    """
+    if kind == "decoder":
+        return pack(tokenizer, texts, block_size)
+    rows = (pack_mlm if packed else documents_mlm)(tokenizer, texts, block_size, prob)
+    rows.rank = rank
+    return rows

@@ -36,7 +36,9 @@ import torch
 
 from honelm.data.chat import IGNORE, Preference, encode_prompt_reply, preference_of
 from honelm.data.readers import Document, read_rows
-from honelm.errors import DataError, HonelmError
+from honelm.data.sources import say_split
+from honelm.data.splits import content_hash, make_splits, parse_ratios
+from honelm.errors import ConfigError, DataError, HonelmError
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,9 +96,6 @@ def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     `honelm test`, which has already opened that file.
     """
     margin_field = getattr(data, "margin_field", "")
-    from honelm.data.splits import content_hash, make_splits, parse_ratios
-    from honelm.errors import ConfigError
-    from honelm.stages.setup import _say_split
 
     if not data.train:
         raise ConfigError("data.train is empty: give a JSONL/JSON file of preference pairs "
@@ -114,7 +113,7 @@ def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     test_prompts = set(splits.manifest.get("example_hashes", {}).get("test") or [])
     if test_prompts and not data.test:  # a ratio test share: the rows whose prompt hash is listed
         hashes["test_pairs"] = _combined(r.full_hash for r in pairs if content_hash(r) in test_prompts)
-    _say_split(splits.manifest, say)
+    say_split(splits.manifest, say)
     return splits
 
 

@@ -3,6 +3,7 @@
 This module owns:
 - `ChatDocument`: a conversation carried through `make_splits` (its `text`, a plain rendering of
   the roles and contents, is the row's identity for hashing and duplicate search);
+- `split_conversations`: the chat files of a data config read and split into ChatDocuments;
 - `encode_conversations`: `honelm.data.chat.encode_chat` over a split, counting the rows that
   were truncated and listing (file, line) of the rows dropped because truncation left them no
   target token (a row with no target would add 0/0 to the loss; it is never trained silently);
@@ -11,7 +12,7 @@ This module owns:
 - `pack_examples` / `PackedExamples.collate`: several examples per row, chosen by best-fit
   decreasing; `position_ids` restart at 0 for every example and no attention mask is passed, so
   transformers' mask builder (`find_packed_sequence_indices`) makes a block-diagonal causal mask:
-  no token attends to another example.
+  no token attends to another example; `check_packing` proves that on the loaded model.
 
 In both layouts the first token of every example has label -100: it would be predicted from the
 previous example's last token in a packed row, and is never predicted in a padded row, so the
@@ -26,8 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
-from honelm.data.chat import IGNORE, Conversation, Messages, encode_chat
+from honelm.data.chat import IGNORE, Conversation, Messages, encode_chat, read_conversations
 from honelm.data.readers import Document
+from honelm.data.splits import Splits, make_splits, parse_ratios
+from honelm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,26 @@ def template_texts(messages_list: Sequence[Messages]) -> list[str]:
     The role headers then become ordinary merges of the new vocabulary.
     """
     return ["".join(f"<|{m['role']}|>\n{m['content']}" for m in msgs) for msgs in messages_list]
+
+
+def split_conversations(data: Any, leak_texts: list[str] | None = None) -> Splits:
+    """Conversations split like documents (by content, seeded); each row a ChatDocument.
+
+    `data` is a chat data config (`SplitDataConfig` fields and `format`); `leak_texts` (a user
+    test file's identity texts) is passed only by `honelm test`.
+    """
+    if not data.train:
+        raise ConfigError("data.train is empty: give a JSONL/JSON/CSV/TSV/Parquet file of conversations "
+                          "(alpaca, prompt_completion, messages or sharegpt rows)")
+
+    def read(spec: str) -> list[ChatDocument]:
+        return [as_document(c) for c in read_conversations(spec.split(","), data.format)]
+
+    val = read(data.val) if data.val else None
+    return make_splits(read(data.train), ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
+                       load_test=(lambda: read(data.test)) if data.test else None,
+                       test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
+                       near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,3 +236,30 @@ class PackedExamples:
 
 def pack_examples(examples: SFTExamples, capacity: int) -> PackedExamples:
     return PackedExamples(examples, best_fit_decreasing(examples.lengths, capacity), capacity)
+
+
+def check_packing(model: torch.nn.Module, examples: SFTExamples) -> None:
+    """Refuse packing for a model whose attention crosses packed examples.
+
+    Boundaries reach the attention only through position_ids (transformers builds the block-
+    diagonal mask from them when no attention mask is given); an architecture that builds its
+    mask otherwise (custom code, linear attention) would silently mix examples. Two training
+    examples are run alone and packed; the second one's logits must not change.
+    """
+    if len(examples) < 2:
+        return
+    a, b = examples.ids[0][:16], examples.ids[1][:16]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0]
+            positions = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device)
+            packed = model(input_ids=torch.tensor([a + b], device=device), position_ids=positions,
+                           use_cache=False).logits[0, len(a):]
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
+        raise ConfigError(f"data.packing: {type(model).__name__} attends across packed examples (its attention "
+                          "does not build the mask from position_ids); set data.packing=false")

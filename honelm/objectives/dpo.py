@@ -28,7 +28,8 @@ logps/chosen, logps/rejected.
 The reference, in the order `DPO.reference_logps` tries them: log-probs stored in the batch
 (`ref_logps`, precomputed once before training), a separate frozen model, or, for a LoRA policy,
 the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
-model LoRA was applied to.
+model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
+the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set.
 """
 
 from __future__ import annotations
@@ -127,3 +128,39 @@ class DPO(Objective):
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0)) // 2
+
+
+def evaluate_pairs(model: nn.Module, data: Any, objective: DPO, batch_size: int, device: torch.device,
+                   prefix: str) -> dict[str, float]:
+    """Mean loss and every DPO metric over the pairs of `data` (`honelm.data.preferences.EncodedPairs`),
+    in length-sorted batches (sums over pairs / pairs)."""
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    total, sums = 0.0, {}
+    for start in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in data.collate(order[start:start + batch_size]).items()}
+        loss = objective(model, batch)
+        total += float(loss.value)
+        for k, v in loss.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(len(data), 1)
+    return {f"{prefix}_loss": total / n, **{f"{prefix}_{k}": v / n for k, v in sums.items()}}
+
+
+def precompute_reference(model: nn.Module, splits: list[Any], batch_size: int, device: torch.device,
+                         autocast: Any) -> None:
+    """Store the model's summed completion log-probs of every pair of each `EncodedPairs` in `splits` as its
+    `ref_logps` (N, 2) [chosen, rejected], computed under `autocast`."""
+    was_training = model.training
+    model.to(device).eval()
+    with torch.no_grad():
+        for data in splits:
+            out = torch.empty(len(data), 2)
+            order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in data.collate(idx).items()}
+                with autocast():
+                    logps = sequence_logps(model, batch, right_padded=True)[0].float().cpu()  # (2P,)
+                out[idx, 0], out[idx, 1] = logps.chunk(2)
+            data.ref_logps = out
+    model.train(was_training)

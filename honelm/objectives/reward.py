@@ -15,6 +15,7 @@ Metrics (sums over pairs, logged divided by the pair count): `accuracy` counts r
 (strict: a tie counts as wrong), `margin` sums r_c - r_r, `reward_mean` sums (r_c + r_r)/2,
 `reward_chosen` / `reward_rejected` sum r_c / r_r. Spread and extremes (std, min, max) are not
 sums, so they are reported by validation and `honelm test` (`reward_stats`), not per step.
+`evaluate_pairs` scores a whole evaluation set of pairs (`score_pairs`, in length-sorted batches).
 """
 
 from __future__ import annotations
@@ -82,3 +83,31 @@ class RewardModel(Objective):
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0)) // 2
+
+
+def score_pairs(model: nn.Module, data: Any, batch_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_c, r_r), each (N,) on CPU in pair order, over `data` (`honelm.data.preferences.EncodedPairs`)
+    in length-sorted batches."""
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    chosen, rejected = torch.empty(len(data)), torch.empty(len(data))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(idx).items()}
+        r_c, r_r = RewardModel.scores(model, batch)
+        chosen[idx], rejected[idx] = r_c.cpu(), r_r.cpu()
+    return chosen, rejected
+
+
+def scored_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
+                   center_coef: float, prefix: str) -> dict[str, float]:
+    """Loss (the training objective's mean) and `reward_stats` of an evaluation set's scores."""
+    loss = float(bradley_terry(r_chosen, r_rejected, margins, center_coef).double().mean())
+    return {f"{prefix}_loss": loss, **reward_stats(r_chosen, r_rejected, prefix)}
+
+
+def evaluate_pairs(model: nn.Module, data: Any, batch_size: int, device: torch.device, prefix: str,
+                   center_coef: float = 0.0) -> dict[str, float]:
+    """Loss, accuracy, margin and reward mean/std/min/max of `model` over the pairs of `data`."""
+    r_c, r_r = score_pairs(model, data, batch_size, device)
+    return scored_metrics(r_c, r_r, data.margins, center_coef, prefix)

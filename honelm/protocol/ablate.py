@@ -39,6 +39,9 @@ every test metric; the paired-bootstrap interval of the difference from baseline
 (honelm.protocol.stats) and its verdict; cost per variant (train time of all its stages, peak
 memory, trainable parameters of the tested stage).
 
+The file is read as `AblateConfig` (its sections `AblateStageConfig` and `VariantConfig`) by
+honelm.config's `from_mapping`; `honelm ablate --help` lists every field.
+
 Resumable: a finished cell (cell.json) is never recomputed; an unfinished one continues through
 its pipeline (finished stages skipped, interrupted ones resumed). A cell whose planned configs no
 longer match what the file asks for is an error naming it.
@@ -47,7 +50,6 @@ longer match what the file asks for is an error naming it.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import hashlib
 import json
@@ -59,21 +61,97 @@ from typing import Any
 
 
 from honelm import config as C
+from honelm import registry
 from honelm.errors import ConfigError, HonelmError
+from honelm.pipeline import Pipeline, PipelineStageConfig, Stage, _flatten, has_run_dir, plan
+from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
 from honelm.protocol import stats
 
-KEYS = {"out_dir", "seeds", "metric", "bootstrap", "confidence", "vars", "stages", "search", "variants"}
-VARIANT_KEYS = {"set", "before", "combine"}
 BASELINE = "baseline"
 ABLATION_FILE = "ablation.json"  # marks an ablation directory
 AGAIN = "honelm ablate FILE (the same command)"  # how to continue after an interruption
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # it names a directory
+
+
+@dataclass
+class AblateStageConfig(PipelineStageConfig):
+    """A pipeline stage of an ablation file (the baseline's stages, a variant's before-stages)."""
+
+    shared: bool = False
+    """Only for a variant's before-stage: run it once, at the first seed, in OUT_DIR/shared/VARIANT, and start
+    every seed's cell from it."""
+
+
+@dataclass
+class VariantConfig:
+    """One variant of an ablation: settings of the tested stage, stages run before the baseline's, or a combination."""
+
+    set: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the tested (last) stage's config: dotted keys or nested mappings."""
+    before: list[AblateStageConfig] = field(default_factory=list)
+    """Pipeline stages that run before the baseline's (a DAPT or TAPT run, say); ${NAME} in `set` names them."""
+    combine: list[str] = field(default_factory=list)
+    """Two or more variants defined above it, whose settings and before-stages this one joins (then nothing else)."""
+
+    def validate(self) -> None:
+        if self.combine and (len(self.combine) < 2 or self.set or self.before):
+            raise C.FieldError("combine", "list two or more variants defined above (and nothing else)")
+
+
+@dataclass
+class AblateConfig:
+    """An ablation file (configs/ablate/*.yaml): the baseline's stages, the variants, the seeds and the statistics."""
+
+    out_dir: str = ""
+    """Directory of the cells, shared runs and results (--out-dir overrides it). Required."""
+    seeds: int | list[int] = 3
+    """Seeds of every variant: a count N (seeds 0..N-1) or a list of distinct integers (--seeds N)."""
+    metric: str = "accuracy"
+    """Test metric of the interval and verdict: accuracy, macro_f1, mse or pearson."""
+    bootstrap: int = 2000
+    """Paired-bootstrap resamples of the interval (at least 100)."""
+    confidence: float = 0.95
+    """Confidence level of the interval, in [0.5, 1)."""
+    vars: dict[str, str] = field(default_factory=dict)
+    """Named values, ${vars.NAME} in the stages as in a pipeline file (--var NAME=VALUE sets one)."""
+    stages: list[AblateStageConfig] = field(default_factory=list)
+    """The baseline, as pipeline stages; the LAST one is the tested stage. At least one."""
+    search: dict[str, Any] | None = None
+    """A search every variant runs first, on validation at the first seed: a search file's fields (space, metric,
+    n_trials, sampler, ...) without verb, config, set and out_dir; none = fixed hyperparameters."""
+    variants: dict[str, VariantConfig] = field(default_factory=dict)
+    """Variants by name, each compared with the baseline (always there, named baseline)."""
+
+    def validate(self) -> None:
+        if not self.out_dir.strip():
+            raise C.FieldError("out_dir", "missing")
+        count = isinstance(self.seeds, int) and self.seeds > 0
+        listed = isinstance(self.seeds, list) and len(set(self.seeds)) == len(self.seeds) > 0
+        if not (count or listed):
+            raise C.FieldError("seeds", "must be a positive count or a list of distinct integers")
+        if self.metric not in stats.METRICS:
+            raise C.FieldError("metric", f"{self.metric!r} is not one of {', '.join(stats.METRICS)}")
+        if not self.stages:
+            raise C.FieldError("stages", "must be a non-empty list of pipeline stages (the last one is tested)")
+        if any(stage.shared for stage in self.stages):
+            raise C.FieldError("stages", "only a variant's before-stages can be shared")
+        for name in self.variants:
+            if name == BASELINE:
+                raise C.FieldError(f"variants.{name}", "the baseline is the file's stages; name the variant otherwise")
+            if not VARIANT_NAME.fullmatch(name):
+                raise C.FieldError(f"variants.{name}", "a variant name is letters, digits, '+', '-', '_' or '.' "
+                                   "(it names a directory)")
+        if self.bootstrap < 100:
+            raise C.FieldError("bootstrap", "must be an integer ≥ 100")
+        if not 0.5 <= self.confidence < 1:
+            raise C.FieldError("confidence", "must be in [0.5, 1)")
 
 
 @dataclass
 class Variant:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the tested stage
-    before: list[dict[str, Any]] = field(default_factory=list)  # raw pipeline stages run first
+    before: list[AblateStageConfig] = field(default_factory=list)  # pipeline stages run first
 
 
 @dataclass
@@ -82,7 +160,7 @@ class AblationSpec:
     out_dir: Path
     seeds: list[int]
     metric: str
-    stages: list[dict[str, Any]]
+    stages: list[AblateStageConfig]
     variants: list[Variant]
     variables: dict[str, str] = field(default_factory=dict)
     search: dict[str, Any] | None = None
@@ -96,12 +174,10 @@ class AblationSpec:
 
 def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir: str | None = None,
               seeds: int | None = None) -> AblationSpec:
-    """Read and check an ablation file (with the command line's --var and --out-dir on top); errors
-    name the file and the field."""
-    from honelm.pipeline import _flatten
-
+    """Read and check an ablation file (with the command line's --var, --out-dir and --seeds on top);
+    errors name the file and the field."""
     p = Path(path)
-    raw = C.read_yaml(p, "ablation file")
+    raw = C.read_yaml(p, "ablation file", C.LineLoader)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: an ablation file is a mapping with out_dir, stages and variants")
     if out_dir:
@@ -114,80 +190,35 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
         if missing:
             raise ConfigError(f"{p}: --var {', '.join(missing)}: not among the file's vars ({', '.join(known) or 'none'})")
         raw["vars"] = {**known, **variables}
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)} (fields: {', '.join(sorted(KEYS))})")
-    if not isinstance(raw.get("out_dir"), str) or not raw["out_dir"].strip():
-        raise ConfigError(f"{p}: field 'out_dir' is missing")
-    seeds_raw = raw.get("seeds", 3)
-    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw > 0:
-        seeds = list(range(seeds_raw))
-    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) for s in seeds_raw) \
-            and len(set(seeds_raw)) == len(seeds_raw):
-        seeds = list(seeds_raw)
-    else:
-        raise ConfigError(f"{p}: field 'seeds' must be a positive count or a list of distinct integers")
-    metric = str(raw.get("metric", "accuracy"))
-    if metric not in stats.METRICS:
-        raise ConfigError(f"{p}: field 'metric': {metric!r} is not one of {', '.join(stats.METRICS)}")
-    stages = raw.get("stages")
-    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
-        raise ConfigError(f"{p}: field 'stages' must be a non-empty list of pipeline stages (the last one is tested)")
-    variants_raw = raw.get("variants") or {}
-    if not isinstance(variants_raw, dict):
-        raise ConfigError(f"{p}: field 'variants' must map names to {{set, before, combine}}")
-    variants: dict[str, Variant] = {BASELINE: Variant(BASELINE)}
-    for name, body in variants_raw.items():
-        name = str(name)
-        where = f"{p}: variants.{name}"
-        if name == BASELINE:
-            raise ConfigError(f"{where}: the baseline is the file's stages; name the variant otherwise")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-            raise ConfigError(f"{where}: a variant name is letters, digits, '+', '-', '_' or '.' (it names a directory)")
-        body = body or {}
-        if not isinstance(body, dict) or set(body) - VARIANT_KEYS:
-            raise ConfigError(f"{where}: a variant is a mapping with set, before and/or combine")
-        if "combine" in body:
-            parts = body["combine"]
-            if not isinstance(parts, list) or len(parts) < 2 or set(body) != {"combine"}:
-                raise ConfigError(f"{where}.combine: list two or more variants defined above (and nothing else)")
-            merged = Variant(name)
-            for part in parts:
-                if part not in variants or part == BASELINE:
-                    raise ConfigError(f"{where}.combine: '{part}' is not a variant defined above it")
-                for k, v in variants[part].settings.items():
-                    if k in merged.settings and merged.settings[k] != v:
-                        raise ConfigError(f"{where}.combine: '{k}' is set differently by the combined variants")
-                    merged.settings[k] = v
-                merged.before += [s for s in variants[part].before if s not in merged.before]
-            variants[name] = merged
-            continue
-        settings = body.get("set") or {}
-        before = body.get("before") or []
-        if not isinstance(settings, dict):
-            raise ConfigError(f"{where}.set: a mapping of config keys of the tested stage")
-        if not isinstance(before, list) or not all(isinstance(s, dict) for s in before):
-            raise ConfigError(f"{where}.before: a list of pipeline stages")
-        variants[name] = Variant(name, dict(_flatten(settings)), before)
-    variables = raw.get("vars") or {}
-    if not isinstance(variables, dict):
-        raise ConfigError(f"{p}: field 'vars' must map names to strings")
-    search = raw.get("search")
-    if search is not None and not isinstance(search, dict):
-        raise ConfigError(f"{p}: field 'search' must be a mapping (space, metric, n_trials, ...)")
-    bootstrap, confidence = raw.get("bootstrap", 2000), raw.get("confidence", 0.95)
-    if not isinstance(bootstrap, int) or bootstrap < 100:
-        raise ConfigError(f"{p}: field 'bootstrap' must be an integer ≥ 100")
-    if not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
-        raise ConfigError(f"{p}: field 'confidence' must be in [0.5, 1)")
-    spec = AblationSpec(p, Path(raw["out_dir"]), seeds, metric, stages, list(variants.values()),
-                        {str(k): str(v) for k, v in variables.items()}, search, bootstrap, float(confidence))
+    cfg = C.from_mapping(AblateConfig, raw, p)
+    seed_list = list(range(cfg.seeds)) if isinstance(cfg.seeds, int) else list(cfg.seeds)
+    spec = AblationSpec(p, Path(cfg.out_dir), seed_list, cfg.metric, cfg.stages, _variants(cfg, p), cfg.vars,
+                        cfg.search, cfg.bootstrap, cfg.confidence)
     for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
-        from honelm.pipeline import plan
-
         plan(cell_pipeline(spec, variant, spec.seeds[0]))
         plan(shared_pipeline(spec, variant))
     return spec
+
+
+def _variants(cfg: AblateConfig, p: Path) -> list[Variant]:
+    """The baseline, then the file's variants in order, a `combine` one joining those defined above it."""
+    variants: dict[str, Variant] = {BASELINE: Variant(BASELINE)}
+    for name, body in cfg.variants.items():
+        if not body.combine:
+            variants[name] = Variant(name, dict(_flatten(body.set)), list(body.before))
+            continue
+        where = f"{p}: variants.{name}.combine"
+        merged = Variant(name)
+        for part in body.combine:
+            if part not in variants or part == BASELINE:
+                raise ConfigError(f"{where}: '{part}' is not a variant defined above it")
+            for k, v in variants[part].settings.items():
+                if k in merged.settings and merged.settings[k] != v:
+                    raise ConfigError(f"{where}: '{k}' is set differently by the combined variants")
+                merged.settings[k] = v
+            merged.before += [s for s in variants[part].before if s not in merged.before]
+        variants[name] = merged
+    return list(variants.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,25 +233,20 @@ def shared_dir(spec: AblationSpec, variant: Variant) -> Path:
     return spec.out_dir / "shared" / variant.name
 
 
-def shared_pipeline(spec: AblationSpec, variant: Variant) -> Any:
+def shared_pipeline(spec: AblationSpec, variant: Variant) -> Pipeline:
     """The variant's `shared: true` before-stages: run once, at the first seed, used by every seed's cell."""
-    from honelm.pipeline import Pipeline
-
-    items = [s for s in variant.before if s.get("shared")]
+    items = [s for s in variant.before if s.shared]
     return Pipeline(spec.path, shared_dir(spec, variant), {**spec.variables, "seed": str(spec.seeds[0])},
                     _stages(spec, variant, items, spec.seeds[0], None, tested=False))
 
 
 def cell_pipeline(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any] | None = None,
-                  upto: int | None = None) -> Any:
+                  upto: int | None = None) -> Pipeline:
     """The pipeline of one cell: the variant's `before` stages, then the baseline's, every run stage
     at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top.
     `${NAME}` of a shared before-stage stands for its run in OUT_DIR/shared/VARIANT."""
-    from honelm.pipeline import Pipeline
-
-    shared = {str(s.get("name") or s.get("verb")): shared_dir(spec, variant) / str(s.get("name") or s.get("verb"))
-              for s in variant.before if s.get("shared")}
-    items = [s for s in variant.before if not s.get("shared")] + spec.stages
+    shared = {s.name or s.verb: shared_dir(spec, variant) / (s.name or s.verb) for s in variant.before if s.shared}
+    items = [s for s in variant.before if not s.shared] + spec.stages
     stages = _stages(spec, variant, items, seed, extra, tested=True, shared=shared)
     if upto is not None:
         stages = stages[:upto]
@@ -233,42 +259,26 @@ def _substitute(value: Any, shared: dict[str, Path]) -> Any:
     return re.sub(r"\$\{\s*([^}]*?)\s*\}", lambda m: str(shared[m.group(1)]) if m.group(1) in shared else m.group(0), value)
 
 
-def _stages(spec: AblationSpec, variant: Variant, items: list[dict[str, Any]], seed: int, extra: dict[str, Any] | None,
-            tested: bool, shared: dict[str, Path] | None = None) -> list[Any]:
-    from honelm.pipeline import Stage, _flatten, has_run_dir
-
+def _stages(spec: AblationSpec, variant: Variant, items: list[AblateStageConfig], seed: int,
+            extra: dict[str, Any] | None, tested: bool, shared: dict[str, Path] | None = None) -> list[Stage]:
+    """Pipeline stages from the file's: every run stage at `run.seed=seed`, the tested (last) one with the
+    variant's settings and `extra`, `${NAME}` of a shared stage replaced by its run directory."""
     shared = shared or {}
-    raw_stages = [copy.deepcopy(s) for s in items]
-    stages: list[Any] = []
-    for i, item in enumerate(raw_stages):
-        verb = item.get("verb")
-        name = str(item.get("name") or verb)
-        settings = dict(_flatten(item.get("set") or {}))
-        if tested and i == len(raw_stages) - 1:
+    stages: list[Stage] = []
+    for i, item in enumerate(items):
+        settings = dict(_flatten(item.set))
+        if tested and i == len(items) - 1:
             settings.update(variant.settings)
             settings.update(extra or {})
-        if isinstance(verb, str) and _known_verb(verb) and has_run_dir(verb):
+        if has_run_dir(item.verb):
             settings.setdefault("run.seed", seed)
-        bad = sorted(set(item) - {"name", "verb", "config", "set", "args", "output", "shared"})
-        if bad or not isinstance(verb, str) or not _known_verb(verb):
-            raise ConfigError(f"{spec.path}: stage '{name}' of variant '{variant.name}': a stage needs a honelm verb "
-                              f"and only name, verb, config, set, args, output, shared"
-                              + (f" (unknown: {', '.join(bad)})" if bad else ""))
-        if tested and item.get("shared") is not None:
-            raise ConfigError(f"{spec.path}: stage '{name}': only a variant's before-stages can be shared")
         settings = {k: _substitute(v, shared) for k, v in settings.items()}
-        stages.append(Stage(name, verb, 0, _substitute(str(item.get("config") or ""), shared), settings,
-                            [_substitute(str(a), shared) for a in item.get("args") or []], str(item.get("output") or "")))
+        stages.append(Stage(item.name or item.verb, item.verb, 0, _substitute(item.config, shared), settings,
+                            [_substitute(a, shared) for a in item.args], item.output))
     names = [s.name for s in stages] + list(shared)
     if len(set(names)) != len(names):
         raise ConfigError(f"{spec.path}: variant '{variant.name}' has two stages named alike ({', '.join(names)})")
     return stages
-
-
-def _known_verb(verb: str) -> bool:
-    from honelm.cli import VERBS
-
-    return verb in VERBS
 
 
 def _planned_identity(pipe: Any) -> str:
@@ -326,8 +336,8 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
     """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`),
-    read by honelm.protocol.predictions' strict reader (file:line errors, split order checked)."""
-    from honelm.protocol.predictions import TEST_FILE, read_records
+    read by honelm.predictions' strict reader (file:line errors, split order checked)."""
+    from honelm.predictions import TEST_FILE, read_records
 
     path = run_dir / TEST_FILE
     if not path.is_file():
@@ -578,20 +588,18 @@ def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="honelm ablate", description="Variants × seeds, each tested once; mean ± std, "
-                                "paired-bootstrap interval vs baseline, verdict and cost. See configs/ablate/.")
+                                "paired-bootstrap interval vs baseline, verdict and cost. See configs/ablate/.",
+                                epilog=C.fields_help(AblateConfig, "fields of the file (key: type = default   doc):"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="ablation YAML or a preset name (e.g. configs/ablate/demo.yaml, or demo)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set one of the file's vars")
     p.add_argument("--out-dir", default=None, help="where the cells and results live (overrides the file)")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (overrides the file)")
     args = p.parse_args(argv)
     variables = dict(C.parse_overrides(args.var))
-    from honelm.cli import find_config
-
-    spec = load_spec(find_config("ablate", args.file), variables, args.out_dir, args.seeds)
+    spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds)
     rows = run_ablation(spec)
-    from honelm.protocol.reports import write_any
-
-    report = write_any(spec.out_dir)
+    report = write_report(spec.out_dir)
     width = max(len(r["variant"]) for r in rows)
     print(f"\n{'variant':<{width}}  test {spec.metric:<10} Δ vs baseline [{int(spec.confidence * 100)}% CI]   verdict")
     for r in rows:
@@ -600,3 +608,74 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}")
     print(f"\nreport: {report}")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def _pm(mean: Any, std: Any) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def write_report(path: Path) -> Path:
+    """ABLATION/report.md (+ .html): results with intervals and verdicts, every test metric, chosen settings, cells."""
+    meta = json.loads((path / "ablation.json").read_text(encoding="utf-8"))
+    metric = meta["metric"]
+    conf = int(round(meta["confidence"] * 100))
+    lines = [f"# Ablation report: {path.name}", "",
+             f"{len(meta['variants'])} variants × {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}); "
+             + ("each variant got the same hyperparameter search on validation "
+                f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
+             + f". Every cell's selected checkpoint was tested once. Δ is the difference from baseline in test "
+             f"{metric} (mean over seeds); the interval is a {conf}% paired bootstrap over test examples and seed pairs "
+             f"({meta['bootstrap']} resamples). Verdict: the interval above zero → helps, below → hurts, "
+             "containing zero → no evidence.", ""]
+    results_path = path / "results.json"
+    newest_cell = max((c.stat().st_mtime for c in (path / "cells").glob("*/seed-*/cell.json")), default=None)
+    if newest_cell is not None and (not results_path.is_file() or results_path.stat().st_mtime < newest_cell):
+        results_from_cells(path)  # stopped midway (or by an older honelm): the results of the cells on disk
+    if not results_path.is_file():
+        lines += ["No results yet: run `honelm ablate " + meta["file"] + "` to finish the cells.", ""]
+        return finish_report(path, lines)
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    rows = results["rows"]
+    if not results.get("complete", True):
+        lines += [f"> **Unfinished:** {results['cells_done']} of {results['cells_planned']} cells done. Variants with "
+                  "fewer seeds than planned are marked; their intervals pair only the seeds the baseline has too, "
+                  f"and every number here can still change. Run `honelm ablate {meta['file']}` to continue.", ""]
+    n_seeds = len(meta["seeds"])
+    body = []
+    for r in rows:
+        name = r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{n_seeds} seeds)"
+        ci = "—" if r.get("low") is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        body.append([name, _pm(r["mean"], r["std"]), ci, f"**{r['verdict']}**" if r["variant"] != "baseline" else "—",
+                     fmt_duration_short(r["train_time_s"]) if r.get("train_time_s") is not None else "—",
+                     f"{r['peak_memory_mb']:,.0f} MiB" if r.get("peak_memory_mb") else "—",
+                     f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"])
+    lines += ["## Results", "", *table(["variant", f"test {metric} (mean ± std)", f"Δ vs baseline [{conf}% CI]",
+                                        "verdict", "train time", "peak memory", "trainable params"], body), ""]
+    if (path / "plots" / "ablation.png").is_file():
+        lines += ["![ablation](plots/ablation.png)", ""]
+    others = sorted({k[:-5] for r in rows for k in r if k.startswith("test_") and k.endswith("_mean")})
+    if others:
+        lines += ["## Every test metric (mean ± std over seeds)", "",
+                  *table(["variant", *others], [[r["variant"], *[_pm(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in others]]
+                                                for r in rows]), ""]
+    chosen = [r for r in rows if r.get("settings")]
+    if chosen:
+        lines += ["## Hyperparameters chosen on validation", "",
+                  *table(["variant", "values"], [[r["variant"], ", ".join(f"`{k}={fmt_value(v)}`" for k, v in r["settings"].items())]
+                                                 for r in chosen]), ""]
+    lines += ["## Cells", ""]
+    cell_rows = []
+    for cell in sorted((path / "cells").glob("*/seed-*/cell.json")):
+        c = json.loads(cell.read_text(encoding="utf-8"))
+        cell_rows.append([c["variant"], c["seed"], fmt_value(c["test"].get(f"test_{metric}")), f"`{c['run_dir']}`",
+                          fmt_duration_short(c["train_time_s"])])
+    lines += table(["variant", "seed", f"test {metric}", "run", "train time"], cell_rows) + [""]
+    return finish_report(path, lines)

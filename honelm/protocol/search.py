@@ -18,6 +18,9 @@
       lora.r: {low: 4, high: 16, step: 4}                # int range when low/high are ints
       adversarial.method: {values: [none, fgm]}          # the same as a list
 
+The file is read as `SearchConfig` (each dimension a `RangeConfig`) by honelm.config's
+`from_mapping`; `honelm search --help` lists every field.
+
 Every trial is one ordinary run of the verb (its directory under OUT_DIR/trials/), built from the
 base config, the fixed settings and the sampled values, with `train.metric` set to the search's
 metric so the checkpoint each trial keeps is the one the search scores it by (its best
@@ -44,7 +47,6 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
-import importlib
 import json
 import math
 import shutil
@@ -52,16 +54,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 
 from honelm import config as C
+from honelm import registry
 from honelm.errors import ConfigError, HonelmError, TrainingError
+from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "halving", "none")
-KEYS = {"verb", "config", "set", "out_dir", "metric", "direction", "sampler", "pruner", "n_trials", "timeout", "seed",
-        "space", "keep_models", "study"}
 SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
 
 
@@ -136,115 +136,147 @@ class SearchSpec:
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _param(key: str, raw: Any, where: str) -> Param:
-    if isinstance(raw, list):
-        raw = {"values": raw}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: space.{key} must be a list of choices or a mapping with low/high (or values)")
-    unknown = sorted(set(raw) - {"values", "low", "high", "step", "log"})
-    if unknown:
-        raise ConfigError(f"{where}: space.{key}: unknown field(s) {', '.join(unknown)} (values, low, high, step, log)")
-    if "values" in raw:
-        values = raw["values"]
-        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
-            raise ConfigError(f"{where}: space.{key}.values must be a non-empty list of distinct values")
-        if set(raw) - {"values"}:
-            raise ConfigError(f"{where}: space.{key}: give either values or low/high, not both")
-        return Param(key, choices=values)
-    low, high = raw.get("low"), raw.get("high")
-    for name, value in (("low", low), ("high", high)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: space.{key}.{name} must be a number (got {value!r})")
-    if not low < high:  # type: ignore[operator]
-        raise ConfigError(f"{where}: space.{key}: low ({low}) must be below high ({high})")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}: space.{key}.log must be true or false")
-    if log and low <= 0:  # type: ignore[operator]
-        raise ConfigError(f"{where}: space.{key}: a log scale needs low > 0")
-    step = raw.get("step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-        raise ConfigError(f"{where}: space.{key}.step must be a positive number")
-    if step is not None and log:
-        raise ConfigError(f"{where}: space.{key}: step and log cannot be combined")
-    return Param(key, low=low, high=high, step=step, log=log)
+def trainable_verbs() -> list[str]:
+    """The verbs a search can run: those that train a model and select a checkpoint on validation."""
+    return registry.training_verbs()
+
+
+@dataclass
+class RangeConfig:
+    """One dimension of a search space: a list of choices, or a numeric range."""
+
+    values: list[Any] | None = None
+    """Categorical choices (distinct); a plain list in place of the mapping means the same."""
+    low: int | float | None = None
+    """Lowest value of a range (ints on both ends and in step make an int range)."""
+    high: int | float | None = None
+    """Highest value of a range (included)."""
+    step: int | float | None = None
+    """Spacing of a range's values; none = continuous (or every int)."""
+    log: bool = False
+    """Sample the range on a log scale (needs low > 0; not with step)."""
+
+    @staticmethod
+    def shorthand(value: Any) -> dict[str, Any]:
+        """`[a, b]` stands for `{values: [a, b]}`."""
+        if not isinstance(value, list):
+            raise ValueError("must be a list of choices or a mapping with low/high (or values)")
+        return {"values": value}
+
+    def validate(self) -> None:
+        if self.values is not None:
+            if not self.values or len(set(map(repr, self.values))) != len(self.values):
+                raise C.FieldError("values", "must be a non-empty list of distinct values")
+            if (self.low, self.high, self.step, self.log) != (None, None, None, False):
+                raise ValueError("give either values or low/high, not both")
+            return
+        for name in ("low", "high"):
+            if getattr(self, name) is None:
+                raise C.FieldError(name, "must be a number (got None)")
+        if not self.low < self.high:  # type: ignore[operator]
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:  # type: ignore[operator]
+            raise ValueError("a log scale needs low > 0")
+        if self.step is not None and self.step <= 0:
+            raise C.FieldError("step", "must be a positive number")
+        if self.step is not None and self.log:
+            raise ValueError("step and log cannot be combined")
+
+    def param(self, key: str) -> Param:
+        """The dimension as the search uses it, for the config key `key`."""
+        if self.values is not None:
+            return Param(key, choices=self.values)
+        return Param(key, low=self.low, high=self.high, step=self.step, log=self.log)
+
+
+@dataclass
+class SearchConfig:
+    """A search file (configs/search/*.yaml): the verb and its base config, the metric, the space, the budget."""
+
+    verb: str = ""
+    """The training verb every trial runs (pretrain, adapt, classify, sft, reward, dpo, ppo). Required."""
+    config: str = ""
+    """The verb's base preset name or YAML path; empty = the verb's defaults."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Fixed settings of every trial: dotted keys or nested mappings (the command line's key=value add to them)."""
+    out_dir: str = ""
+    """Directory of the study (study.db), the trials' runs and every output (--out-dir overrides it). Required."""
+    metric: str = ""
+    """The validation metric (val_*) that scores a trial: its best value during the run. Required."""
+    direction: Literal["", "minimize", "maximize"] = ""
+    """Whether a smaller metric is better; empty = min for losses, mse, perplexity and bpb, else max."""
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    """Optuna sampler; grid needs finite dimensions (choices, or int ranges with a step)."""
+    pruner: Literal["median", "halving", "none"] = "median"
+    """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
+    n_trials: int | None = None
+    """Finished (complete or pruned) trials to reach; empty = 10, or the whole grid with the grid sampler (--n-trials)."""
+    timeout: float = 0.0
+    """Seconds after which this invocation starts no new trial; 0 = no limit (--timeout)."""
+    seed: int = 0
+    """Seed of the sampler."""
+    keep_models: Literal["best", "all"] = "best"
+    """Which trials keep their best/ model on disk: only the best trial's, or all."""
+    study: str = "honelm"
+    """Name of the Optuna study in the storage; empty = honelm."""
+    storage: str = ""
+    """Optuna storage URL shared by several workers (usually --storage); empty = sqlite in OUT_DIR/study.db."""
+    space: dict[str, RangeConfig] = field(default_factory=dict)
+    """The searched config keys of the verb (dotted), each a range or a list of choices. At least one."""
+
+    def validate(self) -> None:
+        for name in ("verb", "out_dir", "metric"):
+            if not getattr(self, name).strip():
+                raise C.FieldError(name, "missing")
+        if self.verb not in trainable_verbs():
+            raise C.FieldError("verb", f"{self.verb!r} is not a training verb ({', '.join(trainable_verbs())})")
+        if not self.metric.startswith("val_"):
+            raise C.FieldError("metric", f"{self.metric!r} is not a validation metric (val_*): a search selects on "
+                               "validation only")
+        if not self.space:
+            raise C.FieldError("space", "must map config keys to their ranges or choices")
+        for name in ("n_trials", "seed"):
+            if (getattr(self, name) or 0) < 0:
+                raise C.FieldError(name, "must be a non-negative integer")
+        if self.timeout < 0:
+            raise C.FieldError("timeout", "must be a number of seconds (0 = none)")
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
               ) -> SearchSpec:
     """Read and check a search file; `overrides` are the command line's options (n_trials, timeout,
     storage, out_dir), `settings` its extra `key=value` fixed settings."""
-    p = Path(path)
-    raw = C.read_yaml(p, "search file")
-    if settings and isinstance(raw, dict):
-        from honelm.pipeline import _flatten
+    from honelm.pipeline import _flatten
 
+    p = Path(path)
+    raw = C.read_yaml(p, "search file", C.LineLoader)
+    if settings and isinstance(raw, dict):
         raw["set"] = {**dict(_flatten(raw.get("set") or {})), **settings}
     return spec_from_mapping(raw, p, overrides)
 
 
 def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
     """A SearchSpec from a parsed mapping (a search file, or an ablation's `search` section)."""
-    from honelm.cli import VERBS
     from honelm.pipeline import _flatten
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a search file is a mapping with verb, out_dir, metric and space")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    unknown = sorted(set(raw) - KEYS - {"storage"})
-    if unknown:
-        import difflib
-
-        hints = [h for k in unknown for h in difflib.get_close_matches(k, sorted(KEYS), n=1)]
-        raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints else "")
-                          + f" (fields: {', '.join(sorted(KEYS))})")
-    for name in ("verb", "out_dir", "metric"):
-        if not isinstance(raw.get(name), str) or not raw[name].strip():
-            raise ConfigError(f"{p}: field '{name}' is missing or not a string")
-    verb = raw["verb"]
-    if verb not in VERBS or not VERBS[verb].module or verb in ("tokenizer", "generate", "chat"):
-        trainable = [v for v in VERBS.values() if v.module and v.name not in ("tokenizer", "generate", "chat")]
-        raise ConfigError(f"{p}: field 'verb': {verb!r} is not a training verb ({', '.join(v.name for v in trainable)})")
-    if not raw["metric"].startswith("val_"):
-        raise ConfigError(f"{p}: field 'metric': {raw['metric']!r} is not a validation metric (val_*): a search "
-                          "selects on validation only")
-    space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise ConfigError(f"{p}: field 'space' must map config keys to their ranges or choices")
-    settings = raw.get("set") or {}
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{p}: field 'set' must be a mapping of config keys to values")
-    choices = {"direction": ("", "minimize", "maximize"), "sampler": SAMPLERS, "pruner": PRUNERS,
-               "keep_models": ("best", "all")}
-    for name, allowed in choices.items():
-        if name in raw and raw[name] not in allowed:
-            raise ConfigError(f"{p}: field '{name}': {raw[name]!r} is not one of {', '.join(a for a in allowed if a)}")
-    for name in ("n_trials", "seed"):
-        if raw.get(name) is not None and (not isinstance(raw[name], int) or isinstance(raw[name], bool) or raw[name] < 0):
-            raise ConfigError(f"{p}: field '{name}' must be a non-negative integer")
-    if "timeout" in raw and (not isinstance(raw["timeout"], (int, float)) or raw["timeout"] < 0):
-        raise ConfigError(f"{p}: field 'timeout' must be a number of seconds (0 = none)")
-    space = [_param(str(k), v, str(p)) for k, v in space_raw.items()]
-    spec = SearchSpec(p, verb, Path(raw["out_dir"]), raw["metric"], space, str(raw.get("config") or ""),
-                      dict(_flatten(settings)), str(raw.get("direction") or ""), raw.get("sampler", "tpe"),
-                      raw.get("pruner", "median"), 10 if raw.get("n_trials") is None else int(raw["n_trials"]),
-                      float(raw.get("timeout") or 0),
-                      int(raw.get("seed") or 0), raw.get("keep_models", "best"), str(raw.get("study") or "honelm"),
-                      str(raw.get("storage") or ""))
+    cfg = C.from_mapping(SearchConfig, raw, p)
+    space = [dim.param(key) for key, dim in cfg.space.items()]
+    spec = SearchSpec(p, cfg.verb, Path(cfg.out_dir), cfg.metric, space, cfg.config, dict(_flatten(cfg.set)),
+                      cfg.direction, cfg.sampler, cfg.pruner, 10 if cfg.n_trials is None else cfg.n_trials,
+                      cfg.timeout, cfg.seed, cfg.keep_models, cfg.study or "honelm", cfg.storage)
     if spec.sampler == "grid":  # every dimension must be finite; by default the whole grid is tried
         size = math.prod(len(prm.grid_values()) for prm in space)
-        if raw.get("n_trials") is None:
+        if cfg.n_trials is None:
             spec.n_trials = size
     check_spec(spec)
     return spec
 
 
-def stage_module(verb: str) -> tuple[Any, type]:
-    from honelm.cli import VERBS
-
-    v = VERBS[verb]
-    module = importlib.import_module(v.module)
-    return module, getattr(module, v.config)
+def config_class(verb: str) -> type:
+    return registry.config_class(verb)
 
 
 def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> list[str]:
@@ -259,17 +291,15 @@ def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> 
 
 
 def build_trial_config(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> Any:
-    from honelm.cli import find_config
-
-    _, cls = stage_module(spec.verb)
-    base = find_config(spec.verb, spec.config) if spec.config else None
+    cls = config_class(spec.verb)
+    base = registry.find_config(spec.verb, spec.config) if spec.config else None
     return C.build(cls, base, trial_overrides(spec, params, run_dir))
 
 
 def check_spec(spec: SearchSpec) -> None:
     """Before any trial: every key exists (did-you-mean), fixed settings don't fight the space, and the
     config builds at the corners of the space (types checked, `validate()` run)."""
-    _, cls = stage_module(spec.verb)
+    cls = config_class(spec.verb)
     known = C.all_keys(cls)
     for prm in spec.space:
         if prm.key not in known:
@@ -410,7 +440,6 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
 
     optuna = _optuna()
     late_stop_requested(clear=True)  # only a stop during this search ends it early
-    module, _ = stage_module(spec.verb)
     trials_dir = spec.out_dir / "trials"
     spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker
     with _Lock(spec.out_dir / ".lock") if not spec.storage else contextlib.nullcontext():
@@ -450,12 +479,9 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
                 return "pruned" if trial.should_prune() else None
 
             started = time.time()
-            from honelm.runtime import reset_peak_memory
-
-            reset_peak_memory()  # each trial's `end` event reports its own peak
             try:
                 with eval_hook(report):
-                    result = module.run(cfg, resume=None)
+                    result = registry.run_verb(spec.verb, cfg)
             except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
                 trial.set_user_attr("error", str(e)[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -580,7 +606,7 @@ def write_outputs(spec: SearchSpec, study: Any, plots: bool = False) -> dict[str
             "n_pruned": sum(r["state"] == "pruned" for r in rows), "n_failed": sum(r["state"] == "fail" for r in rows)}
     (out / "best.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     if (run_dir / "config.yaml").is_file():
-        _, cls = stage_module(spec.verb)
+        cls = config_class(spec.verb)
         cfg = C.build(cls, run_dir / "config.yaml")
         cfg.run.out_dir, cfg.run.name, cfg.run.overwrite = "", "", False  # a fresh run, never the trial's
         C.dump(cfg, out / "best.yaml", header=f"# honelm {spec.verb} --config {out / 'best.yaml'}\n"
@@ -642,7 +668,9 @@ def write_plots(study: Any, plots: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="honelm search", description="Hyperparameter search with Optuna on the validation "
-                                "split (the test split is sealed throughout). See configs/search/ for examples.")
+                                "split (the test split is sealed throughout). See configs/search/ for examples.",
+                                epilog=C.fields_help(SearchConfig, "fields of the file (key: type = default   doc):"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="search YAML or a preset name (e.g. configs/search/demo.yaml, or demo)")
     p.add_argument("--n-trials", type=int, default=None, help="finished trials to reach (overrides the file)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
@@ -654,9 +682,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     extra = dict(C.parse_overrides(args.settings))
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
-    from honelm.cli import find_config
-
-    spec = load_spec(find_config("search", args.file), raw_overrides, extra)
+    spec = load_spec(registry.find_config("search", args.file), raw_overrides, extra)
     best = run_search(spec)
     if best:
         print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "
@@ -673,3 +699,62 @@ def iter_trials(search_dir: Path) -> Iterator[dict[str, Any]]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 yield json.loads(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+def write_report(path: Path) -> Path:
+    """SEARCH/report.md (+ .html): the space, the best trial and its config, the plots, every trial."""
+    meta = json.loads((path / "search.json").read_text(encoding="utf-8"))
+    rows = list(iter_trials(path))
+    best = json.loads((path / "best.json").read_text(encoding="utf-8")) if (path / "best.json").is_file() else None
+    lines = [f"# Search report: {path.name}", "",
+             f"`honelm {meta['verb']}`" + (f" from `{meta['config']}`" if meta.get("config") else "")
+             + f", scored by **{meta['metric']}** ({meta['direction']}) on the validation split; "
+             f"{meta['sampler']} sampler, {meta['pruner']} pruner, storage {meta['storage']}.", "",
+             "The test split was sealed during the whole search (`forbid_test_split`): no trial could read it. "
+             "Test the selected trial once with `honelm test " + str(path) + "`.", ""]
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    lines += [f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}); "
+              f"target {meta['n_trials']} finished.", ""]
+    lines += ["## Space", "", *table(["key", "values"], [[k, v] for k, v in meta["space"].items()]), ""]
+    if meta.get("set"):
+        lines += ["Fixed settings: " + ", ".join(f"`{k}={v}`" for k, v in meta["set"].items()), ""]
+    lines += ["## Best trial", ""]
+    if best:
+        lines += [f"Trial {best['trial']}: **{best['metric']} = {best['value']:.4f}**, run `{best['run_dir']}` "
+                  "(its `best/` is the search's best checkpoint; `best` links to it).", "",
+                  *table(["parameter", "value"], [[k, fmt_value(v)] for k, v in best["params"].items()]), ""]
+    else:
+        lines += ["No complete trial yet.", ""]
+    lines += ["## Plots", ""]
+    skipped = {}
+    if (path / "plots" / "skipped.json").is_file():
+        skipped = json.loads((path / "plots" / "skipped.json").read_text(encoding="utf-8"))
+    for name, title in (("history", "optimisation history"), ("importances", "parameter importances"),
+                        ("parallel", "parallel coordinates")):
+        if (path / "plots" / f"{name}.png").is_file():
+            lines += [f"![{title}](plots/{name}.png)", ""]
+        elif name in skipped:
+            lines += [f"- {title}: not drawn ({skipped[name]})", ""]
+    lines += ["## Trials", ""]
+    params = list(dict.fromkeys(k for r in rows for k in r if k.startswith("params.")))
+    header = ["#", "state", meta["metric"], *[k[len('params.'):] for k in params], "last step", "time"]
+    body = []
+    for r in rows:
+        note = f" (retry of {r['retry_of']})" if r.get("retry_of") is not None else ""
+        body.append([r["number"], r["state"] + note, fmt_value(r["value"]) if r["value"] is not None else "—",
+                     *[fmt_value(r.get(k)) for k in params], fmt(r.get("last_step")),
+                     fmt_duration_short(r["time_s"]) if r.get("time_s") is not None else "—"])
+    lines += table(header, body) + [""]
+    errors = [(r["number"], r["error"]) for r in rows if r.get("error")]
+    if errors:
+        lines += ["Failed trials:", "", *[f"- trial {n}: {e}" for n, e in errors], ""]
+    if best and (path / "best.yaml").is_file():
+        lines += ["## Best config", "", "`best.yaml`, ready for `honelm " + meta["verb"] + " --config "
+                  + str(path / "best.yaml") + "`:", "", *fenced((path / "best.yaml").read_text(encoding="utf-8"), "yaml"), ""]
+    return finish_report(path, lines)

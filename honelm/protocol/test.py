@@ -3,7 +3,7 @@
 It rebuilds the run's splits from its saved config (splits are deterministic by content), checks
 that train and validation hash to what the run recorded, opens the test split inside
 `unlock_test_split`, evaluates the best checkpoint once, writes `test_metrics.json` (and, for
-classify runs, `test_predictions.jsonl` in honelm.protocol.predictions' format plus `labels.json`;
+classify runs, `test_predictions.jsonl` in honelm.predictions' format plus `labels.json`;
 sft and reward runs keep their `test_predictions.json`), and appends the look to
 `test_looks.jsonl`. A second look is refused unless forced; forced looks are recorded as such,
 so a report always shows how many times the test set was seen.
@@ -24,6 +24,7 @@ from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
 from honelm.stages import setup as S
+from honelm.rundir import stage_of
 from honelm.stages.contract import RunContext, Stage, best_dir
 from honelm.tokenizer import load_tokenizer
 
@@ -47,7 +48,7 @@ def cross_split_duplicates(manifest: dict[str, Any]) -> dict[str, int]:
 def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     """Evaluate RUN's best model on its test split once; returns the metrics."""
     run_dir = Path(run_dir)
-    stage = S.stage_of(run_dir)
+    stage = stage_of(run_dir)
     previous = looks(run_dir)
     if previous and not force:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous[-1]["time"]))
@@ -158,7 +159,7 @@ def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, An
     for name, text in files.items():
         (run_dir / name).write_text(text, encoding="utf-8")
     if stage == "classify":
-        from honelm.protocol import predictions as P
+        from honelm import predictions as P
 
         # one record per test example, in test-split order; labels.json too, for runs trained
         # before classify wrote it (the names come from the same train labels either way)

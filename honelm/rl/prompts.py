@@ -18,15 +18,16 @@ from typing import Any, Callable, Literal, Sequence
 
 from honelm.data.chat import Messages, prompt_ids, prompt_of
 from honelm.data.readers import Document, expand_paths, read_documents, read_rows
+from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
-from honelm.stages import setup as S
 
 
 STRUCTURED = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass
-class PromptDataConfig(S.SplitDataConfig):
+class PromptDataConfig(SplitDataConfig):
     """Prompts the policy is sampled on: a text file (one per line) or rows with a prompt, instruction, conversation or preference pair."""
 
     split: str = "9:1:0"
@@ -79,8 +80,6 @@ def read_prompt_documents(spec: str | Sequence[str]) -> list[PromptDocument]:
 
 def prompt_splits(data: PromptDataConfig, say: Callable[[str], None]) -> Any:
     """Prompts split by data.split (or the given val file), by content and seed."""
-    from honelm.data.splits import make_splits, parse_ratios
-
     if not data.train:
         raise ConfigError("data.train is empty: give a prompt file (.txt, one per line, or JSONL rows with a prompt, "
                           "an instruction or a conversation)")
@@ -89,7 +88,7 @@ def prompt_splits(data: PromptDataConfig, say: Callable[[str], None]) -> Any:
                          stratify=False, val=val, load_test=(lambda: read_prompt_documents(data.test)) if data.test else None,
                          test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold)
-    S._say_split(splits.manifest, say)
+    say_split(splits.manifest, say)
     return splits
 
 

@@ -21,11 +21,15 @@ rollout is saved under RUN/rollouts/ when it is made, so `--resume` from a check
 middle of a rollout trains on exactly the same minibatches; files no checkpoint can need are
 deleted. With several processes each one samples its own rollout_batch prompts (whitening is
 per process), as TRL does.
+
+Held-out prompts are sampled with fixed seeds: `validate_policy` (the val_* metrics) and
+`write_samples` (the final policy's responses, samples.jsonl).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -426,3 +430,16 @@ def validate_policy(sampler: Sampler, prompts: list[EncodedPrompt], seed: int) -
             out[k] = out.get(k, 0.0) + v * len(p.scores) / n
     out.pop("val_score_std", None)  # a weighted mean of stds is not a std
     return out
+
+
+def write_samples(path: Path, sampler: Sampler, prompts: list[EncodedPrompt], seed: int, limit: int = 16) -> None:
+    """A few validation prompts with the final policy's responses and their scores (samples.jsonl)."""
+    chosen = prompts[:limit]
+    s = sampler.sample(chosen, derived_seed(seed, 4))
+    with open(path, "w", encoding="utf-8") as handle:
+        for b, p in enumerate(chosen):
+            n = int(s.mask[b].sum())
+            text = sampler.tokenizer.decode(s.response[b, :n].tolist(), skip_special_tokens=True)
+            handle.write(json.dumps({"prompt": p.prompt, "response": text, "score": float(s.scores[b]),
+                                     "ended": bool(s.ended[b]), "source": p.source, "line": p.line},
+                                    ensure_ascii=False) + "\n")

@@ -4,7 +4,7 @@ Works on an encoder or a decoder, from a preset, a `pretrain`/`adapt` run, or an
 Validation reports loss, accuracy and macro-F1 (MSE and Pearson for regression); the best
 validation checkpoint is kept and early stopping watches validation only. The run writes
 `labels.json` (label id → name) and, beside the best model, `best/val_predictions.jsonl`: the
-per-example predictions of the evaluation that made it best (format: honelm.protocol.predictions).
+per-example predictions of the evaluation that made it best (format: honelm.predictions).
 `honelm test` writes `test_predictions.jsonl` the same way.
 """
 
@@ -15,22 +15,24 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from honelm import predictions as P
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.batches import EncodedExamples, encode_examples, label_maps
 from honelm.data.readers import check_labels_seen
+from honelm.data.sources import SplitDataConfig, labelled_splits
 from honelm.loop import BatchStream
 from honelm.metrics import classification_scores
 from honelm.models import load_model, model_kind
 from honelm.objectives.classify import Classify, predict
-from honelm.protocol import predictions as P
+from honelm.stages import classify_report
 from honelm.stages import setup as S
 from honelm.stages.contract import ModelSpec, Plan, RunContext, Stage, best_dir
 
 
 @dataclass
-class LabelledDataConfig(S.SplitDataConfig):
+class LabelledDataConfig(SplitDataConfig):
     """Labelled examples: which fields hold the text, the optional second text, and the label."""
 
     text_field: str = "text"
@@ -67,9 +69,10 @@ class Classification(Stage):
 
     name = "classify"
     config = ClassifyConfig
+    report_sections = (classify_report.SECTION,)
 
     def splits(self, cfg: ClassifyConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return S.labelled_splits(cfg.data, say, leak_texts)
+        return labelled_splits(cfg.data, say, leak_texts)
 
     def tokenizer_texts(self, ctx: RunContext) -> list[str]:
         train = ctx.splits.train
@@ -150,7 +153,7 @@ class Classification(Stage):
         return ctx.extra["labels"]
 
     def predictions(self, ctx: RunContext, logits: torch.Tensor, rows: list[Any], data: EncodedExamples) -> str:
-        """The per-example predictions file (honelm.protocol.predictions) of `rows`, encoded as `data`."""
+        """The per-example predictions file (honelm.predictions) of `rows`, encoded as `data`."""
         regression = ctx.cfg.data.task == "regression"
         # gold as read from the data (regression labels without a float32 round trip), in split order
         gold = [float(e.label) for e in rows] if regression else data.labels.tolist()

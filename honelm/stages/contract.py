@@ -12,8 +12,9 @@ is done once, by `honelm.stages.runner`, in this order:
     → plan(ctx, loaded) → objective wrapped by boosters → fit → finish(ctx, plan, result)
 
 `honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
-`best/`, `encode`s the rows and `score`s them with the prefix "test", and `test_outputs` names the
-per-example files the look writes.
+`best/`, `encode`s the rows and `score`s them with the prefix "test" (per-example files it returns
+under the key "files", {name: text}, are written into the run by the look), and
+`report_sections` are the stage's parts of `honelm report`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
 from honelm.models import load_model
 from honelm.objectives.base import Objective
+from honelm.reporting import ReportSection
+from honelm.rundir import tracker_for
 from honelm.runtime import Runtime
-from honelm.stages import setup as S
 from honelm.tracking import Tracker
 
 
@@ -108,7 +110,7 @@ class RunContext:
         """A run kept inside this one, RUN/name (a booster's teacher): the same config, data and tokenizer, its own
         log.txt, metrics.jsonl, checkpoints and best/. The caller closes its tracker."""
         run_dir = self.run_dir / name
-        return replace(self, run_dir=run_dir, tracker=S.tracker_for(run_dir, self.runtime, self.cfg))
+        return replace(self, run_dir=run_dir, tracker=tracker_for(run_dir, self.runtime, self.cfg))
 
 
 class Stage:
@@ -118,8 +120,8 @@ class Stage:
     config: ClassVar[type]
     testable: ClassVar[bool] = True
     """Whether `honelm test` applies (PPO has no test split of answers to score)."""
-    test_outputs: ClassVar[dict[str, str]] = {}
-    """Per-example outputs `test()` returns under a key, and the run file `honelm test` writes them to."""
+    report_sections: ClassVar[tuple[ReportSection, ...]] = ()
+    """Parts of `honelm report` this stage contributes (each decides from a run's files whether it applies)."""
 
     # ---- training: called by the runner, in this order
 

@@ -21,30 +21,23 @@ pairs against the same reference.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig, mutates_base
-from honelm.checkpoint import atomic_directory, list_checkpoints, save_pretrained_atomic
+from honelm.checkpoint import checkpoint_precision
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
-from honelm.objectives.dpo import DPO
-from honelm.objectives.logprobs import sequence_logps
+from honelm.models import model_kind
+from honelm.objectives.dpo import DPO, evaluate_pairs, precompute_reference
 from honelm.stages import preference as P
-from honelm.stages import setup as S
-
-REFERENCE_FILE = "reference.json"
-
+from honelm.stages.contract import Plan, RunContext
 
 @dataclass
 class DPOObjectiveConfig:
@@ -96,168 +89,95 @@ class DPOConfig:
                               "use the default init")
 
 
-def evaluate_pairs(model: nn.Module, data: EncodedPairs, objective: DPO, batch_size: int, device: torch.device,
-                   prefix: str) -> dict[str, float]:
-    """Mean loss and every DPO metric over `data` (sums over pairs / pairs)."""
-    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-    total, sums = 0.0, {}
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(order[start:start + batch_size]).items()}
-        loss = objective(model, batch)
-        total += float(loss.value)
-        for k, v in loss.metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    n = max(len(data), 1)
-    return {f"{prefix}_loss": total / n, **{f"{prefix}_{k}": v / n for k, v in sums.items()}}
+class PrecomputedReference:
+    """The starting model's log-probs of every train and validation pair, in the training precision.
+
+    A plan callback: on a fresh run, `on_start` computes them once the loop has chosen the
+    precision (its probe step reads the zeros stored meanwhile), so at step 0 policy and reference
+    log-probs are equal (all implicit rewards 0), which an fp32 reference against a bf16 policy
+    would not give. A resumed run computes them in `DPOStage.before_boosters`, in the checkpoint's
+    precision, while `loaded.model` is still the starting model.
+    """
+
+    def __init__(self, ctx: RunContext, loaded: Any, train: EncodedPairs, val: EncodedPairs | None):
+        self.ctx, self.loaded, self.train, self.val = ctx, loaded, train, val
+        self.pairs = [d for d in (train, val) if d is not None and len(d)]
+        for data in self.pairs:  # what fit's probe step reads before `on_start`
+            data.ref_logps = torch.zeros(len(data), 2)
+
+    def on_start(self, state: Any) -> None:
+        if not state.resumed:
+            self.precompute(state.precision)
+
+    def precompute(self, precision: str) -> None:
+        ctx, started = self.ctx, time.perf_counter()
+        autocast = rt.Runtime(device=ctx.device, precision=precision).autocast
+        # loaded.model at call time: the model the loop trains (LoRA-wrapped by then on a fresh run)
+        precompute_reference(self.loaded.model, self.pairs, ctx.cfg.train.eval_batch_size, ctx.device, autocast)
+        ctx.say(f"reference: log-probs of the starting model precomputed for {len(self.train)} train + "
+                f"{len(self.val) if self.val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
+                f"({precision}, the training precision); no reference model is kept")
 
 
-def precompute_reference(model: nn.Module, splits: list[EncodedPairs], batch_size: int, device: torch.device,
-                         autocast: Any) -> None:
-    """Store the model's summed completion log-probs of every pair as `data.ref_logps` (N, 2) [chosen, rejected]."""
-    was_training = model.training
-    model.to(device).eval()
-    with torch.no_grad():
-        for data in splits:
-            out = torch.empty(len(data), 2)
-            order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in data.collate(idx).items()}
-                with autocast():
-                    logps = sequence_logps(model, batch, right_padded=True)[0].float().cpu()  # (2P,)
-                out[idx, 0], out[idx, 1] = logps.chunk(2)
-            data.ref_logps = out
-    model.train(was_training)
+class DPOStage(P.PreferenceStage):
+    """A causal LM trained on pairs against its frozen starting point; validation and test: loss, implicit rewards."""
 
+    name = "dpo"
+    config = DPOConfig
 
-def checkpoint_precision(run_dir: Path) -> str:
-    """The precision ("bf16"/"fp32") a run's newest checkpoint trained in."""
-    found = list_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {run_dir / 'checkpoints'}")
-    state = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("precision") not in ("bf16", "fp32"):
-        raise HonelmError(f"{found[-1] / 'trainer_state.json'}: no training precision recorded")
-    return state["precision"]
+    def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
+        cfg = ctx.cfg
+        if model_kind(loaded.model) != "decoder":
+            raise HonelmError(f"dpo trains a causal LM; {cfg.model.init_from} is an encoder")
+        if cfg.dpo.disable_dropout:
+            n = P.disable_dropout(loaded.model)
+            if n:
+                ctx.say(f"dropout: turned off in {n} places (dpo.disable_dropout=true)")
+        train, val = self.encode_training(ctx, loaded.model)
+        ctx.extra.update(train=train, val=val)
+        ctx.say(self.data_line(train, val))
+        location = P.reference_location(loaded.model, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled, ctx.runtime)
+        ctx.write_json(P.REFERENCE_FILE, location)
+        self.choose_reference(ctx, loaded, train, val)
 
+    def choose_reference(self, ctx: RunContext, loaded: Any, train: EncodedPairs, val: EncodedPairs | None) -> None:
+        """Before LoRA applies: stored log-probs, the adapter-disabled policy, or a frozen copy (ctx.extra)."""
+        cfg = ctx.cfg
+        ctx.extra["reference"], ctx.extra["callbacks"] = None, []
+        if cfg.dpo.precompute_ref:
+            precomputed = PrecomputedReference(ctx, loaded, train, val)
+            if ctx.resume:  # the starting model is still what `loaded.model` holds; the precision is the checkpoint's
+                precomputed.precompute(checkpoint_precision(ctx.run_dir))
+            ctx.extra["callbacks"] = [precomputed]
+        elif cfg.lora.enabled:
+            ctx.say("reference: the policy with its LoRA adapters disabled (the model LoRA was applied to)")
+        else:
+            ctx.extra["reference"] = copy.deepcopy(loaded.model).to(ctx.device).eval().requires_grad_(False)
+            ctx.say("reference: a frozen copy of the starting model (dpo.precompute_ref=true or LoRA avoid the copy)")
 
-def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bool, runtime: rt.Runtime) -> dict:
-    """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
-    if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
-        return {"kind": "adapter_base"}
-    source = getattr(model, "honelm_source", None)
-    if source:
-        return {"kind": "checkpoint", "path": source}
-    target = run_dir / "reference"
-    if runtime.is_main and not (target / "config.json").is_file():
-        with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-    return {"kind": "checkpoint", "path": str(target.resolve())}
+    def objective(self, ctx: RunContext, reference: nn.Module | None) -> DPO:
+        ctx.extra["objective"] = DPO(ctx.cfg.dpo.beta, ctx.cfg.dpo.loss, ctx.cfg.dpo.label_smoothing, reference)
+        return ctx.extra["objective"]
 
-
-def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
-    runtime = rt.setup(cfg.train.threads)
-    rt.seed_everything(cfg.run.seed)
-    run_dir = S.run_directory("dpo", cfg, runtime, resume)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
-    splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
-                            carry=boosters.carries_adapter(cfg, "dpo"))
-    from honelm.models import model_kind
-
-    if model_kind(model) != "decoder":
-        raise HonelmError(f"dpo trains a causal LM; {cfg.model.init_from} is an encoder")
-    if cfg.dpo.disable_dropout:
-        n = P.disable_dropout(model)
-        if n:
-            tracker.say(f"dropout: turned off in {n} places (dpo.disable_dropout=true)")
-    S.check_block_fits(model, cfg.data.max_length, "data.max_length")
-    train = P.encode_split(tokenizer, splits.train, cfg.data, "train", tracker.say)
-    val = P.encode_split(tokenizer, splits.val, cfg.data, "validation", tracker.say) if splits.val else None
-    if not len(train):
-        raise HonelmError("no training pair is left after truncation: raise data.max_length")
-    tracker.say(f"data: {len(train)} train pairs, {len(val) if val else 0} validation pairs")
-    location = reference_location(model, tokenizer, run_dir, cfg.lora.enabled, runtime)
-    if runtime.is_main:
-        S.write_json(run_dir / REFERENCE_FILE, location)
-
-    reference = None
-    on_start = None
-    if cfg.dpo.precompute_ref:
-        splits_with_pairs = [d for d in (train, val) if d is not None and len(d)]
-
-        def precompute(precision: str) -> None:
-            # in the precision the policy trains in: at step 0 policy and reference log-probs are then equal
-            # (all implicit rewards 0), which an fp32 reference against a bf16 policy would not give
-            started = time.perf_counter()
-            autocast = rt.Runtime(device=runtime.device, precision=precision).autocast
-            precompute_reference(model, splits_with_pairs, cfg.train.eval_batch_size, runtime.device, autocast)
-            tracker.say(f"reference: log-probs of the starting model precomputed for {len(train)} train + "
-                        f"{len(val) if val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
-                        f"({precision}, the training precision); no reference model is kept")
-
-        if resume:  # the starting model is still what `model` holds; the precision is the checkpoint's
-            precompute(checkpoint_precision(run_dir))
-        else:  # fit chooses the precision first (its probe step reads these zeros), then calls precompute
-            for data in splits_with_pairs:
-                data.ref_logps = torch.zeros(len(data), 2)
-            on_start = precompute
-    elif cfg.lora.enabled:
-        tracker.say("reference: the policy with its LoRA adapters disabled (the model LoRA was applied to)")
-    else:
-        reference = copy.deepcopy(model).to(runtime.device).eval().requires_grad_(False)
-        tracker.say("reference: a frozen copy of the starting model (dpo.precompute_ref=true or LoRA avoid the copy)")
-    model = boosters.apply(model, cfg, "lm", tracker.say)
-    objective = DPO(cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing, reference)
-    tracker.say(f"objective: {cfg.dpo.loss} loss, beta {cfg.dpo.beta}"
+    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+        cfg, train, val = ctx.cfg, ctx.extra["train"], ctx.extra["val"]
+        objective = self.objective(ctx, ctx.extra["reference"])
+        ctx.say(f"objective: {cfg.dpo.loss} loss, beta {cfg.dpo.beta}"
                 + (f", label smoothing {cfg.dpo.label_smoothing} (cDPO)" if cfg.dpo.label_smoothing else ""))
-    stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
-                         runtime.world_size, runtime.rank, lengths=train.lengths)
-    evaluate = ((lambda m: evaluate_pairs(m, val, objective, cfg.train.eval_batch_size, runtime.device, "val"))
-                if val is not None and len(val) else None)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
-                 on_start=on_start)
-    tracker.close()
-    return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+        evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
+        return Plan(objective, self.stream(ctx, train), evaluate, metric=cfg.train.metric or objective.default_metric,
+                    callbacks=ctx.extra["callbacks"])
 
+    def score(self, ctx: RunContext, model: nn.Module, data: EncodedPairs, split: str) -> dict[str, float]:
+        """Against the reference of `ctx.extra["objective"]` (the run's, or the one `test` loaded)."""
+        return evaluate_pairs(model, data, ctx.extra["objective"], ctx.cfg.train.eval_batch_size, ctx.device, split)
 
-def load_reference(run_dir: Path) -> nn.Module:
-    """The frozen reference a DPO run trained against, from RUN/reference.json."""
-    from honelm.boosters.lora import adapter_info
-    from honelm.models import load_model
-
-    path = run_dir / REFERENCE_FILE
-    if not path.is_file():
-        raise HonelmError(f"{run_dir}: no {REFERENCE_FILE} (where the reference model is)")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    where = (adapter_info(run_dir / "best")["base_model_name_or_path"] if info.get("kind") == "adapter_base"
-             else info.get("path"))
-    if not where or not Path(where).exists():
-        raise HonelmError(f"{run_dir}: the reference model {where} does not exist (moved or deleted?)")
-    return load_model(where, "lm")
-
-
-def evaluate_test(run_dir: Path, cfg: DPOConfig, test_rows: list[Any], train_rows: list[Any]) -> dict[str, Any]:
-    """Test loss and implicit-reward metrics of the best policy against its reference (honelm.protocol.test only)."""
-    from honelm.models import load_model
-    from honelm.tokenizer import load_tokenizer
-
-    device = rt.setup().device
-    best = run_dir / "best"
-    if not ((best / "config.json").is_file() or (best / "adapter_config.json").is_file()):
-        raise HonelmError(f"{run_dir}: no best/ model to test")
-    tokenizer = load_tokenizer(best)
-    policy = load_model(best, "lm").to(device).eval()
-    reference = load_reference(run_dir).to(device).eval()
-    data = P.encode_split(tokenizer, test_rows, cfg.data, "test", print)
-    if not len(data):
-        raise HonelmError(f"{run_dir}: no test pair is left after truncation at data.max_length={cfg.data.max_length}")
-    objective = DPO(cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing, reference)
-    with torch.no_grad():
-        out: dict[str, Any] = evaluate_pairs(policy, data, objective, cfg.train.eval_batch_size, device, "test")
-    out.update(n_pairs=len(data), n_dropped=len(data.dropped))
-    return out
+    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
+        """Test loss and implicit-reward metrics of best/ (the policy) against the run's reference."""
+        policy = self.load_best(ctx).to(ctx.device).eval()
+        reference = P.load_reference(ctx.run_dir).to(ctx.device).eval()
+        data = self.encode_test(ctx, rows)
+        self.objective(ctx, reference)
+        with torch.no_grad():
+            out: dict[str, Any] = self.score(ctx, policy, data, "test")
+        return {**out, "n_pairs": len(data), "n_dropped": len(data.dropped)}

@@ -8,10 +8,8 @@ assistant's reply.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from honelm import runtime as rt

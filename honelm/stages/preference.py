@@ -1,20 +1,37 @@
-"""What `honelm reward` and `honelm dpo` share: the data section, data preparation, dropout, the reference's origin.
+"""What `honelm reward` and `honelm dpo` share: the data section, the stage base class, dropout, the reference's origin.
 
 Both verbs train on preference pairs rendered through the tokenizer's chat template (a tokenizer
 without one gets honelm's default, `honelm.data.chat.ensure_template`), split by prompt
 (`honelm.data.preferences.split_pairs`), and batch each pair as two rows [chosen; rejected].
+`PreferenceStage` holds that common part of their `Stage`s. A run trained against a frozen
+reference (dpo) records where its weights are in RUN/reference.json, so `honelm test` scores
+against the same model (`reference_location`, `load_reference`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
+from honelm.boosters.lora import adapter_info
+from honelm.checkpoint import atomic_directory
+from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
+from honelm.errors import HonelmError
+from honelm.loop import BatchStream
+from honelm.models import load_model
+from honelm.runtime import Runtime
 from honelm.stages import setup as S
+from honelm.stages.contract import RunContext, Stage
+
+SPLIT_NAMES = {"val": "validation"}
+"""How a split is named in the log's truncation notes."""
+REFERENCE_FILE = "reference.json"
+"""RUN/reference.json: where a run's frozen reference model is (`reference_location`)."""
 
 
 @dataclass
@@ -66,13 +83,74 @@ def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig
     return enc
 
 
-def prepare(cfg: Any, run_dir: Path, runtime: Any, tracker: Any, resume: bool) -> tuple[Any, Any]:
-    """Splits (manifest written) and the tokenizer, with a chat template."""
-    from honelm.data.chat import ensure_template
+def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
+    """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
+    if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
+        return {"kind": "adapter_base"}
+    source = getattr(model, "honelm_source", None)
+    if source:
+        return {"kind": "checkpoint", "path": source}
+    target = run_dir / "reference"
+    if runtime.is_main and not (target / "config.json").is_file():
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return {"kind": "checkpoint", "path": str(target.resolve())}
 
-    splits = split_pairs(cfg.data, tracker.say)
-    S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
-    tokenizer = S.resolve_tokenizer(cfg.model, run_dir, lambda: pair_texts(splits.train), "bpe", tracker.say,
-                                    runtime, resume)
-    ensure_template(tokenizer, tracker.say)
-    return splits, tokenizer
+
+def load_reference(run_dir: Path) -> nn.Module:
+    """The frozen reference a DPO run trained against, from RUN/reference.json."""
+    path = run_dir / REFERENCE_FILE
+    if not path.is_file():
+        raise HonelmError(f"{run_dir}: no {REFERENCE_FILE} (where the reference model is)")
+    info = json.loads(path.read_text(encoding="utf-8"))
+    where = (adapter_info(run_dir / "best")["base_model_name_or_path"] if info.get("kind") == "adapter_base"
+             else info.get("path"))
+    if not where or not Path(where).exists():
+        raise HonelmError(f"{run_dir}: the reference model {where} does not exist (moved or deleted?)")
+    return load_model(where, "lm")
+
+
+class PreferenceStage(Stage):
+    """Pairs split by prompt, a chat template, [chosen; rejected] batches grouped by length."""
+
+    def splits(self, cfg: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+        return split_pairs(cfg.data, say, leak_texts)
+
+    def tokenizer_texts(self, ctx: RunContext) -> list[str]:
+        return pair_texts(ctx.splits.train)
+
+    def prepare(self, ctx: RunContext) -> None:
+        ensure_template(ctx.tokenizer, ctx.say)
+
+    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> EncodedPairs:
+        # `honelm test` has no tracker: its truncation note goes to the terminal
+        say = ctx.say if ctx.tracker is not None else print
+        return encode_split(ctx.tokenizer, rows, ctx.cfg.data, SPLIT_NAMES.get(split, split), say)
+
+    def encode_training(self, ctx: RunContext, model: nn.Module) -> tuple[EncodedPairs, EncodedPairs | None]:
+        """Train and validation pairs (validation None without a validation split), after the length check."""
+        S.check_block_fits(model, ctx.cfg.data.max_length, "data.max_length")
+        train = self.encode(ctx, ctx.splits.train, "train")
+        val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
+        if not len(train):
+            raise HonelmError("no training pair is left after truncation: raise data.max_length")
+        return train, val
+
+    def encode_test(self, ctx: RunContext, rows: list[Any]) -> EncodedPairs:
+        data = self.encode(ctx, rows, "test")
+        if not len(data):
+            raise HonelmError(f"{ctx.run_dir}: no test pair is left after truncation at "
+                              f"data.max_length={ctx.cfg.data.max_length}")
+        return data
+
+    @staticmethod
+    def data_line(train: EncodedPairs, val: EncodedPairs | None) -> str:
+        return f"data: {len(train)} train pairs, {len(val) if val else 0} validation pairs"
+
+    @staticmethod
+    def stream(ctx: RunContext, train: EncodedPairs) -> BatchStream:
+        """Batches of train pairs grouped by length (each pair is two padded rows)."""
+        cfg = ctx.cfg
+        return BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
+                           ctx.runtime.world_size, ctx.runtime.rank, lengths=train.lengths)

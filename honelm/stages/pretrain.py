@@ -17,6 +17,7 @@ from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
+from honelm.data.sources import SplitDataConfig, text_splits
 from honelm.loop import BatchStream
 from honelm.objectives.lm import CausalLM
 from honelm.stages import setup as S
@@ -24,7 +25,7 @@ from honelm.stages.contract import Plan, RunContext, Stage
 
 
 @dataclass
-class TextDataConfig(S.SplitDataConfig):
+class TextDataConfig(SplitDataConfig):
     """Text corpus for language modelling, its documents, and the block length."""
 
     unit: Literal["lines", "paragraphs", "files"] = "lines"
@@ -75,7 +76,7 @@ class Pretrain(Stage):
     config = PretrainConfig
 
     def splits(self, cfg: PretrainConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return S.text_splits(cfg.data, say, leak_texts)
+        return text_splits(cfg.data, say, leak_texts)
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg, tokenizer = ctx.cfg, ctx.tokenizer

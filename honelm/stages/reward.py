@@ -9,23 +9,21 @@ accuracy (strict), margin and the reward distribution; the best validation check
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from honelm import boosters
-from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
-from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
-from honelm.objectives.reward import RewardModel, bradley_terry, reward_stats
+from honelm.errors import ConfigError
+from honelm.models import load_model
+from honelm.objectives.reward import RewardModel, evaluate_pairs, score_pairs, scored_metrics
 from honelm.stages import preference as P
-from honelm.stages import setup as S
+from honelm.stages.contract import ModelSpec, Plan, RunContext, best_dir
 
 
 @dataclass
@@ -68,91 +66,57 @@ class RewardConfig:
     reward: RewardObjectiveConfig = section(RewardObjectiveConfig)
 
 
-def score_pairs(model: torch.nn.Module, data: EncodedPairs, batch_size: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_c, r_r), each (N,) on CPU in pair order, in length-sorted batches."""
-    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-    chosen, rejected = torch.empty(len(data)), torch.empty(len(data))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in data.collate(idx).items()}
-        r_c, r_r = RewardModel.scores(model, batch)
-        chosen[idx], rejected[idx] = r_c.cpu(), r_r.cpu()
-    return chosen, rejected
-
-
-def evaluate_pairs(model: torch.nn.Module, data: EncodedPairs, batch_size: int, device: torch.device, prefix: str,
-                   center_coef: float = 0.0) -> dict[str, float]:
-    """Loss (the training objective's mean), accuracy, margin and reward mean/std/min/max over `data`."""
-    r_c, r_r = score_pairs(model, data, batch_size, device)
-    loss = float(bradley_terry(r_c, r_r, data.margins, center_coef).double().mean())
-    return {f"{prefix}_loss": loss, **reward_stats(r_c, r_r, prefix)}
-
-
 def load_reward_model(path: Path | str) -> torch.nn.Module:
     """A reward run's best/ (or any one-output classifier directory, LoRA adapters merged) for scoring."""
-    from honelm.models import load_model
-
     return load_model(path, "classify", num_labels=1, id2label={0: "reward"})
 
 
-def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
-    runtime = rt.setup(cfg.train.threads)
-    rt.seed_everything(cfg.run.seed)
-    run_dir = S.run_directory("reward", cfg, runtime, resume)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
-    splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
-    model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=1,
-                            id2label={0: "reward"}, carry=boosters.carries_adapter(cfg, "reward"))
-    # the head reads the last token that is not the pad id: batches are padded with the tokenizer's
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tracker.say("note: the tokenizer pads with its EOS token, which also ends every turn: the reward is read at "
+class Reward(P.PreferenceStage):
+    """A one-output classifier trained so chosen outscores rejected; validation and test: loss, accuracy, rewards."""
+
+    name = "reward"
+    config = RewardConfig
+
+    def model_spec(self, ctx: RunContext) -> ModelSpec:
+        return ModelSpec("classify", num_labels=1, id2label={0: "reward"})
+
+    def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
+        tokenizer = ctx.tokenizer
+        # the head reads the last token that is not the pad id: batches are padded with the tokenizer's
+        loaded.model.config.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            ctx.say("note: the tokenizer pads with its EOS token, which also ends every turn: the reward is read at "
                     "the last token before the final EOS")
-    if cfg.reward.disable_dropout:
-        n = P.disable_dropout(model)
-        if n:
-            tracker.say(f"dropout: turned off in {n} places (reward.disable_dropout=true)")
-    model = boosters.apply(model, cfg, "classify", tracker.say)
-    S.check_block_fits(model, cfg.data.max_length, "data.max_length")
-    train = P.encode_split(tokenizer, splits.train, cfg.data, "train", tracker.say)
-    val = P.encode_split(tokenizer, splits.val, cfg.data, "validation", tracker.say) if splits.val else None
-    if not len(train):
-        raise HonelmError("no training pair is left after truncation: raise data.max_length")
-    if train.margins is not None:
-        tracker.say(f"margin: from field '{cfg.data.margin_field}' (loss -log σ(r_c - r_r - margin))")
-    tracker.say(f"data: {len(train)} train pairs, {len(val) if val else 0} validation pairs")
-    stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
-                         runtime.world_size, runtime.rank, lengths=train.lengths)
-    evaluate = ((lambda m: evaluate_pairs(m, val, cfg.train.eval_batch_size, runtime.device, "val",
-                                          cfg.reward.center_coef)) if val is not None and len(val) else None)
-    objective = RewardModel(center_coef=cfg.reward.center_coef)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
-    tracker.close()
-    return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+        if ctx.cfg.reward.disable_dropout:
+            n = P.disable_dropout(loaded.model)
+            if n:
+                ctx.say(f"dropout: turned off in {n} places (reward.disable_dropout=true)")
 
+    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+        cfg = ctx.cfg
+        train, val = self.encode_training(ctx, loaded.model)
+        if train.margins is not None:
+            ctx.say(f"margin: from field '{cfg.data.margin_field}' (loss -log σ(r_c - r_r - margin))")
+        ctx.say(self.data_line(train, val))
+        evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
+        objective = RewardModel(center_coef=cfg.reward.center_coef)
+        return Plan(objective, self.stream(ctx, train), evaluate, metric=cfg.train.metric or objective.default_metric)
 
-def evaluate_test(run_dir: Path, cfg: RewardConfig, test_rows: list[Any], train_rows: list[Any]) -> dict[str, Any]:
-    """Test metrics of the run's best model (called only by honelm.protocol.test)."""
-    from honelm.tokenizer import load_tokenizer
+    def score(self, ctx: RunContext, model: torch.nn.Module, data: EncodedPairs, split: str) -> dict[str, float]:
+        cfg = ctx.cfg
+        return evaluate_pairs(model, data, cfg.train.eval_batch_size, ctx.device, split, cfg.reward.center_coef)
 
-    device = rt.setup().device
-    best = run_dir / "best"
-    if not ((best / "config.json").is_file() or (best / "adapter_config.json").is_file()):
-        raise HonelmError(f"{run_dir}: no best/ model to test")
-    tokenizer = load_tokenizer(best)
-    model = load_reward_model(best).to(device).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    data = P.encode_split(tokenizer, test_rows, cfg.data, "test", print)
-    if not len(data):
-        raise HonelmError(f"{run_dir}: no test pair is left after truncation at data.max_length={cfg.data.max_length}")
-    with torch.no_grad():
-        r_c, r_r = score_pairs(model, data, cfg.train.eval_batch_size, device)
-    loss = float(bradley_terry(r_c, r_r, data.margins, cfg.reward.center_coef).double().mean())
-    out: dict[str, Any] = {"test_loss": loss, **reward_stats(r_c, r_r, "test"), "n_pairs": len(data),
-                           "n_dropped": len(data.dropped)}
-    out["predictions"] = [[float(a), float(b)] for a, b in zip(r_c, r_r)]
-    return out
+    def load_best(self, ctx: RunContext) -> torch.nn.Module:
+        model = load_reward_model(best_dir(ctx.run_dir))
+        model.config.pad_token_id = ctx.tokenizer.pad_token_id
+        return model
+
+    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
+        """Test metrics, the pair counts, and every test pair's [r_chosen, r_rejected] as test_predictions.json."""
+        model = self.load_best(ctx).to(ctx.device).eval()
+        data = self.encode_test(ctx, rows)
+        with torch.no_grad():
+            r_c, r_r = score_pairs(model, data, ctx.cfg.train.eval_batch_size, ctx.device)
+        predictions = [[float(a), float(b)] for a, b in zip(r_c, r_r)]
+        return {**scored_metrics(r_c, r_r, data.margins, ctx.cfg.reward.center_coef, "test"), "n_pairs": len(data),
+                "n_dropped": len(data.dropped), "files": {"test_predictions.json": json.dumps(predictions)}}

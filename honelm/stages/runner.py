@@ -21,6 +21,7 @@ from honelm import runtime as rt
 from honelm.checkpoint import list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import fit
+from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 
@@ -30,8 +31,8 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     stage.check(cfg)
-    run_dir = S.run_directory(stage.name, cfg, runtime, resume)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
+    run_dir = run_directory(stage.name, cfg, runtime, resume)
+    tracker = tracker_for(run_dir, runtime, cfg)
     return RunContext(cfg=cfg, runtime=runtime, run_dir=run_dir, tracker=tracker, resume=resume is not None)
 
 
@@ -71,7 +72,8 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     save = plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
                                                             if plan.best_files is not None else None))
     return fit(model, objective, plan.stream, ctx.cfg.train, ctx.runtime, ctx.run_dir, plan.evaluate, save,
-               metric=plan.metric, resume=resume, tracker=ctx.tracker, frozen_models=plan.frozen_models)
+               metric=plan.metric, resume=resume, tracker=ctx.tracker, on_start=_on_start(plan.callbacks),
+               frozen_models=plan.frozen_models)
 
 
 def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], Any]:
@@ -104,10 +106,27 @@ def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] =
     return plan, fit_plan(ctx, plan, model, objective, resume)
 
 
+def _on_start(callbacks: Sequence[Any]) -> Callable[[str], None] | None:
+    """TRANSITION (issue 17): the plan callbacks' `on_start(state)` as today's `fit(on_start=precision)`.
+
+    fit calls it on a fresh run only, so the state says `resumed=False`; removed when fit takes
+    callbacks itself.
+    """
+    starters = [cb for cb in callbacks if hasattr(cb, "on_start")]
+    if not starters:
+        return None
+
+    def on_start(precision: str) -> None:
+        for cb in starters:
+            cb.on_start(SimpleNamespace(precision=precision, resumed=False))
+
+    return on_start
+
+
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What a stage run returns (the CLI, a search trial and a pipeline read it)."""
     return {"run_dir": str(ctx.run_dir), "steps": result.steps, "reason": result.reason,
-            "best_step": result.best_step, **result.last_eval, **extra}
+            "best_step": result.best_step, **result.last_eval, **extra, "stop_requested": result.stop_requested}
 
 
 def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

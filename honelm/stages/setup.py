@@ -1,134 +1,24 @@
-"""Steps every stage shares: the run directory, data splits, tokenizer and model resolution.
+"""How `model.*` becomes a tokenizer and a model for a run (the runner calls these).
 
-A stage module keeps to its own logic (which objective, which batches, which metrics); this
-module owns how a run directory is created and resumed, how `data.*` becomes train/val splits
-(never test: only `honelm test` reads that, through `honelm.protocol.testset`), and how
-`model.*` becomes a tokenizer and a model.
+TRANSITION (issue 17): the run directory moved to honelm.rundir and the data section to
+honelm.data.sources; the names below are re-exported until every stage imports them from there.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
-from honelm import __version__
 from honelm import config as C
-from honelm.checkpoint import list_checkpoints, resolve_model_dir
-from honelm.errors import ConfigError, HonelmError
+from honelm.checkpoint import resolve_model_dir
+from honelm.data.sources import SplitDataConfig, labelled_splits, say_split, text_splits  # noqa: F401 (transition)
+from honelm.errors import ConfigError
+from honelm.rundir import load_run_config, run_directory, stage_of, tracker_for, write_json  # noqa: F401 (transition)
 from honelm.runtime import Runtime
-from honelm.tracking import Tracker
 
-
-@dataclass
-class SplitDataConfig:
-    """Where the data comes from and how it is split into train / validation / test."""
-
-    train: str = ""
-    """Training data: a file, directory or glob (comma-separated for several)."""
-    val: str = ""
-    """Validation data file; empty = split off the training data by data.split."""
-    test: str = ""
-    """Test data file, read only by `honelm test`; empty = split off the training data."""
-    split: str = "8:1:1"
-    """train:val:test ratios for what is split off (8:1:1 default; 6:2:2 accepted)."""
-    seed: int = 0
-    """Split seed, separate from run.seed so training seeds never change the split."""
-    dedup: bool = False
-    """Remove from train the exact and near duplicates of validation/test texts (always reported)."""
-    near_dup_threshold: float = 0.8
-    """Jaccard similarity of word 3-gram shingles at or above which two texts count as near duplicates (one changed word in 20 gives about 0.7)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# run directory
-
-
-def _broadcast_str(runtime: Runtime, value: str) -> str:
-    if not runtime.distributed:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _any_checkpoint(run_dir: Path) -> bool:
-    """Training checkpoints in the run, or in a sub-run it keeps (plae's teacher in RUN/plae_teacher/)."""
-    if list_checkpoints(run_dir / "checkpoints"):
-        return True
-    return any(list_checkpoints(sub / "checkpoints") for sub in run_dir.iterdir() if sub.is_dir())
-
-
-def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) -> Path:
-    """Create (or, with resume, reopen) the run directory and point `latest` at it.
-
-    An existing non-empty directory is refused, except with `run.overwrite=true` on a honelm run
-    without checkpoints: its old files are removed first, so the new run's logs are not mixed
-    with the old one's. A directory that is not a honelm run (no run.json) is never removed.
-    """
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise HonelmError(f"{resume}: not a run directory (no config.yaml)")
-        if not _any_checkpoint(run_dir):
-            raise HonelmError(f"{resume}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
-        return run_dir
-    out = Path(cfg.run.out_dir or f"runs/{stage}")
-    name = _broadcast_str(runtime, cfg.run.name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir = out / name
-    if runtime.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if _any_checkpoint(run_dir):
-                raise HonelmError(f"{run_dir} already holds a run: resume it with `honelm {stage} --resume {run_dir}` "
-                                  "or choose another run.name")
-            if not cfg.run.overwrite:
-                raise HonelmError(f"{run_dir} exists and is not empty; set run.overwrite=true or another run.name")
-            if not (run_dir / "run.json").is_file():
-                raise HonelmError(f"{run_dir} is not a honelm run directory (no run.json): run.overwrite does not "
-                                  "remove other files; choose another run.name")
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.dump(cfg, run_dir / "config.yaml", header=f"# honelm {stage} --config {run_dir / 'config.yaml'}")
-        info = {"stage": stage, "honelm_version": __version__, "argv": sys.argv, "started": time.time(),
-                "world_size": runtime.world_size}
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        link = out / "latest"
-        tmp = out / f".latest-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(name, tmp)
-        os.replace(tmp, link)
-    runtime.barrier()
-    return run_dir
-
-
-def stage_of(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["stage"]
-    except (OSError, KeyError, ValueError):
-        raise HonelmError(f"{run_dir}: not a honelm run directory (no run.json)") from None
-
-
-def load_run_config(run_dir: Path, cls: type) -> Any:
-    return C.build(cls, run_dir / "config.yaml")
-
-
-def tracker_for(run_dir: Path, runtime: Runtime, cfg: Any, total_steps: int = 0) -> Tracker:
-    train = getattr(cfg, "train", None)
-    return Tracker(run_dir, enabled=runtime.is_main, tensorboard=bool(train and train.tensorboard),
-                   total_steps=total_steps, progress=bool(train is None or train.progress))
-
-
-def write_json(path: Path, payload: Any, runtime: Runtime | None = None) -> None:
-    if runtime is None or runtime.is_main:
-        path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+_say_split = say_split  # transition
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,58 +112,3 @@ def check_block_fits(model: torch.nn.Module, length: int, what: str) -> None:
         raise ConfigError(f"{what}={length} is longer than the model's max_position_embeddings={limit}")
 
 
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-    """Documents for language modelling, split by data.split (or the given val/test files)."""
-    from honelm.data.readers import read_documents
-    from honelm.data.splits import make_splits, parse_ratios
-
-    if not data.train:
-        raise ConfigError("data.train is empty: give a text file, directory or glob")
-    docs = read_documents(data.train.split(","), unit=data.unit, text_field=data.text_field)
-    val = read_documents(data.val.split(","), unit=data.unit, text_field=data.text_field) if data.val else None
-    load_test = (lambda: read_documents(data.test.split(","), unit=data.unit, text_field=data.text_field)) \
-        if data.test else None
-    splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
-                         load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
-                         near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
-    _say_split(splits.manifest, say)
-    return splits
-
-
-def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-    """Labelled examples, split stratified by label (classification) by data.split.
-
-    `leak_texts` (the texts of a user-supplied test file) is passed only by `honelm test`, which
-    has already opened that file: training never reads it, so its duplicates are found then.
-    """
-    from honelm.data.readers import read_examples
-    from honelm.data.splits import make_splits, parse_ratios
-
-    if not data.train:
-        raise ConfigError("data.train is empty: give a labelled JSONL/JSON/CSV/TSV/Parquet file")
-    fields = dict(text_field=data.text_field, pair_field=data.pair_field or None, label_field=data.label_field,
-                  task=data.task)
-    examples = read_examples(data.train, **fields)
-    val = read_examples(data.val, **fields) if data.val else None
-    load_test = (lambda: read_examples(data.test, **fields)) if data.test else None
-    splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
-                         stratify=data.task == "classification", val=val, load_test=load_test,
-                         test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
-                         test_texts_for_leak_check=leak_texts)
-    _say_split(splits.manifest, say)
-    return splits
-
-
-def _say_split(manifest: dict, say: Callable[[str], None]) -> None:
-    counts = manifest.get("counts", {})
-    dup = manifest.get("duplicates", {})
-    exact = dup.get("exact", {}).get("count", 0)
-    near = dup.get("near", {}).get("count", 0)
-    removed = manifest.get("dedup", {}).get("removed_from_train", 0)
-    say(f"split: train {counts.get('train')}, val {counts.get('val')}, test {counts.get('test')}; "
-        f"across splits {exact} exact and {near} near duplicates" + (f", {removed} removed from train" if removed else
-                                                                     " (data.dedup=true removes them from train)" if exact + near else ""))

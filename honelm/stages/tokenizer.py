@@ -7,14 +7,15 @@ RUN/tokenizer, loadable with `AutoTokenizer.from_pretrained`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from honelm import runtime as rt
 from honelm.config import RunConfig, section
-from honelm.stages import setup as S
+from honelm.data.sources import text_splits
+from honelm.rundir import run_directory, tracker_for, write_json
 from honelm.stages.pretrain import TextDataConfig
+from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
 
 
 @dataclass
@@ -41,13 +42,11 @@ class TokenizerConfig:
 
 
 def run(cfg: TokenizerConfig, resume: str | None = None) -> dict[str, Any]:
-    from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
-
     runtime = rt.setup()
-    run_dir = S.run_directory("tokenizer", cfg, runtime, None)
-    tracker = S.tracker_for(run_dir, runtime, cfg)
-    splits = S.text_splits(cfg.data, tracker.say)
-    S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
+    run_dir = run_directory("tokenizer", cfg, runtime, None)
+    tracker = tracker_for(run_dir, runtime, cfg)
+    splits = text_splits(cfg.data, tracker.say)
+    write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
     texts = [d.text for d in splits.train]
     opts = cfg.tokenizer
     tokenizer = train_tokenizer(texts, kind=opts.kind, vocab_size=opts.vocab_size, min_frequency=opts.min_frequency,
@@ -55,7 +54,7 @@ def run(cfg: TokenizerConfig, resume: str | None = None) -> dict[str, Any]:
     tokenizer.save_pretrained(run_dir / "tokenizer")
     stats = bytes_per_token_stats(tokenizer, [d.text for d in splits.val] or texts[:1000])
     summary = {"kind": opts.kind, "vocab_size": len(tokenizer), "train_documents": len(texts), **stats}
-    S.write_json(run_dir / "tokenizer_stats.json", summary, runtime)
+    write_json(run_dir / "tokenizer_stats.json", summary, runtime)
     tracker.event("end", 0, reason="done", message=f"tokenizer saved to {run_dir / 'tokenizer'}",
                   **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.close()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from honelm.protocol.predictions import read_records
+from honelm.predictions import read_records
 from tests.stages.conftest import FAST, cli, events
 
 SHORT = ["train.max_steps=30", "train.eval_every=10", "train.batch_size=16", "train.lr=2e-3", "data.max_length=48", *FAST]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from honelm.protocol.predictions import read_records
+from honelm.predictions import read_records
 from tests.stages.conftest import FAST, cli, events
 
 LORA = ["lora.enabled=true", "lora.dropout=0.0"]

@@ -7,12 +7,17 @@ from pathlib import Path
 import pytest
 
 from honelm import config as C
-from honelm.cli import VERBS, config_help, find_config, main
+from honelm.cli import config_help, main
+from honelm.registry import VERBS, find_config
 from honelm.errors import ConfigError
+from honelm.pipeline import PipelineConfig
+from honelm.protocol.ablate import AblateConfig
+from honelm.protocol.search import SearchConfig
 from honelm.stages.classify import ClassifyConfig
 from honelm.stages.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+FILE_VERBS = {"pipeline": PipelineConfig, "search": SearchConfig, "ablate": AblateConfig}  # verbs that read a spec file
 
 
 def test_every_field_has_a_doc():
@@ -20,6 +25,7 @@ def test_every_field_has_a_doc():
 
     classes = [getattr(importlib.import_module(v.module), v.config) for v in VERBS.values() if v.module]
     assert PretrainConfig in classes and ClassifyConfig in classes
+    classes += FILE_VERBS.values()  # with their sections: stages[].verb, space.<key>.low, variants.<key>.before[].name
     for cls in classes:
         for key, _tp, _default, doc in C.describe(cls):
             assert doc, f"{cls.__name__}.{key} has no docstring"
@@ -101,6 +107,17 @@ def test_help_lists_every_field(capsys):
             cls = getattr(importlib.import_module(verb.module), verb.config)
             for key, tp, default, _doc in C.describe(cls):
                 assert f"{key}: {tp} = {default}" in out
+
+
+def test_help_of_the_file_verbs_lists_the_fields_of_their_file(capsys):
+    for verb, cls in FILE_VERBS.items():
+        with pytest.raises(SystemExit) as stop:  # argparse's --help, after its own options
+            main([verb, "--help"])
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        assert "--out-dir" in out or "--dry-run" in out
+        for key, tp, default, _doc in C.describe(cls):
+            assert f"{key}: {tp} = {default}" in out
 
 
 def test_top_level_help_and_ls_list_verbs(capsys):

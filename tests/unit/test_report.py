@@ -291,7 +291,7 @@ def test_malformed_predictions_are_reported_not_dropped(tmp_path: Path) -> None:
 def test_prediction_records_format_and_reader(tmp_path: Path) -> None:
     import torch
 
-    from honelm.protocol import predictions as P
+    from honelm import predictions as P
 
     logits = torch.tensor([[0.0, 0.0], [1.0, 3.0]], dtype=torch.bfloat16)
     rows = P.prediction_records(logits, [1, 1], regression=False)

@@ -166,9 +166,8 @@ def test_bleu_and_chrf_by_hand():
 
 
 def test_packing_is_refused_for_a_model_that_attends_across_examples(tiny_llama):
-    from honelm.data.sft import SFTExamples
+    from honelm.data.sft import SFTExamples, check_packing
     from honelm.errors import ConfigError
-    from honelm.stages.sft import check_packing
 
     class KeepsCache(torch.nn.Module):
         """transformers' default use_cache=True: the mask builder then ignores position_ids."""

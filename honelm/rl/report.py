@@ -1,0 +1,35 @@
+"""PPO's part of the run report: the rollouts and the update statistics, from the run's events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from honelm.reporting import ReportSection, RunData, fmt, plot_val_metrics, series, table
+
+# What a PPO run's `rollout` events (one per sampled batch) and its `train` events carry, in panel order.
+ROLLOUT_KEYS = ("score", "rlhf_reward", "kl", "response_length", "ended", "time_s")
+PPO_TRAIN_KEYS = ("pg_loss", "vf_loss", "entropy", "clipfrac", "vf_clipfrac", "approx_kl")
+
+
+def rollouts_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
+    """Rollout and update panels with a first/last table; nothing for a run without rollout events."""
+    rollouts = {k: pts for k in ROLLOUT_KEYS if (pts := series(data.events, "rollout", k))}
+    if not rollouts:
+        return []
+    plot_val_metrics(plots / "rollouts.png", rollouts, "PPO rollouts vs step (per-sequence means)")
+    written.add("rollouts.png")
+    updates = {k: pts for k in PPO_TRAIN_KEYS if (pts := series(data.events, "train", k))}
+    if updates:
+        plot_val_metrics(plots / "ppo.png", updates, "PPO updates vs step (per response token)")
+        written.add("ppo.png")
+    lines = ["## PPO rollouts", "",
+             "Each rollout samples responses at the training temperature; `score` is the reward model's, "
+             "`kl` the summed per-token KL to the reference, `rlhf_reward` = score − kl_coef·kl, `ended` the "
+             "fraction of responses that emitted EOS.", "", "![PPO rollouts](plots/rollouts.png)", ""]
+    if updates:
+        lines += ["![PPO updates](plots/ppo.png)", ""]
+    rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
+    return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]
+
+
+SECTION = ReportSection("curves", ("rollouts.png", "ppo.png"), rollouts_section)
