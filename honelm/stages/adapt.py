@@ -43,6 +43,7 @@ import torch
 
 from honelm import boosters
 from honelm import runtime as rt
+from honelm.adapters import adapter_info
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import resolve_model_dir, save_pretrained_atomic
@@ -53,7 +54,7 @@ from honelm.data.packing import PackedBlocks, bits_per_byte, pack
 from honelm.data.readers import Document, read_documents
 from honelm.errors import ConfigError, HonelmError
 from honelm.loop import BatchStream, fit
-from honelm.models import model_kind
+from honelm.models import LoadedModel, model_kind
 from honelm.objectives.base import Objective
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.mlm import MaskedLM
@@ -339,8 +340,6 @@ def kind_of_dir(path: str | Path, trust_remote_code: bool = False) -> str:
     source: str | Path = path
     local = Path(path)
     if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
-        from honelm.boosters.lora import adapter_info
-
         source = adapter_info(path)["base_model_name_or_path"]
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
@@ -349,9 +348,9 @@ def kind_of_dir(path: str | Path, trust_remote_code: bool = False) -> str:
     return model_kind(config)
 
 
-def report_new_head(model: torch.nn.Module, say: Callable[[str], None]) -> list[str]:
-    """Say whether load_model had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
-    new = list(getattr(model, "honelm_new_weights", []) or [])
+def report_new_head(loaded: LoadedModel, say: Callable[[str], None]) -> list[str]:
+    """Say whether the loader had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
+    new, model = list(loaded.new_weights), loaded.model
     if not new:
         return new
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
@@ -456,9 +455,10 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir, lambda: [d.text for d in corpus.train],
                                     "wordpiece" if kind == "encoder" else "bpe", say, runtime, resume is not None)
     task = "mlm" if kind == "encoder" else "lm"
-    model = S.resolve_model(cfg.model, task, tokenizer, cfg.run.seed, say,
-                            carry=boosters.carries_adapter(cfg, "adapt"))
-    report_new_head(model, say)
+    loaded = S.resolve_model(cfg.model, task, tokenizer, cfg.run.seed, say,
+                             carry=boosters.carries_adapter(cfg, "adapt"))
+    model = loaded.model
+    report_new_head(loaded, say)
     S.check_block_fits(model, cfg.data.block_size, "data.block_size")
     if kind == "encoder" and (tokenizer.mask_token_id is None or tokenizer.cls_token_id is None):
         raise ConfigError("masked LM needs a tokenizer with mask, CLS and SEP tokens (a WordPiece/BERT-style "
@@ -480,7 +480,8 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
         with open(run_dir / "curated.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in picks)
 
-    model = boosters.apply(model, cfg, task, say)
+    loaded = boosters.apply(loaded, cfg, task, say)
+    model = loaded.model
     packed = kind == "decoder" or pack_blocks(cfg, mode)
     train_rows = make_rows(kind, tokenizer, [d.text for d in corpus.train], cfg, packed, runtime.rank)
     val_rows = {name: make_rows(kind, tokenizer, [d.text for d in docs], cfg, packed)
@@ -506,7 +507,8 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
 
     objective = boosters.objective(MaskedLM() if kind == "encoder" else CausalLM(), cfg, tokenizer, say)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate if val_rows else None,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
     tracker.close()
     return {"run_dir": str(run_dir), "mode": mode, "steps": result.steps, "reason": result.reason,

@@ -32,12 +32,14 @@ from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
-from honelm.boosters.lora import LoraConfig, mutates_base
+from honelm.adapters import adapter_info, mutates_base
+from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import atomic_directory, list_checkpoints, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
 from honelm.loop import BatchStream, fit
+from honelm.models import LoadedModel, load_model, model_kind
 from honelm.objectives.dpo import DPO
 from honelm.objectives.logprobs import sequence_logps
 from honelm.stages import preference as P
@@ -141,17 +143,16 @@ def checkpoint_precision(run_dir: Path) -> str:
     return state["precision"]
 
 
-def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bool, runtime: rt.Runtime) -> dict:
+def reference_location(loaded: LoadedModel, tokenizer: Any, run_dir: Path, lora: bool, runtime: rt.Runtime) -> dict:
     """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
     if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
         return {"kind": "adapter_base"}
-    source = getattr(model, "honelm_source", None)
-    if source:
-        return {"kind": "checkpoint", "path": source}
+    if loaded.source:
+        return {"kind": "checkpoint", "path": loaded.source}
     target = run_dir / "reference"
     if runtime.is_main and not (target / "config.json").is_file():
         with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     return {"kind": "checkpoint", "path": str(target.resolve())}
 
@@ -162,10 +163,9 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
     run_dir = S.run_directory("dpo", cfg, runtime, resume)
     tracker = S.tracker_for(run_dir, runtime, cfg)
     splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
-                            carry=boosters.carries_adapter(cfg, "dpo"))
-    from honelm.models import model_kind
-
+    loaded = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                             carry=boosters.carries_adapter(cfg, "dpo"))
+    model = loaded.model
     if model_kind(model) != "decoder":
         raise HonelmError(f"dpo trains a causal LM; {cfg.model.init_from} is an encoder")
     if cfg.dpo.disable_dropout:
@@ -178,7 +178,7 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
     if not len(train):
         raise HonelmError("no training pair is left after truncation: raise data.max_length")
     tracker.say(f"data: {len(train)} train pairs, {len(val) if val else 0} validation pairs")
-    location = reference_location(model, tokenizer, run_dir, cfg.lora.enabled, runtime)
+    location = reference_location(loaded, tokenizer, run_dir, cfg.lora.enabled, runtime)
     if runtime.is_main:
         S.write_json(run_dir / REFERENCE_FILE, location)
 
@@ -208,7 +208,8 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
     else:
         reference = copy.deepcopy(model).to(runtime.device).eval().requires_grad_(False)
         tracker.say("reference: a frozen copy of the starting model (dpo.precompute_ref=true or LoRA avoid the copy)")
-    model = boosters.apply(model, cfg, "lm", tracker.say)
+    loaded = boosters.apply(loaded, cfg, "lm", tracker.say)
+    model = loaded.model
     objective = DPO(cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing, reference)
     tracker.say(f"objective: {cfg.dpo.loss} loss, beta {cfg.dpo.beta}"
                 + (f", label smoothing {cfg.dpo.label_smoothing} (cDPO)" if cfg.dpo.label_smoothing else ""))
@@ -217,7 +218,8 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
     evaluate = ((lambda m: evaluate_pairs(m, val, objective, cfg.train.eval_batch_size, runtime.device, "val"))
                 if val is not None and len(val) else None)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
                  on_start=on_start)
     tracker.close()
@@ -227,9 +229,6 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
 
 def load_reference(run_dir: Path) -> nn.Module:
     """The frozen reference a DPO run trained against, from RUN/reference.json."""
-    from honelm.boosters.lora import adapter_info
-    from honelm.models import load_model
-
     path = run_dir / REFERENCE_FILE
     if not path.is_file():
         raise HonelmError(f"{run_dir}: no {REFERENCE_FILE} (where the reference model is)")
@@ -243,7 +242,6 @@ def load_reference(run_dir: Path) -> nn.Module:
 
 def evaluate_test(run_dir: Path, cfg: DPOConfig, test_rows: list[Any], train_rows: list[Any]) -> dict[str, Any]:
     """Test loss and implicit-reward metrics of the best policy against its reference (honelm.protocol.test only)."""
-    from honelm.models import load_model
     from honelm.tokenizer import load_tokenizer
 
     device = rt.setup().device

@@ -97,8 +97,9 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     if tokenizer.eos_token_id is None:
         raise HonelmError("the tokenizer has no EOS token: responses could never end (and nothing would be masked)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, say,
+    loaded = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, say,
                              carry=boosters.carries_adapter(cfg, "ppo"))
+    policy = loaded.model
     if disable_dropout(policy):
         say("dropout: turned off in the policy (PPO's ratio must be exactly 1 before an update)")
     train, cut = encode_prompts(tokenizer, splits.train, chat, cfg.data.max_prompt_length)
@@ -109,7 +110,8 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     longest = max(len(p.ids) for p in train + val)
     S.check_block_fits(policy, longest + cfg.ppo.response_length, "the longest prompt + ppo.response_length")
 
-    policy = boosters.apply(policy, cfg, "lm", say)
+    loaded = boosters.apply(loaded, cfg, "lm", say)
+    policy = loaded.model
     reference = Reference(policy, lora=cfg.lora.enabled).to(runtime.device)
     say("reference: " + ("the policy with its LoRA adapters disabled" if cfg.lora.enabled else "a frozen copy of the starting policy"))
     if cfg.ppo.value_model == "shared":
@@ -136,7 +138,8 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
     evaluate = (lambda m: validate_policy(sampler, val, cfg.run.seed)) if val else None
     objective = PPO(cfg.ppo.temperature, cfg.ppo.clip, cfg.ppo.clip_value, cfg.ppo.vf_coef)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m.policy, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m.policy, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
                  frozen_models=sampler.frozen_models())
     if result.reason != "interrupted" and val and runtime.is_main:

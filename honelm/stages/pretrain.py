@@ -80,9 +80,10 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     S.write_json(run_dir / "split_manifest.json", splits.manifest, runtime)
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
                                     lambda: [d.text for d in splits.train], "bpe", tracker.say, runtime, resume is not None)
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
-                            carry=boosters.carries_adapter(cfg, "pretrain"))
-    model = boosters.apply(model, cfg, "lm", tracker.say)
+    loaded = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                             carry=boosters.carries_adapter(cfg, "pretrain"))
+    loaded = boosters.apply(loaded, cfg, "lm", tracker.say)
+    model = loaded.model
     S.check_block_fits(model, cfg.data.block_size, "data.block_size")
     train_blocks = pack(tokenizer, [d.text for d in splits.train], cfg.data.block_size)
     val_blocks = pack(tokenizer, [d.text for d in splits.val], cfg.data.block_size) if splits.val else None
@@ -93,7 +94,8 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     evaluate = (lambda m: lm_metrics(m, val_blocks, cfg.train.eval_batch_size, runtime.device)) if val_blocks else None
     objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,

@@ -102,8 +102,9 @@ def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
     run_dir = S.run_directory("reward", cfg, runtime, resume)
     tracker = S.tracker_for(run_dir, runtime, cfg)
     splits, tokenizer = P.prepare(cfg, run_dir, runtime, tracker, resume is not None)
-    model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=1,
-                            id2label={0: "reward"}, carry=boosters.carries_adapter(cfg, "reward"))
+    loaded = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=1,
+                             id2label={0: "reward"}, carry=boosters.carries_adapter(cfg, "reward"))
+    model = loaded.model
     # the head reads the last token that is not the pad id: batches are padded with the tokenizer's
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -113,7 +114,8 @@ def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
         n = P.disable_dropout(model)
         if n:
             tracker.say(f"dropout: turned off in {n} places (reward.disable_dropout=true)")
-    model = boosters.apply(model, cfg, "classify", tracker.say)
+    loaded = boosters.apply(loaded, cfg, "classify", tracker.say)
+    model = loaded.model
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     train = P.encode_split(tokenizer, splits.train, cfg.data, "train", tracker.say)
     val = P.encode_split(tokenizer, splits.val, cfg.data, "validation", tracker.say) if splits.val else None
@@ -128,7 +130,8 @@ def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
                                           cfg.reward.center_coef)) if val is not None and len(val) else None)
     objective = RewardModel(center_coef=cfg.reward.center_coef)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,

@@ -276,9 +276,10 @@ def run(cfg: SFTConfig, resume: str | None = None) -> dict[str, Any]:
                                     "bpe", tracker.say, runtime, resume is not None)
     if not ensure_template(tokenizer, tracker.say):
         tracker.say("chat template: the tokenizer's own")
-    model = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
-                            carry=boosters.carries_adapter(cfg, "sft"))
-    model = boosters.apply(model, cfg, "lm", tracker.say)
+    loaded = S.resolve_model(cfg.model, "lm", tokenizer, cfg.run.seed, tracker.say,
+                             carry=boosters.carries_adapter(cfg, "sft"))
+    loaded = boosters.apply(loaded, cfg, "lm", tracker.say)
+    model = loaded.model
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     train = encode_split(tokenizer, splits.train, cfg.data)
     val = encode_split(tokenizer, splits.val, cfg.data) if splits.val else None
@@ -301,7 +302,8 @@ def run(cfg: SFTConfig, resume: str | None = None) -> dict[str, Any]:
         evaluate = lambda m: lm_scores(m, val, cfg.train.eval_batch_size, runtime.device, "val")  # noqa: E731
     objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
     result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info,
+                                                        base_pending=loaded.base_pending),
                  metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
     scores: dict[str, float] = {}
     if result.reason != "interrupted" and splits.val and cfg.samples.n > 0:
