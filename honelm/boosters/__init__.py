@@ -11,7 +11,10 @@ from typing import Any, Callable
 
 import torch
 
-from torch import nn
+from honelm.boosters.adversarial import Adversarial, describe
+from honelm.boosters.lora import apply_lora
+from honelm.errors import ConfigError
+from honelm.models import LoadedModel
 
 
 def carries_adapter(cfg: Any, stage: str) -> bool:
@@ -20,8 +23,6 @@ def carries_adapter(cfg: Any, stage: str) -> bool:
     dpo and ppo refuse: their reference is the policy with its adapters disabled, which under a
     carried adapter would be the model from before that adapter, not the starting policy.
     """
-    from honelm.errors import ConfigError
-
     lora_cfg = getattr(cfg, "lora", None)
     if lora_cfg is None or not lora_cfg.carry:
         return False
@@ -34,14 +35,12 @@ def carries_adapter(cfg: Any, stage: str) -> bool:
     return True
 
 
-def apply(model: nn.Module, cfg: Any, task: str, say: Callable[[str], None]) -> nn.Module:
-    """Return the model the loop should train (the same object when no booster applies)."""
+def apply(loaded: LoadedModel, cfg: Any, task: str, say: Callable[[str], None]) -> LoadedModel:
+    """Return the record of the model the loop should train (`loaded` itself when no booster applies)."""
     lora_cfg = getattr(cfg, "lora", None)
     if lora_cfg is not None and lora_cfg.enabled:
-        from honelm.boosters.lora import apply_lora
-
-        model = apply_lora(model, lora_cfg, task, say)
-    return model
+        loaded = apply_lora(loaded, lora_cfg, task, say)
+    return loaded
 
 
 def objective(inner: Any, cfg: Any, tokenizer: Any, say: Callable[[str], None],
@@ -50,9 +49,6 @@ def objective(inner: Any, cfg: Any, tokenizer: Any, say: Callable[[str], None],
     adv_cfg = getattr(cfg, "adversarial", None)
     if adv_cfg is None or adv_cfg.method == "none":
         return inner
-    from honelm.boosters.adversarial import Adversarial, describe
-    from honelm.errors import ConfigError
-
     if adv_cfg.method == "plae" and stored is None:
         raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
                           "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")

@@ -114,10 +114,11 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
     tokenizer = S.resolve_tokenizer(cfg.model, run_dir,
                                     lambda: [e.text for e in splits.train] + [e.text_pair for e in splits.train if e.text_pair],
                                     kind, tracker.say, runtime, resume is not None)
-    model = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
-                            num_labels=1 if regression else len(label2id), id2label=id2label,
-                            carry=boosters.carries_adapter(cfg, "classify"))
-    model = boosters.apply(model, cfg, "classify", tracker.say)
+    loaded = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say,
+                             num_labels=1 if regression else len(label2id), id2label=id2label,
+                             carry=boosters.carries_adapter(cfg, "classify"))
+    loaded = boosters.apply(loaded, cfg, "classify", tracker.say)
+    model = loaded.model
     S.check_block_fits(model, cfg.data.max_length, "data.max_length")
     is_decoder = model_kind(model) == "decoder"
     train = encode_examples(tokenizer, splits.train, label2id, cfg.data.max_length, is_decoder)
@@ -143,7 +144,8 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         logits = last_val_logits[0]
         files = ({P.VAL_FILE: P.dumps_records(P.prediction_records(logits, val_gold, regression))}
                  if logits is not None and info.get("metric") is not None else None)  # no eval, no val predictions
-        save_pretrained_atomic(m, tokenizer, out_dir / "best", info, files=files)
+        # `loaded` is read when called: the teacher's record for plae's teacher run, then the student's
+        save_pretrained_atomic(m, tokenizer, out_dir / "best", info, files=files, base_pending=loaded.base_pending)
 
     def train_model(model: torch.nn.Module, objective: Any, out_dir: Path, tracker: Any, resume: bool) -> Any:
         stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
@@ -164,7 +166,8 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         rt.seed_everything(cfg.run.seed)  # the student starts exactly where the teacher did
         student = S.resolve_model(cfg.model, "classify", tokenizer, cfg.run.seed, tracker.say, num_labels=n_labels,
                                   id2label=id2label, carry=boosters.carries_adapter(cfg, "classify"))
-        model = boosters.apply(student, cfg, "classify", tracker.say)
+        loaded = boosters.apply(student, cfg, "classify", tracker.say)
+        model = loaded.model
     objective = boosters.objective(inner, cfg, tokenizer, tracker.say, stored=stored)
     # plae: a run resumed during its teacher stage may have no checkpoint of its own yet
     result = train_model(model, objective, run_dir, tracker,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.loop import fit
+from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
@@ -30,7 +31,7 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     return RunContext(cfg=cfg, runtime=runtime, run_dir=run_dir, tracker=tracker, resume=resume is not None)
 
 
-def load(stage: Stage, ctx: RunContext) -> Any:
+def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     """Data, tokenizer and model, up to the boosters (the stage's own adjustments included)."""
     cfg = ctx.cfg
     stage.read(ctx)
@@ -38,16 +39,14 @@ def load(stage: Stage, ctx: RunContext) -> Any:
                                         stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
     stage.prepare(ctx)
     spec = stage.model_spec(ctx)
-    model = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
-                            id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
-    loaded = SimpleNamespace(model=model)
+    loaded = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
+                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
     stage.before_boosters(ctx, loaded)
-    loaded.model = boosters.apply(loaded.model, cfg, spec.task, ctx.say)
-    ctx.loaded = loaded
-    return loaded
+    ctx.loaded = boosters.apply(loaded, cfg, spec.task, ctx.say)
+    return ctx.loaded
 
 
-def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
+def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
     """The stage's plan with the boosters' objective, through `fit`."""
     plan = stage.plan(ctx, loaded)
     objective = boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say)
