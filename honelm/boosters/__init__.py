@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 from torch import nn
 
 from honelm.boosters import plae
+from honelm.boosters.adversarial import Adversarial, describe
+from honelm.boosters.lora import apply_lora
+from honelm.errors import ConfigError
+from honelm.models import LoadedModel
 
 
 def carries_adapter(cfg: Any, stage: str) -> bool:
@@ -24,8 +27,6 @@ def carries_adapter(cfg: Any, stage: str) -> bool:
     dpo and ppo refuse: their reference is the policy with its adapters disabled, which under a
     carried adapter would be the model from before that adapter, not the starting policy.
     """
-    from honelm.errors import ConfigError
-
     lora_cfg = getattr(cfg, "lora", None)
     if lora_cfg is None or not lora_cfg.carry:
         return False
@@ -38,14 +39,12 @@ def carries_adapter(cfg: Any, stage: str) -> bool:
     return True
 
 
-def apply(model: nn.Module, cfg: Any, task: str, say: Callable[[str], None]) -> nn.Module:
-    """Return the model the loop should train (the same object when no booster applies)."""
+def apply(loaded: LoadedModel, cfg: Any, task: str, say: Callable[[str], None]) -> LoadedModel:
+    """Return the record of the model the loop should train (`loaded` itself when no booster applies)."""
     lora_cfg = getattr(cfg, "lora", None)
     if lora_cfg is not None and lora_cfg.enabled:
-        from honelm.boosters.lora import apply_lora
-
-        model = apply_lora(model, lora_cfg, task, say)
-    return model
+        loaded = apply_lora(loaded, lora_cfg, task, say)
+    return loaded
 
 
 @dataclass
@@ -54,14 +53,14 @@ class Prepared:
 
     stored: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
     """The `stored(batch, like)` lookup `objective()` hands to plae's wrapper."""
-    loaded: Any = None
+    loaded: LoadedModel | None = None
     """The model the main run trains instead of the first one (which the booster's run trained)."""
     interrupted: bool = False
     """The booster's run stopped (Ctrl-C, or a stop that came as it finished): the main run must not start."""
 
 
-def prepare(ctx: Any, stage: Any, loaded: Any, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any],
-            reload: Callable[[], Any]) -> Prepared | None:
+def prepare(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any],
+            reload: Callable[[], LoadedModel]) -> Prepared | None:
     """Run what a booster needs before the main run, with the stage's plan; None when no booster needs anything.
 
     `train(sub, model, objective, resume)` fits `model` with the plan's stream, validation and best/
@@ -84,9 +83,6 @@ def objective(inner: Any, cfg: Any, tokenizer: Any, say: Callable[[str], None],
     adv_cfg = getattr(cfg, "adversarial", None)
     if adv_cfg is None or adv_cfg.method == "none":
         return inner
-    from honelm.boosters.adversarial import Adversarial, describe
-    from honelm.errors import ConfigError
-
     if adv_cfg.method == "plae" and stored is None:
         raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
                           "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")

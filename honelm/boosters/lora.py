@@ -1,21 +1,21 @@
-"""LoRA (and rsLoRA, DoRA) as a model transform, built on `peft`; adapter directories in and out.
+"""LoRA (and rsLoRA, DoRA) as a model transform, built on `peft`.
 
 This module owns:
 
 * `LoraConfig`: the `lora` section of a stage config (honelm's names; peft's class is `peft.LoraConfig`).
-* `apply_lora`: freeze the model and wrap it in a `peft.PeftModel` with LoRA on the chosen modules.
-  Heads the task adds (a classifier's `score`/`classifier`) and every weight the loader had to
-  initialise afresh train fully (`modules_to_save`), so they are saved with the adapter.
-* `save_adapter`: what `honelm.checkpoint.save_pretrained_atomic` calls for a PeftModel: the
-  standard PEFT directory (adapter_config.json + adapter_model.safetensors) whose
-  `base_model_name_or_path` points to a directory holding exactly the weights LoRA was applied to.
-  When no such directory exists (random init, a merged adapter, a re-headed checkpoint, or an
-  init that rewrites the base), the base is written once to `RUN/base/`.
-* `load_for_carry` + `apply_lora` (`lora.carry`): an adapter directory → its base, re-headed for
-  the task, and the same adapter attached again with its weights, to keep training it.
-* `load_merged`: an adapter directory → base model + adapter, merged (`merge_and_unload`), for the
-  task asked. `honelm.models.load_model` calls it, so `model.init_from`, `honelm test`,
-  `honelm generate` and `honelm export --merge` all accept adapter directories.
+* `apply_lora`: freeze a loaded model and wrap it in a `peft.PeftModel` with LoRA on the chosen
+  modules, returning a new `honelm.models.LoadedModel`. Heads the task adds (a classifier's
+  `score`/`classifier`) and every weight the loader had to initialise afresh train fully
+  (`modules_to_save`), so they are saved with the adapter. The record's `source` (the directory
+  holding exactly the weights LoRA is applied to) becomes the adapter's `base_model_name_or_path`;
+  without one (random init, a merged adapter, a re-headed checkpoint, or an init that rewrites
+  the base) the returned record has `base_pending` set and the first save writes the base to
+  `RUN/base/` (`honelm.checkpoint.save_adapter`).
+* `carried_config` + `load_carried` (`lora.carry`): the adapter recorded by
+  `honelm.models.load_for_carry` attached again, with its weights, to keep training it.
+
+Reading adapter directories and merging them is `honelm.adapters` / `honelm.models.load_merged`;
+saving them is `honelm.checkpoint`.
 
 The maths (METHODS.md §1): h = W0 x + (alpha/r) B A x with B = 0 at init, so the adapted model
 equals the base before the first step; rsLoRA scales by alpha/sqrt(r); DoRA rescales each
@@ -25,25 +25,26 @@ output row by a learned magnitude. All of it is peft's code; nothing here reimpl
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import re
 import sys
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from honelm.adapters import mutates_base, quiet_peft
+from honelm.checkpoint import is_peft_model
 from honelm.errors import ConfigError, HonelmError
+from honelm.models import LoadedModel, model_kind
 
 # init_lora_weights values honelm passes through. "default" is peft's True (kaiming-uniform A,
 # B = 0). pissa/olora rewrite the base weights (W0 -> W0 - scaling*B0*A0) so the sum is unchanged;
-# the rewritten base is then saved with the run (see save_adapter).
+# the rewritten base is then saved with the run (`honelm.adapters.mutates_base`).
 _INIT_NAMES = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora")
-_BASE_MUTATING = ("pissa", "olora")
 # Why the other peft inits are refused (one line each, shown in the error).
 _INIT_REFUSED = {
     "false": "random A and B: the model is not the base model before training (peft keeps it for debugging)",
@@ -104,11 +105,6 @@ def peft_init(init: str, r: int) -> bool | str:
     why = _INIT_REFUSED.get(key.split("_niter")[0] if key.startswith("pissa") else key)
     reason = f" ({why})" if why else ""
     raise ConfigError(f"lora.init={init!r} is not supported{reason}; choose one of {', '.join(_INIT_NAMES)}")
-
-
-def mutates_base(init: str) -> bool:
-    """True for inits that rewrite the frozen base weights (the saved base must be this run's own)."""
-    return init.strip().lower().startswith(_BASE_MUTATING)
 
 
 def check_config(cfg: LoraConfig) -> bool | str:
@@ -188,24 +184,24 @@ def resolve_targets(model: nn.Module, spec: str, exclude: Sequence[str] = ()) ->
     return listed
 
 
-def modules_to_save(model: nn.Module, task: str) -> list[str]:
+def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str]) -> list[str]:
     """Modules that train fully and are saved with the adapter.
 
     For a classifier: every top-level child with parameters other than the trunk
     (`base_model_prefix`): `score` for LlamaForSequenceClassification, `classifier` for BERT,
     `pre_classifier` + `classifier` for DistilBERT. A frozen random head would cap what LoRA can learn.
     For any task: the largest modules whose weights the loader all initialised afresh
-    (`honelm_new_weights`), e.g. BERT's pooler when an MLM checkpoint becomes a classifier, or an
-    MLM head's transform on a bare encoder. A module that also holds loaded weights is never
-    wrapped: an MLM head's decoder is the tied input embedding, and training a copy of it would
-    untie it and train vocab x hidden weights. New weights of such mixed modules (an MLM output
-    bias) stay at their init; see `uncovered_new_weights`.
+    (`new_weights`, `LoadedModel.new_weights`), e.g. BERT's pooler when an MLM checkpoint becomes a
+    classifier, or an MLM head's transform on a bare encoder. A module that also holds loaded
+    weights is never wrapped: an MLM head's decoder is the tied input embedding, and training a copy
+    of it would untie it and train vocab x hidden weights. New weights of such mixed modules (an MLM
+    output bias) stay at their init; see `uncovered_new_weights`.
     """
     names: list[str] = []
     if task == "classify":
         trunk = getattr(model, "base_model_prefix", "")
         names += [n for n, child in model.named_children() if n != trunk and any(True for _ in child.parameters())]
-    new = set(getattr(model, "honelm_new_weights", None) or [])
+    new = set(new_weights)
     if new:
         for name, module in model.named_modules():
             params = [p for p, _ in module.named_parameters(prefix=name)]
@@ -218,28 +214,17 @@ def modules_to_save(model: nn.Module, task: str) -> list[str]:
     return out
 
 
-def uncovered_new_weights(model: nn.Module, heads: Sequence[str]) -> list[str]:
+def uncovered_new_weights(new_weights: Sequence[str], heads: Sequence[str]) -> list[str]:
     """Freshly initialised weights that no fully trained module holds (they stay at their init)."""
-    new = getattr(model, "honelm_new_weights", None) or []
-    return [w for w in new if not _under(w.rsplit(".", 1)[0], heads) and not _under(w, heads)]
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft 0.21 reads an attribute transformers 5 deprecated: a FutureWarning that is not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
+    return [w for w in new_weights if not _under(w.rsplit(".", 1)[0], heads) and not _under(w, heads)]
 
 
 def _task_type(task: str, model: nn.Module) -> Any:
-    from peft import TaskType
+    from peft import TaskType  # peft only when LoRA is applied: runs without it never import it
 
     if task == "classify":
         return TaskType.SEQ_CLS  # PeftModelForSequenceClassification; AutoPeftModelForSequenceClassification loads it
     if task == "lm":
-        from honelm.models import model_kind
-
         try:
             if model_kind(model) == "decoder":
                 return TaskType.CAUSAL_LM
@@ -264,12 +249,12 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def peft_config(model: nn.Module, cfg: LoraConfig, task: str) -> Any:
+def peft_config(model: nn.Module, cfg: LoraConfig, task: str, new_weights: Sequence[str]) -> Any:
     """The `peft.LoraConfig` for `model`: validated section, resolved targets, heads to train fully."""
-    import peft
+    import peft  # peft only when LoRA is applied
 
     init = check_config(cfg)
-    heads = modules_to_save(model, task)
+    heads = modules_to_save(model, task, new_weights)
     targets = resolve_targets(model, cfg.target_modules, exclude=heads)
     task_type = _task_type(task, model)
     # peft adds classifier/score itself for SEQ_CLS; pass only the others so the saved list has no repeats
@@ -281,51 +266,52 @@ def peft_config(model: nn.Module, cfg: LoraConfig, task: str) -> Any:
         init_lora_weights=init, task_type=task_type)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, task: str, say: Callable[[str], None]) -> nn.Module:
-    """Freeze `model` and return it wrapped as a peft PeftModel with LoRA per `cfg`.
+def apply_lora(loaded: LoadedModel, cfg: LoraConfig, task: str, say: Callable[[str], None]) -> LoadedModel:
+    """Freeze `loaded.model` and return a record whose model is it wrapped as a peft PeftModel with LoRA per `cfg`.
 
     `task` is the stage's model task ("lm", "mlm", "classify", ...): a classifier's head trains
-    fully. The model's `honelm_source` (set by `honelm.models.load_model`) is the directory whose
-    weights the model holds; it becomes the adapter's `base_model_name_or_path`. Without one, the
-    base is saved into the run when the adapter is first saved.
+    fully. `loaded.source` is the directory whose weights the model holds; it becomes the adapter's
+    `base_model_name_or_path`. Without one (or with an init that rewrites the base), the returned
+    record's `base_pending` is set: the base is saved into the run when the adapter is first saved.
+    `loaded.carry` (`honelm.models.load_for_carry`) attaches that adapter again with its weights.
     """
-    import peft
+    import peft  # peft only when LoRA is applied
 
-    if isinstance(model, peft.PeftModel):
+    model, carried = loaded.model, loaded.carry
+    if is_peft_model(model):
         raise HonelmError("the model already carries a peft adapter; load it merged (model.init_from does) first")
-    carried = getattr(model, "honelm_carry", None)
-    config = peft_config(model, cfg, task) if carried is None else carried_config(model, cfg, task, carried)
-    heads = modules_to_save(model, task)
+    config = (peft_config(model, cfg, task, loaded.new_weights) if carried is None
+              else carried_config(model, cfg, task, carried, loaded.new_weights))
+    heads = modules_to_save(model, task, loaded.new_weights)
     try:
         # The adapter init draws from its own stream seeded by the run seed (torch.initial_seed() is what
         # seed_everything set), so it does not depend on what consumed random numbers before, and adding
         # LoRA leaves the global stream (dropout) as it was.
-        with _quiet_peft(), torch.random.fork_rng(devices=[]):
+        with quiet_peft(), torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(torch.initial_seed())  # CPU only: CUDA streams stay as they are
             wrapped = peft.get_peft_model(model, config)
     except (ValueError, NotImplementedError) as e:  # peft's own checks (e.g. DoRA on a layer type it lacks)
         raise ConfigError(f"peft could not apply LoRA: {e}") from None
-    source = getattr(model, "honelm_source", None)
-    pending = source is None or mutates_base(cfg.init)
-    wrapped.peft_config["default"].base_model_name_or_path = None if pending else source
-    wrapped.honelm_base_pending = pending  # save_adapter writes RUN/base/ once
+    pending = loaded.source is None or mutates_base(cfg.init)
+    wrapped.peft_config["default"].base_model_name_or_path = None if pending else loaded.source
     if carried is not None:
         say(load_carried(wrapped, carried))
     say(_summary(wrapped, cfg, sorted(config.target_modules), heads))
-    frozen_new = uncovered_new_weights(model, heads)
+    frozen_new = uncovered_new_weights(loaded.new_weights, heads)
     if frozen_new:
         say(f"lora: note: newly initialised {', '.join(frozen_new)} share a module with loaded weights and stay at their init")
-    return wrapped
+    return dataclasses.replace(loaded, model=wrapped, base_pending=pending)  # the first save writes RUN/base/ if pending
 
 
-def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[str, Any]) -> Any:
-    """The `peft.LoraConfig` that re-creates a carried adapter on `model` (see `load_for_carry`).
+def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[str, Any],
+                   new_weights: Sequence[str]) -> Any:
+    """The `peft.LoraConfig` that re-creates a carried adapter on `model` (see `honelm.models.load_for_carry`).
 
     Rank, alpha, targets and variant are the adapter's: a stage setting that contradicts them is an
     error rather than silently ignored. Dropout is this stage's (it is a training choice, not part
     of the weights). The heads to train fully are this task's.
     """
-    import peft
+    import peft  # peft only when LoRA is applied
 
     saved, where = carried["config"], carried["dir"]
     check_config(cfg)
@@ -342,7 +328,7 @@ def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[s
     targets = saved.get("target_modules")
     if not targets:
         raise HonelmError(f"{where}/adapter_config.json: no target_modules, so there is no adapter to carry on")
-    heads = modules_to_save(model, task)
+    heads = modules_to_save(model, task, new_weights)
     task_type = _task_type(task, model)
     extra_heads = [h for h in heads if task_type is None or h not in ("classifier", "score")]
     return peft.LoraConfig(
@@ -360,8 +346,7 @@ def load_carried(wrapped: nn.Module, carried: dict[str, Any]) -> str:
     from a DAPT run) and heads of another shape (a classifier with other labels) stay behind, and
     the line names them.
     """
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # peft only when LoRA is applied
 
     where = Path(carried["dir"])
     path = where / "adapter_model.safetensors"
@@ -450,173 +435,3 @@ def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     finally:
         for m, flag in zip(layers, before):
             m.cast_input_dtype_enabled = flag
-
-
-# ----------------------------------------------------------------------------------------------
-# save
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether `model` is a peft PeftModel, without importing peft for runs that never used it."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen base weights of a PeftModel under their original names (no copies).
-
-    peft moves each adapted layer's original into `<name>.base_layer` and keeps a fully trained
-    module's original as `<name>.original_module`; adapter tensors all carry `lora_` in their
-    names, and trained head copies sit under `.modules_to_save.`.
-    """
-    out = {}
-    for key, tensor in model.get_base_model().state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
-            continue
-        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
-    return out
-
-
-def save_base(model: nn.Module, directory: Path) -> None:
-    """Write the frozen base of `model` as a plain Hugging Face model directory."""
-    base = model.get_base_model()
-    directory.mkdir(parents=True, exist_ok=True)
-    base.save_pretrained(directory, state_dict=base_state_dict(model), safe_serialization=True)
-
-
-def save_adapter(model: nn.Module, directory: Path, run_dir: Path) -> None:
-    """`model.save_pretrained(directory)` for a PeftModel, with a loadable `base_model_name_or_path`.
-
-    When the base is not on disk as such (`honelm_base_pending`), it is written once to
-    `run_dir/base/` (a resumed run finds it there) and the adapter points at its absolute path.
-    """
-    config = model.peft_config["default"]
-    init = config.init_lora_weights
-    if getattr(model, "honelm_base_pending", False):
-        base_dir = (run_dir / "base").resolve()
-        if not (base_dir / "config.json").is_file():
-            from honelm.checkpoint import atomic_directory
-
-            with atomic_directory(base_dir) as tmp:
-                save_base(model, tmp)
-        config.base_model_name_or_path = str(base_dir)
-        if isinstance(init, str) and mutates_base(init):
-            # The saved base is already the residual W0 - s*B0*A0; an adapter config still saying pissa/olora
-            # would make peft decompose it a second time on load. On that base it is a plain LoRA.
-            config.init_lora_weights = True
-    try:
-        model.save_pretrained(str(directory), safe_serialization=True)
-    finally:
-        config.init_lora_weights = init
-
-
-# ----------------------------------------------------------------------------------------------
-# load
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def native_task(task_type: str | None, base_config: Any) -> str:
-    """The task the adapter was trained for: from peft's task_type, else the base's architecture."""
-    if task_type == "CAUSAL_LM":
-        return "lm"
-    if task_type == "SEQ_CLS":
-        return "classify"
-    for name in getattr(base_config, "architectures", None) or []:
-        if name.endswith(("ForCausalLM", "LMHeadModel")):
-            return "lm"
-        if name.endswith("ForMaskedLM"):
-            return "mlm"
-        if name.endswith("ForSequenceClassification"):
-            return "classify"
-    return "base"
-
-
-def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """adapter_config.json, checked to be a LoRA adapter with a base to load."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HonelmError(f"{path}: cannot read the adapter config: {e}") from None
-    if info.get("peft_type") != "LORA":
-        raise HonelmError(f"{path}: peft_type {info.get('peft_type')!r}; honelm loads LoRA adapters only")
-    if not info.get("base_model_name_or_path"):
-        raise HonelmError(f"{path}: no base_model_name_or_path, so there is no base model to attach the adapter to")
-    return info
-
-
-def load_for_carry(adapter_dir: str | Path, task: str, num_labels: int | None = None,
-                   id2label: dict | None = None, trust_remote_code: bool = False,
-                   problem_type: str | None = None) -> nn.Module:
-    """The base an adapter was trained on, loaded for `task` (re-headed when needed), marked so that
-    `apply_lora` attaches the same adapter again with its weights (`lora.carry`)."""
-    from honelm.models import load_model
-
-    info = adapter_info(adapter_dir)
-    base = info["base_model_name_or_path"]
-    if Path(base).is_absolute() and not Path(base).exists():
-        raise HonelmError(f"{adapter_dir}: the adapter's base model {base} does not exist (moved or deleted?)")
-    model = load_model(base, task, num_labels=num_labels, id2label=id2label, trust_remote_code=trust_remote_code,
-                       problem_type=problem_type)
-    model.honelm_carry = {"dir": str(Path(adapter_dir).resolve()), "config": info}
-    return model
-
-
-def load_merged(adapter_dir: str | Path, task: str | None = None, num_labels: int | None = None,
-                id2label: dict | None = None, trust_remote_code: bool = False,
-                torch_dtype: torch.dtype = torch.float32, problem_type: str | None = None) -> nn.Module:
-    """Base + LoRA adapter from `adapter_dir`, merged into a plain transformers model (in `torch_dtype`).
-
-    The base is loaded for the adapter's own task (a classifier with its own labels), the adapter
-    attached and merged with `safe_merge` (a non-finite merged weight is an error). When `task`
-    or the label count asked for differ, the merged model goes through a temporary directory
-    and `load_model`, which re-heads it exactly as it would any checkpoint. task None = the
-    adapter's own task.
-    """
-    from peft import PeftModel
-    from transformers import AutoConfig
-
-    from honelm.models import load_model
-
-    info = adapter_info(adapter_dir)
-    base = info["base_model_name_or_path"]
-    if Path(base).is_absolute() and not Path(base).exists():
-        raise HonelmError(f"{adapter_dir}: the adapter's base model {base} does not exist (moved or deleted?)")
-    try:
-        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    except Exception as e:  # IO and hub errors come in many types
-        raise HonelmError(f"{adapter_dir}: cannot read the base model config from {base}: {e}") from None
-    own = native_task(info.get("task_type"), base_config)
-    labels: dict[str, Any] = {}
-    if own == "classify":
-        is_classifier = any(a.endswith("ForSequenceClassification") for a in base_config.architectures or [])
-        if is_classifier or (task != "classify" or (num_labels is None and id2label is None)):
-            labels = {"num_labels": base_config.num_labels, "id2label": base_config.id2label}
-        else:  # an adapter trained on a re-headed LM: its head has the labels the caller asks for
-            labels = {"num_labels": num_labels, "id2label": id2label, "problem_type": problem_type}
-    model = load_model(base, own, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, **labels)
-    try:
-        with _quiet_peft():
-            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise HonelmError(f"{adapter_dir}: cannot attach the adapter to its base {base}: {str(e)[:400]}") from None
-    merged.honelm_source = None  # merged weights exist on no disk
-    wanted = own if task is None else task
-    same_head = own != "classify" or num_labels is None or num_labels == merged.config.num_labels
-    if wanted == own and same_head:
-        if own == "classify" and (num_labels is not None or id2label is not None):
-            from honelm.models import _apply_labels
-
-            _apply_labels(merged.config, num_labels, id2label, problem_type)
-        merged.eval()
-        return merged
-    with tempfile.TemporaryDirectory(prefix="honelm-merged-") as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        del merged
-        out = load_model(tmp, wanted, num_labels=num_labels, id2label=id2label, trust_remote_code=trust_remote_code,
-                         torch_dtype=torch_dtype, problem_type=problem_type)
-    out.honelm_source = None
-    return out

@@ -28,7 +28,10 @@ from typing import Any, Callable
 
 import torch
 
+from honelm.checkpoint import resolve_model_dir
 from honelm.errors import ConfigError, HonelmError
+from honelm.models import load_checkpoint
+from honelm.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -102,18 +105,15 @@ class RewardModelScorer:
 
     def __init__(self, path: str, policy_tokenizer: Any, device: torch.device, autocast: Callable[[], Any],
                  batch_size: int, trust_remote_code: bool = False):
-        from honelm.checkpoint import resolve_model_dir
-        from honelm.models import load_model
-        from honelm.tokenizer import load_tokenizer
-
         resolved = resolve_model_dir(path)
         self.tokenizer = load_tokenizer(resolved)
-        self.model = load_model(resolved, "classify", trust_remote_code=trust_remote_code,
-                                num_labels=_reward_labels(resolved)).to(device).eval()
+        loaded = load_checkpoint(resolved, "classify", trust_remote_code=trust_remote_code,
+                                 num_labels=_reward_labels(resolved))
+        self.model = loaded.model.to(device).eval()
         self.model.requires_grad_(False)
-        if getattr(self.model, "honelm_new_weights", None):
+        if loaded.new_weights:
             raise HonelmError(f"reward.model={path}: {resolved} is not a reward model (these weights were not in it: "
-                              f"{', '.join(self.model.honelm_new_weights[:4])}); train one with `honelm reward`")
+                              f"{', '.join(loaded.new_weights[:4])}); train one with `honelm reward`")
         self.same_vocab = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
         self.policy_tokenizer = policy_tokenizer
         self.device, self.autocast, self.batch_size = device, autocast, batch_size

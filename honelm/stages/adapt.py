@@ -26,7 +26,7 @@ from honelm.data.masking import MLMRows, check_mlm_tokenizer, lm_rows
 from honelm.data.packing import PackedBlocks
 from honelm.errors import ConfigError, HonelmError
 from honelm.loop import BatchStream
-from honelm.models import kind_of_dir
+from honelm.models import LoadedModel, kind_of_dir
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.lm_scores import lm_scores, loss_sums
 from honelm.objectives.mlm import MaskedLM
@@ -126,9 +126,9 @@ class Adapt(Stage):
     def model_spec(self, ctx: RunContext) -> ModelSpec:
         return ModelSpec("mlm" if ctx.extra["kind"] == "encoder" else "lm")
 
-    def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
+    def before_boosters(self, ctx: RunContext, loaded: LoadedModel) -> None:
         cfg, tokenizer, model, corpus = ctx.cfg, ctx.tokenizer, loaded.model, ctx.splits
-        report_new_head(model, ctx.say)
+        report_new_head(loaded, ctx.say)
         S.check_block_fits(model, cfg.data.block_size, "data.block_size")
         if ctx.extra["kind"] == "encoder":
             check_mlm_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
@@ -189,9 +189,9 @@ class Adapt(Stage):
         return {**metrics, "n_documents": len(rows)}
 
 
-def report_new_head(model: torch.nn.Module, say: Callable[[str], None]) -> None:
-    """Say whether load_model had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
-    new = list(getattr(model, "honelm_new_weights", []) or [])  # TRANSITION (issue 17): until LoadedModel lands
+def report_new_head(loaded: LoadedModel, say: Callable[[str], None]) -> None:
+    """Say whether the loader had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
+    new, model = list(loaded.new_weights), loaded.model
     if new:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         tied = out is not None and out.weight is inp.weight

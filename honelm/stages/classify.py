@@ -24,7 +24,7 @@ from honelm.data.readers import check_labels_seen
 from honelm.data.sources import SplitDataConfig, labelled_splits
 from honelm.loop import BatchStream
 from honelm.metrics import classification_scores
-from honelm.models import load_model, model_kind
+from honelm.models import LoadedModel, load_model, model_kind
 from honelm.objectives.classify import Classify, predict
 from honelm.stages import classify_report
 from honelm.stages import setup as S
@@ -89,7 +89,7 @@ class Classification(Stage):
         label2id, id2label = self.labels(ctx)
         return ModelSpec("classify", num_labels=1 if label2id is None else len(label2id), id2label=id2label)
 
-    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+    def plan(self, ctx: RunContext, loaded: LoadedModel) -> Plan:
         cfg = ctx.cfg
         S.check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
         ctx.extra["is_decoder"] = model_kind(loaded.model) == "decoder"

@@ -29,7 +29,7 @@ from torch import nn
 
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
-from honelm.models import load_model
+from honelm.models import LoadedModel, load_model
 from honelm.objectives.base import Objective
 from honelm.reporting import ReportSection
 from honelm.rundir import tracker_for
@@ -84,7 +84,8 @@ class RunContext:
     resume: bool = False
     splits: Any = None
     tokenizer: Any = None
-    loaded: Any = None
+    loaded: LoadedModel | None = None
+    """The model as loaded and boosted (set by the runner before `plan`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Stage-owned values computed in one hook and read in a later one (label maps, encoded data)."""
 
@@ -104,7 +105,8 @@ class RunContext:
 
     def save_best(self, model: nn.Module, info: dict[str, Any], files: dict[str, str] | None = None) -> None:
         """The model with this run's tokenizer as RUN/best (a plain HF or PEFT directory)."""
-        save_pretrained_atomic(model, self.tokenizer, self.run_dir / "best", info, files=files)
+        save_pretrained_atomic(model, self.tokenizer, self.run_dir / "best", info, files=files,
+                               base_pending=self.loaded.base_pending)
 
     def sub_run(self, name: str) -> RunContext:
         """A run kept inside this one, RUN/name (a booster's teacher): the same config, data and tokenizer, its own
@@ -151,10 +153,10 @@ class Stage:
     def model_spec(self, ctx: RunContext) -> ModelSpec:
         return ModelSpec("lm")
 
-    def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
+    def before_boosters(self, ctx: RunContext, loaded: LoadedModel) -> None:
         """Work on the loaded model before LoRA wraps it (dropout off, a reference copy, checks)."""
 
-    def plan(self, ctx: RunContext, loaded: Any) -> Plan:
+    def plan(self, ctx: RunContext, loaded: LoadedModel) -> Plan:
         raise NotImplementedError(f"{type(self).__name__} does not define plan()")
 
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:

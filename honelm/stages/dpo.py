@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from honelm import runtime as rt
-from honelm.boosters.lora import LoraConfig, mutates_base
+from honelm.adapters import mutates_base
+from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import checkpoint_precision
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
@@ -136,7 +137,7 @@ class DPOStage(P.PreferenceStage):
         train, val = self.encode_training(ctx, loaded.model)
         ctx.extra.update(train=train, val=val)
         ctx.say(self.data_line(train, val))
-        location = P.reference_location(loaded.model, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled, ctx.runtime)
+        location = P.reference_location(loaded, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled, ctx.runtime)
         ctx.write_json(P.REFERENCE_FILE, location)
         self.choose_reference(ctx, loaded, train, val)
 

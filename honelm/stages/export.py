@@ -22,9 +22,10 @@ from typing import Callable
 
 import torch
 
-from honelm.boosters.lora import adapter_info, is_adapter_dir
+from honelm.adapters import adapter_info, is_adapter_dir
 from honelm.checkpoint import atomic_directory, resolve_model_dir
 from honelm.errors import HonelmError
+from honelm.models import load_merged
 
 
 def _source(run: Path) -> Path:
@@ -58,11 +59,10 @@ def export(run: str | Path, merge: bool = False, out: str | Path | None = None, 
     src = _source(run)
     dest = _destination(run, src, out, overwrite)
     if merge and is_adapter_dir(src):
-        from honelm.boosters.lora import load_merged
         from honelm.tokenizer import load_tokenizer
 
         base = adapter_info(src)["base_model_name_or_path"]
-        model = load_merged(src, torch_dtype=torch.float32)  # the adapter's own task and labels
+        model = load_merged(src, torch_dtype=torch.float32).model  # the adapter's own task and labels
         tokenizer = load_tokenizer(src)
         with atomic_directory(dest) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 from torch import nn
 
-from honelm.boosters.lora import adapter_info
+from honelm.adapters import adapter_info
 from honelm.checkpoint import atomic_directory
 from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream
-from honelm.models import load_model
+from honelm.models import LoadedModel, load_model
 from honelm.runtime import Runtime
 from honelm.stages import setup as S
 from honelm.stages.contract import RunContext, Stage
@@ -83,17 +83,16 @@ def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig
     return enc
 
 
-def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
+def reference_location(loaded: LoadedModel, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
     """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
     if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
         return {"kind": "adapter_base"}
-    source = getattr(model, "honelm_source", None)
-    if source:
-        return {"kind": "checkpoint", "path": source}
+    if loaded.source:
+        return {"kind": "checkpoint", "path": loaded.source}
     target = run_dir / "reference"
     if runtime.is_main and not (target / "config.json").is_file():
         with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     return {"kind": "checkpoint", "path": str(target.resolve())}
 

@@ -21,6 +21,7 @@ from honelm import runtime as rt
 from honelm.checkpoint import list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import fit
+from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
@@ -36,7 +37,7 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     return RunContext(cfg=cfg, runtime=runtime, run_dir=run_dir, tracker=tracker, resume=resume is not None)
 
 
-def load(stage: Stage, ctx: RunContext) -> Any:
+def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     """Data, tokenizer and model, up to the boosters (the stage's own adjustments included)."""
     cfg = ctx.cfg
     stage.read(ctx)
@@ -46,20 +47,18 @@ def load(stage: Stage, ctx: RunContext) -> Any:
     return load_model(stage, ctx)
 
 
-def load_model(stage: Stage, ctx: RunContext) -> Any:
+def load_model(stage: Stage, ctx: RunContext) -> LoadedModel:
     """The stage's model, adjusted by the stage and transformed by the boosters; kept as ctx.loaded."""
     cfg = ctx.cfg
     spec = stage.model_spec(ctx)
-    model = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
-                            id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
-    loaded = SimpleNamespace(model=model)
+    loaded = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
+                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
     stage.before_boosters(ctx, loaded)
-    loaded.model = boosters.apply(loaded.model, cfg, spec.task, ctx.say)
-    ctx.loaded = loaded
-    return loaded
+    ctx.loaded = boosters.apply(loaded, cfg, spec.task, ctx.say)
+    return ctx.loaded
 
 
-def reload(stage: Stage, ctx: RunContext) -> Any:
+def reload(stage: Stage, ctx: RunContext) -> LoadedModel:
     """A fresh model from the same start as the first: the seed is reset, so random init and new heads repeat."""
     rt.seed_everything(ctx.cfg.run.seed)
     return load_model(stage, ctx)
@@ -86,7 +85,7 @@ def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], Any]:
     return train
 
 
-def train(stage: Stage, ctx: RunContext, loaded: Any, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
+def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
     """The stage's plan, what the boosters prepare for it, the boosters' objective, through `fit`.
 
     The result is None when a booster's own run before the main one (a teacher) stopped: the main

@@ -12,11 +12,14 @@ from typing import Any, Callable, Literal
 import torch
 
 from honelm import config as C
+from honelm.adapters import is_adapter_dir
 from honelm.checkpoint import resolve_model_dir
 from honelm.data.sources import SplitDataConfig, labelled_splits, say_split, text_splits  # noqa: F401 (transition)
 from honelm.errors import ConfigError
+from honelm.models import LoadedModel, build_model, count_parameters, load_checkpoint, load_for_carry
 from honelm.rundir import load_run_config, run_directory, stage_of, tracker_for, write_json  # noqa: F401 (transition)
 from honelm.runtime import Runtime
+from honelm.tokenizer import load_tokenizer, train_tokenizer
 
 _say_split = say_split  # transition
 
@@ -34,8 +37,6 @@ def resolve_tokenizer(model_cfg: C.ModelConfig, run_dir: Path | None, train_text
     and the other processes of a distributed run load: tokenizer training is not guaranteed to
     give the same ids twice (WordPiece ties), so it must happen exactly once per run.
     """
-    from honelm.tokenizer import load_tokenizer, train_tokenizer
-
     if model_cfg.tokenizer:
         return load_tokenizer(resolve_model_dir(model_cfg.tokenizer))
     if model_cfg.init_from:
@@ -59,56 +60,57 @@ def resolve_tokenizer(model_cfg: C.ModelConfig, run_dir: Path | None, train_text
 
 def resolve_model(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int, say: Callable[[str], None],
                   num_labels: int | None = None, id2label: dict[int, str] | None = None,
-                  carry: bool = False) -> torch.nn.Module:
+                  carry: bool = False) -> LoadedModel:
     """Load init_from (re-headed for the task when needed) or build the preset from random init.
 
     A LoRA run as init_from is merged into its base, unless `carry` (`lora.carry`, see
-    `honelm.boosters.carries_adapter`): then its base is loaded and the adapter is attached again
-    by `honelm.boosters.apply`.
+    `honelm.boosters.carries_adapter`): then its base is loaded and the adapter, recorded in the
+    returned record's `carry`, is attached again by `honelm.boosters.apply`.
     """
-    from honelm.models import build_model, count_parameters, load_model
-
     if carry and not model_cfg.init_from:
         raise ConfigError("lora.carry=true continues the adapter of a LoRA run: set model.init_from to that run")
     if model_cfg.init_from:
-        path = resolve_model_dir(model_cfg.init_from)
-        if carry:
-            from honelm.boosters.lora import is_adapter_dir, load_for_carry
-
-            if not is_adapter_dir(path):
-                raise ConfigError(f"lora.carry=true: model.init_from={model_cfg.init_from} holds no LoRA adapter "
-                                  f"({path} has no adapter_config.json); set lora.carry=false to add a fresh adapter")
-            model = load_for_carry(path, task, num_labels=num_labels, id2label=id2label,
-                                   trust_remote_code=model_cfg.trust_remote_code)
-            origin = f"the base of the LoRA adapter in {path} (the adapter is carried on)"
-        else:
-            model = load_model(path, task, num_labels=num_labels, id2label=id2label,
-                               trust_remote_code=model_cfg.trust_remote_code)
-            origin = f"from {path}"
-        new = getattr(model, "honelm_new_weights", [])
+        loaded = _load_init_from(model_cfg, task, num_labels, id2label, carry)
+        new = loaded.new_weights
         if new:
             shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
             say(f"newly initialised weights (not in the checkpoint): {shown}")
     else:
-        dropout = model_cfg.dropout
-        extra = ({"attention_dropout": dropout} if model_cfg.arch == "decoder"
-                 else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout})
-        model = build_model(model_cfg.arch, model_cfg.size, vocab_size=len(tokenizer), task=task,
-                            num_labels=num_labels, seed=seed, max_positions=model_cfg.max_positions,
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, **extra)
-        origin = f"{model_cfg.arch} preset '{model_cfg.size}', random init"
-        if id2label is not None:
-            model.config.id2label = dict(id2label)
-            model.config.label2id = {v: k for k, v in id2label.items()}
-    _, total = count_parameters(model)
-    say(f"model: {type(model).__name__} {origin}; {total / 1e6:.2f}M parameters")
-    return model
+        loaded = _build_preset(model_cfg, task, tokenizer, seed, num_labels, id2label)
+    _, total = count_parameters(loaded.model)
+    say(f"model: {type(loaded.model).__name__} {loaded.origin}; {total / 1e6:.2f}M parameters")
+    return loaded
+
+
+def _load_init_from(model_cfg: C.ModelConfig, task: str, num_labels: int | None, id2label: dict[int, str] | None,
+                    carry: bool) -> LoadedModel:
+    path = resolve_model_dir(model_cfg.init_from)
+    if not carry:
+        return load_checkpoint(path, task, num_labels=num_labels, id2label=id2label,
+                               trust_remote_code=model_cfg.trust_remote_code)
+    if not is_adapter_dir(path):
+        raise ConfigError(f"lora.carry=true: model.init_from={model_cfg.init_from} holds no LoRA adapter "
+                          f"({path} has no adapter_config.json); set lora.carry=false to add a fresh adapter")
+    return load_for_carry(path, task, num_labels=num_labels, id2label=id2label,
+                          trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _build_preset(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int, num_labels: int | None,
+                  id2label: dict[int, str] | None) -> LoadedModel:
+    dropout = model_cfg.dropout
+    extra = ({"attention_dropout": dropout} if model_cfg.arch == "decoder"
+             else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout})
+    model = build_model(model_cfg.arch, model_cfg.size, vocab_size=len(tokenizer), task=task,
+                        num_labels=num_labels, seed=seed, max_positions=model_cfg.max_positions,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **extra)
+    if id2label is not None:
+        model.config.id2label = dict(id2label)
+        model.config.label2id = {v: k for k, v in id2label.items()}
+    return LoadedModel.built(model, origin=f"{model_cfg.arch} preset '{model_cfg.size}', random init")
 
 
 def check_block_fits(model: torch.nn.Module, length: int, what: str) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ConfigError(f"{what}={length} is longer than the model's max_position_embeddings={limit}")
-
-

@@ -62,10 +62,11 @@ def test_dapt_mlm_then_classify_and_domain_test(data_dir, tmp_path):
 
 
 def test_mlm_head_is_created_for_a_bare_encoder_and_tapt_matches_classify_split(bare_encoder, data_dir, tmp_path):
-    from honelm.models import load_model
+    from honelm.models import load_checkpoint
 
-    loaded = load_model(bare_encoder, "mlm")
-    assert "cls.predictions.transform.dense.weight" in loaded.honelm_new_weights
+    record = load_checkpoint(bare_encoder, "mlm")
+    loaded = record.model
+    assert "cls.predictions.transform.dense.weight" in record.new_weights
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     cli("adapt", f"task.train={data_dir / 'reviews.jsonl'}", f"model.init_from={bare_encoder}",
         "train.max_steps=30", f"run.out_dir={tmp_path}", "run.name=tapt", *SHORT)

@@ -15,7 +15,7 @@ from honelm.boosters.adversarial import (Adversarial, AdversarialConfig, directi
 from honelm.boosters.lora import LoraConfig, apply_lora
 from honelm.boosters.plae import stored_lookup
 from honelm.errors import ConfigError
-from honelm.models import build_model
+from honelm.models import LoadedModel, build_model
 from honelm.objectives.classify import Classify
 from honelm.objectives.lm import CausalLM
 
@@ -142,7 +142,7 @@ def test_zero_steps_or_zero_epsilon_is_plain_training_exactly(method, kw):
 
 @pytest.mark.parametrize("method", ["fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune"])
 def test_with_lora_the_embedding_matrix_stays_and_only_adapters_and_head_move(method):
-    model = apply_lora(classifier(), LoraConfig(enabled=True, r=4), "classify", lambda _: None)
+    model = apply_lora(LoadedModel.built(classifier()), LoraConfig(enabled=True, r=4), "classify", lambda _: None).model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

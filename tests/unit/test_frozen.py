@@ -23,7 +23,7 @@ from honelm.config import TrainConfig
 from honelm.errors import TrainingError
 from honelm.frozen import FrozenBf16, eligible
 from honelm.loop import BatchStream, fit
-from honelm.models import build_model
+from honelm.models import LoadedModel, build_model
 from honelm.objectives.classify import Classify
 from honelm.objectives.lm import CausalLM
 
@@ -72,7 +72,7 @@ def build(task: str, seed: int = 0, **lora_kw):
         base = build_model("encoder", "test", VOCAB, task="classify", num_labels=3, seed=seed,
                            id2label={0: "a", 1: "b", 2: "c"})
     cfg = LoraConfig(enabled=True, **{"r": 4, "alpha": 8, "dropout": 0.1, **lora_kw})
-    return apply_lora(base, cfg, task, lambda _: None)
+    return apply_lora(LoadedModel.built(base), cfg, task, lambda _: None).model
 
 
 def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = False, max_steps: int = 6,
@@ -92,7 +92,8 @@ def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = Fa
     torch.manual_seed(0)
     fit(model, obj, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
         run, lambda m: {"val_loss": float(obj(m, val).value)},
-        lambda m, info: save_pretrained_atomic(m, None, run / "best", info), "val_loss", resume=resume)
+        lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
+        "val_loss", resume=resume)
     return model, obj, run
 
 

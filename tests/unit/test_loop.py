@@ -171,9 +171,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
 def test_gradient_checkpointing_under_lora(tiny_llama):
     from honelm.boosters.lora import LoraConfig, apply_lora
     from honelm.loop import enable_gradient_checkpointing
+    from honelm.models import LoadedModel
 
     batch = collate_fn(variable_length_data())(list(range(4)))
-    model = apply_lora(tiny_llama(), LoraConfig(enabled=True), "lm", lambda _: None)
+    model = apply_lora(LoadedModel.built(tiny_llama()), LoraConfig(enabled=True), "lm", lambda _: None).model
     model.train()
     plain = grads_after(model, [batch])
     enable_gradient_checkpointing(model)

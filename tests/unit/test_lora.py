@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from honelm import runtime as rt
-from honelm.boosters.lora import LoraConfig, apply_lora, base_state_dict, mutates_base, parameter_counts
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.adapters import mutates_base
+from honelm.boosters.lora import LoraConfig, apply_lora, parameter_counts
+from honelm.checkpoint import base_state_dict, save_pretrained_atomic
 from honelm.config import TrainConfig
 from honelm.errors import ConfigError
 from honelm.loop import BatchStream, fit
-from honelm.models import build_model, load_model
+from honelm.models import LoadedModel, build_model, load_checkpoint, load_model
 from honelm.objectives.lm import CausalLM
 from honelm.optim import make_optimizer
 
@@ -82,7 +83,7 @@ def test_identical_to_base_before_the_first_step(task, kw):
     model = decoder_lm() if task == "lm" else encoder_classifier()
     b = batch()
     ref = outputs(model, b)
-    wrapped = apply_lora(model, lora(**kw), task, quiet)
+    wrapped = apply_lora(LoadedModel.built(model), lora(**kw), task, quiet).model
     assert torch.equal(outputs(wrapped, b), ref)  # bit-exact: B = 0 (or B·A = 0) adds exact zeros
 
 
@@ -91,7 +92,7 @@ def test_decomposing_inits_keep_the_function_up_to_rounding(init):
     model = encoder_classifier()
     b = batch()
     ref = outputs(model, b)
-    wrapped = apply_lora(model, lora(init=init), "classify", quiet)
+    wrapped = apply_lora(LoadedModel.built(model), lora(init=init), "classify", quiet).model
     # orthogonal: B0·A0 = 0 only in exact arithmetic; pissa/olora: W_res + s·B0·A0 = W0 up to rounding (SVD / QR)
     torch.testing.assert_close(outputs(wrapped, b), ref, rtol=1e-4, atol=1e-5)
     assert mutates_base(init) == (init != "orthogonal")  # a rewritten base must be saved with the run
@@ -100,7 +101,7 @@ def test_decomposing_inits_keep_the_function_up_to_rounding(init):
 def test_only_adapters_and_head_change():
     model = encoder_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapped = apply_lora(model, lora(), "classify", quiet)
+    wrapped = apply_lora(LoadedModel.built(model), lora(), "classify", quiet).model
     trainable = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".modules_to_save." in n for n in trainable)
     assert any("classifier.modules_to_save" in n for n in trainable)
@@ -118,7 +119,7 @@ def test_only_adapters_and_head_change():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merged_equals_unmerged_and_scaling_is_applied_once(rslora):
-    wrapped = apply_lora(decoder_lm(), lora(rslora=rslora), "lm", quiet)
+    wrapped = apply_lora(LoadedModel.built(decoder_lm()), lora(rslora=rslora), "lm", quiet).model
     train_steps(wrapped)
     b = batch()
     unmerged = outputs(wrapped, b)
@@ -133,48 +134,50 @@ def test_merged_equals_unmerged_and_scaling_is_applied_once(rslora):
 
 def test_target_matching_nothing_lists_the_linear_modules():
     with pytest.raises(ConfigError, match=r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"):
-        apply_lora(decoder_lm(), lora(target_modules="query"), "lm", quiet)
+        apply_lora(LoadedModel.built(decoder_lm()), lora(target_modules="query"), "lm", quiet).model
     with pytest.raises(ConfigError, match=r"'vproj' names no .*q_proj"):  # one typo in a list is caught too
-        apply_lora(decoder_lm(), lora(target_modules="q_proj,vproj"), "lm", quiet)
+        apply_lora(LoadedModel.built(decoder_lm()), lora(target_modules="q_proj,vproj"), "lm", quiet).model
     with pytest.raises(ConfigError, match=r"regex .* matches no .*query, key, value, dense"):
-        apply_lora(encoder_classifier(), lora(target_modules=r"re:.*q_proj"), "classify", quiet)
+        apply_lora(LoadedModel.built(encoder_classifier()), lora(target_modules=r"re:.*q_proj"), "classify",
+                   quiet).model
     with pytest.raises(ConfigError, match="invalid regex"):
-        apply_lora(decoder_lm(), lora(target_modules="re:(q"), "lm", quiet)
+        apply_lora(LoadedModel.built(decoder_lm()), lora(target_modules="re:(q"), "lm", quiet).model
 
 
 @pytest.mark.parametrize("spec", [r"re:.*\.(q|v)_proj", "q_proj, v_proj", "self_attn.q_proj,self_attn.v_proj"])
 def test_regex_and_list_targets(spec):
-    wrapped = apply_lora(decoder_lm(), lora(target_modules=spec), "lm", quiet)
+    wrapped = apply_lora(LoadedModel.built(decoder_lm()), lora(target_modules=spec), "lm", quiet).model
     adapted = sorted(n for n, m in wrapped.named_modules() if hasattr(m, "lora_A"))
     assert adapted == [f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
 
 
 def test_all_linear_skips_the_output_layer_and_heads():
-    wrapped = apply_lora(build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0),
-                         lora(), "classify", quiet)
+    classifier = build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0)
+    wrapped = apply_lora(LoadedModel.built(classifier), lora(), "classify", quiet).model
     adapted = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    lm = apply_lora(decoder_lm(), lora(), "lm", quiet)
+    lm = apply_lora(LoadedModel.built(decoder_lm()), lora(), "lm", quiet).model
     assert not hasattr(lm.base_model.model.lm_head, "lora_A")  # tied to the embedding: not a target
 
 
 def test_weights_the_loader_initialised_train_fully(tmp_path):
     build_model("encoder", "test", VOCAB, task="mlm", seed=0).save_pretrained(tmp_path / "mlm")
-    model = load_model(tmp_path / "mlm", "classify", num_labels=2)  # BertForMaskedLM has no pooler: it is new
-    assert "bert.pooler.dense.weight" in model.honelm_new_weights and model.honelm_source is None
+    loaded = load_checkpoint(tmp_path / "mlm", "classify", num_labels=2)  # BertForMaskedLM has no pooler: it is new
+    assert "bert.pooler.dense.weight" in loaded.new_weights and loaded.source is None
     lines: list[str] = []
-    wrapped = apply_lora(model, lora(), "classify", lines.append)
+    adapted = apply_lora(loaded, lora(), "classify", lines.append)
+    wrapped = adapted.model
     assert "trained fully: classifier, bert.pooler;" in lines[0]
     assert wrapped.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.requires_grad
     assert not any("pooler" in t for t in wrapped.peft_config["default"].target_modules)
-    assert wrapped.honelm_base_pending  # no directory holds a random pooler and head: the run saves its base
+    assert adapted.base_pending  # no directory holds a random pooler and head: the run saves its base
 
 
 def test_a_new_mlm_head_trains_but_its_tied_decoder_stays_tied(tmp_path):
     build_model("encoder", "test", VOCAB, task="base", seed=0).save_pretrained(tmp_path / "bare")
-    model = load_model(tmp_path / "bare", "mlm")  # a bare encoder: the whole MLM head is new, its decoder tied
+    loaded = load_checkpoint(tmp_path / "bare", "mlm")  # a bare encoder: the whole MLM head is new, its decoder tied
     lines: list[str] = []
-    wrapped = apply_lora(model, lora(), "mlm", lines.append)
+    wrapped = apply_lora(loaded, lora(), "mlm", lines.append).model
     inner = wrapped.base_model.model
     assert "trained fully: cls.predictions.transform;" in lines[0]
     assert inner.cls.predictions.decoder.weight is inner.bert.embeddings.word_embeddings.weight
@@ -184,7 +187,7 @@ def test_a_new_mlm_head_trains_but_its_tied_decoder_stays_tied(tmp_path):
 
 @pytest.mark.parametrize("variant", ["rslora", "dora"])
 def test_rslora_and_dora_build_and_train(variant):
-    wrapped = apply_lora(encoder_classifier(), lora(**{variant: True}), "classify", quiet)
+    wrapped = apply_lora(LoadedModel.built(encoder_classifier()), lora(**{variant: True}), "classify", quiet).model
     layer = wrapped.base_model.model.bert.encoder.layer[0].attention.self.query
     if variant == "rslora":
         assert layer.scaling["default"] == pytest.approx(8 / 2.0)
@@ -204,7 +207,7 @@ def test_trainable_and_total_counts_are_logged():
     model = encoder_classifier()
     base_total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.classifier.parameters())
-    wrapped = apply_lora(model, lora(), "classify", lines.append)
+    wrapped = apply_lora(LoadedModel.built(model), lora(), "classify", lines.append).model
     (line,) = lines
     found = re.search(r"([\d,]+) trainable of ([\d,]+) parameters \(([\d.]+)%\)", line)
     assert found, line
@@ -220,9 +223,9 @@ def test_trainable_and_total_counts_are_logged():
                                            ("bogus", "choose one of")])
 def test_unsupported_inits_fail_clearly(init, message):
     with pytest.raises(ConfigError, match=message):
-        apply_lora(decoder_lm(), lora(init=init), "lm", quiet)
+        apply_lora(LoadedModel.built(decoder_lm()), lora(init=init), "lm", quiet).model
     with pytest.raises(ConfigError, match="even"):
-        apply_lora(decoder_lm(), lora(init="orthogonal", r=3), "lm", quiet)
+        apply_lora(LoadedModel.built(decoder_lm()), lora(init="orthogonal", r=3), "lm", quiet).model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,9 +241,10 @@ def lora_run(tmp_path_factory):
     tokenizer = train_tokenizer(["the film was good", "a bad film", "good acting", "bad music"] * 5, kind="wordpiece",
                                 vocab_size=60, min_frequency=1)
     model = encoder_classifier(vocab=len(tokenizer))
-    wrapped = apply_lora(model, lora(dora=True), "classify", quiet)
+    adapted = apply_lora(LoadedModel.built(model), lora(dora=True), "classify", quiet)
+    wrapped = adapted.model
     train_steps(wrapped)
-    save_pretrained_atomic(wrapped, tokenizer, run / "best", {"step": 3})
+    save_pretrained_atomic(wrapped, tokenizer, run / "best", {"step": 3}, base_pending=adapted.base_pending)
     texts = ["the film was good", "bad music", "good"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     wrapped.eval()
@@ -303,12 +307,14 @@ def test_export_of_a_run_without_lora_copies_best(tmp_path):
 
 def test_load_model_merges_and_reheads_an_adapter(lora_run):
     run, enc, logits = lora_run
-    merged = load_model(run / "best", "classify", num_labels=3, id2label={0: "x", 1: "y", 2: "z"})
+    merged_record = load_checkpoint(run / "best", "classify", num_labels=3, id2label={0: "x", 1: "y", 2: "z"})
+    merged = merged_record.model
     with torch.no_grad():
         torch.testing.assert_close(merged(**enc).logits, logits, rtol=1e-5, atol=1e-5)
-    assert merged.config.id2label == {0: "x", 1: "y", 2: "z"} and merged.honelm_source is None
-    reheaded = load_model(run / "best", "classify", num_labels=2)  # chaining into a task with other labels
-    assert reheaded.classifier.weight.shape[0] == 2 and "classifier.weight" in reheaded.honelm_new_weights
+    assert merged.config.id2label == {0: "x", 1: "y", 2: "z"} and merged_record.source is None
+    reheaded_record = load_checkpoint(run / "best", "classify", num_labels=2)  # chaining into a task with other labels
+    reheaded = reheaded_record.model
+    assert reheaded.classifier.weight.shape[0] == 2 and "classifier.weight" in reheaded_record.new_weights
     torch.testing.assert_close(reheaded.bert.encoder.layer[0].attention.self.query.weight,
                                merged.bert.encoder.layer[0].attention.self.query.weight)
 
@@ -316,12 +322,12 @@ def test_load_model_merges_and_reheads_an_adapter(lora_run):
 @pytest.mark.parametrize("init", ["default", "pissa"])
 def test_adapter_points_at_the_weights_it_was_trained_on(tmp_path, init):
     decoder_lm().save_pretrained(tmp_path / "src")
-    model = load_model(tmp_path / "src", "lm")
-    wrapped = apply_lora(model, lora(init=init), "lm", quiet)
+    adapted = apply_lora(load_checkpoint(tmp_path / "src", "lm"), lora(init=init), "lm", quiet)
+    wrapped = adapted.model
     train_steps(wrapped, steps=2)
     b = batch()
     expected = outputs(wrapped, b)
-    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best")
+    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best", base_pending=adapted.base_pending)
     base = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["base_model_name_or_path"]
     if init == "default":  # the frozen base is init_from itself: no copy
         assert base == str((tmp_path / "src").resolve()) and not (tmp_path / "run" / "base").exists()
@@ -349,13 +355,15 @@ def _fit(tmp_path, name: str, resume: bool = False, seed: int = 0):
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=6, eval_every=3, save_every=3, log_every=2, precision="fp32",
                       progress=False, tensorboard=False, warmup_steps=1, keep_checkpoints=10)
     torch.manual_seed(seed)  # what seed_everything does before a stage builds its model
-    model = apply_lora(decoder_lm(seed=seed), lora(dropout=0.1), "lm", quiet)  # dropout: RNG must resume too
+    # dropout: RNG must resume too
+    model = apply_lora(LoadedModel.built(decoder_lm(seed=seed)), lora(dropout=0.1), "lm", quiet).model
     val = collate(list(range(4)))
     run = tmp_path / name
     torch.manual_seed(0)
     fit(model, CausalLM(), BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
         run, lambda m: {"val_loss": float(CausalLM()(m, val).value)},
-        lambda m, info: save_pretrained_atomic(m, None, run / "best", info), "val_loss", resume=resume)
+        lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
+        "val_loss", resume=resume)
     return model
 
 
@@ -381,9 +389,10 @@ def _mlm_adapter_run(tmp_path, **kw):
     from transformers import AutoModelForMaskedLM
 
     build_model("encoder", "test", VOCAB, task="mlm", seed=0).save_pretrained(tmp_path / "mlm")
-    wrapped = apply_lora(load_model(tmp_path / "mlm", "mlm"), lora(**kw), "mlm", quiet)
+    adapted = apply_lora(load_checkpoint(tmp_path / "mlm", "mlm"), lora(**kw), "mlm", quiet)
+    wrapped = adapted.model
     train_steps(wrapped)
-    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best", {"step": 3})
+    save_pretrained_atomic(wrapped, None, tmp_path / "run" / "best", {"step": 3}, base_pending=adapted.base_pending)
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")  # the base the adapter points at
     return tmp_path / "run" / "best", wrapped
 
@@ -391,12 +400,12 @@ def _mlm_adapter_run(tmp_path, **kw):
 def test_carry_continues_the_same_adapter_on_its_base_for_a_new_task(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
-    from honelm.boosters.lora import load_for_carry, load_merged
+    from honelm.models import load_for_carry, load_merged
 
     best, trained = _mlm_adapter_run(tmp_path)
     model = load_for_carry(best, "classify", num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
     lines: list[str] = []
-    carried = apply_lora(model, lora(carry=True), "classify", lines.append)
+    carried = apply_lora(model, lora(carry=True), "classify", lines.append).model
     assert lines[0].startswith(f"lora: carried on the adapter of {best}: 24 adapter tensors;")
     # the MLM head's adapter has no module to go to in a classifier, and the line says so
     assert lines[0].endswith("left behind (no such module of that shape in this model): "
@@ -409,7 +418,7 @@ def test_carry_continues_the_same_adapter_on_its_base_for_a_new_task(tmp_path):
     for name, p in carried.named_parameters():  # the base stays frozen: only adapter and head tensors train
         assert p.requires_grad == ("lora_" in name or "modules_to_save" in name), name
     # the carried trunk computes what the merged adapter computes (the new head aside)
-    merged = load_merged(best, "mlm")
+    merged = load_merged(best, "mlm").model
     b = batch()
     carried.eval()
     with torch.no_grad():
@@ -423,15 +432,15 @@ def test_carry_continues_the_same_adapter_on_its_base_for_a_new_task(tmp_path):
 
 
 def test_carry_refuses_a_section_that_contradicts_the_adapter(tmp_path):
-    from honelm.boosters.lora import load_for_carry
+    from honelm.models import load_for_carry
 
     best, _ = _mlm_adapter_run(tmp_path)
     with pytest.raises(ConfigError, match=r"lora.r=8 but the adapter has 4.*lora.carry=false"):
-        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, r=8), "mlm", quiet)
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, r=8), "mlm", quiet).model
     with pytest.raises(ConfigError, match=r"lora.dora=True but the adapter has False"):
-        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, dora=True), "mlm", quiet)
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, dora=True), "mlm", quiet).model
     with pytest.raises(ConfigError, match=r"lora.init=pissa would be overwritten"):
-        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, init="pissa"), "mlm", quiet)
+        apply_lora(load_for_carry(best, "mlm"), lora(carry=True, init="pissa"), "mlm", quiet).model
 
 
 def test_carry_needs_lora_and_an_adapter_and_is_refused_where_the_reference_would_change(tmp_path):

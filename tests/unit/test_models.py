@@ -25,6 +25,7 @@ from honelm.models import (
     build_model,
     count_parameters,
     flops_per_token,
+    load_checkpoint,
     load_model,
     model_kind,
 )
@@ -186,9 +187,10 @@ def test_save_load_round_trip_identical_logits(tmp_path: Path, arch: str, task: 
                         eos_token_id=EOS).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    loaded = load_model(tmp_path, task, num_labels=labels)
+    record = load_checkpoint(tmp_path, task, num_labels=labels)
+    loaded = record.model
     assert type(loaded) is type(model)
-    assert loaded.honelm_new_weights == []
+    assert record.new_weights == []
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
@@ -199,12 +201,13 @@ def test_save_load_round_trip_identical_logits(tmp_path: Path, arch: str, task: 
 def test_classify_from_lm_checkpoint_new_head_same_trunk(tmp_path: Path) -> None:
     lm = build_model("decoder", "test", VOCAB, seed=5, pad_token_id=PAD, eos_token_id=EOS)
     lm.save_pretrained(tmp_path)
-    clf = load_model(tmp_path, "classify", id2label={0: "neg", 1: "neu", 2: "pos"})
+    record = load_checkpoint(tmp_path, "classify", id2label={0: "neg", 1: "neu", 2: "pos"})
+    clf = record.model
     assert isinstance(clf, LlamaForSequenceClassification)
     assert clf.config.num_labels == 3
     assert clf.config.label2id == {"neg": 0, "neu": 1, "pos": 2}
     assert clf.score.weight.shape == (3, lm.config.hidden_size)
-    assert clf.honelm_new_weights == ["score.weight"]
+    assert record.new_weights == ["score.weight"]
     trunk_lm, trunk_clf = lm.model.state_dict(), clf.model.state_dict()
     assert trunk_lm.keys() == trunk_clf.keys()
     assert all(torch.equal(trunk_lm[k], trunk_clf[k]) for k in trunk_lm)
@@ -215,10 +218,11 @@ def test_classify_from_lm_checkpoint_new_head_same_trunk(tmp_path: Path) -> None
 def test_reheading_classifier_with_other_label_count(tmp_path: Path) -> None:
     two = build_model("encoder", "test", VOCAB, task="classify", num_labels=2, seed=0)
     two.save_pretrained(tmp_path)
-    reg = load_model(tmp_path, "classify", num_labels=1)
+    record = load_checkpoint(tmp_path, "classify", num_labels=1)
+    reg = record.model
     assert reg.config.problem_type == "regression"
     assert reg.classifier.weight.shape == (1, two.config.hidden_size)
-    assert set(reg.honelm_new_weights) == {"classifier.weight", "classifier.bias"}
+    assert set(record.new_weights) == {"classifier.weight", "classifier.bias"}
     assert torch.equal(reg.bert.embeddings.word_embeddings.weight, two.bert.embeddings.word_embeddings.weight)
     # Re-heading a regression checkpoint back to classes must not keep problem_type=regression.
     reg.save_pretrained(tmp_path / "reg")

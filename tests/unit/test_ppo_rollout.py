@@ -149,12 +149,13 @@ def test_ppo_through_fit_raises_a_token_reward_with_bounded_kl(tiny_llama, tmp_p
 
 def test_lora_reference_is_the_base_model_and_does_not_drift(tiny_llama):
     from honelm.boosters.lora import LoraConfig, apply_lora
+    from honelm.models import LoadedModel
 
     base = tiny_llama(seed=4)
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     mask, pos = torch.ones_like(ids), torch.arange(5).unsqueeze(0)
     expected = base(input_ids=ids).logits.detach()
-    policy = apply_lora(base, LoraConfig(enabled=True, r=2), "lm", lambda _: None)
+    policy = apply_lora(LoadedModel.built(base), LoraConfig(enabled=True, r=2), "lm", lambda _: None).model
     with torch.no_grad():  # an "update": every LoRA B away from 0
         for name, p in policy.named_parameters():
             if "lora_B" in name:

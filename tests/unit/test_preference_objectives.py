@@ -228,8 +228,9 @@ def _batch(vocab: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _lora(model: torch.nn.Module) -> torch.nn.Module:
     from honelm.boosters.lora import LoraConfig, apply_lora
+    from honelm.models import LoadedModel
 
-    return apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8), "lm", lambda _: None)
+    return apply_lora(LoadedModel.built(model), LoraConfig(enabled=True, r=4, alpha=8), "lm", lambda _: None).model
 
 
 def test_lora_reference_is_the_base_model_and_the_policy_moves_away(tiny_llama):
@@ -272,7 +273,7 @@ def test_an_adapter_directory_start_is_merged_so_the_reference_is_the_sft_model(
     batch = _batch()
     with torch.no_grad():
         sft_logps = sequence_logps(sft, batch)[0]
-    save_pretrained_atomic(sft, None, tmp_path / "best")  # adapter dir + its base in tmp_path/base
+    save_pretrained_atomic(sft, None, tmp_path / "best", base_pending=True)  # adapter dir + its base in tmp_path/base
     start = load_model(tmp_path / "best", "lm")  # what model.init_from does: base + adapter, merged
     policy = _lora(start)
     ref = DPO(beta=0.1).reference_logps(policy, batch)

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from honelm.errors import ConfigError, HonelmError
-from honelm.tokenizer import bytes_per_token_stats, load_tokenizer, train_tokenizer
+from honelm.tokenizer import bytes_per_token_stats, load_tokenizer, pad_from_eos, train_tokenizer
 
 # Vocabulary for a generated bilingual corpus (no dataset text is used).
 _EN_SUBJECTS = ["The cat", "A small robot", "My teacher", "The old river", "Every student", "Her brother"]
@@ -170,7 +170,7 @@ def test_save_and_autotokenizer_reload_identical(tmp_path: Path, bpe: PreTrained
     # load_tokenizer goes through the same path and keeps the existing pad token.
     via_honelm = load_tokenizer(tmp_path)
     assert via_honelm.pad_token_id == tok.pad_token_id
-    assert via_honelm.honelm_pad_from_eos is False
+    assert pad_from_eos(via_honelm) is False
 
 
 def test_training_from_generator_matches_list() -> None:
@@ -207,5 +207,5 @@ def test_load_tokenizer_sets_pad_from_eos(tmp_path: Path, bpe: PreTrainedTokeniz
         tok = load_tokenizer(str(tmp_path))
     assert isinstance(tok, PreTrainedTokenizerBase)
     assert tok.pad_token_id == tok.eos_token_id is not None
-    assert tok.honelm_pad_from_eos is True
+    assert pad_from_eos(tok) is True
     assert "no pad token" in caplog.text
