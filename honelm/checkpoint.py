@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,7 +151,7 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra:
     e.g. classify's val_predictions.jsonl) go into the same atomic swap, so they always describe
     the model beside them.
     """
-    from honelm.boosters.lora import is_peft_model, save_adapter
+    from honelm.boosters.lora import save_adapter
 
     with atomic_directory(final) as tmp:
         if is_peft_model(model):
@@ -163,6 +164,24 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, final: Path, extra:
             (tmp / "best.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft PeftModel, without importing peft for runs that never used it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def best_writes_base(model: nn.Module, run_dir: Path) -> bool:
+    """Whether saving `model` as RUN/best/ writes base weights (`TrainPlan.best_writes_base`).
+
+    A LoRA model's save is its adapter alone, except while its base still has to be written once
+    to RUN/base/ (`honelm_base_pending`: random init, a rewritten base...). Only a save that writes
+    base weights needs the exact fp32 frozen weights put back around it (honelm.speed).
+    """
+    if not is_peft_model(model):
+        return True
+    return getattr(model, "honelm_base_pending", False) and not (run_dir / "base" / "config.json").is_file()
 
 
 def resolve_model_dir(spec: str) -> str:

@@ -17,17 +17,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from honelm import config as C
 from honelm.errors import HonelmError
+
+if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` and `honelm ls` need neither
+    from honelm.loop import Callback
 
 
 @dataclass(frozen=True)
 class Verb:
     name: str
     summary: str
-    module: str = ""  # config verbs: module with `run(cfg, resume)` and a config class
+    module: str = ""  # config verbs: module with `run(cfg, resume, callbacks)` and a config class
     config: str = ""  # name of the config class in `module`
     positional: str = ""  # config field filled by a bare first argument
 
@@ -96,7 +99,7 @@ def config_help(verb: Verb, cls: type) -> str:
     return "\n".join(lines)
 
 
-def run_config_verb(verb: Verb, argv: list[str]) -> Any:
+def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] = ()) -> Any:
     module = importlib.import_module(verb.module)
     cls = getattr(module, verb.config)
     if any(a in ("-h", "--help") for a in argv):
@@ -136,7 +139,7 @@ def run_config_verb(verb: Verb, argv: list[str]) -> Any:
     from honelm.runtime import reset_peak_memory
 
     reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
-    return module.run(cfg, resume=resume)
+    return module.run(cfg, resume=resume, callbacks=callbacks)
 
 
 def cmd_test(argv: list[str]) -> Any:
@@ -226,10 +229,10 @@ def cmd_pipeline(argv: list[str]) -> Any:
     return main(argv)
 
 
-def cmd_search(argv: list[str]) -> Any:
+def cmd_search(argv: list[str], callbacks: Sequence[Callback] = ()) -> Any:
     from honelm.protocol.search import main
 
-    return main(argv)
+    return main(argv, callbacks)
 
 
 def cmd_ablate(argv: list[str]) -> Any:
@@ -250,7 +253,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(name: str, argv: list[str], callbacks: Sequence[Callback]) -> Any:
+    """A verb that is not a config verb; `callbacks` reach the runs of `search` only."""
+    if name == "search":
+        return cmd_search(argv, callbacks)
+    if callbacks:
+        raise TypeError(f"honelm {name}: callbacks reach the config verbs and search only")
+    return COMMANDS[name](argv)
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """`honelm ...`; returns the exit status. `callbacks` (honelm.loop.Callback) are passed to every
+    training run of the verb: the config verbs' run(), and each trial of a search."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -276,15 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"honelm: unknown verb '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "") + "\n\n" + usage(),
               file=sys.stderr)
         return 2
-    _take_late_stop()  # one left by an earlier call in this process (a pipeline's stage) is not this one's
     try:
-        if verb.module:
-            result = run_config_verb(verb, rest)
-            if isinstance(result, dict) and result.get("reason") == "interrupted":
-                return 130  # the checkpoint is written; the shell should still see an interrupted command
-        else:
-            COMMANDS[name](rest)
-        if _take_late_stop():
+        result = run_config_verb(verb, rest, callbacks) if verb.module else run_command(name, rest, callbacks)
+        if verb.module and isinstance(result, dict) and result.get("reason") == "interrupted":
+            return 130  # the checkpoint is written; the shell should still see an interrupted command
+        if isinstance(result, dict) and result.get("stop_requested"):
             # the stop came while a finished run saved itself: its work is kept, but a pipeline, a shell
             # script or a search must not go on as if nobody had asked to stop
             print(f"honelm {name}: stopped (the run had finished when the stop came)", file=sys.stderr)
@@ -295,15 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"honelm {name}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _take_late_stop()  # whatever way the verb ended, the flag does not outlive it
     return 0
 
-
-def _take_late_stop() -> bool:
-    """Whether a run of this call finished with a stop it could not act on (honelm.loop); clears it."""
-    loop = sys.modules.get("honelm.loop")  # loaded only by verbs that train
-    return loop is not None and loop.late_stop_requested(clear=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,13 +31,14 @@ model.init_from=RUN` re-heads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -45,14 +46,14 @@ from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import resolve_model_dir, save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, resolve_model_dir, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.masking import MLMRows, documents_mlm, pack_mlm
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
 from honelm.data.readers import Document, read_documents
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, fit
 from honelm.models import model_kind
 from honelm.objectives.base import Objective
 from honelm.objectives.lm import CausalLM
@@ -433,7 +434,7 @@ def _check_resume(run_dir: Path, record: dict[str, Any]) -> None:
                               "(data files, split settings or curated picks changed); start a new run")
 
 
-def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: AdaptConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     mode = mode_of(cfg)
@@ -505,12 +506,15 @@ def run(cfg: AdaptConfig, resume: str | None = None) -> dict[str, Any]:
         return lm_scores(sums, val_rows, "val")
 
     objective = boosters.objective(MaskedLM() if kind == "encoder" else CausalLM(), cfg, tokenizer, say)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate if val_rows else None,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
+    plan = TrainPlan(objective, stream, evaluate if val_rows else None,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or "val_loss",
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     tracker.close()
     return {"run_dir": str(run_dir), "mode": mode, "steps": result.steps, "reason": result.reason,
-            "best_step": result.best_step, **result.last_eval}
+            "best_step": result.best_step, "stop_requested": result.stop_requested, **result.last_eval}
 
 
 def evaluate_test(run_dir: Path, cfg: AdaptConfig, test_docs: list[Any]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from honelm import runtime as rt
 from honelm.checkpoint import resolve_model_dir
@@ -21,6 +21,7 @@ from honelm.config import section
 from honelm.data.chat import Messages, ensure_template, prompt_ids
 from honelm.errors import ConfigError
 from honelm.generate import SamplingConfig, generate_ids
+from honelm.loop import Callback
 
 HELP = "commands: /reset starts over · /system TEXT sets the system message (and starts over) · /quit ends"
 
@@ -76,8 +77,9 @@ def fit_context(tokenizer: Any, messages: Messages, limit: int, say: Callable[[s
     return ids
 
 
-def run(cfg: ChatConfig, resume: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None
-        ) -> dict[str, Any]:
+def run(cfg: ChatConfig, resume: str | None = None, callbacks: Sequence[Callback] = (), stdin: TextIO | None = None,
+        stdout: TextIO | None = None) -> dict[str, Any]:
+    """`callbacks` (the stage contract, `honelm.loop.Callback`) have nothing to observe here: no model is trained."""
     from honelm.models import load_model
     from honelm.tokenizer import load_tokenizer
 

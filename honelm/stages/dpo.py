@@ -21,11 +21,12 @@ pairs against the same reference.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,11 +34,11 @@ from torch import nn
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig, mutates_base
-from honelm.checkpoint import atomic_directory, list_checkpoints, save_pretrained_atomic
+from honelm.checkpoint import atomic_directory, best_writes_base, list_checkpoints, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, TrainState, fit
 from honelm.objectives.dpo import DPO
 from honelm.objectives.logprobs import sequence_logps
 from honelm.stages import preference as P
@@ -130,6 +131,34 @@ def precompute_reference(model: nn.Module, splits: list[EncodedPairs], batch_siz
     model.train(was_training)
 
 
+class PrecomputedReference(Callback):
+    """dpo.precompute_ref: the starting model's log-probs of every pair, in the precision the policy
+    trains in: at step 0 policy and reference log-probs are then equal (all implicit rewards 0),
+    which an fp32 reference against a bf16 policy would not give.
+
+    As a callback it computes them once fit() has chosen the precision, before the first step of a
+    fresh run; a resumed run calls `compute` itself, in its checkpoint's precision, before training.
+    """
+
+    def __init__(self, model: nn.Module, train: EncodedPairs, val: EncodedPairs | None, batch_size: int,
+                 device: torch.device, say: Callable[[str], None]) -> None:
+        self.model, self.train, self.val, self.batch_size = model, train, val, batch_size
+        self.device, self.say = device, say
+
+    def compute(self, precision: str) -> None:
+        started = time.perf_counter()
+        autocast = rt.Runtime(device=self.device, precision=precision).autocast
+        splits = [d for d in (self.train, self.val) if d is not None and len(d)]
+        precompute_reference(self.model, splits, self.batch_size, self.device, autocast)
+        self.say(f"reference: log-probs of the starting model precomputed for {len(self.train)} train + "
+                 f"{len(self.val) if self.val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
+                 f"({precision}, the training precision); no reference model is kept")
+
+    def on_start(self, state: TrainState) -> None:
+        if not state.resumed:
+            self.compute(str(state.precision))  # chosen before on_start
+
+
 def checkpoint_precision(run_dir: Path) -> str:
     """The precision ("bf16"/"fp32") a run's newest checkpoint trained in."""
     found = list_checkpoints(run_dir / "checkpoints")
@@ -156,7 +185,7 @@ def reference_location(model: nn.Module, tokenizer: Any, run_dir: Path, lora: bo
     return {"kind": "checkpoint", "path": str(target.resolve())}
 
 
-def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: DPOConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("dpo", cfg, runtime, resume)
@@ -183,26 +212,14 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
         S.write_json(run_dir / REFERENCE_FILE, location)
 
     reference = None
-    on_start = None
     if cfg.dpo.precompute_ref:
-        splits_with_pairs = [d for d in (train, val) if d is not None and len(d)]
-
-        def precompute(precision: str) -> None:
-            # in the precision the policy trains in: at step 0 policy and reference log-probs are then equal
-            # (all implicit rewards 0), which an fp32 reference against a bf16 policy would not give
-            started = time.perf_counter()
-            autocast = rt.Runtime(device=runtime.device, precision=precision).autocast
-            precompute_reference(model, splits_with_pairs, cfg.train.eval_batch_size, runtime.device, autocast)
-            tracker.say(f"reference: log-probs of the starting model precomputed for {len(train)} train + "
-                        f"{len(val) if val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
-                        f"({precision}, the training precision); no reference model is kept")
-
         if resume:  # the starting model is still what `model` holds; the precision is the checkpoint's
-            precompute(checkpoint_precision(run_dir))
-        else:  # fit chooses the precision first (its probe step reads these zeros), then calls precompute
-            for data in splits_with_pairs:
-                data.ref_logps = torch.zeros(len(data), 2)
-            on_start = precompute
+            PrecomputedReference(model, train, val, cfg.train.eval_batch_size, runtime.device,
+                                 tracker.say).compute(checkpoint_precision(run_dir))
+        else:  # fit chooses the precision first (its probe step reads these zeros), then the callback fills them
+            for data in (train, val):
+                if data is not None and len(data):
+                    data.ref_logps = torch.zeros(len(data), 2)
     elif cfg.lora.enabled:
         tracker.say("reference: the policy with its LoRA adapters disabled (the model LoRA was applied to)")
     else:
@@ -216,13 +233,18 @@ def run(cfg: DPOConfig, resume: str | None = None) -> dict[str, Any]:
                          runtime.world_size, runtime.rank, lengths=train.lengths)
     evaluate = ((lambda m: evaluate_pairs(m, val, objective, cfg.train.eval_batch_size, runtime.device, "val"))
                 if val is not None and len(val) else None)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
-                 on_start=on_start)
+    if cfg.dpo.precompute_ref:  # on the model fit() trains; a no-op for a resumed run (computed above)
+        callbacks = [PrecomputedReference(model, train, val, cfg.train.eval_batch_size, runtime.device, tracker.say),
+                     *callbacks]
+    plan = TrainPlan(objective, stream, evaluate,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or objective.default_metric,
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+            "stop_requested": result.stop_requested, **result.last_eval}
 
 
 def load_reference(run_dir: Path) -> nn.Module:

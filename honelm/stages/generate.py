@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from honelm import runtime as rt
 from honelm.checkpoint import resolve_model_dir
@@ -20,6 +20,7 @@ from honelm.config import section
 from honelm.errors import ConfigError
 from honelm.data.chat import ensure_template, prompt_ids
 from honelm.generate import SamplingConfig, generate_ids, read_prompts, write_generations
+from honelm.loop import Callback
 
 
 @dataclass
@@ -41,7 +42,8 @@ class GenerateConfig:
     sampling: SamplingConfig = section(SamplingConfig)
 
 
-def run(cfg: GenerateConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: GenerateConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """`callbacks` (the stage contract, `honelm.loop.Callback`) have nothing to observe here: no model is trained."""
     from honelm.models import load_model
     from honelm.tokenizer import load_tokenizer
 

@@ -13,21 +13,22 @@ holds the policy only: a plain causal LM (or LoRA adapter) directory with its to
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import resolve_model_dir, save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, resolve_model_dir, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.chat import ensure_template
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import fit
+from honelm.loop import Callback, TrainPlan, fit
 from honelm.objectives.ppo import PPO
 from honelm.rl.policy import PolicyWithValue, Reference, disable_dropout
 from honelm.rl.prompts import PromptDataConfig, encode_prompts, prompt_splits, use_chat
@@ -80,7 +81,7 @@ def write_samples(path: Path, sampler: Sampler, prompts: list[Any], seed: int, l
                                     ensure_ascii=False) + "\n")
 
 
-def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: PPOConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("ppo", cfg, runtime, resume)
@@ -135,12 +136,14 @@ def run(cfg: PPOConfig, resume: str | None = None) -> dict[str, Any]:
         f"KL {cfg.ppo.kl_estimator} x {cfg.ppo.kl_coef}")
     evaluate = (lambda m: validate_policy(sampler, val, cfg.run.seed)) if val else None
     objective = PPO(cfg.ppo.temperature, cfg.ppo.clip, cfg.ppo.clip_value, cfg.ppo.vf_coef)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m.policy, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker,
-                 frozen_models=sampler.frozen_models())
+    plan = TrainPlan(objective, stream, evaluate,
+                     lambda m, info: save_pretrained_atomic(m.policy, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or objective.default_metric, frozen_models=sampler.frozen_models(),
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     if result.reason != "interrupted" and val and runtime.is_main:
         write_samples(run_dir / "samples.jsonl", sampler, val, cfg.run.seed)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+            "stop_requested": result.stop_requested, **result.last_eval}

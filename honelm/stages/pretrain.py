@@ -6,10 +6,11 @@ cross-entropy by the UTF-8 bytes of the text, so models with different tokenizer
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -17,11 +18,11 @@ from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, fit
 from honelm.objectives.lm import CausalLM
 from honelm.stages import setup as S
 
@@ -71,7 +72,7 @@ def lm_metrics(model: torch.nn.Module, blocks: PackedBlocks, batch_size: int, de
             f"{prefix}_bpb": bits_per_byte(nll, blocks.n_bytes)}
 
 
-def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: PretrainConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("pretrain", cfg, runtime, resume)
@@ -92,12 +93,15 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
                          cfg.run.seed, runtime.world_size, runtime.rank)
     evaluate = (lambda m: lm_metrics(m, val_blocks, cfg.train.eval_batch_size, runtime.device)) if val_blocks else None
     objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
+    plan = TrainPlan(objective, stream, evaluate,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or "val_loss",
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+            "stop_requested": result.stop_requested, **result.last_eval}
 
 
 def evaluate_test(run_dir: Path, cfg: PretrainConfig, test_docs: list[Any]) -> dict[str, float]:

@@ -9,20 +9,21 @@ accuracy (strict), margin and the reward distribution; the best validation check
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, fit
 from honelm.objectives.reward import RewardModel, bradley_terry, reward_stats
 from honelm.stages import preference as P
 from honelm.stages import setup as S
@@ -96,7 +97,7 @@ def load_reward_model(path: Path | str) -> torch.nn.Module:
     return load_model(path, "classify", num_labels=1, id2label={0: "reward"})
 
 
-def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: RewardConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("reward", cfg, runtime, resume)
@@ -127,12 +128,15 @@ def run(cfg: RewardConfig, resume: str | None = None) -> dict[str, Any]:
     evaluate = ((lambda m: evaluate_pairs(m, val, cfg.train.eval_batch_size, runtime.device, "val",
                                           cfg.reward.center_coef)) if val is not None and len(val) else None)
     objective = RewardModel(center_coef=cfg.reward.center_coef)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or objective.default_metric, resume=resume is not None, tracker=tracker)
+    plan = TrainPlan(objective, stream, evaluate,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or objective.default_metric,
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+            "stop_requested": result.stop_requested, **result.last_eval}
 
 
 def evaluate_test(run_dir: Path, cfg: RewardConfig, test_rows: list[Any], train_rows: list[Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ token F1, chrF, BLEU). `honelm test` reports the same on the test split.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ from honelm import metrics as M
 from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.chat import ensure_template, prompt_ids, read_conversations, render
 from honelm.data.sft import ChatDocument, SFTExamples, as_document, encode_conversations, pack_examples, template_texts
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, fit
 from honelm.objectives.lm import CausalLM
 from honelm.stages import setup as S
 
@@ -265,7 +266,7 @@ def write_samples(run_dir: Path, cfg: SFTConfig, val_docs: Sequence[ChatDocument
 # the stage
 
 
-def run(cfg: SFTConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: SFTConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("sft", cfg, runtime, resume)
@@ -300,15 +301,18 @@ def run(cfg: SFTConfig, resume: str | None = None) -> dict[str, Any]:
     if val is not None and len(val):
         evaluate = lambda m: lm_scores(m, val, cfg.train.eval_batch_size, runtime.device, "val")  # noqa: E731
     objective = boosters.objective(CausalLM(), cfg, tokenizer, tracker.say)
-    result = fit(model, objective, stream, cfg.train, runtime, run_dir, evaluate,
-                 lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-                 metric=cfg.train.metric or "val_loss", resume=resume is not None, tracker=tracker)
+    plan = TrainPlan(objective, stream, evaluate,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
+                     cfg.train.metric or "val_loss",
+                     best_writes_base=functools.partial(best_writes_base, model, run_dir))
+    result = fit(model, plan, cfg.train, runtime, run_dir, tracker=tracker, resume=resume is not None,
+                 callbacks=callbacks)
     scores: dict[str, float] = {}
     if result.reason != "interrupted" and splits.val and cfg.samples.n > 0:
         scores = write_samples(run_dir, cfg, splits.val, runtime, tracker, result.steps)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval, **scores}
+            "stop_requested": result.stop_requested, **result.last_eval, **scores}
 
 
 def evaluate_test(run_dir: Path, cfg: SFTConfig, test_docs: list[Any]) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from honelm import runtime as rt
 from honelm.config import RunConfig, section
+from honelm.loop import Callback
 from honelm.stages import setup as S
 from honelm.stages.pretrain import TextDataConfig
 
@@ -40,7 +41,8 @@ class TokenizerConfig:
     tokenizer: TokenizerOptions = section(TokenizerOptions)
 
 
-def run(cfg: TokenizerConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: TokenizerConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """`callbacks` (the stage contract, `honelm.loop.Callback`) have nothing to observe here: no model is trained."""
     from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
 
     runtime = rt.setup()
