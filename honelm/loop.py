@@ -430,8 +430,9 @@ class _Run:
         with _Interrupt() as interrupt, self.speed:
             if self.speed.describe():
                 self.tracker.say(self.speed.describe())
-            while st.step < st.total and not self._one_step(interrupt):
-                pass
+            while st.step < st.total:
+                if self._one_step(interrupt):
+                    break
             late_stop = self._wind_up(interrupt)
         return self._end(late_stop)
 
