@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -21,11 +21,11 @@ from honelm import metrics as M
 from honelm import runtime as rt
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import list_checkpoints, save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, list_checkpoints, save_pretrained_atomic
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.batches import EncodedExamples, encode_examples
 from honelm.errors import HonelmError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, fit
 from honelm.models import model_kind
 from honelm.objectives.classify import Classify
 from honelm import predictions as P
@@ -99,7 +99,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, regression: bool, n_label
             f"{prefix}_macro_f1": M.macro_f1(pred, labels, list(range(n_labels)))}
 
 
-def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: ClassifyConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
     run_dir = S.run_directory("classify", cfg, runtime, resume)
@@ -147,13 +147,15 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         # `loaded` is read when called: the teacher's record for plae's teacher run, then the student's
         save_pretrained_atomic(m, tokenizer, out_dir / "best", info, files=files, base_pending=loaded.base_pending)
 
-    def train_model(model: torch.nn.Module, objective: Any, out_dir: Path, tracker: Any, resume: bool) -> Any:
+    def train_model(model: torch.nn.Module, objective: Any, out_dir: Path, tracker: Any, resume: bool,
+                    callbacks: Sequence[Callback] = ()) -> Any:
         stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
                              runtime.world_size, runtime.rank, lengths=train.lengths)
         last_val_logits[0] = None  # plae: the student must not inherit the teacher's last evaluation
-        return fit(model, objective, stream, cfg.train, runtime, out_dir, evaluate if val is not None else None,
-                   lambda m, info: save_best(m, info, out_dir),
-                   metric=cfg.train.metric or objective.default_metric, resume=resume, tracker=tracker)
+        plan = TrainPlan(objective, stream, evaluate if val is not None else None,
+                         lambda m, info: save_best(m, info, out_dir), cfg.train.metric or objective.default_metric,
+                         best_writes_base=lambda: best_writes_base(model, loaded.base_pending, out_dir))
+        return fit(model, plan, cfg.train, runtime, out_dir, tracker=tracker, resume=resume, callbacks=callbacks)
 
     inner = Classify(regression=regression)
     stored = None
@@ -169,12 +171,13 @@ def run(cfg: ClassifyConfig, resume: str | None = None) -> dict[str, Any]:
         loaded = boosters.apply(student, cfg, "classify", tracker.say)
         model = loaded.model
     objective = boosters.objective(inner, cfg, tokenizer, tracker.say, stored=stored)
-    # plae: a run resumed during its teacher stage may have no checkpoint of its own yet
+    # plae: a run resumed during its teacher stage may have no checkpoint of its own yet; the callbacks
+    # (a search's pruner) observe this run only, never the teacher's
     result = train_model(model, objective, run_dir, tracker,
-                         resume is not None and bool(list_checkpoints(run_dir / "checkpoints")))
+                         resume is not None and bool(list_checkpoints(run_dir / "checkpoints")), callbacks)
     tracker.close()
     return {"run_dir": str(run_dir), "steps": result.steps, "reason": result.reason, "best_step": result.best_step,
-            **result.last_eval}
+            "stop_requested": result.stop_requested, **result.last_eval}
 
 
 def plae_stage(cfg: ClassifyConfig, run_dir: Path, runtime: rt.Runtime, tracker: Any, model: torch.nn.Module,

@@ -9,12 +9,12 @@ on: the stage hooks are called where the stage modules used to do the same work 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from honelm import boosters
 from honelm import runtime as rt
-from honelm.loop import fit
+from honelm.checkpoint import best_writes_base
+from honelm.loop import Callback, FitResult, TrainPlan, fit
 from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
@@ -46,32 +46,19 @@ def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     return ctx.loaded
 
 
-def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
-    """The stage's plan with the boosters' objective, through `fit`."""
+def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Callback] = ()
+          ) -> tuple[Plan, FitResult]:
+    """The stage's plan with the boosters' objective, through `fit` (the plan's callbacks, then the caller's)."""
     plan = stage.plan(ctx, loaded)
-    objective = boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say)
-    save = plan.save_best or ctx.save_best
-    result = fit(plan.model if plan.model is not None else loaded.model, objective, plan.stream, ctx.cfg.train,
-                 ctx.runtime, ctx.run_dir, plan.evaluate, save, metric=plan.metric, resume=ctx.resume,
-                 tracker=ctx.tracker, on_start=_on_start(plan.callbacks), frozen_models=plan.frozen_models)
+    model = plan.model if plan.model is not None else loaded.model
+    run_dir = ctx.run_dir
+    train_plan = TrainPlan(objective=boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say),
+                           stream=plan.stream, evaluate=plan.evaluate, save_best=plan.save_best or ctx.save_best,
+                           metric=plan.metric, frozen_models=plan.frozen_models,
+                           best_writes_base=lambda: best_writes_base(model, loaded.base_pending, run_dir))
+    result = fit(model, train_plan, ctx.cfg.train, ctx.runtime, run_dir, tracker=ctx.tracker, resume=ctx.resume,
+                 callbacks=[*plan.callbacks, *callbacks])
     return plan, result
-
-
-def _on_start(callbacks: Sequence[Any]) -> Callable[[str], None] | None:
-    """TRANSITION (issue 17): the plan callbacks' `on_start(state)` as today's `fit(on_start=precision)`.
-
-    fit calls it on a fresh run only, so the state says `resumed=False`; removed when fit takes
-    callbacks itself.
-    """
-    starters = [cb for cb in callbacks if hasattr(cb, "on_start")]
-    if not starters:
-        return None
-
-    def on_start(precision: str) -> None:
-        for cb in starters:
-            cb.on_start(SimpleNamespace(precision=precision, resumed=False))
-
-    return on_start
 
 
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
