@@ -177,18 +177,19 @@ def run_honelm(loaded, data: dict, args: argparse.Namespace, clock: StepClock, w
     """`fit()` with the arguments `honelm classify` passes (stages/classify.py), no validation split."""
     from honelm import boosters
     from honelm import runtime as rt
+    from honelm.checkpoint import best_writes_base
     from honelm.config import TrainConfig
     from honelm.data.batches import EncodedExamples
-    from honelm.loop import BatchStream, fit
+    from honelm.loop import BatchStream, TrainPlan, fit
     from honelm.objectives.classify import Classify
     from honelm.tracking import Tracker
 
     if args.peft_input_cast:  # diagnostic: keep peft's bf16 -> fp32 -> bf16 round trip on the LoRA branches' inputs
         import contextlib
 
-        import honelm.loop
+        import honelm.speed
 
-        honelm.loop.autocast_inputs = lambda model, enabled=True: contextlib.nullcontext(0)
+        honelm.speed.autocast_inputs = lambda model, enabled=True: contextlib.nullcontext(0)
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=total_steps(args), precision=args.precision,
                       eval_every=0, save_every=0, progress=False, tensorboard=False, threads=args.threads,
                       gradient_checkpointing=args.gradient_checkpointing, bf16_frozen=not args.no_bf16_frozen)
@@ -213,8 +214,9 @@ def run_honelm(loaded, data: dict, args: argparse.Namespace, clock: StepClock, w
                          runtime.world_size, runtime.rank, lengths=examples.lengths)
     objective = Classify()
     # save_best is a no-op: without a validation split fit() calls it once, after the timed span.
-    fit(model, objective, stream, cfg, runtime, run_dir, None, lambda m, info: None,
-        metric=objective.default_metric, tracker=tracker)
+    plan = TrainPlan(objective, stream, None, lambda m, info: None, objective.default_metric,
+                     best_writes_base=lambda: best_writes_base(model, loaded.base_pending, run_dir))
+    fit(model, plan, cfg, runtime, run_dir, tracker=tracker)
     tracker.close()
     reported = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in reported if e["event"] == "train"]
@@ -539,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="honelm contenders: train.bf16_frozen=false (frozen Linear weights stay fp32 under bf16 autocast)")
     p.add_argument("--peft-input-cast", action="store_true",
                    help="diagnostic, honelm contenders: keep peft's cast of every LoRA branch's input to fp32 under "
-                        "bf16 autocast (honelm skips that exact round trip while training: honelm.boosters.lora.autocast_inputs)")
+                        "bf16 autocast (honelm skips that exact round trip while training: "
+                        "honelm.speed.autocast_inputs)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in every process")

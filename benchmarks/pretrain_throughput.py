@@ -186,7 +186,7 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
     from honelm.checkpoint import save_pretrained_atomic
     from honelm.config import TrainConfig
     from honelm.data.packing import PackedBlocks
-    from honelm.loop import BatchStream, fit
+    from honelm.loop import BatchStream, TrainPlan, fit
     from honelm.objectives.lm import CausalLM
     from honelm.tokenizer import load_tokenizer
     from honelm.tracking import Tracker
@@ -209,9 +209,9 @@ def run_honelm(model, data: dict, args: argparse.Namespace, clock: StepClock, wo
                          runtime.world_size, runtime.rank)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant}_run_", dir=work))  # fresh per attempt
     tracker = Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
-    fit(model, CausalLM(), stream, cfg, runtime, run_dir, None,
-        lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info),
-        metric="val_loss", tracker=tracker)
+    plan = TrainPlan(CausalLM(), stream, None,
+                     lambda m, info: save_pretrained_atomic(m, tokenizer, run_dir / "best", info), metric="val_loss")
+    fit(model, plan, cfg, runtime, run_dir, tracker=tracker)
     tracker.close()
     reported = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     precision = next((e["message"].removeprefix("precision: ") for e in reported

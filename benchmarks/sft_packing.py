@@ -105,7 +105,7 @@ def child_main(args: argparse.Namespace) -> int:
     from honelm import runtime as rt
     from honelm.config import TrainConfig
     from honelm.data.sft import SFTExamples, pack_examples
-    from honelm.loop import BatchStream, fit
+    from honelm.loop import BatchStream, TrainPlan, fit
     from honelm.models import build_model
     from honelm.objectives.lm import CausalLM
     from honelm.tracking import Tracker
@@ -147,7 +147,7 @@ def child_main(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{args.mode}_run_", dir=work))
     tracker = Tracker(run_dir, enabled=True, tensorboard=False, progress=False)
     t0 = time.perf_counter()
-    fit(model, CausalLM(), stream, cfg, runtime, run_dir, None, lambda m, info: None, metric="val_loss",
+    fit(model, TrainPlan(CausalLM(), stream, None, lambda m, info: None, metric="val_loss"), cfg, runtime, run_dir,
         tracker=tracker)
     tracker.close()
     # counts[0] is the precision probe's batch (auto) or absent; the steps' batches are the last ones

@@ -11,15 +11,20 @@ configs/ folder shipped next to the package.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from honelm import config as C
 from honelm import registry
 from honelm.errors import HonelmError
 from honelm.registry import VERBS, Verb, presets
+
+if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` and `honelm ls` need neither
+    from honelm.loop import Callback
 
 
 def config_help(verb: Verb, cls: type) -> str:
@@ -40,7 +45,7 @@ def config_help(verb: Verb, cls: type) -> str:
     return "\n".join(lines)
 
 
-def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Any] = ()) -> Any:
+def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] = ()) -> Any:
     cls = registry.config_class(verb.name)
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(verb, cls))
@@ -112,7 +117,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(name: str, argv: list[str], callbacks: Sequence[Callback]) -> Any:
+    """A command verb; `callbacks` reach only a command whose `main` takes them (search's trials)."""
+    main = registry.command(name)
+    if not callbacks:
+        return main(argv)
+    if "callbacks" not in inspect.signature(main).parameters:
+        raise TypeError(f"honelm {name}: this command runs no training that callbacks could observe")
+    return main(argv, callbacks=callbacks)
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """`honelm ...`; returns the exit status. `callbacks` (honelm.loop.Callback) are passed to every
+    training run of the verb: the config verbs' run(), and each trial of a search."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -132,21 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         pass
     verb = VERBS.get(name)
     if verb is None:
-        import difflib
-
         hint = difflib.get_close_matches(name, list(VERBS), n=1)
         print(f"honelm: unknown verb '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else "") + "\n\n" + usage(),
               file=sys.stderr)
         return 2
-    _take_late_stop()  # one left by an earlier call in this process (a pipeline's stage) is not this one's
     try:
         if verb.kind != "command":
-            result = run_config_verb(verb, rest)
-            if registry.exit_code(result):
-                return 130  # the checkpoint is written; the shell should still see an interrupted command
+            result = run_config_verb(verb, rest, callbacks)
         else:
-            registry.command(name)(rest)
-        if _take_late_stop():
+            result = run_command(name, rest, callbacks)
+        if verb.kind != "command" and isinstance(result, dict) and result.get("reason") == "interrupted":
+            return 130  # the checkpoint is written; the shell should still see an interrupted command
+        if isinstance(result, dict) and result.get("stop_requested"):
             # the stop came while a finished run saved itself: its work is kept, but a pipeline, a shell
             # script or a search must not go on as if nobody had asked to stop
             print(f"honelm {name}: stopped (the run had finished when the stop came)", file=sys.stderr)
@@ -157,15 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"honelm {name}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _take_late_stop()  # whatever way the verb ended, the flag does not outlive it
     return 0
 
-
-def _take_late_stop() -> bool:
-    """Whether a run of this call finished with a stop it could not act on (honelm.loop); clears it."""
-    loop = sys.modules.get("honelm.loop")  # loaded only by verbs that train
-    return loop is not None and loop.late_stop_requested(clear=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,14 +7,18 @@ the learning rate from the pure schedule, step AdamW. Around it: bf16 autocast c
 measured probe, validation every N steps, the best model kept, early stopping, atomic periodic
 checkpoints, exact resume (model, optimizer, RNG, data position), Ctrl-C/SIGTERM leaving a
 resumable checkpoint, and a non-finite loss stopping the run with the step named.
+
+A stage hands the loop a `TrainPlan` (objective, data, validation, how to save the best model);
+the run's progress is an explicit `TrainState` (what a checkpoint stores, plus what callers may
+read); whoever else needs to act during a run (the search's pruner, DPO's precomputed reference,
+tests that kill the process) passes a `Callback`. Speed-ups that change no number sit behind one
+context, `honelm.speed.TrainingSpeed`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,35 +27,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from honelm import runtime as rt
-from honelm.boosters.lora import autocast_inputs
 from honelm.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
-from honelm.frozen import SPILL_NAME, FrozenBf16
+from honelm.models import count_parameters
 from honelm.objectives.base import Objective
 from honelm.optim import lr_at, make_optimizer, set_lr, warmup_steps
+from honelm.speed import SPILL_NAME, TrainingSpeed
 from honelm.tracking import Tracker
 
 Batch = dict[str, Any]
-
-# Observers of validation, set around a whole run by a caller that is not the stage (the search's
-# pruner). Each gets (run_dir, step, val metrics) after every evaluation of the run in `run_dir`
-# and may return a reason (e.g. "pruned") to stop it there: the run then ends cleanly, with its
-# best model, a final checkpoint and an `end` event carrying that reason.
-EvalHook = Callable[[Path, int, dict[str, float]], "str | None"]
-_EVAL_HOOKS: contextvars.ContextVar[tuple[EvalHook, ...]] = contextvars.ContextVar("honelm_eval_hooks", default=())
-
-
-@contextlib.contextmanager
-def eval_hook(hook: EvalHook) -> Any:
-    """Call `hook(run_dir, step, metrics)` after each validation of every fit() inside this block."""
-    token = _EVAL_HOOKS.set(_EVAL_HOOKS.get() + (hook,))
-    try:
-        yield
-    finally:
-        _EVAL_HOOKS.reset(token)
 
 
 class BatchStream:
@@ -130,18 +118,104 @@ class FitResult:
     final checkpoint: the run is complete and saved, but nothing that would follow it should start."""
 
 
-# Set by fit() when it returns with `stop_requested`; the CLI (and a search between trials) reads it,
-# so that a stop which came too late to interrupt the run still ends the command (exit 130).
-_late_stop = False
+@dataclass
+class TrainPlan:
+    """What a stage hands the loop.
+
+    `stream` is a `BatchStream` or anything with its interface (`next_step()`, `position`, `n`,
+    `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
+    PPO's `honelm.rl.rollout.RolloutStream`. `evaluate(model)` returns validation metrics named
+    `val_*` (None: no validation; the final model is then the best); `save_best(model, info)`
+    writes the loadable best model (main process only); `metric` is the validation metric that
+    decides the best.
+
+    `frozen_models`: models that run beside the trained one outside the objective and are never
+    trained (PPO's sampler: a reference copy, a reward model). With the objective's own
+    (`Objective.frozen_models()`, DPO's reference) they are held in bf16 under bf16 autocast like
+    the trained model's frozen weights (`train.bf16_frozen`, honelm.speed) and are fp32 again after.
+    """
+
+    objective: Objective
+    stream: BatchStream | Any
+    evaluate: Callable[[nn.Module], dict[str, float]] | None
+    save_best: Callable[[nn.Module, dict[str, Any]], None]
+    metric: str
+    frozen_models: Sequence[nn.Module] = ()
+    best_writes_base: Callable[[], bool] = lambda: True
+    """False: save_best writes an adapter only, so frozen bf16 weights need not be restored to fp32
+    around it (`honelm.checkpoint.best_writes_base`)."""
 
 
-def late_stop_requested(clear: bool = False) -> bool:
-    """Whether a run in this process finished with a stop request it could not act on; `clear` resets it."""
-    global _late_stop
-    found = _late_stop
-    if clear:
-        _late_stop = False
-    return found
+# What every checkpoint's trainer_state.json holds, in this order; `best_loss` follows once a best
+# was recorded (as it always has: old checkpoints resume unchanged).
+_CHECKPOINTED = ("step", "position", "best_value", "best_step", "bad_evals", "precision", "precision_reason",
+                 "train_time_s", "finished")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; callbacks receive it (read it, do not change it)."""
+
+    run_dir: Path
+    total: int
+    """Optimizer steps the run is planned for."""
+    step: int = 0
+    """Optimizer steps done."""
+    position: int = 0
+    """The data stream's position at the last checkpoint."""
+    best_value: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    """Validations in a row without a new best (early stopping counts these)."""
+    precision: str | None = None
+    """The training precision once chosen: "bf16" (autocast) or "fp32"."""
+    precision_reason: str = ""
+    train_time_s: float = 0.0
+    """Training time at the last checkpoint (a resumed run goes on counting from it)."""
+    finished: bool = False
+    best_loss: float | None = None
+    """val_loss at the best validation: a tie of a coarse metric with a lower loss is progress."""
+    resumed: bool = False
+    """The run continues from a checkpoint (not checkpointed itself)."""
+    last_eval: dict[str, float] = field(default_factory=dict)
+    reason: str = "max_steps"
+    """Why the run ends (max_steps, early_stop, interrupted, or a callback's reason)."""
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """The trainer_state.json of a checkpoint."""
+        fields = {k: getattr(self, k) for k in _CHECKPOINTED}
+        if self.best_value is not None:
+            fields["best_loss"] = self.best_loss
+        return fields
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take the checkpointed fields from a checkpoint's trainer_state.json."""
+        for key in (*_CHECKPOINTED, "best_loss"):
+            if key in saved:
+                setattr(self, key, saved[key])
+
+
+class Callback:
+    """Something that acts during a run without being part of it; every method is a no-op here.
+
+    Subclass and override what you need; pass instances as `fit(callbacks=...)`. The state is the
+    loop's own: read it, do not change it.
+    """
+
+    def on_start(self, state: TrainState) -> None:
+        """The precision is chosen (`state.precision`), nothing is trained yet; for fresh and resumed
+        runs alike (`state.resumed`). On resume, this runs before the saved RNG state is restored."""
+
+    def after_step(self, state: TrainState) -> None:
+        """After each optimizer step (and its `train` event, when one is due), before any validation."""
+
+    def after_eval(self, state: TrainState, metrics: dict[str, float]) -> str | None:
+        """After each validation (the best model already saved); a returned reason (e.g. "pruned")
+        stops the run there, cleanly: with its best model, a final checkpoint and that reason."""
+        return None
+
+    def on_end(self, state: TrainState, result: FitResult) -> None:
+        """The run ended (its `end` event is written); not called for a resumed run that had finished."""
 
 
 def metric_is_min(metric: str, mode: str) -> bool:
@@ -233,289 +307,313 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         target = target.model
 
 
-def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
-    """Each model once, in order (an objective and a sampler may name the same one)."""
-    seen: set[int] = set()
-    return [m for m in models if not (id(m) in seen or seen.add(id(m)))]
-
-
 def total_steps_for(cfg: TrainConfig, n_items: int, step_items: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * n_items / step_items))
 
 
-def fit(
-    model: nn.Module,
-    objective: Objective,
-    stream: BatchStream | Any,
-    cfg: TrainConfig,
-    runtime: rt.Runtime,
-    run_dir: Path,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None,
-    save_best: Callable[[nn.Module, dict[str, Any]], None],
-    metric: str,
-    resume: bool = False,
-    tracker: Tracker | None = None,
-    on_start: Callable[[str], None] | None = None,
-    frozen_models: Sequence[nn.Module] = (),
-) -> FitResult:
-    """Train `model` with `objective` on `stream`; see the module docstring for the contract.
+@dataclass
+class _Window:
+    """Sums over the steps since the last `train` event (what that event averages)."""
 
-    `on_start(precision)` ("bf16" or "fp32") runs once the precision is chosen and before the
-    first step of a fresh run (not on resume: the weights are then the checkpoint's), for work
-    that must use the training precision on the starting model (DPO's precomputed reference).
+    loss: torch.Tensor
+    units: int = 0
+    tokens: int = 0
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
-    `stream` is a `BatchStream` or anything with its interface (`next_step()`, `position`, `n`,
-    `step_items`, `epoch`, `bs`, `accum`, and `collate`/`item_at` or a `probe_batch()`), such as
-    PPO's `honelm.rl.rollout.RolloutStream`.
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.units = self.tokens = 0
+        self.metrics = {}
+        self.started = time.perf_counter()
 
-    `frozen_models`: models that run beside the trained one outside the objective and are never trained
-    (PPO's sampler: a reference copy, a reward model). With the objective's own
-    (`Objective.frozen_models()`, DPO's reference) they are held in bf16 under bf16 autocast like
-    the trained model's frozen weights (`train.bf16_frozen`, honelm.frozen) and are fp32 again after.
 
-    `evaluate(model)` returns validation metrics named `val_*`; `save_best(model, info)` writes
-    the loadable best model (main process only). With `resume`, the newest checkpoint under
-    run_dir/checkpoints is restored first.
-    """
-    device = runtime.device
-    model.to(device)
-    total = total_steps_for(cfg, stream.n, stream.step_items)
-    warm = warmup_steps(cfg, total)
-    optimizer = make_optimizer(model, cfg)
-    ckpt_root = run_dir / "checkpoints"
-    minimize = metric_is_min(metric, cfg.metric_mode)
-    tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
-    state: dict[str, Any] = {"step": 0, "position": 0, "best_value": None, "best_step": 0, "bad_evals": 0,
-                             "precision": None, "precision_reason": "", "train_time_s": 0.0, "finished": False}
-    if resume:
-        found = list_checkpoints(ckpt_root)
+class _Run:
+    """One call of `fit()`: the model, what trains it, and its `TrainState`, in small steps."""
+
+    # set by train(), once the precision is chosen and the callbacks have started
+    params: list[nn.Parameter]
+    counts: tuple[int, int]  # trainable, total parameters
+    start_time: float  # perf_counter() at which train_time_s was 0
+    window: _Window
+    speed: TrainingSpeed
+
+    def __init__(self, model: nn.Module, plan: TrainPlan, cfg: TrainConfig, runtime: rt.Runtime, run_dir: Path,
+                 tracker: Tracker | None, callbacks: Sequence[Callback]) -> None:
+        self.model, self.train_model, self.plan, self.cfg, self.runtime = model, model, plan, cfg, runtime
+        self.run_dir, self.callbacks = run_dir, list(callbacks)
+        total = total_steps_for(cfg, plan.stream.n, plan.stream.step_items)
+        self.warm = warmup_steps(cfg, total)
+        self.optimizer = make_optimizer(model, cfg)
+        self.ckpt_root = run_dir / "checkpoints"
+        self.minimize = metric_is_min(plan.metric, cfg.metric_mode)
+        self.tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
+        self.state = TrainState(run_dir, total)
+        # (step, loss sum, grad norm) not yet checked for finite values: on GPU the check syncs, so it waits
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.check_every = 1 if runtime.device.type == "cpu" else max(cfg.log_every, 1)
+
+    # -- before training
+
+    def restore(self) -> dict[str, Any]:
+        """Model, optimizer, state and data position from the newest checkpoint; returns its RNG state."""
+        found = list_checkpoints(self.ckpt_root)
         if not found:
-            raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {ckpt_root}")
-        saved, rng = load_training_checkpoint(found[-1], model, optimizer)
-        state.update(saved)
-        stream.position = state["position"]
-        if state["finished"]:
-            tracker.say(f"run already finished at step {state['step']}; nothing to resume")
-            return FitResult(state["step"], "already finished", state["best_step"], metric, state["best_value"],
-                             state["train_time_s"])
-        tracker.event("info", state["step"], message=f"resumed from {found[-1].name}")
+            raise HonelmError(f"{self.run_dir}: --resume asked for, but there is no checkpoint under {self.ckpt_root}")
+        saved, rng = load_training_checkpoint(found[-1], self.model, self.optimizer)
+        self.state.restore(saved)
+        self.state.resumed = True
+        self.plan.stream.position = self.state.position
+        if not self.state.finished:
+            self.tracker.event("info", self.state.step, message=f"resumed from {found[-1].name}")
+        return rng
 
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-        tracker.say("gradient checkpointing: on (activations recomputed in the backward pass)")
-    train_model: nn.Module = model
-    if runtime.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def already_finished(self) -> FitResult:
+        st = self.state
+        self.tracker.say(f"run already finished at step {st.step}; nothing to resume")
+        return FitResult(st.step, "already finished", st.best_step, self.plan.metric, st.best_value, st.train_time_s)
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    def wrap_model(self) -> None:
+        """Activation recomputation, DDP across processes, torch.compile, as configured."""
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+            self.tracker.say("gradient checkpointing: on (activations recomputed in the backward pass)")
+        if self.runtime.distributed:
+            device = self.runtime.device
+            self.train_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
+                                                       else None)
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
-    if state["precision"] is None:
+    def choose_precision(self) -> None:
+        """Measured on a fresh run (honelm.runtime.training_precision); a resumed run keeps its checkpoint's."""
+        st = self.state
+        if st.precision is None:
+            batch = _to_device(self._probe_batch(), self.runtime.device)
+            st.precision, st.precision_reason = rt.training_precision(self.cfg.precision, self.runtime, self.model,
+                                                                      batch, self.plan.objective.step)
+            self.tracker.event("info", 0, message=f"precision: {st.precision_reason}")
+        self.runtime.precision = st.precision
+
+    def _probe_batch(self) -> Batch:
         # a stream may supply its own probe batch (PPO's rollout stream: no items to collate before a rollout)
+        stream = self.plan.stream
+        own = getattr(stream, "probe_batch", None)
+        if own is not None:
+            return own()
         # Half a micro-batch: the fp32 probe keeps fp32 activations, which for a batch sized for bf16
         # training would set the run's peak memory above anything training itself reaches.
-        own_probe = getattr(stream, "probe_batch", None)
-        probe_rows = max(1, min(stream.bs, stream.n) // 2)
-        probe_batch = _to_device(own_probe() if own_probe is not None else
-                                 stream.collate([stream.item_at(p) for p in range(probe_rows)]), device)
+        rows = max(1, min(stream.bs, stream.n) // 2)
+        return stream.collate([stream.item_at(p) for p in range(rows)])
 
-        def probe(mode: str) -> None:
-            ctx = rt.Runtime(device=device, precision=mode).autocast
-            objective.step(model, probe_batch, 1.0, ctx)
-            model.zero_grad(set_to_none=True)
+    # -- training
 
-        model.train()
-        state["precision"], state["precision_reason"] = rt.choose_precision(cfg.precision, device, probe)
-        if runtime.distributed:  # every rank must agree: take rank 0's measurement
-            flag = torch.tensor([1 if state["precision"] == "bf16" else 0], device=device)
-            torch.distributed.broadcast(flag, 0)
-            state["precision"] = "bf16" if int(flag) else "fp32"
-        tracker.event("info", 0, message=f"precision: {state['precision_reason']}")
-    runtime.precision = state["precision"]
-    if on_start is not None and not resume:
-        on_start(state["precision"])
-    if resume:
-        rt.set_rng_state(rng)  # last: everything above must not consume the restored streams
+    def train(self) -> FitResult:
+        """Train from `state.step` to the end (or a stop); the final checkpoint and `end` event included."""
+        st, cfg, stream = self.state, self.cfg, self.plan.stream
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.counts = count_parameters(self.model)
+        self.start_time = time.perf_counter() - st.train_time_s
+        self.window = _Window(torch.zeros((), device=self.runtime.device))
+        self.speed = TrainingSpeed(self.model, self.run_dir / SPILL_NAME.format(rank=self.runtime.rank),
+                                   bf16=self.runtime.precision == "bf16", bf16_frozen=cfg.bf16_frozen,
+                                   extra=[*getattr(self.plan.objective, "frozen_models", list)(),
+                                          *self.plan.frozen_models])
+        self.model.train()
+        self.tracker.say(f"training {st.total} steps ({self.warm} warmup, {cfg.schedule}), {stream.step_items} "
+                         f"sequences per step ({stream.bs} x {stream.accum} accumulation x "
+                         f"{self.runtime.world_size} processes)")
+        self.tracker.start_progress(st.total)
+        self.tracker.progress(st.step, "")
+        with _Interrupt() as interrupt, self.speed:
+            if self.speed.describe():
+                self.tracker.say(self.speed.describe())
+            while st.step < st.total:
+                if self._one_step(interrupt):
+                    break
+            late_stop = self._wind_up(interrupt)
+        return self._end(late_stop)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    from honelm.models import count_parameters
+    def _one_step(self, interrupt: _Interrupt) -> bool:
+        """One optimizer step and what follows it; True when the run stops here."""
+        st, cfg = self.state, self.cfg
+        lr, grad_norm = self._optimizer_step()
+        if st.step % max(cfg.log_every, 1) == 0 or st.step == st.total:
+            self._log_window(lr, grad_norm)
+        for callback in self.callbacks:
+            callback.after_step(st)
+        if ((cfg.eval_every > 0 and st.step % cfg.eval_every == 0) or st.step == st.total) and self._validate():
+            return True
+        if cfg.save_every > 0 and st.step % cfg.save_every == 0 and st.step < st.total:
+            self._checkpoint()
+        if interrupt.requested:
+            st.reason = "interrupted"
+            return True
+        return False
 
-    n_trainable, n_total = count_parameters(model)
-    step = state["step"]
-    start_time = time.perf_counter() - state["train_time_s"]
-    last_eval: dict[str, float] = {}
-    reason = "max_steps"
-    check_every = 1 if device.type == "cpu" else max(cfg.log_every, 1)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss sum, grad norm) not yet checked
-    run_loss = torch.zeros((), device=device)
-    run_units = 0
-    run_tokens = 0
-    run_metrics: dict[str, torch.Tensor] = {}
-    window_start = time.perf_counter()
-    kill_at = int(os.environ.get("HONELM_TEST_KILL_AT_STEP", "0"))  # test hook: SIGKILL ourselves
-    stop_reason: list[str] = [""]  # set by an eval hook (see eval_hook)
+    def _optimizer_step(self) -> tuple[float, torch.Tensor]:
+        """Accumulate, clip, check, step; returns the learning rate and the gradient norm."""
+        st, cfg, window = self.state, self.cfg, self.window
+        micro = self.plan.stream.next_step()
+        window.tokens += sum(_tokens(b) for b in micro)
+        step_loss, n_units, metrics = accumulate(self.train_model, self.plan.objective, micro, self.runtime)
+        for k, v in metrics.items():
+            window.metrics[k] = window.metrics.get(k, 0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.pending.append((st.step + 1, step_loss, grad_norm.detach()))
+        if len(self.pending) >= self.check_every:
+            self._check_finite()  # on CPU before the update, so a bad step never touches the weights
+        lr = lr_at(st.step, peak=cfg.lr, total=st.total, warmup=self.warm, schedule=cfg.schedule,
+                   min_ratio=cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        window.loss += step_loss
+        window.units += int(n_units)
+        return lr, grad_norm
 
-    # Frozen Linear weights in bf16 while training under bf16 autocast (identical results; see honelm.frozen).
-    frozen = FrozenBf16(model, run_dir / SPILL_NAME.format(rank=runtime.rank),
-                        enabled=runtime.precision == "bf16" and cfg.bf16_frozen,
-                        extra=_distinct([*getattr(objective, "frozen_models", list)(), *frozen_models]))
-
-    def saving() -> contextlib.AbstractContextManager:
-        """The fp32 weights around save_best when it writes base weights (not for an adapter-only save)."""
-        from honelm.boosters.lora import is_peft_model
-
-        adapter_only = is_peft_model(model) and not (getattr(model, "honelm_base_pending", False)
-                                                       and not (run_dir / "base" / "config.json").is_file())
-        return contextlib.nullcontext() if adapter_only else frozen.restored()
-
-    def checkpoint(finished: bool = False) -> None:
-        state.update(step=step, position=stream.position, finished=finished,
-                     train_time_s=time.perf_counter() - start_time)
-        rng = rt.rng_state()
-        if runtime.is_main:
-            with frozen.restored():  # checkpoints hold the exact fp32 weights
-                path = save_training_checkpoint(ckpt_root, step, model, optimizer, dict(state), rng, cfg.keep_checkpoints)
-            tracker.event("checkpoint", step, path=str(path.relative_to(run_dir)))
-        runtime.barrier()
-
-    def run_eval() -> None:
-        nonlocal last_eval
-        if evaluate is None:
+    def _check_finite(self) -> None:
+        if not self.pending:
             return
-        # Validation allocates in other sizes than training (a larger batch, no autograd graph); freed
-        # training blocks glibc keeps resident would not fit them and the heap would grow on top, and
-        # the same again the other way after. Handing the free pages back at both ends keeps the
-        # process's resident peak near what is live (milliseconds: no garbage collection here, the
-        # tensors of a step or a validation are freed by reference counting).
-        rt.release_freed_memory(collect=False)
-        model.eval()
-        with torch.no_grad(), runtime.autocast():
-            last_eval = evaluate(model)
-        model.train()
-        rt.release_freed_memory(collect=False)
-        tracker.event("eval", step, split="val", **last_eval)
-        value = last_eval.get(metric)
-        if value is None:
-            raise HonelmError(f"train.metric={metric!r} is not among the validation metrics {sorted(last_eval)}")
-        best = state["best_value"]
-        # A coarse metric (accuracy on a small validation set) often ties; a tie with a lower
-        # validation loss is progress, so it becomes the best and patience is not spent on it.
-        loss, best_loss = last_eval.get("val_loss"), state.get("best_loss")
-        tie_better = (value == best and metric != "val_loss" and loss is not None and best_loss is not None
-                      and loss < best_loss)
-        if best is None or (value < best if minimize else value > best) or tie_better:
-            state.update(best_value=value, best_step=step, bad_evals=0, best_loss=loss)
-            if runtime.is_main:
-                with saving():
-                    save_best(model, {"step": step, "metric": metric, "value": value, **last_eval})
-            tracker.event("best", step, metric=metric, value=value)
-        else:
-            state["bad_evals"] += 1
-        for hook in _EVAL_HOOKS.get():
-            stop = hook(run_dir, step, dict(last_eval))
-            if stop:
-                stop_reason[0] = str(stop)
-
-    def check_finite() -> None:
-        if not pending:
-            return
-        losses = torch.stack([p[1] for p in pending])
-        norms = torch.stack([p[2] for p in pending])
+        losses = torch.stack([p[1] for p in self.pending])
+        norms = torch.stack([p[2] for p in self.pending])
         bad = ~(torch.isfinite(losses) & torch.isfinite(norms))
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            bad_step, what = pending[i][0], ("loss" if not torch.isfinite(losses[i]) else "gradient norm")
-            last = list_checkpoints(ckpt_root)
+            bad_step, what = self.pending[i][0], ("loss" if not torch.isfinite(losses[i]) else "gradient norm")
+            last = list_checkpoints(self.ckpt_root)
             hint = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise TrainingError(f"non-finite {what} ({float(losses[i] if what == 'loss' else norms[i])}) at step {bad_step}: "
-                                f"try a lower train.lr, train.precision=fp32 or check the data{hint}")
-        pending.clear()
+            raise TrainingError(f"non-finite {what} ({float(losses[i] if what == 'loss' else norms[i])}) at step "
+                                f"{bad_step}: try a lower train.lr, train.precision=fp32 or check the data{hint}")
+        self.pending.clear()
 
-    model.train()
-    tracker.say(f"training {total} steps ({warm} warmup, {cfg.schedule}), {stream.step_items} sequences per step "
-                f"({stream.bs} x {stream.accum} accumulation x {runtime.world_size} processes)")
-    tracker.start_progress(total)
-    tracker.progress(step, "")
-    # Under autocast, LoRA branches skip peft's bf16 -> fp32 -> bf16 input round trip (identical results).
-    with _Interrupt() as interrupt, frozen, autocast_inputs(model, enabled=runtime.precision == "bf16"):
-        if frozen.count or frozen.skipped:
-            tracker.say(frozen.describe())
-        while step < total:
-            micro = stream.next_step()
-            tokens = sum(_tokens(b) for b in micro)
-            step_loss, n_units, metrics = accumulate(train_model, objective, micro, runtime)
-            for k, v in metrics.items():
-                run_metrics[k] = run_metrics.get(k, 0) + v
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            pending.append((step + 1, step_loss, grad_norm.detach()))
-            if len(pending) >= check_every:
-                check_finite()  # on CPU before the update, so a bad step never touches the weights
-            lr = lr_at(step, peak=cfg.lr, total=total, warmup=warm, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            run_loss += step_loss
-            run_units += int(n_units)
-            run_tokens += tokens
+    def _log_window(self, lr: float, grad_norm: torch.Tensor) -> None:
+        """The `train` event: means over the steps since the last one."""
+        self._check_finite()
+        window, world = self.window, self.runtime.world_size
+        elapsed = time.perf_counter() - window.started
+        local_units = max(window.units / world, 1)
+        fields = {"epoch": round(self.plan.stream.epoch, 4), "loss": float(window.loss) / local_units, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": window.tokens * world / max(elapsed, 1e-9)}
+        fields.update({k: float(v) / local_units for k, v in window.metrics.items()})
+        self.tracker.event("train", self.state.step, **fields)
+        self.tracker.progress(self.state.step, f"loss {fields['loss']:.4f} · {fields['tokens_per_s']:,.0f} tok/s")
+        window.reset()
 
-            if step % max(cfg.log_every, 1) == 0 or step == total:
-                check_finite()
-                elapsed = time.perf_counter() - window_start
-                local_units = max(run_units / runtime.world_size, 1)
-                fields = {"epoch": round(stream.epoch, 4), "loss": float(run_loss) / local_units, "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": run_tokens * runtime.world_size / max(elapsed, 1e-9)}
-                fields.update({k: float(v) / local_units for k, v in run_metrics.items()})
-                tracker.event("train", step, **fields)
-                tracker.progress(step, f"loss {fields['loss']:.4f} · {fields['tokens_per_s']:,.0f} tok/s")
-                run_loss.zero_()
-                run_units = run_tokens = 0
-                run_metrics = {}
-                window_start = time.perf_counter()
+    # -- validation and saving
 
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total:
-                run_eval()
-                if stop_reason[0]:
-                    reason = stop_reason[0]
-                    tracker.event("info", step, message=f"stopped by {reason} after this validation")
-                    break
-                if cfg.patience > 0 and state["bad_evals"] >= cfg.patience:
-                    reason = "early_stop"
-                    tracker.event("early_stop", step, patience=cfg.patience, best_step=state["best_step"])
-                    break
-            if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total:
-                checkpoint()
-            if interrupt.requested:
-                reason = "interrupted"
-                break
+    def _validate(self) -> bool:
+        """Validate (when there is validation), keep the best, ask the callbacks; True when the run stops here."""
+        st = self.state
+        if self.plan.evaluate is None:
+            return False
+        with self.speed.evaluation():
+            self.model.eval()
+            with torch.no_grad(), self.runtime.autocast():
+                st.last_eval = self.plan.evaluate(self.model)
+            self.model.train()
+        self.tracker.event("eval", st.step, split="val", **st.last_eval)
+        self._keep_best()
+        stop = ""
+        for callback in self.callbacks:  # each sees every validation; the last reason given stands
+            stop = str(callback.after_eval(st, dict(st.last_eval)) or stop)
+        if stop:
+            st.reason = stop
+            self.tracker.event("info", st.step, message=f"stopped by {stop} after this validation")
+            return True
+        if self.cfg.patience > 0 and st.bad_evals >= self.cfg.patience:
+            st.reason = "early_stop"
+            self.tracker.event("early_stop", st.step, patience=self.cfg.patience, best_step=st.best_step)
+            return True
+        return False
 
-        check_finite()
-        if evaluate is None and runtime.is_main:
-            state.update(best_step=step)
-            with saving():
-                save_best(model, {"step": step, "metric": None, "value": None})
-        checkpoint(finished=reason != "interrupted")
-        late_stop = interrupt.requested and reason != "interrupted"
+    def _keep_best(self) -> None:
+        st, metric = self.state, self.plan.metric
+        value = st.last_eval.get(metric)
+        if value is None:
+            raise HonelmError(f"train.metric={metric!r} is not among the validation metrics {sorted(st.last_eval)}")
+        # A coarse metric (accuracy on a small validation set) often ties; a tie with a lower
+        # validation loss is progress, so it becomes the best and patience is not spent on it.
+        loss, best = st.last_eval.get("val_loss"), st.best_value
+        tie_better = (value == best and metric != "val_loss" and loss is not None and st.best_loss is not None
+                      and loss < st.best_loss)
+        if best is None or (value < best if self.minimize else value > best) or tie_better:
+            st.best_value, st.best_step, st.bad_evals, st.best_loss = value, st.step, 0, loss
+            if self.runtime.is_main:
+                self._save_best({"step": st.step, "metric": metric, "value": value, **st.last_eval})
+            self.tracker.event("best", st.step, metric=metric, value=value)
+        else:
+            st.bad_evals += 1
 
-    train_time = state["train_time_s"]
-    if reason == "interrupted":
-        tracker.say(f"interrupted at step {step}: resume with `--resume` (checkpoint saved)")
-    if late_stop:  # the request came after the last step's check: the run is complete, the command stops here
-        global _late_stop
-        _late_stop = True
-        tracker.say(f"stop requested while the final checkpoint was written: the run finished at step {step} "
-                    "and is saved; nothing after it starts")
-    # cost of the run, read by `honelm ablate`: peak memory since the CLI (or the search) started
-    # this run (rt.reset_peak_memory; after a resume, only the resumed part)
-    tracker.event("end", step, reason=reason, best_step=state["best_step"], best_metric=metric,
-                  best_value=state["best_value"], train_time_s=round(train_time, 2), trainable_params=n_trainable,
-                  total_params=n_total, **rt.peak_memory_mb(device))
-    return FitResult(step, reason, state["best_step"], metric, state["best_value"], train_time, last_eval,
-                     stop_requested=late_stop)
+    def _save_best(self, info: dict[str, Any]) -> None:
+        """save_best, with the exact fp32 weights back around it when it writes base weights."""
+        with self.speed.exact_weights() if self.plan.best_writes_base() else contextlib.nullcontext():
+            self.plan.save_best(self.model, info)
 
+    def _checkpoint(self, finished: bool = False) -> None:
+        st = self.state
+        st.position, st.finished = self.plan.stream.position, finished
+        st.train_time_s = time.perf_counter() - self.start_time
+        rng = rt.rng_state()
+        if self.runtime.is_main:
+            with self.speed.exact_weights():  # checkpoints hold the exact fp32 weights
+                path = save_training_checkpoint(self.ckpt_root, st.step, self.model, self.optimizer,
+                                                st.checkpoint_fields(), rng, self.cfg.keep_checkpoints)
+            self.tracker.event("checkpoint", st.step, path=str(path.relative_to(self.run_dir)))
+        self.runtime.barrier()
+
+    # -- the end
+
+    def _wind_up(self, interrupt: _Interrupt) -> bool:
+        """The last checks and saves; returns whether a stop came too late to interrupt the run."""
+        st = self.state
+        self._check_finite()
+        if self.plan.evaluate is None and self.runtime.is_main:
+            st.best_step = st.step
+            self._save_best({"step": st.step, "metric": None, "value": None})
+        self._checkpoint(finished=st.reason != "interrupted")
+        return interrupt.requested and st.reason != "interrupted"
+
+    def _end(self, late_stop: bool) -> FitResult:
+        st = self.state
+        if st.reason == "interrupted":
+            self.tracker.say(f"interrupted at step {st.step}: resume with `--resume` (checkpoint saved)")
+        if late_stop:  # the request came after the last step's check: the run is complete, the command stops here
+            self.tracker.say(f"stop requested while the final checkpoint was written: the run finished at step "
+                             f"{st.step} and is saved; nothing after it starts")
+        # cost of the run, read by `honelm ablate`: peak memory since the CLI (or the search) started
+        # this run (rt.reset_peak_memory; after a resume, only the resumed part)
+        n_trainable, n_total = self.counts
+        self.tracker.event("end", st.step, reason=st.reason, best_step=st.best_step, best_metric=self.plan.metric,
+                           best_value=st.best_value, train_time_s=round(st.train_time_s, 2),
+                           trainable_params=n_trainable, total_params=n_total, **rt.peak_memory_mb(self.runtime.device))
+        return FitResult(st.step, st.reason, st.best_step, self.plan.metric, st.best_value, st.train_time_s,
+                         st.last_eval, stop_requested=late_stop)
+
+
+def fit(model: nn.Module, plan: TrainPlan, cfg: TrainConfig, runtime: rt.Runtime, run_dir: Path, *,
+        tracker: Tracker | None = None, resume: bool = False, callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Train `model` as `plan` says; see the module docstring for the contract.
+
+    With `resume`, the newest checkpoint under run_dir/checkpoints is restored first (a run that
+    had finished returns at once). `callbacks` act at the run's start, after each step, after each
+    validation and at its end (`Callback`).
+    """
+    model.to(runtime.device)
+    run = _Run(model, plan, cfg, runtime, run_dir, tracker, callbacks)
+    rng = run.restore() if resume else None
+    if run.state.finished:
+        return run.already_finished()
+    run.wrap_model()
+    run.choose_precision()
+    for callback in run.callbacks:
+        callback.on_start(run.state)
+    if rng is not None:
+        rt.set_rng_state(rng)  # last: everything above must not consume the restored streams
+    result = run.train()
+    for callback in run.callbacks:
+        callback.on_end(run.state, result)
+    return result

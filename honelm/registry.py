@@ -168,6 +168,7 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
         return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
     if v.kind == "stage":  # TRANSITION: the runner resets it for ported stages
         _resolve("honelm.runtime:reset_peak_memory")()
+        return importlib.import_module(v.module).run(cfg, resume=resume, callbacks=callbacks)
     return importlib.import_module(v.module).run(cfg, resume=resume)
 
 

@@ -10,6 +10,7 @@ parameters the bf16 casts cost more than AMX saves).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 
 @dataclass
@@ -120,6 +122,33 @@ def choose_precision(requested: str, device: torch.device, probe: Callable[[str]
     if speedup >= 1.15:
         return "bf16", f"bf16 autocast (measured {speedup:.2f}x faster than fp32 on this CPU)"
     return "fp32", f"fp32 (bf16 autocast measured {speedup:.2f}x: does not pay for this model size)"
+
+
+# One training step as the probe runs it: `step(model, batch, scale, autocast)`, the signature of
+# `Objective.step` (forward, backward; the gradient is thrown away after).
+ProbeStep = Callable[[nn.Module, dict[str, Any], float, Callable[[], contextlib.AbstractContextManager]], Any]
+
+
+def _probe_once(runtime: Runtime, model: nn.Module, batch: dict[str, Any], step: ProbeStep, mode: str) -> None:
+    step(model, batch, 1.0, Runtime(device=runtime.device, precision=mode).autocast)
+    model.zero_grad(set_to_none=True)
+
+
+def training_precision(requested: str, runtime: Runtime, model: nn.Module, batch: dict[str, Any],
+                       step: ProbeStep) -> tuple[str, str]:
+    """The precision a run trains in, and why (`choose_precision`), measured with `step` on `batch`.
+
+    `batch` is already on the device; the model is put in training mode (the probe must time what
+    training does). With several processes every rank takes rank 0's choice, so all train alike.
+    """
+    model.train()
+    precision, reason = choose_precision(requested, runtime.device, functools.partial(_probe_once, runtime, model,
+                                                                                      batch, step))
+    if runtime.distributed:  # every rank must agree: take rank 0's measurement
+        flag = torch.tensor([1 if precision == "bf16" else 0], device=runtime.device)
+        torch.distributed.broadcast(flag, 0)
+        precision = "bf16" if int(flag) else "fp32"
+    return precision, reason
 
 
 def seed_everything(seed: int) -> None:

@@ -24,13 +24,11 @@ output row by a learned magnitude. All of it is peft's code; nothing here reimpl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -392,46 +390,3 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
 
 
 # ----------------------------------------------------------------------------------------------
-# training under autocast
-
-
-def _plain_lora_linears(model: nn.Module) -> list[nn.Module]:
-    """peft LoRA `Linear` layers (exactly, not quantised subclasses) whose every adapter is vanilla
-    LoRA with no dropout: their branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
-    if "peft" not in sys.modules:  # a model without adapters: peft was never imported
-        return []
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-    return [m for m in model.modules()
-            if type(m) is PeftLoraLinear and not m.lora_variant
-            and all(isinstance(d, nn.Identity) for d in m.lora_dropout.values())]
-
-
-@contextlib.contextmanager
-def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Inside: LoRA branches take their input in the dtype it arrives in; yields how many layers.
-
-    peft casts the input of every LoRA branch to the adapter's dtype (fp32) before `lora_A`. Under
-    bf16 autocast an input that is already bf16 (the attention output entering `o_proj`, the
-    SwiGLU product entering `down_proj`) is then copied to fp32 and autocast copies it back to bf16
-    for the matmul: two casts forward, two more backward, and the bf16 copy kept for the backward
-    pass where the original would have done. The round trip bf16 → fp32 → bf16 is exact, so the
-    branch computes the same numbers without it: lora_A's matmul gets the same bf16 input (autocast
-    casts A to bf16 as before), and the input's gradient is the same bf16 tensor. That holds only
-    for a branch that does nothing else with x, hence plain LoRA without dropout (dropout would
-    compute its mask and scaling in the other dtype) and without a variant (DoRA reads x itself).
-
-    Only for use under autocast: outside it a bf16 input would meet fp32 adapter weights. The flags
-    are put back on exit, so the model behaves as peft's default afterwards. (peft's own
-    `peft.helpers.disable_input_dtype_casting` sets the same flag on every tuner layer, dropout and
-    DoRA ones included, where the numbers would change; hence this filtered version.)
-    """
-    layers = _plain_lora_linears(model) if enabled else []
-    before = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield len(layers)
-    finally:
-        for m, flag in zip(layers, before):
-            m.cast_input_dtype_enabled = flag

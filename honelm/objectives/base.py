@@ -51,7 +51,7 @@ class Objective:
         """Models the objective runs but never trains (DPO's frozen reference copy).
 
         The loop holds their Linear weights in bf16 while it trains under bf16 autocast, as it does
-        for the trained model's frozen ones (`train.bf16_frozen`, honelm.frozen), and puts the exact
+        for the trained model's frozen ones (`train.bf16_frozen`, honelm.speed), and puts the exact
         fp32 weights back when training ends.
         """
         return []

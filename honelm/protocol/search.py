@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 
 from honelm import config as C
@@ -62,6 +62,8 @@ from honelm import registry
 from honelm.errors import ConfigError, HonelmError, TrainingError
 from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
+if TYPE_CHECKING:  # the loop imports torch; `honelm report SEARCH` reads this module without it
+    from honelm.loop import Callback
 SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
 
 
@@ -433,29 +435,49 @@ def _best_value(run_dir: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def run_search(spec: SearchSpec) -> dict[str, Any]:
-    """Run (or continue) the study until n_trials trials are finished or the timeout passes; returns best.json."""
+def _open_study(spec: SearchSpec, storage: Any) -> Any:
+    """The spec's Optuna study, created or loaded; one started with another verb, config or space is refused."""
+    study = _optuna().create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
+                                   study_name=spec.study, direction="minimize" if spec.minimize else "maximize",
+                                   load_if_exists=True)
+    ident = study.user_attrs.get("identity")
+    if ident is None:
+        study.set_user_attr("identity", spec.identity())
+        study.set_user_attr("spec", {"verb": spec.verb, "config": spec.config, "set": spec.settings,
+                                     "metric": spec.metric, "space": [dataclasses.asdict(p) for p in spec.space]})
+    elif ident != spec.identity():
+        raise HonelmError(f"{spec.out_dir}: this study was started with a different verb, base config, settings, "
+                          f"metric or space; use another out_dir (or --study NAME) for the new search, or delete "
+                          f"{spec.out_dir} to start over")
+    return study
+
+
+def _pruner(trial: Any, metric: str) -> Callback:
+    """The trial's run reports `metric` at every validation to Optuna, which may stop it there ("pruned")."""
+    from honelm.loop import Callback, TrainState  # torch only once a search really trains
+
+    class Pruner(Callback):
+        def after_eval(self, state: TrainState, metrics: dict[str, float]) -> str | None:
+            if metric not in metrics:
+                return None
+            trial.report(float(metrics[metric]), state.step)
+            return "pruned" if trial.should_prune() else None
+
+    return Pruner()
+
+
+def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run (or continue) the study until n_trials trials are finished or the timeout passes; returns best.json
+    (+ `"stop_requested": True` if a stop came as a trial finished). `callbacks` reach every trial's run."""
     from honelm.data.splits import forbid_test_split
-    from honelm.loop import eval_hook, late_stop_requested
 
     optuna = _optuna()
-    late_stop_requested(clear=True)  # only a stop during this search ends it early
+    stopped = False  # a stop that came as a trial finished: that trial counts, no other starts
     trials_dir = spec.out_dir / "trials"
     spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker
     with _Lock(spec.out_dir / ".lock") if not spec.storage else contextlib.nullcontext():
         storage = storage_for(spec)
-        study = optuna.create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
-                                    study_name=spec.study, direction="minimize" if spec.minimize else "maximize",
-                                    load_if_exists=True)
-        ident = study.user_attrs.get("identity")
-        if ident is None:
-            study.set_user_attr("identity", spec.identity())
-            study.set_user_attr("spec", {"verb": spec.verb, "config": spec.config, "set": spec.settings,
-                                         "metric": spec.metric, "space": [dataclasses.asdict(p) for p in spec.space]})
-        elif ident != spec.identity():
-            raise HonelmError(f"{spec.out_dir}: this study was started with a different verb, base config, settings, "
-                              f"metric or space; use another out_dir (or --study NAME) for the new search, or delete "
-                              f"{spec.out_dir} to start over")
+        study = _open_study(spec, storage)
         _write_marker(spec)
         again = _recover(study, storage, spec)
         done = _finished(study)
@@ -465,6 +487,7 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
               + (f", {again} interrupted trial(s) tried again first" if again else ""), flush=True)
 
         def objective(trial: Any) -> float:
+            nonlocal stopped
             params = {prm.key: suggest(trial, prm) for prm in spec.space}
             run_dir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir))
@@ -472,16 +495,9 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
             shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
             print(f"\n> trial {trial.number} ({done_now() + 1}/{spec.n_trials}): {shown}", flush=True)
 
-            def report(where: Path, step: int, metrics: dict[str, float]) -> str | None:
-                if where.resolve() != run_dir.resolve() or spec.metric not in metrics:
-                    return None  # e.g. plae's teacher run inside the trial
-                trial.report(float(metrics[spec.metric]), step)
-                return "pruned" if trial.should_prune() else None
-
             started = time.time()
             try:
-                with eval_hook(report):
-                    result = registry.run_verb(spec.verb, cfg)
+                result = registry.run_verb(spec.verb, cfg, callbacks=[*callbacks, _pruner(trial, spec.metric)])
             except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
                 trial.set_user_attr("error", str(e)[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -491,7 +507,8 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
             if reason == "interrupted":
                 trial.set_user_attr("interrupted", True)
                 raise KeyboardInterrupt
-            if late_stop_requested():  # finished as the stop came: keep this trial, start no other
+            if isinstance(result, dict) and result.get("stop_requested"):  # keep this trial, start no other
+                stopped = True
                 print("search: stop requested; no further trial starts (run the same command again to continue)",
                       flush=True)
                 study.stop()
@@ -512,11 +529,11 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
             write_outputs(spec, study_)
 
         if todo:
-            callbacks = [optuna.study.MaxTrialsCallback(spec.n_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                                optuna.trial.TrialState.PRUNED)), after]
+            finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            study_callbacks = [optuna.study.MaxTrialsCallback(spec.n_trials, states=finished_states), after]
             with forbid_test_split("honelm search"):
                 try:
-                    study.optimize(objective, n_trials=todo, timeout=spec.timeout or None, callbacks=callbacks,
+                    study.optimize(objective, n_trials=todo, timeout=spec.timeout or None, callbacks=study_callbacks,
                                    catch=(TrainingError, ConfigError), gc_after_trial=True)
                 except KeyboardInterrupt:
                     write_outputs(spec, study)
@@ -524,7 +541,7 @@ def run_search(spec: SearchSpec) -> dict[str, Any]:
                           "continue the same study", flush=True)
                     raise
         best = write_outputs(spec, study, plots=True)
-    return best
+    return {**best, "stop_requested": True} if stopped else best
 
 
 def _short(value: Any) -> str:
@@ -666,7 +683,8 @@ def write_plots(study: Any, plots: Path) -> dict[str, str]:
 # the verb
 
 
-def main(argv: list[str]) -> dict[str, Any]:
+def main(argv: list[str], callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """`honelm search`; returns the best trial (best.json), and `stop_requested` as `run_search` does."""
     p = argparse.ArgumentParser(prog="honelm search", description="Hyperparameter search with Optuna on the validation "
                                 "split (the test split is sealed throughout). See configs/search/ for examples.",
                                 epilog=C.fields_help(SearchConfig, "fields of the file (key: type = default   doc):"),
@@ -683,8 +701,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
     spec = load_spec(registry.find_config("search", args.file), raw_overrides, extra)
-    best = run_search(spec)
-    if best:
+    best = run_search(spec, callbacks)
+    if "trial" in best:
         print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "
               + ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items()))
         print(f"config: {spec.out_dir / 'best.yaml'}   model: {spec.out_dir / 'best' / 'best'}   "

@@ -155,7 +155,7 @@ class Sampler:
     chunk: int  # rows per forward pass
 
     def frozen_models(self) -> list[torch.nn.Module]:
-        """The models sampling runs but never trains (a reference copy, a reward model): `fit(frozen_models=...)`."""
+        """The models sampling runs but never trains (a reference copy, a reward model): `TrainPlan.frozen_models`."""
         return [*self.reference.frozen_models(), *scorer_models(self.scorer)]
 
     def generate(self, query: torch.Tensor, query_mask: torch.Tensor, seed: int) -> torch.Tensor:

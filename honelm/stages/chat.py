@@ -76,8 +76,8 @@ def fit_context(tokenizer: Any, messages: Messages, limit: int, say: Callable[[s
     return ids
 
 
-def run(cfg: ChatConfig, resume: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None
-        ) -> dict[str, Any]:
+def run(cfg: ChatConfig, resume: str | None = None, stdin: TextIO | None = None,
+        stdout: TextIO | None = None) -> dict[str, Any]:
     from honelm.models import load_model
     from honelm.tokenizer import load_tokenizer
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
+from honelm.loop import Callback
 from honelm.models import LoadedModel, load_model
 from honelm.objectives.base import Objective
 from honelm.reporting import ReportSection
@@ -60,7 +61,8 @@ class Plan:
     model: nn.Module | None = None
     """What trains when it is not the loaded model itself (PPO: the policy with its value function)."""
     frozen_models: Sequence[nn.Module] = ()
-    callbacks: Sequence[Any] = ()
+    callbacks: Sequence[Callback] = ()
+    """The stage's own observers of the run (DPO's reference precomputed once the precision is chosen)."""
     best_files: Callable[[dict[str, Any]], dict[str, str] | None] | None = None
     """Extra files written into best/ beside the model, from the best evaluation's info (classify's
     val_predictions.jsonl); used when `save_best` is None."""

@@ -35,6 +35,7 @@ from honelm.checkpoint import checkpoint_precision
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError, HonelmError
+from honelm.loop import Callback, TrainState
 from honelm.models import model_kind
 from honelm.objectives.dpo import DPO, evaluate_pairs, precompute_reference
 from honelm.stages import preference as P
@@ -90,7 +91,7 @@ class DPOConfig:
                               "use the default init")
 
 
-class PrecomputedReference:
+class PrecomputedReference(Callback):
     """The starting model's log-probs of every train and validation pair, in the training precision.
 
     A plan callback: on a fresh run, `on_start` computes them once the loop has chosen the
@@ -106,15 +107,17 @@ class PrecomputedReference:
         for data in self.pairs:  # what fit's probe step reads before `on_start`
             data.ref_logps = torch.zeros(len(data), 2)
 
-    def on_start(self, state: Any) -> None:
+    def on_start(self, state: TrainState) -> None:
         if not state.resumed:
             self.precompute(state.precision)
 
     def precompute(self, precision: str) -> None:
         ctx, started = self.ctx, time.perf_counter()
         autocast = rt.Runtime(device=ctx.device, precision=precision).autocast
-        # loaded.model at call time: the model the loop trains (LoRA-wrapped by then on a fresh run)
-        precompute_reference(self.loaded.model, self.pairs, ctx.cfg.train.eval_batch_size, ctx.device, autocast)
+        # on a fresh run the model the loop trains (the runner's boosted record: LoRA-wrapped, adapters at
+        # zero); on resume, before the boosters, the starting model as loaded
+        model = (ctx.loaded or self.loaded).model
+        precompute_reference(model, self.pairs, ctx.cfg.train.eval_batch_size, ctx.device, autocast)
         ctx.say(f"reference: log-probs of the starting model precomputed for {len(self.train)} train + "
                 f"{len(self.val) if self.val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
                 f"({precision}, the training precision); no reference model is kept")

@@ -11,16 +11,15 @@ modules used to do the same work by hand.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
-from honelm.checkpoint import list_checkpoints
+from honelm.checkpoint import best_writes_base, list_checkpoints
 from honelm.errors import HonelmError
-from honelm.loop import fit
+from honelm.loop import Callback, FitResult, TrainPlan, fit
 from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
 from honelm.stages import setup as S
@@ -64,20 +63,29 @@ def reload(stage: Stage, ctx: RunContext) -> LoadedModel:
     return load_model(stage, ctx)
 
 
-def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resume: bool) -> Any:
-    """One fit of `plan` into ctx.run_dir: the run itself, or a sub-run a booster keeps inside it (`ctx.sub_run`)."""
+def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resume: bool,
+             callbacks: Sequence[Callback] = ()) -> FitResult:
+    """One fit of `plan` into ctx.run_dir: the run itself, or a sub-run a booster keeps inside it (`ctx.sub_run`).
+
+    The best/ it saves is that of ctx.loaded's record (a sub-run's context keeps the model it trained).
+    """
     if plan.reset is not None:
         plan.reset()
+    loaded, run_dir = ctx.loaded, ctx.run_dir
+    assert loaded is not None
     save = plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
                                                             if plan.best_files is not None else None))
-    return fit(model, objective, plan.stream, ctx.cfg.train, ctx.runtime, ctx.run_dir, plan.evaluate, save,
-               metric=plan.metric, resume=resume, tracker=ctx.tracker, on_start=_on_start(plan.callbacks),
-               frozen_models=plan.frozen_models)
+    train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=save,
+                           metric=plan.metric, frozen_models=plan.frozen_models,
+                           best_writes_base=lambda: best_writes_base(model, loaded.base_pending, run_dir))
+    return fit(model, train_plan, ctx.cfg.train, ctx.runtime, run_dir, tracker=ctx.tracker, resume=resume,
+               callbacks=[*plan.callbacks, *callbacks])
 
 
-def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], Any]:
-    """`train(sub, model, objective, resume)` for a booster's sub-run: the plan's stream, validation and best/."""
-    def train(sub: RunContext, model: nn.Module, objective: Any, resume: bool) -> Any:
+def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], FitResult]:
+    """`train(sub, model, objective, resume)` for a booster's sub-run: the plan's stream, validation, best/ and
+    own callbacks; the caller's callbacks (a search's pruner) observe the run itself only."""
+    def train(sub: RunContext, model: nn.Module, objective: Any, resume: bool) -> FitResult:
         if plan.save_best is not None:
             raise HonelmError(f"{sub.run_dir}: this stage saves best/ its own way (Plan.save_best), so a booster "
                               "cannot train a run of its own with the stage's plan")
@@ -85,8 +93,10 @@ def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], Any]:
     return train
 
 
-def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Any] = ()) -> tuple[Plan, Any]:
-    """The stage's plan, what the boosters prepare for it, the boosters' objective, through `fit`.
+def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Callback] = ()
+          ) -> tuple[Plan, FitResult | None]:
+    """The stage's plan, what the boosters prepare for it, the boosters' objective, through `fit` (the plan's
+    callbacks, then the caller's).
 
     The result is None when a booster's own run before the main one (a teacher) stopped: the main
     run did not start, and `--resume` continues the booster's run.
@@ -102,24 +112,7 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     # the run resumes from its own checkpoint only: one resumed during a booster's sub-run has none yet
     resume = ctx.resume and bool(list_checkpoints(ctx.run_dir / "checkpoints"))
     model = plan.model if plan.model is not None else loaded.model
-    return plan, fit_plan(ctx, plan, model, objective, resume)
-
-
-def _on_start(callbacks: Sequence[Any]) -> Callable[[str], None] | None:
-    """TRANSITION (issue 17): the plan callbacks' `on_start(state)` as today's `fit(on_start=precision)`.
-
-    fit calls it on a fresh run only, so the state says `resumed=False`; removed when fit takes
-    callbacks itself.
-    """
-    starters = [cb for cb in callbacks if hasattr(cb, "on_start")]
-    if not starters:
-        return None
-
-    def on_start(precision: str) -> None:
-        for cb in starters:
-            cb.on_start(SimpleNamespace(precision=precision, resumed=False))
-
-    return on_start
+    return plan, fit_plan(ctx, plan, model, objective, resume, callbacks)
 
 
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:

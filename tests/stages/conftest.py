@@ -26,10 +26,12 @@ def cli(*args: str) -> None:
     assert code == 0, f"honelm {' '.join(args)} exited with {code}"
 
 
-def cli_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None, check: bool = True
-                   ) -> subprocess.CompletedProcess:
+def cli_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None, check: bool = True,
+                   kill_at: int = 0) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process; `kill_at=N`: SIGKILL it after optimizer step N (tests/killrun.py)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "honelm", *args], env=full_env, cwd=cwd, capture_output=True, text=True)
+    entry = ["-m", "tests.killrun", str(kill_at)] if kill_at else ["-m", "honelm"]
+    proc = subprocess.run([sys.executable, *entry, *args], env=full_env, cwd=cwd, capture_output=True, text=True)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

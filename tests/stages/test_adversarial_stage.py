@@ -69,9 +69,6 @@ def test_plae_stop_while_the_teacher_saves_its_end_starts_no_student(data_dir, t
     args = ["classify", f"data.train={data_dir / 'reviews.jsonl'}", "adversarial.method=plae",
             f"run.out_dir={tmp_path}", "run.name=a", *SHORT]
     assert main(args) == 130
-    import honelm.loop
-
-    assert not honelm.loop.late_stop_requested()  # taken by the CLI also on its "interrupted" exit
     run = tmp_path / "a"
     assert [e["reason"] for e in events(run / "plae_teacher", "end")] == ["max_steps"]
     assert "stop requested while the final checkpoint was written" in (run / "plae_teacher" / "log.txt").read_text()

@@ -116,7 +116,7 @@ def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, reference)
     args = ["dpo", f"data.train={data_dir / 'preferences.jsonl'}", *SCRATCH, "train.batch_size=8", "train.max_steps=6",
             "train.save_every=2", "train.eval_every=3", "train.lr=3e-3", f"run.out_dir={tmp_path}", *reference]
     cli(*args, "run.name=full")
-    killed = cli_subprocess(*args, "run.name=cut", env={"HONELM_TEST_KILL_AT_STEP": "3"}, check=False)
+    killed = cli_subprocess(*args, "run.name=cut", kill_at=3, check=False)
     assert killed.returncode == -signal.SIGKILL
     cli("dpo", "--resume", str(tmp_path / "cut"))
     a, b = (load_file(tmp_path / run / "checkpoints" / "step-00000006" / "model.safetensors")

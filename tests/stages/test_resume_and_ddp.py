@@ -37,8 +37,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
                    f"run.out_dir={tmp_path}", "run.name=tok")
     extra = (f"model.tokenizer={tok}",)
     cli_subprocess(*_pretrain_args(data_dir, tmp_path, "full", extra=extra))
-    killed = cli_subprocess(*_pretrain_args(data_dir, tmp_path, "cut", extra=extra),
-                            env={"HONELM_TEST_KILL_AT_STEP": "7"}, check=False)
+    killed = cli_subprocess(*_pretrain_args(data_dir, tmp_path, "cut", extra=extra), kill_at=7, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "cut" / "checkpoints" / "step-00000012").exists()
     cli_subprocess("pretrain", "--resume", str(tmp_path / "cut"))

@@ -13,13 +13,24 @@ import yaml
 from honelm import config as C
 from honelm.data import splits as splits_mod
 from honelm.errors import ConfigError, HonelmError, TestSplitAccessError
-from honelm.loop import eval_hook
+from honelm.cli import main
+from honelm.loop import Callback
 from honelm.protocol import search as S
 from honelm.stages.classify import ClassifyConfig
 from tests.stages.conftest import FAST, cli, events
 
 TINY = {"model.arch": "encoder", "model.size": "test", "model.vocab_size": 400, "data.max_length": 32,
         "train.max_steps": 6, "train.eval_every": 3, "train.batch_size": 8, **{k: v for k, v in (a.split("=") for a in FAST)}}
+
+
+class AfterEval(Callback):
+    """Calls `act(run_dir, step, metrics)` after every validation of every trial."""
+
+    def __init__(self, act) -> None:
+        self.act = act
+
+    def after_eval(self, state, metrics):
+        return self.act(state.run_dir, state.step, metrics)
 
 
 def search_file(tmp_path: Path, data_dir: Path, **fields) -> Path:
@@ -45,8 +56,7 @@ def test_search_seals_the_test_split_resumes_and_writes_its_outputs(data_dir, tm
         return None
 
     before = splits_mod.test_access_count()
-    with eval_hook(try_test_split):
-        best = S.run_search(S.load_spec(path))
+    best = S.run_search(S.load_spec(path), callbacks=[AfterEval(try_test_split)])
     assert attempts and set(attempts) == {"refused"}  # at every validation of every trial
     assert splits_mod.test_access_count() == before
     out = tmp_path / "search"
@@ -105,18 +115,14 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
 
 def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, monkeypatch,
                                                                                   stop_during_checkpoint):
-    import honelm.loop as loop
-    from honelm.cli import main
-
     stop_during_checkpoint(6)  # the first trial's final checkpoint
     path = search_file(tmp_path, data_dir, n_trials=3)
     assert main(["search", str(path)]) == 130
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"]  # the finished trial counts; no second one started
-    assert not loop.late_stop_requested()  # the CLI took it: nothing carries over to the next call
     stop_during_checkpoint.disarm()
-    monkeypatch.setattr(loop, "_late_stop", True)  # a stale stop from an earlier run in this process...
-    S.run_search(S.load_spec(path))  # ...does not end a search that starts later: it continues the study
+    # the earlier stop in this process does not end a search that starts later: it continues the study
+    assert not S.run_search(S.load_spec(path)).get("stop_requested")
     rows = [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
     assert [r["state"] for r in rows] == ["complete"] * 3
 
@@ -134,8 +140,8 @@ def test_a_storage_url_keeping_every_model_halving_and_a_timeout(data_dir, tmp_p
     assert all((Path(r["run_dir"]) / "best" / "config.json").is_file() for r in rows)  # every trial's model kept
     assert json.loads((out / "search.json").read_text())["storage"] == url
     assert S._shown_url("postgresql://me:secret@db/optuna") == "postgresql://me:***@db/optuna"  # never on disk
-    with eval_hook(lambda *_: time.sleep(0.6)):  # a trial (two validations) now outlasts the timeout
-        cli("search", str(path), "--storage", url, "--n-trials", "10", "--timeout", "1")
+    slow = AfterEval(lambda *_: time.sleep(0.6))  # a trial (two validations) now outlasts the timeout
+    assert main(["search", str(path), "--storage", url, "--n-trials", "10", "--timeout", "1"], callbacks=[slow]) == 0
     assert len(optuna.load_study(study_name="honelm", storage=url).trials) == 3  # one trial, then the time was up
 
 

@@ -18,14 +18,14 @@ from torch import nn
 
 from honelm import runtime as rt
 from honelm.boosters.lora import LoraConfig, apply_lora
-from honelm.checkpoint import save_pretrained_atomic
+from honelm.checkpoint import best_writes_base, save_pretrained_atomic
 from honelm.config import TrainConfig
 from honelm.errors import TrainingError
-from honelm.frozen import FrozenBf16, eligible
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, TrainPlan, fit
 from honelm.models import LoadedModel, build_model
 from honelm.objectives.classify import Classify
 from honelm.objectives.lm import CausalLM
+from honelm.speed import FrozenBf16, eligible
 
 VOCAB = 120
 
@@ -90,10 +90,11 @@ def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = Fa
     val = collate(list(range(4)))
     run = tmp_path / name
     torch.manual_seed(0)
-    fit(model, obj, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
-        run, lambda m: {"val_loss": float(obj(m, val).value)},
-        lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
-        "val_loss", resume=resume)
+    plan = TrainPlan(obj, BatchStream(len(rows), collate, 4, 1, seed=0),
+                     lambda m: {"val_loss": float(obj(m, val).value)},
+                     lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
+                     "val_loss", best_writes_base=lambda: best_writes_base(model, True, run))
+    fit(model, plan, cfg, rt.Runtime(device=torch.device("cpu")), run, resume=resume)
     return model, obj, run
 
 
@@ -192,8 +193,8 @@ def test_off_in_fp32_and_when_asked(tmp_path):
         spy = Spy(CausalLM(), next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
         cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, eval_every=0, save_every=0, precision=precision,
                           bf16_frozen=flag, progress=False, tensorboard=False)
-        fit(model, spy, BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
-            tmp_path / f"{precision}-{flag}", None, lambda m, info: None, "val_loss")
+        plan = TrainPlan(spy, BatchStream(len(rows), collate, 4, 1, seed=0), None, lambda m, info: None, "val_loss")
+        fit(model, plan, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / f"{precision}-{flag}")
         assert spy.dtypes and all(d == torch.float32 for d in spy.dtypes)
 
 
@@ -264,8 +265,9 @@ def test_dpo_reference_copy_is_held_in_bf16_and_changes_nothing(tmp_path, bf16_f
         run = tmp_path / f"run-{flag}-{len(runs)}"
         val = collate([0, 1])
         torch.manual_seed(0)
-        fit(policy, objective, BatchStream(8, collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
-            run, lambda m: {"val_loss": float(objective(m, val).value)}, lambda m, info: None, "val_loss")
+        plan = TrainPlan(objective, BatchStream(8, collate, 4, 1, seed=0),
+                         lambda m: {"val_loss": float(objective(m, val).value)}, lambda m, info: None, "val_loss")
+        fit(policy, plan, cfg, rt.Runtime(device=torch.device("cpu")), run)
         runs[flag if not runs else "test"] = (policy, objective, run)
         for n, p in reference.named_parameters():  # exact fp32 weights back after training
             assert p.dtype == torch.float32 and torch.equal(p, start[n]), n
@@ -312,7 +314,7 @@ def word_tokenizer_of(size: int):
 
 
 def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing(tmp_path, tiny_llama):
-    """PPO's sampler runs two frozen models outside the objective (`fit(frozen_models=...)`): a reference copy
+    """PPO's sampler runs two frozen models outside the objective (`TrainPlan.frozen_models`): a reference copy
     of the policy and a reward model. Holding them in bf16 must leave rollouts, losses and the trained
     policy bit for bit as they are with fp32 copies, and give their exact fp32 weights back."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -366,8 +368,8 @@ def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing
                           eval_every=0, save_every=stream.steps_per_rollout, log_every=1, progress=False,
                           tensorboard=False, warmup_steps=0)
         torch.manual_seed(0)
-        fit(sampler.model, objective, stream, cfg, runtime, run, None, lambda m, info: None, metric="val_score",
-            tracker=tracker, frozen_models=frozen)
+        fit(sampler.model, TrainPlan(objective, stream, None, lambda m, info: None, metric="val_score",
+                                     frozen_models=frozen), cfg, runtime, run, tracker=tracker)
         tracker.close()
         assert runtime.precision == "bf16"
         runs[flag] = (policy, dtypes, run)
@@ -389,7 +391,7 @@ def test_ppo_reference_copy_and_reward_model_are_held_in_bf16_and_change_nothing
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA branches under autocast take their input as it comes (honelm.boosters.lora.autocast_inputs)
+# LoRA branches under autocast take their input as it comes (honelm.speed.autocast_inputs)
 
 
 def lora_input_dtypes(model) -> dict[str, torch.dtype]:
@@ -402,7 +404,7 @@ def lora_input_dtypes(model) -> dict[str, torch.dtype]:
 
 
 def test_lora_branches_skip_the_fp32_round_trip_and_compute_the_same_bits():
-    from honelm.boosters.lora import autocast_inputs
+    from honelm.speed import autocast_inputs
 
     model = build("lm", dropout=0.0)
     # B = 0 at init would hide a difference in the branch: give the adapters values
@@ -436,7 +438,7 @@ def test_lora_branches_skip_the_fp32_round_trip_and_compute_the_same_bits():
 
 
 def test_lora_branches_that_read_their_input_otherwise_keep_peft_s_cast():
-    from honelm.boosters.lora import autocast_inputs
+    from honelm.speed import autocast_inputs
 
     for kw in ({"dropout": 0.1}, {"dropout": 0.0, "dora": True}):
         with autocast_inputs(build("lm", **kw)) as count:
@@ -446,7 +448,7 @@ def test_lora_branches_that_read_their_input_otherwise_keep_peft_s_cast():
 
 
 def test_fit_under_bf16_skips_the_round_trip_only_while_training_and_changes_nothing(tmp_path, monkeypatch):
-    import honelm.loop as loop
+    import honelm.speed as speed
 
     class Flags(CausalLM):
         """Records, at every step, whether peft would cast the inputs of the LoRA branches."""
@@ -460,7 +462,7 @@ def test_fit_under_bf16_skips_the_round_trip_only_while_training_and_changes_not
             return super().__call__(model, batch)
 
     own, own_obj, own_run = run_fit(tmp_path, "own", "lm", bf16_frozen=True, objective=Flags(), dropout=0.0)
-    monkeypatch.setattr(loop, "autocast_inputs", lambda model, enabled: contextlib.nullcontext(0))
+    monkeypatch.setattr(speed, "autocast_inputs", lambda model, enabled: contextlib.nullcontext(0))
     peft_, peft_obj, peft_run = run_fit(tmp_path, "peft", "lm", bf16_frozen=True, objective=Flags(), dropout=0.0)
 
     assert own_obj.flags and all(f == {False} for f in own_obj.flags)  # training and validation alike

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from honelm import runtime as rt
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
-from honelm.loop import BatchStream, accumulate, fit
+from honelm.loop import BatchStream, Callback, TrainPlan, accumulate, fit
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.lm import CausalLM
 
@@ -93,8 +94,8 @@ def _train(tiny_llama, tmp_path, name, max_steps, resume=False, model=None, drop
     val = collate(list(range(6)))
     evaluate = lambda m: {"val_loss": float(CausalLM()(m, val).value) / CausalLM().units(val)}  # noqa: E731
     torch.manual_seed(0)
-    fit(model, CausalLM(), stream, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / name, evaluate,
-        lambda m, info: None, "val_loss", resume=resume)
+    fit(model, TrainPlan(CausalLM(), stream, evaluate, lambda m, info: None, "val_loss"), cfg,
+        rt.Runtime(device=torch.device("cpu")), tmp_path / name, resume=resume)
     return model
 
 
@@ -136,8 +137,9 @@ def test_nan_loss_stops_and_names_the_step(tiny_llama, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # the precision probe is skipped with fp32, so call k is micro-batch k: step 3 is the first bad one
     with pytest.raises(TrainingError, match="non-finite loss .* at step 3"):
-        fit(model, ExplodingObjective(at_call=3), BatchStream(16, collate_fn(rows), 4, 1, seed=0), cfg,
-            rt.Runtime(device=torch.device("cpu")), tmp_path / "nan", None, lambda m, i: None, "val_loss")
+        plan = TrainPlan(ExplodingObjective(at_call=3), BatchStream(16, collate_fn(rows), 4, 1, seed=0), None,
+                         lambda m, i: None, "val_loss")
+        fit(model, plan, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / "nan")
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())  # the bad update never happened
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # steps 1-2 did
 
@@ -208,9 +210,9 @@ def test_a_metric_tie_with_a_lower_validation_loss_is_progress(tiny_llama, tmp_p
     seen = iter(losses)
     evaluate = lambda m: {"val_accuracy": 0.5, "val_loss": next(seen)}  # noqa: E731
     saved: list[int] = []
-    result = fit(tiny_llama(), CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0), cfg,
-                 rt.Runtime(device=torch.device("cpu")), tmp_path / "tie", evaluate,
-                 lambda m, info: saved.append(info["step"]), "val_accuracy")
+    plan = TrainPlan(CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0), evaluate,
+                     lambda m, info: saved.append(info["step"]), "val_accuracy")
+    result = fit(tiny_llama(), plan, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / "tie")
     events = [json.loads(x) for x in (tmp_path / "tie" / "metrics.jsonl").read_text().splitlines()]
     stops = [e["step"] for e in events if e["event"] == "early_stop"]
     assert stops == ([] if stops_at is None else [stops_at])
@@ -245,22 +247,91 @@ def test_freed_heap_is_handed_back_around_every_validation(tiny_llama, tmp_path,
 def test_a_stop_during_the_final_checkpoint_finishes_the_run_and_is_reported(tiny_llama, tmp_path, stop_during_checkpoint):
     """Ctrl-C after the last step's check (while the final checkpoint is written) cannot interrupt the
     run any more: it ends complete and saved, and says that a stop was asked for so callers stop."""
-    import honelm.loop as loop
-
     stop_during_checkpoint(4)  # the final one
     rows = variable_length_data()
     cfg = TrainConfig(lr=1e-3, batch_size=2, max_steps=4, eval_every=0, save_every=0, precision="fp32",
                       progress=False, tensorboard=False)
-    loop.late_stop_requested(clear=True)
-    result = fit(tiny_llama(), CausalLM(), BatchStream(len(rows), collate_fn(rows), 2, 1, seed=0), cfg,
-                 rt.Runtime(device=torch.device("cpu")), tmp_path, None, lambda m, info: None, metric="loss")
+
+    def plan() -> TrainPlan:
+        return TrainPlan(CausalLM(), BatchStream(len(rows), collate_fn(rows), 2, 1, seed=0), None,
+                         lambda m, info: None, metric="loss")
+
+    result = fit(tiny_llama(), plan(), cfg, rt.Runtime(device=torch.device("cpu")), tmp_path)
     assert (result.steps, result.reason, result.stop_requested) == (4, "max_steps", True)
-    assert loop.late_stop_requested(clear=True) and not loop.late_stop_requested()
     state = json.loads((tmp_path / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["finished"] is True  # nothing is left to resume
     assert "stop requested while the final checkpoint was written" in (tmp_path / "log.txt").read_text()
     # without a stop the flag stays down
     stop_during_checkpoint.disarm()
-    again = fit(tiny_llama(), CausalLM(), BatchStream(len(rows), collate_fn(rows), 2, 1, seed=0), cfg,
-                rt.Runtime(device=torch.device("cpu")), tmp_path / "b", None, lambda m, info: None, metric="loss")
-    assert not again.stop_requested and not loop.late_stop_requested()
+    again = fit(tiny_llama(), plan(), cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / "b")
+    assert not again.stop_requested
+
+
+class Recorder(Callback):
+    """Records every call; stops the run after the validation of step `stop_at` (0: never)."""
+
+    def __init__(self, stop_at: int = 0):
+        self.calls: list[tuple] = []
+        self.stop_at = stop_at
+
+    def on_start(self, state):
+        self.calls.append(("start", state.step, state.precision, state.resumed))
+
+    def after_step(self, state):
+        self.calls.append(("step", state.step))
+
+    def after_eval(self, state, metrics):
+        self.calls.append(("eval", state.step, sorted(metrics)))
+        return "enough" if state.step == self.stop_at else None
+
+    def on_end(self, state, result):
+        self.calls.append(("end", result.steps, result.reason))
+
+
+def test_callbacks_see_the_run_and_a_reason_from_after_eval_stops_it(tiny_llama, tmp_path):
+    rows = variable_length_data(16)
+    cfg = TrainConfig(max_steps=8, batch_size=4, eval_every=2, save_every=0, precision="fp32", progress=False,
+                      tensorboard=False)
+    watch, stopper = Recorder(), Recorder(stop_at=4)
+    plan = TrainPlan(CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0), lambda m: {"val_loss": 1.0},
+                     lambda m, info: None, "val_loss")
+    result = fit(tiny_llama(), plan, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path / "cb",
+                 callbacks=[watch, stopper])
+    assert (result.steps, result.reason) == (4, "enough")
+    assert watch.calls == [("start", 0, "fp32", False), ("step", 1), ("step", 2), ("eval", 2, ["val_loss"]),
+                           ("step", 3), ("step", 4), ("eval", 4, ["val_loss"]), ("end", 4, "enough")]
+    events = [json.loads(x) for x in (tmp_path / "cb" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["message"] for e in events if e["event"] == "info"][-1] == "stopped by enough after this validation"
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "enough"
+    state = json.loads((tmp_path / "cb" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["finished"] is True  # stopped cleanly: nothing left to resume
+
+
+def test_resumed_runs_start_callbacks_too_and_checkpoints_keep_their_keys(tiny_llama, tmp_path):
+    rows = variable_length_data(16)
+    cfg = TrainConfig(max_steps=4, batch_size=4, eval_every=2, save_every=1, precision="fp32", progress=False,
+                      tensorboard=False, keep_checkpoints=10)
+    values = iter([2.0, 1.0, 1.0])
+
+    def plan() -> TrainPlan:
+        return TrainPlan(CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0),
+                         lambda m: {"val_loss": next(values)}, lambda m, info: None, "val_loss")
+
+    fit(tiny_llama(), plan(), cfg, rt.Runtime(device=torch.device("cpu")), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    keys = ["step", "position", "best_value", "best_step", "bad_evals", "precision", "precision_reason",
+            "train_time_s", "finished"]
+    assert list(json.loads((ckpts / "step-00000001" / "trainer_state.json").read_text())) == keys  # no best yet
+    state = json.loads((ckpts / "step-00000004" / "trainer_state.json").read_text())
+    assert list(state) == keys + ["best_loss"] and state["best_step"] == 4 and state["best_value"] == 1.0
+    for c in ckpts.iterdir():  # as if killed after step 3: resume from its checkpoint
+        if not c.name.endswith("00000003"):
+            shutil.rmtree(c)
+    seen = Recorder()
+    result = fit(tiny_llama(), plan(), cfg, rt.Runtime(device=torch.device("cpu")), tmp_path, resume=True,
+                 callbacks=[seen])
+    assert seen.calls[0] == ("start", 3, "fp32", True) and result.steps == 4
+    again = Recorder()
+    done = fit(tiny_llama(), plan(), cfg, rt.Runtime(device=torch.device("cpu")), tmp_path, resume=True,
+               callbacks=[again])
+    assert done.reason == "already finished" and again.calls == []  # a finished run starts nothing

@@ -19,7 +19,7 @@ from honelm.boosters.lora import LoraConfig, apply_lora, parameter_counts
 from honelm.checkpoint import base_state_dict, save_pretrained_atomic
 from honelm.config import TrainConfig
 from honelm.errors import ConfigError
-from honelm.loop import BatchStream, fit
+from honelm.loop import BatchStream, TrainPlan, fit
 from honelm.models import LoadedModel, build_model, load_checkpoint, load_model
 from honelm.objectives.lm import CausalLM
 from honelm.optim import make_optimizer
@@ -360,10 +360,11 @@ def _fit(tmp_path, name: str, resume: bool = False, seed: int = 0):
     val = collate(list(range(4)))
     run = tmp_path / name
     torch.manual_seed(0)
-    fit(model, CausalLM(), BatchStream(len(rows), collate, 4, 1, seed=0), cfg, rt.Runtime(device=torch.device("cpu")),
-        run, lambda m: {"val_loss": float(CausalLM()(m, val).value)},
-        lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
-        "val_loss", resume=resume)
+    plan = TrainPlan(CausalLM(), BatchStream(len(rows), collate, 4, 1, seed=0),
+                     lambda m: {"val_loss": float(CausalLM()(m, val).value)},
+                     lambda m, info: save_pretrained_atomic(m, None, run / "best", info, base_pending=True),  # random init
+                     "val_loss")
+    fit(model, plan, cfg, rt.Runtime(device=torch.device("cpu")), run, resume=resume)
     return model
 
 

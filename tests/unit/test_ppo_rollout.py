@@ -12,7 +12,7 @@ import torch
 from honelm import runtime as rt
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError
-from honelm.loop import fit
+from honelm.loop import TrainPlan, fit
 from honelm.objectives.ppo import PPO
 from honelm.rl.policy import PolicyWithValue, Reference
 from honelm.rl.prompts import EncodedPrompt
@@ -129,8 +129,8 @@ def test_ppo_through_fit_raises_a_token_reward_with_bounded_kl(tiny_llama, tmp_p
     stream = RolloutStream(sampler, prompts(64), batch_size=16, grad_accum=1, seed=0, run_dir=tmp_path, tracker=tracker)
     cfg = TrainConfig(lr=1e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", max_steps=8 * stream.steps_per_rollout,
                       precision="fp32", eval_every=0, save_every=0, log_every=4, progress=False, tensorboard=False)
-    result = fit(sampler.model, PPO(opts.temperature), stream, cfg, runtime, tmp_path, None, lambda m, info: None,
-                 metric="val_score", tracker=tracker)
+    plan = TrainPlan(PPO(opts.temperature), stream, None, lambda m, info: None, metric="val_score")
+    result = fit(sampler.model, plan, cfg, runtime, tmp_path, tracker=tracker)
     tracker.close()
     assert result.steps == cfg.max_steps
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,16 @@
-"""Frozen Linear weights held in bf16 while training under bf16 autocast (`train.bf16_frozen`).
+"""Training speed-ups that change no number: the one context `fit()` enters around training.
+
+`TrainingSpeed` bundles three tricks, each exact (the same losses and weights bit for bit) and
+each measured to pay (docs/benchmarks.md):
+
+1. Frozen Linear weights in bf16 under bf16 autocast (`train.bf16_frozen`, `FrozenBf16`; below).
+2. LoRA branches under bf16 autocast take their input in the dtype it arrives in
+   (`autocast_inputs`): peft's bf16 → fp32 → bf16 round trip in front of every plain LoRA
+   branch is skipped.
+3. Freed heap pages handed back to the operating system around every validation
+   (`runtime.release_freed_memory`), which allocates in other sizes than training.
+
+The rest of this docstring is about the first.
 
 Under bf16 autocast every `nn.Linear` call casts its weight and bias to bf16 before the matmul.
 For a trainable weight autocast caches that cast once per step; for a frozen one (a LoRA base,
@@ -10,7 +22,7 @@ bf16 is the tensor itself, and it is the same round-to-nearest-even value autoca
 made), for half the memory and none of the casting. The same holds for a whole frozen model that
 runs beside the trained one: the objective's (DPO's reference copy: `Objective.frozen_models()`)
 and those the data stream runs (PPO's sampler: a reference copy and a reward model, passed as
-`fit(frozen_models=...)`).
+`TrainPlan.frozen_models`).
 
 The fp32 values are not thrown away: before the cast they are written to a file in the run
 directory (`.frozen-fp32.rank<R>.bin`, raw fp32, one per process) and put back, bit for bit, when
@@ -36,6 +48,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from honelm import runtime as rt
 
 SPILL_NAME = ".frozen-fp32.rank{rank}.bin"
 
@@ -172,3 +186,111 @@ class FrozenBf16:
             return f"frozen weights: kept in fp32 ({self.skipped})"
         return (f"frozen weights: {self.count} Linear weights ({self.bytes_fp32 / 2**20:,.1f} MiB in fp32) held in bf16 "
                 f"while training (autocast computes with bf16 anyway; fp32 restored afterwards from {self.spill.name})")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA branches under autocast
+
+# peft's plain LoRA layer, named rather than imported: peft is imported only by runs that use LoRA,
+# and the exact class (not its quantised subclasses, which live in other modules) is what qualifies
+_PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
+
+
+def _plain_lora_linears(model: nn.Module) -> list[nn.Module]:
+    """peft LoRA `Linear` layers (exactly, not quantised subclasses) whose every adapter is vanilla
+    LoRA with no dropout: their branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
+    return [m for m in model.modules()
+            if (type(m).__module__, type(m).__qualname__) == _PEFT_LORA_LINEAR
+            and hasattr(m, "cast_input_dtype_enabled") and not m.lora_variant
+            and all(isinstance(d, nn.Identity) for d in m.lora_dropout.values())]
+
+
+@contextlib.contextmanager
+def autocast_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Inside: LoRA branches take their input in the dtype it arrives in; yields how many layers.
+
+    peft casts the input of every LoRA branch to the adapter's dtype (fp32) before `lora_A`. Under
+    bf16 autocast an input that is already bf16 (the attention output entering `o_proj`, the
+    SwiGLU product entering `down_proj`) is then copied to fp32 and autocast copies it back to bf16
+    for the matmul: two casts forward, two more backward, and the bf16 copy kept for the backward
+    pass where the original would have done. The round trip bf16 → fp32 → bf16 is exact, so the
+    branch computes the same numbers without it: lora_A's matmul gets the same bf16 input (autocast
+    casts A to bf16 as before), and the input's gradient is the same bf16 tensor. That holds only
+    for a branch that does nothing else with x, hence plain LoRA without dropout (dropout would
+    compute its mask and scaling in the other dtype) and without a variant (DoRA reads x itself).
+
+    Only for use under autocast: outside it a bf16 input would meet fp32 adapter weights. The flags
+    are put back on exit, so the model behaves as peft's default afterwards. (peft's own
+    `peft.helpers.disable_input_dtype_casting` sets the same flag on every tuner layer, dropout and
+    DoRA ones included, where the numbers would change; hence this filtered version.)
+    """
+    layers = _plain_lora_linears(model) if enabled else []
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield len(layers)
+    finally:
+        for m, flag in zip(layers, before):
+            m.cast_input_dtype_enabled = flag
+
+
+# ----------------------------------------------------------------------------------------------
+# the context fit() enters
+
+
+def _distinct(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """Each model once, in order (an objective and a sampler may name the same one)."""
+    seen: set[int] = set()
+    return [m for m in models if not (id(m) in seen or seen.add(id(m)))]
+
+
+class TrainingSpeed:
+    """Context manager for a whole training run: every trick of this module, on where it applies.
+
+    `with TrainingSpeed(model, spill, bf16=..., bf16_frozen=..., extra=...) as speed:` holds the
+    eligible frozen weights (of `model` and of the `extra` models that run beside it) in bf16 and
+    lets plain LoRA branches skip their input cast, both only under bf16 autocast; on exit
+    (normally, on an error, on Ctrl-C) everything is as before. Inside,
+    `speed.exact_weights()` brings `model`'s fp32 weights back for a save and
+    `speed.evaluation()` wraps a validation.
+    """
+
+    def __init__(self, model: nn.Module, spill: Path, bf16: bool, bf16_frozen: bool,
+                 extra: Sequence[nn.Module] = ()) -> None:
+        self.model, self.bf16 = model, bf16
+        self.frozen = FrozenBf16(model, spill, enabled=bf16 and bf16_frozen, extra=_distinct(extra))
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "TrainingSpeed":
+        with contextlib.ExitStack() as stack:  # a failure entering the second leaves the first undone
+            stack.enter_context(self.frozen)
+            # looked up at call time: tests and benchmarks/lora_memory.py replace it to measure peft's default
+            stack.enter_context(autocast_inputs(self.model, enabled=self.bf16))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)
+
+    def exact_weights(self) -> contextlib.AbstractContextManager:
+        """The trained model's exact fp32 weights for the duration (a checkpoint, a save of its base)."""
+        return self.frozen.restored()
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Around a validation: freed heap pages handed back before and after it.
+
+        Validation allocates in other sizes than training (a larger batch, no autograd graph); freed
+        training blocks glibc keeps resident would not fit them and the heap would grow on top, and
+        the same again the other way after. Handing the free pages back at both ends keeps the
+        process's resident peak near what is live (milliseconds: no garbage collection here, the
+        tensors of a step or a validation are freed by reference counting).
+        """
+        rt.release_freed_memory(collect=False)
+        yield
+        rt.release_freed_memory(collect=False)
+
+    def describe(self) -> str:
+        """The log line about held weights, or "" when there is nothing to say."""
+        return self.frozen.describe() if self.frozen.count or self.frozen.skipped else ""
