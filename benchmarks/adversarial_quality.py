@@ -325,7 +325,7 @@ def attack_cell(run: Path, settings: dict[str, Any], batch_size: int, seed: int)
     from honelm.models import load_model, model_kind
     from honelm.objectives.classify import Classify
     from honelm.stages.classify import ClassifyConfig, label_maps
-    from honelm.stages.setup import load_run_config
+    from honelm.rundir import load_run_config
     from honelm.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()

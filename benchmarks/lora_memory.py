@@ -135,7 +135,7 @@ def build_benchmark_record(args: argparse.Namespace):
             torch.manual_seed(args.seed)
             return load_checkpoint(resolve_model_dir(f"pkg:{MINILM_PACKAGE}"), "classify", num_labels=2,
                                    id2label={0: "neg", 1: "pos"})
-    # As `honelm classify` builds a random-init decoder (stages/setup.py resolve_model), 32k vocabulary.
+    # As `honelm classify` builds a random-init decoder (stages/resolve.py resolve_model), 32k vocabulary.
     return LoadedModel.built(build_model("decoder", "small", vocab_size=args.model_vocab, task="classify",
                                          num_labels=2, seed=args.seed, max_positions=512, pad_token_id=0,
                                          bos_token_id=1, eos_token_id=2, attention_dropout=0.0))

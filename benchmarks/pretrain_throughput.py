@@ -167,7 +167,7 @@ def matmul_peak(dtype_name: str, n: int, repeats: int) -> float:
 def build_benchmark_model(args: argparse.Namespace, meta: dict[str, Any]):
     from honelm.models import build_model
 
-    # As `honelm pretrain` builds it (stages/setup.py resolve_model), with the 32k vocabulary.
+    # As `honelm pretrain` builds it (stages/resolve.py resolve_model), with the 32k vocabulary.
     return build_model("decoder", "small", vocab_size=args.model_vocab, task="lm", seed=args.seed,
                        max_positions=512, pad_token_id=meta["pad_token_id"], bos_token_id=meta["bos_token_id"],
                        eos_token_id=meta["eos_token_id"], attention_dropout=0.0)

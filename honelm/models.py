@@ -595,3 +595,10 @@ def kind_of_dir(path: str | Path, trust_remote_code: bool = False) -> str:
     except Exception as err:  # hub/IO errors come in many types; all mean "could not get it"
         raise HonelmError(f"could not read the model config of {path}: {err}") from err
     return model_kind(config)
+
+
+def check_block_fits(model: torch.nn.Module, length: int, what: str) -> None:
+    """Refuse a sequence length beyond the model's positions (`what` names the setting that asked for it)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ConfigError(f"{what}={length} is longer than the model's max_position_embeddings={limit}")

@@ -95,19 +95,6 @@ def _resolve(target: str | Any) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-# TRANSITION (issue 17): stages not yet ported to the contract keep their module's run() and config
-# class; removed when the last one is ported.
-_LEGACY_CONFIG = {"adapt": "AdaptConfig", "classify": "ClassifyConfig", "sft": "SFTConfig", "reward": "RewardConfig",
-                  "dpo": "DPOConfig", "ppo": "PPOConfig"}
-
-
-def _ported(v: Verb) -> bool:
-    if not isinstance(v.target, str):
-        return True
-    module, attr = v.target.split(":")
-    return hasattr(importlib.import_module(module), attr)
-
-
 def register(entry: Verb) -> None:
     """Add a verb (a plug-in stage, say) to the registry; its name must be new."""
     if entry.name in VERBS:
@@ -147,8 +134,6 @@ def stage(name: str) -> Any:
 def config_class(name: str) -> type:
     """The config dataclass of a stage or config verb."""
     v = verb(name)
-    if v.kind == "stage" and not _ported(v):
-        return getattr(importlib.import_module(v.module), _LEGACY_CONFIG[name])
     if v.kind == "stage":
         return _resolve(v.target).config
     if v.kind == "config":
@@ -164,11 +149,8 @@ def command(name: str) -> Any:
 def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """Run a stage (through the runner) or a config verb with a built config; returns its summary."""
     v = verb(name)
-    if v.kind == "stage" and _ported(v):
+    if v.kind == "stage":
         return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
-    if v.kind == "stage":  # TRANSITION: the runner resets it for ported stages
-        _resolve("honelm.runtime:reset_peak_memory")()
-        return importlib.import_module(v.module).run(cfg, resume=resume, callbacks=callbacks)
     return importlib.import_module(v.module).run(cfg, resume=resume)
 
 

@@ -38,6 +38,7 @@ import torch
 
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.readers import Document, read_documents
+from honelm.data.sources import labelled_splits, text_splits
 from honelm.errors import ConfigError, HonelmError
 
 
@@ -242,24 +243,22 @@ class Corpus:
             (run_dir / "curated.jsonl").write_text(lines, encoding="utf-8")
 
 
-def build_corpus(cfg: Any, mode: str, say: Callable[[str], None], task_splits: Callable[..., Any],
-                 domain_splits: Callable[..., Any]) -> Corpus:
+def build_corpus(cfg: Any, mode: str, say: Callable[[str], None]) -> Corpus:
     """Read, split and guard the text of an adapt config (curated picks are added later: they need the model).
 
-    `task_splits(cfg.task, say)` and `domain_splits(cfg.data, say)` split the labelled task and the
-    domain corpus: `honelm.stages.setup.labelled_splits` and `text_splits`, so that the same settings
-    give the same splits as classify and pretrain.
+    The labelled task and the domain corpus are split by `labelled_splits` and `text_splits`, as
+    classify and pretrain split them, so the same settings give the same splits.
     """
     corpus = Corpus(mode)
     if cfg.task.train:
         say("task split (the same settings give classify the same split):")
-        splits = task_splits(cfg.task, say)
+        splits = labelled_splits(cfg.task, say)
         extra = (read_documents(cfg.adapt.task_extra.split(","), unit=cfg.data.unit, text_field=cfg.task.text_field)
                  if cfg.adapt.task_extra else None)
         corpus.add_task(splits, extra, cfg.task.seed, cfg.adapt.val_fraction, say)
     if cfg.data.train:
         say("domain corpus split:")
-        corpus.add_domain(domain_splits(cfg.data, say), say)
+        corpus.add_domain(text_splits(cfg.data, say), say)
     return corpus
 
 

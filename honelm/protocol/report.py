@@ -28,8 +28,7 @@ __all__ = ["write_report", "load_run", "write_html", "md_to_html", "find_overfit
 
 def stage_sections() -> list[ReportSection]:
     """Every section a registered stage contributes, in registry order."""
-    return [s for name in registry.training_verbs() if registry._ported(registry.verb(name))
-            for s in registry.stage(name).report_sections]
+    return [s for name in registry.training_verbs() for s in registry.stage(name).report_sections]
 
 
 # --------------------------------------------------------------------------------------------

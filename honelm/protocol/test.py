@@ -23,7 +23,6 @@ from honelm import registry
 from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
-from honelm.stages import setup as S
 from honelm.rundir import stage_of
 from honelm.stages.contract import RunContext, Stage, best_dir
 from honelm.tokenizer import load_tokenizer
@@ -55,69 +54,10 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
         raise HonelmError(f"{run_dir}: the test split was already evaluated ({len(previous)} look(s), last {when}). "
                           "Choosing anything after seeing test results makes them optimistic; "
                           "if you must look again, pass --force (the look is recorded).")
-    if stage in registry.training_verbs() and registry._ported(registry.verb(stage)):
-        metrics = _test_stage(registry.stage(stage), run_dir)
-        return _record(run_dir, previous, metrics)
-    if stage == "pretrain":
-        from honelm.stages import pretrain as stage_mod
-
-        cfg = S.load_run_config(run_dir, stage_mod.PretrainConfig)
-        splits = S.text_splits(cfg.data, lambda _: None)
-    elif stage == "classify":
-        from honelm.stages import classify as stage_mod  # type: ignore[no-redef]
-
-        cfg = S.load_run_config(run_dir, stage_mod.ClassifyConfig)
-        splits = S.labelled_splits(cfg.data, lambda _: None)
-    elif stage == "adapt":
-        from honelm.stages import adapt as stage_mod  # type: ignore[no-redef]
-
-        cfg = S.load_run_config(run_dir, stage_mod.AdaptConfig)
-        if not cfg.data.train:  # the task's test text is classify's to read, never adapt's
-            raise HonelmError(f"{run_dir}: this adapt run has no domain corpus (data.train), so no test split of its "
-                              "own; test it downstream: `honelm classify model.init_from=RUN`, then `honelm test` "
-                              "that run")
-        splits = S.text_splits(cfg.data, lambda _: None)
-    elif stage == "sft":
-        from honelm.stages import sft as stage_mod  # type: ignore[no-redef]
-
-        cfg = S.load_run_config(run_dir, stage_mod.SFTConfig)
-        splits = stage_mod.chat_splits(cfg.data, lambda _: None)
-    elif stage in ("reward", "dpo"):
-        from honelm.data.preferences import split_pairs
-        from honelm.stages import dpo, reward
-
-        stage_mod = reward if stage == "reward" else dpo  # type: ignore[assignment]
-        cfg = S.load_run_config(run_dir, reward.RewardConfig if stage == "reward" else dpo.DPOConfig)
-        splits = split_pairs(cfg.data, lambda _: None)
-    else:
+    if stage not in registry.training_verbs():
         raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
-    recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
-    verify_manifest(recorded, splits.manifest)
-    with unlock_test_split("honelm test"):
-        test = splits.test
-    if not test:
-        raise HonelmError(f"{run_dir}: the test split is empty (data.split gives it no share and data.test is unset)")
-    leakage = None
-    if cfg.data.test:  # a user test file: training could not look for duplicates in it, so look now
-        from dataclasses import replace
-
-        from honelm.data.splits import content_text
-
-        make = (S.labelled_splits if stage == "classify" else stage_mod.chat_splits if stage == "sft"  # type: ignore[attr-defined]
-                else split_pairs if stage in ("reward", "dpo") else S.text_splits)
-        checked = make(replace(cfg.data, dedup=False), lambda _: None, leak_texts=[content_text(e) for e in test])
-        leakage = cross_split_duplicates(checked.manifest)
-    elif "duplicates" in recorded:
-        leakage = cross_split_duplicates(recorded)
-    if stage in ("pretrain", "adapt", "sft"):
-        metrics = stage_mod.evaluate_test(run_dir, cfg, test)  # type: ignore[call-arg]
-    else:
-        metrics = stage_mod.evaluate_test(run_dir, cfg, test, splits.train)  # type: ignore[call-arg]
-    predictions = metrics.pop("predictions", None)
-    id2label = metrics.pop("id2label", None)
-    if leakage is not None:
-        metrics["test_duplicates_of_train_or_val"] = leakage
-    return _record(run_dir, previous, metrics, predictions, id2label, stage)
+    metrics = _test_stage(registry.stage(stage), run_dir)
+    return _record(run_dir, previous, metrics)
 
 
 def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
@@ -147,8 +87,7 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, Any], predictions: Any = None,
-            id2label: Any = None, stage: str = "") -> dict[str, Any]:
+def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
     """Write test_metrics.json, the files the stage asked for, and the look in test_looks.jsonl."""
     files = metrics.pop("files", {})
     best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
@@ -158,15 +97,6 @@ def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, An
                                                            "best_step": best.get("step")}, indent=2), encoding="utf-8")
     for name, text in files.items():
         (run_dir / name).write_text(text, encoding="utf-8")
-    if stage == "classify":
-        from honelm import predictions as P
-
-        # one record per test example, in test-split order; labels.json too, for runs trained
-        # before classify wrote it (the names come from the same train labels either way)
-        P.write_records(run_dir / P.TEST_FILE, predictions)
-        P.write_labels(run_dir, id2label)
-    elif predictions is not None:  # sft answers, reward [r_chosen, r_rejected] pairs
-        (run_dir / "test_predictions.json").write_text(json.dumps(predictions), encoding="utf-8")
     with open(run_dir / "test_looks.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
     return metrics

@@ -24,13 +24,13 @@ from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.adapt_corpus import CurateConfig, build_corpus, curate, mode_of, packed_rows
 from honelm.data.masking import MLMRows, check_mlm_tokenizer, lm_rows
 from honelm.data.packing import PackedBlocks
+from honelm.data.sources import text_splits
 from honelm.errors import ConfigError, HonelmError
 from honelm.loop import BatchStream
-from honelm.models import LoadedModel, kind_of_dir
+from honelm.models import LoadedModel, check_block_fits, kind_of_dir
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.lm_scores import lm_scores, loss_sums
 from honelm.objectives.mlm import MaskedLM
-from honelm.stages import setup as S
 from honelm.stages.classify import LabelledDataConfig
 from honelm.stages.contract import ModelSpec, Plan, RunContext, Stage, best_dir
 from honelm.stages.pretrain import TextDataConfig
@@ -105,7 +105,7 @@ class Adapt(Stage):
         init_kind(cfg.model)
 
     def splits(self, cfg: AdaptConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return S.text_splits(cfg.data, say, leak_texts)  # the domain corpus's: the only test split adapt has
+        return text_splits(cfg.data, say, leak_texts)  # the domain corpus's: the only test split adapt has
 
     def read(self, ctx: RunContext) -> None:
         """ctx.splits is the adaptation `Corpus` (train texts, validation texts per source)."""
@@ -114,7 +114,7 @@ class Adapt(Stage):
         if not cfg.model.init_from:
             ctx.say("note: no model.init_from: adapting a randomly initialised preset (this is pre-training, "
                     "not adaptation)")
-        ctx.splits = build_corpus(cfg, ctx.extra["mode"], ctx.say, S.labelled_splits, S.text_splits)
+        ctx.splits = build_corpus(cfg, ctx.extra["mode"], ctx.say)
         if ctx.splits.domain_splits is not None:
             ctx.write_json("split_manifest.json", ctx.splits.domain_splits.manifest)
         if ctx.splits.task_splits is not None:
@@ -129,7 +129,7 @@ class Adapt(Stage):
     def before_boosters(self, ctx: RunContext, loaded: LoadedModel) -> None:
         cfg, tokenizer, model, corpus = ctx.cfg, ctx.tokenizer, loaded.model, ctx.splits
         report_new_head(loaded, ctx.say)
-        S.check_block_fits(model, cfg.data.block_size, "data.block_size")
+        check_block_fits(model, cfg.data.block_size, "data.block_size")
         if ctx.extra["kind"] == "encoder":
             check_mlm_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings)
         if ctx.extra["mode"] == "curated_tapt":

@@ -24,10 +24,9 @@ from honelm.data.readers import check_labels_seen
 from honelm.data.sources import SplitDataConfig, labelled_splits
 from honelm.loop import BatchStream
 from honelm.metrics import classification_scores
-from honelm.models import LoadedModel, load_model, model_kind
+from honelm.models import LoadedModel, check_block_fits, load_model, model_kind
 from honelm.objectives.classify import Classify, predict
 from honelm.stages import classify_report
-from honelm.stages import setup as S
 from honelm.stages.contract import ModelSpec, Plan, RunContext, Stage, best_dir
 
 
@@ -91,7 +90,7 @@ class Classification(Stage):
 
     def plan(self, ctx: RunContext, loaded: LoadedModel) -> Plan:
         cfg = ctx.cfg
-        S.check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
+        check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
         ctx.extra["is_decoder"] = model_kind(loaded.model) == "decoder"
         train = self.encode(ctx, ctx.splits.train, "train")
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None

@@ -23,14 +23,13 @@ from honelm.checkpoint import resolve_model_dir
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.chat import ensure_template
 from honelm.errors import ConfigError, HonelmError
-from honelm.models import load_model
+from honelm.models import check_block_fits, load_model
 from honelm.objectives.ppo import PPO
 from honelm.rl.policy import PolicyWithValue, Reference, disable_dropout
 from honelm.rl import report as rollouts_report
 from honelm.rl.prompts import PromptDataConfig, encode_prompts, prompt_splits, use_chat
 from honelm.rl.rewards import RewardConfig, make_scorer
 from honelm.rl.rollout import PPOOptions, RolloutStream, Sampler, validate_policy, write_samples
-from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 
 
@@ -109,7 +108,7 @@ class PPOStage(Stage):
             ctx.say(f"note: {cut} train and {cut_val} validation prompts are longer than data.max_prompt_length="
                     f"{cfg.data.max_prompt_length} and keep only their last tokens")
         longest = max(len(p.ids) for p in train + val)
-        S.check_block_fits(loaded.model, longest + cfg.ppo.response_length, "the longest prompt + ppo.response_length")
+        check_block_fits(loaded.model, longest + cfg.ppo.response_length, "the longest prompt + ppo.response_length")
         ctx.extra.update(train=train, val=val)
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:

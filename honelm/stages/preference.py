@@ -21,11 +21,11 @@ from honelm.adapters import adapter_info
 from honelm.checkpoint import atomic_directory
 from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
+from honelm.data.sources import SplitDataConfig
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream
-from honelm.models import LoadedModel, load_model
+from honelm.models import LoadedModel, check_block_fits, load_model
 from honelm.runtime import Runtime
-from honelm.stages import setup as S
 from honelm.stages.contract import RunContext, Stage
 
 SPLIT_NAMES = {"val": "validation"}
@@ -35,7 +35,7 @@ REFERENCE_FILE = "reference.json"
 
 
 @dataclass
-class PreferenceDataConfig(S.SplitDataConfig):
+class PreferenceDataConfig(SplitDataConfig):
     """Preference pairs: {prompt, chosen, rejected} (strings or message lists) or ShareGPT {conversations, chosen, rejected} rows; splits group pairs by prompt."""
 
     max_length: int = 512
@@ -129,7 +129,7 @@ class PreferenceStage(Stage):
 
     def encode_training(self, ctx: RunContext, model: nn.Module) -> tuple[EncodedPairs, EncodedPairs | None]:
         """Train and validation pairs (validation None without a validation split), after the length check."""
-        S.check_block_fits(model, ctx.cfg.data.max_length, "data.max_length")
+        check_block_fits(model, ctx.cfg.data.max_length, "data.max_length")
         train = self.encode(ctx, ctx.splits.train, "train")
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         if not len(train):

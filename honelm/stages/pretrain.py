@@ -19,8 +19,8 @@ from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
 from honelm.data.sources import SplitDataConfig, text_splits
 from honelm.loop import BatchStream
+from honelm.models import check_block_fits
 from honelm.objectives.lm import CausalLM
-from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 
 
@@ -80,7 +80,7 @@ class Pretrain(Stage):
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg, tokenizer = ctx.cfg, ctx.tokenizer
-        S.check_block_fits(loaded.model, cfg.data.block_size, "data.block_size")
+        check_block_fits(loaded.model, cfg.data.block_size, "data.block_size")
         train_blocks = pack(tokenizer, [d.text for d in ctx.splits.train], cfg.data.block_size)
         val_blocks = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         ctx.say(f"data: {len(ctx.splits.train)} train documents → {len(train_blocks)} blocks of {cfg.data.block_size}; "

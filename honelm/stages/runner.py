@@ -22,7 +22,7 @@ from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, fit
 from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
-from honelm.stages import setup as S
+from honelm.stages.resolve import resolve_model, resolve_tokenizer
 from honelm.stages.contract import Plan, RunContext, Stage
 
 
@@ -40,7 +40,7 @@ def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     """Data, tokenizer and model, up to the boosters (the stage's own adjustments included)."""
     cfg = ctx.cfg
     stage.read(ctx)
-    ctx.tokenizer = S.resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
+    ctx.tokenizer = resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
                                         stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
     stage.prepare(ctx)
     return load_model(stage, ctx)
@@ -50,7 +50,7 @@ def load_model(stage: Stage, ctx: RunContext) -> LoadedModel:
     """The stage's model, adjusted by the stage and transformed by the boosters; kept as ctx.loaded."""
     cfg = ctx.cfg
     spec = stage.model_spec(ctx)
-    loaded = S.resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
+    loaded = resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
                              id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
     stage.before_boosters(ctx, loaded)
     ctx.loaded = boosters.apply(loaded, cfg, spec.task, ctx.say)

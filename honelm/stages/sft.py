@@ -26,15 +26,16 @@ from honelm.data import answers as A
 from honelm.data.chat import ensure_template
 from honelm.data.sft import (ChatDocument, SFTExamples, check_packing, encode_conversations, pack_examples,
                              split_conversations, template_texts)
+from honelm.data.sources import SplitDataConfig, say_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.loop import BatchStream
+from honelm.models import check_block_fits
 from honelm.objectives.lm import CausalLM
-from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 
 
 @dataclass
-class ChatDataConfig(S.SplitDataConfig):
+class ChatDataConfig(SplitDataConfig):
     """Conversations for instruction tuning: their format, length, which tokens train, packing."""
 
     format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
@@ -79,7 +80,7 @@ class SFTConfig:
 def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Conversations split by content and seed (`honelm.data.sft.split_conversations`), the split said."""
     splits = split_conversations(data, leak_texts)
-    S._say_split(splits.manifest, say)
+    say_split(splits.manifest, say)
     return splits
 
 
@@ -122,7 +123,7 @@ class SFT(Stage):
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg = ctx.cfg
-        S.check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
+        check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
         train = self.encode(ctx, ctx.splits.train, "train")
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         ctx.say(train.describe("train") + f" (loss on: {cfg.data.train_on})")

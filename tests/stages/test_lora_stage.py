@@ -28,7 +28,8 @@ def adapter_config(run) -> dict:
 def test_lora_classify_from_pretrain_run_then_test_and_merged_export(pretrained, data_dir, tmp_path):
     from honelm.data.batches import encode_examples
     from honelm.data.splits import unlock_test_split
-    from honelm.stages import setup as S
+    from honelm.data.sources import labelled_splits
+    from honelm.rundir import load_run_config
     from honelm.stages.classify import ClassifyConfig, label_maps, predict
 
     cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}",
@@ -51,8 +52,8 @@ def test_lora_classify_from_pretrain_run_then_test_and_merged_export(pretrained,
     model = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "export")
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    cfg = S.load_run_config(run, ClassifyConfig)
-    splits = S.labelled_splits(cfg.data, lambda _: None)
+    cfg = load_run_config(run, ClassifyConfig)
+    splits = labelled_splits(cfg.data, lambda _: None)
     with unlock_test_split("stage test: the merged export must predict what `honelm test` recorded"):
         test = splits.test
     label2id, _ = label_maps(splits.train, "classification")

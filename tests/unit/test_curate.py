@@ -12,7 +12,6 @@ from honelm import config as C
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.splits import unlock_test_split
 from honelm.data.adapt_corpus import build_corpus, sha
-from honelm.stages import setup as S
 from honelm.stages.adapt import AdaptConfig
 
 POOL = [
@@ -95,7 +94,7 @@ def _guarded_hashes(corpus) -> set[str]:
 def test_no_task_val_or_ratio_test_text_enters_the_tapt_corpus(tmp_path):
     rows = _task(tmp_path)
     cfg = C.build(AdaptConfig, overrides=[f"task.train={tmp_path / 'task.jsonl'}", "task.split=6:2:2"])
-    plain = build_corpus(cfg, "tapt", lambda _: None, S.labelled_splits, S.text_splits)
+    plain = build_corpus(cfg, "tapt", lambda _: None)
     val = [e.text for e in plain.task_splits.val]
     with unlock_test_split("test of the leak guard"):
         test = [e.text for e in plain.task_splits.test]
@@ -108,7 +107,7 @@ def test_no_task_val_or_ratio_test_text_enters_the_tapt_corpus(tmp_path):
     for mode, extra_args in (("tapt", []), ("dapt+tapt", [f"data.train={domain}"])):
         cfg = C.build(AdaptConfig, overrides=[f"task.train={tmp_path / 'task.jsonl'}", "task.split=6:2:2",
                                               f"adapt.task_extra={tmp_path / 'extra.jsonl'}", *extra_args])
-        corpus = build_corpus(cfg, mode, lambda _: None, S.labelled_splits, S.text_splits)
+        corpus = build_corpus(cfg, mode, lambda _: None)
         used = _guarded_hashes(corpus)
         assert not used & {sha(t) for t in val + test}
         assert {sha(f"unlabelled note {i}") for i in range(10)} <= used  # the guard is not a blanket ban
@@ -135,7 +134,7 @@ def test_pair_halves_and_a_user_val_file_are_guarded(tmp_path):
         f"task.train={tmp_path / 'train.jsonl'}", f"task.val={tmp_path / 'val.jsonl'}",
         f"task.test={tmp_path / 'test.jsonl'}", "task.text_field=a", "task.pair_field=b", "task.label_field=y",
         f"adapt.task_extra={tmp_path / 'extra.jsonl'}", "adapt.val_fraction=0"])
-    corpus = build_corpus(cfg, "tapt", lambda _: None, S.labelled_splits, S.text_splits)
+    corpus = build_corpus(cfg, "tapt", lambda _: None)
     used = _guarded_hashes(corpus)
     assert sha("held out premise 1") not in used and sha("fresh text") in used
     # "hypothesis 3" is a train pair half AND a val pair half: the guard wins
@@ -149,10 +148,10 @@ def test_pair_halves_and_a_user_val_file_are_guarded(tmp_path):
 def test_tapt_validation_slice_is_task_train_text_chosen_by_content(tmp_path):
     _task(tmp_path, n=200)
     cfg = C.build(AdaptConfig, overrides=[f"task.train={tmp_path / 'task.jsonl'}", "adapt.val_fraction=0.2"])
-    a = build_corpus(cfg, "tapt", lambda _: None, S.labelled_splits, S.text_splits)
+    a = build_corpus(cfg, "tapt", lambda _: None)
     train_texts = {e.text for e in a.task_splits.train}
     held = [d.text for d in a.val["task"]]
     assert 10 < len(held) < 60 and set(held) <= train_texts
     assert not {d.text for d in a.train} & set(held)
-    b = build_corpus(cfg, "tapt", lambda _: None, S.labelled_splits, S.text_splits)
+    b = build_corpus(cfg, "tapt", lambda _: None)
     assert [d.text for d in b.val["task"]] == held

@@ -20,9 +20,9 @@ from honelm import registry
 from honelm.cli import main
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.packing import PackedBlocks, pack
+from honelm.data.sources import text_splits
 from honelm.loop import BatchStream
 from honelm.objectives.lm import CausalLM
-from honelm.stages import setup as S
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.pretrain import TextDataConfig
 
@@ -84,7 +84,7 @@ class ToyStage(Stage):
     config = ToyConfig
 
     def splits(self, cfg: ToyConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return S.text_splits(cfg.data, say, leak_texts)
+        return text_splits(cfg.data, say, leak_texts)
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         blocks = self.encode(ctx, ctx.splits.train, "train")

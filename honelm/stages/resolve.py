@@ -1,7 +1,8 @@
-"""How `model.*` becomes a tokenizer and a model for a run (the runner calls these).
+"""How a run's `model.*` section becomes its tokenizer and its loaded model (the runner calls these).
 
-TRANSITION (issue 17): the run directory moved to honelm.rundir and the data section to
-honelm.data.sources; the names below are re-exported until every stage imports them from there.
+`resolve_tokenizer`: model.tokenizer, else the init_from checkpoint's, else one trained once on the
+train split and kept in the run. `resolve_model`: init_from (an adapter merged, or carried on with
+`lora.carry`) or a preset from random init, as a `LoadedModel` record of where it came from.
 """
 
 from __future__ import annotations
@@ -9,19 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import torch
-
 from honelm import config as C
 from honelm.adapters import is_adapter_dir
 from honelm.checkpoint import resolve_model_dir
-from honelm.data.sources import SplitDataConfig, labelled_splits, say_split, text_splits  # noqa: F401 (transition)
 from honelm.errors import ConfigError
 from honelm.models import LoadedModel, build_model, count_parameters, load_checkpoint, load_for_carry
-from honelm.rundir import load_run_config, run_directory, stage_of, tracker_for, write_json  # noqa: F401 (transition)
 from honelm.runtime import Runtime
 from honelm.tokenizer import load_tokenizer, train_tokenizer
 
-_say_split = say_split  # transition
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,9 +104,3 @@ def _build_preset(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int
         model.config.id2label = dict(id2label)
         model.config.label2id = {v: k for k, v in id2label.items()}
     return LoadedModel.built(model, origin=f"{model_cfg.arch} preset '{model_cfg.size}', random init")
-
-
-def check_block_fits(model: torch.nn.Module, length: int, what: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and length > limit:
-        raise ConfigError(f"{what}={length} is longer than the model's max_position_embeddings={limit}")
