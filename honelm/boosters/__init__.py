@@ -1,93 +1,87 @@
-"""Boosters transform a model (LoRA), prepare a run of their own (plae's teacher) or wrap an objective.
+"""Boosters as registered plug-ins: LoRA transforms the model, adversarial training wraps the objective.
 
-`apply()`, `prepare()` and `objective()` are the one place the runner hands the model, the
-stage's plan, the objective and the config to the boosters, so every stage gets the same
-behaviour: a stage config with a `lora` section gets LoRA when `lora.enabled`; one with an
-`adversarial` section gets its method around the objective (plae: after its teacher run).
+Each booster declares itself (`honelm.boosters.base.Booster`: its config section, a check of what
+it needs from a stage, and its hooks) and is listed once in `BOOSTERS`. The runner calls the
+functions below for every stage, so a stage config that carries a booster's section gets that
+booster with no wiring of its own; a training stage's config derives from `StageConfig`, whose
+validation checks the stage × booster matrix once (`check`), before any work starts. Order: model
+transforms and wrappers run in `BOOSTERS` order (the first wraps the objective innermost); only
+the first booster whose `prepare` has work runs a run of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-import torch
-from torch import nn
-
-from honelm.boosters import plae
-from honelm.boosters.adversarial import Adversarial, describe
-from honelm.boosters.lora import apply_lora
-from honelm.errors import ConfigError
+from honelm.boosters import adversarial, lora, plae
+from honelm.boosters.base import Booster, Say
+from honelm.boosters.plae import Prepared
 from honelm.models import LoadedModel
 
+ADVERSARIAL = Booster("adversarial", "adversarial", check=adversarial.check, prepare=plae.prepare_hook,
+                      wrap=adversarial.wrap)
+BOOSTERS: tuple[Booster, ...] = (lora.BOOSTER, ADVERSARIAL)
+"""Every booster, in the order their hooks run."""
 
-def carries_adapter(cfg: Any, stage: str) -> bool:
-    """Whether the stage continues the LoRA adapter of its init_from run (`lora.carry`); checks that it may.
+__all__ = ["BOOSTERS", "Booster", "Prepared", "StageConfig", "apply", "carries_adapter", "check", "objective",
+           "prepare"]
 
-    dpo and ppo refuse: their reference is the policy with its adapters disabled, which under a
-    carried adapter would be the model from before that adapter, not the starting policy.
+
+class StageConfig:
+    """Base of a training stage's config: validating it checks the stage × booster matrix.
+
+    A subclass sets `verb` (its stage's name, for messages) and `capabilities` (what it offers a
+    booster: honelm.boosters.base.LABELS, ADAPTER_REFERENCE); a subclass with a `validate()` of its
+    own calls `super().validate()`.
     """
-    lora_cfg = getattr(cfg, "lora", None)
-    if lora_cfg is None or not lora_cfg.carry:
-        return False
-    if not lora_cfg.enabled:
-        raise ConfigError("lora.carry=true needs lora.enabled=true (it keeps training the init_from run's adapter)")
-    if stage in ("dpo", "ppo"):
-        raise ConfigError(f"lora.carry=true is not available for {stage}: its reference is the policy with adapters "
-                          "disabled, which would then be the model before the carried adapter; leave lora.carry=false "
-                          "(the init_from adapter is merged, and a fresh adapter trains on top)")
-    return True
+
+    verb: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self) -> None:
+        check(self)
 
 
-def apply(loaded: LoadedModel, cfg: Any, task: str, say: Callable[[str], None]) -> LoadedModel:
-    """Return the record of the model the loop should train (`loaded` itself when no booster applies)."""
-    lora_cfg = getattr(cfg, "lora", None)
-    if lora_cfg is not None and lora_cfg.enabled:
-        loaded = apply_lora(loaded, lora_cfg, task, say)
+def _active(cfg: Any) -> list[tuple[Booster, Any]]:
+    """The boosters whose section `cfg` carries, with that section, in `BOOSTERS` order."""
+    return [(b, getattr(cfg, b.section)) for b in BOOSTERS if getattr(cfg, b.section, None) is not None]
+
+
+def check(cfg: Any) -> None:
+    """Every booster's check against the capabilities of the stage whose config `cfg` is (ConfigError)."""
+    capabilities = getattr(type(cfg), "capabilities", frozenset())
+    stage = getattr(type(cfg), "verb", "") or "this stage"
+    for booster, section in _active(cfg):
+        booster.check(section, capabilities, stage)
+
+
+def carries_adapter(cfg: Any) -> bool:
+    """Whether the model loader keeps init_from's adapter (a booster asks for it: `lora.carry`)."""
+    return any(b.carries(section) for b, section in _active(cfg) if b.carries is not None)
+
+
+def apply(loaded: LoadedModel, cfg: Any, task: str, say: Say) -> LoadedModel:
+    """The record of the model the loop should train, after every booster's transform."""
+    for booster, section in _active(cfg):
+        if booster.transform is not None:
+            loaded = booster.transform(loaded, section, task, say)
     return loaded
 
 
-@dataclass
-class Prepared:
-    """What a booster's own run before the main one leaves for it (plae: the stored adversarial embeddings)."""
-
-    stored: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
-    """The `stored(batch, like)` lookup `objective()` hands to plae's wrapper."""
-    loaded: LoadedModel | None = None
-    """The model the main run trains instead of the first one (which the booster's run trained)."""
-    interrupted: bool = False
-    """The booster's run stopped (Ctrl-C, or a stop that came as it finished): the main run must not start."""
-
-
-def prepare(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any],
+def prepare(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callable[..., Any],
             reload: Callable[[], LoadedModel]) -> Prepared | None:
-    """Run what a booster needs before the main run, with the stage's plan; None when no booster needs anything.
-
-    `train(sub, model, objective, resume)` fits `model` with the plan's stream, validation and best/
-    into the sub-run `sub` (`ctx.sub_run(name)`); `reload()` gives a fresh model the way the runner
-    loaded the first (the seed reset first). plae: the teacher trains the loaded model, so the main
-    run (the student) trains a fresh one from the same start.
-    """
-    adv_cfg = getattr(ctx.cfg, "adversarial", None)
-    if adv_cfg is None or adv_cfg.method != "plae" or not adv_cfg.resolved().active:
-        return None
-    stored = plae.prepare(ctx, stage.model_spec(ctx), loaded.model, plan, train)
-    if stored is None:
-        return Prepared(interrupted=True)
-    return Prepared(stored=stored, loaded=reload())
+    """A booster's run before the main one (plae's teacher); None when no booster has such work."""
+    for booster, _ in _active(ctx.cfg):
+        if booster.prepare is not None:
+            prepared = booster.prepare(ctx, stage, loaded, plan, train, reload)
+            if prepared is not None:
+                return prepared
+    return None
 
 
-def objective(inner: Any, cfg: Any, tokenizer: Any, say: Callable[[str], None],
-              stored: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None) -> Any:
-    """Return the objective the loop should call: `inner`, or `inner` wrapped by adversarial training."""
-    adv_cfg = getattr(cfg, "adversarial", None)
-    if adv_cfg is None or adv_cfg.method == "none":
-        return inner
-    if adv_cfg.method == "plae" and stored is None:
-        raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
-                          "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
-
-    wrapped = Adversarial(inner, adv_cfg, special_ids=list(getattr(tokenizer, "all_special_ids", []) or []),
-                          stored=stored)
-    say(describe(wrapped.cfg))
-    return wrapped
+def objective(inner: Any, cfg: Any, tokenizer: Any, say: Say, stored: Any = None) -> Any:
+    """The objective the loop should call: `inner` wrapped by every booster that wraps objectives."""
+    for booster, section in _active(cfg):
+        if booster.wrap is not None:
+            inner = booster.wrap(inner, section, tokenizer, say, stored)
+    return inner

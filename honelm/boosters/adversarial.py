@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.boosters.base import LABELS
 from honelm.errors import ConfigError, HonelmError
 from honelm.objectives.base import Loss, Objective
 
@@ -573,3 +574,28 @@ class Adversarial(Objective):
         distinct copies.
         """
         return self._ascend(model, batch, self.mask(batch), autocast, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the booster's hooks (honelm.boosters.base.Booster; plae's run before the main one: honelm.boosters.plae)
+
+
+def check(cfg: AdversarialConfig, capabilities: frozenset[str], stage: str) -> None:
+    """plae retrains on labelled adversarial embeddings: only a stage with labelled examples (LABELS) has them."""
+    if cfg.method == "plae" and LABELS not in capabilities:
+        raise ConfigError(f"adversarial.method=plae works with classify only (a stage with labelled examples), not "
+                          f"{stage}: it retrains on labelled adversarial embeddings (for language modelling use fgm, "
+                          "pgd, freelb, smart, r3f, vat or neftune)")
+
+
+def wrap(inner: Objective, cfg: AdversarialConfig, tokenizer: Any, say: Callable[[str], None],
+         stored: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None) -> Objective:
+    """`inner`, or `inner` wrapped by the configured method (plae needs the lookup its run before prepared)."""
+    if cfg.method == "none":
+        return inner
+    if cfg.method == "plae" and stored is None:
+        raise ConfigError("adversarial.method=plae needs its teacher run first: it retrains on labelled adversarial "
+                          "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
+    wrapped = Adversarial(inner, cfg, special_ids=list(getattr(tokenizer, "all_special_ids", []) or []), stored=stored)
+    say(describe(wrapped.cfg))
+    return wrapped

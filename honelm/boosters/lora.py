@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from honelm.adapters import mutates_base, quiet_peft
+from honelm.boosters.base import ADAPTER_REFERENCE, Booster
 from honelm.checkpoint import is_peft_model
 from honelm.errors import ConfigError, HonelmError
 from honelm.models import LoadedModel, model_kind
@@ -390,3 +391,43 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# the booster's hooks (honelm.boosters.base.Booster)
+
+
+def check(cfg: LoraConfig, capabilities: frozenset[str], stage: str) -> None:
+    """Refuse, at config time, LoRA settings the stage cannot honour.
+
+    A stage whose reference is its own policy with the adapters disabled (ADAPTER_REFERENCE: dpo,
+    ppo) needs that to be the starting policy: a carried adapter would make it the model before
+    that adapter, and pissa/olora rewrite the base weights.
+    """
+    if cfg.carry and not cfg.enabled:
+        raise ConfigError("lora.carry=true needs lora.enabled=true (it keeps training the init_from run's adapter)")
+    if not cfg.enabled:
+        return
+    check_config(cfg)
+    if ADAPTER_REFERENCE not in capabilities:
+        return
+    if cfg.carry:
+        raise ConfigError(f"lora.carry=true is not available for {stage}: its reference is the policy with adapters "
+                          "disabled, which would then be the model before the carried adapter; leave lora.carry=false "
+                          "(the init_from adapter is merged, and a fresh adapter trains on top)")
+    if mutates_base(cfg.init):
+        raise ConfigError(f"{stage} with lora.init={cfg.init}: that init rewrites the base weights, so the "
+                          f"adapter-disabled model is not the starting policy ({stage}'s reference); use the default init")
+
+
+def carries(cfg: LoraConfig) -> bool:
+    """`lora.carry`: the loader keeps init_from's adapter (its base is loaded, the adapter attached again)."""
+    return cfg.enabled and cfg.carry
+
+
+def transform(loaded: LoadedModel, cfg: LoraConfig, task: str, say: Callable[[str], None]) -> LoadedModel:
+    """The booster's model transform: LoRA on the loaded model when `lora.enabled`."""
+    return apply_lora(loaded, cfg, task, say) if cfg.enabled else loaded
+
+
+BOOSTER = Booster("lora", "lora", check=check, transform=transform, carries=carries)

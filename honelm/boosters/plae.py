@@ -24,6 +24,7 @@ teacher and generation, with the stage's own plan (stream, validation, best/) fo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from honelm.boosters.adversarial import Adversarial, AdversarialConfig, describe
 from honelm.errors import HonelmError
-from honelm.models import load_model
+from honelm.models import LoadedModel, load_model
 
 Lookup = Callable[[dict[str, Any], torch.Tensor], torch.Tensor]
 
@@ -171,3 +172,33 @@ def stored_lookup(deltas: dict[str, torch.Tensor], copies: int) -> Lookup:
             full[row][real[row]] = rows.to(full.device, torch.float32)
         return full
     return lookup
+
+
+@dataclass
+class Prepared:
+    """What a booster's own run before the main one leaves for it (plae: the stored adversarial embeddings)."""
+
+    stored: Lookup | None = None
+    """The `stored(batch, like)` lookup the adversarial wrapper reads."""
+    loaded: LoadedModel | None = None
+    """The model the main run trains instead of the first one (which the booster's run trained)."""
+    interrupted: bool = False
+    """The booster's run stopped (Ctrl-C, or a stop that came as it finished): the main run must not start."""
+
+
+def prepare_hook(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callable[[Any, nn.Module, Any, bool], Any],
+                 reload: Callable[[], LoadedModel]) -> Prepared | None:
+    """The adversarial booster's run before the main one: plae's teacher and generation (None for other methods).
+
+    `train(sub, model, objective, resume)` fits `model` with the plan's stream, validation and best/
+    into the sub-run `sub` (`ctx.sub_run(name)`); `reload()` gives a fresh model the way the runner
+    loaded the first (the seed reset first). The teacher trains the loaded model, so the main run
+    (the student) trains a fresh one from the same start.
+    """
+    adv_cfg = ctx.cfg.adversarial
+    if adv_cfg.method != "plae" or not adv_cfg.resolved().active:
+        return None
+    stored = prepare(ctx, stage.model_spec(ctx), loaded.model, plan, train)
+    if stored is None:
+        return Prepared(interrupted=True)
+    return Prepared(stored=stored, loaded=reload())

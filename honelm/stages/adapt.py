@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import resolve_model_dir
@@ -25,7 +26,7 @@ from honelm.data.adapt_corpus import CurateConfig, build_corpus, curate, mode_of
 from honelm.data.masking import MLMRows, check_mlm_tokenizer, lm_rows
 from honelm.data.packing import PackedBlocks
 from honelm.data.sources import text_splits
-from honelm.errors import ConfigError, HonelmError
+from honelm.errors import HonelmError
 from honelm.loop import BatchStream
 from honelm.models import LoadedModel, check_block_fits, kind_of_dir
 from honelm.objectives.lm import CausalLM
@@ -68,8 +69,10 @@ def _adapt_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(StageConfig):
     """Continued pre-training (masked LM for encoders, causal LM for decoders) on domain and/or task text."""
+
+    verb = "adapt"
 
     run: RunConfig = section(RunConfig)
     data: AdaptDataConfig = section(AdaptDataConfig)
@@ -80,11 +83,6 @@ class AdaptConfig:
     train: TrainConfig = section(_adapt_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
     adversarial: AdversarialConfig = section(AdversarialConfig)
-
-    def validate(self) -> None:
-        if self.adversarial.method == "plae":
-            raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
-                              "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
 
 
 def init_kind(model_cfg: ModelConfig) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Literal
 import torch
 
 from honelm import predictions as P
+from honelm.boosters import StageConfig
+from honelm.boosters.base import LABELS
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -52,8 +54,11 @@ def _classify_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(StageConfig):
     """Fine-tune a sequence classifier or regressor."""
+
+    verb = "classify"
+    capabilities = frozenset({LABELS})
 
     run: RunConfig = section(RunConfig)
     data: LabelledDataConfig = section(LabelledDataConfig)

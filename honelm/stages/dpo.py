@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from honelm import runtime as rt
-from honelm.adapters import mutates_base
+from honelm.boosters import StageConfig
+from honelm.boosters.base import ADAPTER_REFERENCE
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import checkpoint_precision
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -72,8 +73,11 @@ def _dpo_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageConfig):
     """Direct preference optimisation of a causal LM."""
+
+    verb = "dpo"
+    capabilities = frozenset({ADAPTER_REFERENCE})
 
     run: RunConfig = section(RunConfig)
     data: P.PreferenceDataConfig = section(P.PreferenceDataConfig)
@@ -83,12 +87,9 @@ class DPOConfig:
     dpo: DPOObjectiveConfig = section(DPOObjectiveConfig)
 
     def validate(self) -> None:
+        super().validate()
         if not self.model.init_from and self.model.arch != "decoder":
             raise ConfigError("dpo trains a causal LM: model.arch must be decoder (or give model.init_from)")
-        if self.lora.enabled and mutates_base(self.lora.init):
-            raise ConfigError(f"dpo with lora.init={self.lora.init}: that init rewrites the base weights, so the "
-                              "adapter-disabled model is not the starting policy (DPO's reference); "
-                              "use the default init")
 
 
 class PrecomputedReference(Callback):

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from honelm.boosters import StageConfig
+from honelm.boosters.base import ADAPTER_REFERENCE
 from honelm.boosters.lora import LoraConfig
 from honelm.checkpoint import resolve_model_dir
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -41,8 +43,11 @@ def _ppo_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StageConfig):
     """Optimise a policy against a reward with PPO and a per-token KL penalty to its starting point."""
+
+    verb = "ppo"
+    capabilities = frozenset({ADAPTER_REFERENCE})
 
     run: RunConfig = section(RunConfig)
     data: PromptDataConfig = section(PromptDataConfig)

@@ -12,10 +12,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
-from honelm.errors import ConfigError
 from honelm.data.packing import PackedBlocks, bits_per_byte, pack
 from honelm.data.sources import SplitDataConfig, text_splits
 from honelm.loop import BatchStream
@@ -37,8 +37,10 @@ class TextDataConfig(SplitDataConfig):
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     """Causal LM pre-training."""
+
+    verb = "pretrain"
 
     run: RunConfig = section(RunConfig)
     data: TextDataConfig = section(TextDataConfig)
@@ -46,11 +48,6 @@ class PretrainConfig:
     train: TrainConfig = section(TrainConfig)
     lora: LoraConfig = section(LoraConfig)
     adversarial: AdversarialConfig = section(AdversarialConfig)
-
-    def validate(self) -> None:
-        if self.adversarial.method == "plae":
-            raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
-                              "embeddings (for language modelling use fgm, pgd, freelb, smart, r3f, vat or neftune)")
 
 
 def lm_metrics(model: torch.nn.Module, blocks: PackedBlocks, batch_size: int, device: torch.device,

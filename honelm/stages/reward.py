@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from honelm.boosters import StageConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
@@ -55,8 +56,10 @@ def _reward_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageConfig):
     """Train a reward model on preference pairs."""
+
+    verb = "reward"
 
     run: RunConfig = section(RunConfig)
     data: RewardDataConfig = section(RewardDataConfig)

@@ -51,7 +51,7 @@ def load_model(stage: Stage, ctx: RunContext) -> LoadedModel:
     cfg = ctx.cfg
     spec = stage.model_spec(ctx)
     loaded = resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
-                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg, stage.name))
+                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg))
     stage.before_boosters(ctx, loaded)
     ctx.loaded = boosters.apply(loaded, cfg, spec.task, ctx.say)
     return ctx.loaded

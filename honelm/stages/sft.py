@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -56,8 +57,10 @@ def _sft_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(StageConfig):
     """Supervised fine-tuning on conversations (instruction tuning)."""
+
+    verb = "sft"
 
     run: RunConfig = section(RunConfig)
     data: ChatDataConfig = section(ChatDataConfig)
@@ -68,6 +71,7 @@ class SFTConfig:
     adversarial: AdversarialConfig = section(AdversarialConfig)
 
     def validate(self) -> None:
+        super().validate()
         if self.data.max_length < 2:
             raise ConfigError("data.max_length must be at least 2")
         if self.model.arch != "decoder":

@@ -445,14 +445,15 @@ def test_carry_refuses_a_section_that_contradicts_the_adapter(tmp_path):
 
 
 def test_carry_needs_lora_and_an_adapter_and_is_refused_where_the_reference_would_change(tmp_path):
-    from types import SimpleNamespace
+    from honelm import boosters, registry
 
-    from honelm import boosters
+    def stage_cfg(stage: str, **lora: bool) -> object:  # the stage's own config: the check reads its capabilities
+        return registry.config_class(stage)(lora=LoraConfig(**lora))
 
-    assert not boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True)), "classify")
-    assert boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True, carry=True)), "sft")
+    assert not boosters.carries_adapter(stage_cfg("classify", enabled=True))
+    assert boosters.carries_adapter(stage_cfg("sft", enabled=True, carry=True))
     with pytest.raises(ConfigError, match="needs lora.enabled=true"):
-        boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(carry=True)), "classify")
+        boosters.check(stage_cfg("classify", carry=True))
     for stage in ("dpo", "ppo"):
         with pytest.raises(ConfigError, match=f"not available for {stage}"):
-            boosters.carries_adapter(SimpleNamespace(lora=LoraConfig(enabled=True, carry=True)), stage)
+            boosters.check(stage_cfg(stage, enabled=True, carry=True))
