@@ -33,7 +33,7 @@ def _broadcast_str(runtime: Runtime, value: str) -> str:
 
 
 def _any_checkpoint(run_dir: Path) -> bool:
-    """Training checkpoints in the run, or in a sub-run it keeps (plae's teacher in RUN/plae_teacher/)."""
+    """Training checkpoints in the run, or in a sub-run it keeps (a booster's own run, e.g. a teacher in RUN/<name>/)."""
     if list_checkpoints(run_dir / "checkpoints"):
         return True
     return any(list_checkpoints(sub / "checkpoints") for sub in run_dir.iterdir() if sub.is_dir())

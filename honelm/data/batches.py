@@ -44,7 +44,7 @@ class EncodedExamples:
             if types is not None:
                 types[row, :n] = torch.tensor(self.type_ids[i])  # type: ignore[index]
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[torch.tensor(idx)],
-                 "index": torch.tensor(idx)}  # which examples: plae looks up their stored perturbations
+                 "index": torch.tensor(idx)}  # which examples: a booster may look up what it stored per example
         if types is not None:
             batch["token_type_ids"] = types
         return batch

@@ -10,7 +10,7 @@ is done once, by `honelm.stages.runner`, in this order:
     check(cfg) → run directory, tracker → read(ctx) → tokenizer (tokenizer_texts, tokenizer_kind)
     → prepare(ctx) → model_spec(ctx) → model loaded → before_boosters(ctx, loaded) → boosters
     → plan(ctx, loaded) → boosters prepare (a run of their own with the plan, in `ctx.sub_run`, then
-    a fresh model: plae's teacher) → objective wrapped by boosters → fit → finish(ctx, plan, result)
+    a fresh model: a teacher run) → objective wrapped by boosters → fit → finish(ctx, plan, result)
 
 `honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
 `best/`, `encode`s the rows and `score`s them with the prefix "test" (per-example files it returns

@@ -76,9 +76,6 @@ class SFTConfig(StageConfig):
             raise ConfigError("data.max_length must be at least 2")
         if self.model.arch != "decoder":
             raise ConfigError("sft trains a causal LM: model.arch must be decoder")
-        if self.adversarial.method == "plae":
-            raise ConfigError("adversarial.method=plae works with classify only: it retrains on labelled adversarial "
-                              "embeddings (for sft use r3f or neftune, or fgm, pgd, freelb, smart, vat)")
 
 
 def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
