@@ -41,15 +41,16 @@ from typing import Callable, NamedTuple
 # Module (or fnmatch pattern over dotted names) -> layer, low to high. A module may import only
 # from its own layer or a lower one. Place every new module here deliberately.
 LAYERS: dict[str, int] = {
-    "honelm": 0, "honelm.errors": 0, "honelm.config": 0, "honelm.metrics": 0,
+    "honelm": 0, "honelm.errors": 0, "honelm.config": 0, "honelm.metrics": 0, "honelm.html_report": 0,
     "honelm.runtime": 1, "honelm.tracking": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
-    "honelm.models": 1, "honelm.models_*": 1, "honelm.models.*": 1,  # model + adapter loading
+    "honelm.adapters": 1, "honelm.models": 1,  # adapter reading below the model loader that uses it
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,
-    "honelm.checkpoint": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.frozen": 2,
+    "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
+    "honelm.checkpoint": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
-    "honelm.stages": 5, "honelm.stages.*": 5,  # incl. the shared contract/runner inside stages/
-    "honelm.registry": 6, "honelm.runner": 6,
+    "honelm.stages": 5, "honelm.stages.*": 5,  # incl. the shared contract and runner inside stages/
+    "honelm.registry": 6,
     "honelm.protocol": 7, "honelm.protocol.*": 7, "honelm.pipeline": 7,
     "honelm.cli": 8, "honelm.demo": 8, "honelm.__main__": 8,
 }
