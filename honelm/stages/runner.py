@@ -22,8 +22,8 @@ from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, fit
 from honelm.models import LoadedModel
 from honelm.rundir import run_directory, tracker_for
-from honelm.stages.resolve import resolve_model, resolve_tokenizer
 from honelm.stages.contract import Plan, RunContext, Stage
+from honelm.stages.resolve import resolve_model, resolve_tokenizer
 
 
 def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
@@ -41,7 +41,7 @@ def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     cfg = ctx.cfg
     stage.read(ctx)
     ctx.tokenizer = resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
-                                        stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
+                                      stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
     stage.prepare(ctx)
     return load_model(stage, ctx)
 
@@ -51,7 +51,7 @@ def load_model(stage: Stage, ctx: RunContext) -> LoadedModel:
     cfg = ctx.cfg
     spec = stage.model_spec(ctx)
     loaded = resolve_model(cfg.model, spec.task, ctx.tokenizer, cfg.run.seed, ctx.say, num_labels=spec.num_labels,
-                             id2label=spec.id2label, carry=boosters.carries_adapter(cfg))
+                           id2label=spec.id2label, carry=boosters.carries_adapter(cfg))
     stage.before_boosters(ctx, loaded)
     ctx.loaded = boosters.apply(loaded, cfg, spec.task, ctx.say)
     return ctx.loaded
@@ -121,7 +121,7 @@ def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, An
             "best_step": result.best_step, **result.last_eval, **extra, "stop_requested": result.stop_requested}
 
 
-def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train one run of `stage` with `cfg` (or continue `resume`); returns the run's summary."""
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
     ctx = open_run(stage, cfg, resume)
