@@ -11,8 +11,7 @@ This module owns:
   exists on no disk and is saved with the run.
 
 Loading the base itself is `honelm.models`' job (`load_merged`, `load_for_carry` call into here);
-this module sits below it and imports no other honelm model code. peft is imported only when an
-adapter is really merged: runs without LoRA never need it.
+this module sits below it and imports no other honelm model code.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from peft import PeftModel
 from torch import nn
 
 from honelm.errors import HonelmError
@@ -106,8 +106,6 @@ def merge_into(model: nn.Module, adapter_dir: str | Path, base: str) -> nn.Modul
 
     `safe_merge`: a non-finite merged weight is an error. `base` only names the base in errors.
     """
-    from peft import PeftModel  # peft only when an adapter is really merged
-
     try:
         with quiet_peft():
             return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)

@@ -18,12 +18,12 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from peft import PeftModel
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -159,9 +159,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """Whether `model` is a peft PeftModel, without importing peft for runs that never used it."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
+    """Whether `model` is a peft PeftModel (a LoRA run's model)."""
+    return isinstance(model, PeftModel)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

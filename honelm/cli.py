@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from honelm import __version__
 from honelm import config as C
 from honelm import registry
 from honelm.errors import HonelmError
@@ -135,8 +136,6 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         print(usage())
         return 0
     if argv[0] in ("--version", "-V"):
-        from honelm import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

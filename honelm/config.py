@@ -198,99 +198,129 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _parse_literal(raw: Any, choices: tuple[Any, ...], key: str) -> Any:
+    value = raw
+    if isinstance(raw, str) and all(isinstance(c, int) for c in choices):
+        try:
+            value = int(raw)
+        except ValueError:
+            pass
+    if value not in choices:
+        hint = difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        shown = ", ".join(str(c) for c in choices if c != "")  # "" (= the default behaviour) reads as nothing
+        raise ConfigError(f"{key}: {raw!r} is not one of {shown}{extra}")
+    return value
+
+
+def _parse_union(raw: Any, tp: Any, key: str) -> Any:
+    args = get_args(tp)
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args):
+        if type(None) in args:
+            return None
+    if not isinstance(raw, str) and type(raw) in args:
+        return raw  # already one of the types: `int | float` keeps 4 and 4.0 apart (a search range's low)
+    # Try non-str alternatives first so "3" becomes an int for `int | str`.
+    for alt in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+        try:
+            return _parse_scalar(raw, alt, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: {raw!r} is not a valid {type_name(tp)}")
+
+
+def _parse_list(raw: Any, tp: Any, key: str) -> list[Any]:
+    (inner,) = get_args(tp)[:1] or (str,)
+    if isinstance(raw, str):
+        parsed = yaml.safe_load(raw) if raw.strip().startswith("[") else [p for p in raw.split(",") if p != ""]
+    else:
+        parsed = raw
+    if not isinstance(parsed, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {raw!r}")
+    return [_parse_scalar(v, inner, f"{key}[{i}]") for i, v in enumerate(parsed)]
+
+
+def _parse_dict(raw: Any, tp: Any, key: str) -> dict[str, Any]:
+    _, inner = get_args(tp) or (str, Any)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+    return {str(k): _parse_scalar(v, inner, f"{key}.{k}") for k, v in raw.items()}
+
+
+def _parse_bool(raw: Any, key: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(raw, str) and raw.lower() in ("false", "no", "off", "0"):
+        return False
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+
+
+def _parse_int(raw: Any, key: str) -> int:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            try:
+                f = float(raw)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+
+
+def _parse_float(raw: Any, key: str) -> float:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}: expected a number, got {raw!r}")
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    else:
+        raise ConfigError(f"{key}: expected a number, got {raw!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+    return value
+
+
+def _parse_str(raw: Any, key: str) -> str:
+    if isinstance(raw, (dict, list)):
+        raise ConfigError(f"{key}: expected a string, got {raw!r}")
+    return "" if raw is None else str(raw)
+
+
 def _parse_scalar(raw: Any, tp: Any, key: str) -> Any:
     """Convert one value to the annotated type, or raise ConfigError naming the key."""
     origin = get_origin(tp)
     if origin is Literal:
-        choices = get_args(tp)
-        value = raw
-        if isinstance(raw, str) and all(isinstance(c, int) for c in choices):
-            try:
-                value = int(raw)
-            except ValueError:
-                pass
-        if value not in choices:
-            hint = difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1)
-            extra = f"; did you mean '{hint[0]}'?" if hint else ""
-            shown = ", ".join(str(c) for c in choices if c != "")  # "" (= the default behaviour) reads as nothing
-            raise ConfigError(f"{key}: {raw!r} is not one of {shown}{extra}")
-        return value
+        return _parse_literal(raw, get_args(tp), key)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
-        if not isinstance(raw, str) and type(raw) in args:
-            return raw  # already one of the types: `int | float` keeps 4 and 4.0 apart (a search range's low)
-        errors = []
-        # Try non-str alternatives first so "3" becomes an int for `int | str`.
-        for alt in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
-            try:
-                return _parse_scalar(raw, alt, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {raw!r} is not a valid {type_name(tp)}")
+        return _parse_union(raw, tp, key)
     if origin in (list, tuple):
-        (inner,) = get_args(tp)[:1] or (str,)
-        if isinstance(raw, str):
-            parsed = yaml.safe_load(raw) if raw.strip().startswith("[") else [p for p in raw.split(",") if p != ""]
-        else:
-            parsed = raw
-        if not isinstance(parsed, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {raw!r}")
-        return [_parse_scalar(v, inner, f"{key}[{i}]") for i, v in enumerate(parsed)]
+        return _parse_list(raw, tp, key)
     if origin is dict:
-        _, inner = get_args(tp) or (str, Any)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
-        return {str(k): _parse_scalar(v, inner, f"{key}.{k}") for k, v in raw.items()}
+        return _parse_dict(raw, tp, key)
     if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(raw, str) and raw.lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(raw, int) and raw in (0, 1):
-            return bool(raw)
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+        return _parse_bool(raw, key)
     if tp is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        if isinstance(raw, str):
-            try:
-                return int(raw.replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(raw)
-                    if f.is_integer():
-                        return int(f)
-                except ValueError:
-                    pass
-        raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        return _parse_int(raw, key)
     if tp is float:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected a number, got {raw!r}")
-        if isinstance(raw, (int, float)):
-            value = float(raw)
-        elif isinstance(raw, str):
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
-        else:
-            raise ConfigError(f"{key}: expected a number, got {raw!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
-        return value
+        return _parse_float(raw, key)
     if tp is str:
-        if isinstance(raw, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {raw!r}")
-        return "" if raw is None else str(raw)
+        return _parse_str(raw, key)
     if tp is Any:
         return _plain(raw)
     raise ConfigError(f"{key}: unsupported field type {type_name(tp)}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from transformers import GenerationConfig
 
 from honelm.errors import DataError
 
@@ -122,8 +123,6 @@ def neutral_generation_config(model: Any) -> Iterator[None]:
     distribution even though every sampling knob is passed explicitly; the caller's settings must
     be the whole story (and PPO's rollouts must sample from exactly softmax(logits / T)).
     """
-    from transformers import GenerationConfig
-
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = getattr(target, "generation_config", None)
     if saved is None:

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
+import sacrebleu
 import torch
 
 
@@ -171,15 +172,11 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100."""
-    import sacrebleu
-
     return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, exp smoothing), 0-100."""
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 

@@ -52,6 +52,7 @@ import yaml
 
 from honelm import config as C
 from honelm import registry
+from honelm.checkpoint import list_checkpoints
 from honelm.registry import VERBS
 from honelm.errors import ConfigError, HonelmError
 
@@ -299,8 +300,6 @@ def finished_reason(run_dir: Path) -> str | None:
 def run_finished(run_dir: Path) -> bool:
     """Finished: the last `end` event is not `interrupted`, or (the event lost to a crash right after it)
     the newest checkpoint says so."""
-    from honelm.checkpoint import list_checkpoints
-
     if finished_reason(run_dir) is not None:
         return True
     found = list_checkpoints(run_dir / "checkpoints")
@@ -328,8 +327,6 @@ def _marker(pipe: Pipeline, stage: Stage) -> Path:
 
 def decide(pipe: Pipeline, planned: Planned) -> str:
     """done, resume, restart or run; an error when an existing run no longer matches the file."""
-    from honelm.checkpoint import list_checkpoints
-
     stage = planned.stage
     if planned.run_dir is None:  # a command stage
         marker = _marker(pipe, stage)

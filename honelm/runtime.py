@@ -10,9 +10,13 @@ parameters the bf16 casts cost more than AMX saves).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
+import gc
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
 
 
@@ -70,8 +75,6 @@ def setup(threads: int = 0) -> Runtime:
     torch.set_flush_denormal(True)  # returns False where unsupported; then nothing changes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        from accelerate import PartialState
-
         state = PartialState(cpu=not torch.cuda.is_available())
         device = state.device
         return Runtime(device=device, rank=state.process_index, world_size=state.num_processes,
@@ -191,9 +194,6 @@ def preserved_rng() -> Iterator[None]:
 # Peak memory of one run inside a longer process (a search or an ablation runs many in one).
 
 
-_PEAK_WINDOW = "process"  # what peak_memory_mb covers: the whole process until reset_peak_memory runs
-
-
 def release_freed_memory(collect: bool = True) -> bool:
     """Collect garbage (unless `collect=False`: a full collection costs ~0.1-0.2 s in a process
     with transformers loaded), then ask glibc to return the free pages of its heap (`malloc_trim(0)`).
@@ -203,10 +203,6 @@ def release_freed_memory(collect: bool = True) -> bool:
     only glibc has it (musl, macOS and Windows do not, and their allocators behave differently),
     so its absence is expected and not an error.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-
     if collect:
         gc.collect()
     if not sys.platform.startswith("linux"):
@@ -222,48 +218,67 @@ def release_freed_memory(collect: bool = True) -> bool:
     return True
 
 
-def reset_peak_memory() -> str:
-    """Start a fresh peak-memory window for the run about to start; returns how it will be measured.
+class PeakMemory:
+    """The process's resident-memory high-water mark, and what it covers since it was last reset.
 
-    Called once per run by whoever starts it (the CLI for each verb, the search for each trial),
-    never inside fit(): benchmarks call fit() directly and compare whole-process peaks with other
-    trainers. Linux: writing 5 to /proc/self/clear_refs resets the resident high-water mark
-    (VmHWM), so a run's peak does not include an earlier trial in the same process. Elsewhere the
-    process-lifetime peak (ru_maxrss) is all there is, and is labelled so. CUDA: the allocator's
-    peak counter is reset too.
-
-    Before the reset, memory the earlier runs freed is handed back to the operating system
-    (`release_freed_memory`): otherwise a long in-process search or ablation carries every earlier
-    run's retained heap, and each run's "peak" starts from there.
+    The mark itself is the kernel's (VmHWM), one per process; this object only remembers whether
+    `reset` managed to restart it, so that `read` can label its number honestly ("run": since the
+    last reset; "process": since the process started). The label is reported, never branched on.
     """
-    global _PEAK_WINDOW
-    release_freed_memory()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        _PEAK_WINDOW = "run"
-    except OSError:
-        _PEAK_WINDOW = "process"
-    return _PEAK_WINDOW
+
+    def __init__(self) -> None:
+        self.window = "process"  # until a reset succeeds, the peak is the whole process's
+
+    def reset(self) -> str:
+        """Start a fresh window for the run about to start; returns how it will be measured.
+
+        Linux: writing 5 to /proc/self/clear_refs resets the resident high-water mark (VmHWM), so a
+        run's peak does not include an earlier trial in the same process. Elsewhere the
+        process-lifetime peak (ru_maxrss) is all there is, and is labelled so. CUDA: the
+        allocator's peak counter is reset too. Before the reset, memory the earlier runs freed is
+        handed back to the operating system (`release_freed_memory`): otherwise a long in-process
+        search or ablation carries every earlier run's retained heap, and each run's "peak" starts
+        from there.
+        """
+        release_freed_memory()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self.window = "run"
+        except OSError:
+            self.window = "process"
+        return self.window
+
+    def read(self, device: torch.device) -> dict[str, Any]:
+        """Peak resident memory (MiB) in the current window (`peak_memory_window`: run or process),
+        plus the CUDA allocator's peak on a GPU."""
+        out: dict[str, Any] = {"peak_memory_window": self.window}
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            out["peak_rss_mb"] = round(maxrss / (2**20 if sys.platform == "darwin" else 1024), 1)
+        if device.type == "cuda":
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return out
+
+
+# One per process, as the kernel's high-water mark it describes is.
+PROCESS_PEAK = PeakMemory()
+
+
+def reset_peak_memory() -> str:
+    """`PROCESS_PEAK.reset()`: called once per run by whoever starts it (the runner for each stage
+    run, so each trial of a search), never inside fit(): benchmarks call fit() directly and compare
+    whole-process peaks with other trainers."""
+    return PROCESS_PEAK.reset()
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, Any]:
-    """Peak resident memory (MiB) since `reset_peak_memory` (`peak_memory_window`: run or process), plus
-    the CUDA allocator's peak on a GPU."""
-    out: dict[str, Any] = {"peak_memory_window": _PEAK_WINDOW}
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        import resource
-        import sys
-
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        out["peak_rss_mb"] = round(maxrss / (2**20 if sys.platform == "darwin" else 1024), 1)
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
+    """`PROCESS_PEAK.read(device)`: the peak since `reset_peak_memory` (or the process's)."""
+    return PROCESS_PEAK.read(device)

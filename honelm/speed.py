@@ -47,6 +47,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from honelm import runtime as rt
@@ -191,16 +192,12 @@ class FrozenBf16:
 # ----------------------------------------------------------------------------------------------
 # LoRA branches under autocast
 
-# peft's plain LoRA layer, named rather than imported: peft is imported only by runs that use LoRA,
-# and the exact class (not its quantised subclasses, which live in other modules) is what qualifies
-_PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
-
 
 def _plain_lora_linears(model: nn.Module) -> list[nn.Module]:
     """peft LoRA `Linear` layers (exactly, not quantised subclasses) whose every adapter is vanilla
     LoRA with no dropout: their branch is lora_B(lora_A(x)) * scaling and nothing else reads x."""
     return [m for m in model.modules()
-            if (type(m).__module__, type(m).__qualname__) == _PEFT_LORA_LINEAR
+            if type(m) is LoraLinear  # exactly: not its quantised subclasses
             and hasattr(m, "cast_input_dtype_enabled") and not m.lora_variant
             and all(isinstance(d, nn.Identity) for d in m.lora_dropout.values())]
 

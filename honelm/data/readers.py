@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from honelm.errors import DataError
 
 __all__ = [
@@ -657,8 +659,6 @@ def _convert_csv_labels(
 
 
 def _read_parquet(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
-    import pyarrow.parquet as pq  # heavy import, only when a parquet file is read
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for corrupt files
@@ -787,8 +787,6 @@ def _rows_of(path: Path) -> Iterator[Row]:
         for line, row in _iter_json_rows(path, text):
             yield _checked_row(path, line, row)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several unrelated types for corrupt files

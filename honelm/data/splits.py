@@ -121,8 +121,30 @@ _UNLOCK_REASON: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "honelm_test_split_unlock", default=None
 )
 _FORBID_REASON: contextvars.ContextVar[str | None] = contextvars.ContextVar("honelm_test_split_forbid", default=None)
-_ACCESS_LOCK = threading.Lock()
-_TEST_ACCESSES = 0
+
+
+class _AccessLog:
+    """How many times the test split has been read in this process: an audit record, never a switch.
+
+    `Splits.test` records each successful read; `test_access_count` reports the total, so a test
+    can prove that nothing but `honelm test` looked (reads from any thread, any run in the
+    process, count alike: hence one record for the process, and a lock).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def record(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+_TEST_READS = _AccessLog()
 
 
 @contextmanager
@@ -163,7 +185,7 @@ def forbid_test_split(reason: str) -> Iterator[None]:
 
 def test_access_count() -> int:
     """How many times `Splits.test` was read successfully in this process."""
-    return _TEST_ACCESSES
+    return _TEST_READS.count
 
 
 # The name starts with "test", so pytest would collect it when a test module imports it.
@@ -196,7 +218,6 @@ class Splits:
         labels must all appear in train (DataError otherwise), and its texts must match the
         ones leak-checked when the splits were made.
         """
-        global _TEST_ACCESSES
         if _UNLOCK_REASON.get() is None:
             raise TestSplitAccessError(
                 "the test split is locked: only `honelm test` reads it (inside "
@@ -216,8 +237,7 @@ class Splits:
                     )
             check_labels_seen(self.train, loaded, "test")
             self._test_examples = loaded
-        with _ACCESS_LOCK:
-            _TEST_ACCESSES += 1
+        _TEST_READS.record()
         return list(self._test_examples)
 
 
@@ -744,6 +764,125 @@ def _check_items(rows: Sequence[Any], what: str) -> None:
             raise TypeError(f"{what} must hold Example or Document rows, got {type(row).__name__}")
 
 
+def _check_arguments(examples: Sequence[Item], val: Sequence[Item] | None, load_test: Callable[[], list[Item]] | None,
+                     test_texts: Sequence[str] | None, near_dup_threshold: float) -> None:
+    """The argument errors of `make_splits`, in the order it reports them."""
+    _check_items(examples, "examples")
+    if not examples:
+        raise HonelmError("make_splits needs at least one example")
+    if val is not None:
+        _check_items(val, "val")
+    if not 0.0 < near_dup_threshold <= 1.0:
+        raise ConfigError(f"near_dup_threshold must be in (0, 1], got {near_dup_threshold}")
+    if test_texts is not None and load_test is None:
+        raise ValueError("test_texts_for_leak_check is only meaningful with load_test")
+
+
+def _ratio_weights(r: tuple[float, float, float], supplied: dict[str, bool]) -> tuple[list[str], list[float]]:
+    """The splits cut by ratio (those not supplied) and their weights, normalised to sum to 1.
+
+    A 0 ratio with nothing supplied is allowed: that split is simply empty (e.g. "9:1:0" for a
+    pre-training corpus with no test share; `honelm test` then says there is nothing to test).
+    """
+    active = [name for name in SPLIT_NAMES if not supplied.get(name, False)]
+    weights = [r[SPLIT_NAMES.index(name)] for name in active]
+    return active, [w / sum(weights) for w in weights]
+
+
+def _is_classification(rows: Sequence[Item]) -> bool:
+    """Class labels (str/int) and no float (regression) label: the rows can be stratified."""
+    labels = [getattr(e, "label", None) for e in rows]
+    return any(_is_class_label(lbl) for lbl in labels) and not any(isinstance(lbl, float) for lbl in labels)
+
+
+def _test_identity(load_test: Callable[[], list[Item]] | None,
+                   test_path: str | Path | Sequence[str | Path] | None) -> tuple[str, str | None]:
+    """Where the test split comes from ("ratio", "user" or the file path(s)) and the file's sha256."""
+    if load_test is None:
+        return "ratio", None
+    if test_path is None:
+        return "user", None
+    source = str(test_path) if isinstance(test_path, (str, Path)) else ",".join(str(p) for p in test_path)
+    return source, _file_sha256(test_path)
+
+
+def _duplicates(uni: _Universe, threshold: float, leak_checked: bool) -> tuple[dict[str, Any], set[int]]:
+    """The manifest's `duplicates` record of cross-split exact and near duplicates, and the train
+    rows involved in either (what `dedup` removes)."""
+    exact_count, exact_pairs, exact_train, within, exact_by_pair = _exact_duplicates(uni)
+    near_count, near_pairs, near_train, near_complete, near_by_pair = _near_duplicates(uni, threshold)
+    if not near_complete:
+        warnings.warn(
+            "near-duplicate search stopped early: too many similar texts (templated data?); "
+            "the manifest records it as incomplete",
+            stacklevel=3,  # the caller of make_splits
+        )
+    record = {
+        "exact": {"count": exact_count, "by_split_pair": exact_by_pair, "pairs": exact_pairs, "within_split": within},
+        "near": {
+            "count": near_count,
+            "by_split_pair": near_by_pair,
+            "threshold": threshold,
+            "pairs": near_pairs,
+            "complete": near_complete,
+        },
+        "test_leak_checked": leak_checked,
+    }
+    return record, exact_train | near_train
+
+
+def _drop_from_train(train: list[Item], drop: set[int]) -> tuple[list[Item], list[dict[str, Any]]]:
+    """`train` without the rows at the indices `drop`, and where each removed row came from."""
+    removed = [{"source": ex.source, "line": ex.line} for i, ex in enumerate(train) if i in drop]
+    kept = [ex for i, ex in enumerate(train) if i not in drop]
+    if not kept:
+        raise HonelmError("dedup removed every train example: train duplicates val/test")
+    return kept, removed
+
+
+def _check_labels(train: list[Item], val: list[Item], test: list[Item] | None, removed: int) -> None:
+    """Every val (and ratio test) label appears in train; the error says when dedup made it so."""
+    try:
+        check_labels_seen(train, val, "val")
+        if test is not None:
+            check_labels_seen(train, test, "test")
+    except DataError as e:
+        if removed:
+            raise DataError(e.path, e.line, e.field, f"{e.message} (after dedup removed {removed} train rows)") from None
+        raise
+
+
+@dataclass
+class _SplitRecord:
+    """Per split: sorted example hashes, the split hash and the label histogram; the test count and,
+    for a user test file, the hash of the texts that were leak-checked."""
+
+    example_hashes: dict[str, list[str]]
+    split_hashes: dict[str, str | None]
+    histogram: dict[str, dict[str, int]]
+    test_count: int | None
+    test_texts_hash: str | None
+
+
+def _split_record(train: list[Item], val: list[Item], test: list[Item] | None, test_texts: Sequence[str] | None,
+                  test_sha: str | None, known: dict[int, str]) -> _SplitRecord:
+    hashes = {name: [known[id(e)] for e in rows] for name, rows in (("train", train), ("val", val))}
+    example_hashes = {name: sorted(hs) for name, hs in hashes.items()}
+    split_hashes: dict[str, str | None] = {name: _split_hash(hs) for name, hs in hashes.items()}
+    histogram = {"train": _histogram(train), "val": _histogram(val)}
+    if test is not None:
+        test_hashes = [known[id(e)] for e in test]
+        example_hashes["test"] = sorted(test_hashes)
+        split_hashes["test"] = _split_hash(test_hashes)
+        histogram["test"] = _histogram(test)
+        return _SplitRecord(example_hashes, split_hashes, histogram, len(test), None)
+    texts_hash = _split_hash([_sha256(t) for t in test_texts]) if test_texts is not None else None
+    # The file's own hash identifies a user test split; its rows are not listed here.
+    split_hashes["test"] = test_sha if test_sha is not None else texts_hash
+    return _SplitRecord(example_hashes, split_hashes, histogram, len(test_texts) if test_texts is not None else None,
+                        texts_hash)
+
+
 def make_splits(
     examples: Sequence[Item],
     ratios: str | Sequence[float] = (0.8, 0.1, 0.1),
@@ -777,28 +916,10 @@ def make_splits(
     removed (never val/test rows). Labels in val (and ratio test) must appear in train
     (DataError); a user test file is checked when it is loaded.
     """
-    _check_items(examples, "examples")
-    if not examples:
-        raise HonelmError("make_splits needs at least one example")
-    if val is not None:
-        _check_items(val, "val")
-    if not 0.0 < near_dup_threshold <= 1.0:
-        raise ConfigError(f"near_dup_threshold must be in (0, 1], got {near_dup_threshold}")
-    if test_texts_for_leak_check is not None and load_test is None:
-        raise ValueError("test_texts_for_leak_check is only meaningful with load_test")
+    _check_arguments(examples, val, load_test, test_texts_for_leak_check, near_dup_threshold)
     r = parse_ratios(ratios)
-    supplied = {"val": val is not None, "test": load_test is not None}
-    # A 0 ratio with nothing supplied is allowed: that split is simply empty (e.g. "9:1:0" for a
-    # pre-training corpus with no test share; `honelm test` then says there is nothing to test).
-    active = [name for name in SPLIT_NAMES if not supplied.get(name, False)]
-    weights = [r[SPLIT_NAMES.index(name)] for name in active]
-    weights = [w / sum(weights) for w in weights]
-
-    labels = [getattr(e, "label", None) for e in examples]
-    classification = any(_is_class_label(lbl) for lbl in labels) and not any(
-        isinstance(lbl, float) for lbl in labels
-    )
-    stratified = bool(stratify and classification)
+    active, weights = _ratio_weights(r, {"val": val is not None, "test": load_test is not None})
+    stratified = bool(stratify and _is_classification(examples))
     # Hash every row once; later steps look hashes up by object identity.
     known: dict[int, str] = {id(e): content_hash(e) for e in examples}
     if val is not None:
@@ -810,99 +931,34 @@ def make_splits(
     train = assigned["train"]
     val_rows = list(val) if val is not None else assigned["val"]
     test_rows: list[Item] | None = None if load_test is not None else assigned["test"]
-
-    test_source = "ratio"
-    test_sha: str | None = None
-    if load_test is not None:
-        if test_path is None:
-            test_source = "user"
-        elif isinstance(test_path, (str, Path)):
-            test_source = str(test_path)
-        else:
-            test_source = ",".join(str(p) for p in test_path)
-        if test_path is not None:
-            test_sha = _file_sha256(test_path)
+    test_source, test_sha = _test_identity(load_test, test_path)
 
     uni = _universe(train, val_rows, test_rows, test_texts_for_leak_check, test_source, known)
-    exact_count, exact_pairs, exact_train, within, exact_by_pair = _exact_duplicates(uni)
-    near_count, near_pairs, near_train, near_complete, near_by_pair = _near_duplicates(uni, near_dup_threshold)
-    if not near_complete:
-        warnings.warn(
-            "near-duplicate search stopped early: too many similar texts (templated data?); "
-            "the manifest records it as incomplete",
-            stacklevel=2,
-        )
-
+    leak_checked = test_rows is not None or test_texts_for_leak_check is not None
+    duplicates, duplicated_train = _duplicates(uni, near_dup_threshold, leak_checked)
     removed: list[dict[str, Any]] = []
     if dedup:
-        drop = exact_train | near_train
-        removed = [{"source": ex.source, "line": ex.line} for i, ex in enumerate(train) if i in drop]
-        train = [ex for i, ex in enumerate(train) if i not in drop]
-        if not train:
-            raise HonelmError("dedup removed every train example: train duplicates val/test")
-    try:
-        check_labels_seen(train, val_rows, "val")
-        if test_rows is not None:
-            check_labels_seen(train, test_rows, "test")
-    except DataError as e:
-        if removed:
-            raise DataError(
-                e.path, e.line, e.field, f"{e.message} (after dedup removed {len(removed)} train rows)"
-            ) from None
-        raise
+        train, removed = _drop_from_train(train, duplicated_train)
+    _check_labels(train, val_rows, test_rows, len(removed))
 
-    hashes = {name: [known[id(e)] for e in rows] for name, rows in (("train", train), ("val", val_rows))}
-    example_hashes = {name: sorted(hs) for name, hs in hashes.items()}
-    split_hashes: dict[str, str | None] = {name: _split_hash(hs) for name, hs in hashes.items()}
-    histogram = {"train": _histogram(train), "val": _histogram(val_rows)}
-    test_texts_hash: str | None = None
-    if test_rows is not None:
-        test_hashes = [known[id(e)] for e in test_rows]
-        example_hashes["test"] = sorted(test_hashes)
-        split_hashes["test"] = _split_hash(test_hashes)
-        histogram["test"] = _histogram(test_rows)
-        test_count: int | None = len(test_rows)
-    else:
-        if test_texts_for_leak_check is not None:
-            test_texts_hash = _split_hash([_sha256(t) for t in test_texts_for_leak_check])
-        # The file's own hash identifies a user test split; its rows are not listed here.
-        split_hashes["test"] = test_sha if test_sha is not None else test_texts_hash
-        test_count = len(test_texts_for_leak_check) if test_texts_for_leak_check is not None else None
-
+    record = _split_record(train, val_rows, test_rows, test_texts_for_leak_check, test_sha, known)
     manifest: dict[str, Any] = {
         "seed": seed,
         "ratios": list(r),
         "ratio_splits": active,
         "stratified": stratified,
-        "counts": {"train": len(train), "val": len(val_rows), "test": test_count},
-        "label_histogram": histogram,
-        "hashes": split_hashes,
-        "example_hashes": example_hashes,
-        "duplicates": {
-            "exact": {"count": exact_count, "by_split_pair": exact_by_pair, "pairs": exact_pairs,
-                      "within_split": within},
-            "near": {
-                "count": near_count,
-                "by_split_pair": near_by_pair,
-                "threshold": near_dup_threshold,
-                "pairs": near_pairs,
-                "complete": near_complete,
-            },
-            "test_leak_checked": test_rows is not None or test_texts_for_leak_check is not None,
-        },
+        "counts": {"train": len(train), "val": len(val_rows), "test": record.test_count},
+        "label_histogram": record.histogram,
+        "hashes": record.split_hashes,
+        "example_hashes": record.example_hashes,
+        "duplicates": duplicates,
         "dedup": {"enabled": dedup, "removed_from_train": len(removed), "removed": removed},
         "test_source": test_source,
     }
     if load_test is not None:
         manifest["test_file_sha256"] = test_sha
-    return Splits(
-        train=train,
-        val=val_rows,
-        manifest=manifest,
-        _test_examples=test_rows,
-        _load_test=load_test,
-        _test_texts_hash=test_texts_hash,
-    )
+    return Splits(train=train, val=val_rows, manifest=manifest, _test_examples=test_rows, _load_test=load_test,
+                  _test_texts_hash=record.test_texts_hash)
 
 
 def verify_manifest(splits_manifest: dict[str, Any], recomputed: dict[str, Any]) -> None:

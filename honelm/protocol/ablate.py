@@ -59,13 +59,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
 from honelm import config as C
 from honelm import registry
 from honelm.errors import ConfigError, HonelmError
-from honelm.pipeline import Pipeline, PipelineStageConfig, Stage, _flatten, has_run_dir, plan
-from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
+from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
+                             has_run_dir, plan, resolve)
+from honelm.predictions import TEST_FILE, read_records
+from honelm.protocol import search as S
 from honelm.protocol import stats
+from honelm.protocol.test import run_test
+from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
 
 BASELINE = "baseline"
 ABLATION_FILE = "ablation.json"  # marks an ablation directory
@@ -283,8 +290,6 @@ def _stages(spec: AblationSpec, variant: Variant, items: list[AblateStageConfig]
 
 def _planned_identity(pipe: Any) -> str:
     """A short hash of the cell's planned configs, kept in cell.json as a record of what ran."""
-    from honelm.pipeline import plan
-
     configs = []
     for planned in plan(pipe):
         configs.append(C.to_dict(planned.config) if planned.config is not None else planned.argv)
@@ -297,8 +302,6 @@ def _cell_differences(pipes: list[Any], record: dict[str, Any]) -> list[str]:
     differs, and `stage: command` for a command stage whose arguments changed. A config field added
     to honelm after the cell ran takes its default and is no difference, so finished hours of work
     survive an upgrade; a changed default is one."""
-    from honelm.pipeline import config_differences, plan
-
     diffs: list[str] = []
     commands = record.get("commands", {})
     for pipe in pipes:
@@ -315,8 +318,6 @@ def _cell_differences(pipes: list[Any], record: dict[str, Any]) -> list[str]:
 
 
 def _commands(pipes: list[Any]) -> dict[str, list[str]]:
-    from honelm.pipeline import plan
-
     return {p.stage.name: p.argv for pipe in pipes for p in plan(pipe) if p.run_dir is None}
 
 
@@ -337,8 +338,6 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
     """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`),
     read by honelm.predictions' strict reader (file:line errors, split order checked)."""
-    from honelm.predictions import TEST_FILE, read_records
-
     path = run_dir / TEST_FILE
     if not path.is_file():
         raise HonelmError(f"{run_dir}: no {TEST_FILE}: `honelm ablate` compares classification or "
@@ -352,9 +351,6 @@ def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
 
 def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Train (or continue) the cell's pipeline, test its last stage once, record cell.json."""
-    from honelm.pipeline import execute
-    from honelm.protocol.test import run_test
-
     pipe = cell_pipeline(spec, variant, seed, extra)
     common = shared_pipeline(spec, variant)
     ident = _planned_identity(pipe) + (_planned_identity(common) if common.stages else "")
@@ -406,9 +402,6 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
 
 def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
     """The variant's search (same space and budget for every variant) on the first seed; returns best params."""
-    from honelm.pipeline import _as_override, execute, resolve
-    from honelm.protocol import search as S
-
     seed = spec.seeds[0]
     full = cell_pipeline(spec, variant, seed)
     common = shared_pipeline(spec, variant)
@@ -480,8 +473,6 @@ def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> lis
 
 
 def _arr(values: list[Any]) -> Any:
-    import numpy as np
-
     return np.asarray(values)
 
 
@@ -513,11 +504,7 @@ def _json_default(value: Any) -> Any:
 
 def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) -> None:
     """Left: each variant's metric per seed and mean; right: difference from baseline with its interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # no window, whatever backend the process had
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{len(spec.seeds)})"
              for r in rows]

@@ -244,27 +244,11 @@ def _test_lines(data: RunData) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write `RUN/report.md`, its self-contained twin `RUN/report.html` and `RUN/plots/*.png`; return the md path.
-
-    Plots with no data are not written (and a stale copy from an earlier report is removed, so
-    the directory never shows a plot the report does not describe). The HTML sits beside the
-    markdown: `report_path.with_suffix(".html")`.
-    """
-    data = load_run(run_dir)
-    root = data.run_dir
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
-
-    train_loss = series(data.events, "train", "loss")
-    lr = series(data.events, "train", "lr")
-    val_loss = series(data.events, "eval", "val_loss")
-    val_metrics = {name: series(data.events, "eval", name) for name in val_metric_names(data.events)}
-    n_evals = len({event_step(e) for e in data.of("eval")})
-    best = find_best(data)
-    overfit = find_overfit(val_loss, train_loss)
-
+def _draw_curves(plots: Path, data: RunData, train_loss: list[tuple[int, float]], val_loss: list[tuple[int, float]],
+                 val_metrics: dict[str, list[tuple[int, float]]], best: Best | None, overfit: Overfit | None) -> set[str]:
+    """The loss, learning-rate and validation-metric plots that have data; returns the names written."""
     written: set[str] = set()
+    lr = series(data.events, "train", "lr")
     if train_loss or val_loss:
         plot_loss(plots / "loss.png", train_loss, val_loss, best.step if best else None, overfit)
         written.add("loss.png")
@@ -274,15 +258,13 @@ def write_report(run_dir: str | Path) -> Path:
     if val_metrics:
         plot_val_metrics(plots / "val_metrics.png", val_metrics)
         written.add("val_metrics.png")
-    sections = stage_sections()
-    built = {s: s.build(data, plots, written) for s in sections}  # each adds its plots to `written`
-    for name in PLOT_NAMES + tuple(n for s in sections for n in s.plots):
-        if name not in written:
-            (plots / name).unlink(missing_ok=True)
+    return written
 
+
+def _title_lines(data: RunData) -> list[str]:
+    """The title and the warnings about what could not be read."""
     stage = _stage(data.config)
-    title = f"# Run report: {root.name}" + (f" (stage: {stage})" if stage else "")
-    lines: list[str] = [title, ""]
+    lines = [f"# Run report: {data.run_dir.name}" + (f" (stage: {stage})" if stage else ""), ""]
     if data.config_error:
         lines += [f"> {data.config_error}", ""]
     if not data.events:
@@ -290,15 +272,17 @@ def write_report(run_dir: str | Path) -> Path:
     if data.bad_metric_lines:
         bad = data.bad_metric_lines
         lines += [f"> Skipped {len(bad)} unreadable line(s) in metrics.jsonl: {bad[:20]}.", ""]
+    return lines
 
-    lines += _summary(data, best, train_loss, n_evals)
 
-    lines += ["## Training curves", ""]
+def _curve_lines(written: set[str], overfit: Overfit | None, n_val_loss: int,
+                 val_metrics: dict[str, list[tuple[int, float]]]) -> list[str]:
+    lines = ["## Training curves", ""]
     if "loss.png" in written:
         lines += ["![loss](plots/loss.png)", ""]
     else:
         lines += ["No loss values logged.", ""]
-    lines += _overfit_lines(overfit, len(val_loss))
+    lines += _overfit_lines(overfit, n_val_loss)
     if "lr.png" in written:
         lines += ["![learning rate](plots/lr.png)", ""]
     if "val_metrics.png" in written:
@@ -306,26 +290,55 @@ def write_report(run_dir: str | Path) -> Path:
         last_eval = {name: pts[-1] for name, pts in val_metrics.items()}
         rows = [[name, fmt(v), s] for name, (s, v) in last_eval.items()]
         lines += ["Last value of each validation metric:", "", *table(["metric", "value", "step"], rows), ""]
+    return lines
 
-    lines += [line for s in sections if s.place == "curves" for line in built[s]]
 
+def _note_lines(data: RunData) -> list[str]:
     infos = [e for e in data.of("info") if e.get("message")]
-    if infos:
-        lines += ["## Notes from the run", ""]
-        lines += [f"- step {fmt(event_step(e))}: {str(e['message']).strip()}" for e in infos]
-        lines.append("")
+    if not infos:
+        return []
+    return ["## Notes from the run", "",
+            *(f"- step {fmt(event_step(e))}: {str(e['message']).strip()}" for e in infos), ""]
 
-    lines += _manifest_lines(data)
-    lines += _test_lines(data)
-    lines += [line for s in sections if s.place == "results" for line in built[s]]
 
-    lines += ["## Config", ""]
-    if data.config_text is not None:
-        lines += [*fenced(data.config_text, "yaml"), ""]
-    else:
-        lines += ["No `config.yaml` in this run.", ""]
+def _config_lines(data: RunData) -> list[str]:
+    if data.config_text is None:
+        return ["## Config", "", "No `config.yaml` in this run.", ""]
+    return ["## Config", "", *fenced(data.config_text, "yaml"), ""]
 
-    report = root / "report.md"
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `RUN/report.md`, its self-contained twin `RUN/report.html` and `RUN/plots/*.png`; return the md path.
+
+    Plots with no data are not written (and a stale copy from an earlier report is removed, so
+    the directory never shows a plot the report does not describe). The HTML sits beside the
+    markdown: `report_path.with_suffix(".html")`.
+    """
+    data = load_run(run_dir)
+    plots = data.run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+
+    train_loss = series(data.events, "train", "loss")
+    val_loss = series(data.events, "eval", "val_loss")
+    val_metrics = {name: series(data.events, "eval", name) for name in val_metric_names(data.events)}
+    n_evals = len({event_step(e) for e in data.of("eval")})
+    best = find_best(data)
+    overfit = find_overfit(val_loss, train_loss)
+
+    written = _draw_curves(plots, data, train_loss, val_loss, val_metrics, best, overfit)
+    sections = stage_sections()
+    built = {s: s.build(data, plots, written) for s in sections}  # each adds its plots to `written`
+    for name in PLOT_NAMES + tuple(n for s in sections for n in s.plots):
+        if name not in written:
+            (plots / name).unlink(missing_ok=True)
+
+    lines = [*_title_lines(data), *_summary(data, best, train_loss, n_evals),
+             *_curve_lines(written, overfit, len(val_loss), val_metrics),
+             *(line for s in sections if s.place == "curves" for line in built[s]),
+             *_note_lines(data), *_manifest_lines(data), *_test_lines(data),
+             *(line for s in sections if s.place == "results" for line in built[s]),
+             *_config_lines(data)]
+    report = data.run_dir / "report.md"
     report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     write_html(report)
     return report

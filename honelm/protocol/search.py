@@ -54,16 +54,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+import optuna
+from sqlalchemy.engine import make_url  # optuna's RDB storage depends on sqlalchemy
 
 from honelm import config as C
 from honelm import registry
+from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError, TrainingError
+from honelm.loop import Callback, TrainState, metric_is_min
+from honelm.pipeline import _as_override, _flatten
 from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
-if TYPE_CHECKING:  # the loop imports torch; `honelm report SEARCH` reads this module without it
-    from honelm.loop import Callback
 SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
 
 
@@ -127,8 +132,6 @@ class SearchSpec:
 
     @property
     def minimize(self) -> bool:
-        from honelm.loop import metric_is_min
-
         return self.direction == "minimize" if self.direction else metric_is_min(self.metric, "auto")
 
     def identity(self) -> str:
@@ -248,8 +251,6 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, setting
               ) -> SearchSpec:
     """Read and check a search file; `overrides` are the command line's options (n_trials, timeout,
     storage, out_dir), `settings` its extra `key=value` fixed settings."""
-    from honelm.pipeline import _flatten
-
     p = Path(path)
     raw = C.read_yaml(p, "search file", C.LineLoader)
     if settings and isinstance(raw, dict):
@@ -259,8 +260,6 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, setting
 
 def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
     """A SearchSpec from a parsed mapping (a search file, or an ablation's `search` section)."""
-    from honelm.pipeline import _flatten
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a search file is a mapping with verb, out_dir, metric and space")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -283,8 +282,6 @@ def config_class(verb: str) -> type:
 
 def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> list[str]:
     """The `key=value` overrides of one trial: fixed settings, sampled values, where it runs, what it keeps."""
-    from honelm.pipeline import _as_override
-
     out = [f"{k}={_as_override(v)}" for k, v in spec.settings.items()]
     out += [f"{k}={_as_override(v)}" for k, v in params.items()]
     out += [f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", "run.overwrite=true",
@@ -331,16 +328,14 @@ def check_spec(spec: SearchSpec) -> None:
 # the study
 
 
-def _optuna() -> Any:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
+def _quiet_optuna() -> None:
+    """Before a search: Optuna logs warnings only (we print our own one line per trial), and its
+    experimental-feature warnings (the heartbeat retry, the matplotlib plots) are not shown."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
 
 
 def make_sampler(spec: SearchSpec) -> Any:
-    optuna = _optuna()
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler({p.key: p.grid_values() for p in spec.space}, seed=spec.seed)
     if spec.sampler == "random":
@@ -349,7 +344,6 @@ def make_sampler(spec: SearchSpec) -> Any:
 
 
 def make_pruner(spec: SearchSpec) -> Any:
-    optuna = _optuna()
     if spec.pruner == "median":  # no pruning until a few trials have finished: their medians are the bar
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if spec.pruner == "halving":
@@ -358,7 +352,6 @@ def make_pruner(spec: SearchSpec) -> Any:
 
 
 def storage_for(spec: SearchSpec) -> Any:
-    optuna = _optuna()
     if spec.storage:  # shared: several processes/machines; stale trials found by heartbeat and retried
         if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9 renamed the hook
             retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
@@ -403,7 +396,6 @@ class _Lock:
 def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
     """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive) or
     failed by an interrupt: mark them failed and try their parameters again first. Returns how many."""
-    optuna = _optuna()
     TS = optuna.trial.TrialState
     retried_path = spec.out_dir / "retried.json"
     retried = set(json.loads(retried_path.read_text())) if retried_path.is_file() else set()
@@ -423,7 +415,7 @@ def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
 
 
 def _finished(study: Any) -> int:
-    TS = _optuna().trial.TrialState
+    TS = optuna.trial.TrialState
     return sum(t.state in (TS.COMPLETE, TS.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
@@ -437,9 +429,9 @@ def _best_value(run_dir: Path) -> float | None:
 
 def _open_study(spec: SearchSpec, storage: Any) -> Any:
     """The spec's Optuna study, created or loaded; one started with another verb, config or space is refused."""
-    study = _optuna().create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
-                                   study_name=spec.study, direction="minimize" if spec.minimize else "maximize",
-                                   load_if_exists=True)
+    study = optuna.create_study(storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec),
+                                study_name=spec.study, direction="minimize" if spec.minimize else "maximize",
+                                load_if_exists=True)
     ident = study.user_attrs.get("identity")
     if ident is None:
         study.set_user_attr("identity", spec.identity())
@@ -452,26 +444,23 @@ def _open_study(spec: SearchSpec, storage: Any) -> Any:
     return study
 
 
-def _pruner(trial: Any, metric: str) -> Callback:
+class _Pruner(Callback):
     """The trial's run reports `metric` at every validation to Optuna, which may stop it there ("pruned")."""
-    from honelm.loop import Callback, TrainState  # torch only once a search really trains
 
-    class Pruner(Callback):
-        def after_eval(self, state: TrainState, metrics: dict[str, float]) -> str | None:
-            if metric not in metrics:
-                return None
-            trial.report(float(metrics[metric]), state.step)
-            return "pruned" if trial.should_prune() else None
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric = trial, metric
 
-    return Pruner()
+    def after_eval(self, state: TrainState, metrics: dict[str, float]) -> str | None:
+        if self.metric not in metrics:
+            return None
+        self.trial.report(float(metrics[self.metric]), state.step)
+        return "pruned" if self.trial.should_prune() else None
 
 
 def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run (or continue) the study until n_trials trials are finished or the timeout passes; returns best.json
     (+ `"stop_requested": True` if a stop came as a trial finished). `callbacks` reach every trial's run."""
-    from honelm.data.splits import forbid_test_split
-
-    optuna = _optuna()
+    _quiet_optuna()
     stopped = False  # a stop that came as a trial finished: that trial counts, no other starts
     trials_dir = spec.out_dir / "trials"
     spec.out_dir.mkdir(parents=True, exist_ok=True)  # with --storage URL nothing else creates it before the marker
@@ -497,7 +486,7 @@ def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str
 
             started = time.time()
             try:
-                result = registry.run_verb(spec.verb, cfg, callbacks=[*callbacks, _pruner(trial, spec.metric)])
+                result = registry.run_verb(spec.verb, cfg, callbacks=[*callbacks, _Pruner(trial, spec.metric)])
             except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
                 trial.set_user_attr("error", str(e)[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -549,7 +538,7 @@ def _short(value: Any) -> str:
 
 
 def _log_trial(spec: SearchSpec, study: Any, t: Any) -> None:
-    TS = _optuna().trial.TrialState
+    TS = optuna.trial.TrialState
     tail = f" [{t.user_attrs.get('time_s', 0):.0f} s]"
     if t.state == TS.COMPLETE:
         line = f"trial {t.number}: {spec.metric} {t.value:.4f}"
@@ -572,8 +561,6 @@ def _log_trial(spec: SearchSpec, study: Any, t: Any) -> None:
 
 def _shown_url(url: str) -> str:
     """A storage URL as it may be written to disk and logs: without its password."""
-    from sqlalchemy.engine import make_url  # optuna's RDB storage depends on sqlalchemy
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # sqlalchemy's parse errors have several types; an unparsable URL is shown as a scheme only
@@ -646,12 +633,7 @@ def write_outputs(spec: SearchSpec, study: Any, plots: bool = False) -> dict[str
 def write_plots(study: Any, plots: Path) -> dict[str, str]:
     """Optimisation history, parameter importances and parallel coordinates as PNGs; returns
     {name: why not} for each plot that could not be drawn (too few trials, one parameter...)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    optuna = _optuna()
+    matplotlib.use("Agg")  # Optuna draws with pyplot: no window, whatever backend the process had
     vm = optuna.visualization.matplotlib
     plots.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}

@@ -22,6 +22,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from honelm.generate import neutral_generation_config
+from honelm.loop import enable_gradient_checkpointing
+
 
 def disable_dropout(model: nn.Module) -> int:
     """Set every dropout probability in `model` to 0; returns how many modules were changed."""
@@ -95,15 +98,11 @@ class PolicyWithValue(nn.Module):
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """The policy's `generate` with a neutral generation config (`honelm.generate.neutral_generation_config`):
         rollouts must sample from exactly softmax(logits / T), whatever the checkpoint saved."""
-        from honelm.generate import neutral_generation_config
-
         with neutral_generation_config(self.policy):
             return self.policy.generate(**kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """What `train.gradient_checkpointing` calls: on for the policy (and a separate value trunk)."""
-        from honelm.loop import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(self.policy)
         if self.value_trunk is not None:
             enable_gradient_checkpointing(self.value_trunk)

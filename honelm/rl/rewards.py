@@ -22,13 +22,16 @@ other frozen weights.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from honelm.checkpoint import resolve_model_dir
+from honelm.data.chat import ensure_template, render
 from honelm.errors import ConfigError, HonelmError
 from honelm.models import load_checkpoint
 from honelm.tokenizer import load_tokenizer
@@ -128,8 +131,6 @@ class RewardModelScorer:
         (prompt + assistant reply through the chat template, no extra special tokens); plain prompts
         as the policy's own ids when the vocabularies agree, else re-tokenised text."""
         if isinstance(s.prompt, list):
-            from honelm.data.chat import ensure_template, render
-
             ensure_template(self.tokenizer)
             text = render(self.tokenizer, s.prompt + [{"role": "assistant", "content": s.response_text}])
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -163,9 +164,6 @@ class RewardModelScorer:
 
 def _reward_labels(path: str) -> int:
     """A reward model has one output; anything else is refused with the count found."""
-    import json
-    from pathlib import Path
-
     config = Path(path) / "config.json"
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))

@@ -21,6 +21,8 @@ from honelm.config import section
 from honelm.data.chat import Messages, ensure_template, prompt_ids
 from honelm.errors import ConfigError
 from honelm.generate import SamplingConfig, generate_ids
+from honelm.models import load_model
+from honelm.tokenizer import load_tokenizer
 
 HELP = "commands: /reset starts over · /system TEXT sets the system message (and starts over) · /quit ends"
 
@@ -78,9 +80,6 @@ def fit_context(tokenizer: Any, messages: Messages, limit: int, say: Callable[[s
 
 def run(cfg: ChatConfig, resume: str | None = None, stdin: TextIO | None = None,
         stdout: TextIO | None = None) -> dict[str, Any]:
-    from honelm.models import load_model
-    from honelm.tokenizer import load_tokenizer
-
     if resume:
         raise ConfigError("chat has nothing to resume")
     if not cfg.model:

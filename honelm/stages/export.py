@@ -26,6 +26,7 @@ from honelm.adapters import adapter_info, is_adapter_dir
 from honelm.checkpoint import atomic_directory, resolve_model_dir
 from honelm.errors import HonelmError
 from honelm.models import load_merged
+from honelm.tokenizer import load_tokenizer
 
 
 def _source(run: Path) -> Path:
@@ -59,8 +60,6 @@ def export(run: str | Path, merge: bool = False, out: str | Path | None = None, 
     src = _source(run)
     dest = _destination(run, src, out, overwrite)
     if merge and is_adapter_dir(src):
-        from honelm.tokenizer import load_tokenizer
-
         base = adapter_info(src)["base_model_name_or_path"]
         model = load_merged(src, torch_dtype=torch.float32).model  # the adapter's own task and labels
         tokenizer = load_tokenizer(src)

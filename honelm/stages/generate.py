@@ -18,6 +18,8 @@ from honelm.config import section
 from honelm.errors import ConfigError
 from honelm.data.chat import ensure_template, prompt_ids
 from honelm.generate import SamplingConfig, generate_ids, read_prompts, write_generations
+from honelm.models import load_model
+from honelm.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -40,9 +42,6 @@ class GenerateConfig:
 
 
 def run(cfg: GenerateConfig, resume: str | None = None) -> dict[str, Any]:
-    from honelm.models import load_model
-    from honelm.tokenizer import load_tokenizer
-
     if not cfg.model:
         raise ConfigError("which model? give a run directory or model directory: honelm generate RUN prompt='...'")
     path = resolve_model_dir(cfg.model)
