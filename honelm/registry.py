@@ -88,7 +88,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
 RUNNER = "honelm.stages.runner:run_stage"
 
 
-def _resolve(target: str | Any) -> Any:
+def resolve(target: str | Any) -> Any:
+    """The object a \"module:attribute\" name stands for, imported on first use (an object is returned as is)."""
     if not isinstance(target, str):
         return target
     module, attr = target.split(":")
@@ -128,29 +129,29 @@ def stage(name: str) -> Any:
     v = verb(name)
     if v.kind != "stage":
         raise HonelmError(f"'{name}' is not a training stage")
-    return _resolve(v.target)()
+    return resolve(v.target)()
 
 
 def config_class(name: str) -> type:
     """The config dataclass of a stage or config verb."""
     v = verb(name)
     if v.kind == "stage":
-        return _resolve(v.target).config
+        return resolve(v.target).config
     if v.kind == "config":
-        return _resolve(v.target)
+        return resolve(v.target)
     raise HonelmError(f"'{name}' takes no config (see honelm {name} --help)")
 
 
 def command(name: str) -> Any:
     """The `main(argv)` of a command verb."""
-    return _resolve(verb(name).target)
+    return resolve(verb(name).target)
 
 
 def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """Run a stage (through the runner) or a config verb with a built config; returns its summary."""
     v = verb(name)
     if v.kind == "stage":
-        return _resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
+        return resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
     return importlib.import_module(v.module).run(cfg, resume=resume)
 
 

@@ -3,7 +3,7 @@
 This module owns reading a run directory tolerantly (missing optional files, unknown keys, runs
 with no eval events, a torn last line in metrics.jsonl), the series and the rule that flags where
 overfitting starts, number and table formatting, and the plot primitives. `honelm.protocol.report`
-lays the generic report out; a stage adds sections of its own (`ReportSection`, listed on its
+lays the generic report out; a stage adds sections of its own (`honelm.stages.contract.ReportSection`, listed on its
 `Stage.report_sections`), each deciding from the run's files whether it has anything to show.
 """
 
@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from honelm.html_report import write_html
 
@@ -333,9 +335,6 @@ def new_figure(width: float = 8.0, height: float = 4.5) -> Any:
     Using the object API instead of pyplot means no global backend switch (a notebook or GUI
     caller keeps its backend), no global figure registry to leak into, and thread safety.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
@@ -417,20 +416,6 @@ def plot_val_metrics(path: Path, metrics: dict[str, list[tuple[int, float]]],
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     save_figure(fig, path)
-
-
-@dataclass(frozen=True)
-class ReportSection:
-    """A part of the run report a stage contributes (PPO's rollouts, classify's predictions).
-
-    `build(data, plots_dir, written)` returns markdown lines (none when the run has nothing for
-    it) and adds the plot files it wrote to `written`; the report removes stale copies of the
-    other names in `plots`. `place`: after the training curves, or after the test results.
-    """
-
-    place: Literal["curves", "results"]
-    plots: tuple[str, ...]
-    build: Callable[[RunData, Path, set[str]], list[str]]
 
 
 def fmt_value(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 This module lays the report out: the summary, the training curves with the best step and where
 overfitting starts, the split manifest, the test looks, the config, and the sections the stages
-contribute (`Stage.report_sections`, honelm.reporting.ReportSection: PPO's rollouts, classify's
+contribute (`Stage.report_sections`, honelm.stages.contract.ReportSection: PPO's rollouts, classify's
 confusion matrix and calibration), each of which decides from the run's files whether it has
 anything to show. `write_report` is a pure function of those files: running it twice gives
 byte-identical report.md (and report.html).
@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from honelm import registry
+from honelm.stages.contract import ReportSection
 from honelm.html_report import md_to_html, write_html
-from honelm.reporting import (OVERFIT_REL_RISE, PLOT_NAMES, TRAIN_TREND_WINDOW, Best, Overfit, ReportSection, RunData, event_step, fenced, find_best,
+from honelm.reporting import (OVERFIT_REL_RISE, PLOT_NAMES, TRAIN_TREND_WINDOW, Best, Overfit, RunData, event_step, fenced, find_best,
                               find_overfit, fmt, fmt_duration, fmt_time, load_run, plot_loss, plot_lr, plot_val_metrics,
                               num, series, table, val_metric_names)
 
@@ -29,6 +30,11 @@ __all__ = ["write_report", "load_run", "write_html", "md_to_html", "find_overfit
 def stage_sections() -> list[ReportSection]:
     """Every section a registered stage contributes, in registry order."""
     return [s for name in registry.training_verbs() for s in registry.stage(name).report_sections]
+
+
+def build_section(section: ReportSection, data: RunData, plots: Path, written: set[str]) -> list[str]:
+    """The section's lines (its plots added to `written`), from the function it names."""
+    return registry.resolve(section.build)(data, plots, written)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +333,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     written = _draw_curves(plots, data, train_loss, val_loss, val_metrics, best, overfit)
     sections = stage_sections()
-    built = {s: s.build(data, plots, written) for s in sections}  # each adds its plots to `written`
+    built = {s: build_section(s, data, plots, written) for s in sections}  # each adds its plots to `written`
     for name in PLOT_NAMES + tuple(n for s in sections for n in s.plots):
         if name not in written:
             (plots / name).unlink(missing_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from honelm.reporting import ReportSection, RunData, fmt, plot_val_metrics, series, table
+from honelm.reporting import RunData, fmt, plot_val_metrics, series, table
 
 # What a PPO run's `rollout` events (one per sampled batch) and its `train` events carry, in panel order.
 ROLLOUT_KEYS = ("score", "rlhf_reward", "kl", "response_length", "ended", "time_s")
@@ -31,5 +31,3 @@ def rollouts_section(data: RunData, plots: Path, written: set[str]) -> list[str]
     rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
     return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]
 
-
-SECTION = ReportSection("curves", ("rollouts.png", "ppo.png"), rollouts_section)

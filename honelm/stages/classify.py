@@ -28,8 +28,7 @@ from honelm.loop import BatchStream
 from honelm.metrics import classification_scores
 from honelm.models import LoadedModel, check_block_fits, load_model, model_kind
 from honelm.objectives.classify import Classify, predict
-from honelm.stages import classify_report
-from honelm.stages.contract import ModelSpec, Plan, RunContext, Stage, best_dir
+from honelm.stages.contract import ModelSpec, Plan, ReportSection, RunContext, Stage, best_dir
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Classification(Stage):
 
     name = "classify"
     config = ClassifyConfig
-    report_sections = (classify_report.SECTION,)
+    report_sections = (ReportSection("results", ("confusion.png", "calibration.png", "pred_vs_gold.png"), "honelm.stages.classify_report:predictions_section"),)
 
     def splits(self, cfg: ClassifyConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return labelled_splits(cfg.data, say, leak_texts)

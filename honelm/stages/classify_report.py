@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from honelm import metrics as M
 from honelm import predictions as P
-from honelm.reporting import ReportSection, RunData, fmt, new_figure, save_figure, table
+from honelm.reporting import RunData, fmt, new_figure, save_figure, table
 
 # Beyond this many classes the confusion plot drops its per-cell numbers (unreadable); the table keeps them.
 CONFUSION_ANNOTATE_MAX = 20
@@ -56,7 +58,6 @@ def load_predictions(root: Path) -> Found:
 
 def plot_confusion(path: Path, counts: list[list[int]], names: list[str], split: str) -> None:
     """Counts heat map, rows = gold, columns = predicted, each cell numbered (up to CONFUSION_ANNOTATE_MAX classes)."""
-    from matplotlib.ticker import MaxNLocator
 
     n = len(names)
     side = min(max(4.0, 0.55 * n + 2.5), 14.0)
@@ -83,7 +84,6 @@ def plot_confusion(path: Path, counts: list[list[int]], names: list[str], split:
 
 def plot_calibration(path: Path, bins: list[Any], ece: float, split: str) -> None:
     """Reliability diagram: accuracy per confidence bin against the diagonal, counts per bin below."""
-    from matplotlib.ticker import MaxNLocator
 
     fig = new_figure(6.5, 6.5)
     top = fig.add_subplot(2, 1, 1)
@@ -198,5 +198,3 @@ def predictions_section(data: RunData, plots: Path, written: set[str]) -> list[s
             *table(["confidence bin", "examples", "accuracy", "mean confidence"], bin_rows), ""]
     return out
 
-
-SECTION = ReportSection("results", ("confusion.png", "calibration.png", "pred_vs_gold.png"), predictions_section)

@@ -33,7 +33,6 @@ from honelm.errors import HonelmError
 from honelm.loop import Callback
 from honelm.models import LoadedModel, load_model
 from honelm.objectives.base import Objective
-from honelm.reporting import ReportSection
 from honelm.rundir import tracker_for
 from honelm.runtime import Runtime
 from honelm.tracking import Tracker
@@ -46,6 +45,22 @@ class ModelSpec:
     task: str
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A part of `honelm report` a stage contributes (PPO's rollouts, classify's predictions).
+
+    `build` names a function "module:function" with the signature (RunData, plots_dir, written) ->
+    markdown lines (none when the run has nothing for it), which adds the plot files it wrote to
+    `written`; it is imported when a report is written, so training never loads the plotting code.
+    `plots` lists every plot it may write (the report removes stale copies); `place`: after the
+    training curves, or after the test results.
+    """
+
+    place: Literal["curves", "results"]
+    plots: tuple[str, ...]
+    build: str
 
 
 @dataclass

@@ -28,11 +28,10 @@ from honelm.errors import ConfigError, HonelmError
 from honelm.models import check_block_fits, load_model
 from honelm.objectives.ppo import PPO
 from honelm.rl.policy import PolicyWithValue, Reference, disable_dropout
-from honelm.rl import report as rollouts_report
 from honelm.rl.prompts import PromptDataConfig, encode_prompts, prompt_splits, use_chat
 from honelm.rl.rewards import RewardConfig, make_scorer
 from honelm.rl.rollout import PPOOptions, RolloutStream, Sampler, validate_policy, write_samples
-from honelm.stages.contract import Plan, RunContext, Stage
+from honelm.stages.contract import Plan, ReportSection, RunContext, Stage
 
 
 def _ppo_train_defaults() -> TrainConfig:
@@ -86,7 +85,7 @@ class PPOStage(Stage):
     name = "ppo"
     config = PPOConfig
     testable = False
-    report_sections = (rollouts_report.SECTION,)
+    report_sections = (ReportSection("curves", ("rollouts.png", "ppo.png"), "honelm.rl.report:rollouts_section"),)
 
     def splits(self, cfg: PPOConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return prompt_splits(cfg.data, say)
