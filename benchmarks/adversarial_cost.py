@@ -6,7 +6,7 @@ memory is per contender and no contender inherits another's allocator state):
 
   plain                 `Classify()` itself: one forward and backward per micro-batch.
   fgm                   `Adversarial(Classify(), AdversarialConfig(method=...), special_ids)`, every
-  pgd (K=3)             setting at honelm's default (honelm/boosters/adversarial.py DEFAULTS) except
+  pgd (K=3)             setting at honelm's default (its class in honelm/boosters/adversarial.py) except
   freelb K=1..4         freelb's `steps` (K = 1, 2, 3, 4; its default is 2); pgd's default K is 3,
   smart                 smart's 1, vat's 1 power iteration, fgm one step.
   r3f, vat, neftune

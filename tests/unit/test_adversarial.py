@@ -5,13 +5,15 @@ regularisers, NEFTune's scale, exact gradient accumulation, and plae's stored pe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 
-from honelm.boosters.adversarial import (Adversarial, AdversarialConfig, direction, example_norms, kl, perturbed,
-                                         project, random_start, sym_kl)
+from honelm.boosters.adversarial import (REGISTRY, Adversarial, AdversarialConfig, Method, describe, direction,
+                                         example_norms, kl, perturbed, project, random_start, register, sym_kl)
 from honelm.boosters.lora import LoraConfig, apply_lora
 from honelm.boosters.plae import stored_lookup
 from honelm.errors import ConfigError
@@ -390,3 +392,36 @@ def test_plae_student_step_adds_the_stored_perturbation():
         clean = float(Classify()(model, b).value)
     assert float(loss.value) == pytest.approx(clean, rel=1e-5)
     assert float(loss.metrics["adv_loss"]) != pytest.approx(clean, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+
+def test_the_config_lists_exactly_the_registered_methods():
+    """`adversarial.method`'s Literal (config validation, did-you-mean, --help) names every registered method."""
+    method_type = typing.get_type_hints(AdversarialConfig)["method"]
+    assert typing.get_args(method_type) == ("none", *REGISTRY)
+
+
+def test_a_new_method_is_one_class_and_one_registration():
+    @register("toy", cost="1 pass")
+    @dataclasses.dataclass(frozen=True)
+    class Toy(Method):
+        epsilon: float = 0.5
+
+        def step(self, adv, model, batch, scale, autocast):
+            mask = adv.mask(batch)
+            delta = self.epsilon * mask.unsqueeze(-1).expand(adv._shape(model, batch))
+            loss = adv._loss(model, batch, delta, autocast)
+            (loss.value.float() * scale).backward()
+            return adv._result(loss, loss.value, delta, mask, "linf")
+
+    try:
+        a = Adversarial(Classify(), AdversarialConfig(method="toy"), SPECIAL)
+        assert a.cfg.epsilon == 0.5 and describe(a.cfg).startswith("adversarial: toy (epsilon=0.5; special")
+        loss = a.step(classifier(dropout=0.0).train(), batch(), 1.0, NULL)
+        assert float(loss.metrics["delta_norm"]) == pytest.approx(0.5 * float(loss.units))
+        with pytest.raises(ConfigError, match="adversarial.steps does not apply to method toy"):
+            AdversarialConfig(method="toy", steps=2).resolved()
+    finally:
+        del REGISTRY["toy"]
