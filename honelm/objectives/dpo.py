@@ -30,22 +30,49 @@ The reference, in the order `DPO.reference_logps` tries them: log-probs stored i
 the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
 model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
 the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set.
+`DPOObjectiveConfig` is the `dpo` section of `honelm dpo`'s config (these settings, read by the stage).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.logprobs import sequence_logps, unwrap
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOObjectiveConfig:
+    """The DPO-family loss and its reference model."""
+
+    beta: float = 0.1
+    """β: how far the policy may move from the reference (larger = stays closer); for ipo it is τ."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid (DPO: -log σ(β·h)), ipo ((h/tokens - 1/(2β))², length-normalised as in TRL) or hinge (max(0, 1 - β·h))."""
+    label_smoothing: float = 0.0
+    """cDPO: the probability ε that a pair's preference is flipped; loss (1-ε)·L(c, r) + ε·L(r, c); sigmoid only, 0 <= ε < 0.5. Current TRL ignores label_smoothing for sigmoid (TRL 0.12 applied it like this)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs of every train and validation pair in one no-grad pass before training and keep only those (no reference model in memory while training)."""
+    disable_dropout: bool = True
+    """Turn off every dropout of policy and reference (TRL's disable_dropout), so both score a sequence the same at step 0."""
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing (cDPO) applies to dpo.loss=sigmoid only, not {self.loss}")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -5,6 +5,8 @@ SUMS over units, so the mean over a set is exact however it is batched): masked-
 by a generator seeded with a fixed seed (`MLMRows.fixed_batches`), so every evaluation of the
 same rows sees the same masks. `lm_scores` turns the sums of one or more sources into loss (nats
 per target token), perplexity, and MLM accuracy or CLM bits-per-byte, overall and per source.
+`example_scores` is the causal-LM loss and perplexity of padded examples (sft's conversations,
+`honelm.data.sft.SFTExamples`), batched in length order.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from honelm.data.masking import MLMRows
 from honelm.data.packing import PackedBlocks, bits_per_byte
+from honelm.data.sft import SFTExamples
 from honelm.objectives.base import Objective
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.mlm import MaskedLM
@@ -57,3 +60,19 @@ def lm_scores(sums: dict[str, tuple[float, int, float]], rows: dict[str, Any], p
         for name, (nll, units, correct) in sums.items():
             metrics.update(one(nll, units, correct, [rows[name]], f"{prefix}_{name}"))
     return metrics
+
+
+def example_scores(model: torch.nn.Module, examples: SFTExamples, batch_size: int, device: torch.device,
+                   prefix: str) -> dict[str, float]:
+    """Loss (nats per trained token) and perplexity over every example, in length-sorted padded batches."""
+    objective = CausalLM()
+    lengths = examples.lengths
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    nll, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in examples.collate(order[start:start + batch_size]).items()}
+        loss = objective(model, batch)
+        nll += float(loss.value)
+        count += int(loss.units)
+    mean = nll / max(count, 1)
+    return {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 50.0))}

@@ -16,19 +16,36 @@ Metrics (sums over pairs, logged divided by the pair count): `accuracy` counts r
 `reward_chosen` / `reward_rejected` sum r_c / r_r. Spread and extremes (std, min, max) are not
 sums, so they are reported by validation and `honelm test` (`reward_stats`), not per step.
 `evaluate_pairs` scores a whole evaluation set of pairs (`score_pairs`, in length-sorted batches).
+`RewardObjectiveConfig` is the `reward` section of `honelm reward`'s config.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 
 MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+@dataclass
+class RewardObjectiveConfig:
+    """The Bradley-Terry objective."""
+
+    center_coef: float = 0.0
+    """Reward centring: add coef · mean((r_c + r_r)²) to pull the mean reward to 0 (TRL's center_rewards_coefficient, e.g. 0.01); 0 = off."""
+    disable_dropout: bool = True
+    """Turn off every dropout of the model (TRL's disable_dropout): with dropout, chosen and rejected are scored through noise."""
+
+    def validate(self) -> None:
+        if self.center_coef < 0:
+            raise ConfigError(f"reward.center_coef must be >= 0, got {self.center_coef}")
 
 
 def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,

@@ -20,45 +20,19 @@ import torch
 from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import resolve_model_dir
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.adapt_corpus import CurateConfig, build_corpus, curate, mode_of, packed_rows
 from honelm.data.masking import MLMRows, check_mlm_tokenizer, lm_rows
 from honelm.data.packing import PackedBlocks
+from honelm.data.sections import AdaptDataConfig, AdaptOptions, LabelledDataConfig
 from honelm.data.sources import text_splits
 from honelm.errors import HonelmError
-from honelm.loop import BatchStream
 from honelm.models import LoadedModel, check_block_fits, kind_of_dir
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.lm_scores import lm_scores, loss_sums
 from honelm.objectives.mlm import MaskedLM
-from honelm.stages.classify import LabelledDataConfig
 from honelm.stages.contract import ModelSpec, Plan, RunContext, Stage, best_dir
-from honelm.stages.pretrain import TextDataConfig
-
-
-@dataclass
-class AdaptDataConfig(TextDataConfig):
-    """The domain corpus (DAPT, and the pool curated TAPT picks from) and how text becomes rows."""
-
-    train: str = ""
-    """Domain corpus for DAPT: files, directories or globs (comma-separated); empty = no domain text (TAPT only)."""
-    block_size: int = 256
-    """Longest row in tokens: packed blocks are this long; in documents mode longer documents are truncated (counted)."""
-    pack: Literal["auto", "blocks", "documents"] = "auto"
-    """Masked LM rows: blocks = documents packed as [CLS] d1 [SEP] d2 [SEP]... (RoBERTa FULL-SENTENCES); documents = one per row, truncated (the DSP reference's TAPT --line_by_line); auto = documents when all training text comes from the task (TAPT, curated TAPT), blocks when the domain corpus trains (DAPT). Decoders always pack."""
-
-
-@dataclass
-class AdaptOptions:
-    """Task-text options and masking."""
-
-    task_extra: str = ""
-    """Extra unlabelled task text (files/globs, comma-separated; read like data.train with task.text_field): added to TAPT after the leak guard."""
-    val_fraction: float = 0.1
-    """Share of the TAPT texts (task train + task_extra), chosen by content hash, held out to validate; 0 = none."""
-    mlm_probability: float = 0.15
-    """Share of real tokens selected for masked LM (of those 80% -> mask, 10% -> random token, 10% kept)."""
+from honelm.stages.resolve import init_kind, report_new_head
 
 
 def _adapt_train_defaults() -> TrainConfig:
@@ -83,13 +57,6 @@ class AdaptConfig(StageConfig):
     train: TrainConfig = section(_adapt_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
     adversarial: AdversarialConfig = section(AdversarialConfig)
-
-
-def init_kind(model_cfg: ModelConfig) -> str:
-    """encoder | decoder of the model `model.*` will give, read from its config (no weights loaded)."""
-    if not model_cfg.init_from:
-        return model_cfg.arch
-    return kind_of_dir(resolve_model_dir(model_cfg.init_from), model_cfg.trust_remote_code)
 
 
 class Adapt(Stage):
@@ -147,9 +114,7 @@ class Adapt(Stage):
             if getattr(rows, "truncated", 0):
                 ctx.say(f"note: {rows.truncated} {name} documents are longer than data.block_size="
                         f"{cfg.data.block_size} and were truncated (data.pack=blocks keeps all of their text)")
-        stream = BatchStream(len(train_rows), train_rows.collate, cfg.train.batch_size, cfg.train.grad_accum,
-                             cfg.run.seed, ctx.runtime.world_size, ctx.runtime.rank,
-                             lengths=None if packed else train_rows.lengths)
+        stream = ctx.stream(train_rows, lengths=None if packed else train_rows.lengths)
         evaluate = (lambda m: self.score(ctx, m, val_rows, "val")) if val_rows else None
         return Plan(MaskedLM() if kind == "encoder" else CausalLM(), stream, evaluate,
                     metric=cfg.train.metric or "val_loss")
@@ -185,13 +150,3 @@ class Adapt(Stage):
         with torch.no_grad():
             metrics = self.score(ctx, model, {"domain": self.encode(ctx, rows, "test")}, "test")
         return {**metrics, "n_documents": len(rows)}
-
-
-def report_new_head(loaded: LoadedModel, say: Callable[[str], None]) -> None:
-    """Say whether the loader had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
-    new, model = list(loaded.new_weights), loaded.model
-    if new:
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = out is not None and out.weight is inp.weight
-        say(f"model: the checkpoint has no LM head: created one ({', '.join(new)}); its output layer is "
-            + ("tied to the input embeddings" if tied else "newly initialised"))

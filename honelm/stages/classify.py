@@ -23,28 +23,12 @@ from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.batches import EncodedExamples, encode_examples, label_maps
 from honelm.data.readers import check_labels_seen
-from honelm.data.sources import SplitDataConfig, labelled_splits
-from honelm.loop import BatchStream
+from honelm.data.sections import LabelledDataConfig
+from honelm.data.sources import labelled_splits
 from honelm.metrics import classification_scores
-from honelm.models import LoadedModel, check_block_fits, load_model, model_kind
+from honelm.models import LoadedModel, check_block_fits, model_kind
 from honelm.objectives.classify import Classify, predict
-from honelm.stages.contract import ModelSpec, Plan, ReportSection, RunContext, Stage, best_dir
-
-
-@dataclass
-class LabelledDataConfig(SplitDataConfig):
-    """Labelled examples: which fields hold the text, the optional second text, and the label."""
-
-    text_field: str = "text"
-    """Field (column) holding the text."""
-    pair_field: str = ""
-    """Field holding a second text for pair tasks (entailment, similarity); empty = single texts."""
-    label_field: str = "label"
-    """Field holding the label (class name or integer; a number for regression)."""
-    task: Literal["classification", "regression"] = "classification"
-    """classification (one label per example) or regression (one real-valued output)."""
-    max_length: int = 128
-    """Longest input in tokens; longer inputs are truncated and the count is logged."""
+from honelm.stages.contract import ModelSpec, Plan, ReportSection, RunContext, Stage
 
 
 def _classify_train_defaults() -> TrainConfig:
@@ -72,7 +56,8 @@ class Classification(Stage):
 
     name = "classify"
     config = ClassifyConfig
-    report_sections = (ReportSection("results", ("confusion.png", "calibration.png", "pred_vs_gold.png"), "honelm.stages.classify_report:predictions_section"),)
+    report_sections = (ReportSection("results", ("confusion.png", "calibration.png", "pred_vs_gold.png"),
+                                     "honelm.stages.classify_report:predictions_section"),)
 
     def splits(self, cfg: ClassifyConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return labelled_splits(cfg.data, say, leak_texts)
@@ -102,8 +87,7 @@ class Classification(Stage):
             if enc is not None and enc.truncated:
                 ctx.say(f"note: {enc.truncated} of {len(enc)} {name} examples are longer than data.max_length="
                         f"{cfg.data.max_length} and were truncated")
-        stream = BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
-                             ctx.runtime.world_size, ctx.runtime.rank, lengths=train.lengths)
+        stream = ctx.stream(train, lengths=train.lengths)
         objective = Classify(regression=cfg.data.task == "regression")
 
         def best_files(info: dict[str, Any]) -> dict[str, str] | None:
@@ -130,10 +114,6 @@ class Classification(Stage):
         ctx.extra[f"{split}_logits"] = logits  # the per-example predictions files are written from these
         n_labels = self.model_spec(ctx).num_labels or 1
         return classification_scores(logits, data.labels, ctx.cfg.data.task == "regression", n_labels, split)
-
-    def load_best(self, ctx: RunContext) -> torch.nn.Module:
-        spec = self.model_spec(ctx)
-        return load_model(best_dir(ctx.run_dir), spec.task, num_labels=spec.num_labels, id2label=spec.id2label)
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
         if ctx.cfg.data.task != "regression":

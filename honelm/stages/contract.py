@@ -30,7 +30,7 @@ from torch import nn
 
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
-from honelm.loop import Callback
+from honelm.loop import BatchStream, Callback
 from honelm.models import LoadedModel, load_model
 from honelm.objectives.base import Objective
 from honelm.rundir import tracker_for
@@ -115,6 +115,13 @@ class RunContext:
     def device(self) -> torch.device:
         return self.runtime.device
 
+    def stream(self, items: Any, lengths: Sequence[int] | None = None) -> BatchStream:
+        """This process's training batches of `items` (their `len` and `collate`) by train.* and run.seed;
+        grouped by length when `lengths` are given."""
+        cfg = self.cfg
+        return BatchStream(len(items), items.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
+                           self.runtime.world_size, self.runtime.rank, lengths=lengths)
+
     def write_json(self, name: str, payload: Any) -> None:
         """RUN/name as indented JSON, from the main process only."""
         if self.runtime.is_main:
@@ -197,8 +204,9 @@ class Stage:
             raise HonelmError(f"{ctx.run_dir}: `honelm test` does not apply to {self.name} runs")
 
     def load_best(self, ctx: RunContext) -> nn.Module:
-        """The run's best/ model for `honelm test` (an adapter directory is merged)."""
-        return load_model(best_dir(ctx.run_dir), self.model_spec(ctx).task)
+        """The run's best/ model for `honelm test`, as `model_spec` describes it (an adapter directory is merged)."""
+        spec = self.model_spec(ctx)
+        return load_model(best_dir(ctx.run_dir), spec.task, num_labels=spec.num_labels, id2label=spec.id2label)
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
         """Test metrics of best/ on `rows` (called only by honelm.protocol.test, inside the unlock)."""

@@ -1,49 +1,28 @@
-"""What `honelm reward` and `honelm dpo` share: the data section, the stage base class, dropout, the reference's origin.
+"""What `honelm reward` and `honelm dpo` share: the stage base class and dropout off.
 
 Both verbs train on preference pairs rendered through the tokenizer's chat template (a tokenizer
 without one gets honelm's default, `honelm.data.chat.ensure_template`), split by prompt
 (`honelm.data.preferences.split_pairs`), and batch each pair as two rows [chosen; rejected].
-`PreferenceStage` holds that common part of their `Stage`s. A run trained against a frozen
-reference (dpo) records where its weights are in RUN/reference.json, so `honelm test` scores
-against the same model (`reference_location`, `load_reference`).
+`PreferenceStage` holds that common part of their `Stage`s, and turns dropout off for both
+(`dropout_off`). Where a frozen reference comes from (dpo): `honelm.stages.reference`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from honelm.adapters import adapter_info
-from honelm.checkpoint import atomic_directory
 from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
-from honelm.data.sources import SplitDataConfig
+from honelm.data.sections import PreferenceDataConfig
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream
-from honelm.models import LoadedModel, check_block_fits, load_model
-from honelm.runtime import Runtime
+from honelm.models import check_block_fits
 from honelm.stages.contract import RunContext, Stage
 
 SPLIT_NAMES = {"val": "validation"}
 """How a split is named in the log's truncation notes."""
-REFERENCE_FILE = "reference.json"
-"""RUN/reference.json: where a run's frozen reference model is (`reference_location`)."""
-
-
-@dataclass
-class PreferenceDataConfig(SplitDataConfig):
-    """Preference pairs: {prompt, chosen, rejected} (strings or message lists) or ShareGPT {conversations, chosen, rejected} rows; splits group pairs by prompt."""
-
-    max_length: int = 512
-    """Longest prompt + reply in tokens (chat template included): the prompt's oldest turns go first (trim_turns), then the end is cut; pairs left with no reply token are dropped. All counted in the log."""
-    trim_turns: bool = True
-    """When a reply does not fit in max_length, drop the prompt's oldest user/assistant exchanges (the system message and the last user turn stay) until it fits; counted in the log. false = cut the end instead."""
-    drop_truncated: bool = False
-    """Also drop pairs whose chosen or rejected reply is cut by max_length (a cut reply changes its score); counted in the log."""
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -83,33 +62,6 @@ def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig
     return enc
 
 
-def reference_location(loaded: LoadedModel, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
-    """Where `honelm test` finds the reference weights; writes RUN/reference/ when they exist on no disk."""
-    if lora:  # the adapter's base (the init_from checkpoint or RUN/base/), named in best/adapter_config.json
-        return {"kind": "adapter_base"}
-    if loaded.source:
-        return {"kind": "checkpoint", "path": loaded.source}
-    target = run_dir / "reference"
-    if runtime.is_main and not (target / "config.json").is_file():
-        with atomic_directory(target) as tmp:
-            loaded.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-    return {"kind": "checkpoint", "path": str(target.resolve())}
-
-
-def load_reference(run_dir: Path) -> nn.Module:
-    """The frozen reference a DPO run trained against, from RUN/reference.json."""
-    path = run_dir / REFERENCE_FILE
-    if not path.is_file():
-        raise HonelmError(f"{run_dir}: no {REFERENCE_FILE} (where the reference model is)")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    where = (adapter_info(run_dir / "best")["base_model_name_or_path"] if info.get("kind") == "adapter_base"
-             else info.get("path"))
-    if not where or not Path(where).exists():
-        raise HonelmError(f"{run_dir}: the reference model {where} does not exist (moved or deleted?)")
-    return load_model(where, "lm")
-
-
 class PreferenceStage(Stage):
     """Pairs split by prompt, a chat template, [chosen; rejected] batches grouped by length."""
 
@@ -142,6 +94,14 @@ class PreferenceStage(Stage):
             raise HonelmError(f"{ctx.run_dir}: no test pair is left after truncation at "
                               f"data.max_length={ctx.cfg.data.max_length}")
         return data
+
+    @staticmethod
+    def dropout_off(ctx: RunContext, model: nn.Module, section: str) -> None:
+        """Every dropout of `model` off when `<section>.disable_dropout` (the default), said in the log."""
+        if getattr(ctx.cfg, section).disable_dropout:
+            n = disable_dropout(model)
+            if n:
+                ctx.say(f"dropout: turned off in {n} places ({section}.disable_dropout=true)")
 
     @staticmethod
     def data_line(train: EncodedPairs, val: EncodedPairs | None) -> str:

@@ -2,7 +2,9 @@
 
 `resolve_tokenizer`: model.tokenizer, else the init_from checkpoint's, else one trained once on the
 train split and kept in the run. `resolve_model`: init_from (an adapter merged, or carried on with
-`lora.carry`) or a preset from random init, as a `LoadedModel` record of where it came from.
+`lora.carry`) or a preset from random init, as a `LoadedModel` record of where it came from;
+`init_kind` tells encoder from decoder before anything is loaded, `report_new_head` says whether
+the loader had to create an LM head.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from honelm import config as C
 from honelm.adapters import is_adapter_dir
 from honelm.checkpoint import resolve_model_dir
 from honelm.errors import ConfigError
-from honelm.models import LoadedModel, build_model, count_parameters, load_checkpoint, load_for_carry
+from honelm.models import LoadedModel, build_model, count_parameters, kind_of_dir, load_checkpoint, load_for_carry
 from honelm.runtime import Runtime
 from honelm.tokenizer import load_tokenizer, train_tokenizer
 
@@ -76,6 +78,24 @@ def resolve_model(model_cfg: C.ModelConfig, task: str, tokenizer: Any, seed: int
     _, total = count_parameters(loaded.model)
     say(f"model: {type(loaded.model).__name__} {loaded.origin}; {total / 1e6:.2f}M parameters")
     return loaded
+
+
+def report_new_head(loaded: LoadedModel, say: Callable[[str], None]) -> None:
+    """Say whether the loader had to create the LM head (e.g. a BertModel checkpoint for MLM)."""
+    new, model = list(loaded.new_weights), loaded.model
+    if new:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = out is not None and out.weight is inp.weight
+        say(f"model: the checkpoint has no LM head: created one ({', '.join(new)}); its output layer is "
+            + ("tied to the input embeddings" if tied else "newly initialised"))
+
+
+def init_kind(model_cfg: C.ModelConfig) -> str:
+    """encoder | decoder of the model `model.*` will give, read from its config (no weights loaded)."""
+    if not model_cfg.init_from:
+        return model_cfg.arch
+    return kind_of_dir(resolve_model_dir(model_cfg.init_from), model_cfg.trust_remote_code)
+
 
 
 def _load_init_from(model_cfg: C.ModelConfig, task: str, num_labels: int | None, id2label: dict[int, str] | None,

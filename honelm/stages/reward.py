@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,33 +19,11 @@ from honelm.boosters import StageConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
-from honelm.errors import ConfigError
-from honelm.models import load_model
-from honelm.objectives.reward import RewardModel, evaluate_pairs, score_pairs, scored_metrics
+from honelm.data.sections import RewardDataConfig
+from honelm.objectives.reward import (RewardModel, RewardObjectiveConfig, evaluate_pairs, score_pairs,
+                                     scored_metrics)
 from honelm.stages import preference as P
-from honelm.stages.contract import ModelSpec, Plan, RunContext, best_dir
-
-
-@dataclass
-class RewardDataConfig(P.PreferenceDataConfig):
-    """Preference pairs for the reward model, and where a per-pair margin comes from."""
-
-    margin_field: str = "margin"
-    """Field holding a per-pair margin m (loss -log σ(r_c - r_r - m)); used when the data has it (then every row needs it); empty = ignore it."""
-
-
-@dataclass
-class RewardObjectiveConfig:
-    """The Bradley-Terry objective."""
-
-    center_coef: float = 0.0
-    """Reward centring: add coef · mean((r_c + r_r)²) to pull the mean reward to 0 (TRL's center_rewards_coefficient, e.g. 0.01); 0 = off."""
-    disable_dropout: bool = True
-    """Turn off every dropout of the model (TRL's disable_dropout): with dropout, chosen and rejected are scored through noise."""
-
-    def validate(self) -> None:
-        if self.center_coef < 0:
-            raise ConfigError(f"reward.center_coef must be >= 0, got {self.center_coef}")
+from honelm.stages.contract import ModelSpec, Plan, RunContext
 
 
 def _reward_train_defaults() -> TrainConfig:
@@ -69,11 +46,6 @@ class RewardConfig(StageConfig):
     reward: RewardObjectiveConfig = section(RewardObjectiveConfig)
 
 
-def load_reward_model(path: Path | str) -> torch.nn.Module:
-    """A reward run's best/ (or any one-output classifier directory, LoRA adapters merged) for scoring."""
-    return load_model(path, "classify", num_labels=1, id2label={0: "reward"})
-
-
 class Reward(P.PreferenceStage):
     """A one-output classifier trained so chosen outscores rejected; validation and test: loss, accuracy, rewards."""
 
@@ -90,10 +62,7 @@ class Reward(P.PreferenceStage):
         if tokenizer.pad_token_id == tokenizer.eos_token_id:
             ctx.say("note: the tokenizer pads with its EOS token, which also ends every turn: the reward is read at "
                     "the last token before the final EOS")
-        if ctx.cfg.reward.disable_dropout:
-            n = P.disable_dropout(loaded.model)
-            if n:
-                ctx.say(f"dropout: turned off in {n} places (reward.disable_dropout=true)")
+        self.dropout_off(ctx, loaded.model, "reward")
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg = ctx.cfg
@@ -110,7 +79,7 @@ class Reward(P.PreferenceStage):
         return evaluate_pairs(model, data, cfg.train.eval_batch_size, ctx.device, split, cfg.reward.center_coef)
 
     def load_best(self, ctx: RunContext) -> torch.nn.Module:
-        model = load_reward_model(best_dir(ctx.run_dir))
+        model = super().load_best(ctx)  # the one-output classifier of `model_spec`, LoRA adapters merged
         model.config.pad_token_id = ctx.tokenizer.pad_token_id
         return model
 

@@ -13,9 +13,8 @@ token F1, chrF, BLEU; `honelm.data.answers`). `honelm test` reports the same on 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -25,28 +24,13 @@ from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data import answers as A
 from honelm.data.chat import ensure_template
-from honelm.data.sft import (ChatDocument, SFTExamples, check_packing, encode_conversations, pack_examples,
-                             split_conversations, template_texts)
-from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.sections import ChatDataConfig, chat_splits, encode_chat_split
+from honelm.data.sft import SFTExamples, check_packing, pack_examples, template_texts
 from honelm.errors import ConfigError, HonelmError
-from honelm.loop import BatchStream
 from honelm.models import check_block_fits
 from honelm.objectives.lm import CausalLM
+from honelm.objectives.lm_scores import example_scores
 from honelm.stages.contract import Plan, RunContext, Stage
-
-
-@dataclass
-class ChatDataConfig(SplitDataConfig):
-    """Conversations for instruction tuning: their format, length, which tokens train, packing."""
-
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
-    """Row format; auto detects it per row: alpaca (instruction, input?, output), prompt_completion (prompt, completion), messages ([{role, content}]) or sharegpt (conversations: [{from, value}])."""
-    max_length: int = 512
-    """Longest example in tokens (and the length of a packed row); longer ones keep their start and are counted; one whose every reply starts after it is dropped and counted (file:line in the log)."""
-    train_on: Literal["assistant", "last", "all"] = "assistant"
-    """Tokens that carry the loss: every assistant turn with its end-of-turn EOS (assistant), only the final assistant turn (last), or every token (all)."""
-    packing: bool = True
-    """Pack several examples per row (best-fit decreasing; position_ids restart per example, no attention across examples); false = one right-padded example per row, batches grouped by length."""
 
 
 def _sft_train_defaults() -> TrainConfig:
@@ -76,34 +60,6 @@ class SFTConfig(StageConfig):
             raise ConfigError("data.max_length must be at least 2")
         if self.model.arch != "decoder":
             raise ConfigError("sft trains a causal LM: model.arch must be decoder")
-
-
-def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-    """Conversations split by content and seed (`honelm.data.sft.split_conversations`), the split said."""
-    splits = split_conversations(data, leak_texts)
-    say_split(splits.manifest, say)
-    return splits
-
-
-def encode_split(tokenizer: Any, docs: Sequence[ChatDocument], data: ChatDataConfig) -> SFTExamples:
-    return encode_conversations(tokenizer, [d.conversation for d in docs], data.max_length, data.train_on,
-                                where=[(d.source, d.line) for d in docs])
-
-
-def lm_scores(model: torch.nn.Module, examples: SFTExamples, batch_size: int, device: torch.device,
-              prefix: str) -> dict[str, float]:
-    """Loss (nats per trained token) and perplexity over every example, in length-sorted padded batches."""
-    objective = CausalLM()
-    lengths = examples.lengths
-    order = sorted(range(len(examples)), key=lambda i: lengths[i])
-    nll, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in examples.collate(order[start:start + batch_size]).items()}
-        loss = objective(model, batch)
-        nll += float(loss.value)
-        count += int(loss.units)
-    mean = nll / max(count, 1)
-    return {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 50.0))}
 
 
 class SFT(Stage):
@@ -139,10 +95,9 @@ class SFT(Stage):
             ctx.say(f"packing: {len(train)} examples → {len(items)} rows of up to {cfg.data.max_length} tokens, "
                     f"{items.fill:.0%} full (best-fit decreasing; position_ids restart per example; checked: no "
                     "attention across examples)")
-        stream = BatchStream(len(items), items.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
-                             ctx.runtime.world_size, ctx.runtime.rank, lengths=items.lengths)
         evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
-        return Plan(CausalLM(), stream, evaluate, metric=cfg.train.metric or "val_loss")
+        return Plan(CausalLM(), ctx.stream(items, lengths=items.lengths), evaluate,
+                    metric=cfg.train.metric or "val_loss")
 
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
         if result.reason == "interrupted" or not ctx.splits.val or ctx.cfg.samples.n <= 0:
@@ -151,10 +106,10 @@ class SFT(Stage):
         return A.write_samples(ctx.run_dir, ctx.cfg.samples, ctx.splits.val, ctx.runtime, ctx.tracker, result.steps)
 
     def encode(self, ctx: RunContext, rows: list[Any], split: str) -> SFTExamples:
-        return encode_split(ctx.tokenizer, rows, ctx.cfg.data)
+        return encode_chat_split(ctx.tokenizer, rows, ctx.cfg.data)
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: SFTExamples, split: str) -> dict[str, float]:
-        return lm_scores(model, data, ctx.cfg.train.eval_batch_size, ctx.device, split)
+        return example_scores(model, data, ctx.cfg.train.eval_batch_size, ctx.device, split)
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
         """Loss and perplexity on every test example; reference metrics of best/'s answers (test_predictions.json)."""

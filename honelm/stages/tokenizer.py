@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from honelm import runtime as rt
 from honelm.config import RunConfig, section
+from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
 from honelm.rundir import run_directory, tracker_for, write_json
-from honelm.stages.pretrain import TextDataConfig
 from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
 
 

@@ -18,16 +18,18 @@ SHORT = ["data.max_length=128", "train.batch_size=8", "train.lr=3e-3", "samples.
 def _val_loss_before(run, pretrained) -> float:
     """Validation loss of the starting model, on exactly the run's validation examples."""
     from honelm import config as C
+    from honelm.data.sections import chat_splits, encode_chat_split
     from honelm.models import load_model
+    from honelm.objectives.lm_scores import example_scores
     from honelm.stages import sft
 
     cfg = C.build(sft.SFTConfig, run / "config.yaml")
     tok = AutoTokenizer.from_pretrained(run / "best")  # the pretrain tokenizer + the template the run wrote
-    splits = sft.chat_splits(cfg.data, lambda _: None)
-    val = sft.encode_split(tok, splits.val, cfg.data)
+    splits = chat_splits(cfg.data, lambda _: None)
+    val = encode_chat_split(tok, splits.val, cfg.data)
     model = load_model(pretrained / "best", "lm").eval()
     with torch.no_grad():
-        return sft.lm_scores(model, val, 32, torch.device("cpu"), "val")["val_loss"]
+        return example_scores(model, val, 32, torch.device("cpu"), "val")["val_loss"]
 
 
 def test_sft_from_pretrain_run_then_test(pretrained, data_dir, tmp_path):

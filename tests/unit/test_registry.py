@@ -20,11 +20,11 @@ from honelm import registry
 from honelm.cli import main
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.packing import PackedBlocks, pack
+from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
 from honelm.loop import BatchStream
 from honelm.objectives.lm import CausalLM
 from honelm.stages.contract import Plan, RunContext, Stage
-from honelm.stages.pretrain import TextDataConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE_VERBS = ("pipeline", "search", "ablate")  # configs/<verb>/ holds files of their own, not presets

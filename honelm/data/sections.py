@@ -1,0 +1,115 @@
+"""The data side of each training stage's config: its `data` section (and adapt's `adapt` options).
+
+Every section extends `honelm.data.sources.SplitDataConfig` (where the data comes from and how it
+is split) with the fields its stage reads: documents for language modelling (`TextDataConfig`,
+`AdaptDataConfig`), labelled examples (`LabelledDataConfig`), conversations (`ChatDataConfig`,
+read and split by `chat_splits`) and preference pairs (`PreferenceDataConfig`,
+`RewardDataConfig`). The stage configs in `honelm.stages` put them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+from honelm.data.sft import ChatDocument, SFTExamples, encode_conversations, split_conversations
+from honelm.data.sources import SplitDataConfig, say_split
+
+
+@dataclass
+class TextDataConfig(SplitDataConfig):
+    """Text corpus for language modelling, its documents, and the block length."""
+
+    unit: Literal["lines", "paragraphs", "files"] = "lines"
+    """How plain-text files become documents: one per non-empty line, per blank-line-separated paragraph, or per file."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/JSON/CSV/TSV/Parquet files."""
+    block_size: int = 256
+    """Tokens per training block (documents are packed, separated by EOS)."""
+
+
+@dataclass
+class AdaptDataConfig(TextDataConfig):
+    """The domain corpus (DAPT, and the pool curated TAPT picks from) and how text becomes rows."""
+
+    train: str = ""
+    """Domain corpus for DAPT: files, directories or globs (comma-separated); empty = no domain text (TAPT only)."""
+    block_size: int = 256
+    """Longest row in tokens: packed blocks are this long; in documents mode longer documents are truncated (counted)."""
+    pack: Literal["auto", "blocks", "documents"] = "auto"
+    """Masked LM rows: blocks = documents packed as [CLS] d1 [SEP] d2 [SEP]... (RoBERTa FULL-SENTENCES); documents = one per row, truncated (the DSP reference's TAPT --line_by_line); auto = documents when all training text comes from the task (TAPT, curated TAPT), blocks when the domain corpus trains (DAPT). Decoders always pack."""
+
+
+@dataclass
+class AdaptOptions:
+    """Task-text options and masking."""
+
+    task_extra: str = ""
+    """Extra unlabelled task text (files/globs, comma-separated; read like data.train with task.text_field): added to TAPT after the leak guard."""
+    val_fraction: float = 0.1
+    """Share of the TAPT texts (task train + task_extra), chosen by content hash, held out to validate; 0 = none."""
+    mlm_probability: float = 0.15
+    """Share of real tokens selected for masked LM (of those 80% -> mask, 10% -> random token, 10% kept)."""
+
+
+@dataclass
+class LabelledDataConfig(SplitDataConfig):
+    """Labelled examples: which fields hold the text, the optional second text, and the label."""
+
+    text_field: str = "text"
+    """Field (column) holding the text."""
+    pair_field: str = ""
+    """Field holding a second text for pair tasks (entailment, similarity); empty = single texts."""
+    label_field: str = "label"
+    """Field holding the label (class name or integer; a number for regression)."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification (one label per example) or regression (one real-valued output)."""
+    max_length: int = 128
+    """Longest input in tokens; longer inputs are truncated and the count is logged."""
+
+
+@dataclass
+class ChatDataConfig(SplitDataConfig):
+    """Conversations for instruction tuning: their format, length, which tokens train, packing."""
+
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    """Row format; auto detects it per row: alpaca (instruction, input?, output), prompt_completion (prompt, completion), messages ([{role, content}]) or sharegpt (conversations: [{from, value}])."""
+    max_length: int = 512
+    """Longest example in tokens (and the length of a packed row); longer ones keep their start and are counted; one whose every reply starts after it is dropped and counted (file:line in the log)."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Tokens that carry the loss: every assistant turn with its end-of-turn EOS (assistant), only the final assistant turn (last), or every token (all)."""
+    packing: bool = True
+    """Pack several examples per row (best-fit decreasing; position_ids restart per example, no attention across examples); false = one right-padded example per row, batches grouped by length."""
+
+
+def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+    """Conversations split by content and seed (`honelm.data.sft.split_conversations`), the split said."""
+    splits = split_conversations(data, leak_texts)
+    say_split(splits.manifest, say)
+    return splits
+
+
+def encode_chat_split(tokenizer: Any, docs: Sequence[ChatDocument], data: ChatDataConfig) -> SFTExamples:
+    """One split's conversations encoded as `data` says (length, trained tokens); file:line kept for the notes."""
+    return encode_conversations(tokenizer, [d.conversation for d in docs], data.max_length, data.train_on,
+                                where=[(d.source, d.line) for d in docs])
+
+
+@dataclass
+class PreferenceDataConfig(SplitDataConfig):
+    """Preference pairs: {prompt, chosen, rejected} (strings or message lists) or ShareGPT {conversations, chosen, rejected} rows; splits group pairs by prompt."""
+
+    max_length: int = 512
+    """Longest prompt + reply in tokens (chat template included): the prompt's oldest turns go first (trim_turns), then the end is cut; pairs left with no reply token are dropped. All counted in the log."""
+    trim_turns: bool = True
+    """When a reply does not fit in max_length, drop the prompt's oldest user/assistant exchanges (the system message and the last user turn stay) until it fits; counted in the log. false = cut the end instead."""
+    drop_truncated: bool = False
+    """Also drop pairs whose chosen or rejected reply is cut by max_length (a cut reply changes its score); counted in the log."""
+
+
+@dataclass
+class RewardDataConfig(PreferenceDataConfig):
+    """Preference pairs for the reward model, and where a per-pair margin comes from."""
+
+    margin_field: str = "margin"
+    """Field holding a per-pair margin m (loss -log σ(r_c - r_r - m)); used when the data has it (then every row needs it); empty = ignore it."""
