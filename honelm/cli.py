@@ -140,12 +140,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
         return 0
     name, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:  # transformers' own per-shard progress bars would interleave with our one-line log
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    # transformers' own progress bars (checkpoint shards, weight loading) would interleave with our one-line
+    # log; transformers reads this when it is first imported, which the verb does after this point
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     verb = VERBS.get(name)
     if verb is None:
         hint = difflib.get_close_matches(name, list(VERBS), n=1)

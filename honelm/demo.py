@@ -20,7 +20,7 @@ import random
 import time
 from pathlib import Path
 
-from honelm import registry
+from honelm import cli, registry
 
 SUBJECTS = ["the film", "this movie", "the story", "the acting", "the soundtrack", "the ending", "the director's new work",
             "the cast", "the script", "the second half", "this documentary", "the sequel", "the camera work", "the dialogue"]
@@ -148,8 +148,6 @@ def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from honelm.cli import main as cli
-
     p = argparse.ArgumentParser(prog="honelm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo-runs", help="directory for the generated data and all runs")
     p.add_argument("--steps", type=int, default=400, help="pre-training steps")
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step(*words: str) -> None:
         print(f"\n$ honelm {' '.join(words)}", flush=True)
-        code = cli(list(words))
+        code = cli.main(list(words))  # looked up at each call: the real CLI, exactly as a user types it
         if code == 130:  # Ctrl-C: the step saved what it had; stop the demo as an interrupted command
             raise KeyboardInterrupt
         if code != 0:

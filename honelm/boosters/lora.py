@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import peft
 import torch
+from peft import TaskType
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -219,7 +222,6 @@ def uncovered_new_weights(new_weights: Sequence[str], heads: Sequence[str]) -> l
 
 
 def _task_type(task: str, model: nn.Module) -> Any:
-    from peft import TaskType  # peft only when LoRA is applied: runs without it never import it
 
     if task == "classify":
         return TaskType.SEQ_CLS  # PeftModelForSequenceClassification; AutoPeftModelForSequenceClassification loads it
@@ -250,7 +252,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def peft_config(model: nn.Module, cfg: LoraConfig, task: str, new_weights: Sequence[str]) -> Any:
     """The `peft.LoraConfig` for `model`: validated section, resolved targets, heads to train fully."""
-    import peft  # peft only when LoRA is applied
 
     init = check_config(cfg)
     heads = modules_to_save(model, task, new_weights)
@@ -274,7 +275,6 @@ def apply_lora(loaded: LoadedModel, cfg: LoraConfig, task: str, say: Callable[[s
     record's `base_pending` is set: the base is saved into the run when the adapter is first saved.
     `loaded.carry` (`honelm.models.load_for_carry`) attaches that adapter again with its weights.
     """
-    import peft  # peft only when LoRA is applied
 
     model, carried = loaded.model, loaded.carry
     if is_peft_model(model):
@@ -310,7 +310,6 @@ def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[s
     error rather than silently ignored. Dropout is this stage's (it is a training choice, not part
     of the weights). The heads to train fully are this task's.
     """
-    import peft  # peft only when LoRA is applied
 
     saved, where = carried["config"], carried["dir"]
     check_config(cfg)
@@ -345,7 +344,6 @@ def load_carried(wrapped: nn.Module, carried: dict[str, Any]) -> str:
     from a DAPT run) and heads of another shape (a classifier with other labels) stay behind, and
     the line names them.
     """
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # peft only when LoRA is applied
 
     where = Path(carried["dir"])
     path = where / "adapter_model.safetensors"
