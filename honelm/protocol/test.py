@@ -1,12 +1,13 @@
 """`honelm test RUN`: the one and only reader of the test split.
 
-It rebuilds the run's splits from its saved config (splits are deterministic by content), checks
-that train and validation hash to what the run recorded, opens the test split inside
-`unlock_test_split`, evaluates the best checkpoint once, writes `test_metrics.json` (and, for
-classify runs, `test_predictions.jsonl` in honelm.predictions' format plus `labels.json`;
-sft and reward runs keep their `test_predictions.json`), and appends the look to
-`test_looks.jsonl`. A second look is refused unless forced; forced looks are recorded as such,
-so a report always shows how many times the test set was seen.
+It looks the run's stage up in the registry, rebuilds the run's splits from its saved config
+(splits are deterministic by content) with `Stage.splits`, checks that train and validation hash
+to what the run recorded, opens the test split inside `unlock_test_split`, and scores the best
+checkpoint once with `Stage.test` (by default: load best/, `encode`, `score` with the prefix
+"test", the same `score` validation used). It writes `test_metrics.json`, the per-example files the
+stage returns under "files" (e.g. test predictions), and appends the look to `test_looks.jsonl`.
+A second look is refused unless forced; forced looks are recorded as such, so a report always
+shows how many times the test set was seen. Nothing here knows a stage by name.
 """
 
 from __future__ import annotations
