@@ -75,7 +75,7 @@ STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "ho
 # the model layer's own API (build_model/load_model(task=...)); the modules that load models by task
 # may use that word, and only that one.
 MODEL_TASK_WORDS = {"classify"}
-MODEL_TASK_MODULES = ["honelm.models", "honelm.adapters", "honelm.boosters.lora", "honelm.rl.rewards"]
+MODEL_TASK_MODULES = ["honelm.models", "honelm.adapters", "honelm.boosters.lora", "honelm.rl.rewards", "honelm.rl.policy"]
 
 
 class Node(NamedTuple):

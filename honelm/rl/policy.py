@@ -22,8 +22,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from honelm.checkpoint import resolve_model_dir
+from honelm.errors import ConfigError
 from honelm.generate import neutral_generation_config
 from honelm.loop import enable_gradient_checkpointing
+from honelm.models import load_model
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -147,3 +150,26 @@ class Reference:
                              use_cache=False).logits
             finally:
                 model.train(was_training)
+
+
+def value_scorer(source: str, trust_remote_code: bool = False) -> nn.Module:
+    """The sequence-classification model a separate value function starts from (trunk + one-output head)."""
+    if not source:
+        raise ConfigError("ppo.value_model=separate needs a checkpoint to start from: set ppo.value_init "
+                          "(or reward.model, or model.init_from)")
+    return load_model(resolve_model_dir(source), "classify", num_labels=1, trust_remote_code=trust_remote_code)
+
+
+def with_value(policy: nn.Module, value_model: str, value_init: str, trust_remote_code: bool,
+               say: Callable[[str], None]) -> PolicyWithValue:
+    """The policy with its value function: a head on its hidden states (shared), or a separate model
+    started from `value_init` (ppo.value_init, else the reward model, else the policy's checkpoint)."""
+    if value_model == "shared":
+        model = PolicyWithValue.shared(policy)
+        say("value: a scalar head on the policy's last hidden states (zero-initialised)")
+        return model
+    scorer_model = value_scorer(value_init, trust_remote_code)
+    disable_dropout(scorer_model)
+    model = PolicyWithValue.separate(policy, scorer_model)
+    say(f"value: a separate {type(scorer_model).__name__} (trunk + score head at every position)")
+    return model

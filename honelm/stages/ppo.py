@@ -16,18 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 from honelm.boosters import StageConfig
 from honelm.boosters.base import ADAPTER_REFERENCE
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import resolve_model_dir
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.chat import ensure_template
-from honelm.errors import ConfigError, HonelmError
-from honelm.models import check_block_fits, load_model
+from honelm.errors import HonelmError
+from honelm.models import check_block_fits
 from honelm.objectives.ppo import PPO
-from honelm.rl.policy import PolicyWithValue, Reference, disable_dropout
+from honelm.rl.policy import Reference, disable_dropout, with_value
 from honelm.rl.prompts import PromptDataConfig, encode_prompts, prompt_splits, use_chat
 from honelm.rl.rewards import RewardConfig, make_scorer
 from honelm.rl.rollout import PPOOptions, RolloutStream, Sampler, validate_policy, write_samples
@@ -55,28 +52,6 @@ class PPOConfig(StageConfig):
     ppo: PPOOptions = section(PPOOptions)
     train: TrainConfig = section(_ppo_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
-
-
-def value_scorer(cfg: PPOConfig) -> torch.nn.Module:
-    """The sequence-classification model a separate value function starts from (trunk + one-output head)."""
-    source = cfg.ppo.value_init or cfg.reward.model or cfg.model.init_from
-    if not source:
-        raise ConfigError("ppo.value_model=separate needs a checkpoint to start from: set ppo.value_init "
-                          "(or reward.model, or model.init_from)")
-    return load_model(resolve_model_dir(source), "classify", num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def with_value(cfg: PPOConfig, policy: torch.nn.Module, say: Callable[[str], None]) -> PolicyWithValue:
-    """The policy with its value function: a head on its hidden states, or a separate model."""
-    if cfg.ppo.value_model == "shared":
-        model = PolicyWithValue.shared(policy)
-        say("value: a scalar head on the policy's last hidden states (zero-initialised)")
-        return model
-    scorer_model = value_scorer(cfg)
-    disable_dropout(scorer_model)
-    model = PolicyWithValue.separate(policy, scorer_model)
-    say(f"value: a separate {type(scorer_model).__name__} (trunk + score head at every position)")
-    return model
 
 
 class PPOStage(Stage):
@@ -121,7 +96,9 @@ class PPOStage(Stage):
         reference = Reference(loaded.model, lora=cfg.lora.enabled).to(runtime.device)
         say("reference: " + ("the policy with its LoRA adapters disabled" if cfg.lora.enabled
                              else "a frozen copy of the starting policy"))
-        model = with_value(cfg, loaded.model, say).to(runtime.device)
+        value_init = cfg.ppo.value_init or cfg.reward.model or cfg.model.init_from
+        model = with_value(loaded.model, cfg.ppo.value_model, value_init, cfg.model.trust_remote_code, say)
+        model.to(runtime.device)
         scorer = make_scorer(cfg.reward, tokenizer, runtime.device, runtime.autocast, cfg.train.eval_batch_size,
                              cfg.model.trust_remote_code)
         say(f"reward: {'function ' + cfg.reward.function if cfg.reward.function else 'model ' + cfg.reward.model}"
