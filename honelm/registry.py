@@ -152,6 +152,8 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
     v = verb(name)
     if v.kind == "stage":
         return resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
+    if callbacks:
+        raise TypeError(f"honelm {name} trains nothing that callbacks could observe")
     return importlib.import_module(v.module).run(cfg, resume=resume)
 
 
