@@ -457,3 +457,16 @@ def test_carry_needs_lora_and_an_adapter_and_is_refused_where_the_reference_woul
     for stage in ("dpo", "ppo"):
         with pytest.raises(ConfigError, match=f"not available for {stage}"):
             boosters.check(stage_cfg(stage, enabled=True, carry=True))
+
+
+def test_an_init_that_rewrites_the_base_is_refused_where_the_reference_is_the_adapter_disabled_policy():
+    """The one stage x booster check: pissa/olora rewrite the base, so dpo's and ppo's adapter-disabled
+    reference would not be the starting policy; stages without such a reference accept them."""
+    from honelm import boosters, registry
+
+    for stage in ("dpo", "ppo"):
+        for init in ("pissa", "olora"):
+            with pytest.raises(ConfigError, match=f"{stage} with lora.init={init}: that init rewrites the base"):
+                boosters.check(registry.config_class(stage)(lora=LoraConfig(enabled=True, init=init)))
+    for stage in ("sft", "classify"):
+        boosters.check(registry.config_class(stage)(lora=LoraConfig(enabled=True, init="pissa")))

@@ -22,7 +22,7 @@ from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.packing import PackedBlocks, pack
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
-from honelm.loop import BatchStream
+from honelm.loop import BatchStream, Callback
 from honelm.objectives.lm import CausalLM
 from honelm.stages.contract import Plan, RunContext, Stage
 
@@ -63,6 +63,18 @@ def test_every_target_resolves():
         if v.kind == "stage":
             assert issubclass(type(registry.stage(v.name)), Stage)
             assert registry.stage(v.name).name == v.name
+            assert registry.config_class(v.name).verb == v.name  # the name the booster checks' messages use
+            for section in registry.stage(v.name).report_sections:  # resolved only when a report is written
+                assert callable(registry.resolve(section.build)), section.build
+
+
+def test_callbacks_are_refused_where_nothing_trains():
+    """A verb that trains no model cannot take callbacks: refused, never silently dropped."""
+    cfg = registry.config_class("generate")()
+    with pytest.raises(TypeError, match="trains nothing"):
+        registry.run_verb("generate", cfg, callbacks=[Callback()])
+    with pytest.raises(TypeError, match="runs no training"):
+        main(["ls"], callbacks=[Callback()])
 
 
 # ----------------------------------------------------------------------------------------------
