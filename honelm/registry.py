@@ -41,11 +41,6 @@ class Verb:
             return ""
         return self.target.split(":")[0] if isinstance(self.target, str) else self.target.__module__
 
-    @property
-    def config(self) -> str:
-        """The name of the config class in `module` ("" for a command)."""
-        return "" if self.kind == "command" else config_class(self.name).__name__
-
 
 VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("tokenizer", "train a byte-level BPE or WordPiece tokenizer on a corpus", "config",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from honelm import config as C
+from honelm import registry
 from honelm.cli import config_help, main
 from honelm.registry import VERBS, find_config
 from honelm.errors import ConfigError
@@ -21,9 +22,7 @@ FILE_VERBS = {"pipeline": PipelineConfig, "search": SearchConfig, "ablate": Abla
 
 
 def test_every_field_has_a_doc():
-    import importlib
-
-    classes = [getattr(importlib.import_module(v.module), v.config) for v in VERBS.values() if v.module]
+    classes = [registry.config_class(v.name) for v in VERBS.values() if v.module]
     assert PretrainConfig in classes and ClassifyConfig in classes
     classes += FILE_VERBS.values()  # with their sections: stages[].verb, space.<key>.low, variants.<key>.before[].name
     for cls in classes:
@@ -78,8 +77,6 @@ def test_shipped_presets_validate_and_start_with_their_command():
     for path in presets:
         stage = path.parent.name
         verb = VERBS[stage]
-        import importlib
-
         if stage in ("pipeline", "search", "ablate"):  # files of their own verbs, not config presets
             assert path.read_text().startswith(f"# honelm {stage} configs/{stage}/{path.name}\n"), path
             if stage == "search":
@@ -91,7 +88,7 @@ def test_shipped_presets_validate_and_start_with_their_command():
 
                 load_ablation(path)  # builds every cell's configs
             continue
-        cls = getattr(importlib.import_module(verb.module), verb.config)
+        cls = registry.config_class(verb.name)
         C.build(cls, path)
         assert path.read_text().startswith(f"# honelm {stage} "), path
         assert find_config(stage, path.stem) is not None
@@ -102,9 +99,7 @@ def test_help_lists_every_field(capsys):
         if verb.module:
             assert main([verb.name, "--help"]) == 0
             out = capsys.readouterr().out
-            import importlib
-
-            cls = getattr(importlib.import_module(verb.module), verb.config)
+            cls = registry.config_class(verb.name)
             for key, tp, default, _doc in C.describe(cls):
                 assert f"{key}: {tp} = {default}" in out
 
