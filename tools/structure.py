@@ -47,7 +47,7 @@ LAYERS: dict[str, int] = {
     "honelm.adapters": 1, "honelm.models": 1,  # adapter reading below the model loader that uses it
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,
     "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
-    "honelm.checkpoint": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
+    "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
     "honelm.stages": 5, "honelm.stages.*": 5,  # incl. the shared contract and runner inside stages/
@@ -68,14 +68,15 @@ STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",
                "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-STAGE_NAMES = {"pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo"}
+STAGE_NAMES = {"pretrain", "adapt", "classify", "distill", "sft", "reward", "dpo", "ppo"}
 STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "honelm.registry.*",
                       "honelm.demo"]  # the demo is a script of the commands a user types, verbs included
 # "classify" is also a model task (honelm.models.TASKS: the sequence-classification head), a name of
 # the model layer's own API (build_model/load_model(task=...)); the modules that load models by task
 # may use that word, and only that one.
 MODEL_TASK_WORDS = {"classify"}
-MODEL_TASK_MODULES = ["honelm.models", "honelm.adapters", "honelm.boosters.lora", "honelm.rl.rewards", "honelm.rl.policy"]
+MODEL_TASK_MODULES = ["honelm.models", "honelm.adapters", "honelm.boosters.lora", "honelm.rl.rewards", "honelm.rl.policy",
+                      "honelm.teacher"]  # the teacher is loaded as a sequence classifier
 
 
 class Node(NamedTuple):

@@ -27,6 +27,7 @@ from honelm.data.sections import LabelledDataConfig
 from honelm.data.sources import labelled_splits
 from honelm.metrics import classification_scores
 from honelm.models import LoadedModel, check_block_fits, model_kind
+from honelm.objectives.base import Objective
 from honelm.objectives.classify import Classify, predict
 from honelm.stages.contract import ModelSpec, Plan, ReportSection, RunContext, Stage
 
@@ -81,14 +82,14 @@ class Classification(Stage):
         cfg = ctx.cfg
         check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
         ctx.extra["is_decoder"] = model_kind(loaded.model) == "decoder"
-        train = self.encode(ctx, ctx.splits.train, "train")
+        train = self.training_items(ctx)
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         for name, enc in (("train", train), ("validation", val)):
             if enc is not None and enc.truncated:
                 ctx.say(f"note: {enc.truncated} of {len(enc)} {name} examples are longer than data.max_length="
                         f"{cfg.data.max_length} and were truncated")
         stream = ctx.stream(train, lengths=train.lengths)
-        objective = Classify(regression=cfg.data.task == "regression")
+        objective = self.objective(ctx)
 
         def best_files(info: dict[str, Any]) -> dict[str, str] | None:
             # fit() calls save_best right after the evaluation that set a new best, so the logits `score`
@@ -104,6 +105,13 @@ class Classification(Stage):
 
         return Plan(objective, stream, (lambda m: self.score(ctx, m, val, "val")) if val is not None else None,
                     metric=cfg.train.metric or objective.default_metric, best_files=best_files, reset=reset)
+
+    def training_items(self, ctx: RunContext) -> EncodedExamples:
+        """What the training stream draws from (here: the encoded train split)."""
+        return self.encode(ctx, ctx.splits.train, "train")
+
+    def objective(self, ctx: RunContext) -> Objective:
+        return Classify(regression=ctx.cfg.data.task == "regression")
 
     def encode(self, ctx: RunContext, rows: list[Any], split: str) -> EncodedExamples:
         return encode_examples(ctx.tokenizer, rows, self.labels(ctx)[0], ctx.cfg.data.max_length,

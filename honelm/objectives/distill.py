@@ -1,0 +1,81 @@
+"""Knowledge distillation of a classifier or regressor: gold labels and a teacher's outputs together.
+
+Classification (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network"):
+
+    loss_i = α · CE(y_i, softmax(s_i)) · [i has a gold label] + (1 − α) · KD_i
+    KD_i   = T² · KL(softmax(t_i / T) ‖ softmax(s_i / T))        (loss="kl")
+    KD_i   = ‖s_i − t_i‖²  (squared L2 distance of the logits)     (loss="mse", Tang et al. 2019)
+
+s_i are the student's logits, t_i the teacher's, T the temperature. The T² factor keeps the soft
+term's gradient on the same scale as the hard term's when T changes (Hinton et al. section 2:
+the gradients of the soft term scale as 1/T²). Rows of the transfer set without a gold label
+(unlabelled or augmented text) carry the KD term only.
+
+Regression: KD_i = (s_i − t_i)² (the teacher's prediction as a soft target), CE replaced by the
+squared error to the gold value; no temperature.
+
+`Loss.value` is the sum over the examples of the batch (honelm's objective contract) and the
+metrics are sums too: the gold and KD parts (`ce`, `kd`) and how often the student's top class
+equals the teacher's (`agreement`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from honelm.objectives.base import Loss, Objective
+from honelm.objectives.classify import Classify
+
+
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)) per row: (B, C) logits → (B,)."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance between student and teacher logits per row: (B, C) → (B,)."""
+    return (student.float() - teacher.float()).pow(2).sum(-1)
+
+
+def kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, has_label: torch.Tensor,
+             alpha: float, temperature: float, loss: Literal["kl", "mse"], regression: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example (total, gold part, KD part), each (B,); the gold part is 0 where there is no gold label."""
+    if regression:
+        kd = logit_mse(student, teacher)
+        gold = (student.float().squeeze(-1) - labels.float()).pow(2)
+    else:
+        kd = soft_kl(student, teacher, temperature) if loss == "kl" else logit_mse(student, teacher)
+        # rows without a gold label carry a placeholder class 0; their term is masked out below
+        gold = F.cross_entropy(student.float(), labels.long().clamp(min=0), reduction="none")
+    gold = torch.where(has_label, gold, torch.zeros_like(gold))
+    return alpha * gold + (1.0 - alpha) * kd, gold, kd
+
+
+class Distill(Objective):
+    """The KD loss on batches that carry the teacher's outputs (`teacher`, (B, C)) and `has_label` (B,)."""
+
+    def __init__(self, alpha: float, temperature: float, loss: Literal["kl", "mse"] = "kl", regression: bool = False):
+        self.alpha, self.temperature, self.loss, self.regression = alpha, temperature, loss, regression
+        self.default_metric = "val_mse" if regression else "val_accuracy"
+        self.continuous = regression
+        self._logits = Classify(regression)
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        logits = self._logits.logits(model, batch)
+        teacher = batch["teacher"].to(logits.device)
+        total, gold, kd = kd_terms(logits, teacher, batch["labels"], batch["has_label"].to(logits.device),
+                                   self.alpha, self.temperature, self.loss, self.regression)
+        metrics = {"ce" if not self.regression else "gold_mse": gold.sum().detach(), "kd": kd.sum().detach()}
+        if not self.regression:
+            metrics["agreement"] = (logits.argmax(-1) == teacher.argmax(-1)).sum().detach().float()
+        return Loss(value=total.sum(), units=logits.shape[0], metrics=metrics), logits
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["labels"].numel())

@@ -1,0 +1,136 @@
+"""`honelm distill` through the real CLI: a decoder teacher teaches an encoder student with its own tokenizer, the
+teacher's outputs cached and reused, kill-and-resume bit-identical, regression, LoRA on the student, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from honelm.cli import main
+from honelm.predictions import read_records
+from tests.stages.conftest import FAST, cli, cli_subprocess, events
+
+SHORT = ["train.eval_every=10", "train.batch_size=16", "data.max_length=32", *FAST]
+
+
+@pytest.fixture(scope="module")
+def keywords(tmp_path_factory) -> Path:
+    """400 texts whose label is decided by one sentiment word among fillers: a task a test-size model learns in
+    a few dozen steps, so what the student takes from the teacher is visible."""
+    rng = random.Random(0)
+    filler = "the film plot cast was a scene music story actor and it with very this that its long short old new".split()
+    words = {"positive": ["great", "superb", "lovely", "wonderful"], "negative": ["awful", "dull", "boring", "poor"]}
+    path = tmp_path_factory.mktemp("kw") / "kw.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(400):
+            label = "positive" if i % 2 else "negative"
+            text = [rng.choice(filler) for _ in range(rng.randint(5, 9))]
+            text.insert(rng.randrange(len(text) + 1), rng.choice(words[label]))
+            handle.write(json.dumps({"text": " ".join(text), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(keywords, tmp_path_factory) -> Path:
+    """An encoder classifier trained from scratch (its own WordPiece tokenizer) on the keyword task."""
+    out = tmp_path_factory.mktemp("teacher")
+    cli("classify", f"data.train={keywords}", "model.arch=encoder", "model.size=test", "model.vocab_size=200",
+        "train.max_steps=60", "train.lr=3e-3", "train.warmup_ratio=0", f"run.out_dir={out}", "run.name=t", *SHORT)
+    return out / "t"
+
+
+def test_cross_tokenizer_distillation_then_test(teacher, keywords, tmp_path):
+    # an encoder teacher (WordPiece) teaches a decoder student (byte-level BPE trained on the transfer text)
+    cli("distill", f"data.train={keywords}", f"teacher.model={teacher}", "model.arch=decoder", "model.size=test",
+        "model.vocab_size=300", "distill.alpha=0", "augment.copies=2", "train.max_steps=40", "train.lr=3e-3",
+        "train.warmup_ratio=0", f"run.out_dir={tmp_path}", "run.name=s", *SHORT)
+    run = tmp_path / "s"
+    record = json.loads((run / "transfer_set.json").read_text())
+    assert record["train"] == 320 and record["augmented"]["candidates"] == 640
+    assert record["total"] == 320 + record["augmented"]["kept"]
+    logits = load_file(run / "teacher" / "logits.safetensors")
+    assert logits["transfer"].shape == (record["total"], 2) and logits["val"].shape == (40, 2)
+    # teacher and student have different tokenizers: the teacher's WordPiece (whose mask token augmentation used)
+    student_tok, teacher_tok = AutoTokenizer.from_pretrained(run / "best"), AutoTokenizer.from_pretrained(teacher / "best")
+    assert len(student_tok) != len(teacher_tok) and student_tok.mask_token is None
+    assert teacher_tok.mask_token == "[MASK]"
+    train = events(run, "train")
+    assert {"kd", "ce", "agreement"} <= set(train[-1]) and train[-1]["kd"] < train[0]["kd"]
+    teacher_val = json.loads((run / "teacher_scores.json").read_text())
+    teacher_best = json.loads((teacher / "best" / "best.json").read_text())
+    assert teacher_val["teacher_val_accuracy"] == pytest.approx(teacher_best["val_accuracy"], abs=1e-6)
+    # with alpha=0 the student learns only the teacher: its validation predictions follow the teacher's
+    student_val = read_records(run / "best" / "val_predictions.jsonl")
+    agree = sum(r["pred"] == int(t) for r, t in zip(student_val, logits["val"].argmax(-1))) / len(student_val)
+    assert agree >= 0.75, agree
+    model = AutoModelForSequenceClassification.from_pretrained(run / "best")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    cli("test", str(run))
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    test = read_records(run / "test_predictions.jsonl")
+    assert len(test) == 40 and sum(r["gold"] == r["pred"] for r in test) / 40 == pytest.approx(metrics["test_accuracy"])
+    # the split is classify's for the same data settings: the same sealed test split as the teacher's
+    assert (json.loads((run / "split_manifest.json").read_text())["hashes"]
+            == json.loads((teacher / "split_manifest.json").read_text())["hashes"])
+
+
+def _args(keywords, teacher, out, name):
+    return ["distill", f"data.train={keywords}", f"teacher.model={teacher}", f"model.tokenizer={teacher}",
+            "model.arch=encoder", "model.size=test", "model.dropout=0.1", "augment.copies=1",
+            "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.batch_size=8", "train.lr=1e-3",
+            "train.threads=1", "data.max_length=48", f"run.out_dir={out}", f"run.name={name}", *FAST]
+
+
+def test_kill_and_resume_is_bit_identical_and_the_teacher_runs_once(teacher, keywords, tmp_path):
+    cli_subprocess(*_args(keywords, teacher, tmp_path, "full"))
+    killed = cli_subprocess(*_args(keywords, teacher, tmp_path, "cut"), kill_at=7, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    cli_subprocess("distill", "--resume", str(tmp_path / "cut"))
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-00000012" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "step-00000012" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_log, cut_log = (tmp_path / "full" / "log.txt").read_text(), (tmp_path / "cut" / "log.txt").read_text()
+    assert full_log.count("soft-labelling") == 1
+    # the sibling run reused the first run's cached outputs; its resume read its own copy: the teacher never ran again
+    assert "soft-labelling" not in cut_log and "reusing the outputs cached" in cut_log
+    assert cut_log.count(f"outputs read from {tmp_path / 'cut' / 'teacher'}") == 2  # at its start and at its resume
+    assert torch.equal(load_file(tmp_path / "full" / "teacher" / "logits.safetensors")["transfer"],
+                       load_file(tmp_path / "cut" / "teacher" / "logits.safetensors")["transfer"])
+
+
+def test_regression_distillation(data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'scores.jsonl'}", "data.label_field=score", "data.task=regression",
+        "model.arch=encoder", "model.size=test", "model.vocab_size=400", "train.max_steps=30", "train.lr=2e-3",
+        f"run.out_dir={tmp_path}", "run.name=rt", *SHORT)
+    cli("distill", f"data.train={data_dir / 'scores.jsonl'}", "data.label_field=score", "data.task=regression",
+        f"teacher.model={tmp_path / 'rt'}", "model.arch=encoder", "model.size=test", "model.vocab_size=300",
+        "train.max_steps=20", "train.lr=2e-3", f"run.out_dir={tmp_path}", "run.name=rs", *SHORT)
+    assert {"val_mse", "val_pearson"} <= set(events(tmp_path / "rs", "eval")[-1])
+    assert "teacher_val_mse" in json.loads((tmp_path / "rs" / "teacher_scores.json").read_text())
+    assert "gold_mse" in events(tmp_path / "rs", "train")[-1]
+
+
+def test_lora_on_the_student(teacher, pretrained, keywords, tmp_path):
+    cli("distill", f"data.train={keywords}", f"teacher.model={teacher}",
+        f"model.init_from={pretrained}", "lora.enabled=true", "lora.r=4", "train.max_steps=10", "train.lr=3e-3",
+        f"run.out_dir={tmp_path}", "run.name=l", *SHORT)
+    assert (tmp_path / "l" / "best" / "adapter_config.json").is_file()
+    cli("test", str(tmp_path / "l"))
+    assert "test_accuracy" in json.loads((tmp_path / "l" / "test_metrics.json").read_text())
+
+
+def test_refusals_name_the_problem(pretrained, data_dir, tmp_path, capsys):
+    base = ["distill", f"data.train={data_dir / 'reviews.jsonl'}", "model.size=test", f"run.out_dir={tmp_path}", *FAST]
+    assert main(base + ["run.name=a"]) != 0
+    assert "teacher.model is empty" in capsys.readouterr().err
+    assert main(base + [f"teacher.model={pretrained}", "run.name=b"]) != 0
+    assert "is not a sequence classifier" in capsys.readouterr().err
+    assert main(base + [f"teacher.model={pretrained}", "distill.alpha=2", "run.name=c"]) != 0
+    assert "distill.alpha=2" in capsys.readouterr().err
