@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -134,3 +135,22 @@ def test_refusals_name_the_problem(pretrained, data_dir, tmp_path, capsys):
     assert "is not a sequence classifier" in capsys.readouterr().err
     assert main(base + [f"teacher.model={pretrained}", "distill.alpha=2", "run.name=c"]) != 0
     assert "distill.alpha=2" in capsys.readouterr().err
+
+
+def test_distill_under_search_and_ablate_runs_the_teacher_once(teacher, keywords, tmp_path):
+    fixed = {"data.train": str(keywords), "teacher.model": str(teacher), "model.arch": "encoder", "model.size": "test",
+             "model.tokenizer": str(teacher), "data.max_length": 32, "train.max_steps": 4, "train.eval_every": 2,
+             "train.batch_size": 8, **{k: v for k, v in (a.split("=") for a in FAST)}}
+    search = {"verb": "distill", "set": fixed, "out_dir": str(tmp_path / "search"), "metric": "val_accuracy",
+              "n_trials": 2, "pruner": "none", "space": {"distill.temperature": [1.0, 4.0]}}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    cli("search", str(tmp_path / "search.yaml"))
+    logs = [p.read_text() for p in sorted((tmp_path / "search").rglob("log.txt")) if (p.parent / "teacher").is_dir()]
+    assert len(logs) == 2 and sum(log.count("soft-labelling") for log in logs) == 1  # the second trial reused it
+    ablation = {"out_dir": str(tmp_path / "ablation"), "seeds": 1, "metric": "accuracy", "bootstrap": 100,
+                "stages": [{"name": "student", "verb": "distill", "set": fixed}],
+                "variants": {"mse": {"set": {"distill.loss": "mse"}}}}
+    (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(ablation, sort_keys=False))
+    cli("ablate", str(tmp_path / "ablation.yaml"))
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "ablation" / "results.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "mse"} and rows["mse"]["verdict"] in ("helps", "hurts", "no evidence")
