@@ -28,6 +28,7 @@ from honelm.data.sections import ChatDataConfig, chat_splits, encode_chat_split
 from honelm.data.sft import SFTExamples, check_packing, pack_examples, template_texts
 from honelm.errors import ConfigError, HonelmError
 from honelm.models import check_block_fits
+from honelm.objectives.base import Objective
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.lm_scores import example_scores
 from honelm.stages.contract import Plan, RunContext, Stage
@@ -81,7 +82,7 @@ class SFT(Stage):
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg = ctx.cfg
         check_block_fits(loaded.model, cfg.data.max_length, "data.max_length")
-        train = self.encode(ctx, ctx.splits.train, "train")
+        train = self.training_examples(ctx)
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         ctx.say(train.describe("train") + f" (loss on: {cfg.data.train_on})")
         if val is not None:
@@ -96,8 +97,16 @@ class SFT(Stage):
                     f"{items.fill:.0%} full (best-fit decreasing; position_ids restart per example; checked: no "
                     "attention across examples)")
         evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
-        return Plan(CausalLM(), ctx.stream(items, lengths=items.lengths), evaluate,
-                    metric=cfg.train.metric or "val_loss")
+        items, objective = self.training_items(ctx, train, items)
+        return Plan(objective, ctx.stream(items, lengths=items.lengths), evaluate, metric=cfg.train.metric or "val_loss")
+
+    def training_examples(self, ctx: RunContext) -> SFTExamples:
+        """The encoded conversations that train (here: the train split's)."""
+        return self.encode(ctx, ctx.splits.train, "train")
+
+    def training_items(self, ctx: RunContext, examples: SFTExamples, items: Any) -> tuple[Any, Objective]:
+        """What the stream draws from (`items`: `examples`, packed when data.packing) and the objective."""
+        return items, CausalLM()
 
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
         if result.reason == "interrupted" or not ctx.splits.val or ctx.cfg.samples.n <= 0:

@@ -1,0 +1,111 @@
+"""Teacher vs distilled student vs the same student without a teacher, on one sealed test split.
+
+    python benchmarks/distill_compare.py --task sst2 --teacher RUN [--out runs/bench-distill/sst2]
+    python benchmarks/distill_compare.py --task chemprot --teacher RUN   # the DAPT+TAPT MiniLM classifier
+
+Hand-run and resumable (a finished step is skipped); never run by CI. Every step goes through the
+real CLI (`honelm.cli.main`), as a user would type it:
+
+1. the teacher: `--teacher RUN`, a finished `classify` run on the task's data settings (SST-2:
+   `honelm classify --config sst2-minilm data.dedup=true`; ChemProt: the DAPT+TAPT MiniLM of
+   configs/ablate/chemprot-minilm.yaml). Without `--teacher` it is trained here with the preset.
+2. the student: `honelm distill --config <task preset>` (a ~1.9M-parameter encoder from scratch,
+   WordPiece trained on the transfer text; ChemProt adds the PubMed abstracts as `data.unlabelled`);
+3. the control: the same student, same data settings, same steps, `honelm classify` without a teacher;
+4. `honelm test` on each (each run's one look; the teacher's earlier look is reused);
+5. `honelm compare TEACHER STUDENT CONTROL`: metric with paired-bootstrap intervals, parameters,
+   disk size, CPU latency at batch 1 and throughput at batch 32, peak memory, and the one line.
+
+Numbers are recorded in docs/benchmarks.md with the command that produced them. Needs
+../shared/data (skips with a message when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from honelm import cli
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+
+TASKS = {
+    "sst2": {"data": DATA / "sst2", "teacher_config": "sst2-minilm", "student_config": "sst2-tiny",
+             "teacher_set": ["data.dedup=true"], "unlabelled": ""},
+    "chemprot": {"data": DATA / "biomed-chemprot", "teacher_config": "", "student_config": "chemprot-tiny",
+                 "teacher_set": [], "unlabelled": str(DATA / "biomed-chemprot" / "corpus" / "pubmed_abstracts_1MB.txt")},
+}
+
+
+def run(*words: str) -> None:
+    print(f"\n$ honelm {' '.join(words)}", flush=True)
+    code = cli.main(list(words))
+    if code != 0:
+        sys.exit(f"step failed ({code}): honelm {' '.join(words)}")
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "best" / "best.json").is_file() and any(
+        json.loads(line).get("event") == "end" for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def tested(run_dir: Path) -> bool:
+    return (run_dir / "test_metrics.json").is_file()
+
+
+def control_config(name: str, out: Path) -> Path:
+    """The student's distill preset as a classify config: the same data, model and training, no teacher."""
+    cfg = yaml.safe_load((REPO / "configs" / "distill" / f"{name}.yaml").read_text(encoding="utf-8"))
+    for key in ("teacher", "distill", "augment"):
+        cfg.pop(key, None)
+    cfg.get("data", {}).pop("unlabelled", None)
+    path = out / "control.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    p.add_argument("--teacher", default="", help="a finished classify run on the task (else trained here)")
+    p.add_argument("--out", default="", help="output directory (default runs/bench-distill/TASK)")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value for the student and the control alike")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds of honelm compare")
+    args = p.parse_args(argv)
+    task = TASKS[args.task]
+    if not task["data"].is_dir():
+        print(f"skipped: {task['data']} is absent (see ../shared/data/README.md)")
+        return
+    out = Path(args.out or f"runs/bench-distill/{args.task}")
+    teacher = Path(args.teacher) if args.teacher else out / "teacher"
+    if not args.teacher and not finished(teacher):
+        if not task["teacher_config"]:
+            sys.exit(f"--teacher is required for {args.task} (train it as docs/benchmarks.md says)")
+        run("classify", "--config", task["teacher_config"], *task["teacher_set"], f"run.out_dir={out}",
+            "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else []))
+    student, control = out / "student", out / "control"
+    common = [*(f"data.unlabelled={task['unlabelled']}",) * bool(task["unlabelled"]), *args.set]
+    if not finished(student):
+        resume = ["--resume", str(student)] if (student / "checkpoints").is_dir() else []
+        run("distill", "--config", task["student_config"], f"teacher.model={teacher}", f"run.out_dir={out}",
+            "run.name=student", *common, *resume)
+    if not finished(control):
+        # the same student settings through classify: the distill preset minus what only distill has
+        resume = ["--resume", str(control)] if (control / "checkpoints").is_dir() else []
+        run("classify", "--config", str(control_config(task["student_config"], out)), f"run.out_dir={out}",
+            "run.name=control", *[s for s in args.set if not s.startswith(("distill.", "augment.", "teacher."))],
+            *resume)
+    for r in (teacher, student, control):
+        if not tested(r):
+            run("test", str(r))
+    run("compare", str(teacher), str(student), str(control), "--out", str(out / "compare"), "--rounds", str(args.rounds))
+
+
+if __name__ == "__main__":
+    main()
