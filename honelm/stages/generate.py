@@ -45,7 +45,7 @@ class GenerateConfig:
     num_samples: int = 1
     """Samples per prompt (seeds seed, seed+1, ...)."""
     chat: bool = False
-    """Send each prompt as a user message through the model's chat template (honelm's default is added to a tokenizer without one) and generate the assistant's reply."""
+    """Send each prompt (a user message, or a row's conversation) through the model's chat template (honelm's default is added to a tokenizer without one) and generate the assistant's reply; false = continue a single user message's text. Use true for answers that sft trains on."""
     sampling: SamplingConfig = section(SamplingConfig)
 
 
