@@ -4,8 +4,10 @@ This module owns:
 - `SamplingConfig`: the knobs of decoding, validated in one place;
 - `generate`: batched, left-padded, seeded generation that returns only the new text per prompt
   and leaves the caller's model mode and global RNG state exactly as it found them
-  (`generate_ids` does the same for prompts given as token ids, e.g. rendered chat prompts);
-- `read_prompts` / `write_generations`: the prompt-file and generations-file formats.
+  (`generate_ids` does the same for prompts given as token ids, e.g. rendered chat prompts, and
+  `sample_ids` returns the sampled token ids themselves);
+- `read_prompts` / `read_prompt_rows` / `write_generations`: the prompt-file and generations-file
+  formats; a generations file is `honelm sft` input as it is (prompt_completion rows).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig
 
+from honelm.data.chat import Messages, prompt_of, reference_of
+from honelm.data.readers import read_rows
 from honelm.errors import DataError
 
 
@@ -180,6 +184,23 @@ def generate_ids(
     Chat prompts must be passed as ids: re-tokenising their rendered text would add the
     tokenizer's own BOS a second time. Same seeding, batching and decoding as `generate`.
     """
+    # skip_special_tokens drops the EOS (and anything special the model wrote before it).
+    return tokenizer.batch_decode(sample_ids(model, tokenizer, rows, cfg, batch_size), skip_special_tokens=True)
+
+
+def sample_ids(
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """The new token ids sampled after each prompt (given as ids): up to and including the first EOS,
+    or `max_new_tokens` ids when no EOS came. Same seeding, batching and mode handling as `generate`.
+
+    The exact sampled tokens, not a re-tokenisation of their decoded text (which may split
+    differently): on-policy distillation trains on the very tokens the student chose.
+    """
     cfg.validate()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -219,7 +240,7 @@ def generate_ids(
     is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     was_training = model.training
     device_type, devices = rng_devices(device)
-    outputs: list[str] = []
+    outputs: list[list[int]] = []
     model.eval()
     try:
         with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad(), \
@@ -232,13 +253,20 @@ def generate_ids(
                     attention_mask=attention_mask.to(device),
                     **gen_kwargs,
                 )
-                # Decoder-only output = [padded prompt | new tokens]; all rows share the padded width.
-                new_tokens = sequences if is_enc_dec else sequences[:, input_ids.shape[1] :]
-                # skip_special_tokens drops the EOS and the pad tokens that fill rows that stopped early.
-                outputs.extend(tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True))
+                # Decoder-only output = [padded prompt | new tokens]; all rows share the padded width. An
+                # encoder-decoder's starts with the decoder-start token, which was not sampled.
+                new_tokens = sequences[:, 1:] if is_enc_dec else sequences[:, input_ids.shape[1] :]
+                outputs.extend(_until_eos(row, eos_id) for row in new_tokens.tolist())
     finally:
         model.train(was_training)
     return outputs
+
+
+def _until_eos(row: list[int], eos_id: int | None) -> list[int]:
+    """A sampled row cut after its first EOS: what follows is the padding of rows that stopped early."""
+    if eos_id is not None and eos_id in row:
+        return row[: row.index(eos_id) + 1]
+    return row
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -247,6 +275,11 @@ def read_prompts(path: str | Path) -> list[str]:
     Bad rows raise `DataError(path, line, field, message)` with a 1-based line number. A file with
     no prompts at all is an error too: generating nothing is never what the user asked for.
     """
+    return [prompt for _, prompt in _numbered_prompts(path)]
+
+
+def _numbered_prompts(path: str | Path) -> list[tuple[int, str]]:
+    """`read_prompts` with the 1-based line of each prompt."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
@@ -256,7 +289,7 @@ def read_prompts(path: str | Path) -> list[str]:
     except OSError as exc:
         raise DataError(p, None, None, f"cannot read prompt file: {exc.strerror or exc}") from exc
 
-    prompts: list[str] = []
+    prompts: list[tuple[int, str]] = []
     for lineno, raw_line in enumerate(raw.split(b"\n"), start=1):
         try:
             line = raw_line.decode("utf-8")
@@ -269,7 +302,7 @@ def read_prompts(path: str | Path) -> list[str]:
             continue
         if suffix == ".txt":
             # Keep the line verbatim (minus its terminator): leading/trailing spaces change tokenization.
-            prompts.append(line)
+            prompts.append((lineno, line))
             continue
         try:
             row = json.loads(line)
@@ -284,31 +317,97 @@ def read_prompts(path: str | Path) -> list[str]:
             raise DataError(p, lineno, "prompt", f"must be a string, got {type(value).__name__}")
         if not value.strip():
             raise DataError(p, lineno, "prompt", "is empty")
-        prompts.append(value)
+        prompts.append((lineno, value))
     if not prompts:
         raise DataError(p, None, None, "no prompts found (file is empty or only blank lines)")
     return prompts
 
 
+@dataclass
+class PromptRow:
+    """One prompt of a prompt file: messages ending with a user turn, the reply the row holds for it
+    (its reference, kept apart from what is trained), and where it came from."""
+
+    messages: Messages
+    reference: str | None
+    source: str
+    line: int
+
+    @classmethod
+    def given(cls, text: str) -> "PromptRow":
+        """A prompt typed on the command line (may be empty: an unconditional sample)."""
+        return cls([{"role": "user", "content": text}], None, "prompt", 0)
+
+    def text(self) -> str:
+        """The prompt as plain text to continue (chat=false): only a single user message has one."""
+        if len(self.messages) != 1 or self.messages[0]["role"] != "user":
+            raise DataError(self.source, self.line, "prompt", "has a system message or several turns, which "
+                            "need the chat template: set chat=true")
+        return self.messages[0]["content"]
+
+    def field(self) -> str | Messages:
+        """The row's prompt as a generations file stores it: the text of a lone user message, else the
+        message list (both are `prompt_completion` prompts to `honelm.data.chat`)."""
+        single = len(self.messages) == 1 and self.messages[0]["role"] == "user"
+        return self.messages[0]["content"] if single else self.messages
+
+
+def read_prompt_rows(path: str | Path) -> list[PromptRow]:
+    """Prompts of a .txt file (one per line, as `read_prompts`) or of structured rows (.jsonl, .json,
+    .csv, .tsv, .parquet) in any format `honelm.data.chat.prompt_of` reads: a bare {"prompt"}, or an
+    SFT row (alpaca, prompt_completion, messages, sharegpt) whose prompt is the conversation up to its
+    last assistant turn and whose reply becomes the row's `reference`. Bad rows are a DataError
+    naming file, line and field.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".txt":
+        return [PromptRow([{"role": "user", "content": text}], None, str(p), line) for line, text in _numbered_prompts(p)]
+    return [PromptRow(prompt_of(row), reference_of(row), row.source, row.line) for row in read_rows(p)]
+
+
 def write_generations(
     path: str | Path,
-    prompts: list[str],
-    outputs: list[str],
+    prompts: Sequence[str | Messages],
+    outputs: Sequence[str],
     cfg: SamplingConfig | list[SamplingConfig],
-) -> None:
-    """Write one JSON line per prompt: {"prompt", "output", "sampling"}, sampling = the full config.
+    references: Sequence[str | None] | None = None,
+    chat: bool | None = None,
+) -> list[int]:
+    """Write one JSON line per prompt, an SFT row of the prompt_completion format
+    (`honelm.data.chat`), so the file is `honelm sft` input as it is (sequence-level distillation):
 
-    The sampling settings ride on every row so a single line is reproducible on its own; pass one
-    config per row when they differ (several samples per prompt use seeds seed, seed+1, ...).
+        {"prompt": text | messages, "completion": output, "output": output, "sampling": {...},
+         "reference"?: the row's own reply, "chat"?: whether the prompt went through the chat template}
+
+    `sampling` (the full config) rides on every row so a single line is reproducible on its own;
+    pass one config per row when they differ (several samples per prompt use seeds seed, seed+1,
+    ...). `output` repeats the completion under the name honelm's other answer files use (and
+    earlier generations files had), for whatever reads them; `sft` reads `prompt` and `completion`
+    and ignores the other fields. A blank output (the model ended at once) is no SFT row (`sft`
+    refuses an empty completion): it is not written, and the indices of those left out are returned
+    for the caller to report.
     """
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs; they must pair one to one")
     configs = cfg if isinstance(cfg, list) else [cfg] * len(prompts)
     if len(configs) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(configs)} sampling configs")
+    refs = list(references) if references is not None else [None] * len(prompts)
+    if len(refs) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(refs)} references")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    blank: list[int] = []
     with p.open("w", encoding="utf-8") as fh:
-        for prompt, output, one in zip(prompts, outputs, configs):
-            row = {"prompt": prompt, "output": output, "sampling": dataclasses.asdict(one)}
+        for i, (prompt, output, one, ref) in enumerate(zip(prompts, outputs, configs, refs)):
+            if not output.strip():
+                blank.append(i)
+                continue
+            row: dict[str, Any] = {"prompt": prompt, "completion": output, "output": output,
+                                   "sampling": dataclasses.asdict(one)}
+            if ref is not None:
+                row["reference"] = ref
+            if chat is not None:
+                row["chat"] = chat
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return blank

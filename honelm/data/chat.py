@@ -273,6 +273,23 @@ def prompt_of(row: Row) -> Messages:
     return msgs
 
 
+def reference_of(row: Row) -> str | None:
+    """The reply a row holds for its prompt (`prompt_of`): the final assistant turn of an SFT row
+    (alpaca `output`, prompt_completion `completion`, a messages / sharegpt conversation ending with
+    an assistant turn); None for a row without one (a bare prompt, a conversation ending with a user
+    turn, a preference pair, whose replies are ranked rather than one reference).
+    """
+    data = row.data
+    if "chosen" in data or "rejected" in data:
+        return None
+    kind = detect_format(data)
+    if kind in ("messages", "sharegpt"):
+        msgs = (_messages(row, "messages", data["messages"]) if kind == "messages"
+                else _messages(row, "conversations", data["conversations"], "from", "value", SHAREGPT_ROLES))
+        return msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else None
+    return conversation_of(row, kind).messages[-1]["content"] if kind is not None else None
+
+
 # --------------------------------------------------------------------------------------------
 # templates and encoding
 

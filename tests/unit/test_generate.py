@@ -254,3 +254,60 @@ def test_write_generations_roundtrip(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError):
         write_generations(out, ["p1"], [], cfg)
+
+
+def test_generations_are_sft_rows_with_their_settings_and_reference(tmp_path: Path) -> None:
+    """A generations file is `honelm sft` input as it is: prompt_completion rows; the extra fields
+    (sampling, reference, chat, output) are carried, not trained; a blank output is left out and named."""
+    from honelm.data.chat import conversation_of, detect_format
+    from honelm.data.readers import read_rows
+
+    out = tmp_path / "gen.jsonl"
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "p3"}]
+    blank = write_generations(out, ["p1", "p2", system], ["o1", "  ", "o3"], SamplingConfig(seed=4),
+                              references=["r1", None, "r3"], chat=True)
+    assert blank == [1]
+    rows = read_rows(out)
+    assert [r.data["completion"] for r in rows] == ["o1", "o3"]
+    assert rows[0].data["reference"] == "r1" and rows[0].data["chat"] is True and rows[0].data["sampling"]["seed"] == 4
+    assert all(detect_format(r.data) == "prompt_completion" for r in rows)
+    assert [conversation_of(r).messages for r in rows] == [
+        [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "o1"}],
+        system + [{"role": "assistant", "content": "o3"}]]  # the reference is never what is trained
+
+
+def test_read_prompt_rows_answers_sft_rows_up_to_their_last_reply(tmp_path: Path) -> None:
+    from honelm.generate import read_prompt_rows
+
+    conversation = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                    {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                    {"role": "assistant", "content": "a2"}]
+    rows = [{"instruction": "sum", "input": "2 2", "output": "4"},
+            {"prompt": "p", "completion": "c"},
+            {"messages": conversation},
+            {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]},
+            {"messages": conversation[:4]},  # ends with a user turn: a prompt without a reference
+            {"prompt": "bare"}]
+    f = tmp_path / "task.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = read_prompt_rows(f)
+    assert [(g.messages, g.reference, g.line) for g in got] == [
+        ([{"role": "user", "content": "sum\n\n2 2"}], "4", 1),
+        ([{"role": "user", "content": "p"}], "c", 2),
+        (conversation[:4], "a2", 3),
+        ([{"role": "user", "content": "h"}], "g", 4),
+        (conversation[:4], None, 5),
+        ([{"role": "user", "content": "bare"}], None, 6)]
+    assert got[0].text() == "sum\n\n2 2" and got[0].field() == "sum\n\n2 2"
+    assert got[2].field() == conversation[:4]
+    with pytest.raises(DataError, match="set chat=true") as info:
+        got[2].text()  # a plain continuation has no place for a system message or earlier turns
+    assert (info.value.line, info.value.field) == (3, "prompt")
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\n second \n", encoding="utf-8")
+    assert [(g.text(), g.line, g.reference) for g in read_prompt_rows(txt)] == [("first", 1, None), (" second ", 3, None)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"instruction": 3, "output": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_prompt_rows(bad)
+    assert (info.value.line, info.value.field) == (2, "instruction")
