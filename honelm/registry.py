@@ -51,8 +51,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "honelm.stages.adapt:Adapt"),
     Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "stage",
          "honelm.stages.classify:Classification"),
-    Verb("distill", "knowledge distillation: a teacher classifier/regressor teaches a smaller student (soft labels, "
-         "transfer set with unlabelled and augmented text, teacher outputs cached)", "stage",
+    Verb("distill", "knowledge distillation into a smaller student: a teacher classifier/regressor's soft labels on a "
+         "transfer set, or a teacher causal LM's answers (sequence-level) or next-token distribution (token-level)",
+         "stage",
          "honelm.stages.distill:Distillation"),
     Verb("sft", "instruction tuning: loss on assistant replies of chat data (alpaca, messages, sharegpt, "
          "prompt/completion), packed", "stage", "honelm.stages.sft:SFT"),

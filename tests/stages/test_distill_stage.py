@@ -154,3 +154,51 @@ def test_distill_under_search_and_ablate_runs_the_teacher_once(teacher, keywords
     cli("ablate", str(tmp_path / "ablation.yaml"))
     rows = {r["variant"]: r for r in json.loads((tmp_path / "ablation" / "results.json").read_text())["rows"]}
     assert set(rows) == {"baseline", "mse"} and rows["mse"]["verdict"] in ("helps", "hurts", "no evidence")
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(pretrained, data_dir, tmp_path_factory) -> Path:
+    """The pre-trained tiny decoder instruction-tuned on the generated instructions."""
+    out = tmp_path_factory.mktemp("chat")
+    cli("sft", f"data.train={data_dir / 'instructions.jsonl'}", f"model.init_from={pretrained}", "data.max_length=96",
+        "train.max_steps=10", "train.eval_every=5", "train.batch_size=8", "train.lr=3e-3", "samples.n=0",
+        f"run.out_dir={out}", "run.name=t", *FAST)
+    return out / "t"
+
+
+LM = ["data.task=generation", "data.max_length=96", "train.max_steps=6", "train.eval_every=3", "train.batch_size=8",
+      "train.lr=3e-3", "samples.n=2", "samples.max_new_tokens=8", *FAST]
+
+
+def test_sequence_level_kd_across_tokenizers_then_sft_reads_the_answers(chat_teacher, data_dir, tmp_path):
+    cli("distill", f"data.train={data_dir / 'instructions.jsonl'}", f"teacher.model={chat_teacher}",
+        "model.size=test", "model.vocab_size=300", "sampling.max_new_tokens=12", "sampling.temperature=0.8",
+        f"run.out_dir={tmp_path}", "run.name=seq", *LM)
+    run = tmp_path / "seq"
+    log = (run / "log.txt").read_text()
+    assert "sequence-level KD" in log and "answers" in log
+    answers = [json.loads(x) for x in (run / "teacher" / "answers.jsonl").read_text().splitlines()]
+    split = json.loads((run / "split_manifest.json").read_text())["counts"]
+    assert 0 < len(answers) <= split["train"] and all(a["completion"].strip() for a in answers)
+    assert {"val_loss", "val_ppl"} <= set(events(run, "eval")[-1])
+    assert len(AutoTokenizer.from_pretrained(run / "best")) != len(AutoTokenizer.from_pretrained(chat_teacher / "best"))
+    cli("test", str(run))
+    assert "test_loss" in json.loads((run / "test_metrics.json").read_text())
+    # the teacher's answers are an sft file as they are
+    cli("sft", f"data.train={run / 'teacher' / 'answers.jsonl'}", "model.size=test", "model.vocab_size=300",
+        "data.max_length=96", "train.max_steps=2", "samples.n=0", f"run.out_dir={tmp_path}", "run.name=plain", *FAST)
+
+
+def test_token_level_kd_with_a_shared_vocabulary(chat_teacher, data_dir, tmp_path, capsys):
+    cli("distill", f"data.train={data_dir / 'instructions.jsonl'}", f"teacher.model={chat_teacher}",
+        f"model.tokenizer={chat_teacher}", "model.size=test", "distill.divergence=jsd", "distill.top_k=8",
+        "distill.alpha=0", f"run.out_dir={tmp_path}", "run.name=tok", *LM)
+    run = tmp_path / "tok"
+    assert "token-level KD" in (run / "log.txt").read_text() and (run / "teacher" / "topk.safetensors").is_file()
+    train = events(run, "train")
+    assert "kd" in train[-1] and train[-1]["kd"] > 0
+    # a student with another vocabulary cannot take token-level KD: the refusal says what works instead
+    assert main(["distill", f"data.train={data_dir / 'instructions.jsonl'}", f"teacher.model={chat_teacher}",
+                 "distill.mode=token", "model.size=test", "model.vocab_size=300", f"run.out_dir={tmp_path}",
+                 "run.name=bad", *LM]) != 0
+    assert "sequence-level KD" in capsys.readouterr().err
