@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from honelm.cli import main
 from honelm.data import splits as splits_mod
-from honelm.models import count_parameters
+from honelm.models import count_parameters, load_model
 from honelm.predictions import read_records
 from honelm.protocol import measure, stats
 from honelm.protocol.compare import Side, summary_line
@@ -158,3 +158,20 @@ def test_refuses_other_labels_or_other_gold(runs, tmp_path, capsys):
     (shuffled / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _compare(str(runs["student"]), str(shuffled), "--out", str(tmp_path / "o")) == 1
     assert f"{shuffled}: test example {i} has gold" in capsys.readouterr().err
+
+
+def test_a_lora_run_is_merged_and_sized_as_adapter_plus_base(runs, pretrained, data_dir, tmp_path):
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}", "lora.enabled=true",
+        f"run.out_dir={tmp_path}", "run.name=lora", "train.max_steps=4", "train.eval_every=2", "data.max_length=48", *FAST)
+    lora = tmp_path / "lora"
+    cli("test", str(lora))
+    cli("compare", str(runs["teacher"]), str(lora), "--out", str(tmp_path / "out"), "--no-memory", *QUICK)
+    costs = json.loads((tmp_path / "out" / "compare.json").read_text())["costs"]["lora"]
+    base = json.loads((lora / "best" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert costs["disk"] == {"kind": "adapter", "adapter_bytes": (lora / "best" / "adapter_model.safetensors").stat().st_size,
+                             "base": base, "base_bytes": (Path(base) / "model.safetensors").stat().st_size,
+                             "bytes": (lora / "best" / "adapter_model.safetensors").stat().st_size +
+                             (Path(base) / "model.safetensors").stat().st_size}
+    merged = load_model(lora / "best", "classify", num_labels=2)  # what `honelm test` scored: the merged model
+    assert costs["parameters"] == count_parameters(merged)[1]
+    assert " adapter + " in (tmp_path / "out" / "compare.md").read_text()
