@@ -81,6 +81,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "command", "honelm.protocol.search:main"),
     Verb("ablate", "boosters vs baseline over seeds: mean ± std, paired-bootstrap CI on test, verdict, cost",
          "command", "honelm.protocol.ablate:main"),
+    Verb("compare", "models side by side on the same sealed test split: test metrics with paired-bootstrap "
+         "intervals, parameters, disk size, CPU latency and throughput, peak memory", "command",
+         "honelm.protocol.compare:main"),
 ]}
 
 

@@ -29,7 +29,7 @@ from honelm.metrics import classification_scores
 from honelm.models import LoadedModel, check_block_fits, model_kind
 from honelm.objectives.base import Objective
 from honelm.objectives.classify import Classify, predict
-from honelm.stages.contract import ModelSpec, Plan, ReportSection, RunContext, Stage
+from honelm.stages.contract import Inference, ModelSpec, Plan, ReportSection, RunContext, Stage
 
 
 def _classify_train_defaults() -> TrainConfig:
@@ -136,6 +136,12 @@ class Classification(Stage):
         out["files"] = {P.TEST_FILE: self.predictions(ctx, ctx.extra["test_logits"], rows, data),
                         P.LABELS_FILE: P.labels_text(self.labels(ctx)[1])}
         return out
+
+    def inference(self, ctx: RunContext, model: torch.nn.Module, rows: list[Any]) -> Inference:
+        ctx.extra["is_decoder"] = model_kind(model) == "decoder"
+        data, objective = self.encode(ctx, rows, "val"), Classify()
+        return Inference(lambda idx: {k: v.to(ctx.device) for k, v in data.collate(list(idx)).items()},
+                         lambda batch: objective.logits(model, batch))
 
     def labels(self, ctx: RunContext) -> tuple[dict | None, dict[int, str] | None]:
         """label → id and id → name from the train split (computed once per context)."""

@@ -15,7 +15,9 @@ is done once, by `honelm.stages.runner`, in this order:
 `honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
 `best/`, `encode`s the rows and `score`s them with the prefix "test" (per-example files it returns
 under the key "files", {name: text}, are written into the run by the look), and
-`report_sections` are the stage's parts of `honelm report`.
+`report_sections` are the stage's parts of `honelm report`. `honelm compare` loads `best/` the same
+way and times `inference(ctx, model, rows)` (one forward over encoded rows, as `test` scores them) on
+rows that are never test rows.
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ class Plan:
     reset: Callable[[], None] | None = None
     """Called before every fit of this plan: a booster's sub-run (a teacher) trains with the same plan
     before the main run, and nothing of it may carry over (the stream's position, kept evaluation outputs)."""
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What `honelm compare` times of a stage's model: `batch(idx)` builds the model's inputs for rows[idx]
+    (encoded by the run's own tokenizer, on the run's device; not timed) and `forward(batch)` runs the model
+    on them as `test` does (timed)."""
+
+    batch: Callable[[Sequence[int]], Any]
+    forward: Callable[[Any], Any]
 
 
 @dataclass
@@ -207,6 +219,11 @@ class Stage:
         """The run's best/ model for `honelm test`, as `model_spec` describes it (an adapter directory is merged)."""
         spec = self.model_spec(ctx)
         return load_model(best_dir(ctx.run_dir), spec.task, num_labels=spec.num_labels, id2label=spec.id2label)
+
+    def inference(self, ctx: RunContext, model: nn.Module, rows: list[Any]) -> Inference:
+        """`model` (best/, loaded by `load_best`) on `rows` (validation or train rows, never test rows), encoded and
+        run as `test` would: what `honelm compare` times. A stage that does not define it is compared on quality only."""
+        raise NotImplementedError(f"{type(self).__name__} does not define inference()")
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
         """Test metrics of best/ on `rows` (called only by honelm.protocol.test, inside the unlock)."""
