@@ -4,7 +4,9 @@
    whose labels depend on word order (negation, contrast), so a bag of words is not enough;
 2. train a byte-level BPE tokenizer; 3. pre-train a tiny Llama-style decoder;
 4. fine-tune a classifier from the pre-trained model and, for comparison, from random init;
-5. test both once; 6. write the reports;
+5. test both once; 6. write the reports; distil the fine-tuned classifier into a student a quarter
+   of its width, train the same student without a teacher, test both once and compare the three
+   (quality with intervals, parameters, size, latency, throughput);
 7. search the classifier's learning rate and batch size on validation (a few Optuna trials), test
    the winner once; 8. ablate: baseline vs +LoRA vs +FGM over 2 seeds, each cell tested once,
    with paired-bootstrap intervals, verdicts and an HTML report.
@@ -19,6 +21,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 from honelm import cli, registry
 
@@ -147,6 +150,27 @@ def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed:
     return corpus, labelled
 
 
+def distill(step: Callable[..., None], out: Path, stamp: str, labelled: Path, tok: str) -> dict[str, dict]:
+    """Can a smaller model replace the classifier? The fine-tuned one teaches a student a quarter of its width
+    (`honelm distill`, augmented copies of the train texts in the transfer set); the same student is also
+    trained without a teacher; each is tested once and `honelm compare` puts the three side by side."""
+    teacher = f"{out}/classify/{stamp}-from-pretrained"
+    student = ["model.arch=decoder", "model.size=test", f"model.tokenizer={tok}"]
+    step("distill", "--config", "demo", f"data.train={labelled}", f"teacher.model={teacher}", *student,
+         f"run.out_dir={out}/distill", f"run.name={stamp}")
+    step("classify", "--config", "demo", f"data.train={labelled}", *student, "train.lr=3e-3", "train.epochs=8",
+         f"run.out_dir={out}/classify", f"run.name={stamp}-student-alone")
+    found = {}
+    for name, run_dir in (("distilled student", f"{out}/distill/{stamp}"),
+                          ("student alone", f"{out}/classify/{stamp}-student-alone")):
+        step("test", run_dir)
+        found[name] = json.loads(Path(run_dir, "test_metrics.json").read_text())
+    step("compare", f"teacher={teacher}", f"distilled={out}/distill/{stamp}",
+         f"alone={out}/classify/{stamp}-student-alone", "--out", f"{out}/compare/{stamp}", "--rounds", "3",
+         "--no-memory")
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="honelm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo-runs", help="directory for the generated data and all runs")
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         step("test", run_dir)
         step("report", run_dir)
         runs[variant] = json.loads(Path(run_dir, "test_metrics.json").read_text())
+    runs.update(distill(step, out, stamp, labelled, tok))
     step("report", f"{out}/pretrain/{stamp}")
     step("generate", f"{out}/pretrain/{stamp}", "prompt=the film was", "sampling.max_new_tokens=16",
          "sampling.temperature=0.8", "num_samples=2")
@@ -205,6 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
         reports.append(f"{ablate_dir}/report.html")
     print(f"\ndemo finished in {time.time() - t0:.0f} s; test accuracy (read once per run):")
     for variant, metrics in runs.items():
-        print(f"  classifier {variant:<16} accuracy {metrics['test_accuracy']:.3f}  macro-F1 {metrics['test_macro_f1']:.3f}")
+        print(f"  classifier {variant:<18} accuracy {metrics['test_accuracy']:.3f}  macro-F1 {metrics['test_macro_f1']:.3f}")
     print("reports (open in a browser; the .md next to each):\n  " + "\n  ".join(reports))
     return runs
