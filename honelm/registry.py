@@ -51,6 +51,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "honelm.stages.adapt:Adapt"),
     Verb("classify", "fine-tune a sequence classifier / regressor (single texts or pairs)", "stage",
          "honelm.stages.classify:Classification"),
+    Verb("prompt", "zero/few-shot classification with a causal LM: each label's verbalizer scored through the chat "
+         "template; validated, tested once like a trained run", "stage", "honelm.stages.prompt:PromptStage"),
     Verb("sft", "instruction tuning: loss on assistant replies of chat data (alpaca, messages, sharegpt, "
          "prompt/completion), packed", "stage", "honelm.stages.sft:SFT"),
     Verb("reward", "Bradley-Terry reward model on preference pairs (scalar head, optional margin and centring)",
