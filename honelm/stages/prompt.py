@@ -79,6 +79,7 @@ class PromptStage(Classification):
         super().prepare(ctx)  # labels.json
         if ctx.cfg.prompt.chat:
             ensure_template(ctx.tokenizer, ctx.say)
+        self.prompter(ctx)  # verbalizers, template and shots checked before a (large) model loads
 
     def model_spec(self, ctx: RunContext) -> ModelSpec:
         return ModelSpec("lm")
