@@ -84,10 +84,13 @@ def test_plain_text_prompt_puts_the_verbalizer_after_a_space(tok, model):
         by_hand(model, prompt, tok(" great", add_special_tokens=False)["input_ids"]), abs=1e-5)
 
 
-def test_long_texts_are_cut_and_counted(tok):
+def test_long_texts_are_cut_and_counted_and_pairs_shown(tok):
     prompter = Prompter(tok, PromptOptions(), LABELS, ID2LABEL, [], max_length=3, pair=False)
     data = prompter.encode([ex("the film was great and the story was fine", "positive"), ex("great", "positive")])
     assert data.truncated == 1
+    pairs = Prompter(tok, PromptOptions(), LABELS, ID2LABEL, [], max_length=64, pair=True)
+    assert pairs.show(Example("a great cast", "the film was fine", "positive", "pairs.jsonl", 1)) == (
+        "Text: a great cast\nSecond text: the film was fine\nAnswer:")
 
 
 def test_verbalizers_default_to_label_names_and_errors_name_the_field():
