@@ -92,7 +92,8 @@ class PromptStage(Classification):
         cfg = ctx.cfg
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         if val is not None:
-            check_block_fits(loaded.model, max(map(len, val.sequences)), "the longest prompt + verbalizer")
+            check_block_fits(loaded.model, max(map(len, val.sequences)),
+                             "prompt + verbalizer tokens (data.max_length, prompt.shots)")
             ctx.say(f"prompt: {cfg.prompt.shots} shot(s) per label, verbalizers {', '.join(self.prompter(ctx).words)}; "
                     f"{len(val)} validation examples x {val.n_labels} labels scored")
             if val.truncated:
