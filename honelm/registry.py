@@ -55,6 +55,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "transfer set, or a teacher causal LM's answers (sequence-level) or next-token distribution (token-level)",
          "stage",
          "honelm.stages.distill:Distillation"),
+    Verb("prompt", "zero/few-shot classification with a causal LM: each label's verbalizer scored through the chat "
+         "template; validated, tested once like a trained run", "stage", "honelm.stages.prompt:PromptStage"),
     Verb("sft", "instruction tuning: loss on assistant replies of chat data (alpaca, messages, sharegpt, "
          "prompt/completion), packed", "stage", "honelm.stages.sft:SFT"),
     Verb("reward", "Bradley-Terry reward model on preference pairs (scalar head, optional margin and centring)",

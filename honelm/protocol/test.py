@@ -25,8 +25,7 @@ from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
 from honelm.rundir import stage_of
-from honelm.stages.contract import RunContext, Stage, best_dir
-from honelm.tokenizer import load_tokenizer
+from honelm.stages.contract import RunContext, Stage
 
 
 def looks(run_dir: Path) -> list[dict[str, Any]]:
@@ -81,7 +80,7 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
         leakage = cross_split_duplicates(checked.manifest)
     elif "duplicates" in recorded:
         leakage = cross_split_duplicates(recorded)
-    ctx.tokenizer = load_tokenizer(best_dir(run_dir))
+    ctx.tokenizer = stage.test_tokenizer(ctx)
     metrics = stage.test(ctx, test)
     if leakage is not None:
         metrics["test_duplicates_of_train_or_val"] = leakage

@@ -12,12 +12,17 @@ is done once, by `honelm.stages.runner`, in this order:
     → plan(ctx, loaded) → boosters prepare (a run of their own with the plan, in `ctx.sub_run`, then
     a fresh model: a teacher run) → objective wrapped by boosters → fit → finish(ctx, plan, result)
 
-`honelm test` uses the same object: `splits` rebuilds the run's split, `test(ctx, rows)` loads
-`best/`, `encode`s the rows and `score`s them with the prefix "test" (per-example files it returns
-under the key "files", {name: text}, are written into the run by the look), and
-`report_sections` are the stage's parts of `honelm report`. `honelm compare` loads `best/` the same
-way and times `inference(ctx, model, rows)` (one forward over encoded rows, as `test` scores them) on
-rows that are never test rows.
+A stage that trains nothing (`trains = False`: a prompted LM) goes the same way up to `plan`, whose
+`evaluate` then runs once on the loaded model instead of `fit` (the runner's `evaluate_once`:
+the same `eval`, `best` and `end` events, `save_best` with the same info); its plan has no
+objective or stream and saves `best/` its own way (it records its model, never copies it).
+
+`honelm test` uses the same object: `splits` rebuilds the run's split, `test_tokenizer` gives the
+tokenizer (best/'s), `test(ctx, rows)` loads `best/` (`load_best`), `encode`s the rows and `score`s
+them with the prefix "test" (per-example files it returns under the key "files", {name: text}, are
+written into the run by the look), and `report_sections` are the stage's parts of `honelm report`.
+`honelm compare` loads `best/` the same way and times `inference(ctx, model, rows)` (one forward
+over encoded rows, as `test` scores them) on rows that are never test rows.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from honelm.models import LoadedModel, load_model
 from honelm.objectives.base import Objective
 from honelm.rundir import tracker_for
 from honelm.runtime import Runtime
+from honelm.tokenizer import load_tokenizer
 from honelm.tracking import Tracker
 
 
@@ -69,7 +75,8 @@ class ReportSection:
 class Plan:
     """What a stage hands the loop (the runner wraps `objective` with the boosters first)."""
 
-    objective: Objective
+    objective: Objective | None
+    """None only for a stage that trains nothing (`Stage.trains`), as is `stream`."""
     stream: Any
     evaluate: Callable[[nn.Module], dict[str, float]] | None
     metric: str
@@ -158,6 +165,8 @@ class Stage:
     name: ClassVar[str]
     config: ClassVar[type]
     testable: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
+    """False: nothing trains (a prompted LM); the runner evaluates the plan once on the loaded model, no `fit`."""
     """Whether `honelm test` applies (PPO has no test split of answers to score)."""
     report_sections: ClassVar[tuple[ReportSection, ...]] = ()
     """Parts of `honelm report` this stage contributes (each decides from a run's files whether it applies)."""
@@ -214,6 +223,10 @@ class Stage:
         """Refuse `honelm test` on a run that has no test split of its own (before anything is read)."""
         if not self.testable:
             raise HonelmError(f"{ctx.run_dir}: `honelm test` does not apply to {self.name} runs")
+
+    def test_tokenizer(self, ctx: RunContext) -> Any:
+        """The tokenizer `honelm test` encodes with: best/'s (the run's own, chat template included)."""
+        return load_tokenizer(best_dir(ctx.run_dir))
 
     def load_best(self, ctx: RunContext) -> nn.Module:
         """The run's best/ model for `honelm test`, as `model_spec` describes it (an adapter directory is merged)."""

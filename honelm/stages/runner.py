@@ -4,23 +4,26 @@
 data through the stage, resolves the tokenizer and the model, hands the model to the boosters,
 asks the stage for its plan, lets the boosters prepare (a run of their own with that plan, such as
 a teacher, after which the main run trains a fresh model from the same start), lets the boosters
-wrap the objective, calls `fit`, and returns the run's summary. The order of these steps is the
+wrap the objective, calls `fit`, and returns the run's summary; a stage that trains nothing
+(`Stage.trains` false) is evaluated once instead (`evaluate_once`). The order of these steps is the
 order of the RNG use, which exact resume depends on: the stage hooks are called where the stage
 modules used to do the same work by hand.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
 from honelm.checkpoint import best_writes_base, list_checkpoints
 from honelm.errors import HonelmError
-from honelm.loop import Callback, FitResult, TrainPlan, fit
-from honelm.models import LoadedModel
+from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
+from honelm.models import LoadedModel, count_parameters
 from honelm.rundir import run_directory, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
@@ -73,13 +76,17 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
         plan.reset()
     loaded, run_dir = ctx.loaded, ctx.run_dir
     assert loaded is not None
-    save = plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
-                                                            if plan.best_files is not None else None))
-    train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=save,
+    train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=saver(ctx, plan),
                            metric=plan.metric, frozen_models=plan.frozen_models,
                            best_writes_base=lambda: best_writes_base(model, loaded.base_pending, run_dir))
     return fit(model, train_plan, ctx.cfg.train, ctx.runtime, run_dir, tracker=ctx.tracker, resume=resume,
                callbacks=[*plan.callbacks, *callbacks])
+
+
+def saver(ctx: RunContext, plan: Plan) -> Callable[[nn.Module, dict[str, Any]], None]:
+    """How the plan's best model is saved: its own `save_best`, else the model and tokenizer as RUN/best."""
+    return plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
+                                                            if plan.best_files is not None else None))
 
 
 def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], FitResult]:
@@ -115,6 +122,48 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     return plan, fit_plan(ctx, plan, model, objective, resume, callbacks)
 
 
+def evaluate_once(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequence[Callback] = ()
+                  ) -> tuple[Plan, FitResult]:
+    """A stage that trains nothing: its plan's validation once on the loaded model, as `fit` records one.
+
+    The same `eval`, `best` and `end` events (step 0, no training time) and `save_best` info as a
+    training run's, so `report`, `search` (best/best.json) and `test` read it alike; callbacks see
+    the start, the validation (a reason returned, e.g. "pruned", is the run's end reason, as at a
+    training run's last validation) and the end.
+    """
+    plan, tracker = stage.plan(ctx, loaded), ctx.tracker
+    assert tracker is not None
+    model, state = loaded.model.to(ctx.device).eval(), TrainState(ctx.run_dir, total=0, reason="evaluated")
+    every = [*plan.callbacks, *callbacks]
+    for callback in every:
+        callback.on_start(state)
+    info: dict[str, Any] = {"step": 0, "metric": None, "value": None}
+    started = time.perf_counter()
+    if plan.evaluate is not None:
+        with torch.no_grad():
+            state.last_eval = plan.evaluate(model)
+        tracker.event("eval", 0, split="val", **state.last_eval)
+        if plan.metric not in state.last_eval:
+            raise HonelmError(f"train.metric={plan.metric!r} is not among the validation metrics "
+                              f"{sorted(state.last_eval)}")
+        state.best_value = state.last_eval[plan.metric]
+        info = {"step": 0, "metric": plan.metric, "value": state.best_value, **state.last_eval}
+    if ctx.runtime.is_main:
+        saver(ctx, plan)(model, info)
+    if plan.evaluate is not None:
+        tracker.event("best", 0, metric=plan.metric, value=state.best_value)
+        for callback in every:
+            state.reason = str(callback.after_eval(state, dict(state.last_eval)) or state.reason)
+    _, n_total = count_parameters(model)
+    tracker.event("end", 0, reason=state.reason, best_step=0, best_metric=plan.metric, best_value=state.best_value,
+                  train_time_s=0.0, eval_time_s=round(time.perf_counter() - started, 2), trainable_params=0,
+                  total_params=n_total, **rt.peak_memory_mb(ctx.device))
+    result = FitResult(0, state.reason, 0, plan.metric, state.best_value, 0.0, state.last_eval)
+    for callback in every:
+        callback.on_end(state, result)
+    return plan, result
+
+
 def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What a stage run returns (the CLI, a search trial and a pipeline read it)."""
     return {"run_dir": str(ctx.run_dir), "steps": result.steps, "reason": result.reason,
@@ -126,7 +175,10 @@ def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequ
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
     ctx = open_run(stage, cfg, resume)
     loaded = load(stage, ctx)
-    plan, result = train(stage, ctx, loaded, callbacks)
+    if stage.trains:
+        plan, result = train(stage, ctx, loaded, callbacks)
+    else:
+        plan, result = evaluate_once(stage, ctx, loaded, callbacks)
     assert ctx.tracker is not None
     if result is None:  # a booster's own run stopped before the main run started
         ctx.tracker.close()
