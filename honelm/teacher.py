@@ -211,3 +211,16 @@ def _load(folder: Path, key: str, say: Callable[[str], None]) -> TeacherOutputs:
     tensors = load_file(str(folder / LOGITS_FILE))
     say(f"teacher: outputs read from {folder} ({tensors['transfer'].shape[0]} transfer rows)")
     return TeacherOutputs(tensors["transfer"], tensors.get("val"), record)
+
+
+def mask_text(cfg: TeacherConfig, mask: str, say: Callable[[str], None]) -> str:
+    """The word augmentation masks with: `mask` when given, else the teacher tokenizer's mask token, else its
+    unknown token, else "[MASK]" as plain text (said in the log)."""
+    if mask:
+        return mask
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.tokenizer or cfg.model))
+    token = tokenizer.mask_token or tokenizer.unk_token
+    if not token:
+        say("augment: the teacher's tokenizer has neither a mask nor an unknown token; masked words become "
+            "'[MASK]' as plain text (set augment.mask to choose)")
+    return str(token or "[MASK]")

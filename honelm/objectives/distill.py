@@ -21,12 +21,14 @@ equals the teacher's (`agreement`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.classify import Classify
 
@@ -79,3 +81,35 @@ class Distill(Objective):
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].numel())
+
+
+@dataclass
+class DistillOptions:
+    """How the teacher's outputs and the gold labels are mixed in the student's loss."""
+
+    alpha: float = 0.5
+    """Weight of the gold-label term: loss = alpha*CE(gold) + (1-alpha)*KD; rows without a gold label carry KD only. 0 = teacher only."""
+    temperature: float = 2.0
+    """Softmax temperature T of the KL term (multiplied by T^2, Hinton et al. 2015); classification with loss=kl only."""
+    loss: Literal["kl", "mse"] = "kl"
+    """KD term: kl (T^2 * KL(teacher_T || student_T)) or mse (squared distance of the logits, Tang et al. 2019). Regression always uses the squared error to the teacher's prediction."""
+    mode: Literal["auto", "sequence", "token"] = "auto"
+    """Generation only: sequence (the teacher answers the training prompts, the student is SFT'd on the answers; any tokenizers) or token (the teacher's next-token distribution on the references; one shared vocabulary); auto = token when the student's tokenizer is the teacher's vocabulary."""
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"
+    """Token-level KD: forward KL, reverse KL, or generalized JSD(beta) (GKD), on the teacher's top-k."""
+    beta: float = 0.5
+    """Token-level KD with divergence=jsd: the interpolation beta in (0, 1)."""
+    top_k: int = 32
+    """Token-level KD: teacher log-probs kept per target token (memory k x 6 bytes per token)."""
+    num_samples: int = 1
+    """Sequence-level KD: teacher answers per training prompt (seeds sampling.seed, seed+1, ...)."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
+        if self.top_k < 1 or self.num_samples < 1:
+            raise ConfigError("distill.top_k and distill.num_samples must be >= 1")
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"distill.beta={self.beta} must be in (0, 1) for divergence=jsd")

@@ -28,8 +28,10 @@ __all__ = ["write_report", "load_run", "write_html", "md_to_html", "find_overfit
 
 
 def stage_sections() -> list[ReportSection]:
-    """Every section a registered stage contributes, in registry order."""
-    return [s for name in registry.training_verbs() for s in registry.stage(name).report_sections]
+    """Every section the registered stages contribute, in registry order, each once (stages may share one:
+    distill and prompt runs write classify's prediction files)."""
+    found = [s for name in registry.training_verbs() for s in registry.stage(name).report_sections]
+    return list(dict.fromkeys(found))
 
 
 def build_section(section: ReportSection, data: RunData, plots: Path, written: set[str]) -> list[str]:

@@ -1,95 +1,37 @@
-"""`honelm distill`: a teacher teaches a smaller student one task (knowledge distillation).
+"""`honelm distill`: a teacher teaches a smaller student one task (knowledge distillation; docs/distill.md).
 
-Classification and regression (`ClassifierDistillation`): the student is anything `classify` trains
-(a from-scratch preset whose tokenizer is trained on the transfer text, a `pretrain`/`adapt` run, a
-smaller checkpoint; LoRA composes); the teacher is any classifier on the same label set, with its
-own tokenizer and architecture (`honelm.teacher`). The student learns from the transfer set
-(`honelm.data.transfer`: the train split, optional unlabelled text, optional augmented copies,
-leak-guarded against validation and test) with α·CE(gold) + (1 − α)·T²·KL(teacher_T ‖ student_T),
-or the logit MSE (`honelm.objectives.distill`). The teacher's outputs are computed once and cached
-in RUN/teacher/. Validation, early stopping, best/, `honelm test` and the predictions files are
-exactly `classify`'s, on the same split for the same data settings, so a classify run, a distill
-run and the teacher's own run are tested on the same sealed test split (`honelm compare`).
-
-Generation (`data.task=generation`, `honelm.stages.distill_lm`): a teacher causal LM teaches a
-student on conversations, by its answers (sequence-level) or its next-token distribution
-(token-level); validation and test are `sft`'s. `Distillation`, the verb's stage, hands every hook
-to one of the two by the run's config.
+Classification and regression (`ClassifierDistillation`): `classify` with a teacher. Any classifier
+on the same label set teaches (`honelm.teacher`: its own tokenizer and architecture, outputs cached
+in RUN/teacher/), the student learns from the transfer set (`honelm.data.transfer`: train split,
+unlabelled text, augmented copies, leak-guarded) with α·CE + (1 − α)·T²·KL or the logit MSE
+(`honelm.objectives.distill`); validation, best/, `honelm test` and the split are `classify`'s, so
+teacher, student and a control are tested on the same sealed test split (`honelm compare`).
+Generation (`data.task=generation`): `honelm.stages.distill_lm`. `Distillation`, the verb's
+stage, hands every hook to one of the two by the run's config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from honelm import teacher as T
 from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
-from honelm.checkpoint import resolve_model_dir
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.answers import SamplesConfig
 from honelm.data.batches import encode_examples
-from honelm.data.sections import LabelledDataConfig
+from honelm.data.sections import DistillDataConfig
 from honelm.data.transfer import (AugmentConfig, TransferExamples, build_transfer_set, read_unlabelled,
                                   with_placeholder_labels)
-from honelm.errors import ConfigError
 from honelm.generate import SamplingConfig
 from honelm.metrics import classification_scores
 from honelm.objectives.base import Objective
-from honelm.objectives.distill import Distill
+from honelm.objectives.distill import Distill, DistillOptions
 from honelm.stages.classify import Classification, _classify_train_defaults
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.distill_lm import LMDistillation, check_generation
-from honelm.tokenizer import load_tokenizer
-
-
-@dataclass
-class DistillDataConfig(LabelledDataConfig):
-    """The task's labelled data (split exactly as `classify` splits it) and extra unlabelled transfer text."""
-
-    task: Literal["classification", "regression", "generation"] = "classification"
-    """classification or regression (labelled examples: a teacher classifier/regressor), or generation (conversations: a teacher causal LM; docs/distill.md)."""
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
-    """Generation only: the conversations' row format, as `sft`'s data.format."""
-    train_on: Literal["assistant", "last", "all"] = "assistant"
-    """Generation only: tokens that carry the loss, as `sft`'s data.train_on."""
-    packing: bool = True
-    """Generation only: pack several examples per row, as `sft`'s data.packing."""
-    unlabelled: str = ""
-    """Unlabelled text for the transfer set (files/globs, comma-separated; read with data.text_field / data.pair_field, no label): a domain corpus or more task-like text. Texts equal to a task validation/test text are dropped and counted."""
-
-
-@dataclass
-class DistillOptions:
-    """How the teacher's outputs and the gold labels are mixed in the student's loss."""
-
-    alpha: float = 0.5
-    """Weight of the gold-label term: loss = alpha*CE(gold) + (1-alpha)*KD; rows without a gold label carry KD only. 0 = teacher only."""
-    temperature: float = 2.0
-    """Softmax temperature T of the KL term (multiplied by T^2, Hinton et al. 2015); classification with loss=kl only."""
-    loss: Literal["kl", "mse"] = "kl"
-    """KD term: kl (T^2 * KL(teacher_T || student_T)) or mse (squared distance of the logits, Tang et al. 2019). Regression always uses the squared error to the teacher's prediction."""
-    mode: Literal["auto", "sequence", "token"] = "auto"
-    """Generation only: sequence (the teacher answers the training prompts, the student is SFT'd on the answers; any tokenizers) or token (the teacher's next-token distribution on the references; one shared vocabulary); auto = token when the student's tokenizer is the teacher's vocabulary."""
-    divergence: Literal["forward", "reverse", "jsd"] = "forward"
-    """Token-level KD: forward KL, reverse KL, or generalized JSD(beta) (GKD), on the teacher's top-k."""
-    beta: float = 0.5
-    """Token-level KD with divergence=jsd: the interpolation beta in (0, 1)."""
-    top_k: int = 32
-    """Token-level KD: teacher log-probs kept per target token (memory k x 6 bytes per token)."""
-    num_samples: int = 1
-    """Sequence-level KD: teacher answers per training prompt (seeds sampling.seed, seed+1, ...)."""
-
-    def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"distill.alpha={self.alpha} must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
-        if self.top_k < 1 or self.num_samples < 1:
-            raise ConfigError("distill.top_k and distill.num_samples must be >= 1")
-        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"distill.beta={self.beta} must be in (0, 1) for divergence=jsd")
 
 
 @dataclass
@@ -126,7 +68,7 @@ class ClassifierDistillation(Classification):
         super().read(ctx)
         cfg = ctx.cfg
         unlabelled = read_unlabelled(cfg.data.unlabelled, cfg.data.text_field, cfg.data.pair_field)
-        mask = self.mask_text(cfg, ctx.say) if cfg.augment.copies > 0 and cfg.augment.p_mask > 0 else ""
+        mask = T.mask_text(cfg.teacher, cfg.augment.mask, ctx.say) if cfg.augment.copies > 0 and cfg.augment.p_mask > 0 else ""
         transfer = build_transfer_set(ctx.splits, unlabelled, cfg.augment, cfg.run.seed, mask, ctx.say)
         ctx.extra["transfer"] = transfer
         ctx.write_json("transfer_set.json", transfer.record)
@@ -164,19 +106,6 @@ class ClassifierDistillation(Classification):
         ctx.extra["teacher_val"] = scores
         ctx.write_json("teacher_scores.json", scores)
         ctx.say("teacher on validation: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-
-    @staticmethod
-    def mask_text(cfg: DistillConfig, say: Callable[[str], None]) -> str:
-        """The word augmentation masks with: augment.mask, else the teacher tokenizer's mask token, else its
-        unknown token, else "[MASK]" as plain text (said in the log)."""
-        if cfg.augment.mask:
-            return cfg.augment.mask
-        tokenizer = load_tokenizer(resolve_model_dir(cfg.teacher.tokenizer or cfg.teacher.model))
-        token = tokenizer.mask_token or tokenizer.unk_token
-        if not token:
-            say("augment: the teacher's tokenizer has neither a mask nor an unknown token; masked words become "
-                "'[MASK]' as plain text (set augment.mask to choose)")
-        return str(token or "[MASK]")
 
 
 class Distillation(Stage):
