@@ -31,6 +31,8 @@ from honelm.errors import HonelmError
 from honelm.generate import SamplingConfig, generate_ids
 from honelm.models import load_model
 from honelm.objectives.lm_teacher import TeacherTopK, check_shared_vocab, compute_teacher_topk, load_teacher_topk
+from honelm.objectives.on_policy import OnPolicyKD
+from honelm.objectives.token_kd import TokenKD
 from honelm.teacher import TEACHER_DIR, fingerprint
 from honelm.tokenizer import load_tokenizer
 
@@ -112,6 +114,17 @@ def teacher_topk(run_dir: Path, cfg: Any, examples: SFTExamples, student_tokeniz
         cache.save(path)
     runtime.barrier()
     return load_teacher_topk(path, examples)
+
+
+def on_policy_objective(cfg: Any, inner: TokenKD, student_tokenizer: Any, student: torch.nn.Module | None,
+                        device: torch.device, say: Say) -> OnPolicyKD:
+    """GKD's mix: the teacher, kept in memory, scores the student's own answers on distill.on_policy of the batches."""
+    teacher, tokenizer, _ = load_teacher_lm(cfg.teacher, device)
+    vocab = check_shared_vocab(tokenizer, student_tokenizer, teacher, student)
+    say(f"distill: on-policy on {cfg.distill.on_policy:.0%} of the batches: the student answers their prompts "
+        f"(temperature {cfg.sampling.temperature}, max_new_tokens {cfg.sampling.max_new_tokens}), the teacher scores")
+    return OnPolicyKD(inner, teacher, student_tokenizer, cfg.sampling, cfg.distill.top_k, vocab, cfg.distill.on_policy,
+                      cfg.run.seed, cfg.teacher.batch_size)
 
 
 def _key(parts: list[str]) -> str:

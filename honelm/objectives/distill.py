@@ -103,6 +103,8 @@ class DistillOptions:
     """Token-level KD: teacher log-probs kept per target token (memory k x 6 bytes per token)."""
     num_samples: int = 1
     """Sequence-level KD: teacher answers per training prompt (seeds sampling.seed, seed+1, ...)."""
+    on_policy: float = 0.0
+    """Token-level KD: share of batches whose answers the student samples itself (sampling.*) and the teacher, kept in memory, scores (GKD); 0 = none. Needs data.packing=false."""
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -111,5 +113,7 @@ class DistillOptions:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
         if self.top_k < 1 or self.num_samples < 1:
             raise ConfigError("distill.top_k and distill.num_samples must be >= 1")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"distill.on_policy={self.on_policy} must be in [0, 1]")
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
             raise ConfigError(f"distill.beta={self.beta} must be in (0, 1) for divergence=jsd")

@@ -32,7 +32,7 @@ from honelm.objectives.lm_teacher import WithTeacher
 from honelm.objectives.token_kd import TokenKD
 from honelm.stages.contract import RunContext
 from honelm.stages.sft import SFT
-from honelm.teacher_lm import teacher_answers, teacher_topk
+from honelm.teacher_lm import on_policy_objective, teacher_answers, teacher_topk
 from honelm.tokenizer import load_tokenizer
 
 
@@ -75,7 +75,11 @@ class LMDistillation(SFT):
             return super().training_items(ctx, examples, items)
         cache = teacher_topk(ctx.run_dir, ctx.cfg, examples, ctx.tokenizer, ctx.loaded.model if ctx.loaded else None,
                              ctx.runtime, ctx.say)
-        return WithTeacher(items, cache), TokenKD(d.divergence, d.beta, d.temperature, d.alpha)
+        objective: Objective = TokenKD(d.divergence, d.beta, d.temperature, d.alpha)
+        if d.on_policy > 0:
+            objective = on_policy_objective(ctx.cfg, objective, ctx.tokenizer, ctx.loaded.model if ctx.loaded else None,
+                                            ctx.device, ctx.say)
+        return WithTeacher(items, cache), objective
 
 
 def check_generation(cfg: Any) -> None:
@@ -84,3 +88,6 @@ def check_generation(cfg: Any) -> None:
         raise ConfigError("distill with data.task=generation trains a causal LM: model.arch must be decoder")
     if cfg.data.max_length < 2:
         raise ConfigError("data.max_length must be at least 2")
+    if cfg.distill.on_policy > 0 and (cfg.data.packing or cfg.distill.mode == "sequence"):
+        raise ConfigError("distill.on_policy samples answers to each row's prompt: it needs token-level KD "
+                          "(distill.mode=token or auto) and data.packing=false")

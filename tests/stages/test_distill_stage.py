@@ -202,3 +202,14 @@ def test_token_level_kd_with_a_shared_vocabulary(chat_teacher, data_dir, tmp_pat
                  "distill.mode=token", "model.size=test", "model.vocab_size=300", f"run.out_dir={tmp_path}",
                  "run.name=bad", *LM]) != 0
     assert "sequence-level KD" in capsys.readouterr().err
+
+
+def test_on_policy_token_kd_samples_from_the_student(chat_teacher, data_dir, tmp_path, capsys):
+    args = ["distill", f"data.train={data_dir / 'instructions.jsonl'}", f"teacher.model={chat_teacher}",
+            f"model.tokenizer={chat_teacher}", "model.size=test", "distill.top_k=8", "distill.alpha=0",
+            "sampling.max_new_tokens=6", f"run.out_dir={tmp_path}", *LM]
+    assert main(args + ["distill.on_policy=0.5", "run.name=packed"]) != 0
+    assert "data.packing=false" in capsys.readouterr().err
+    cli(*args, "distill.on_policy=1.0", "data.packing=false", "train.max_steps=3", "run.name=onp")
+    train = events(tmp_path / "onp", "train")
+    assert train[-1]["on_policy"] == 1.0 and train[-1]["kd"] > 0  # every batch went on-policy

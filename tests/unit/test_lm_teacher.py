@@ -18,6 +18,7 @@ from honelm.generate import SamplingConfig, generate_ids, sample_ids
 from honelm.loop import accumulate
 from honelm.objectives.lm_teacher import (WithTeacher, check_shared_vocab, compute_teacher_topk, load_teacher_topk,
                                           on_policy_batch)
+from honelm.objectives.on_policy import OnPolicyKD, prompts_of
 from honelm.objectives.token_kd import TokenKD
 
 X = -100
@@ -178,3 +179,27 @@ def test_gradient_accumulation_is_exact_with_teacher_rows(tiny_llama):
     one, four = grads([list(range(8))]), grads([[0, 1], [2, 3], [4, 5], [6, 7]])
     for name in one:
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_on_policy_mix_is_a_pure_function_of_the_batch_and_keeps_the_step_units():
+    tok = word_tokenizer(WORDS)
+    student, teacher = tiny_lm(12, 3), tiny_lm(12, 4)
+    rows = [tok(t)["input_ids"] for t in ("the film was good </s>", "the cast was bad </s>", "very not good </s>")]
+    data = SFTExamples(rows, [[X] * 2 + r[2:] for r in rows], pad_id=0)
+    items = WithTeacher(data, compute_teacher_topk(teacher, data, 4, 12))
+    batch = items.collate([0, 1, 2])
+    inner = TokenKD("forward")
+    sampling = SamplingConfig(max_new_tokens=4, seed=0)
+    never = OnPolicyKD(inner, teacher, tok, sampling, 4, 12, fraction=0.0, seed=0)
+    plain = inner(student, batch)
+    mixed = never(student, batch)
+    assert torch.equal(mixed.value, plain.value) and mixed.metrics["on_policy"].item() == 0.0
+    always = OnPolicyKD(inner, teacher, tok, sampling, 4, 12, fraction=1.0, seed=0)
+    assert prompts_of(batch) == [r[:2] for r in rows]
+    first, second = always(student, batch), always(student, batch)
+    assert torch.equal(first.value, second.value)  # same batch, same seed: same samples, same loss
+    assert first.units == inner.units(batch) and first.metrics["on_policy"].item() == inner.units(batch)
+    assert not torch.equal(first.value, plain.value)  # it trained on the student's answers, not the references
+    assert always.frozen_models() == [teacher]
+    draws = [OnPolicyKD(inner, teacher, tok, sampling, 4, 12, fraction=0.5, seed=s).draw(batch) for s in range(40)]
+    assert 5 < sum(d is not None for d in draws) < 35  # about half of the seeds send this batch on-policy
