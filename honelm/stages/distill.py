@@ -1,13 +1,11 @@
 """`honelm distill`: a teacher teaches a smaller student one task (knowledge distillation; docs/distill.md).
 
-Classification and regression (`ClassifierDistillation`): `classify` with a teacher. Any classifier
-on the same label set teaches (`honelm.teacher`: its own tokenizer and architecture, outputs cached
-in RUN/teacher/), the student learns from the transfer set (`honelm.data.transfer`: train split,
-unlabelled text, augmented copies, leak-guarded) with α·CE + (1 − α)·T²·KL or the logit MSE
+Classification and regression (`ClassifierDistillation`): `classify` with a teacher (`honelm.teacher`,
+outputs cached in RUN/teacher/), a transfer set (`honelm.data.transfer`) and the KD loss
 (`honelm.objectives.distill`); validation, best/, `honelm test` and the split are `classify`'s, so
-teacher, student and a control are tested on the same sealed test split (`honelm compare`).
-Generation (`data.task=generation`): `honelm.stages.distill_lm`. `Distillation`, the verb's
-stage, hands every hook to one of the two by the run's config.
+teacher, student and a control share one sealed test split (`honelm compare`). Generation
+(`data.task=generation`): `honelm.stages.distill_lm`. `Distillation`, the verb's stage, hands every
+hook to one of the two by the run's config.
 """
 
 from __future__ import annotations
