@@ -213,11 +213,13 @@ def _load(folder: Path, key: str, say: Callable[[str], None]) -> TeacherOutputs:
     return TeacherOutputs(tensors["transfer"], tensors.get("val"), record)
 
 
-def mask_text(cfg: TeacherConfig, mask: str, say: Callable[[str], None]) -> str:
-    """The word augmentation masks with: `mask` when given, else the teacher tokenizer's mask token, else its
-    unknown token, else "[MASK]" as plain text (said in the log)."""
-    if mask:
-        return mask
+def mask_text(cfg: TeacherConfig, augment: Any, say: Callable[[str], None]) -> str:
+    """The word augmentation masks with ("" when it masks nothing): augment.mask when given, else the teacher
+    tokenizer's mask token, else its unknown token, else "[MASK]" as plain text (said in the log)."""
+    if augment.copies == 0 or augment.p_mask == 0:
+        return ""
+    if augment.mask:
+        return augment.mask
     tokenizer = load_tokenizer(resolve_model_dir(cfg.tokenizer or cfg.model))
     token = tokenizer.mask_token or tokenizer.unk_token
     if not token:

@@ -66,8 +66,8 @@ class ClassifierDistillation(Classification):
         super().read(ctx)
         cfg = ctx.cfg
         unlabelled = read_unlabelled(cfg.data.unlabelled, cfg.data.text_field, cfg.data.pair_field)
-        mask = T.mask_text(cfg.teacher, cfg.augment.mask, ctx.say) if cfg.augment.copies > 0 and cfg.augment.p_mask > 0 else ""
-        transfer = build_transfer_set(ctx.splits, unlabelled, cfg.augment, cfg.run.seed, mask, ctx.say)
+        transfer = build_transfer_set(ctx.splits, unlabelled, cfg.augment, cfg.run.seed,
+                                      T.mask_text(cfg.teacher, cfg.augment, ctx.say), ctx.say)
         ctx.extra["transfer"] = transfer
         ctx.write_json("transfer_set.json", transfer.record)
 
