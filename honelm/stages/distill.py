@@ -64,10 +64,9 @@ class ClassifierDistillation(Classification):
 
     def read(self, ctx: RunContext) -> None:
         super().read(ctx)
-        cfg = ctx.cfg
-        unlabelled = read_unlabelled(cfg.data.unlabelled, cfg.data.text_field, cfg.data.pair_field)
-        transfer = build_transfer_set(ctx.splits, unlabelled, cfg.augment, cfg.run.seed,
-                                      T.mask_text(cfg.teacher, cfg.augment, ctx.say), ctx.say)
+        cfg, data = ctx.cfg, ctx.cfg.data
+        transfer = build_transfer_set(ctx.splits, read_unlabelled(data.unlabelled, data.text_field, data.pair_field),
+                                      cfg.augment, cfg.run.seed, T.mask_text(cfg.teacher, cfg.augment, ctx.say), ctx.say)
         ctx.extra["transfer"] = transfer
         ctx.write_json("transfer_set.json", transfer.record)
 

@@ -70,15 +70,13 @@ class LMDistillation(SFT):
         return super().training_examples(ctx)
 
     def training_items(self, ctx: RunContext, examples: SFTExamples, items: Any) -> tuple[Any, Objective]:
-        d = ctx.cfg.distill
+        d, student = ctx.cfg.distill, ctx.loaded.model if ctx.loaded else None
         if ctx.extra["mode"] == "sequence":
             return super().training_items(ctx, examples, items)
-        cache = teacher_topk(ctx.run_dir, ctx.cfg, examples, ctx.tokenizer, ctx.loaded.model if ctx.loaded else None,
-                             ctx.runtime, ctx.say)
+        cache = teacher_topk(ctx.run_dir, ctx.cfg, examples, ctx.tokenizer, student, ctx.runtime, ctx.say)
         objective: Objective = TokenKD(d.divergence, d.beta, d.temperature, d.alpha)
         if d.on_policy > 0:
-            objective = on_policy_objective(ctx.cfg, objective, ctx.tokenizer, ctx.loaded.model if ctx.loaded else None,
-                                            ctx.device, ctx.say)
+            objective = on_policy_objective(ctx.cfg, objective, ctx.tokenizer, student, ctx.device, ctx.say)
         return WithTeacher(items, cache), objective
 
 
