@@ -58,11 +58,15 @@ class TeacherConfig:
     """Allow a teacher checkpoint that ships its own Python code."""
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("teacher.model is empty: give the teacher (a classify run, a checkpoint directory, "
-                              "pkg:MODULE or a hub id)")
         if self.batch_size < 1 or self.max_length < 0:
             raise ConfigError("teacher.batch_size must be >= 1 and teacher.max_length >= 0")
+
+
+def require_teacher(cfg: TeacherConfig) -> None:
+    """A run needs a teacher (checked when it starts, so a preset may leave teacher.model to the command line)."""
+    if not cfg.model:
+        raise ConfigError("teacher.model is empty: give the teacher (a classify or sft run, a checkpoint directory, "
+                          "pkg:MODULE or a hub id)")
 
 
 @dataclass

@@ -60,7 +60,6 @@ class ClassifierDistillation(Classification):
     """`classify` with a teacher: the transfer set trains, the teacher's cached outputs in every batch."""
 
     name = "distill"
-    config = DistillConfig
 
     def read(self, ctx: RunContext) -> None:
         super().read(ctx)
@@ -106,8 +105,7 @@ class ClassifierDistillation(Classification):
 
 
 class Distillation(Stage):
-    """The `distill` verb: every hook goes to the classifier distillation or, for data.task=generation, the
-    causal-LM one (`honelm.stages.distill_lm`), chosen from the run's config."""
+    """The `distill` verb: each hook goes to the classifier or (data.task=generation) the causal-LM distillation."""
 
     name = "distill"
     config = DistillConfig
@@ -115,6 +113,10 @@ class Distillation(Stage):
 
     def __init__(self) -> None:
         self.classifier, self.lm = ClassifierDistillation(), LMDistillation()
+
+    def check(self, cfg: DistillConfig) -> None:
+        T.require_teacher(cfg.teacher)
+        self.of(cfg).check(cfg)
 
     def of(self, where: Any) -> Stage:
         cfg = where.cfg if isinstance(where, RunContext) else where
@@ -125,9 +127,8 @@ def _forward(hook: str) -> Callable[..., Any]:
     def forward(self: Distillation, where: Any, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.of(where), hook)(where, *args, **kwargs)
     forward.__name__ = hook
-    forward.__doc__ = f"`{hook}` of the distillation this run's config asks for."
     return forward
 
 
-for _hook in [n for n, v in vars(Stage).items() if callable(v) and not n.startswith("_")]:
+for _hook in [n for n, v in vars(Stage).items() if callable(v) and not n.startswith("_") and n not in vars(Distillation)]:
     setattr(Distillation, _hook, _forward(_hook))
