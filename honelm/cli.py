@@ -104,7 +104,9 @@ def cmd_ls(argv: list[str]) -> Any:
     if runs.is_dir():
         print(f"\nruns under {runs}:")
         for stage_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
-            found = sorted((r for r in stage_dir.iterdir() if r.is_dir() and not r.is_symlink()), key=os.path.getmtime)
+            # run directories only (run.json), not a folder runs keep beside them (distill's teacher_cache)
+            runs_here = (r for r in stage_dir.iterdir() if r.is_dir() and not r.is_symlink() and (r / "run.json").is_file())
+            found = sorted(runs_here, key=os.path.getmtime)
             for r in found[-5:]:
                 marks = [m for m, f in (("best", "best"), ("tested", "test_metrics.json"), ("report", "report.md")) if (r / f).exists()]
                 print(f"  {str(r):<45} {' '.join(marks)}")

@@ -33,6 +33,7 @@ from honelm.checkpoint import resolve_model_dir
 from honelm.data.batches import encode_examples
 from honelm.data.readers import Example
 from honelm.errors import ConfigError, HonelmError
+from honelm.metrics import classification_scores
 from honelm.models import count_parameters, load_checkpoint, load_merged, model_kind
 from honelm.objectives.classify import predict
 from honelm.tokenizer import load_tokenizer
@@ -230,3 +231,11 @@ def mask_text(cfg: TeacherConfig, augment: Any, say: Callable[[str], None]) -> s
         say("augment: the teacher's tokenizer has neither a mask nor an unknown token; masked words become "
             "'[MASK]' as plain text (set augment.mask to choose)")
     return str(token or "[MASK]")
+
+
+def validation_scores(logits: torch.Tensor, labels: torch.Tensor, regression: bool,
+                      say: Callable[[str], None]) -> dict[str, float]:
+    """The teacher's `teacher_val_*` scores on the validation split (from its cached logits), said in the log."""
+    scores = classification_scores(logits, labels, regression, logits.shape[1], "teacher_val")
+    say("teacher on validation: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    return scores

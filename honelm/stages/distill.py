@@ -24,7 +24,6 @@ from honelm.data.sections import DistillDataConfig
 from honelm.data.transfer import (AugmentConfig, TransferExamples, build_transfer_set, read_unlabelled,
                                   with_placeholder_labels)
 from honelm.generate import SamplingConfig
-from honelm.metrics import classification_scores
 from honelm.objectives.base import Objective
 from honelm.objectives.distill import Distill, DistillOptions
 from honelm.stages.classify import Classification, _classify_train_defaults
@@ -64,8 +63,9 @@ class ClassifierDistillation(Classification):
     def read(self, ctx: RunContext) -> None:
         super().read(ctx)
         cfg, data = ctx.cfg, ctx.cfg.data
-        transfer = build_transfer_set(ctx.splits, read_unlabelled(data.unlabelled, data.text_field, data.pair_field),
-                                      cfg.augment, cfg.run.seed, T.mask_text(cfg.teacher, cfg.augment, ctx.say), ctx.say)
+        unlabelled = read_unlabelled(data.unlabelled, data.text_field, data.pair_field)
+        transfer = build_transfer_set(ctx.splits, unlabelled, cfg.augment, cfg.run.seed,
+                                      T.mask_text(cfg.teacher, cfg.augment, ctx.say), ctx.say)
         ctx.extra["transfer"] = transfer
         ctx.write_json("transfer_set.json", transfer.record)
 
@@ -78,7 +78,10 @@ class ClassifierDistillation(Classification):
         label2id, id2label = self.labels(ctx)
         outputs = T.cached(ctx.run_dir, cfg.teacher, rows, ctx.splits.val, id2label, cfg.data.max_length,
                            ctx.runtime, ctx.say)
-        self.say_teacher_validation(ctx, outputs)
+        if outputs.val is not None:  # the level the student is measured against, in the log and the summary
+            labels = self.encode(ctx, ctx.splits.val, "val").labels
+            ctx.extra["teacher_val"] = T.validation_scores(outputs.val, labels, label2id is None, ctx.say)
+            ctx.write_json("teacher_scores.json", ctx.extra["teacher_val"])
         placeholder = 0.0 if label2id is None else next(iter(label2id))
         filled, has_label = with_placeholder_labels(rows, placeholder)
         encoded = encode_examples(ctx.tokenizer, filled, label2id, cfg.data.max_length, ctx.extra["is_decoder"])
@@ -90,18 +93,6 @@ class ClassifierDistillation(Classification):
 
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
         return dict(ctx.extra.get("teacher_val", {}))
-
-    def say_teacher_validation(self, ctx: RunContext, outputs: T.TeacherOutputs) -> None:
-        """The teacher's validation scores (the level the student is measured against), in the log and the summary."""
-        if outputs.val is None or not ctx.splits.val:
-            return
-        val = self.encode(ctx, ctx.splits.val, "val")
-        regression = ctx.cfg.data.task == "regression"
-        scores = classification_scores(outputs.val, val.labels, regression, self.model_spec(ctx).num_labels or 1,
-                                       "teacher_val")
-        ctx.extra["teacher_val"] = scores
-        ctx.write_json("teacher_scores.json", scores)
-        ctx.say("teacher on validation: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
 
 class Distillation(Stage):
@@ -130,5 +121,6 @@ def _forward(hook: str) -> Callable[..., Any]:
     return forward
 
 
-for _hook in [n for n, v in vars(Stage).items() if callable(v) and not n.startswith("_") and n not in vars(Distillation)]:
-    setattr(Distillation, _hook, _forward(_hook))
+for _hook, _value in vars(Stage).items():
+    if callable(_value) and not _hook.startswith("_") and _hook not in vars(Distillation):
+        setattr(Distillation, _hook, _forward(_hook))
