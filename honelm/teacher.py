@@ -30,7 +30,7 @@ from transformers import AutoConfig
 
 from honelm.adapters import is_adapter_dir
 from honelm.checkpoint import resolve_model_dir
-from honelm.data.batches import encode_examples
+from honelm.data.batches import EncodedExamples, encode_examples
 from honelm.data.readers import Example
 from honelm.errors import ConfigError, HonelmError
 from honelm.metrics import classification_scores
@@ -159,10 +159,27 @@ def compute(cfg: TeacherConfig, transfer: Sequence[Example], val: Sequence[Examp
                                   None, length, is_decoder)
             if enc.truncated:
                 say(f"teacher: {enc.truncated} of {len(enc)} texts are longer than {length} tokens and were truncated")
-            out.append(predict(model, enc, cfg.batch_size, device)[:, order].float())
+            out.append(_predict_in_parts(model, enc, cfg.batch_size, device, say)[:, order].float())
     record = {"model": cfg.model, "path": str(path), "fingerprint": fingerprint(str(path)), "parameters": params,
               "label_columns": order, "max_length": length, "time_s": round(time.perf_counter() - started, 2)}
     return TeacherOutputs(out[0], out[1], record)
+
+
+def _predict_in_parts(model: torch.nn.Module, enc: Any, batch_size: int, device: torch.device,
+                      say: Callable[[str], None], part: int = 8192) -> torch.Tensor:
+    """`predict` over the rows a part at a time, with a progress line after each part (soft-labelling a large
+    transfer set takes minutes)."""
+    started, logits = time.perf_counter(), []
+    for start in range(0, len(enc), part):
+        idx = list(range(start, min(start + part, len(enc))))
+        chunk = EncodedExamples([enc.ids[i] for i in idx], [enc.type_ids[i] for i in idx] if enc.type_ids else None,
+                                enc.labels[idx], enc.pad_id, 0)
+        logits.append(predict(model, chunk, batch_size, device))
+        if len(enc) > part:
+            done = idx[-1] + 1
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            say(f"teacher: {done:,} of {len(enc):,} texts ({rate:,.0f}/s, about {(len(enc) - done) / rate:,.0f} s left)")
+    return torch.cat(logits)
 
 
 def cache_key(cfg: TeacherConfig, transfer: Sequence[Example], val: Sequence[Example], max_length: int) -> str:

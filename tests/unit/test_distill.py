@@ -141,3 +141,23 @@ def test_teacher_columns_match_labels_by_name():
         column_order({0: "pos", 1: "other"}, {0: "neg", 1: "pos"}, say.append)
     with pytest.raises(HonelmError, match="do not match"):
         column_order({0: "a", 1: "b", 2: "c"}, {0: "a", 1: "b"}, say.append)
+
+
+def test_teacher_logits_in_parts_equal_one_pass():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from honelm.data.batches import EncodedExamples
+    from honelm.objectives.classify import predict
+    from honelm.teacher import _predict_in_parts
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 50, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(25)]
+    enc = EncodedExamples(ids, None, torch.zeros(25, dtype=torch.long), 0, 0)
+    lines: list[str] = []
+    with torch.no_grad():
+        whole = predict(model, enc, 4, torch.device("cpu"))
+        parts = _predict_in_parts(model, enc, 4, torch.device("cpu"), lines.append, part=7)
+    assert torch.allclose(whole, parts, atol=1e-6) and len(lines) == 4 and "25 of 25" in lines[-1]
