@@ -116,10 +116,10 @@ class AblateStageConfig(PipelineStageConfig):
 
 @dataclass
 class VariantConfig:
-    """One variant of an ablation: settings of the tested stage, stages run before the baseline's, or a combination."""
+    """One variant of an ablation: settings of the compared stage, stages run before the baseline's, or a combination."""
 
     set: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the tested (last) stage's config: dotted keys or nested mappings."""
+    """Overrides of the compared (last) stage's config: dotted keys or nested mappings."""
     before: list[AblateStageConfig] = field(default_factory=list)
     """Pipeline stages that run before the baseline's (a DAPT or TAPT run, say); ${NAME} in `set` names them."""
     combine: list[str] = field(default_factory=list)
@@ -188,7 +188,7 @@ class AblateConfig:
 @dataclass
 class Variant:
     name: str
-    settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the tested stage
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the compared stage
     before: list[AblateStageConfig] = field(default_factory=list)  # pipeline stages run first
 
 
@@ -285,7 +285,7 @@ def shared_pipeline(spec: AblationSpec, variant: Variant) -> Pipeline:
 def cell_pipeline(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any] | None = None,
                   upto: int | None = None) -> Pipeline:
     """The pipeline of one cell: the variant's `before` stages, then the baseline's, every run stage
-    at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top.
+    at `run.seed=seed`, the compared (last) stage with the variant's settings and `extra` on top.
     `${NAME}` of a shared before-stage stands for its run in OUT_DIR/shared/VARIANT."""
     shared = {s.name or s.verb: shared_dir(spec, variant) / (s.name or s.verb) for s in variant.before if s.shared}
     items = [s for s in variant.before if not s.shared] + spec.stages
@@ -303,7 +303,7 @@ def _substitute(value: Any, shared: dict[str, Path]) -> Any:
 
 def _stages(spec: AblationSpec, variant: Variant, items: list[AblateStageConfig], seed: int,
             extra: dict[str, Any] | None, tested: bool, shared: dict[str, Path] | None = None) -> list[Stage]:
-    """Pipeline stages from the file's: every run stage at `run.seed=seed`, the tested (last) one with the
+    """Pipeline stages from the file's: every run stage at `run.seed=seed`, the compared (last) one with the
     variant's settings and `extra`, `${NAME}` of a shared stage replaced by its run directory."""
     shared = shared or {}
     stages: list[Stage] = []
@@ -746,7 +746,7 @@ def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
               "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
               "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation"}
     (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
-    print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {len(spec.seeds)} seeds, "
+    print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {_seeds(len(spec.seeds))}, "
           + (f"a {spec.search.get('n_trials', 10)}-trial search per variant" if spec.search else "fixed hyperparameters")
           + f"; verdicts on validation, test: {spec.test}", flush=True)
     cells: dict[str, list[dict[str, Any]]] = {}
@@ -809,12 +809,16 @@ def _print_results(spec: AblationSpec, rows: list[dict[str, Any]]) -> None:
     print(f"\nchosen on validation: {results['chosen']}")
     label = {"chosen": "tested once", "report": "tested (a report, not a selection)"}
     for r in results["test_rows"]:
-        print(f"test {spec.metric} of {r['variant']} ({label[results['test_role']]}, {len(r['seeds'])} seeds): "
+        print(f"test {spec.metric} of {r['variant']} ({label[results['test_role']]}, {_seeds(len(r['seeds']))}): "
               + _pm(r["mean"], r["std"]))
 
 
 # ----------------------------------------------------------------------------------------------
 # the report
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def _pm(mean: Any, std: Any) -> str:
@@ -831,7 +835,7 @@ def _intro(meta: dict[str, Any]) -> list[str]:
             "all": "then every cell was tested once: that table is a report, not a selection",
             "none": "no cell was tested"}[meta.get("test", "all")]
     lines = [f"# Ablation report: {Path(meta['out_dir']).name if meta.get('out_dir') else meta['file']}", "",
-             f"{len(meta['variants'])} variants × {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}); "
+             f"{len(meta['variants'])} variants × {_seeds(len(meta['seeds']))} ({', '.join(map(str, meta['seeds']))}); "
              + ("each variant got the same hyperparameter search on validation "
                 f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
              + f". **Verdicts and the choice are made on validation**: Δ is the difference from baseline in validation "
