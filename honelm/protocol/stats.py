@@ -97,7 +97,8 @@ def paired_bootstrap(metric: str, gold: Sequence, variant: Sequence[Sequence], b
     g = np.asarray(gold)
     va, ba = [np.asarray(p) for p in variant], [np.asarray(p) for p in baseline]
     if any(p.shape != g.shape for p in va + ba):
-        raise ValueError("every prediction list must cover the same examples as gold")
+        raise ValueError("every prediction list must cover the same examples as gold (the same test examples, or the same "
+                         "validation examples)")
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
     rng = np.random.default_rng(seed)
