@@ -8,8 +8,9 @@
    of its width, train the same student without a teacher, test both once and compare the three
    (quality with intervals, parameters, size, latency, throughput);
 7. search the classifier's learning rate and batch size on validation (a few Optuna trials), test
-   the winner once; 8. ablate: baseline vs +LoRA vs +FGM over 2 seeds, each cell tested once,
-   with paired-bootstrap intervals, verdicts and an HTML report.
+   the winner once; 8. ablate: baseline vs +LoRA vs +FGM over 2 seeds, paired-bootstrap intervals
+   and verdicts on validation, the variant with the best validation mean tested once, and an HTML
+   report (the project's test ledger counts every look at the test split).
 
 Every step runs through the real CLI (`honelm.cli.main`), exactly as a user would type it.
 """
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         step("test", search_dir)
         step("report", search_dir)
         reports.append(f"{search_dir}/report.html")
-    if args.seeds:  # baseline vs +LoRA vs +FGM, each seed tested once, paired-bootstrap intervals
+    if args.seeds:  # baseline vs +LoRA vs +FGM: verdicts on validation, the chosen variant tested once
         ablate_dir = f"{out}/ablate/{stamp}"
         step("ablate", str(registry.find_config("ablate", "demo")), "--out-dir", ablate_dir, "--var", f"data={out}/data",
              "--var", f"pretrained={pretrained}", "--seeds", str(args.seeds))

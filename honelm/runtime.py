@@ -228,6 +228,10 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.window = "process"  # until a reset succeeds, the peak is the whole process's
+        self.runs_started = 0
+        """How many runs started in this process (one reset each). A run that was not the first carries what the
+        earlier ones left resident (freed heap kept by the allocator, caches), so its peak depends on the order
+        runs went in: `honelm ablate` reports a cell's memory only when the cell's runs were the process's first."""
 
     def reset(self) -> str:
         """Start a fresh window for the run about to start; returns how it will be measured.
@@ -240,6 +244,7 @@ class PeakMemory:
         search or ablation carries every earlier run's retained heap, and each run's "peak" starts
         from there.
         """
+        self.runs_started += 1
         release_freed_memory()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()

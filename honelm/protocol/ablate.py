@@ -1,22 +1,24 @@
-"""`honelm ablate FILE`: which booster helped — variants × seeds, each tested once, with intervals.
+"""`honelm ablate FILE`: which booster helped — variants × seeds, verdicts on validation, the chosen one tested once.
 
     # honelm ablate configs/ablate/demo.yaml
     out_dir: runs/ablate/demo
     seeds: 2                      # seeds 0..N-1, or a list [0, 1, 2]; default 3
-    metric: accuracy              # test metric of the interval and verdict: accuracy, macro_f1, mse, pearson
+    metric: accuracy              # validation metric of the interval, verdict and choice: accuracy, macro_f1, mse, pearson
     bootstrap: 2000               # paired-bootstrap resamples
     confidence: 0.95
+    test: chosen                  # chosen (default): test only the chosen variant's cells, once;
+                                  #   all: every cell (a report, not a selection); none
     vars: {data: runs/demo/data}  # as in a pipeline file: ${vars.data}
-    stages:                       # the baseline, as pipeline stages; the LAST one is tested
+    stages:                       # the baseline, as pipeline stages; the LAST one is compared
       - {name: classify, verb: classify, config: demo, set: {data.train: "${vars.data}/reviews.jsonl"}}
     search:                       # optional: every variant gets this search on validation;
       n_trials: 4                 #   without it, hyperparameters are fixed
       metric: val_accuracy
       space: {train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}}
     variants:                     # the baseline is always there, named "baseline"
-      lora: {set: {lora.r: 8}}                       # overrides of the tested stage
+      lora: {set: {lora.r: 8}}                       # overrides of the compared stage
       fgm: {set: {adversarial.method: fgm}}
-      tapt:                                          # stages that run before the tested one
+      tapt:                                          # stages that run before the compared one
         before: [{name: tapt, verb: adapt, config: tapt-mlm, set: {task.train: "${vars.data}/reviews.jsonl"}}]
         set: {model.init_from: "${tapt}"}
       dapt:                                          # shared: run once (first seed), used by every seed
@@ -26,25 +28,42 @@
 
 A cell is one variant at one seed: a pipeline (honelm.pipeline) in OUT_DIR/cells/VARIANT/seed-S
 whose run stages all get `run.seed=S` (the data split, `data.seed`, stays the same so every
-cell is tested on the same examples). A before-stage marked `shared: true` (an expensive DAPT,
+cell is validated and tested on the same examples). A before-stage marked `shared: true` (an expensive DAPT,
 say) runs once, at the first seed, in OUT_DIR/shared/VARIANT and every seed's cell starts from it;
 the interval then carries no variation of that stage (say so when reporting), and its time counts
 in each cell's cost. With `search`, each variant first runs that search (the
 same space and trial budget for all) in OUT_DIR/cells/VARIANT/search, on the first seed, after
-its `before` stages; the best values are then used at every seed. The tested stage's selected
-checkpoint (best validation) is tested once by `honelm test`'s own code; predictions are kept.
+its `before` stages; the best values are then used at every seed.
+
+Selection on validation, test once (the protocol). The compared stage's selected checkpoint (best
+validation) keeps its per-example validation predictions (RUN/best/val_predictions.jsonl,
+honelm.predictions: classification and regression runs write them); cell.json records them. The
+paired-bootstrap interval of the difference from baseline (honelm.protocol.stats), the verdict and
+the CHOICE (the variant with the best validation mean of `metric`; of equals, the first listed, so
+the baseline before any variant) are computed from those alone, with the test split sealed
+(`forbid_test_split`) while cells train and verdicts are computed. A stage that writes no
+per-example validation predictions is refused with a message saying so. Only then are cells
+tested, each once by `honelm test`'s own code (CELL/test.json keeps the metrics and predictions):
+with `test: chosen` the chosen variant's cells, every seed, their looks one group in the project's
+test ledger (honelm.protocol.ledger); with `test: all` every cell, and that table is labelled a
+report, not a selection: nothing is chosen from it (the ledger flags those looks). With one seed,
+the interval resamples validation examples only and the verdict says that training noise is not in it.
 
 Results (results.json, results.csv, report.md/.html, plots/ablation.png): mean ± std over seeds of
-every test metric; the paired-bootstrap interval of the difference from baseline on `metric`
-(honelm.protocol.stats) and its verdict; cost per variant (train time of all its stages, peak
-memory, trainable parameters of the tested stage).
+every validation metric; the interval and verdict on `metric`; the chosen variant; the test numbers
+of the tested cells; the ledger's count of looks at the test split; cost per variant (train time of
+all its stages, trainable parameters of the compared stage, and peak memory only for a cell that
+was its process's first run: a later run in the same process carries what earlier ones left
+resident, so its peak would depend on the order the cells ran).
 
 The file is read as `AblateConfig` (its sections `AblateStageConfig` and `VariantConfig`) by
 honelm.config's `from_mapping`; `honelm ablate --help` lists every field.
 
-Resumable: a finished cell (cell.json) is never recomputed; an unfinished one continues through
-its pipeline (finished stages skipped, interrupted ones resumed). A cell whose planned configs no
-longer match what the file asks for is an error naming it.
+Resumable: a finished cell (cell.json) is never recomputed, a tested one (test.json) never tested
+again; an unfinished one continues through its pipeline (finished stages skipped, interrupted ones
+resumed). A cell whose planned configs no longer match what the file asks for is an error naming
+it. A cell finished by an older honelm, which tested every cell, is read on: its validation
+predictions from its run, its one test look kept as a report.
 """
 
 from __future__ import annotations
@@ -65,10 +84,13 @@ import numpy as np
 
 from honelm import config as C
 from honelm import registry
+from honelm import runtime as rt
+from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
                              has_run_dir, plan, resolve)
-from honelm.predictions import TEST_FILE, read_records
+from honelm.predictions import TEST_FILE, VAL_FILE, read_records
+from honelm.protocol import ledger as L
 from honelm.protocol import search as S
 from honelm.protocol import stats
 from honelm.protocol.test import run_test
@@ -78,6 +100,9 @@ BASELINE = "baseline"
 ABLATION_FILE = "ablation.json"  # marks an ablation directory
 AGAIN = "honelm ablate FILE (the same command)"  # how to continue after an interruption
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # it names a directory
+TEST_MODES = ("chosen", "all", "none")
+TEST_RECORD = "test.json"  # CELL/test.json: the cell's one test look (metrics, per-example predictions)
+ONE_SEED = "one seed: training noise is not in the interval"
 
 
 @dataclass
@@ -91,10 +116,10 @@ class AblateStageConfig(PipelineStageConfig):
 
 @dataclass
 class VariantConfig:
-    """One variant of an ablation: settings of the tested stage, stages run before the baseline's, or a combination."""
+    """One variant of an ablation: settings of the compared stage, stages run before the baseline's, or a combination."""
 
     set: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the tested (last) stage's config: dotted keys or nested mappings."""
+    """Overrides of the compared (last) stage's config: dotted keys or nested mappings."""
     before: list[AblateStageConfig] = field(default_factory=list)
     """Pipeline stages that run before the baseline's (a DAPT or TAPT run, say); ${NAME} in `set` names them."""
     combine: list[str] = field(default_factory=list)
@@ -114,15 +139,19 @@ class AblateConfig:
     seeds: int | list[int] = 3
     """Seeds of every variant: a count N (seeds 0..N-1) or a list of distinct integers (--seeds N)."""
     metric: str = "accuracy"
-    """Test metric of the interval and verdict: accuracy, macro_f1, mse or pearson."""
+    """Metric of the interval, verdict and choice, computed on each cell's validation predictions (its best
+    checkpoint's): accuracy, macro_f1, mse or pearson."""
     bootstrap: int = 2000
     """Paired-bootstrap resamples of the interval (at least 100)."""
     confidence: float = 0.95
     """Confidence level of the interval, in [0.5, 1)."""
+    test: str = "chosen"
+    """Which cells `honelm test` reads, once each, after every cell has trained and the verdicts are in: chosen (the
+    chosen variant's, every seed), all (every cell; that table is a report, not a selection) or none (--test)."""
     vars: dict[str, str] = field(default_factory=dict)
     """Named values, ${vars.NAME} in the stages as in a pipeline file (--var NAME=VALUE sets one)."""
     stages: list[AblateStageConfig] = field(default_factory=list)
-    """The baseline, as pipeline stages; the LAST one is the tested stage. At least one."""
+    """The baseline, as pipeline stages; the LAST one is the compared stage (validated, tested if chosen). At least one."""
     search: dict[str, Any] | None = None
     """A search every variant runs first, on validation at the first seed: a search file's fields (space, metric,
     n_trials, sampler, ...) without verb, config, set and out_dir; none = fixed hyperparameters."""
@@ -139,7 +168,7 @@ class AblateConfig:
         if self.metric not in stats.METRICS:
             raise C.FieldError("metric", f"{self.metric!r} is not one of {', '.join(stats.METRICS)}")
         if not self.stages:
-            raise C.FieldError("stages", "must be a non-empty list of pipeline stages (the last one is tested)")
+            raise C.FieldError("stages", "must be a non-empty list of pipeline stages (the last one is compared)")
         if any(stage.shared for stage in self.stages):
             raise C.FieldError("stages", "only a variant's before-stages can be shared")
         for name in self.variants:
@@ -150,6 +179,8 @@ class AblateConfig:
                                    "(it names a directory)")
         if self.bootstrap < 100:
             raise C.FieldError("bootstrap", "must be an integer ≥ 100")
+        if self.test not in TEST_MODES:
+            raise C.FieldError("test", f"{self.test!r} is not one of {', '.join(TEST_MODES)}")
         if not 0.5 <= self.confidence < 1:
             raise C.FieldError("confidence", "must be in [0.5, 1)")
 
@@ -157,7 +188,7 @@ class AblateConfig:
 @dataclass
 class Variant:
     name: str
-    settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the tested stage
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the compared stage
     before: list[AblateStageConfig] = field(default_factory=list)  # pipeline stages run first
 
 
@@ -173,6 +204,8 @@ class AblationSpec:
     search: dict[str, Any] | None = None
     bootstrap: int = 2000
     confidence: float = 0.95
+    test: str = "chosen"
+    ledger: Path | None = None  # the project's test ledger (honelm.protocol.ledger); None: ledger_path(out_dir)
 
     @property
     def higher_is_better(self) -> bool:
@@ -180,9 +213,9 @@ class AblationSpec:
 
 
 def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir: str | None = None,
-              seeds: int | None = None) -> AblationSpec:
-    """Read and check an ablation file (with the command line's --var, --out-dir and --seeds on top);
-    errors name the file and the field."""
+              seeds: int | None = None, test: str | None = None, ledger: str | None = None) -> AblationSpec:
+    """Read and check an ablation file (with the command line's --var, --out-dir, --seeds, --test and --ledger on
+    top); errors name the file and the field."""
     p = Path(path)
     raw = C.read_yaml(p, "ablation file", C.LineLoader)
     if not isinstance(raw, dict):
@@ -191,6 +224,8 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
         raw["out_dir"] = out_dir
     if seeds is not None:
         raw["seeds"] = seeds
+    if test is not None:
+        raw["test"] = test
     if variables:
         known = raw.get("vars") or {}
         missing = sorted(set(variables) - set(known)) if isinstance(known, dict) else []
@@ -200,7 +235,7 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
     cfg = C.from_mapping(AblateConfig, raw, p)
     seed_list = list(range(cfg.seeds)) if isinstance(cfg.seeds, int) else list(cfg.seeds)
     spec = AblationSpec(p, Path(cfg.out_dir), seed_list, cfg.metric, cfg.stages, _variants(cfg, p), cfg.vars,
-                        cfg.search, cfg.bootstrap, cfg.confidence)
+                        cfg.search, cfg.bootstrap, cfg.confidence, cfg.test, L.ledger_path(cfg.out_dir, ledger))
     for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
         plan(cell_pipeline(spec, variant, spec.seeds[0]))
         plan(shared_pipeline(spec, variant))
@@ -250,7 +285,7 @@ def shared_pipeline(spec: AblationSpec, variant: Variant) -> Pipeline:
 def cell_pipeline(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any] | None = None,
                   upto: int | None = None) -> Pipeline:
     """The pipeline of one cell: the variant's `before` stages, then the baseline's, every run stage
-    at `run.seed=seed`, the tested (last) stage with the variant's settings and `extra` on top.
+    at `run.seed=seed`, the compared (last) stage with the variant's settings and `extra` on top.
     `${NAME}` of a shared before-stage stands for its run in OUT_DIR/shared/VARIANT."""
     shared = {s.name or s.verb: shared_dir(spec, variant) / (s.name or s.verb) for s in variant.before if s.shared}
     items = [s for s in variant.before if not s.shared] + spec.stages
@@ -268,7 +303,7 @@ def _substitute(value: Any, shared: dict[str, Path]) -> Any:
 
 def _stages(spec: AblationSpec, variant: Variant, items: list[AblateStageConfig], seed: int,
             extra: dict[str, Any] | None, tested: bool, shared: dict[str, Path] | None = None) -> list[Stage]:
-    """Pipeline stages from the file's: every run stage at `run.seed=seed`, the tested (last) one with the
+    """Pipeline stages from the file's: every run stage at `run.seed=seed`, the compared (last) one with the
     variant's settings and `extra`, `${NAME}` of a shared stage replaced by its run directory."""
     shared = shared or {}
     stages: list[Stage] = []
@@ -335,54 +370,46 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return out
 
 
+def _read(path: Path) -> list[dict[str, Any]]:
+    """Prediction records read by honelm.predictions' strict reader (file:line errors, split order checked)."""
+    try:
+        return read_records(path)
+    except ValueError as e:
+        raise HonelmError(str(e)) from None
+
+
 def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
-    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`),
-    read by honelm.predictions' strict reader (file:line errors, split order checked)."""
+    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`)."""
     path = run_dir / TEST_FILE
     if not path.is_file():
         raise HonelmError(f"{run_dir}: no {TEST_FILE}: `honelm ablate` compares classification or "
-                          "regression runs by their per-example test predictions")
-    try:
-        rows = read_records(path)
-    except ValueError as e:
-        raise HonelmError(str(e)) from None
+                          "regression runs by their per-example predictions")
+    rows = _read(path)
     return [r["gold"] for r in rows], [r["pred"] for r in rows]
 
 
-def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Train (or continue) the cell's pipeline, test its last stage once, record cell.json."""
-    pipe = cell_pipeline(spec, variant, seed, extra)
-    common = shared_pipeline(spec, variant)
-    ident = _planned_identity(pipe) + (_planned_identity(common) if common.stages else "")
-    pipes = [common, pipe] if common.stages else [pipe]  # what the cell runs, shared stages first
-    out = cell_dir(spec, variant, seed)
-    record_path = out / "cell.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("identity") != ident:  # a new honelm version or a changed file: compare the settings
-            diffs = _cell_differences(pipes, record)
-            if diffs:
-                shown = ", ".join(diffs[:8]) + (f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-                raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the "
-                                  f"file now asks for ({shown}); delete {out} to run it again")
-            record["identity"] = ident
-            tmp = record_path.with_suffix(".json.tmp")  # atomic: a crash here must not lose the finished cell
-            tmp.write_text(json.dumps(record), encoding="utf-8")
-            tmp.replace(record_path)
-        print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
-        return record
-    print(f"\n>> {variant.name} seed {seed}", flush=True)
-    if common.stages:
-        execute(common, again=AGAIN)
-    execute(pipe, again=AGAIN)
-    tested = out / pipe.stages[-1].name
-    if (tested / "test_metrics.json").is_file():  # tested just before a crash: never look twice
-        metrics = json.loads((tested / "test_metrics.json").read_text(encoding="utf-8"))
-    else:
-        metrics = run_test(tested)
-    gold, pred = read_predictions(tested)
+def read_validation(run_dir: Path) -> dict[str, Any]:
+    """The selected checkpoint's validation record: its val_* metrics and step (best/best.json) and its
+    per-example validation predictions (best/val_predictions.jsonl), what verdicts and the choice are made from."""
+    path = run_dir / "best" / VAL_FILE
+    if not path.is_file():
+        raise HonelmError(f"{run_dir}: no best/{VAL_FILE}: `honelm ablate` computes its intervals, verdicts and choice "
+                          "from the per-example validation predictions of each cell's selected checkpoint, which "
+                          "classification and regression runs write (classify, distill, prompt); this run's stage "
+                          "writes none (or it predates them), so it cannot be ablated on validation")
+    best_path = run_dir / "best" / "best.json"
+    best = json.loads(best_path.read_text(encoding="utf-8")) if best_path.is_file() else {}
+    rows = _read(path)
+    val = {k: v for k, v in best.items() if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"val": val, "best_step": best.get("step"), "gold": [r["gold"] for r in rows],
+            "pred": [r["pred"] for r in rows]}
+
+
+def _cost(spec: AblationSpec, variant: Variant, common: Pipeline, pipe: Pipeline, alone: bool) -> dict[str, Any]:
+    """Train time of every stage the cell ran (a shared stage's in every cell that uses it: it is part of what the
+    variant costs), the compared stage's trainable parameters, and the peak memory only when `alone`."""
     time_s, peak, trainable = 0.0, 0.0, None
-    # a shared stage's time counts in every cell that uses it: it is part of what the variant costs
+    out = pipe.out_dir
     for where, stage in [(shared_dir(spec, variant), s) for s in common.stages] + [(out, s) for s in pipe.stages]:
         ends = _events(where / stage.name, "end")
         if ends:
@@ -391,13 +418,97 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, A
             peak = max(peak, float(end.get("peak_rss_mb") or 0), float(end.get("peak_cuda_mb") or 0))
             if stage is pipe.stages[-1]:
                 trainable = end.get("trainable_params")
-    record = {"variant": variant.name, "seed": seed, "run_dir": str(tested), "identity": ident,
-              "commands": _commands(pipes),
-              "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-              "gold": gold, "pred": pred, "train_time_s": round(time_s, 2), "peak_memory_mb": round(peak, 1),
-              "trainable_params": trainable, "settings": extra}
-    record_path.write_text(json.dumps(record), encoding="utf-8")
+    return {"train_time_s": round(time_s, 2), "peak_memory_mb": round(peak, 1) if alone and peak else None,
+            "trainable_params": trainable}
+
+
+def _upgrade(record: dict[str, Any], out: Path, write: bool) -> dict[str, Any]:
+    """A cell record of an older honelm (which tested every cell and compared on test): the validation part read
+    from its run, its one test look moved to CELL/test.json (written when `write`), its memory no longer claimed
+    (it was measured in a process shared with other cells)."""
+    if record.get("split") == "validation":
+        return record
+    if write and "test" in record and not (out / TEST_RECORD).is_file():
+        _write_json(out / TEST_RECORD, {"variant": record["variant"], "seed": record["seed"], "test": record["test"],
+                                        "gold": record["gold"], "pred": record["pred"]})
+    new = {k: v for k, v in record.items() if k not in ("test", "gold", "pred")}
+    new.update(read_validation(Path(record["run_dir"])), split="validation", peak_memory_mb=None)
+    return new
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Atomically: a crash while writing must not lose a finished cell or a test look."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _reuse(spec: AblationSpec, variant: Variant, seed: int, pipes: list[Pipeline], ident: str) -> dict[str, Any]:
+    """A finished cell's record, checked against what the file now asks for (and brought up to date)."""
+    out = cell_dir(spec, variant, seed)
+    record_path = out / "cell.json"
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    changed = record.get("split") != "validation"
+    if record.get("identity") != ident:  # a new honelm version or a changed file: compare the settings
+        diffs = _cell_differences(pipes, record)
+        if diffs:
+            shown = ", ".join(diffs[:8]) + (f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            raise HonelmError(f"{spec.path}: cell {variant.name}/seed-{seed} finished with other settings than the "
+                              f"file now asks for ({shown}); delete {out} to run it again")
+        record["identity"], changed = ident, True
+    if changed:
+        record = _upgrade(record, out, write=True)
+        _write_json(record_path, record)
+    print(f"= {variant.name} seed {seed}: finished earlier, reused ({out})", flush=True)
     return record
+
+
+def run_cell(spec: AblationSpec, variant: Variant, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train (or continue) the cell's pipeline and record cell.json: the selected checkpoint's validation metrics and
+    per-example predictions, and the cost. It takes no test look (`test_cell` does, after the choice)."""
+    pipe = cell_pipeline(spec, variant, seed, extra)
+    common = shared_pipeline(spec, variant)
+    ident = _planned_identity(pipe) + (_planned_identity(common) if common.stages else "")
+    pipes = [common, pipe] if common.stages else [pipe]  # what the cell runs, shared stages first
+    out = cell_dir(spec, variant, seed)
+    if (out / "cell.json").is_file():
+        return _reuse(spec, variant, seed, pipes, ident)
+    print(f"\n>> {variant.name} seed {seed}", flush=True)
+    first = rt.PROCESS_PEAK.runs_started == 0  # no run before this cell's in this process
+    ran = execute(common, again=AGAIN) if common.stages else []
+    ran += execute(pipe, again=AGAIN)
+    # its memory is its own only when its runs were the process's first and all of them ran here
+    alone = first and all(row["status"] != "done" for row in ran if row.get("run_dir"))
+    compared = out / pipe.stages[-1].name
+    record = {"variant": variant.name, "seed": seed, "run_dir": str(compared), "identity": ident,
+              "commands": _commands(pipes), "split": "validation", **read_validation(compared),
+              **_cost(spec, variant, common, pipe, alone), "settings": extra}
+    _write_json(out / "cell.json", record)
+    return record
+
+
+def test_cell(spec: AblationSpec, record: dict[str, Any], group: str | None) -> dict[str, Any]:
+    """The cell's one test look, by `honelm test`'s own code, into the ablation's ledger (`group`: the looks of the
+    chosen variant's seeds, not flagged against each other); CELL/test.json keeps its metrics and predictions. A
+    look taken before a crash (test_metrics.json) is read back, never taken again."""
+    out = spec.out_dir / "cells" / record["variant"] / f"seed-{record['seed']}"
+    path = out / TEST_RECORD
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    compared = Path(record["run_dir"])
+    if (compared / "test_metrics.json").is_file():
+        metrics = json.loads((compared / "test_metrics.json").read_text(encoding="utf-8"))
+    else:
+        print(f"\n>> test {record['variant']} seed {record['seed']} (once)", flush=True)
+        metrics = run_test(compared, ledger=spec.ledger, group=group)
+    gold, pred = read_predictions(compared)
+    result = {"variant": record["variant"], "seed": record["seed"], "gold": gold, "pred": pred,
+              "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    _write_json(path, result)
+    return result
+
+
+test_cell.__test__ = False  # type: ignore[attr-defined]  # a name starting with "test": not a pytest test
 
 
 def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
@@ -429,70 +540,122 @@ def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
 
 
 def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per variant with finished cells: mean ± std of each test metric, the interval vs
-    baseline, verdict, cost. An unfinished ablation (some seeds or variants still to run) gives the
-    rows it can, each marked with `complete`; the interval pairs each variant seed with the
-    baseline's run of the same seed, so it only uses seeds both sides have."""
+    """One row per variant with finished cells, from their VALIDATION records only: mean ± std of each validation
+    metric, the interval vs baseline, verdict, cost. An unfinished ablation (some seeds or variants still to run)
+    gives the rows it can, each marked with `complete`; the interval pairs each variant seed with the baseline's
+    run of the same seed, so it only uses seeds both sides have. With one such seed the row's `note` says that
+    training noise is not in the interval."""
     base = cells[BASELINE]
     gold = base[0]["gold"]
     base_by_seed = {r["seed"]: r for r in base}
-    for name, records in cells.items():
+    for records in cells.values():
         for r in records:
             if r["gold"] != gold:
-                raise HonelmError(f"{r['run_dir']}: its test examples differ from the baseline's; every cell must be "
-                                  "tested on the same split (same data and data.seed)")
+                raise HonelmError(f"{r['run_dir']}: its validation examples differ from the baseline's; every cell must "
+                                  "be validated on the same split (same data and data.seed)")
     rows = []
     for variant in spec.variants:
         records = cells.get(variant.name) or []
-        if not records:
-            continue
-        metric_names = sorted({k for r in records for k in r["test"] if k.startswith("test_") and k != "test_loss"})
-        row: dict[str, Any] = {"variant": variant.name, "seeds": [r["seed"] for r in records],
-                               "complete": len(records) == len(spec.seeds)}
-        for m in metric_names:
-            row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([r["test"].get(m) for r in records])
-        row["metric"] = spec.metric
-        row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(r["pred"])) for r in records]
-        row["mean"], row["std"] = stats.mean_std(row["values"])
-        if variant.name == BASELINE:
-            row.update(diff=0.0, low=None, high=None, verdict="—")
-        elif not (paired := [r for r in records if r["seed"] in base_by_seed]):
-            row.update(diff=None, low=None, high=None, verdict="pending")  # its seeds' baselines are still to run
-        else:
-            ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in paired],
-                                        [base_by_seed[r["seed"]]["pred"] for r in paired],
-                                        spec.bootstrap, spec.confidence, seed=0)
-            row.update(diff=ci.diff, low=ci.low, high=ci.high,
-                       verdict=stats.verdict(ci.low, ci.high, spec.higher_is_better))
-        row["train_time_s"] = stats.mean_std([r["train_time_s"] for r in records])[0]
-        row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in records)
-        row["trainable_params"] = records[0].get("trainable_params")
-        row["settings"] = records[0].get("settings") or {}
-        rows.append(row)
+        if records:
+            rows.append(_row(spec, variant, records, gold, base_by_seed))
     return rows
+
+
+def _row(spec: AblationSpec, variant: Variant, records: list[dict[str, Any]], gold: list[Any],
+         base_by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    metric_names = sorted({k for r in records for k in r["val"] if k.startswith("val_") and k != "val_loss"})
+    row: dict[str, Any] = {"variant": variant.name, "seeds": [r["seed"] for r in records],
+                           "complete": len(records) == len(spec.seeds)}
+    for m in metric_names:
+        row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([r["val"].get(m) for r in records])
+    row["metric"] = spec.metric
+    row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(r["pred"])) for r in records]
+    row["mean"], row["std"] = stats.mean_std(row["values"])
+    paired = [r for r in records if r["seed"] in base_by_seed]
+    if variant.name == BASELINE:
+        row.update(diff=0.0, low=None, high=None, verdict="—", note="")
+    elif not paired:
+        row.update(diff=None, low=None, high=None, verdict="pending", note="")  # its seeds' baselines are still to run
+    else:
+        ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in paired],
+                                    [base_by_seed[r["seed"]]["pred"] for r in paired],
+                                    spec.bootstrap, spec.confidence, seed=0)
+        row.update(diff=ci.diff, low=ci.low, high=ci.high, verdict=stats.verdict(ci.low, ci.high, spec.higher_is_better),
+                   note=ONE_SEED if len(paired) == 1 else "")
+    row["train_time_s"] = stats.mean_std([r["train_time_s"] for r in records])[0]
+    measured = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb")]
+    row["peak_memory_mb"] = max(measured) if measured else None
+    row["trainable_params"] = records[0].get("trainable_params")
+    row["settings"] = records[0].get("settings") or {}
+    return row
 
 
 def _arr(values: list[Any]) -> Any:
     return np.asarray(values)
 
 
-def write_results(spec: AblationSpec, rows: list[dict[str, Any]], cells_done: int | None = None) -> None:
+def choose(spec: AblationSpec, rows: list[dict[str, Any]]) -> str | None:
+    """The variant with the best validation mean of `metric` (of equals the first listed: the baseline before any
+    variant); None until every variant has all its seeds."""
+    if len(rows) < len(spec.variants) or not all(r.get("complete") for r in rows):
+        return None
+    sign = 1.0 if spec.higher_is_better else -1.0
+    scored = [(sign * r["mean"] if math.isfinite(r["mean"]) else -math.inf, -i, r["variant"]) for i, r in enumerate(rows)]
+    return max(scored)[2]
+
+
+def test_summary(spec: AblationSpec, tests: list[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
+    """The tested cells' numbers per variant (mean ± std of every test metric) and what the table is: "chosen" when
+    only the chosen variant's cells were tested, else "report" (a report, not a selection)."""
+    if not tests:
+        return {"role": None, "rows": []}
+    gold = tests[0]["gold"]
+    for t in tests:
+        if t["gold"] != gold:
+            raise HonelmError(f"{spec.out_dir}/cells/{t['variant']}/seed-{t['seed']}: its test examples differ from "
+                              f"{tests[0]['variant']} seed {tests[0]['seed']}'s; every cell must be tested on the same split")
+    rows = []
+    for variant in spec.variants:
+        mine = [t for t in tests if t["variant"] == variant.name]
+        if not mine:
+            continue
+        row: dict[str, Any] = {"variant": variant.name, "seeds": [t["seed"] for t in mine]}
+        for m in sorted({k for t in mine for k in t["test"] if k.startswith("test_") and k != "test_loss"}):
+            row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([t["test"].get(m) for t in mine])
+        row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(t["pred"])) for t in mine]
+        row["mean"], row["std"] = stats.mean_std(row["values"])
+        rows.append(row)
+    role = "chosen" if chosen is not None and all(t["variant"] == chosen for t in tests) else "report"
+    return {"role": role, "rows": rows}
+
+
+test_summary.__test__ = False  # type: ignore[attr-defined]  # a name starting with "test": not a pytest test
+
+
+def write_results(spec: AblationSpec, rows: list[dict[str, Any]], cells_done: int | None = None,
+                  chosen: str | None = None, tested: dict[str, Any] | None = None) -> None:
     """results.json/csv and the chart; `cells_done` (of variants × seeds) when the ablation is unfinished."""
     out = spec.out_dir
     planned = len(spec.variants) * len(spec.seeds)
     done = planned if cells_done is None else cells_done
-    (out / "results.json").write_text(json.dumps({"metric": spec.metric, "confidence": spec.confidence,
-                                                  "bootstrap": spec.bootstrap, "seeds": spec.seeds,
-                                                  "complete": done == planned, "cells_done": done,
-                                                  "cells_planned": planned, "rows": rows},
+    tested = tested or {"role": None, "rows": []}
+    (out / "results.json").write_text(json.dumps({"metric": spec.metric, "split": "validation",
+                                                  "confidence": spec.confidence, "bootstrap": spec.bootstrap,
+                                                  "seeds": spec.seeds, "complete": done == planned, "cells_done": done,
+                                                  "cells_planned": planned, "rows": rows, "chosen": chosen,
+                                                  "test_mode": spec.test, "test_role": tested["role"],
+                                                  "test_rows": tested["rows"]},
                                                  indent=2, default=_json_default), encoding="utf-8")
-    columns = ["variant", "metric", "mean", "std", "diff", "low", "high", "verdict", "train_time_s", "peak_memory_mb",
-               "trainable_params"]
+    columns = ["variant", "metric", "mean", "std", "diff", "low", "high", "verdict", "note", "train_time_s",
+               "peak_memory_mb", "trainable_params"]
     with open(out / "results.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(["split", "chosen", *columns])
         for row in rows:
-            writer.writerow([row.get(c) for c in columns])
+            writer.writerow(["validation", row["variant"] == chosen, *[row.get(c) for c in columns]])
+        for row in tested["rows"]:  # the test look(s): chosen, or a report (never a selection)
+            writer.writerow([f"test ({tested['role']})", row["variant"] == chosen, row["variant"], spec.metric,
+                             row["mean"], row["std"]] + [None] * (len(columns) - 4))
     plot_ablation(spec, rows, out / "plots" / "ablation.png")
 
 
@@ -503,7 +666,7 @@ def _json_default(value: Any) -> Any:
 
 
 def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) -> None:
-    """Left: each variant's metric per seed and mean; right: difference from baseline with its interval."""
+    """Left: each variant's validation metric per seed and mean; right: difference from baseline with its interval."""
     matplotlib.use("Agg")  # no window, whatever backend the process had
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{len(spec.seeds)})"
@@ -514,7 +677,7 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
         left.scatter(r["values"], [y] * len(r["values"]), color="0.6", s=18, zorder=2)
         left.scatter([r["mean"]], [y], color="black", marker="|", s=300, zorder=3)
     left.set_yticks(ys, names)
-    left.set_xlabel(f"test {spec.metric} (dots: seeds, bar: mean)")
+    left.set_xlabel(f"validation {spec.metric} (dots: seeds, bar: mean)")
     colours = {"helps": "tab:green", "hurts": "tab:red", "no evidence": "tab:gray", "—": "black"}
     for y, r in zip(ys, rows):
         if r["variant"] == BASELINE or r.get("low") is None:  # no interval (yet)
@@ -523,7 +686,7 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
         right.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", color=c,
                        capsize=4)
     right.axvline(0, color="black", linewidth=0.8)
-    right.set_xlabel(f"Δ {spec.metric} vs baseline, {int(spec.confidence * 100)}% paired-bootstrap CI")
+    right.set_xlabel(f"Δ validation {spec.metric} vs baseline, {int(spec.confidence * 100)}% paired-bootstrap CI")
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -531,74 +694,131 @@ def plot_ablation(spec: AblationSpec, rows: list[dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
+def _spec_of(out_dir: Path, meta: dict[str, Any]) -> AblationSpec:
+    """The parts of the spec that results and reports need, from OUT_DIR/ablation.json."""
+    return AblationSpec(Path(meta["file"]), out_dir, list(meta["seeds"]), meta["metric"], [],
+                        [Variant(name) for name in meta["variants"]], bootstrap=int(meta["bootstrap"]),
+                        confidence=float(meta["confidence"]), test=meta.get("test", "all"),
+                        ledger=Path(meta["ledger"]) if meta.get("ledger") else L.ledger_path(out_dir))
+
+
 def results_from_cells(out_dir: Path) -> bool:
     """Rewrite results.json/csv and the chart from the cells finished on disk (what `honelm report`
-    calls for an ablation stopped midway, or one whose results predate its newest cell); False when
-    no baseline cell has finished yet, so there is nothing to compare."""
-    meta = json.loads((out_dir / ABLATION_FILE).read_text(encoding="utf-8"))
-    spec = AblationSpec(Path(meta["file"]), out_dir, list(meta["seeds"]), meta["metric"], [],
-                        [Variant(name) for name in meta["variants"]], bootstrap=int(meta["bootstrap"]),
-                        confidence=float(meta["confidence"]))
+    calls for an ablation stopped midway, or one whose results predate its newest cell or this protocol); False
+    when no baseline cell has finished yet, so there is nothing to compare. Nothing is trained or tested here."""
+    spec = _spec_of(out_dir, json.loads((out_dir / ABLATION_FILE).read_text(encoding="utf-8")))
     cells: dict[str, list[dict[str, Any]]] = {}
+    tests: list[dict[str, Any]] = []
     for variant in spec.variants:
         for seed in spec.seeds:
-            path = cell_dir(spec, variant, seed) / "cell.json"
-            if path.is_file():
-                cells.setdefault(variant.name, []).append(json.loads(path.read_text(encoding="utf-8")))
+            where = cell_dir(spec, variant, seed)
+            if (where / "cell.json").is_file():
+                record = json.loads((where / "cell.json").read_text(encoding="utf-8"))
+                cells.setdefault(variant.name, []).append(_upgrade(record, where, write=False))
+            if (where / TEST_RECORD).is_file():
+                tests.append(json.loads((where / TEST_RECORD).read_text(encoding="utf-8")))
+            elif (where / "cell.json").is_file() and "test" in record and record.get("split") != "validation":
+                tests.append({k: record[k] for k in ("variant", "seed", "test", "gold", "pred")})  # an older honelm's
     if not cells.get(BASELINE):
         return False
-    write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+    with forbid_test_split("the verdicts of an ablation (computed on validation)"):
+        rows = summarise(spec, cells)
+    chosen = choose(spec, rows)
+    write_results(spec, rows, cells_done=sum(len(v) for v in cells.values()), chosen=chosen,
+                  tested=test_summary(spec, tests, chosen))
     return True
 
 
+def cells_to_test(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]], chosen: str | None) -> list[dict[str, Any]]:
+    """The records `spec.test` asks to test: the chosen variant's cells, every cell, or none."""
+    if spec.test == "all":
+        return [r for records in cells.values() for r in records]
+    if spec.test == "chosen" and chosen is not None:
+        return list(cells[chosen])
+    return []
+
+
 def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
+    """Train every cell and compute the verdicts and the choice with the test split sealed; then test what
+    `spec.test` asks for, once each. Returns the validation rows."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
               "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
-              "confidence": spec.confidence}
+              "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation"}
     (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
-    print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {len(spec.seeds)} seeds, "
-          + (f"a {spec.search.get('n_trials', 10)}-trial search per variant" if spec.search else "fixed hyperparameters"),
-          flush=True)
+    print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {_seeds(len(spec.seeds))}, "
+          + (f"a {spec.search.get('n_trials', 10)}-trial search per variant" if spec.search else "fixed hyperparameters")
+          + f"; verdicts on validation, test: {spec.test}", flush=True)
     cells: dict[str, list[dict[str, Any]]] = {}
-    for variant in spec.variants:
-        extra = search_variant(spec, variant) if spec.search else {}
-        cells[variant.name] = []
-        for seed in spec.seeds:
-            cells[variant.name].append(run_cell(spec, variant, seed, extra))
-            # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
-            write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
-    rows = summarise(spec, cells)
-    write_results(spec, rows)
+    with forbid_test_split("an ablation's training and verdicts (chosen on validation; the test comes after)"):
+        for variant in spec.variants:
+            extra = search_variant(spec, variant) if spec.search else {}
+            cells[variant.name] = []
+            for seed in spec.seeds:
+                cells[variant.name].append(run_cell(spec, variant, seed, extra))
+                # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
+                write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+        rows = summarise(spec, cells)
+    chosen = choose(spec, rows)
+    write_results(spec, rows, chosen=chosen)  # the verdicts and the choice are on disk before any test look
+    group = f"{spec.out_dir.resolve()}#chosen:{chosen}" if spec.test == "chosen" else None
+    tests = [test_cell(spec, record, group) for record in cells_to_test(spec, cells, chosen)]
+    earlier = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(spec.out_dir.glob(f"cells/*/seed-*/{TEST_RECORD}"))]
+    seen = {(t["variant"], t["seed"]) for t in tests}
+    tests += [t for t in earlier if (t["variant"], t["seed"]) not in seen]  # looks an earlier run of the file took
+    write_results(spec, rows, chosen=chosen, tested=test_summary(spec, tests, chosen))
     return rows
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="honelm ablate", description="Variants × seeds, each tested once; mean ± std, "
-                                "paired-bootstrap interval vs baseline, verdict and cost. See configs/ablate/.",
+    p = argparse.ArgumentParser(prog="honelm ablate", description="Variants × seeds: mean ± std, paired-bootstrap "
+                                "interval vs baseline and verdict on validation, the variant with the best validation "
+                                "mean chosen and tested once; cost. See configs/ablate/.",
                                 epilog=C.fields_help(AblateConfig, "fields of the file (key: type = default   doc):"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="ablation YAML or a preset name (e.g. configs/ablate/demo.yaml, or demo)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set one of the file's vars")
     p.add_argument("--out-dir", default=None, help="where the cells and results live (overrides the file)")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (overrides the file)")
+    p.add_argument("--test", choices=TEST_MODES, default=None, help="which cells are tested once: the chosen variant's "
+                   "(default), all (a report, not a selection) or none (overrides the file)")
+    p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger (default: "
+                   ".honelm/test_ledger.jsonl in the nearest directory above OUT_DIR that has .honelm/, else the "
+                   "current directory when OUT_DIR is inside it, else OUT_DIR's parent)")
     args = p.parse_args(argv)
     variables = dict(C.parse_overrides(args.var))
-    spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds)
+    spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds, args.test,
+                     args.ledger)
     rows = run_ablation(spec)
-    report = write_report(spec.out_dir)
-    width = max(len(r["variant"]) for r in rows)
-    print(f"\n{'variant':<{width}}  test {spec.metric:<10} Δ vs baseline [{int(spec.confidence * 100)}% CI]   verdict")
-    for r in rows:
-        spread = f"± {r['std']:.4f}" if math.isfinite(r["std"]) else ""
-        ci = "" if r["low"] is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-        print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}")
+    report = write_report(spec.out_dir, spec.ledger)
+    _print_results(spec, rows)
     print(f"\nreport: {report}")
     return rows
 
 
+def _print_results(spec: AblationSpec, rows: list[dict[str, Any]]) -> None:
+    """The validation table, the choice and the test look(s), as the report has them."""
+    results = json.loads((spec.out_dir / "results.json").read_text(encoding="utf-8"))
+    width = max(len(r["variant"]) for r in rows)
+    print(f"\n{'variant':<{width}}  val {spec.metric:<11} Δ vs baseline [{int(spec.confidence * 100)}% CI]   verdict")
+    for r in rows:
+        spread = f"± {r['std']:.4f}" if math.isfinite(r["std"]) else ""
+        ci = "" if r["low"] is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}"
+              + (f" ({r['note']})" if r.get("note") else ""))
+    print(f"\nchosen on validation: {results['chosen']}")
+    label = {"chosen": "tested once", "report": "tested (a report, not a selection)"}
+    for r in results["test_rows"]:
+        print(f"test {spec.metric} of {r['variant']} ({label[results['test_role']]}, {_seeds(len(r['seeds']))}): "
+              + _pm(r["mean"], r["std"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # the report
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def _pm(mean: Any, std: Any) -> str:
@@ -609,23 +829,103 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def write_report(path: Path) -> Path:
-    """ABLATION/report.md (+ .html): results with intervals and verdicts, every test metric, chosen settings, cells."""
-    meta = json.loads((path / "ablation.json").read_text(encoding="utf-8"))
-    metric = meta["metric"]
-    conf = int(round(meta["confidence"] * 100))
-    lines = [f"# Ablation report: {path.name}", "",
-             f"{len(meta['variants'])} variants × {len(meta['seeds'])} seeds ({', '.join(map(str, meta['seeds']))}); "
+def _intro(meta: dict[str, Any]) -> list[str]:
+    metric, conf = meta["metric"], int(round(meta["confidence"] * 100))
+    test = {"chosen": "then only the chosen variant's cells were tested, once each",
+            "all": "then every cell was tested once: that table is a report, not a selection",
+            "none": "no cell was tested"}[meta.get("test", "all")]
+    lines = [f"# Ablation report: {Path(meta['out_dir']).name if meta.get('out_dir') else meta['file']}", "",
+             f"{len(meta['variants'])} variants × {_seeds(len(meta['seeds']))} ({', '.join(map(str, meta['seeds']))}); "
              + ("each variant got the same hyperparameter search on validation "
                 f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
-             + f". Every cell's selected checkpoint was tested once. Δ is the difference from baseline in test "
-             f"{metric} (mean over seeds); the interval is a {conf}% paired bootstrap over test examples and seed pairs "
-             f"({meta['bootstrap']} resamples). Verdict: the interval above zero → helps, below → hurts, "
-             "containing zero → no evidence.", ""]
+             + f". **Verdicts and the choice are made on validation**: Δ is the difference from baseline in validation "
+             f"{metric} of each cell's selected checkpoint (mean over seeds); the interval is a {conf}% paired bootstrap "
+             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). Verdict: the interval above "
+             "zero → helps, below → hurts, containing zero → no evidence. The variant with the best validation mean "
+             f"is chosen. The test split was sealed while the cells trained and the verdicts were computed; {test}.", "",
+             "Validation also picked each cell's checkpoint (and, with a search, its hyperparameters), so every "
+             "validation number is somewhat optimistic, for every variant alike; the test look is the unbiased one.", ""]
+    if len(meta["seeds"]) == 1:
+        lines += ["> **One seed:** each interval resamples validation examples only. Training noise (initialisation, "
+                  "data order) is not in it, so a verdict may be one lucky or unlucky seed; run more seeds.", ""]
+    return lines
+
+
+def _results_table(rows: list[dict[str, Any]], metric: str, conf: int, n_seeds: int, chosen: str | None) -> list[str]:
+    memory = any(r.get("peak_memory_mb") for r in rows)
+    body = []
+    for r in rows:
+        name = r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{n_seeds} seeds)"
+        name += " (chosen)" if r["variant"] == chosen else ""
+        ci = "—" if r.get("low") is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        verdict = "—" if r["variant"] == BASELINE else f"**{r['verdict']}**" + (f" ({r['note']})" if r.get("note") else "")
+        body.append([name, _pm(r["mean"], r["std"]), ci, verdict,
+                     fmt_duration_short(r["train_time_s"]) if r.get("train_time_s") is not None else "—",
+                     *([f"{r['peak_memory_mb']:,.0f} MiB" if r.get("peak_memory_mb") else "—"] if memory else []),
+                     f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"])
+    header = ["variant", f"validation {metric} (mean ± std)", f"Δ vs baseline [{conf}% CI]", "verdict", "train time",
+              *(["peak memory (own process)"] if memory else []), "trainable params"]
+    note = ("Peak memory is shown only for a cell whose runs were the first of their process: a run that follows "
+            "others in one process carries what they left resident, so its peak would depend on the order the cells "
+            "ran." + ("" if memory else " No cell here ran first in its process, so the column is left out."))
+    return ["## Results on validation (the selection)", "", *table(header, body), "", note, ""]
+
+
+def _test_lines(results: dict[str, Any], metric: str) -> list[str]:
+    role, rows, chosen = results.get("test_role"), results.get("test_rows") or [], results.get("chosen")
+    if not rows:
+        if chosen is None:
+            return []
+        return ["## Test", "", f"**Chosen on validation: {chosen}.** Not tested yet (test: {results.get('test_mode')}): "
+                f"test its cells once with `honelm test CELL_RUN` or run the ablation with `--test chosen`.", ""]
+    others = sorted({k[:-5] for r in rows for k in r if k.startswith("test_") and k.endswith("_mean")} - {f"test_{metric}"})
+    body = [[r["variant"], len(r["seeds"]), _pm(r["mean"], r["std"]),
+             *[_pm(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in others]] for r in rows]
+    header = ["variant", "seeds", f"test {metric} (mean ± std)", *others]
+    if role == "chosen":
+        return ["## Test: the chosen variant, tested once", "",
+                f"**Chosen on validation: {chosen}.** Each of its cells was tested once, after the choice; this is the "
+                "number to report.", "", *table(header, body), ""]
+    return ["## Test: a report, not a selection", "",
+            (f"**Chosen on validation: {chosen}.** " if chosen else "")
+            + "More cells than the chosen variant's were tested: this table describes them, and nothing may be chosen "
+            "from it (choosing by these numbers would select on test). The choice above was made on validation.", "",
+            *table(header, body), ""]
+
+
+def _cells_lines(path: Path, metric: str) -> list[str]:
+    cell_rows = []
+    for cell in sorted((path / "cells").glob("*/seed-*/cell.json")):
+        c = json.loads(cell.read_text(encoding="utf-8"))
+        tested = cell.parent / TEST_RECORD
+        test = json.loads(tested.read_text(encoding="utf-8"))["test"] if tested.is_file() else c.get("test", {})
+        val = c.get("val", {}) if c.get("split") == "validation" else {}
+        cell_rows.append([c["variant"], c["seed"], fmt_value(val.get(f"val_{metric}")),
+                          fmt_value(test.get(f"test_{metric}")) if test else "not tested", f"`{c['run_dir']}`",
+                          fmt_duration_short(c["train_time_s"])])
+    return ["## Cells", "", *table(["variant", "seed", f"validation {metric}", f"test {metric}", "run", "train time"],
+                                   cell_rows), ""]
+
+
+def _test_hash(path: Path) -> str | None:
+    for cell in sorted((path / "cells").glob("*/seed-*/cell.json")):
+        found = L.test_hash_of(Path(json.loads(cell.read_text(encoding="utf-8"))["run_dir"]))
+        if found:
+            return found
+    return None
+
+
+def write_report(path: Path, ledger: str | Path | None = None) -> Path:
+    """ABLATION/report.md (+ .html): validation results with intervals, verdicts and the choice; the test look(s) of
+    what was tested; the test ledger's count; every validation metric; chosen settings; cells."""
+    meta = json.loads((path / ABLATION_FILE).read_text(encoding="utf-8"))
+    metric = meta["metric"]
+    lines = _intro({**meta, "out_dir": str(path)})
     results_path = path / "results.json"
-    newest_cell = max((c.stat().st_mtime for c in (path / "cells").glob("*/seed-*/cell.json")), default=None)
-    if newest_cell is not None and (not results_path.is_file() or results_path.stat().st_mtime < newest_cell):
-        results_from_cells(path)  # stopped midway (or by an older honelm): the results of the cells on disk
+    newest_cell = max((c.stat().st_mtime for c in (path / "cells").glob("*/seed-*/*.json")), default=None)
+    stale = results_path.is_file() and json.loads(results_path.read_text(encoding="utf-8")).get("split") != "validation"
+    if newest_cell is not None and (stale or not results_path.is_file() or results_path.stat().st_mtime < newest_cell):
+        results_from_cells(path)  # stopped midway, or written by an older honelm: the results of the cells on disk
     if not results_path.is_file():
         lines += ["No results yet: run `honelm ablate " + meta["file"] + "` to finish the cells.", ""]
         return finish_report(path, lines)
@@ -634,35 +934,23 @@ def write_report(path: Path) -> Path:
     if not results.get("complete", True):
         lines += [f"> **Unfinished:** {results['cells_done']} of {results['cells_planned']} cells done. Variants with "
                   "fewer seeds than planned are marked; their intervals pair only the seeds the baseline has too, "
-                  f"and every number here can still change. Run `honelm ablate {meta['file']}` to continue.", ""]
-    n_seeds = len(meta["seeds"])
-    body = []
-    for r in rows:
-        name = r["variant"] if r.get("complete", True) else f"{r['variant']} ({len(r['seeds'])}/{n_seeds} seeds)"
-        ci = "—" if r.get("low") is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-        body.append([name, _pm(r["mean"], r["std"]), ci, f"**{r['verdict']}**" if r["variant"] != "baseline" else "—",
-                     fmt_duration_short(r["train_time_s"]) if r.get("train_time_s") is not None else "—",
-                     f"{r['peak_memory_mb']:,.0f} MiB" if r.get("peak_memory_mb") else "—",
-                     f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"])
-    lines += ["## Results", "", *table(["variant", f"test {metric} (mean ± std)", f"Δ vs baseline [{conf}% CI]",
-                                        "verdict", "train time", "peak memory", "trainable params"], body), ""]
+                  f"and every number here can still change. Nothing is chosen or tested until every cell is done. Run "
+                  f"`honelm ablate {meta['file']}` to continue.", ""]
+    lines += _results_table(rows, metric, int(round(meta["confidence"] * 100)), len(meta["seeds"]), results.get("chosen"))
     if (path / "plots" / "ablation.png").is_file():
         lines += ["![ablation](plots/ablation.png)", ""]
-    others = sorted({k[:-5] for r in rows for k in r if k.startswith("test_") and k.endswith("_mean")})
+    lines += _test_lines(results, metric)
+    ledger_path = L.ledger_path(path, ledger or meta.get("ledger"))
+    if results.get("test_rows") or L.looks_on(_test_hash(path), [ledger_path]):
+        lines += L.report_lines(_test_hash(path), [ledger_path])
+    others = sorted({k[:-5] for r in rows for k in r if k.startswith("val_") and k.endswith("_mean")})
     if others:
-        lines += ["## Every test metric (mean ± std over seeds)", "",
+        lines += ["## Every validation metric (mean ± std over seeds)", "",
                   *table(["variant", *others], [[r["variant"], *[_pm(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in others]]
                                                 for r in rows]), ""]
-    chosen = [r for r in rows if r.get("settings")]
-    if chosen:
+    chosen_settings = [r for r in rows if r.get("settings")]
+    if chosen_settings:
         lines += ["## Hyperparameters chosen on validation", "",
                   *table(["variant", "values"], [[r["variant"], ", ".join(f"`{k}={fmt_value(v)}`" for k, v in r["settings"].items())]
-                                                 for r in chosen]), ""]
-    lines += ["## Cells", ""]
-    cell_rows = []
-    for cell in sorted((path / "cells").glob("*/seed-*/cell.json")):
-        c = json.loads(cell.read_text(encoding="utf-8"))
-        cell_rows.append([c["variant"], c["seed"], fmt_value(c["test"].get(f"test_{metric}")), f"`{c['run_dir']}`",
-                          fmt_duration_short(c["train_time_s"])])
-    lines += table(["variant", "seed", f"test {metric}", "run", "train time"], cell_rows) + [""]
-    return finish_report(path, lines)
+                                                 for r in chosen_settings]), ""]
+    return finish_report(path, lines + _cells_lines(path, metric))

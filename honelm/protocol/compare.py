@@ -12,7 +12,10 @@ rows, or a supplied test file's sha256) must agree, the label sets (`labels.json
 the gold labels must agree example by example; anything else is refused, naming the run. Each
 difference from the reference run (the first, or `--reference NAME`) comes with a paired-bootstrap
 interval over the test examples (honelm.protocol.stats). How many looks each run had
-(`test_looks.jsonl`) is shown.
+(`test_looks.jsonl`) is shown, and how many times, by how many runs, the project's test ledger
+(honelm.protocol.ledger; the ledgers of all the compared runs, or `--ledger`) says the split was
+looked at: comparing runs on one split is what `compare` is for, so nothing is refused, but the
+count is in the report for a reader to weigh.
 
 Costs (parameters, disk size of best/, latency at batch 1, throughput at batch 32, peak memory) are
 measured by honelm.protocol.measure on validation rows, never on test rows. A run whose model cannot
@@ -45,6 +48,7 @@ import torch
 
 from honelm.errors import HonelmError
 from honelm.predictions import TEST_FILE, read_labels, read_records
+from honelm.protocol import ledger as L
 from honelm.protocol import measure as M
 from honelm.protocol import stats
 from honelm.protocol.test import looks
@@ -462,11 +466,15 @@ def report_lines(result: dict[str, Any], runs: list[Tested], reference: Tested, 
              f"Test split: {split['n_examples']} examples ({split['source']}; test hash `{split['hash'][:16]}…`), the "
              "same for every run. Quality is each run's own recorded look (`test_metrics.json`, "
              "`test_predictions.jsonl`); the test split itself was not read.", ""]
+    if split.get("ledger"):
+        lines += [f"Test ledger: {split['ledger']['line']}.", ""]
     lines += main_table(runs, qual, costs, budget) + [""]
     lines += _intervals(runs, reference, qual)
     lines += ["## Runs", ""]
     lines += table(["run", "directory", "best step", "test looks"],
                    [[r.name, str(r.path), r.metrics.get("best_step"), _looks(r)] for r in runs]) + [""]
+    if split.get("ledger"):
+        lines += L.report_lines(split["hash"], [Path(p) for p in split["ledger"]["paths"]])
     return lines + _method(result["measurement"], costs, budget)
 
 
@@ -512,8 +520,10 @@ def _out_dir(out: str | None) -> Path:
 
 def compare(specs: list[str], reference: str | None = None, metric: str | None = None, budget: M.Budget = M.Budget(),
             device: str = "cpu", threads: int = 0, timing: bool = True, memory: bool = True, bootstrap: int = 2000,
-            confidence: float = 0.95, say: Callable[[str], None] = print) -> tuple[dict[str, Any], list[Tested]]:
-    """Read, check and measure the runs; returns everything compare.json holds, and the runs as read."""
+            confidence: float = 0.95, say: Callable[[str], None] = print,
+            ledger: str | Path | None = None) -> tuple[dict[str, Any], list[Tested]]:
+    """Read, check and measure the runs; returns everything compare.json holds, and the runs as read. The test
+    ledger read is `ledger`, else the ledgers of all the runs (honelm.protocol.ledger.ledger_path)."""
     if len(specs) < 2:
         raise HonelmError("compare needs at least two runs")
     runs = [read_tested(name, path) for name, path in name_runs(specs)]
@@ -542,12 +552,20 @@ def compare(specs: list[str], reference: str | None = None, metric: str | None =
     word = "GPU" if where.type == "cuda" else "CPU"
     line = summary_line(*(Side(r.name, qual[r.name][metric]["value"], costs[r.name].get("parameters"),
                                costs[r.name].get("throughput")) for r in (subject, ref)), metric, word)
-    split = {"hash": ref.test_hash, "n_examples": len(ref.gold), "source": _source(ref)}
+    split = {"hash": ref.test_hash, "n_examples": len(ref.gold), "source": _source(ref),
+             "ledger": ledger_count(ref.test_hash, runs, ledger)}
     return {"summary": line, "reference": ref.name, "subject": subject.name, "task": task, "metric": metric,
             "test_split": split, "quality": qual, "costs": costs, "measurement": measured,
             "runs": [{"name": r.name, "path": str(r.path), "looks": len(r.looks),
                       "forced_looks": sum(1 for x in r.looks if x.get("forced")), "best_step": r.metrics.get("best_step"),
                       "test_metrics": r.metrics} for r in runs]}, runs
+
+
+def ledger_count(test_hash: str | None, runs: list[Tested], ledger: str | Path | None) -> dict[str, Any]:
+    """How many looks, by how many runs, the ledgers record on the split: the line, the numbers and the ledgers read."""
+    paths = [L.ledger_path(r.path, ledger) for r in runs]
+    n = L.count(L.looks_on(test_hash, paths))
+    return {"looks": n.looks, "runs": n.runs, "line": n.line(), "paths": [str(p) for p in dict.fromkeys(paths)]}
 
 
 def _finite(value: Any) -> Any:
@@ -588,6 +606,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--no-memory", action="store_true", help="skip peak memory (a fresh process per model)")
     p.add_argument("--no-timing", action="store_true", help="quality, disk size and logged parameters only: load and "
                    "time no model")
+    p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger to count looks in (default: "
+                   "each run's, .honelm/test_ledger.jsonl in the nearest directory above it that has .honelm/, else the "
+                   "current directory when the run is inside it, else the run's parent)")
     args = p.parse_args(argv)
     if min(args.rounds, args.latency_examples, args.throughput_batches, args.batch_size) < 1 or args.bootstrap < 100 \
             or not 0.5 <= args.confidence < 1:
@@ -596,11 +617,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     budget = M.Budget(args.rounds, args.latency_examples, args.throughput_batches, args.batch_size)
     result, runs = compare(args.runs, args.reference, args.metric, budget, args.device, args.threads, not args.no_timing,
                      not args.no_memory, args.bootstrap, args.confidence,
-                     say=lambda line: print(f"compare: {line}", flush=True))
+                     say=lambda line: print(f"compare: {line}", flush=True), ledger=args.ledger)
     out = _out_dir(args.out)
     lines = report_lines(result, runs, next(r for r in runs if r.name == result["reference"]), budget)
     (out / "compare.md").write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     (out / "compare.json").write_text(json.dumps(_finite(result), indent=2, default=str), encoding="utf-8")
     print("\n".join(main_table(runs, result["quality"], result["costs"], budget)))
-    print(f"\n{result['summary']}\n\n{out / 'compare.md'}\n{out / 'compare.json'}")
+    print(f"\n{result['summary']}\ntest ledger: {result['test_split']['ledger']['line']}"
+          f"\n\n{out / 'compare.md'}\n{out / 'compare.json'}")
     return result

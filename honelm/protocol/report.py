@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from honelm import registry
+from honelm.protocol import ledger as L
 from honelm.stages.contract import ReportSection
 from honelm.html_report import md_to_html, write_html
 from honelm.reporting import (OVERFIT_REL_RISE, PLOT_NAMES, TRAIN_TREND_WINDOW, Best, Overfit, RunData, event_step, fenced, find_best,
@@ -315,8 +316,19 @@ def _config_lines(data: RunData) -> list[str]:
     return ["## Config", "", *fenced(data.config_text, "yaml"), ""]
 
 
-def write_report(run_dir: str | Path) -> Path:
+def _ledger_lines(data: RunData, ledger: str | Path | None) -> list[str]:
+    """The project's test ledger on this run's split (honelm.protocol.ledger): shown once the run was tested, or when
+    other runs already looked at its split."""
+    test_hash = L.test_hash_of(data.run_dir)
+    path = L.ledger_path(data.run_dir, ledger)
+    if not data.test_looks_present and not L.looks_on(test_hash, [path]):
+        return []
+    return L.report_lines(test_hash, [path])
+
+
+def write_report(run_dir: str | Path, ledger: str | Path | None = None) -> Path:
     """Write `RUN/report.md`, its self-contained twin `RUN/report.html` and `RUN/plots/*.png`; return the md path.
+    `ledger`: the test ledger to read (default `ledger.ledger_path(RUN)`).
 
     Plots with no data are not written (and a stale copy from an earlier report is removed, so
     the directory never shows a plot the report does not describe). The HTML sits beside the
@@ -343,7 +355,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [*_title_lines(data), *_summary(data, best, train_loss, n_evals),
              *_curve_lines(written, overfit, len(val_loss), val_metrics),
              *(line for s in sections if s.place == "curves" for line in built[s]),
-             *_note_lines(data), *_manifest_lines(data), *_test_lines(data),
+             *_note_lines(data), *_manifest_lines(data), *_test_lines(data), *_ledger_lines(data, ledger),
              *(line for s in sections if s.place == "results" for line in built[s]),
              *_config_lines(data)]
     report = data.run_dir / "report.md"

@@ -67,6 +67,7 @@ from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError, TrainingError
 from honelm.loop import Callback, TrainState, metric_is_min
 from honelm.pipeline import _as_override, _flatten
+from honelm.protocol import ledger as L
 from honelm.reporting import fenced, finish_report, fmt, fmt_duration_short, fmt_value, table
 
 SEARCH_FILE = "search.json"  # marks a search directory (honelm report/test recognise it)
@@ -705,8 +706,9 @@ def iter_trials(search_dir: Path) -> Iterator[dict[str, Any]]:
 # the report
 
 
-def write_report(path: Path) -> Path:
-    """SEARCH/report.md (+ .html): the space, the best trial and its config, the plots, every trial."""
+def write_report(path: Path, ledger: str | Path | None = None) -> Path:
+    """SEARCH/report.md (+ .html): the space, the best trial and its config, the plots, every trial, and the
+    test ledger on the trials' test split (`ledger`, default `ledger.ledger_path(SEARCH)`)."""
     meta = json.loads((path / "search.json").read_text(encoding="utf-8"))
     rows = list(iter_trials(path))
     best = json.loads((path / "best.json").read_text(encoding="utf-8")) if (path / "best.json").is_file() else None
@@ -731,6 +733,8 @@ def write_report(path: Path) -> Path:
                   *table(["parameter", "value"], [[k, fmt_value(v)] for k, v in best["params"].items()]), ""]
     else:
         lines += ["No complete trial yet.", ""]
+    if best:  # every trial has the same split; the best trial's manifest names it
+        lines += L.report_lines(L.test_hash_of(Path(best["run_dir"])), [L.ledger_path(path, ledger)])
     lines += ["## Plots", ""]
     skipped = {}
     if (path / "plots" / "skipped.json").is_file():

@@ -1,7 +1,8 @@
-"""Statistics for `honelm ablate`: a paired bootstrap of a metric difference, and the verdict rule.
+"""Statistics for `honelm ablate` and `honelm compare`: a paired bootstrap of a metric difference, and the verdict rule.
 
 The paired bootstrap (Efron & Tibshirani 1993; for NLP, Koehn 2004 and Berg-Kirkpatrick et al.
-2012) resamples the *test examples* with replacement, the same indices for the variant and the
+2012) resamples the *evaluated examples* (validation examples in `ablate`, whose verdicts select;
+test examples in `compare`, which reads recorded looks) with replacement, the same indices for the variant and the
 baseline, and recomputes the metric difference on each resample; the 2.5th and 97.5th percentiles
 of those differences form the 95% interval. With several seeds, each resample also draws the
 seeds with replacement (seed k of the variant paired with seed k of the baseline: same seed, same
@@ -87,16 +88,17 @@ class Interval:
 
 def paired_bootstrap(metric: str, gold: Sequence, variant: Sequence[Sequence], baseline: Sequence[Sequence],
                      n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Interval of mean_k metric(variant_k) − mean_k metric(baseline_k) over resampled test examples
+    """Interval of mean_k metric(variant_k) − mean_k metric(baseline_k) over resampled examples
     (and, with several seeds, resampled seed pairs). `variant[k]` and `baseline[k]` are the
-    predictions of seed k on the same test examples as `gold`.
+    predictions of seed k on the same examples as `gold`.
     """
     if len(variant) != len(baseline) or not variant:
         raise ValueError(f"paired bootstrap needs the same seeds on both sides (got {len(variant)} and {len(baseline)})")
     g = np.asarray(gold)
     va, ba = [np.asarray(p) for p in variant], [np.asarray(p) for p in baseline]
     if any(p.shape != g.shape for p in va + ba):
-        raise ValueError("every prediction list must cover the same test examples as gold")
+        raise ValueError("every prediction list must cover the same examples as gold (the same test examples, or the same "
+                         "validation examples)")
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
     rng = np.random.default_rng(seed)

@@ -7,7 +7,10 @@ checkpoint once with `Stage.test` (by default: load best/, `encode`, `score` wit
 "test", the same `score` validation used). It writes `test_metrics.json`, the per-example files the
 stage returns under "files" (e.g. test predictions), and appends the look to `test_looks.jsonl`.
 A second look is refused unless forced; forced looks are recorded as such, so a report always
-shows how many times the test set was seen. Nothing here knows a stage by name.
+shows how many times the test set was seen. Every look also goes into the project's test ledger
+(honelm.protocol.ledger), keyed by the test split's hash: a look at a split that ANOTHER run has
+already looked at is flagged (a warning here, a mark in the ledger, a count in every report),
+never refused. Nothing here knows a stage by name.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from honelm import registry
 from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
+from honelm.protocol import ledger as L
 from honelm.rundir import stage_of
 from honelm.stages.contract import RunContext, Stage
 
@@ -44,8 +48,11 @@ def cross_split_duplicates(manifest: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
-    """Evaluate RUN's best model on its test split once; returns the metrics."""
+def run_test(run_dir: str | Path, force: bool = False, ledger: str | Path | None = None,
+             group: str | None = None) -> dict[str, Any]:
+    """Evaluate RUN's best model on its test split once; returns the metrics. The look goes into the
+    ledger (`ledger`, else `ledger.ledger_path(run_dir)`); `group` names runs whose looks are not
+    flagged against each other (the seeds of the one configuration an ablation chose)."""
     run_dir = Path(run_dir)
     stage = stage_of(run_dir)
     previous = looks(run_dir)
@@ -57,7 +64,14 @@ def run_test(run_dir: str | Path, force: bool = False) -> dict[str, Any]:
     if stage not in registry.training_verbs():
         raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
     metrics = _test_stage(registry.stage(stage), run_dir)
-    return _record(run_dir, previous, metrics)
+    metrics = _record(run_dir, previous, metrics)
+    path = L.ledger_path(run_dir, ledger)
+    manifest = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
+    entry = L.record_look(path, run_dir, manifest, stage, len(previous) + 1, bool(previous), metrics, group)
+    warning = L.warning(entry, path)
+    if warning:
+        print(warning, flush=True)
+    return metrics
 
 
 def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
@@ -108,15 +122,21 @@ def main(argv: list[str]) -> dict[str, Any]:
                                 "This is the only command that reads the test split; every look is recorded.")
     p.add_argument("run", help="run directory (e.g. runs/classify/latest), or a search directory (its best trial)")
     p.add_argument("--force", action="store_true", help="look again although the test split was already evaluated (recorded)")
+    p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger, where this look is recorded "
+                   "(default: .honelm/test_ledger.jsonl in the nearest directory above RUN that has .honelm/, else the "
+                   "current directory when RUN is inside it, else RUN's parent; see honelm.protocol.ledger)")
     args = p.parse_args(argv)
     run = Path(args.run)
     if (run / "search.json").is_file():  # a search directory: its best trial is the run to test
         best = run / "best.json"
         if not best.is_file():
             raise HonelmError(f"{run}: this search has no complete trial yet")
+        ledger = L.ledger_path(run, args.ledger)  # the search's ledger: its report reads the same one
         run = Path(json.loads(best.read_text(encoding="utf-8"))["run_dir"])
         print(f"testing the search's best trial: {run}")
-    metrics = run_test(run, force=args.force)
+    else:
+        ledger = L.ledger_path(run, args.ledger)
+    metrics = run_test(run, force=args.force, ledger=ledger)
     for k, v in metrics.items():
         print(f"{k}: {v}")
     return metrics

@@ -6,11 +6,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 
 from honelm import config as C
+from honelm import runtime as rt
 from honelm.data import splits as splits_mod
 from honelm.errors import ConfigError, HonelmError, TestSplitAccessError
 from honelm.cli import main
@@ -173,8 +175,9 @@ def ablation_file(tmp_path: Path, data_dir: Path, seeds=1, **fields) -> Path:
     return path
 
 
-def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_dir, tmp_path, capsys):
-    path = ablation_file(tmp_path, data_dir, seeds=2)
+def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_dir, tmp_path, capsys, monkeypatch):
+    path = ablation_file(tmp_path, data_dir, seeds=2, test="all")  # every cell tested: a report, not a selection
+    monkeypatch.setattr(rt.PROCESS_PEAK, "runs_started", 0)  # as in a fresh `honelm ablate` process
     cli("ablate", str(path))
     out = tmp_path / "ablation"
     results = json.loads((out / "results.json").read_text())
@@ -196,6 +199,13 @@ def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_di
     report = (out / "report.md").read_text()
     assert "| fgm |" in report and "paired bootstrap" in report and (out / "plots" / "ablation.png").is_file()
     assert (out / "report.html").is_file()
+    # only the process's first cell has its own peak memory; the others ran after it in the same process
+    memory = {(c["variant"], c["seed"]): c["peak_memory_mb"] for c in map(lambda p: json.loads(p.read_text()), cells)}
+    assert memory.pop(("baseline", 0)) > 0 and set(memory.values()) == {None}
+    assert results["test_role"] == "report" and "## Test: a report, not a selection" in report
+    ledger = [json.loads(x) for x in (tmp_path / ".honelm" / "test_ledger.jsonl").read_text().splitlines()]
+    assert [r["flagged"] for r in ledger] == [False, True, True, True]  # four runs compared on one test split
+    assert "**This test split has been looked at 4 times by 4 runs**" in report
 
     # run again: every cell is reused, nothing trains or looks at the test split again
     mtimes = [c.stat().st_mtime for c in cells]
@@ -212,16 +222,65 @@ def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_di
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if "carry:" not in line) + "\n")
     record_path = out / "cells" / "fgm" / "seed-0" / "cell.json"
     record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "identity": "from-an-older-honelm"}))
+    tested = json.loads((record_path.parent / "test.json").read_text())
+    old = {k: v for k, v in record.items() if k not in ("split", "val", "best_step")}  # an older honelm's record:
+    old.update(test=tested["test"], gold=tested["gold"], pred=tested["pred"])  # its test look in cell.json
+    record_path.write_text(json.dumps({**old, "identity": "from-an-older-honelm"}))
+    (record_path.parent / "test.json").unlink()
     capsys.readouterr()
     ablate.run_ablation(ablate.load_spec(path))
     assert capsys.readouterr().out.count("finished earlier, reused") == 4
     assert json.loads(record_path.read_text())["identity"] == record["identity"]  # the record is brought up to date
+    assert json.loads(record_path.read_text())["pred"] == record["pred"]  # validation predictions, read from its run
+    assert json.loads((record_path.parent / "test.json").read_text()) == tested  # its one look kept, not taken again
+    assert len((Path(record["run_dir"]) / "test_looks.jsonl").read_text().splitlines()) == 1
 
     # asking for other settings in a finished cell is an error that names it and the key
     path.write_text(path.read_text().replace("adversarial.method: fgm", "adversarial.method: fgm\n      adversarial.epsilon: 0.5"))
     with pytest.raises(HonelmError, match=r"cell fgm/seed-0 finished with other settings .*classify: adversarial\.epsilon"):
         ablate.run_ablation(ablate.load_spec(path))
+
+
+def test_ablation_verdicts_read_no_test_data_and_only_the_chosen_cells_are_tested(data_dir, tmp_path, monkeypatch):
+    from honelm.protocol import ablate, stats
+
+    path = ablation_file(tmp_path, data_dir, seeds=1, test="none")
+    real, peeks = stats.paired_bootstrap, []
+
+    def peeking_bootstrap(*args, **kwargs):  # every verdict: could it open the test split? did anything read it?
+        try:
+            with splits_mod.unlock_test_split("a look while verdicts are computed"):
+                peeks.append("opened")
+        except TestSplitAccessError:
+            peeks.append("refused")
+        peeks.append(splits_mod.test_access_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "paired_bootstrap", peeking_bootstrap)
+    reads = splits_mod.test_access_count()
+    cli("ablate", str(path))  # test: none: every cell trained, verdicts and choice made, nothing tested
+    out = tmp_path / "ablation"
+    assert peeks and "opened" not in peeks and set(peeks) - {"refused"} == {reads}
+    assert splits_mod.test_access_count() == reads and not list(out.rglob("test_looks.jsonl"))
+    first = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in first["rows"]}
+    best = max(rows.values(), key=lambda r: (r["mean"], r["variant"] == "baseline"))  # ties: the baseline, listed first
+    assert first["chosen"] == best["variant"] and first["test_rows"] == []
+    for r in rows.values():  # the verdict's numbers are the cells' validation predictions
+        cell = json.loads((out / "cells" / r["variant"] / "seed-0" / "cell.json").read_text())
+        assert cell["split"] == "validation" and r["values"] == [stats.metric_value(
+            "accuracy", np.asarray(cell["gold"]), np.asarray(cell["pred"]))]
+    assert rows["fgm"]["note"] == ablate.ONE_SEED and "training noise is not in" in (out / "report.md").read_text()
+
+    cli("ablate", str(path), "--test", "chosen")  # the same cells: now the chosen one is tested, once
+    after = json.loads((out / "results.json").read_text())
+    assert after["rows"] == first["rows"] and after["chosen"] == first["chosen"]  # the test look changed nothing
+    assert splits_mod.test_access_count() == reads + 1
+    looked = sorted(p.parent.parent.parent.name for p in out.rglob("test_looks.jsonl"))
+    assert looked == [first["chosen"]] and after["test_role"] == "chosen"
+    assert [r["variant"] for r in after["test_rows"]] == [first["chosen"]]
+    report = (out / "report.md").read_text()
+    assert "## Test: the chosen variant, tested once" in report and "looked at once by 1 run" in report
 
 
 def test_an_unfinished_ablation_reports_the_cells_it_has(data_dir, tmp_path, monkeypatch):
@@ -262,6 +321,11 @@ def test_ablation_files_are_checked(data_dir, tmp_path):
                                                                     "both": {"combine": ["fgm", "nope"]}}))
     with pytest.raises(ConfigError, match="did you mean"):
         ablate.load_spec(ablation_file(tmp_path, data_dir, variants={"x": {"set": {"adversarial.methd": "fgm"}}}))
+    with pytest.raises(ConfigError, match="test"):
+        ablate.load_spec(ablation_file(tmp_path, data_dir, test="some"))
+    (tmp_path / "pretrain-run" / "best").mkdir(parents=True)  # a stage with no per-example validation predictions
+    with pytest.raises(HonelmError, match="writes none .*cannot be ablated on validation"):
+        ablate.read_validation(tmp_path / "pretrain-run")
     combined = ablate.load_spec(ablation_file(tmp_path, data_dir, variants={
         "fgm": {"set": {"adversarial.method": "fgm"}}, "lora": {"set": {"lora.enabled": True}},
         "lora+fgm": {"combine": ["lora", "fgm"]}}))
