@@ -121,7 +121,8 @@ def leak_guard(task_splits: Any) -> tuple[set[str], dict[str, Any]]:
     info = {"hashes": len(hashes), "covers": covers}
     if test_rows is None:
         info["not_covered"] = (f"test rows of the user test file {task_splits.manifest.get('test_source')}: only "
-                               "`honelm test` reads it; check task_extra against it yourself")
+                               "`honelm test` reads it; check extra text (adapt.task_extra, distill's data.unlabelled) "
+                               "against it yourself")
     return hashes, info
 
 
