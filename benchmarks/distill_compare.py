@@ -70,6 +70,37 @@ def control_config(name: str, out: Path) -> Path:
     return path
 
 
+def curves(out: Path, runs: dict[str, Path], teacher: Path) -> Path:
+    """OUT/curves.png: validation accuracy (and train loss) over steps of the student and the control, with the
+    teacher's best validation accuracy as a line: where each stops improving, and how far validation overshoots test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        ev = [r for r in rows if r["event"] == "eval"]
+        tr = [r for r in rows if r["event"] == "train"]
+        test = json.loads((run / "test_metrics.json").read_text()).get("test_accuracy") if tested(run) else None
+        line, = left.plot([r["step"] for r in ev], [r["val_accuracy"] for r in ev], marker="o", ms=3,
+                          label=f"{name} (validation)")
+        if test is not None:
+            left.axhline(test, ls=":", color=line.get_color(), label=f"{name} (test, one look) {test:.3f}")
+        right.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name)
+    best = json.loads((teacher / "best" / "best.json").read_text())["val_accuracy"]
+    left.axhline(best, color="black", lw=1, label=f"teacher (validation) {best:.3f}")
+    left.set(xlabel="step", ylabel="accuracy", title="validation accuracy")
+    right.set(xlabel="step", ylabel="train loss", title="training loss (KD for the student, CE for the control)")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="sst2")
@@ -104,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in (teacher, student, control):
         if not tested(r):
             run("test", str(r))
-    run("compare", str(teacher), str(student), str(control), "--out", str(out / "compare"), "--rounds", str(args.rounds))
+    if not (out / "compare" / "compare.json").is_file():
+        run("compare", str(teacher), str(student), str(control), "--out", str(out / "compare"), "--rounds",
+            str(args.rounds))
+    print(f"learning curves: {curves(out, {'student': student, 'control': control}, teacher)}")
 
 
 if __name__ == "__main__":
