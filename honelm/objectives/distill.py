@@ -90,7 +90,7 @@ class DistillOptions:
     alpha: float = 0.5
     """Weight of the gold-label term: loss = alpha*CE(gold) + (1-alpha)*KD; rows without a gold label carry KD only. 0 = teacher only."""
     temperature: float = 2.0
-    """Softmax temperature T of the KL term (multiplied by T^2, Hinton et al. 2015); classification with loss=kl only."""
+    """Softmax temperature T of the KL term (multiplied by T^2, Hinton et al. 2015): classification with loss=kl, and token-level KD."""
     loss: Literal["kl", "mse"] = "kl"
     """KD term: kl (T^2 * KL(teacher_T || student_T)) or mse (squared distance of the logits, Tang et al. 2019). Regression always uses the squared error to the teacher's prediction."""
     mode: Literal["auto", "sequence", "token"] = "auto"
