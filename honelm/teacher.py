@@ -63,11 +63,20 @@ class TeacherConfig:
             raise ConfigError("teacher.batch_size must be >= 1 and teacher.max_length >= 0")
 
 
-def require_teacher(cfg: TeacherConfig) -> None:
-    """A run needs a teacher (checked when it starts, so a preset may leave teacher.model to the command line)."""
+def require_teacher(cfg: TeacherConfig, generation: bool) -> None:
+    """Before the run directory exists: a teacher is given and, when its config is on disk, it is the kind the task
+    needs (a sequence classifier, or a causal LM for data.task=generation). Weights are not read."""
     if not cfg.model:
         raise ConfigError("teacher.model is empty: give the teacher (a classify or sft run, a checkpoint directory, "
                           "pkg:MODULE or a hub id)")
+    path = Path(resolve_model_dir(cfg.model))
+    if not (path / "config.json").is_file():
+        return  # a hub id (checked when it loads) or a LoRA run's adapter directory (its base is checked then)
+    architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    wanted = ("ForCausalLM", "LMHeadModel") if generation else ("ForSequenceClassification",)
+    if architectures and not any(a.endswith(wanted) for a in architectures):
+        kind = "causal LM (data.task=generation)" if generation else "sequence classifier (e.g. a classify run)"
+        raise ConfigError(f"teacher.model={cfg.model}: {path} is not a {kind} (architectures {architectures})")
 
 
 @dataclass

@@ -106,7 +106,7 @@ class Distillation(Stage):
         self.classifier, self.lm = ClassifierDistillation(), LMDistillation()
 
     def check(self, cfg: DistillConfig) -> None:
-        T.require_teacher(cfg.teacher)
+        T.require_teacher(cfg.teacher, generation=cfg.data.task == "generation")
         self.of(cfg).check(cfg)
 
     def of(self, where: Any) -> Stage:

@@ -127,7 +127,7 @@ def test_lora_on_the_student(teacher, pretrained, keywords, tmp_path):
     assert "test_accuracy" in json.loads((tmp_path / "l" / "test_metrics.json").read_text())
 
 
-def test_refusals_name_the_problem(pretrained, data_dir, tmp_path, capsys):
+def test_refusals_name_the_problem(pretrained, teacher, data_dir, tmp_path, capsys):
     base = ["distill", f"data.train={data_dir / 'reviews.jsonl'}", "model.size=test", f"run.out_dir={tmp_path}", *FAST]
     assert main(base + ["run.name=a"]) != 0
     assert "teacher.model is empty" in capsys.readouterr().err
@@ -135,6 +135,9 @@ def test_refusals_name_the_problem(pretrained, data_dir, tmp_path, capsys):
     assert "is not a sequence classifier" in capsys.readouterr().err
     assert main(base + [f"teacher.model={pretrained}", "distill.alpha=2", "run.name=c"]) != 0
     assert "distill.alpha=2" in capsys.readouterr().err
+    assert main(base + [f"teacher.model={teacher}", "data.task=generation", "run.name=d"]) != 0
+    assert "is not a causal LM" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abd")  # refused before any run directory exists
 
 
 def test_distill_under_search_and_ablate_runs_the_teacher_once(teacher, keywords, tmp_path):
