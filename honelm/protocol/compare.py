@@ -356,6 +356,8 @@ def _disk(disk: dict[str, Any] | None) -> str:
     if disk["kind"] == "adapter":
         base = _mb(disk["base_bytes"]) if disk.get("base_bytes") is not None else f"{disk['base']} (not on local disk)"
         return f"{_mb(disk['adapter_bytes'])} adapter + {base} base"
+    if disk["kind"] == "recorded":
+        return f"{_mb(disk['bytes'])} (the recorded model)"
     return _mb(disk["bytes"])
 
 

@@ -28,6 +28,7 @@ costs are measured here, on inputs that are never test rows:
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import statistics
 import time
@@ -45,8 +46,7 @@ from honelm.adapters import adapter_base, adapter_info, is_adapter_dir
 from honelm.errors import HonelmError
 from honelm.models import count_parameters
 from honelm.rundir import stage_of
-from honelm.stages.contract import Inference, RunContext, best_dir
-from honelm.tokenizer import load_tokenizer
+from honelm.stages.contract import Inference, RunContext
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -94,7 +94,7 @@ def open_run(name: str, run_dir: Path, device: torch.device) -> Opened:
     cfg = C.build(stage.config, run_dir / "config.yaml")
     ctx = RunContext(cfg=cfg, runtime=rt.Runtime(device=device), run_dir=run_dir)
     ctx.splits = stage.splits(cfg, lambda _: None)
-    ctx.tokenizer = load_tokenizer(best_dir(run_dir))
+    ctx.tokenizer = stage.test_tokenizer(ctx)  # best/'s, or where the stage keeps it
     return Opened(name, stage, ctx)
 
 
@@ -230,4 +230,11 @@ def disk_size(run_dir: Path) -> dict[str, Any]:
         adapter = _weights_bytes(best)
         return {"kind": "adapter", "adapter_bytes": adapter, "base": base, "base_bytes": base_bytes,
                 "bytes": adapter + base_bytes if base_bytes is not None else None}
+    if not (best / "config.json").is_file():
+        # no model in best/ (a prompted LM records where its model is, RUN/prompted.json): its own directory's weights
+        record = run_dir / "prompted.json"
+        source = Path(json.loads(record.read_text(encoding="utf-8")).get("path", "")) if record.is_file() else None
+        if source is not None and source.is_dir():
+            return {"kind": "recorded", "source": str(source), "bytes": _weights_bytes(source)}
+        return {"kind": "none", "bytes": None}
     return {"kind": "model", "bytes": _weights_bytes(best)}

@@ -31,7 +31,7 @@ from honelm.models import LoadedModel, check_block_fits, load_model
 from honelm.prompting import (PromptOptions, Prompted, Prompter, ScoringConfig, check_source, pick_shots,
                               source_record, verbalizer_scores)
 from honelm.stages.classify import Classification
-from honelm.stages.contract import ModelSpec, Plan, RunContext
+from honelm.stages.contract import Inference, ModelSpec, Plan, RunContext
 from honelm.stages.resolve import init_kind
 from honelm.tokenizer import load_tokenizer
 
@@ -128,6 +128,12 @@ class PromptStage(Classification):
                                    mean=ctx.cfg.prompt.normalize == "mean")
         ctx.extra[f"{split}_logits"] = logits  # the per-example predictions files are written from these
         return classification_scores(logits, data.labels, False, data.n_labels, split)
+
+    def inference(self, ctx: RunContext, model: torch.nn.Module, rows: list[Any]) -> Inference:
+        """What `honelm compare` times: each row's prompt with every label's verbalizer, scored in one forward."""
+        mean = ctx.cfg.prompt.normalize == "mean"
+        return Inference(lambda idx: self.encode(ctx, [rows[i] for i in idx], "val"),
+                         lambda data: verbalizer_scores(model, data, len(data.sequences), ctx.device, mean=mean))
 
     def test_tokenizer(self, ctx: RunContext) -> Any:
         return load_tokenizer(ctx.run_dir / "best")

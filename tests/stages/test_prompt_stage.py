@@ -72,6 +72,15 @@ def test_prompted_lm_is_validated_then_tested_once_like_a_classifier(pretrained,
     report = (zero / "report.md").read_text()
     assert "| End reason | evaluated |" in report and report.count("## Classification quality (test split)") == 1
 
+    # the prompted LM sits in honelm compare's table beside the fine-tuned classifier: quality, its recorded
+    # model's size, and its own inference timed (each label's verbalizer scored)
+    cli("compare", f"prompted={zero}", f"tuned={c}", "--rounds", "1", "--latency-examples", "2",
+        "--throughput-batches", "1", "--batch-size", "4", "--no-memory", "--out", str(tmp_path / "cmp"))
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    costs = table["costs"]["prompted"]
+    assert costs["disk"]["kind"] == "recorded" and costs["disk"]["bytes"] == sum(source["weights"].values())
+    assert costs["latency_ms"] > 0 and costs["throughput"] > 0
+
 
 def test_a_changed_or_missing_model_is_refused_by_test(pretrained, data_dir, tmp_path):
     model = tmp_path / "model"
