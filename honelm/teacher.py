@@ -203,8 +203,8 @@ def cached(run_dir: Path, cfg: TeacherConfig, transfer: Sequence[Example], val: 
            labels: dict[int, str] | None, max_length: int, runtime: Any, say: Callable[[str], None]) -> TeacherOutputs:
     """The teacher's outputs: RUN/teacher/ when there, else a sibling run's (same key), else computed and stored.
 
-    A finished cache is also kept in `<runs dir>/teacher_cache/<key>/`, so the trials of a search and
-    the variants of an ablation (sibling runs) run the teacher once. The main process computes; the
+    A finished cache is also kept in `<runs dir>/teacher_cache/<key>/`, so sibling runs (the trials of a
+    search, a second distill into the same run.out_dir) run the teacher once. The main process computes; the
     others wait and read the file, so every rank trains on the same numbers.
     """
     folder = run_dir / TEACHER_DIR
