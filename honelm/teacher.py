@@ -45,7 +45,7 @@ RECORD_FILE = "teacher.json"
 
 @dataclass
 class TeacherConfig:
-    """The model that teaches: a trained classifier (or regressor) on the same label set."""
+    """The model that teaches: a classifier or regressor on the same label set, or (data.task=generation) a causal LM."""
 
     model: str = ""
     """The teacher: a run directory (its best/), a checkpoint directory, pkg:MODULE, or a hub id (online only)."""
