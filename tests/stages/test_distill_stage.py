@@ -216,3 +216,14 @@ def test_on_policy_token_kd_samples_from_the_student(chat_teacher, data_dir, tmp
     cli(*args, "distill.on_policy=1.0", "data.packing=false", "train.max_steps=3", "run.name=onp")
     train = events(tmp_path / "onp", "train")
     assert train[-1]["on_policy"] == 1.0 and train[-1]["kd"] > 0  # every batch went on-policy
+
+
+def test_adversarial_training_on_the_student_and_plae_refused(teacher, keywords, tmp_path, capsys):
+    args = ["distill", f"data.train={keywords}", f"teacher.model={teacher}", f"model.tokenizer={teacher}",
+            "model.arch=encoder", "model.size=test", "train.max_steps=4", "train.eval_every=2", "train.batch_size=8",
+            "data.max_length=32", f"run.out_dir={tmp_path}", *FAST]
+    cli(*args, "adversarial.method=fgm", "adversarial.epsilon=0.05", "run.name=fgm")
+    log = (tmp_path / "fgm" / "log.txt").read_text()
+    assert "fgm" in log.lower() and "kd=" in log  # the KD loss is what the perturbation attacks
+    assert main([*args, "adversarial.method=plae", "run.name=plae"]) != 0
+    assert "plae" in capsys.readouterr().err
