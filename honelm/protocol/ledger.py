@@ -20,7 +20,8 @@ by M runs"), that keeps such comparisons honest.
 
 Where the ledger lives (`ledger_path`): `--ledger PATH` where a command offers it; else the
 nearest directory at or above the run (or search, or ablation) directory that holds a `.honelm/`
-directory; else the current directory when the run lies inside it; else the run directory's parent.
+directory, looking no higher than the current directory when the run lies inside it (else no higher
+than the run directory's parent); else that highest directory (the current directory, or the run's parent).
 Make `.honelm/` in the directory that holds all of a project's runs to give them one ledger.
 """
 
@@ -44,11 +45,15 @@ def ledger_path(start: str | Path, explicit: str | Path | None = None) -> Path:
     if explicit:
         return Path(explicit)
     here = Path(start).resolve()
+    cwd = Path.cwd().resolve()
+    # never above the project: the cwd when the run lies inside it, else the run's parent (a stray .honelm/ in
+    # /tmp or the home directory must not collect every run on the machine)
+    root = cwd if here == cwd or cwd in here.parents else here.parent
     for directory in (here, *here.parents):
         if (directory / LEDGER_DIR).is_dir():
             return directory / LEDGER_DIR / LEDGER_FILE
-    cwd = Path.cwd().resolve()
-    root = cwd if here == cwd or cwd in here.parents else here.parent
+        if directory == root:
+            break
     return root / LEDGER_DIR / LEDGER_FILE
 
 

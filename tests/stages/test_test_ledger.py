@@ -70,3 +70,14 @@ def test_a_second_look_at_a_split_by_another_run_is_flagged_and_counted(data_dir
     # a forced second look by the same run is one more look, not one more run
     cli("test", str(first), "--force")
     assert "looked at 3 times by 2 runs" in capsys.readouterr().out
+
+
+def test_a_ledger_above_the_project_is_never_used(tmp_path, monkeypatch):
+    (tmp_path / ".honelm").mkdir()  # a stray ledger above the project (say /tmp/.honelm or ~/.honelm)
+    run = tmp_path / "project" / "runs" / "classify" / "r1"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "project")
+    assert L.ledger_path(run) == (tmp_path / "project" / ".honelm" / "test_ledger.jsonl").resolve()
+    other = tmp_path / "elsewhere" / "r2"
+    other.mkdir(parents=True)
+    assert L.ledger_path(other) == (tmp_path / "elsewhere" / ".honelm" / "test_ledger.jsonl").resolve()
