@@ -227,3 +227,40 @@ def test_adversarial_training_on_the_student_and_plae_refused(teacher, keywords,
     assert "fgm" in log.lower() and "kd=" in log  # the KD loss is what the perturbation attacks
     assert main([*args, "adversarial.method=plae", "run.name=plae"]) != 0
     assert "plae" in capsys.readouterr().err
+
+
+def test_unlabelled_text_mask_and_teacher_length_reach_the_run(teacher, keywords, tmp_path, monkeypatch):
+    import honelm.stages.distill as stage
+
+    split = stage.Distillation().splits(stage.DistillConfig(data=stage.DistillDataConfig(train=str(keywords))),
+                                        lambda _: None)
+    extra = tmp_path / "extra.txt"
+    extra.write_text(f"a brand new superb text\n{split.val[0].text}\nanother dull one here\n", encoding="utf-8")
+    seen = {}
+    build = stage.build_transfer_set
+
+    def spy(splits, unlabelled, augment, seed, mask, say):
+        seen["mask"] = mask
+        seen["result"] = build(splits, unlabelled, augment, seed, mask, say)
+        return seen["result"]
+
+    monkeypatch.setattr(stage, "build_transfer_set", spy)
+    cli("distill", f"data.train={keywords}", f"teacher.model={teacher}", f"model.tokenizer={teacher}",
+        "model.arch=encoder", "model.size=test", f"data.unlabelled={extra}", "augment.copies=1", "augment.p_mask=0.5",
+        "augment.mask=@@", "teacher.max_length=6", "train.max_steps=2", "train.eval_every=2", "train.batch_size=8",
+        f"run.out_dir={tmp_path}", "run.name=u", *FAST)
+    record = json.loads((tmp_path / "u" / "transfer_set.json").read_text())
+    assert record["unlabelled"] == {"candidates": 3, "kept": 2, "excluded_as_task_val_test": 1, "repeats_dropped": 0}
+    assert seen["mask"] == "@@" and any("@@" in r.text for r in seen["result"].rows)
+    assert json.loads((tmp_path / "u" / "teacher" / "teacher.json").read_text())["max_length"] == 6
+    assert "longer than 6 tokens and were truncated" in (tmp_path / "u" / "log.txt").read_text()
+
+
+def test_sequence_level_kd_with_several_answers_per_prompt(chat_teacher, data_dir, tmp_path):
+    cli("distill", f"data.train={data_dir / 'instructions.jsonl'}", f"teacher.model={chat_teacher}",
+        "distill.mode=sequence", "distill.num_samples=2", "model.size=test", "model.vocab_size=300",
+        "sampling.max_new_tokens=6", "train.max_steps=1", "samples.n=0", f"run.out_dir={tmp_path}", "run.name=two",
+        *[a for a in LM if not a.startswith(("train.max_steps", "samples.n"))])
+    answers = [json.loads(x) for x in (tmp_path / "two" / "teacher" / "answers.jsonl").read_text().splitlines()]
+    train = json.loads((tmp_path / "two" / "split_manifest.json").read_text())["counts"]["train"]
+    assert {a["seed"] for a in answers} == {0, 1} and train < len(answers) <= 2 * train

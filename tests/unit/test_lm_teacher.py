@@ -20,21 +20,14 @@ from honelm.objectives.lm_teacher import (WithTeacher, check_shared_vocab, compu
                                           on_policy_batch)
 from honelm.objectives.on_policy import OnPolicyKD, prompts_of
 from honelm.objectives.token_kd import TokenKD
+from tests.unit.test_sft import _examples as sft_rows
 
 X = -100
 
 
 def examples(n: int = 7, seed: int = 0) -> SFTExamples:
-    """Variable-length rows over a 64-token vocabulary, a prompt (-100) then targets; label 0 is -100."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(torch.randint(4, 13, (1,), generator=g))
-        row = torch.randint(2, 64, (length,), generator=g).tolist()
-        prompt = int(torch.randint(1, length - 1, (1,), generator=g))
-        ids.append(row)
-        labels.append([X] * prompt + row[prompt:])
-    return SFTExamples(ids, labels, pad_id=0)
+    """Variable-length rows over a 64-token vocabulary, a prompt (-100) then targets (test_sft's rows)."""
+    return SFTExamples(*sft_rows(n, seed), pad_id=0)
 
 
 def alone(teacher: torch.nn.Module, ids: list[int], labels: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
