@@ -35,7 +35,7 @@ from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
 from honelm.models import count_parameters
 from honelm.objectives.base import Objective
-from honelm.optim import lr_at, make_optimizer, set_lr, warmup_steps
+from honelm.optim import LrScale, lr_at, make_optimizer, set_lr, warmup_steps
 from honelm.speed import SPILL_NAME, TrainingSpeed
 from honelm.tracking import Tracker
 
@@ -141,6 +141,8 @@ class TrainPlan:
     save_best: Callable[[nn.Module, dict[str, Any]], None]
     metric: str
     frozen_models: Sequence[nn.Module] = ()
+    lr_scale: LrScale | None = None
+    """A trained parameter's learning-rate multiplier by name (boosters: LoRA+'s `lora.lr_ratio`); None: 1 for all."""
     best_writes_base: Callable[[], bool] = lambda: True
     """False: save_best writes an adapter only, so frozen bf16 weights need not be restored to fp32
     around it (`honelm.checkpoint.best_writes_base`)."""
@@ -346,7 +348,7 @@ class _Run:
         self.run_dir, self.callbacks = run_dir, list(callbacks)
         total = total_steps_for(cfg, plan.stream.n, plan.stream.step_items)
         self.warm = warmup_steps(cfg, total)
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(model, cfg, plan.lr_scale)
         self.ckpt_root = run_dir / "checkpoints"
         self.minimize = metric_is_min(plan.metric, cfg.metric_mode)
         self.tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)

@@ -8,6 +8,7 @@ the input table also decays the output layer; METHODS.md section 6.3).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,31 +16,35 @@ from torch import nn
 from honelm.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Two groups: decayed matrices, and everything else (biases, norms, maybe embeddings)."""
+LrScale = Callable[[str], float]
+"""A parameter's learning-rate multiplier, by its name (LoRA+'s B matrices: `lora.lr_ratio`)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 lr_scale: LrScale | None = None) -> list[dict]:
+    """Decayed matrices, and everything else (biases, norms, maybe embeddings); each split again by
+    learning-rate multiplier (`lr_scale`, kept in the group as `lr_scale`: `set_lr` applies it)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        is_embedding = id(p) in embedding_ids
-        if p.ndim >= 2 and (decay_embeddings or not is_embedding):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decays = p.ndim >= 2 and (decay_embeddings or id(p) not in embedding_ids)
+        groups.setdefault((decays, float(lr_scale(name)) if lr_scale else 1.0), []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))  # decayed first, as the two groups always were
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in order]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: LrScale | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; the fused kernel on CUDA, torch's default elsewhere.
 
     Fused AdamW also exists for CPU and is faster in isolation, but the end-to-end pretrain
     benchmark measured honelm slower with it on this CPU (docs/benchmarks.md, second
     measurement); until profiled, CPU keeps the default implementation.
     """
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     device = next(p for g in groups for p in g["params"]).device.type
@@ -76,5 +81,6 @@ def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` for every group, times the group's own multiplier (`param_groups`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

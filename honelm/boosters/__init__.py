@@ -11,6 +11,7 @@ the first booster whose `prepare` has work runs a run of its own.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar
 
 from honelm.boosters import adversarial, lora, plae
@@ -23,8 +24,8 @@ ADVERSARIAL = Booster("adversarial", "adversarial", check=adversarial.check, pre
 BOOSTERS: tuple[Booster, ...] = (lora.BOOSTER, ADVERSARIAL)
 """Every booster, in the order their hooks run."""
 
-__all__ = ["BOOSTERS", "Booster", "Prepared", "StageConfig", "apply", "carries_adapter", "check", "objective",
-           "prepare"]
+__all__ = ["BOOSTERS", "Booster", "Prepared", "StageConfig", "apply", "carries_adapter", "check", "lr_scale",
+           "objective", "prepare"]
 
 
 class StageConfig:
@@ -77,6 +78,14 @@ def prepare(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callabl
             if prepared is not None:
                 return prepared
     return None
+
+
+def lr_scale(cfg: Any) -> Callable[[str], float] | None:
+    """The product of every booster's learning-rate multipliers, by parameter name; None when no booster has any."""
+    scales = [f for b, section in _active(cfg) if b.lr_scale is not None and (f := b.lr_scale(section)) is not None]
+    if not scales:
+        return None
+    return lambda name: math.prod(f(name) for f in scales)
 
 
 def objective(inner: Any, cfg: Any, tokenizer: Any, say: Say, stored: Any = None) -> Any:

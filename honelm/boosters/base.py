@@ -48,3 +48,5 @@ class Booster:
     """prepare(ctx, stage, loaded, plan, train, reload) -> Prepared | None: a run of its own before the main one."""
     wrap: Callable[[Any, Any, Any, Say, Any], Any] | None = None
     """wrap(objective, section, tokenizer, say, stored) -> the objective the loop calls."""
+    lr_scale: Callable[[Any], Callable[[str], float] | None] | None = None
+    """lr_scale(section) -> a trained parameter's learning-rate multiplier by its name, or None (all 1)."""

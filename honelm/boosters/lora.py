@@ -83,6 +83,8 @@ class LoraConfig:
     """Adapter init: default (kaiming A, B = 0), gaussian, orthogonal (even r), pissa, pissa_niter_N, olora. pissa/olora rewrite the base weights, so the run saves its own base/ copy."""
     bias: Literal["none", "lora_only", "all"] = "none"
     """Also train biases: none, those of adapted modules (lora_only), or all (saved with the adapter)."""
+    lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): the B matrices train at lr_ratio × train.lr, the A matrices and the fully trained heads at train.lr (the paper suggests 16 for a ratio; 1 = plain LoRA)."""
     carry: bool = False
     """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""
 
@@ -117,6 +119,8 @@ def check_config(cfg: LoraConfig) -> bool | str:
         raise ConfigError(f"lora.alpha must be > 0, got {cfg.alpha}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.lr_ratio > 0:
+        raise ConfigError(f"lora.lr_ratio must be > 0, got {cfg.lr_ratio}")
     if not cfg.target_modules.strip():
         raise ConfigError("lora.target_modules is empty: use all-linear, names like q_proj,v_proj, or re:REGEX")
     return peft_init(cfg.init, cfg.r)
@@ -428,4 +432,11 @@ def transform(loaded: LoadedModel, cfg: LoraConfig, task: str, say: Callable[[st
     return apply_lora(loaded, cfg, task, say) if cfg.enabled else loaded
 
 
-BOOSTER = Booster("lora", "lora", check=check, transform=transform, carries=carries)
+def lr_scale(cfg: LoraConfig) -> Callable[[str], float] | None:
+    """LoRA+: the B matrices' learning-rate multiplier (`lora.lr_ratio`), by parameter name; None when it is 1."""
+    if not cfg.enabled or cfg.lr_ratio == 1.0:
+        return None
+    return lambda name: cfg.lr_ratio if ".lora_B." in name or ".lora_embedding_B." in name else 1.0
+
+
+BOOSTER = Booster("lora", "lora", check=check, transform=transform, carries=carries, lr_scale=lr_scale)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from honelm import metrics as M
+from honelm.boosters.lora import LoraConfig, lr_scale
 from honelm.objectives.classify import Classify
 from honelm.objectives.lm import CausalLM, shifted_token_nll
-from honelm.optim import lr_at, param_groups
+from honelm.optim import lr_at, param_groups, set_lr
 
 
 class FixedLogits(torch.nn.Module):
@@ -88,6 +89,24 @@ def test_no_decay_on_bias_norm_and_embeddings(tiny_llama):
     assert any("embed" in names[id(p)] for p in no_decay["params"])
     decay_e, _ = param_groups(model, 0.1, decay_embeddings=True)
     assert any("embed" in names[id(p)] for p in decay_e["params"])
+
+
+def test_lr_scale_splits_groups_and_set_lr_applies_it(tiny_llama):
+    """LoRA+'s multiplier: the B matrices' groups run at ratio × the schedule's lr, the rest at it."""
+
+    model = tiny_llama()
+    assert lr_scale(LoraConfig(enabled=True)) is None  # ratio 1: plain LoRA, no extra groups
+    scale = lr_scale(LoraConfig(enabled=True, lr_ratio=16.0))
+    assert scale is not None and scale("base_model.model.x.q_proj.lora_B.default.weight") == 16.0
+    assert scale("base_model.model.x.q_proj.lora_A.default.weight") == 1.0
+    ratios = {n: 16.0 if "mlp" in n else 1.0 for n, _ in model.named_parameters()}
+    groups = param_groups(model, 0.1, lr_scale=ratios.__getitem__)
+    assert sorted((g["weight_decay"], g["lr_scale"]) for g in groups) == [(0.0, 1.0), (0.1, 1.0), (0.1, 16.0)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(("mlp" in names[id(p)]) == (g["lr_scale"] == 16.0) for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 0.5)
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.5, 0.5, 8.0]
 
 
 def _lm_batch() -> dict[str, torch.Tensor]:
