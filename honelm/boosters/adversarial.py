@@ -2,10 +2,10 @@
 
 `Adversarial(inner, cfg, special_ids)` wraps any objective (classification, causal LM, masked LM,
 SFT, distillation, and the pairwise losses of reward and dpo) and overrides its per-micro-batch
-`step`; the loop does not know it is there. Every method perturbs the *activation* e = Emb(x) (the word-embedding output, before
-position/type embeddings and LayerNorm) through a forward hook on the model's input-embedding
-module, never the embedding weight matrix, so it works with LoRA and frozen embeddings, with
-decoders that find the last real token from `input_ids`, and under DDP.
+`step`; the loop does not know it is there. Every method perturbs the *activation* e = Emb(x) (the
+word-embedding output, before position/type embeddings and LayerNorm) through a forward hook on
+the model's input-embedding module, never the embedding weight matrix, so it works with LoRA and
+frozen embeddings, with decoders that find the last real token from `input_ids`, and under DDP.
 
 Notation (METHODS.md §3): δ is the perturbation (B, T, d), kept in fp32 whatever the autocast;
 m the perturbable positions (attention mask, minus special tokens unless `perturb_special`);

@@ -53,7 +53,8 @@ Which stages, and which metrics (`metric`, named as the stage logs it as val_NAM
 file, before anything runs; empty: the first listed):
 
     classify, distill, prompt    accuracy, macro_f1, mse, pearson     predictions (gold, pred) per example
-    sft, pretrain                loss                                 score records per example / block
+    sft, pretrain, distill of    loss                                 score records per example / block
+      an LM (data.task=generation)
     adapt                        loss (masked LM: also accuracy)        (units: target tokens)
     reward                       accuracy, margin, loss, reward_mean    per pair (units 1; chosen > rejected)
     dpo                          rewards_accuracy, rewards_margin,      per pair, implicit rewards
@@ -162,9 +163,10 @@ class AblateConfig:
     metric: str = ""
     """Metric of the interval, verdict and choice, computed on each cell's per-example validation records (its best
     checkpoint's), named as the compared stage logs it (val_NAME): accuracy, macro_f1, mse or pearson (classify,
-    distill, prompt); loss (sft, pretrain, adapt; adapt's masked LM also accuracy); accuracy, margin, loss or
-    reward_mean (reward); rewards_accuracy, rewards_margin, loss, rewards_chosen or rewards_rejected (dpo). Empty: the
-    first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for loss and mse."""
+    distill, prompt); loss (sft, pretrain, adapt, an LM's distill; adapt's masked LM also accuracy); accuracy,
+    margin, loss or reward_mean (reward); rewards_accuracy, rewards_margin, loss, rewards_chosen or rewards_rejected
+    (dpo). Empty: the first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for
+    loss and mse."""
     bootstrap: int = 2000
     """Paired-bootstrap resamples of the interval (at least 100)."""
     confidence: float = 0.95

@@ -1,7 +1,8 @@
-"""`honelm ablate` (and its per-variant search) beyond classification, through the real CLI on tiny presets: sft and
-pretrain on validation loss (lower is better), reward on pair accuracy, dpo on implicit-reward accuracy; a dpo search. Each cell's verdict numbers are its best checkpoint's per-example score records, whose Σ sums / Σ units
-is the stage's own val_* metric; the test split is read only for the chosen variant, once, and its test records give
-the test metric `honelm test` reported. Files that cannot work are refused when read."""
+"""`honelm ablate` beyond classification, through the real CLI on tiny presets: sft and pretrain on validation loss
+(lower is better), reward on pair accuracy, dpo on implicit-reward accuracy; a dpo search. Each cell's verdict numbers
+are its best checkpoint's per-example score records, whose Σ sums / Σ units is the stage's own val_* metric; the test
+split is read only for the chosen variant, once, and its test records give the test metric `honelm test` reported.
+Files that cannot work are refused when read."""
 
 from __future__ import annotations
 
