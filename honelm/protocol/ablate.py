@@ -900,6 +900,14 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+def _verdict_rule(metric: str) -> str:
+    """How a verdict reads off the interval: the better side of zero is above it, or below it for a loss."""
+    if metric in stats.LOWER_IS_BETTER:
+        return (f"Verdict (a lower {metric} is better): the interval below zero → helps, above → hurts, containing "
+                "zero → no evidence.")
+    return "Verdict: the interval above zero → helps, below → hurts, containing zero → no evidence."
+
+
 def _intro(meta: dict[str, Any]) -> list[str]:
     metric, conf = meta["metric"], int(round(meta["confidence"] * 100))
     test = {"chosen": "then only the chosen variant's cells were tested, once each",
@@ -911,8 +919,8 @@ def _intro(meta: dict[str, Any]) -> list[str]:
                 f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
              + f". **Verdicts and the choice are made on validation**: Δ is the difference from baseline in validation "
              f"{metric} of each cell's selected checkpoint (mean over seeds); the interval is a {conf}% paired bootstrap "
-             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). Verdict: the interval above "
-             "zero → helps, below → hurts, containing zero → no evidence. The variant with the best validation mean "
+             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). {_verdict_rule(metric)} "
+             "The variant with the best validation mean "
              f"is chosen. The test split was sealed while the cells trained and the verdicts were computed; {test}.", "",
              "Validation also picked each cell's checkpoint (and, with a search, its hyperparameters), so every "
              "validation number is somewhat optimistic, for every variant alike; the test look is the unbiased one.", ""]
