@@ -1,6 +1,7 @@
-"""Per-example prediction files of classify runs: `RUN/test_predictions.jsonl`, `RUN/best/val_predictions.jsonl`.
+"""Per-example record files: `RUN/test_predictions.jsonl`, `RUN/best/val_predictions.jsonl`.
 
-One JSON object per example, in split order (`i` is the example's index in its split):
+One JSON object per example, in split order (`i` is the example's index in its split), of one
+of two kinds. Predictions (classification and regression runs: classify, distill, prompt):
 
     classification: {"i": 0, "gold": 1, "pred": 1, "probs": [0.1, 0.9]}
     regression:     {"i": 0, "gold": 3.2, "pred": 2.9}
@@ -10,10 +11,21 @@ One JSON object per example, in split order (`i` is the example's index in its s
 `DECIMALS` places, so `pred` is the argmax of the unrounded probabilities. Regression `pred` is
 the model output rounded to `DECIMALS` places; `gold` is the label as read from the data.
 
-The writer is the classify stage (validation predictions of the best checkpoint) and
-`honelm test` (test predictions); the readers are the report (confusion matrix, calibration) and
-ablations (paired bootstrap over examples). This module imports no honelm module, so every one
-of them can use it without import cycles.
+Scores (every other stage that validates: sft, pretrain, adapt, reward, dpo; `score_records`):
+
+    per token:  {"i": 0, "units": 14, "sums": {"loss": 31.25}}
+    per pair:   {"i": 0, "units": 1, "sums": {"loss": 0.41, "accuracy": 1.0, "margin": 0.52},
+                 "chosen": 1.3, "rejected": 0.78}
+
+`units` is what the stage's metrics average over (an example's target tokens; 1 for a pair) and
+`sums` the example's sum of each metric over them, so a metric of a set of examples is
+Σ sums[m] / Σ units: exactly the stage's own `val_m` / `test_m` (its validation loss is the
+token-weighted mean of the examples' per-token losses). Other fields describe the example.
+
+The writers are the stages (validation records of the best checkpoint, in the same atomic save
+as best/) and `honelm test` (test records); the readers are the report (confusion matrix,
+calibration), `compare` (predictions) and ablations (paired bootstrap over examples). This
+module imports no honelm module, so every one of them can use it without import cycles.
 """
 
 from __future__ import annotations
@@ -60,8 +72,28 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def score_records(units: Sequence[float], sums: dict[str, Sequence[float]], first: int = 0,
+                  **fields: Sequence[Any]) -> list[dict[str, Any]]:
+    """One score record per example (see the module docstring), numbered from `first`: its `units`, its sum of each
+    metric over them (`sums`: metric → one value per example), and each of `fields` (name → one value per example)."""
+    n = len(units)
+    if any(len(v) != n for v in [*sums.values(), *fields.values()]):
+        raise ValueError(f"{n} examples, but not one value of every metric and field per example")
+    return [{"i": first + i, "units": units[i], "sums": {m: round(float(v[i]), DECIMALS) for m, v in sums.items()},
+             **{k: v[i] for k, v in fields.items()}} for i in range(n)]
+
+
+def is_scores(records: Sequence[dict[str, Any]]) -> bool:
+    """Score records carry `units` and `sums`; predictions carry `gold` and `pred`."""
+    return bool(records) and "units" in records[0]
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Parse and check a predictions file; raise ValueError naming file:line for anything malformed.
+    """Parse and check a records file (predictions or scores); raise ValueError naming file:line for anything malformed.
 
     Strict on purpose: a paired bootstrap or a confusion matrix over a silently shortened or
     reordered file would be wrong without looking wrong.
@@ -76,32 +108,53 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object")
-        for key in ("i", "gold", "pred"):
-            if key not in row:
-                raise ValueError(f"{path}:{lineno}: missing field {key!r}")
+        if "i" not in row:
+            raise ValueError(f"{path}:{lineno}: missing field 'i'")
         if row["i"] != len(rows):
             raise ValueError(f"{path}:{lineno}: expected i={len(rows)}, found i={row['i']!r} "
                              "(rows must be in split order)")
-        for key in ("gold", "pred"):
-            value = row[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{path}:{lineno}: field {key!r} is not a finite number: {value!r}")
-        probs = row.get("probs")
-        if probs is not None:
-            if not isinstance(probs, list) or not probs or not all(
-                    isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in probs):
-                raise ValueError(f"{path}:{lineno}: field 'probs' is not a non-empty list of finite numbers")
-            if rows and len(probs) != len(rows[0].get("probs") or []):
-                raise ValueError(f"{path}:{lineno}: {len(probs)} probabilities where earlier rows have "
-                                 f"{len(rows[0].get('probs') or [])}")
-            for key in ("gold", "pred"):  # classification: label ids, i.e. indices into probs
-                if row[key] != int(row[key]) or not 0 <= row[key] < len(probs):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a label id in 0..{len(probs) - 1}, "
-                                     f"found {row[key]!r}")
-        elif rows and "probs" in rows[0]:
-            raise ValueError(f"{path}:{lineno}: missing field 'probs' (earlier rows are classification rows)")
+        if rows and ("units" in row) != ("units" in rows[0]):
+            raise ValueError(f"{path}:{lineno}: a {'score' if 'units' in row else 'prediction'} record where earlier "
+                             f"rows are {'score' if 'units' in rows[0] else 'prediction'} records")
+        where = f"{path}:{lineno}"
+        _check_score(row, rows, where) if "units" in row else _check_prediction(row, rows, where)
         rows.append(row)
     return rows
+
+
+def _check_score(row: dict[str, Any], rows: list[dict[str, Any]], where: str) -> None:
+    """A score record: finite `units` >= 0 (a masked-LM row may have no masked token), `sums` of finite numbers
+    with the metrics of the first row."""
+    if not _finite(row["units"]) or row["units"] < 0:
+        raise ValueError(f"{where}: field 'units' is not a finite number >= 0: {row['units']!r}")
+    sums = row.get("sums")
+    if not isinstance(sums, dict) or not sums or not all(_finite(v) for v in sums.values()):
+        raise ValueError(f"{where}: field 'sums' is not a non-empty mapping of metric names to finite numbers")
+    if rows and set(sums) != set(rows[0]["sums"]):
+        raise ValueError(f"{where}: sums of {', '.join(sorted(sums))} where earlier rows have "
+                         f"{', '.join(sorted(rows[0]['sums']))}")
+
+
+def _check_prediction(row: dict[str, Any], rows: list[dict[str, Any]], where: str) -> None:
+    """A prediction record: finite `gold` and `pred`; classification `probs` and label ids that index them."""
+    for key in ("gold", "pred"):
+        if key not in row:
+            raise ValueError(f"{where}: missing field {key!r}")
+        if not _finite(row[key]):
+            raise ValueError(f"{where}: field {key!r} is not a finite number: {row[key]!r}")
+    probs = row.get("probs")
+    if probs is not None:
+        if not isinstance(probs, list) or not probs or not all(_finite(p) for p in probs):
+            raise ValueError(f"{where}: field 'probs' is not a non-empty list of finite numbers")
+        if rows and len(probs) != len(rows[0].get("probs") or []):
+            raise ValueError(f"{where}: {len(probs)} probabilities where earlier rows have "
+                             f"{len(rows[0].get('probs') or [])}")
+        for key in ("gold", "pred"):  # classification: label ids, i.e. indices into probs
+            if row[key] != int(row[key]) or not 0 <= row[key] < len(probs):
+                raise ValueError(f"{where}: field {key!r} must be a label id in 0..{len(probs) - 1}, "
+                                 f"found {row[key]!r}")
+    elif rows and "probs" in rows[0]:
+        raise ValueError(f"{where}: missing field 'probs' (earlier rows are classification rows)")
 
 
 def is_classification(records: Sequence[dict[str, Any]]) -> bool:

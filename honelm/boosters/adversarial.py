@@ -1,11 +1,11 @@
 """Adversarial and noise training on the word-embedding output: one objective wrapper for all methods.
 
 `Adversarial(inner, cfg, special_ids)` wraps any objective (classification, causal LM, masked LM,
-and later SFT and reward) and overrides its per-micro-batch `step`; the loop does not know it is
-there. Every method perturbs the *activation* e = Emb(x) (the word-embedding output, before
-position/type embeddings and LayerNorm) through a forward hook on the model's input-embedding
-module, never the embedding weight matrix, so it works with LoRA and frozen embeddings, with
-decoders that find the last real token from `input_ids`, and under DDP.
+SFT, distillation, and the pairwise losses of reward and dpo) and overrides its per-micro-batch
+`step`; the loop does not know it is there. Every method perturbs the *activation* e = Emb(x) (the
+word-embedding output, before position/type embeddings and LayerNorm) through a forward hook on
+the model's input-embedding module, never the embedding weight matrix, so it works with LoRA and
+frozen embeddings, with decoders that find the last real token from `input_ids`, and under DDP.
 
 Notation (METHODS.md §3): δ is the perturbation (B, T, d), kept in fp32 whatever the autocast;
 m the perturbable positions (attention mask, minus special tokens unless `perturb_special`);
@@ -39,6 +39,20 @@ is one such class and one `@register(name, cost)` line above it; its name also g
 `Literal` of `AdversarialConfig.method` (config validation, did-you-mean and `--help` read that
 type; a unit test keeps the two in step), and a new key it reads into `AdversarialConfig`.
 
+Pairwise losses (reward, dpo: stages whose config offers `PAIRS`). A batch is P pairs as 2P rows
+[chosen; rejected]; every row is an example with its own ball (its own norm, its own real
+length), so chosen and rejected are perturbed alike and padding never moves. Before any perturbed
+pass the wrapper asks the objective for what must stay clean (`Objective.unperturbed`): DPO's
+reference log-probs, so only the policy sees δ (a LoRA policy's reference is the same model with
+its adapters off, whose embedding output the hook would otherwise perturb too). fgm, pgd and
+freelb need only a differentiable loss, which both are. smart, r3f and vat compare each pair's
+output rows, [r_c, r_r] for reward and the implicit rewards [r̂_c, r̂_r] for dpo, whose softmax is
+the pair's (implicit) Bradley-Terry preference probability: the regulariser keeps that
+probability stable under the perturbation. neftune is refused: its noise is a regulariser of
+instruction tuning's generated answers (its only evidence, Jain et al. 2023), a reward model
+generates nothing, and in dpo noise on the policy alone is not regularisation but a bias of the
+implicit reward (h ≠ 0 at step 0, with policy = reference). plae needs labelled examples.
+
 SKL(p, q) = KL(p‖q) + KL(q‖p) = Σ (p − q)(log p − log q) per unit row (squared error for
 regression outputs). Peak memory does not grow with K: every pass either back-propagates at once
 (θ-gradients accumulate in `.grad`) or differentiates w.r.t. δ alone, so at most two graphs (a
@@ -57,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honelm.boosters.base import LABELS
+from honelm.boosters.base import LABELS, PAIRS
 from honelm.errors import ConfigError, HonelmError
 from honelm.objectives.base import Loss, Objective
 
@@ -322,6 +336,8 @@ class Method(abc.ABC):
     """Forward+backward passes per micro-batch, plain = 1 (the README's cost column; `register` sets it)."""
     needs_stored: ClassVar[bool] = False
     """It trains on perturbations that a run before the main one stored (plae): the wrapper needs `stored`."""
+    not_pairwise: ClassVar[str] = ""
+    """Why it does not apply to a pairwise loss (a stage offering `PAIRS`: reward, dpo); empty: it does."""
 
     @classmethod
     def reads(cls) -> tuple[str, ...]:
@@ -389,6 +405,9 @@ class Adversarial(Objective):
     def frozen_models(self) -> list[nn.Module]:
         return self.inner.frozen_models()
 
+    def unperturbed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.unperturbed(model, batch)
+
     def mask(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, T) float: 1 where δ may be non-zero (real, and non-special unless asked)."""
         ids = batch["input_ids"]
@@ -406,6 +425,8 @@ class Adversarial(Objective):
             return self.inner.step(model, batch, scale, autocast)
         if "input_ids" not in batch:
             raise HonelmError("adversarial training needs input_ids in the batch (it perturbs their embeddings)")
+        with autocast():  # what must stay clean (DPO's reference log-probs), as plain training computes it
+            batch = self.inner.unperturbed(model, batch)
         return self.method.step(self, model, batch, scale, autocast)
 
     def generate(self, model: nn.Module, batch: dict[str, Any], autocast: Any) -> torch.Tensor:
@@ -679,6 +700,9 @@ class Neftune(Method):
     """L(e + U(-1,1)·α/√(T_i·d)) on real tokens only, T_i the example's real length; α is `epsilon`."""
 
     epsilon: float = 5.0
+    not_pairwise: ClassVar[str] = ("its noise regularises instruction tuning's generated answers; a reward model "
+                                   "generates nothing, and noise on dpo's policy alone biases the implicit reward "
+                                   "(h != 0 with policy = reference) rather than regularising")
 
     def step(self, adv: Adversarial, model: nn.Module, batch: dict[str, Any], scale: float, autocast: Any) -> Loss:
         mask = adv.mask(batch)
@@ -709,6 +733,7 @@ class Plae(Method):
     copies: int = 1
     teacher: Literal["pgd", "plain"] = "pgd"
     needs_stored: ClassVar[bool] = True
+    not_pairwise: ClassVar[str] = "it retrains on labelled adversarial embeddings (classify only)"
 
     def check(self) -> None:
         if self.copies < 1:
@@ -731,11 +756,17 @@ class Plae(Method):
 
 
 def check(cfg: AdversarialConfig, capabilities: frozenset[str], stage: str) -> None:
-    """plae retrains on labelled adversarial embeddings: only a stage with labelled examples (LABELS) has them."""
+    """plae retrains on labelled adversarial embeddings: only a stage with labelled examples (LABELS) has them. A
+    pairwise loss (PAIRS) takes the methods whose `not_pairwise` is empty."""
     if cfg.method == "plae" and LABELS not in capabilities:
         raise ConfigError(f"adversarial.method=plae works with classify only (a stage with labelled examples), not "
                           f"{stage}: it retrains on labelled adversarial embeddings (for language modelling use fgm, "
                           "pgd, freelb, smart, r3f, vat or neftune)")
+    kind = REGISTRY.get(cfg.method)
+    if PAIRS in capabilities and kind is not None and kind.not_pairwise:
+        fitting = ", ".join(name for name, k in REGISTRY.items() if not k.not_pairwise)
+        raise ConfigError(f"adversarial.method={cfg.method} does not apply to {stage} (a pairwise loss on chosen and "
+                          f"rejected): {kind.not_pairwise}. For {stage} use {fitting}")
 
 
 def wrap(inner: Objective, cfg: AdversarialConfig, tokenizer: Any, say: Callable[[str], None],

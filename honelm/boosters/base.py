@@ -8,6 +8,9 @@ booster may need of a stage is said in capabilities, which a training stage's co
 
 - `LABELS`: the stage trains on labelled examples (classification or regression): plae
   retrains on labelled adversarial embeddings.
+- `PAIRS`: the stage trains a pairwise loss on preference pairs, chosen and rejected as rows of
+  one batch (reward, dpo): adversarial training perturbs both rows alike, and refuses the methods
+  that do not fit such a loss (`Method.not_pairwise`).
 - `ADAPTER_REFERENCE`: the stage's reference model is its own policy with the LoRA adapters
   disabled (DPO, PPO): LoRA must then start from the unchanged starting policy (no carried
   adapter, no init that rewrites the base).
@@ -26,6 +29,7 @@ from typing import Any, Callable
 from honelm.models import LoadedModel
 
 LABELS = "labels"
+PAIRS = "pairs"
 ADAPTER_REFERENCE = "adapter_reference"
 
 Say = Callable[[str], None]

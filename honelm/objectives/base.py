@@ -47,6 +47,15 @@ class Objective:
         """Number of loss units in `batch` (counted without the model)."""
         raise NotImplementedError
 
+    def unperturbed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with what must not see a perturbation of the trained model's inputs computed now, clean.
+
+        honelm.boosters.adversarial calls it once per micro-batch before its perturbed passes. Most
+        objectives have nothing of the kind; DPO's reference log-probs are (a LoRA policy's reference
+        is the same model, whose embedding output the perturbation hooks).
+        """
+        return batch
+
     def frozen_models(self) -> list[nn.Module]:
         """Models the objective runs but never trains (DPO's frozen reference copy).
 

@@ -29,7 +29,15 @@ The reference, in the order `DPO.reference_logps` tries them: log-probs stored i
 (`ref_logps`, precomputed once before training), a separate frozen model, or, for a LoRA policy,
 the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
 model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
-the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set.
+the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set and, given a
+`records` list, appends each pair's score record (`honelm.predictions.score_records`: its loss and
+every metric above), in pair order.
+
+A booster that perturbs the policy's inputs (honelm.boosters.adversarial) must leave the reference
+alone: `DPO.unperturbed` computes the reference log-probs of a batch before any perturbed pass (a
+LoRA policy's reference is the same model, whose input embeddings the perturbation hooks). The
+rows `outputs` returns for consistency regularisers are the implicit rewards [r̂_c, r̂_r], whose
+softmax is the pair's implicit preference probability σ(β·h).
 `DPOObjectiveConfig` is the `dpo` section of `honelm dpo`'s config (these settings, read by the stage).
 """
 
@@ -43,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm import predictions as P
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.logprobs import sequence_logps, unwrap
@@ -99,14 +108,21 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
 
 
-def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """Detached sums over the P pairs of the implicit rewards, their margin and accuracy, and the policy log-probs."""
+def dpo_pair_values(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Detached per-pair values (P,) of the implicit rewards, their margin and accuracy, and the policy log-probs."""
     pc, pr = policy_chosen.detach().float(), policy_rejected.detach().float()
     rc = beta * (pc - ref_chosen.detach().float())  # r̂_c (P,)
     rr = beta * (pr - ref_rejected.detach().float())
-    return {"rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(), "rewards_margin": (rc - rr).sum(),
-            "rewards_accuracy": (rc > rr).sum().float(), "logps_chosen": pc.sum(), "logps_rejected": pr.sum()}
+    return {"rewards_chosen": rc, "rewards_rejected": rr, "rewards_margin": rc - rr,
+            "rewards_accuracy": (rc > rr).float(), "logps_chosen": pc, "logps_rejected": pr}
+
+
+def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Detached sums over the P pairs of `dpo_pair_values`."""
+    values = dpo_pair_values(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return {k: v.sum() for k, v in values.items()}
 
 
 def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -142,33 +158,48 @@ class DPO(Objective):
             with adapters_disabled(model):
                 return sequence_logps(unwrap(model), batch, right_padded=True)[0]
 
-    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+    def unperturbed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with the reference's log-probs (`ref_logps`, (2P,)) computed now, before any perturbed pass."""
+        return batch if "ref_logps" in batch else {**batch, "ref_logps": self.reference_logps(model, batch)}
+
+    def terms(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Per pair (P,) each: policy log-probs of chosen and rejected, the reference's, and both token counts."""
         ref = self.reference_logps(model, batch)  # (2P,), first: no graph held while it runs
         logps, tokens = sequence_logps(model, batch, right_padded=True)  # (2P,), (2P,): pairs are right-padded
-        pc, pr = logps.chunk(2)
-        rc, rr = ref.chunk(2)
-        tc, tr = tokens.chunk(2)
+        return (*logps.chunk(2), *ref.chunk(2), *tokens.chunk(2))
+
+    def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
+        pc, pr, rc, rr, tc, tr = self.terms(model, batch)
         per_pair = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing, tc, tr)  # (P,)
-        logit = self.beta * ((pc - rc) - (pr - rr))  # β·h (P,)
+        implicit = self.beta * torch.stack([pc - rc, pr - rr], dim=1)  # [r̂_c, r̂_r] (P, 2), through the policy
         return (Loss(value=per_pair.sum(), units=pc.numel(), metrics=dpo_metrics(pc, pr, rc, rr, self.beta)),
-                logit.unsqueeze(1))  # (P, 1)
+                implicit)
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].size(0)) // 2
 
 
 def evaluate_pairs(model: nn.Module, data: Any, objective: DPO, batch_size: int, device: torch.device,
-                   prefix: str) -> dict[str, float]:
+                   prefix: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Mean loss and every DPO metric over the pairs of `data` (`honelm.data.preferences.EncodedPairs`),
-    in length-sorted batches (sums over pairs / pairs)."""
+    in length-sorted batches (sums over pairs / pairs); each pair's score record appended to `records` when given."""
     order = sorted(range(len(data)), key=lambda i: data.lengths[i])
     total, sums = 0.0, {}
+    per_pair: dict[str, list[float]] = {}
     for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(order[start:start + batch_size]).items()}
-        loss = objective(model, batch)
-        total += float(loss.value)
-        for k, v in loss.metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        idx = order[start:start + batch_size]
+        pc, pr, rc, rr, tc, tr = objective.terms(model, {k: v.to(device) for k, v in data.collate(idx).items()})
+        losses = dpo_loss(pc, pr, rc, rr, objective.beta, objective.loss_type, objective.label_smoothing, tc, tr)
+        values = {"loss": losses.detach().float(), **dpo_pair_values(pc, pr, rc, rr, objective.beta)}
+        total += float(losses.sum())
+        for k, v in values.items():
+            if k != "loss":
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            column = per_pair.setdefault(k, [0.0] * len(data))
+            for i, x in zip(idx, v.tolist()):
+                column[i] = x
+    if records is not None:
+        records += P.score_records([1] * len(data), per_pair)
     n = max(len(data), 1)
     return {f"{prefix}_loss": total / n, **{f"{prefix}_{k}": v / n for k, v in sums.items()}}
 

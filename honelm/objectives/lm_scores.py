@@ -7,6 +7,11 @@ same rows sees the same masks. `lm_scores` turns the sums of one or more sources
 per target token), perplexity, and MLM accuracy or CLM bits-per-byte, overall and per source.
 `example_scores` is the causal-LM loss and perplexity of padded examples (sft's conversations,
 `honelm.data.sft.SFTExamples`), batched in length order.
+
+Both score each row on its own (`row_scores`, from the same forward pass) and, given a `records`
+list, append one score record per row in row order (`honelm.predictions.score_records`: its
+target tokens and summed NLL, plus correct predictions for MLM): the per-example records an
+ablation bootstraps, whose Σ loss / Σ units is exactly the loss reported here.
 """
 
 from __future__ import annotations
@@ -15,32 +20,61 @@ import math
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 
+from honelm import predictions as P
 from honelm.data.masking import MLMRows
 from honelm.data.packing import PackedBlocks, bits_per_byte
 from honelm.data.sft import SFTExamples
-from honelm.objectives.base import Objective
-from honelm.objectives.lm import CausalLM
+from honelm.objectives.lm import IGNORE, CausalLM
+from honelm.objectives.logprobs import target_logps
 from honelm.objectives.mlm import MaskedLM
 
 
+def row_scores(model: torch.nn.Module, batch: dict[str, Any], masked: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) summed NLL of each row's targets, (B,) their counts and (B,) correct predictions (masked LM; zeros for a
+    causal LM), from one forward pass: the training objective's sums, split by row."""
+    labels = batch["labels"]
+    if not masked:  # the causal-LM loss's targets: labels shifted left, as CausalLM
+        logps, counts = target_logps(model, CausalLM._inputs(batch), labels)
+        return -logps, counts, torch.zeros_like(logps)
+    _, rows = MaskedLM().outputs(model, batch)  # (M, V) fp32: the masked positions, in row-major order
+    selected = labels != IGNORE
+    where, target = selected.nonzero()[:, 0], labels[selected]
+    zeros = torch.zeros(labels.size(0), dtype=torch.float32, device=rows.device)
+    nll = zeros.index_add(0, where, F.cross_entropy(rows, target, reduction="none"))
+    correct = zeros.index_add(0, where, (rows.argmax(-1) == target).float())
+    return nll, selected.sum(dim=1), correct
+
+
+def _keep(records: list[dict[str, Any]] | None, nll: list[float], units: list[int], correct: list[float] | None,
+          **fields: list[Any]) -> None:
+    if records is not None:
+        sums = {"loss": nll, **({"accuracy": correct} if correct is not None else {})}
+        records += P.score_records(units, sums, first=len(records), **fields)  # after another source's rows
+
+
 def loss_sums(model: torch.nn.Module, rows: MLMRows | PackedBlocks, batch_size: int, seed: int,
-              device: torch.device) -> tuple[float, int, float]:
-    """(summed NLL, units, correct) over every row: MLM with the fixed mask of `seed`, or CLM."""
-    if isinstance(rows, MLMRows):
-        objective: Objective = MaskedLM()
+              device: torch.device, records: list[dict[str, Any]] | None = None) -> tuple[float, int, float]:
+    """(summed NLL, units, correct) over every row: MLM with the fixed mask of `seed`, or CLM; each row's score
+    record appended to `records` when given."""
+    masked = isinstance(rows, MLMRows)
+    if masked:
         batches: Iterable[dict] = rows.fixed_batches(batch_size, seed)
     else:
-        objective = CausalLM()
         batches = (rows.collate(list(range(s, min(s + batch_size, len(rows)))))
                    for s in range(0, len(rows), batch_size))
-    nll, units, correct = 0.0, 0, 0.0
+    nll: list[float] = []
+    units: list[int] = []
+    correct: list[float] = []
     for batch in batches:
-        loss = objective(model, {k: v.to(device) for k, v in batch.items()})
-        nll += float(loss.value)
-        units += int(loss.units)
-        correct += float(loss.metrics.get("accuracy", 0.0))
-    return nll, units, correct
+        row_nll, row_units, row_correct = row_scores(model, {k: v.to(device) for k, v in batch.items()}, masked)
+        nll += row_nll.tolist()
+        units += row_units.tolist()
+        correct += row_correct.tolist()
+    _keep(records, nll, units, correct if masked else None)
+    return sum(nll), sum(units), sum(correct)
 
 
 def lm_scores(sums: dict[str, tuple[float, int, float]], rows: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -63,16 +97,18 @@ def lm_scores(sums: dict[str, tuple[float, int, float]], rows: dict[str, Any], p
 
 
 def example_scores(model: torch.nn.Module, examples: SFTExamples, batch_size: int, device: torch.device,
-                   prefix: str) -> dict[str, float]:
-    """Loss (nats per trained token) and perplexity over every example, in length-sorted padded batches."""
-    objective = CausalLM()
+                   prefix: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Loss (nats per trained token) and perplexity over every example, in length-sorted padded batches; each
+    example's score record appended to `records` (in example order) when given."""
     lengths = examples.lengths
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
-    nll, count = 0.0, 0
+    nll, count = [0.0] * len(examples), [0] * len(examples)
     for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in examples.collate(order[start:start + batch_size]).items()}
-        loss = objective(model, batch)
-        nll += float(loss.value)
-        count += int(loss.units)
-    mean = nll / max(count, 1)
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in examples.collate(idx).items()}
+        row_nll, row_units, _ = row_scores(model, batch, masked=False)
+        for i, value, units in zip(idx, row_nll.tolist(), row_units.tolist()):
+            nll[i], count[i] = value, units
+    _keep(records, nll, count, None)
+    mean = sum(nll) / max(sum(count), 1)
     return {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 50.0))}

@@ -220,8 +220,12 @@ def sequence_logps(model: nn.Module, batch: dict[str, Any], right_padded: bool =
     no (B, heads, T, T) mask).
     """
     keys = MODEL_KEYS if not right_padded else tuple(k for k in MODEL_KEYS if k != "attention_mask")
-    inputs = {k: v for k, v in batch.items() if k in keys}
-    labels = batch["labels"]
+    return target_logps(model, {k: v for k, v in batch.items() if k in keys}, batch["labels"])
+
+
+def target_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model(**inputs)`'s (B,) summed fp32 log-probs of each row's target tokens (`labels` shifted, as
+    `completion_logps`) and (B,) their counts, without the (B, T, V) logits when the head allows."""
     found = final_hidden(model, inputs)
     if found is None:
         return completion_logps(model(**inputs).logits, labels)  # (B, T, V) logits

@@ -15,7 +15,9 @@ Metrics (sums over pairs, logged divided by the pair count): `accuracy` counts r
 (strict: a tie counts as wrong), `margin` sums r_c - r_r, `reward_mean` sums (r_c + r_r)/2,
 `reward_chosen` / `reward_rejected` sum r_c / r_r. Spread and extremes (std, min, max) are not
 sums, so they are reported by validation and `honelm test` (`reward_stats`), not per step.
-`evaluate_pairs` scores a whole evaluation set of pairs (`score_pairs`, in length-sorted batches).
+`evaluate_pairs` scores a whole evaluation set of pairs (`score_pairs`, in length-sorted batches) and,
+given a `records` list, appends each pair's score record (`honelm.predictions.score_records`: its
+loss, accuracy, margin and reward_mean, and both rewards), in pair order.
 `RewardObjectiveConfig` is the `reward` section of `honelm reward`'s config.
 """
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm import predictions as P
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 
@@ -60,11 +63,16 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
     return loss
 
 
-def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Detached sums over P pairs: accuracy (strict >), margin, reward_mean, reward_chosen, reward_rejected."""
+def pair_values(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached per-pair values (P,): accuracy (strict >), margin, reward_mean, reward_chosen, reward_rejected."""
     c, r = r_chosen.detach().float(), r_rejected.detach().float()
-    return {"accuracy": (c > r).sum().float(), "margin": (c - r).sum(), "reward_mean": ((c + r) / 2).sum(),
-            "reward_chosen": c.sum(), "reward_rejected": r.sum()}
+    return {"accuracy": (c > r).float(), "margin": c - r, "reward_mean": (c + r) / 2, "reward_chosen": c,
+            "reward_rejected": r}
+
+
+def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached sums over P pairs of `pair_values`."""
+    return {k: v.sum() for k, v in pair_values(r_chosen, r_rejected).items()}
 
 
 def reward_stats(r_chosen: torch.Tensor, r_rejected: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -117,14 +125,20 @@ def score_pairs(model: nn.Module, data: Any, batch_size: int, device: torch.devi
 
 
 def scored_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margins: torch.Tensor | None,
-                   center_coef: float, prefix: str) -> dict[str, float]:
-    """Loss (the training objective's mean) and `reward_stats` of an evaluation set's scores."""
-    loss = float(bradley_terry(r_chosen, r_rejected, margins, center_coef).double().mean())
-    return {f"{prefix}_loss": loss, **reward_stats(r_chosen, r_rejected, prefix)}
+                   center_coef: float, prefix: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Loss (the training objective's mean) and `reward_stats` of an evaluation set's scores; each pair's score
+    record appended to `records` when given."""
+    per_pair = bradley_terry(r_chosen, r_rejected, margins, center_coef)
+    if records is not None:
+        values = pair_values(r_chosen, r_rejected)
+        sums = {"loss": per_pair.tolist(), **{k: values[k].tolist() for k in ("accuracy", "margin", "reward_mean")}}
+        records += P.score_records([1] * len(per_pair), sums, chosen=r_chosen.tolist(), rejected=r_rejected.tolist())
+    return {f"{prefix}_loss": float(per_pair.double().mean()), **reward_stats(r_chosen, r_rejected, prefix)}
 
 
 def evaluate_pairs(model: nn.Module, data: Any, batch_size: int, device: torch.device, prefix: str,
-                   center_coef: float = 0.0) -> dict[str, float]:
-    """Loss, accuracy, margin and reward mean/std/min/max of `model` over the pairs of `data`."""
+                   center_coef: float = 0.0, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Loss, accuracy, margin and reward mean/std/min/max of `model` over the pairs of `data` (each pair's score
+    record appended to `records` when given)."""
     r_c, r_r = score_pairs(model, data, batch_size, device)
-    return scored_metrics(r_c, r_r, data.margins, center_coef, prefix)
+    return scored_metrics(r_c, r_r, data.margins, center_coef, prefix, records)

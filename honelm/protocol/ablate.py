@@ -3,7 +3,7 @@
     # honelm ablate configs/ablate/demo.yaml
     out_dir: runs/ablate/demo
     seeds: 2                      # seeds 0..N-1, or a list [0, 1, 2]; default 3
-    metric: accuracy              # validation metric of the interval, verdict and choice: accuracy, macro_f1, mse, pearson
+    metric: accuracy              # validation metric of the interval, verdict and choice (see "Which stages")
     bootstrap: 2000               # paired-bootstrap resamples
     confidence: 0.95
     test: chosen                  # chosen (default): test only the chosen variant's cells, once;
@@ -36,18 +36,38 @@ same space and trial budget for all) in OUT_DIR/cells/VARIANT/search, on the fir
 its `before` stages; the best values are then used at every seed.
 
 Selection on validation, test once (the protocol). The compared stage's selected checkpoint (best
-validation) keeps its per-example validation predictions (RUN/best/val_predictions.jsonl,
-honelm.predictions: classification and regression runs write them); cell.json records them. The
+validation) keeps its per-example validation records (RUN/best/val_predictions.jsonl,
+honelm.predictions, written in the same atomic save as best/); cell.json records them. The
 paired-bootstrap interval of the difference from baseline (honelm.protocol.stats), the verdict and
 the CHOICE (the variant with the best validation mean of `metric`; of equals, the first listed, so
 the baseline before any variant) are computed from those alone, with the test split sealed
 (`forbid_test_split`) while cells train and verdicts are computed. A stage that writes no
-per-example validation predictions is refused with a message saying so. Only then are cells
-tested, each once by `honelm test`'s own code (CELL/test.json keeps the metrics and predictions):
+per-example validation records is refused with a message saying so. Only then are cells
+tested, each once by `honelm test`'s own code (CELL/test.json keeps the metrics and test records):
 with `test: chosen` the chosen variant's cells, every seed, their looks one group in the project's
 test ledger (honelm.protocol.ledger); with `test: all` every cell, and that table is labelled a
 report, not a selection: nothing is chosen from it (the ledger flags those looks). With one seed,
 the interval resamples validation examples only and the verdict says that training noise is not in it.
+
+Which stages, and which metrics (`metric`, named as the stage logs it as val_NAME; checked with the
+file, before anything runs; empty: the first listed):
+
+    classify, distill, prompt    accuracy, macro_f1, mse, pearson     predictions (gold, pred) per example
+    sft, pretrain, distill of    loss                                 score records per example / block
+      an LM (data.task=generation)
+    adapt                        loss (masked LM: also accuracy)        (units: target tokens)
+    reward                       accuracy, margin, loss, reward_mean    per pair (units 1; chosen > rejected)
+    dpo                          rewards_accuracy, rewards_margin,      per pair, implicit rewards
+                                 loss, rewards_chosen, rewards_rejected
+
+A score record holds each example's units and its sum of every metric over them, so the metric of a
+resample is Σ sums / Σ units: the stage's own val_NAME (sft's validation loss is the token-weighted
+mean of the examples' per-token losses). Lower is better for loss and mse: the verdict and the
+choice follow. sft's reference-scored answers (exact match, token F1, chrF, BLEU) are scored once, at
+the end of a run, on a few validation prompts (samples.jsonl), not at every validation, so they are
+not a metric of the verdict; `honelm test` scores them on the test split, and the test table of the
+report shows them beside the loss. `test: chosen` (or all) needs a stage `honelm test` applies to: an adapt run with no
+domain corpus (no test split of its own) or ppo is refused when the file is read, naming `test`.
 
 Results (results.json, results.csv, report.md/.html, plots/ablation.png): mean ± std over seeds of
 every validation metric; the interval and verdict on `metric`; the chosen variant; the test numbers
@@ -81,6 +101,7 @@ from typing import Any
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 from honelm import config as C
 from honelm import registry
@@ -89,12 +110,13 @@ from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
                              has_run_dir, plan, resolve)
-from honelm.predictions import TEST_FILE, VAL_FILE, read_records
+from honelm.predictions import TEST_FILE, VAL_FILE, is_scores, read_records
 from honelm.protocol import ledger as L
 from honelm.protocol import search as S
 from honelm.protocol import stats
 from honelm.protocol.test import run_test
 from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
+from honelm.stages.contract import RunContext
 
 BASELINE = "baseline"
 ABLATION_FILE = "ablation.json"  # marks an ablation directory
@@ -138,9 +160,13 @@ class AblateConfig:
     """Directory of the cells, shared runs and results (--out-dir overrides it). Required."""
     seeds: int | list[int] = 3
     """Seeds of every variant: a count N (seeds 0..N-1) or a list of distinct integers (--seeds N)."""
-    metric: str = "accuracy"
-    """Metric of the interval, verdict and choice, computed on each cell's validation predictions (its best
-    checkpoint's): accuracy, macro_f1, mse or pearson."""
+    metric: str = ""
+    """Metric of the interval, verdict and choice, computed on each cell's per-example validation records (its best
+    checkpoint's), named as the compared stage logs it (val_NAME): accuracy, macro_f1, mse or pearson (classify,
+    distill, prompt); loss (sft, pretrain, adapt, an LM's distill; adapt's masked LM also accuracy); accuracy,
+    margin, loss or reward_mean (reward); rewards_accuracy, rewards_margin, loss, rewards_chosen or rewards_rejected
+    (dpo). Empty: the first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for
+    loss and mse."""
     bootstrap: int = 2000
     """Paired-bootstrap resamples of the interval (at least 100)."""
     confidence: float = 0.95
@@ -165,8 +191,6 @@ class AblateConfig:
         listed = isinstance(self.seeds, list) and len(set(self.seeds)) == len(self.seeds) > 0
         if not (count or listed):
             raise C.FieldError("seeds", "must be a positive count or a list of distinct integers")
-        if self.metric not in stats.METRICS:
-            raise C.FieldError("metric", f"{self.metric!r} is not one of {', '.join(stats.METRICS)}")
         if not self.stages:
             raise C.FieldError("stages", "must be a non-empty list of pipeline stages (the last one is compared)")
         if any(stage.shared for stage in self.stages):
@@ -239,7 +263,34 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
     for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
         plan(cell_pipeline(spec, variant, spec.seeds[0]))
         plan(shared_pipeline(spec, variant))
+    check_compared(spec)
     return spec
+
+
+def check_compared(spec: AblationSpec) -> None:
+    """The compared (last) stage can be ablated on `spec.metric` (set here to the stage's first when empty) and, unless
+    `spec.test` is none, tested: ConfigError naming the file and the field otherwise, before anything runs."""
+    last = plan(cell_pipeline(spec, Variant(BASELINE), spec.seeds[0]))[-1]
+    verb = last.stage.verb
+    if last.run_dir is None or verb not in registry.training_verbs():
+        raise ConfigError(f"{spec.path}: stages: the last stage ({last.stage.name}: {verb}) is compared, so it must be "
+                          "a training stage")
+    stage = registry.stage(verb)
+    metrics = stage.record_metrics_of(last.config) or stats.METRICS  # score records, else predictions
+    if not spec.metric:
+        spec.metric = metrics[0]
+    elif spec.metric not in metrics:
+        raise ConfigError(f"{spec.path}: metric: {spec.metric!r} is not one of {', '.join(metrics)} (the metrics of "
+                          f"{verb}'s per-example validation records)")
+    if spec.test == "none":
+        return
+    try:
+        if not stage.testable:
+            raise HonelmError(f"`honelm test` does not apply to {verb} runs")
+        stage.check_testable(RunContext(cfg=last.config, runtime=rt.Runtime(torch.device("cpu")), run_dir=last.run_dir))
+    except HonelmError as e:
+        raise ConfigError(f"{spec.path}: test: {spec.test}, but the compared stage cannot be tested ({e}); set "
+                          "test: none (verdicts and the choice on validation only)") from None
 
 
 def _variants(cfg: AblateConfig, p: Path) -> list[Variant]:
@@ -378,31 +429,51 @@ def _read(path: Path) -> list[dict[str, Any]]:
         raise HonelmError(str(e)) from None
 
 
-def read_predictions(run_dir: Path) -> tuple[list[Any], list[Any]]:
-    """(gold, pred) per test example from RUN/test_predictions.jsonl (written by `honelm test`)."""
+def _examples(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a cell keeps of per-example records: the gold labels and predictions of a classification or regression
+    run, or each example's units and metric sums (score records: sft, pretrain, adapt, reward, dpo)."""
+    if is_scores(rows):
+        return {"units": [r["units"] for r in rows], "sums": {m: [r["sums"][m] for r in rows] for m in rows[0]["sums"]}}
+    return {"gold": [r["gold"] for r in rows], "pred": [r["pred"] for r in rows]}
+
+
+def compared(metric: str, record: dict[str, Any]) -> tuple[str, list[Any], list[Any]]:
+    """(stats metric, gold, pred) of a cell's validation record or test look on `metric`: the labels and predictions
+    of a classification or regression run, or each example's units and sum of `metric` (stats.PER_UNIT: Σ sums /
+    Σ units, the stage's own mean). An error when the records carry no such metric."""
+    where = record.get("run_dir") or f"{record.get('variant')} seed {record.get('seed')}"
+    if "units" not in record:
+        if metric not in stats.METRICS:
+            raise HonelmError(f"{where}: its per-example records are predictions (accuracy, macro_f1, mse, pearson), "
+                              f"not {metric!r}")
+        return metric, record["gold"], record["pred"]
+    if metric not in record["sums"]:
+        raise HonelmError(f"{where}: its per-example records carry {', '.join(record['sums'])}, not {metric!r}")
+    return stats.PER_UNIT, record["units"], record["sums"][metric]
+
+
+def read_test_records(run_dir: Path) -> dict[str, Any]:
+    """`_examples` of RUN/test_predictions.jsonl (written by `honelm test`)."""
     path = run_dir / TEST_FILE
     if not path.is_file():
-        raise HonelmError(f"{run_dir}: no {TEST_FILE}: `honelm ablate` compares classification or "
-                          "regression runs by their per-example predictions")
-    rows = _read(path)
-    return [r["gold"] for r in rows], [r["pred"] for r in rows]
+        raise HonelmError(f"{run_dir}: no {TEST_FILE}: `honelm ablate` compares the tested cells by their per-example "
+                          "test records, which `honelm test` writes for every stage that validates")
+    return _examples(_read(path))
 
 
 def read_validation(run_dir: Path) -> dict[str, Any]:
     """The selected checkpoint's validation record: its val_* metrics and step (best/best.json) and its
-    per-example validation predictions (best/val_predictions.jsonl), what verdicts and the choice are made from."""
+    per-example validation records (best/val_predictions.jsonl), what verdicts and the choice are made from."""
     path = run_dir / "best" / VAL_FILE
     if not path.is_file():
         raise HonelmError(f"{run_dir}: no best/{VAL_FILE}: `honelm ablate` computes its intervals, verdicts and choice "
-                          "from the per-example validation predictions of each cell's selected checkpoint, which "
-                          "classification and regression runs write (classify, distill, prompt); this run's stage "
+                          "from the per-example validation records of each cell's selected checkpoint, which "
+                          "classify, distill, prompt, sft, pretrain, adapt, reward and dpo write; this run's stage "
                           "writes none (or it predates them), so it cannot be ablated on validation")
     best_path = run_dir / "best" / "best.json"
     best = json.loads(best_path.read_text(encoding="utf-8")) if best_path.is_file() else {}
-    rows = _read(path)
     val = {k: v for k, v in best.items() if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"val": val, "best_step": best.get("step"), "gold": [r["gold"] for r in rows],
-            "pred": [r["pred"] for r in rows]}
+    return {"val": val, "best_step": best.get("step"), **_examples(_read(path))}
 
 
 def _cost(spec: AblationSpec, variant: Variant, common: Pipeline, pipe: Pipeline, alone: bool) -> dict[str, Any]:
@@ -495,14 +566,13 @@ def test_cell(spec: AblationSpec, record: dict[str, Any], group: str | None) -> 
     path = out / TEST_RECORD
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    compared = Path(record["run_dir"])
-    if (compared / "test_metrics.json").is_file():
-        metrics = json.loads((compared / "test_metrics.json").read_text(encoding="utf-8"))
+    run = Path(record["run_dir"])
+    if (run / "test_metrics.json").is_file():
+        metrics = json.loads((run / "test_metrics.json").read_text(encoding="utf-8"))
     else:
         print(f"\n>> test {record['variant']} seed {record['seed']} (once)", flush=True)
-        metrics = run_test(compared, ledger=spec.ledger, group=group)
-    gold, pred = read_predictions(compared)
-    result = {"variant": record["variant"], "seed": record["seed"], "gold": gold, "pred": pred,
+        metrics = run_test(run, ledger=spec.ledger, group=group)
+    result = {"variant": record["variant"], "seed": record["seed"], **read_test_records(run),
               "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     _write_json(path, result)
     return result
@@ -546,11 +616,11 @@ def summarise(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]]) -> lis
     run of the same seed, so it only uses seeds both sides have. With one such seed the row's `note` says that
     training noise is not in the interval."""
     base = cells[BASELINE]
-    gold = base[0]["gold"]
+    _, gold, _ = compared(spec.metric, base[0])
     base_by_seed = {r["seed"]: r for r in base}
     for records in cells.values():
         for r in records:
-            if r["gold"] != gold:
+            if compared(spec.metric, r)[1] != gold:
                 raise HonelmError(f"{r['run_dir']}: its validation examples differ from the baseline's; every cell must "
                                   "be validated on the same split (same data and data.seed)")
     rows = []
@@ -569,7 +639,8 @@ def _row(spec: AblationSpec, variant: Variant, records: list[dict[str, Any]], go
     for m in metric_names:
         row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([r["val"].get(m) for r in records])
     row["metric"] = spec.metric
-    row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(r["pred"])) for r in records]
+    kind = compared(spec.metric, records[0])[0]
+    row["values"] = [stats.metric_value(kind, _arr(gold), _arr(compared(spec.metric, r)[2])) for r in records]
     row["mean"], row["std"] = stats.mean_std(row["values"])
     paired = [r for r in records if r["seed"] in base_by_seed]
     if variant.name == BASELINE:
@@ -577,8 +648,8 @@ def _row(spec: AblationSpec, variant: Variant, records: list[dict[str, Any]], go
     elif not paired:
         row.update(diff=None, low=None, high=None, verdict="pending", note="")  # its seeds' baselines are still to run
     else:
-        ci = stats.paired_bootstrap(spec.metric, gold, [r["pred"] for r in paired],
-                                    [base_by_seed[r["seed"]]["pred"] for r in paired],
+        ci = stats.paired_bootstrap(kind, gold, [compared(spec.metric, r)[2] for r in paired],
+                                    [compared(spec.metric, base_by_seed[r["seed"]])[2] for r in paired],
                                     spec.bootstrap, spec.confidence, seed=0)
         row.update(diff=ci.diff, low=ci.low, high=ci.high, verdict=stats.verdict(ci.low, ci.high, spec.higher_is_better),
                    note=ONE_SEED if len(paired) == 1 else "")
@@ -609,9 +680,9 @@ def test_summary(spec: AblationSpec, tests: list[dict[str, Any]], chosen: str | 
     only the chosen variant's cells were tested, else "report" (a report, not a selection)."""
     if not tests:
         return {"role": None, "rows": []}
-    gold = tests[0]["gold"]
+    kind, gold, _ = compared(spec.metric, tests[0])
     for t in tests:
-        if t["gold"] != gold:
+        if compared(spec.metric, t)[1] != gold:
             raise HonelmError(f"{spec.out_dir}/cells/{t['variant']}/seed-{t['seed']}: its test examples differ from "
                               f"{tests[0]['variant']} seed {tests[0]['seed']}'s; every cell must be tested on the same split")
     rows = []
@@ -622,7 +693,7 @@ def test_summary(spec: AblationSpec, tests: list[dict[str, Any]], chosen: str | 
         row: dict[str, Any] = {"variant": variant.name, "seeds": [t["seed"] for t in mine]}
         for m in sorted({k for t in mine for k in t["test"] if k.startswith("test_") and k != "test_loss"}):
             row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std([t["test"].get(m) for t in mine])
-        row["values"] = [stats.metric_value(spec.metric, _arr(gold), _arr(t["pred"])) for t in mine]
+        row["values"] = [stats.metric_value(kind, _arr(gold), _arr(compared(spec.metric, t)[2])) for t in mine]
         row["mean"], row["std"] = stats.mean_std(row["values"])
         rows.append(row)
     role = "chosen" if chosen is not None and all(t["variant"] == chosen for t in tests) else "report"
@@ -829,6 +900,14 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+def _verdict_rule(metric: str) -> str:
+    """How a verdict reads off the interval: the better side of zero is above it, or below it for a loss."""
+    if metric in stats.LOWER_IS_BETTER:
+        return (f"Verdict (a lower {metric} is better): the interval below zero → helps, above → hurts, containing "
+                "zero → no evidence.")
+    return "Verdict: the interval above zero → helps, below → hurts, containing zero → no evidence."
+
+
 def _intro(meta: dict[str, Any]) -> list[str]:
     metric, conf = meta["metric"], int(round(meta["confidence"] * 100))
     test = {"chosen": "then only the chosen variant's cells were tested, once each",
@@ -840,8 +919,8 @@ def _intro(meta: dict[str, Any]) -> list[str]:
                 f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
              + f". **Verdicts and the choice are made on validation**: Δ is the difference from baseline in validation "
              f"{metric} of each cell's selected checkpoint (mean over seeds); the interval is a {conf}% paired bootstrap "
-             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). Verdict: the interval above "
-             "zero → helps, below → hurts, containing zero → no evidence. The variant with the best validation mean "
+             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). {_verdict_rule(metric)} "
+             "The variant with the best validation mean "
              f"is chosen. The test split was sealed while the cells trained and the verdicts were computed; {test}.", "",
              "Validation also picked each cell's checkpoint (and, with a search, its hyperparameters), so every "
              "validation number is somewhat optimistic, for every variant alike; the test look is the unbiased one.", ""]

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from honelm.errors import HonelmError
-from honelm.predictions import TEST_FILE, read_labels, read_records
+from honelm.predictions import TEST_FILE, is_scores, read_labels, read_records
 from honelm.protocol import ledger as L
 from honelm.protocol import measure as M
 from honelm.protocol import stats
@@ -105,6 +105,10 @@ def read_tested(name: str, path: Path) -> Tested:
         raise HonelmError(str(e)) from None
     if not rows:
         raise HonelmError(f"{path / TEST_FILE}: no predictions")
+    if is_scores(rows):
+        raise HonelmError(f"{path}: its {TEST_FILE} holds score records (an sft, pretrain, adapt, reward or dpo run), "
+                          "not predictions: `honelm compare` compares classification or regression runs; compare "
+                          "those stages with `honelm ablate` (verdicts on validation)")
     task = "classification" if id2label is not None else "regression"
     if (task == "classification") != all("probs" in r for r in rows):
         raise HonelmError(f"{path}: labels.json says {task}, but {TEST_FILE} holds the other kind of predictions")

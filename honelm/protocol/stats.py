@@ -12,6 +12,10 @@ noise; with one seed it is the classic per-example paired bootstrap.
 Every metric here is a function of per-example counts, so a resample is a vector of
 multinomial weights `w` (how often each example was drawn) and all resamples are evaluated at
 once as matrix products: accuracy = w·correct / n, per-class tp/fp/fn = w·indicator, and so on.
+`PER_UNIT` is the metric of a stage's score records (honelm.predictions): "gold" holds each
+example's units (its target tokens, 1 for a pair) and "pred" its sum of the compared metric over
+them, and the metric is w·sums / w·units, the stage's own mean over units (its validation loss:
+the token-weighted mean of the examples' per-token losses).
 
 Verdict: the interval entirely on the better side of zero → "helps"; entirely on the worse side
 → "hurts"; touching or containing zero → "no evidence" (not "no effect": too few examples or
@@ -27,7 +31,11 @@ from typing import Sequence
 import numpy as np
 
 METRICS = ("accuracy", "macro_f1", "mse", "pearson")
-LOWER_IS_BETTER = {"mse"}
+"""Metrics of classification and regression predictions (gold labels and predictions)."""
+PER_UNIT = "per_unit"
+"""Σ sums / Σ units of score records (gold = units, pred = sums of one metric)."""
+LOWER_IS_BETTER = {"mse", "loss"}
+"""Metric names (a prediction metric, or a score record's) for which a smaller value is better."""
 
 
 def resample_weights(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,6 +49,9 @@ def metric_from_weights(metric: str, gold: np.ndarray, pred: np.ndarray, weights
     With a row of ones this is the plain metric (see `metric_value`).
     """
     total = weights.sum(axis=1)
+    if metric == PER_UNIT:
+        units = weights @ gold.astype(np.float64)
+        return np.divide(weights @ pred.astype(np.float64), units, out=np.full_like(units, np.nan), where=units > 0)
     if metric == "accuracy":
         return weights @ (pred == gold).astype(np.float64) / total
     if metric == "mse":
@@ -66,7 +77,7 @@ def metric_from_weights(metric: str, gold: np.ndarray, pred: np.ndarray, weights
         vx, vy = weights @ (x * x) / total - mx**2, weights @ (y * y) / total - my**2
         denom = np.sqrt(np.clip(vx, 0, None) * np.clip(vy, 0, None))
         return np.divide(cov, denom, out=np.full_like(cov, np.nan), where=denom > 0)
-    raise ValueError(f"unknown metric {metric!r} for the bootstrap ({', '.join(METRICS)})")
+    raise ValueError(f"unknown metric {metric!r} for the bootstrap ({', '.join((*METRICS, PER_UNIT))})")
 
 
 def metric_value(metric: str, gold: np.ndarray, pred: np.ndarray) -> float:

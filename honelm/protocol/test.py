@@ -5,7 +5,8 @@ It looks the run's stage up in the registry, rebuilds the run's splits from its 
 to what the run recorded, opens the test split inside `unlock_test_split`, and scores the best
 checkpoint once with `Stage.test` (by default: load best/, `encode`, `score` with the prefix
 "test", the same `score` validation used). It writes `test_metrics.json`, the per-example files the
-stage returns under "files" (e.g. test predictions), and appends the look to `test_looks.jsonl`.
+stage returns under "files" (e.g. test predictions; else the score records its scoring kept in
+`ctx.records("test")`, as test_predictions.jsonl), and appends the look to `test_looks.jsonl`.
 A second look is refused unless forced; forced looks are recorded as such, so a report always
 shows how many times the test set was seen. Every look also goes into the project's test ledger
 (honelm.protocol.ledger), keyed by the test split's hash: a look at a split that ANOTHER run has
@@ -27,6 +28,7 @@ from honelm import registry
 from honelm import runtime as rt
 from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
+from honelm.predictions import TEST_FILE, dumps_records
 from honelm.protocol import ledger as L
 from honelm.rundir import stage_of
 from honelm.stages.contract import RunContext, Stage
@@ -96,6 +98,9 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
         leakage = cross_split_duplicates(recorded)
     ctx.tokenizer = stage.test_tokenizer(ctx)
     metrics = stage.test(ctx, test)
+    records = ctx.extra.get("test_records")  # the per-example score records the stage's scoring kept
+    if records:
+        metrics.setdefault("files", {}).setdefault(TEST_FILE, dumps_records(records))
     if leakage is not None:
         metrics["test_duplicates_of_train_or_val"] = leakage
     return metrics

@@ -7,7 +7,8 @@ values give the same split; TAPT), both (DAPT+TAPT in one run), or both with `cu
 Encoders train masked LM with dynamic masking, decoders causal LM on packed blocks as `pretrain`
 does; MLM validation masks with the fixed seed of each validation set. `honelm test` scores the
 domain corpus's test split. `best/` is a plain Hugging Face model directory that `classify
-model.init_from=RUN` re-heads.
+model.init_from=RUN` re-heads; beside it, best/val_predictions.jsonl holds each validation row's
+score record (targets, summed loss; MLM: correct predictions), every source's rows in turn.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Adapt(Stage):
 
     name = "adapt"
     config = AdaptConfig
+    record_metrics = ("loss", "accuracy")  # accuracy: masked LM only
 
     def check(self, cfg: AdaptConfig) -> None:
         mode_of(cfg)  # the corpus settings and an unreadable model.init_from fail before the run directory exists
@@ -131,9 +133,9 @@ class Adapt(Stage):
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: dict[str, Any], split: str) -> dict[str, float]:
         """Over {source: rows}; MLM masks come from the source's split seed (the same masks every time)."""
-        seeds = {"task": ctx.cfg.task.seed}
+        seeds, records = {"task": ctx.cfg.task.seed}, ctx.records(split)
         sums = {name: loss_sums(model, rows, ctx.cfg.train.eval_batch_size, seeds.get(name, ctx.cfg.data.seed),
-                                ctx.device) for name, rows in data.items()}
+                                ctx.device, records) for name, rows in data.items()}
         return lm_scores(sums, data, split)
 
     def check_testable(self, ctx: RunContext) -> None:

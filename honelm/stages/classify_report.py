@@ -51,6 +51,8 @@ def load_predictions(root: Path) -> Found:
         if not rows:
             found.errors.append(f"`{rel}` is empty.")
             continue
+        if P.is_scores(rows):  # an LM-distillation run's score records: no labels to draw a confusion matrix of
+            continue
         found.rows, found.split, found.file = rows, split, rel
         break
     return found

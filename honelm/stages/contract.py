@@ -21,6 +21,14 @@ objective or stream and saves `best/` its own way (it records its model, never c
 tokenizer (best/'s), `test(ctx, rows)` loads `best/` (`load_best`), `encode`s the rows and `score`s
 them with the prefix "test" (per-example files it returns under the key "files", {name: text}, are
 written into the run by the look), and `report_sections` are the stage's parts of `honelm report`.
+
+Per-example records. A `score` that fills `ctx.records(split)` with score records
+(honelm.predictions: each example's units and metric sums, named as its metrics) gets them written
+with no wiring of its own: the validation ones as best/val_predictions.jsonl in the same atomic
+save as the model they describe (`RunContext.kept_files`, what the runner saves when the plan has
+no `best_files` of its own: classify builds its predictions there), the test ones as
+test_predictions.jsonl by `honelm test`. `record_metrics` names the metrics they carry, which
+`honelm ablate` compares on validation.
 `honelm compare` loads `best/` the same way and times `inference(ctx, model, rows)` (one forward
 over encoded rows, as `test` scores them) on rows that are never test rows.
 """
@@ -35,6 +43,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 import torch
 from torch import nn
 
+from honelm import predictions as P
 from honelm.checkpoint import save_pretrained_atomic
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream, Callback
@@ -147,6 +156,21 @@ class RunContext:
             (self.run_dir / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str),
                                              encoding="utf-8")
 
+    def records(self, split: str) -> list[dict[str, Any]]:
+        """A fresh list for `score` to fill with the per-example score records of `split` (honelm.predictions),
+        kept as ctx.extra["{split}_records"] until the next scoring of that split."""
+        kept: list[dict[str, Any]] = []
+        self.extra[f"{split}_records"] = kept
+        return kept
+
+    def kept_files(self, info: dict[str, Any]) -> dict[str, str] | None:
+        """best/val_predictions.jsonl from the validation records kept by the evaluation that made it best (fit saves
+        best/ right after it); None without an evaluation (`info` has no metric) or without records."""
+        records = self.extra.get("val_records")
+        if info.get("metric") is None or not records:
+            return None
+        return {P.VAL_FILE: P.dumps_records(records)}
+
     def save_best(self, model: nn.Module, info: dict[str, Any], files: dict[str, str] | None = None) -> None:
         """The model with this run's tokenizer as RUN/best (a plain HF or PEFT directory)."""
         save_pretrained_atomic(model, self.tokenizer, self.run_dir / "best", info, files=files,
@@ -170,6 +194,10 @@ class Stage:
     """Whether `honelm test` applies (PPO has no test split of answers to score)."""
     report_sections: ClassVar[tuple[ReportSection, ...]] = ()
     """Parts of `honelm report` this stage contributes (each decides from a run's files whether it applies)."""
+    record_metrics: ClassVar[tuple[str, ...]] = ()
+    """The metrics its per-example score records carry (named as its val_*/test_* metrics, each their mean over
+    units): what `honelm ablate` compares. Empty: classification or regression predictions (accuracy, macro_f1, mse,
+    pearson), or no records."""
 
     # ---- training: called by the runner, in this order
 
@@ -210,6 +238,10 @@ class Stage:
         return {}
 
     # ---- validation and test
+
+    def record_metrics_of(self, cfg: Any) -> tuple[str, ...]:
+        """`record_metrics` of the runs `cfg` makes (a verb with several kinds of run answers for the one it runs)."""
+        return self.record_metrics
 
     def encode(self, ctx: RunContext, rows: list[Any], split: str) -> Any:
         """Rows of a split → what `score` reads (blocks, encoded examples, pairs)."""

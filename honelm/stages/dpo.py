@@ -8,7 +8,9 @@ or a frozen copy (`honelm.stages.reference`, which also records it in `RUN/refer
 
 Dropout is turned off in both by default (`dpo.disable_dropout`), so policy = reference at step 0
 (all implicit rewards 0). Losses, metrics and the maths: `honelm.objectives.dpo`. Validation
-reports the loss and every metric on the validation pairs; the best checkpoint is kept.
+reports the loss and every metric on the validation pairs; the best checkpoint is kept, with each
+validation pair's score record (best/val_predictions.jsonl; `honelm test`: test_predictions.jsonl),
+whose implicit-reward accuracy, margin and loss `honelm ablate` compares.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from honelm.boosters import StageConfig
+from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.base import ADAPTER_REFERENCE
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
@@ -40,17 +41,18 @@ def _dpo_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class DPOConfig(StageConfig):
+class DPOConfig(P.PairsConfig):
     """Direct preference optimisation of a causal LM."""
 
     verb = "dpo"
-    capabilities = frozenset({ADAPTER_REFERENCE})
+    capabilities = P.PairsConfig.capabilities | {ADAPTER_REFERENCE}
 
     run: RunConfig = section(RunConfig)
     data: PreferenceDataConfig = section(PreferenceDataConfig)
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(_dpo_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
     dpo: DPOObjectiveConfig = section(DPOObjectiveConfig)
 
     def validate(self) -> None:
@@ -64,6 +66,7 @@ class DPOStage(P.PreferenceStage):
 
     name = "dpo"
     config = DPOConfig
+    record_metrics = ("rewards_accuracy", "rewards_margin", "loss", "rewards_chosen", "rewards_rejected")
 
     def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
         cfg = ctx.cfg
@@ -93,14 +96,9 @@ class DPOStage(P.PreferenceStage):
 
     def score(self, ctx: RunContext, model: nn.Module, data: EncodedPairs, split: str) -> dict[str, float]:
         """Against the reference of `ctx.extra["objective"]` (the run's, or the one `test` loaded)."""
-        return evaluate_pairs(model, data, ctx.extra["objective"], ctx.cfg.train.eval_batch_size, ctx.device, split)
+        return evaluate_pairs(model, data, ctx.extra["objective"], ctx.cfg.train.eval_batch_size, ctx.device, split,
+                              ctx.records(split))
 
-    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
-        """Test loss and implicit-reward metrics of best/ (the policy) against the run's reference."""
-        policy = self.load_best(ctx).to(ctx.device).eval()
-        reference = load_reference(ctx.run_dir).to(ctx.device).eval()
-        data = self.encode_test(ctx, rows)
-        self.objective(ctx, reference)
-        with torch.no_grad():
-            out: dict[str, Any] = self.score(ctx, policy, data, "test")
-        return {**out, "n_pairs": len(data), "n_dropped": len(data.dropped)}
+    def test_setup(self, ctx: RunContext) -> None:
+        """Test pairs are scored against the run's reference (RUN/reference.json)."""
+        self.objective(ctx, load_reference(ctx.run_dir).to(ctx.device).eval())

@@ -5,14 +5,23 @@ without one gets honelm's default, `honelm.data.chat.ensure_template`), split by
 (`honelm.data.preferences.split_pairs`), and batch each pair as two rows [chosen; rejected].
 `PreferenceStage` holds that common part of their `Stage`s, and turns dropout off for both
 (`dropout_off`). Where a frozen reference comes from (dpo): `honelm.stages.reference`.
+
+Their configs derive from `PairsConfig`, which offers the boosters `PAIRS` (adversarial training
+perturbs chosen and rejected alike). `honelm test` scores best/ on the test pairs with the stage's
+own `score` (after `test_setup`: dpo's reference); every pair's score record (both rewards, the
+loss and the pair metrics) goes to test_predictions.jsonl, as the validation ones went to
+best/val_predictions.jsonl.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
+from honelm.boosters import StageConfig
+from honelm.boosters.base import PAIRS
 from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
 from honelm.data.sections import PreferenceDataConfig
@@ -62,6 +71,12 @@ def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig
     return enc
 
 
+class PairsConfig(StageConfig):
+    """Base of a preference stage's config: it offers the boosters `PAIRS` (a pairwise loss on chosen and rejected)."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({PAIRS})
+
+
 class PreferenceStage(Stage):
     """Pairs split by prompt, a chat template, [chosen; rejected] batches grouped by length."""
 
@@ -87,6 +102,18 @@ class PreferenceStage(Stage):
         if not len(train):
             raise HonelmError("no training pair is left after truncation: raise data.max_length")
         return train, val
+
+    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
+        """Test metrics of best/ on the test pairs (the stage's `score`, after `test_setup`) and the pair counts."""
+        model = self.load_best(ctx).to(ctx.device).eval()
+        self.test_setup(ctx)
+        data = self.encode_test(ctx, rows)
+        with torch.no_grad():
+            out: dict[str, Any] = self.score(ctx, model, data, "test")
+        return {**out, "n_pairs": len(data), "n_dropped": len(data.dropped)}
+
+    def test_setup(self, ctx: RunContext) -> None:
+        """What `score` needs for the test beyond best/ (dpo: the run's reference)."""
 
     def encode_test(self, ctx: RunContext, rows: list[Any]) -> EncodedPairs:
         data = self.encode(ctx, rows, "test")

@@ -1,7 +1,8 @@
 """`honelm pretrain`: causal language modelling from random init (or any checkpoint) on packed text.
 
 Validation reports loss, perplexity and bits-per-byte; bits-per-byte divides the summed
-cross-entropy by the UTF-8 bytes of the text, so models with different tokenizers compare.
+cross-entropy by the UTF-8 bytes of the text, so models with different tokenizers compare. Each
+validation block's score record (its targets and summed loss) goes to best/val_predictions.jsonl.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Pretrain(Stage):
 
     name = "pretrain"
     config = PretrainConfig
+    record_metrics = ("loss",)
 
     def splits(self, cfg: PretrainConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return text_splits(cfg.data, say, leak_texts)
@@ -62,5 +64,5 @@ class Pretrain(Stage):
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: PackedBlocks, split: str) -> dict[str, float]:
         """Loss (nats/token), perplexity and bits-per-byte over every target token of the blocks."""
-        sums = loss_sums(model, data, ctx.cfg.train.eval_batch_size, 0, ctx.device)  # causal LM: no mask seed
+        sums = loss_sums(model, data, ctx.cfg.train.eval_batch_size, 0, ctx.device, ctx.records(split))  # no masks
         return lm_scores({split: sums}, {split: data}, split)

@@ -4,24 +4,24 @@ The model is a sequence classifier with one output (`AutoModelForSequenceClassif
 num_labels=1) whose score is read at the last non-pad token: batches are right-padded with the
 tokenizer's pad id, and the model's `pad_token_id` is set to it. Each batch is [chosen; rejected]
 in one forward; the loss and metrics are `honelm.objectives.reward`. Validation reports loss,
-accuracy (strict), margin and the reward distribution; the best validation checkpoint is kept.
+accuracy (strict), margin and the reward distribution; the best validation checkpoint is kept,
+with each validation pair's score record (best/val_predictions.jsonl; `honelm test`:
+test_predictions.jsonl), whose accuracy, margin and loss `honelm ablate` compares.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from honelm.boosters import StageConfig
+from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
 from honelm.data.preferences import EncodedPairs
 from honelm.data.sections import RewardDataConfig
-from honelm.objectives.reward import (RewardModel, RewardObjectiveConfig, evaluate_pairs, score_pairs,
-                                     scored_metrics)
+from honelm.objectives.reward import RewardModel, RewardObjectiveConfig, evaluate_pairs
 from honelm.stages import preference as P
 from honelm.stages.contract import ModelSpec, Plan, RunContext
 
@@ -33,7 +33,7 @@ def _reward_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class RewardConfig(StageConfig):
+class RewardConfig(P.PairsConfig):
     """Train a reward model on preference pairs."""
 
     verb = "reward"
@@ -43,6 +43,7 @@ class RewardConfig(StageConfig):
     model: ModelConfig = section(ModelConfig)
     train: TrainConfig = section(_reward_train_defaults)  # type: ignore[arg-type]
     lora: LoraConfig = section(LoraConfig)
+    adversarial: AdversarialConfig = section(AdversarialConfig)
     reward: RewardObjectiveConfig = section(RewardObjectiveConfig)
 
 
@@ -51,6 +52,7 @@ class Reward(P.PreferenceStage):
 
     name = "reward"
     config = RewardConfig
+    record_metrics = ("accuracy", "margin", "loss", "reward_mean")
 
     def model_spec(self, ctx: RunContext) -> ModelSpec:
         return ModelSpec("classify", num_labels=1, id2label={0: "reward"})
@@ -76,19 +78,10 @@ class Reward(P.PreferenceStage):
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: EncodedPairs, split: str) -> dict[str, float]:
         cfg = ctx.cfg
-        return evaluate_pairs(model, data, cfg.train.eval_batch_size, ctx.device, split, cfg.reward.center_coef)
+        return evaluate_pairs(model, data, cfg.train.eval_batch_size, ctx.device, split, cfg.reward.center_coef,
+                              ctx.records(split))
 
     def load_best(self, ctx: RunContext) -> torch.nn.Module:
         model = super().load_best(ctx)  # the one-output classifier of `model_spec`, LoRA adapters merged
         model.config.pad_token_id = ctx.tokenizer.pad_token_id
         return model
-
-    def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
-        """Test metrics, the pair counts, and every test pair's [r_chosen, r_rejected] as test_predictions.json."""
-        model = self.load_best(ctx).to(ctx.device).eval()
-        data = self.encode_test(ctx, rows)
-        with torch.no_grad():
-            r_c, r_r = score_pairs(model, data, ctx.cfg.train.eval_batch_size, ctx.device)
-        predictions = [[float(a), float(b)] for a, b in zip(r_c, r_r)]
-        return {**scored_metrics(r_c, r_r, data.margins, ctx.cfg.reward.center_coef, "test"), "n_pairs": len(data),
-                "n_dropped": len(data.dropped), "files": {"test_predictions.json": json.dumps(predictions)}}

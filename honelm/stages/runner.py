@@ -74,6 +74,7 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     """
     if plan.reset is not None:
         plan.reset()
+    ctx.extra.pop("val_records", None)  # a sub-run's (a teacher's) records never describe this run's best/
     loaded, run_dir = ctx.loaded, ctx.run_dir
     assert loaded is not None
     train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=saver(ctx, plan),
@@ -84,9 +85,10 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
 
 
 def saver(ctx: RunContext, plan: Plan) -> Callable[[nn.Module, dict[str, Any]], None]:
-    """How the plan's best model is saved: its own `save_best`, else the model and tokenizer as RUN/best."""
+    """How the plan's best model is saved: its own `save_best`, else the model and tokenizer as RUN/best, with the
+    plan's `best_files` or else the validation records its evaluation kept (`RunContext.kept_files`)."""
     return plan.save_best or (lambda m, info: ctx.save_best(m, info, files=plan.best_files(info)
-                                                            if plan.best_files is not None else None))
+                                                            if plan.best_files is not None else ctx.kept_files(info)))
 
 
 def sub_fit(plan: Plan) -> Callable[[RunContext, nn.Module, Any, bool], FitResult]:

@@ -6,9 +6,11 @@ tokenizer without one gets honelm's default, which is saved with best/). Labels 
 on the tokens `data.train_on` selects (by default every assistant turn, its end-of-turn EOS
 included). Rows are packed several to a row by default (`honelm.data.sft`), with position_ids
 restarting per example and no attention across examples. Validation reports loss and
-perplexity per trained token; at the end the best model answers a few validation prompts
-(samples.jsonl, the log) and those answers are scored against the references (exact match,
-token F1, chrF, BLEU; `honelm.data.answers`). `honelm test` reports the same on the test split.
+perplexity per trained token (each example's score record, its trained tokens and summed loss, goes
+to best/val_predictions.jsonl: what `honelm ablate` compares); at the end the best model answers a
+few validation prompts (samples.jsonl, the log) and those answers are scored against the
+references (exact match, token F1, chrF, BLEU; `honelm.data.answers`). `honelm test` reports the
+same on the test split.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class SFT(Stage):
 
     name = "sft"
     config = SFTConfig
+    record_metrics = ("loss",)
 
     def splits(self, cfg: SFTConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return chat_splits(cfg.data, say, leak_texts)
@@ -118,7 +121,7 @@ class SFT(Stage):
         return encode_chat_split(ctx.tokenizer, rows, ctx.cfg.data)
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: SFTExamples, split: str) -> dict[str, float]:
-        return example_scores(model, data, ctx.cfg.train.eval_batch_size, ctx.device, split)
+        return example_scores(model, data, ctx.cfg.train.eval_batch_size, ctx.device, split, ctx.records(split))
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
         """Loss and perplexity on every test example; reference metrics of best/'s answers (test_predictions.json)."""

@@ -1,7 +1,8 @@
 """Adversarial training through the real CLI: `classify` with every method, with and without LoRA, on
 tiny presets (the log names the method, the training events carry adv_loss and delta_norm, the
 best model loads); plae's teacher, stored embeddings and student; causal-LM `pretrain` and MLM
-`adapt` with a method; and plae refused where it cannot apply."""
+`adapt` with a method; `reward` and `dpo` (chosen and rejected perturbed alike, dpo's LoRA reference left clean);
+and plae or neftune refused where they cannot apply."""
 
 from __future__ import annotations
 
@@ -50,6 +51,33 @@ def test_adversarial_pretrain_and_mlm_adapt(data_dir, tmp_path):
         "model.vocab_size=400", "data.block_size=32", "train.max_steps=6", "train.eval_every=3", "train.batch_size=8",
         "adversarial.method=freelb", f"run.out_dir={tmp_path}", "run.name=m", *FAST)
     assert all(r["delta_norm"] > 0 for r in events(tmp_path / "m", "train"))
+
+
+PAIRS = ["model.size=test", "model.vocab_size=600", "data.max_length=96", "train.batch_size=16",
+         "train.max_steps=4", "train.eval_every=2", "train.log_every=1", "train.lr=3e-3", *FAST]
+
+
+def test_reward_and_dpo_with_adversarial_training(data_dir, tmp_path, capsys):
+    """A tiny reward run (fgm) and a tiny LoRA dpo run whose reference is the policy with its adapters off (pgd) train,
+    validate, keep best/ and its per-pair records, and test; neftune is refused for a pairwise loss."""
+    data = f"data.train={data_dir / 'preferences.jsonl'}"
+    cli("reward", data, "adversarial.method=fgm", f"run.out_dir={tmp_path}", "run.name=r", *PAIRS)
+    cli("dpo", data, "adversarial.method=pgd", "lora.enabled=true", "lora.r=4", f"run.out_dir={tmp_path}",
+        "run.name=d", *PAIRS)
+    for name, method in (("r", "fgm"), ("d", "pgd")):
+        run = tmp_path / name
+        assert f"adversarial: {method} (" in (run / "log.txt").read_text()
+        train = events(run, "train")
+        assert len(train) == 4 and all(r["adv_loss"] > 0 and r["delta_norm"] > 0 for r in train)
+        assert (run / "best" / "val_predictions.jsonl").is_file()
+        cli("test", str(run))
+        assert (run / "test_predictions.jsonl").is_file()
+    dpo_train = events(tmp_path / "d", "train")
+    # step 1: the LoRA policy is its reference (B = 0), so the clean loss is log 2; the perturbed one is above it only
+    # because the reference was not perturbed with the policy
+    assert dpo_train[0]["loss"] == pytest.approx(0.693147, abs=1e-4) and dpo_train[0]["adv_loss"] > 0.6932
+    code = main(["reward", data, "adversarial.method=neftune", f"run.out_dir={tmp_path}", *PAIRS])
+    assert code != 0 and "adversarial.method=neftune does not apply to reward" in capsys.readouterr().err
 
 
 def test_plae_outside_classify_and_unknown_fields_are_errors(data_dir, tmp_path, capsys):
