@@ -74,7 +74,7 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the input of the LoRA branch only. 0 (peft's default) by default: peft keeps one dropped-out copy of the input per adapted module, which costs memory and time (benchmarks/lora_memory.py); with dora it also costs an extra matmul."""
     target_modules: str = "all-linear"
-    """Modules that get an adapter: all-linear (every Linear except the output/head layer), a comma-separated list of module names or name suffixes (q_proj,v_proj), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
+    """Modules that get an adapter: all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
     rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (peft use_rslora)."""
     dora: bool = False
@@ -163,13 +163,6 @@ def resolve_targets(model: nn.Module, spec: str, exclude: Sequence[str] = ()) ->
     """
     spec = spec.strip()
     candidates = [(n, m) for n, m in model.named_modules() if n and _is_target_type(m) and not _under(n, exclude)]
-    if spec.lower() == "all-linear":
-        # the output layer (tied to the input embedding in honelm's decoders) is not a target
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        chosen = [n for n, m in candidates if _is_linear(m) and m is not out]
-        if not chosen:
-            raise _no_match(model, spec, "all-linear finds")
-        return chosen
     if spec.startswith("re:"):
         try:
             pattern = re.compile(spec[3:])
@@ -183,11 +176,36 @@ def resolve_targets(model: nn.Module, spec: str, exclude: Sequence[str] = ()) ->
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
             continue
-        hits = [n for n, _ in candidates if n == entry or n.endswith("." + entry)]  # peft's rule for a list
+        if entry.lower() == "all-linear":
+            # the output layer (tied to the input embedding in honelm's decoders) is not a target
+            out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            hits = [n for n, m in candidates if _is_linear(m) and m is not out]
+        elif entry.lower() == "embeddings":
+            hits = [_input_embeddings(model, spec, candidates)]
+        else:
+            hits = [n for n, _ in candidates if n == entry or n.endswith("." + entry)]  # peft's rule for a list
         if not hits:
-            raise _no_match(model, spec, f"{entry!r} names")
+            raise _no_match(model, spec, f"{entry!r} finds" if entry.lower() == "all-linear" else f"{entry!r} names")
         listed.extend(h for h in hits if h not in listed)
     return listed
+
+
+def _input_embeddings(model: nn.Module, spec: str, candidates: list[tuple[str, nn.Module]]) -> str:
+    """The full name of the model's input (token) embedding, for the `embeddings` target.
+
+    Refused when the output layer shares its weight: LoRA on the embedding changes only the input
+    lookup while training, but merging it would change the tied output layer as well.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in candidates if m is emb), None)
+    if emb is None or name is None:
+        raise ConfigError(f"lora.target_modules={spec!r}: {type(model).__name__} has no input embedding to adapt")
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        raise ConfigError(f"lora.target_modules={spec!r}: the input embedding of {type(model).__name__} is tied to its "
+                          "output layer, so a merged embedding adapter would change the output layer too; leave "
+                          "'embeddings' out for this model (a classifier's head is not tied)")
+    return name
 
 
 def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str]) -> list[str]:

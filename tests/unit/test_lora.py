@@ -151,6 +151,28 @@ def test_regex_and_list_targets(spec):
     assert adapted == [f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
 
 
+def test_embeddings_target_adapts_the_input_embedding_and_merges_exactly():
+    """`all-linear,embeddings`: the token embedding gets a LoRA lookup (identity at init, trains, merges to the
+    same outputs); refused where the embedding is tied to an LM's output layer (a merge would change that too)."""
+    classifier = build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0)
+    loaded = apply_lora(LoadedModel.built(classifier), lora(target_modules="all-linear,embeddings"), "classify", quiet)
+    wrapped = loaded.model
+    emb = wrapped.base_model.model.model.embed_tokens
+    assert hasattr(emb, "lora_embedding_A") and hasattr(wrapped.base_model.model.model.layers[0].self_attn.q_proj,
+                                                         "lora_A")
+    b = batch()
+    before = wrapped(input_ids=b["input_ids"]).logits
+    torch.testing.assert_close(before, classifier(input_ids=b["input_ids"]).logits)  # B = 0: the base model
+    with torch.no_grad():
+        emb.lora_embedding_A["default"].normal_()  # peft starts an embedding adapter with A = 0 (B random)
+    changed = wrapped(input_ids=b["input_ids"]).logits
+    assert not torch.allclose(changed, before)
+    merged = wrapped.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=b["input_ids"]).logits, changed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="tied to its output layer"):
+        apply_lora(LoadedModel.built(decoder_lm()), lora(target_modules="all-linear,embeddings"), "lm", quiet)
+
+
 def test_all_linear_skips_the_output_layer_and_heads():
     classifier = build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0)
     wrapped = apply_lora(LoadedModel.built(classifier), lora(), "classify", quiet).model
