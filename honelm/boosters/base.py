@@ -56,6 +56,8 @@ def scale_range(rng: Any, factor: float) -> Any:
     """A range mapping or a list of choices with every number multiplied by `factor` (a log range stays log)."""
     if isinstance(rng, list):
         return [v * factor for v in rng]
+    if "values" in rng:
+        return {**rng, "values": [v * factor for v in rng["values"]]}
     return {k: (v * factor if k in ("low", "high", "step") and v is not None else v) for k, v in rng.items()}
 
 
