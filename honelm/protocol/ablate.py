@@ -863,7 +863,7 @@ def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
     marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
               "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
               "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation",
-              "time_budget": spec.time_budget}
+              "time_budget": spec.time_budget, "spaces": "per variant"}
     (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
     print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {_seeds(len(spec.seeds))}, "
           + (f"each variant's own {_n_trials(spec)}-trial search" if spec.search is not None
@@ -956,10 +956,9 @@ def _intro(meta: dict[str, Any]) -> list[str]:
     lines = [f"# Ablation report: {Path(meta['out_dir']).name if meta.get('out_dir') else meta['file']}", "",
              f"{len(meta['variants'])} variants × {_seeds(len(meta['seeds']))} ({', '.join(map(str, meta['seeds']))}); "
              + _search_words(meta) + ". **Verdicts and the choice are made on validation**: Δ is the difference from "
-             f"baseline in validation "
-             f"{metric} of each cell's selected checkpoint (mean over seeds); the interval is a {conf}% paired bootstrap "
-             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). Verdict: the interval above "
-             "zero → helps, below → hurts, containing zero → no evidence. The variant with the best validation mean "
+             f"baseline in validation {metric} of each cell's selected checkpoint (mean over seeds); the interval is "
+             f"a {conf}% paired bootstrap over validation examples and seed pairs ({meta['bootstrap']} resamples). "
+             "Verdict: the interval above zero → helps, below → hurts, containing zero → no evidence. The variant with the best validation mean "
              f"is chosen. The test split was sealed while the cells trained and the verdicts were computed; {test}.", "",
              "Validation also picked each cell's checkpoint (and, with a search, its hyperparameters), so every "
              "validation number is somewhat optimistic, for every variant alike; the test look is the unbiased one.", ""]
@@ -977,6 +976,8 @@ def _search_words(meta: dict[str, Any]) -> str:
                 "settings the file gives it, untuned, so a booster's verdict holds for those settings only (a "
                 "booster that needs, say, a higher learning rate than the baseline's is judged at the baseline's)")
     trials = search.get("n_trials") or spaces.DEFAULT_TRIALS
+    if meta.get("spaces") != "per variant":  # an ablation of an older honelm: one space, one budget for all
+        return f"each variant got the same hyperparameter search on validation ({search.get('n_trials', 10)} trials)"
     budget = f"; a time budget of {meta['time_budget']:g} s shared by the variants" if meta.get("time_budget") else ""
     return (f"each variant searched its own space on validation ({trials} trials each, the same step budget; the "
             f"spaces and chosen values are below){budget}")

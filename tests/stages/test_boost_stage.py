@@ -121,3 +121,32 @@ def test_a_time_budget_lists_the_variants_it_left_unrun_and_a_second_run_continu
     assert results["skipped"] == {} and {r["variant"] for r in results["rows"]} == {"baseline", "lora"}
     assert len(trials(out / "cells" / "baseline" / "search")) == 1
     assert len(trials(out / "cells" / "lora" / "search")) == 2
+
+
+@pytest.mark.slow
+def test_boost_with_every_kind_of_method(data_dir, pretrained, tmp_path):
+    """TAPT and DAPT from a pre-trained decoder, plae and distillation from a teacher run, each with its search."""
+    teacher = tmp_path / "runs" / "teacher"
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}", "data.max_length=32",
+        "train.max_steps=12", "train.eval_every=6", "train.batch_size=8", f"run.out_dir={teacher.parent}",
+        "run.name=teacher", *FAST)
+    out = tmp_path / "boost"
+    settings = [f"set.data.train={data_dir / 'reviews.jsonl'}", f"set.model.init_from={pretrained}",
+                "set.data.max_length=32", "set.train.eval_every=3", "set.train.batch_size=8",
+                *[f"set.{a}" for a in FAST]]
+    cli("boost", f"out_dir={out}", *settings, "steps=6", "adapt_steps=4", "n_trials=2", "search.sampler=random",
+        "methods=tapt,dapt,lora,freelb,plae,distill", f"domain_text={data_dir / 'corpus.txt'}", f"teacher={teacher}")
+    results = json.loads((out / "results.json").read_text())
+    assert {r["variant"] for r in results["rows"]} == {"baseline", "tapt", "dapt", "lora", "freelb", "plae", "distill"}
+    assert json.loads((out / "boost.json").read_text())["not_tried"] == {}
+    for variant in ("tapt", "dapt"):  # adapted once (shared), then the classifier from it
+        assert (out / "shared" / variant / variant / "best").is_dir()
+        cfg = C.build(ClassifyConfig, out / "cells" / variant / "seed-0" / "classify" / "config.yaml")
+        assert cfg.model.init_from == str(out / "shared" / variant / variant)
+    distilled = yaml.safe_load((out / "cells" / "distill" / "seed-0" / "classify" / "config.yaml").read_text())
+    assert distilled["teacher"]["model"] == str(teacher)
+    plae = json.loads((out / "cells" / "plae" / "space.json").read_text())
+    assert plae["space"]["adversarial.epsilon"] == "0.01 … 0.2 (log)"
+    freelb = json.loads((out / "cells" / "freelb" / "space.json").read_text())
+    assert "adversarial.step_size" in freelb["space"]
+    assert len(results["test_rows"]) == 1 and "## Winner" in (out / "report.md").read_text()
