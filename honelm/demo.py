@@ -8,9 +8,10 @@
    of its width, train the same student without a teacher, test both once and compare the three
    (quality with intervals, parameters, size, latency, throughput);
 7. search the classifier's learning rate and batch size on validation (a few Optuna trials), test
-   the winner once; 8. ablate: baseline vs +LoRA vs +FGM over 2 seeds, paired-bootstrap intervals
-   and verdicts on validation, the variant with the best validation mean tested once, and an HTML
-   report (the project's test ledger counts every look at the test split).
+   the winner once; 8. ablate: baseline vs +LoRA vs +FGM, each with its own small search (LoRA's
+   learning rate 10x higher, FGM's epsilon relative to the embeddings), over 2 seeds, paired-bootstrap
+   intervals and verdicts on validation, the variant with the best validation mean tested once, and
+   an HTML report (the project's test ledger counts every look at the test split).
 
 Every step runs through the real CLI (`honelm.cli.main`), exactly as a user would type it.
 """
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         step("test", search_dir)
         step("report", search_dir)
         reports.append(f"{search_dir}/report.html")
-    if args.seeds:  # baseline vs +LoRA vs +FGM: verdicts on validation, the chosen variant tested once
+    if args.seeds:  # baseline vs +LoRA vs +FGM, each its own search: verdicts on validation, chosen tested once
         ablate_dir = f"{out}/ablate/{stamp}"
         step("ablate", str(registry.find_config("ablate", "demo")), "--out-dir", ablate_dir, "--var", f"data={out}/data",
              "--var", f"pretrained={pretrained}", "--seeds", str(args.seeds))

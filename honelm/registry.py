@@ -4,7 +4,7 @@ Every verb `honelm` knows is listed here once, with what it runs: a training sta
 `honelm.stages.contract.Stage` subclass, run by `honelm.stages.runner`), a config verb (a module
 with a config class and `run(cfg, resume)`) or a command (a `main(argv)` function with argparse
 options of its own). Targets are named as "module:attribute" strings and imported on first use,
-so `honelm --help` does not load torch. `cli`, `pipeline`, `search`, `ablate`, `test` and
+so `honelm --help` does not load torch. `cli`, `pipeline`, `search`, `ablate`, `boost`, `test` and
 `report` find stages through this module and know none by name; `tests/unit/test_registry.py`
 keeps it, `configs/` and the README's verb table in sync.
 
@@ -81,8 +81,12 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "skipped", "command", "honelm.pipeline:main"),
     Verb("search", "hyperparameter search (Optuna TPE/random/grid, pruning) on validation only; resumable study",
          "command", "honelm.protocol.search:main"),
-    Verb("ablate", "boosters vs baseline over seeds: mean ± std, paired-bootstrap CI on test, verdict, cost",
+    Verb("ablate", "boosters vs baseline over seeds, each variant with its own search: mean ± std, paired-bootstrap CI "
+         "and verdict on validation, the chosen variant tested once, cost",
          "command", "honelm.protocol.ablate:main"),
+    Verb("boost", "try every booster on a classification task (TAPT, DAPT, LoRA, adversarial, plae, distillation), "
+         "each with its own search on validation; the best on validation tested once; one report", "command",
+         "honelm.protocol.boost:main"),
     Verb("compare", "models side by side on the same sealed test split: test metrics with paired-bootstrap "
          "intervals, parameters, disk size, CPU latency and throughput, peak memory", "command",
          "honelm.protocol.compare:main"),

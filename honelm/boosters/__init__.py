@@ -11,21 +11,22 @@ the first booster whose `prepare` has work runs a run of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
 from honelm.boosters import adversarial, lora, plae
-from honelm.boosters.base import Booster, Say
+from honelm.boosters.base import Booster, Say, Space
 from honelm.boosters.plae import Prepared
 from honelm.models import LoadedModel
 
 ADVERSARIAL = Booster("adversarial", "adversarial", check=adversarial.check, prepare=plae.prepare_hook,
-                      wrap=adversarial.wrap)
+                      wrap=adversarial.wrap, calibrate=adversarial.calibrate, space=adversarial.space)
 BOOSTERS: tuple[Booster, ...] = (lora.BOOSTER, ADVERSARIAL)
 """Every booster, in the order their hooks run."""
 
-__all__ = ["BOOSTERS", "Booster", "Prepared", "StageConfig", "apply", "carries_adapter", "check", "lr_scale",
-           "objective", "prepare"]
+__all__ = ["BOOSTERS", "Booster", "Prepared", "Space", "StageConfig", "apply", "calibrate", "carries_adapter", "check",
+           "lr_scale", "objective", "prepare", "search_space"]
 
 
 class StageConfig:
@@ -67,6 +68,24 @@ def apply(loaded: LoadedModel, cfg: Any, task: str, say: Say) -> LoadedModel:
         if booster.transform is not None:
             loaded = booster.transform(loaded, section, task, say)
     return loaded
+
+
+def calibrate(cfg: Any, loaded: LoadedModel, plan: Any, tokenizer: Any, say: Say) -> Any:
+    """`cfg`, or a copy whose booster sections are measured on the starting model (`Booster.calibrate`)."""
+    for booster, section in _active(cfg):
+        if booster.calibrate is not None:
+            measured = booster.calibrate(section, loaded.model, plan.stream, tokenizer, say)
+            if measured is not section:
+                cfg = dataclasses.replace(cfg, **{booster.section: measured})
+    return cfg
+
+
+def search_space(cfg: Any, base: Space) -> Space:
+    """The space a run with `cfg` searches: `base` through every booster's `space` hook, in `BOOSTERS` order."""
+    for booster, section in _active(cfg):
+        if booster.space is not None:
+            base = booster.space(section, cfg, base)
+    return base
 
 
 def prepare(ctx: Any, stage: Any, loaded: LoadedModel, plan: Any, train: Callable[..., Any],

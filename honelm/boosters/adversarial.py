@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from honelm.boosters.base import LABELS, PAIRS
+from honelm.boosters.base import LABELS, PAIRS, Space
 from honelm.errors import ConfigError, HonelmError
 from honelm.objectives.base import Loss, Objective
 
@@ -111,6 +111,8 @@ class AdversarialConfig:
     """plae: adversarial embeddings stored per training example (each from its own random start when > 1)."""
     teacher: Literal["pgd", "plain"] = "pgd"
     """plae: how the teacher that generates the adversarial embeddings is fine-tuned (pgd adversarial training, as the paper's abstract says, or plain)."""
+    relative: bool = False
+    """Sizes in units of the model's typical word embedding: epsilon, step_size and init_mag are multiplied by the mean L2 norm of the embedding rows of the perturbable tokens of the first 256 training examples, measured once on the starting model (the log says the factor), so one setting means the same on models whose embeddings differ in scale."""
 
     def settings(self) -> Method | None:
         """The configured method with its settings: the fields it reads, each one left empty at its default.
@@ -388,6 +390,9 @@ class Adversarial(Objective):
         self.stored = stored
         self.default_metric = inner.default_metric
         self.continuous = bool(getattr(inner, "continuous", False))
+        if self.cfg.relative and self.method is not None:
+            raise HonelmError("adversarial.relative: the sizes are not measured yet (the runner's `calibrate` turns them "
+                              "into absolute ones on the starting model before training)")
         if self.method is not None and self.method.needs_stored and stored is None and self.cfg.active:
             raise HonelmError(f"adversarial.method={self.method.name} needs stored adversarial embeddings "
                               "(run it through a stage)")
@@ -749,6 +754,97 @@ class Plae(Method):
         perturbed_loss = adv._loss(model, batch, delta, autocast)
         (perturbed_loss.value.float() * (self.weight * scale)).backward()
         return adv._result(clean, perturbed_loss.value, delta, mask, self.norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes relative to the model at hand (`adversarial.relative`), and each method's search range
+
+UNITS = ("epsilon", "step_size", "init_mag")
+"""The sizes measured in word-embedding units: `relative` multiplies them by the model's typical per-token norm."""
+SCALE_EXAMPLES = 256
+"""Training examples whose perturbable tokens the typical per-token norm is measured on."""
+
+SEARCH_RANGES: dict[str, tuple[str, float, float]] = {
+    "fgm": ("epsilon", 0.02, 0.5), "pgd": ("epsilon", 0.01, 0.2), "freelb": ("step_size", 0.01, 0.3),
+    "smart": ("epsilon", 0.02, 0.5), "r3f": ("weight", 0.1, 5.0), "vat": ("epsilon", 0.02, 0.5),
+    "neftune": ("epsilon", 1.0, 15.0), "plae": ("epsilon", 0.01, 0.2),
+}
+"""Each method's searched key and its range (log scale), sizes in units of the typical per-token embedding norm.
+
+The defaults sit inside (MiniLM's per-token norm is about 1.1, so its absolute defaults are about the same
+numbers): fgm/smart/vat the radius around 0.2, pgd and plae (the teacher's strength) around 0.05, where
+both trained on SST-2 (docs/benchmarks.md); freelb its ascent step (adv_lr 0.1; its radius is unbounded);
+r3f its weight λ (its noise is tiny by design; Aghajanyan et al. tried 0.1 to 5); neftune α (Jain et al.: 5 to 15)."""
+
+
+def embedding_scale(model: nn.Module, batches: Any, special_ids: list[int], perturb_special: bool) -> tuple[float, int]:
+    """(mean L2 norm of the word-embedding output at the tokens `batches` would perturb, their count).
+
+    The norm is that of the input-embedding module's output (a row of its weight for a plain
+    embedding), taken at every `*input_ids` of a batch (pairs have two) on its real positions,
+    special tokens excluded unless `perturb_special`: the vectors δ is added to.
+    """
+    emb = input_embeddings(model)
+    device = emb.get_parameter("weight").device
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            for key in [k for k in batch if k.endswith("input_ids")]:
+                ids = batch[key]
+                mask = batch.get(key[: -len("input_ids")] + "attention_mask")
+                keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                if not perturb_special and len(special):
+                    keep &= ~torch.isin(ids, special)
+                rows = emb(ids[keep].to(device)).float()
+                total += float(rows.norm(dim=-1).sum())
+                count += int(rows.shape[0])
+    if count == 0:
+        raise HonelmError("adversarial.relative: the first training examples have no token to perturb, so the "
+                          "embedding norm cannot be measured")
+    return total / count, count
+
+
+def calibrate(cfg: AdversarialConfig, model: nn.Module, stream: Any, tokenizer: Any,
+              say: Callable[[str], None]) -> AdversarialConfig:
+    """The section with relative sizes made absolute on the starting `model` (unchanged when not `relative`).
+
+    Measured on the first SCALE_EXAMPLES training examples in file order (`stream.n`, `stream.collate`),
+    before any checkpoint is restored: a resumed run, and every process of a distributed one, measure
+    the same factor.
+    """
+    if not cfg.relative:
+        return cfg
+    resolved = replace(cfg.resolved(), relative=False)
+    if not resolved.active:
+        return resolved
+    if not (hasattr(stream, "collate") and hasattr(stream, "n")):
+        raise ConfigError("adversarial.relative needs a stage that trains on examples (their embeddings set the scale)")
+    size = getattr(stream, "bs", 32)
+    last = min(stream.n, SCALE_EXAMPLES)
+    batches = (stream.collate(list(range(i, min(i + size, last)))) for i in range(0, last, size))
+    special = list(getattr(tokenizer, "all_special_ids", []) or [])
+    scale, tokens = embedding_scale(model, batches, special, cfg.perturb_special)
+    sizes = {n: getattr(resolved, n) * scale for n in UNITS if n in REGISTRY[cfg.method].reads()}
+    say(f"adversarial: relative sizes × {scale:.4g} (the mean L2 norm of the word embeddings of {tokens:,} "
+        f"perturbable tokens in the first {last} training examples): "
+        + ", ".join(f"{n}={getattr(resolved, n):g} → {v:.4g}" for n, v in sizes.items()))
+    return replace(resolved, **sizes)
+
+
+def space(cfg: AdversarialConfig, stage_cfg: Any, base: Space) -> Space:
+    """`base` plus the method's strength (SEARCH_RANGES), searched in relative units (`relative: true` fixed).
+
+    Left as it is when the method is off, when the user set the searched key, or when they gave absolute
+    sizes (an embedding-unit size set without `relative`): their numbers are theirs to keep.
+    """
+    if cfg.method == "none" or not cfg.active:
+        return base
+    key, low, high = SEARCH_RANGES[cfg.method]
+    if getattr(cfg, key) is not None or (not cfg.relative and any(getattr(cfg, n) is not None for n in UNITS)):
+        return base
+    return Space({**base.ranges, f"adversarial.{key}": {"low": low, "high": high, "log": True}},
+                 {**base.fixed, "adversarial.relative": True})
 
 
 # ---------------------------------------------------------------------------------------------

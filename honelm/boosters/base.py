@@ -16,14 +16,19 @@ booster may need of a stage is said in capabilities, which a training stage's co
   adapter, no init that rewrites the base).
 
 Hooks, in the runner's order: `check` (config validation: refuse what the stage cannot give),
-`transform` (the loaded model, e.g. LoRA's wrapper), `prepare` (a run of its own before the main
-one, e.g. plae's teacher), `wrap` (the objective). When several boosters wrap the objective, the
-first in `BOOSTERS` wraps innermost.
+`transform` (the loaded model, e.g. LoRA's wrapper), `calibrate` (settings measured on the starting
+model, e.g. adversarial sizes relative to its embeddings), `prepare` (a run of its own before the
+main one, e.g. plae's teacher), `wrap` (the objective). When several boosters wrap the objective,
+the first in `BOOSTERS` wraps innermost.
+
+One hook serves the protocol rather than a run: `space`, the booster's recommended search space
+(LoRA's learning rate an order of magnitude up, an adversarial method's strength), which an
+ablation's per-variant search starts from (`honelm.protocol.spaces`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from honelm.models import LoadedModel
@@ -33,6 +38,31 @@ PAIRS = "pairs"
 ADAPTER_REFERENCE = "adapter_reference"
 
 Say = Callable[[str], None]
+
+
+@dataclass
+class Space:
+    """A search space as the boosters extend it: searched ranges and the settings they are meant with."""
+
+    ranges: dict[str, Any] = field(default_factory=dict)
+    """Dotted config key → a range mapping ({low, high, log} or {low, high, step}) or a list of choices: a search
+    file's `space` entries."""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """Dotted config key → the value every trial sets alongside the ranges (adversarial.relative: true)."""
+
+
+def range_around(value: float, factor: float) -> dict[str, Any]:
+    """A log-scale range from value/factor to value·factor."""
+    return {"low": value / factor, "high": value * factor, "log": True}
+
+
+def scale_range(rng: Any, factor: float) -> Any:
+    """A range mapping or a list of choices with every number multiplied by `factor` (a log range stays log)."""
+    if isinstance(rng, list):
+        return [v * factor for v in rng]
+    if "values" in rng:
+        return {**rng, "values": [v * factor for v in rng["values"]]}
+    return {k: (v * factor if k in ("low", "high", "step") and v is not None else v) for k, v in rng.items()}
 
 
 @dataclass(frozen=True)
@@ -54,3 +84,9 @@ class Booster:
     """wrap(objective, section, tokenizer, say, stored) -> the objective the loop calls."""
     lr_scale: Callable[[Any], Callable[[str], float] | None] | None = None
     """lr_scale(section) -> a trained parameter's learning-rate multiplier by its name, or None (all 1)."""
+    calibrate: Callable[[Any, Any, Any, Any, Say], Any] | None = None
+    """calibrate(section, model, stream, tokenizer, say) -> the section with what depends on the model at hand
+    measured on the starting model (before any checkpoint is restored), e.g. relative sizes made absolute."""
+    space: Callable[[Any, Any, Space], Space] | None = None
+    """space(section, stage config, space so far) -> the space a run with this booster searches: the one it is
+    given with its own recommended ranges added or transformed (unchanged when the section leaves it off)."""

@@ -11,10 +11,10 @@
     vars: {data: runs/demo/data}  # as in a pipeline file: ${vars.data}
     stages:                       # the baseline, as pipeline stages; the LAST one is compared
       - {name: classify, verb: classify, config: demo, set: {data.train: "${vars.data}/reviews.jsonl"}}
-    search:                       # optional: every variant gets this search on validation;
-      n_trials: 4                 #   without it, hyperparameters are fixed
+    search:                       # each variant's own search on validation (the default; `search: none` = none)
+      n_trials: 4                 #   the same count and step budget for every variant (default 4)
       metric: val_accuracy
-      space: {train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}}
+      space: {train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}}   # the baseline's (default: lr ×/÷ 3)
     variants:                     # the baseline is always there, named "baseline"
       lora: {set: {lora.r: 8}}                       # overrides of the compared stage
       fgm: {set: {adversarial.method: fgm}}
@@ -25,15 +25,27 @@
         before: [{name: dapt, verb: adapt, shared: true, set: {data.train: "${vars.data}/corpus.txt"}}]
         set: {model.init_from: "${dapt}"}
       lora+fgm: {combine: [lora, fgm]}               # a combination of listed variants
+      distill:                                       # the compared stage as another verb (same config and set)
+        verb: distill
+        set: {teacher.model: runs/classify/big}
 
 A cell is one variant at one seed: a pipeline (honelm.pipeline) in OUT_DIR/cells/VARIANT/seed-S
 whose run stages all get `run.seed=S` (the data split, `data.seed`, stays the same so every
 cell is validated and tested on the same examples). A before-stage marked `shared: true` (an expensive DAPT,
 say) runs once, at the first seed, in OUT_DIR/shared/VARIANT and every seed's cell starts from it;
 the interval then carries no variation of that stage (say so when reporting), and its time counts
-in each cell's cost. With `search`, each variant first runs that search (the
-same space and trial budget for all) in OUT_DIR/cells/VARIANT/search, on the first seed, after
-its `before` stages; the best values are then used at every seed.
+in each cell's cost.
+
+Each variant searches its own space (honelm.protocol.spaces): the baseline's (the file's
+`search.space`, or the learning rate a factor 3 either side of the config's) through the variant's
+boosters (LoRA's learning rate 10× higher, an adversarial method's strength in units of the model's
+embedding norm), with the same number of trials and the same step budget for all, in
+OUT_DIR/cells/VARIANT/search on the first seed after its `before` stages; the best values are then
+used at every seed. An ablation without a `search` section does the same with the defaults (4
+trials). Only `search: none`, the user's explicit choice, trains every variant with the settings
+the file gives it, untuned, and the report says so. `time_budget` shares a wall-clock budget
+equally among the variants (honelm.protocol.spaces says how); a variant left without time, or
+whose search finished no trial, is listed with the reason and not compared.
 
 Selection on validation, test once (the protocol). The compared stage's selected checkpoint (best
 validation) keeps its per-example validation records (RUN/best/val_predictions.jsonl,
@@ -113,6 +125,7 @@ from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override,
 from honelm.predictions import TEST_FILE, VAL_FILE, is_scores, read_records
 from honelm.protocol import ledger as L
 from honelm.protocol import search as S
+from honelm.protocol import spaces
 from honelm.protocol import stats
 from honelm.protocol.test import run_test
 from honelm.reporting import finish_report, fmt_duration_short, fmt_value, table
@@ -146,10 +159,16 @@ class VariantConfig:
     """Pipeline stages that run before the baseline's (a DAPT or TAPT run, say); ${NAME} in `set` names them."""
     combine: list[str] = field(default_factory=list)
     """Two or more variants defined above it, whose settings and before-stages this one joins (then nothing else)."""
+    verb: str = ""
+    """Run the compared stage as this training verb instead (distill: a student taught by a teacher), with the
+    baseline's config and settings and `set` on top; a preset name in the baseline's `config` is then looked up
+    among this verb's presets, so give a path to share the file. Empty = the baseline's verb."""
 
     def validate(self) -> None:
-        if self.combine and (len(self.combine) < 2 or self.set or self.before):
+        if self.combine and (len(self.combine) < 2 or self.set or self.before or self.verb):
             raise C.FieldError("combine", "list two or more variants defined above (and nothing else)")
+        if self.verb and self.verb not in registry.training_verbs():
+            raise C.FieldError("verb", f"{self.verb!r} is not a training verb ({', '.join(registry.training_verbs())})")
 
 
 @dataclass
@@ -178,9 +197,16 @@ class AblateConfig:
     """Named values, ${vars.NAME} in the stages as in a pipeline file (--var NAME=VALUE sets one)."""
     stages: list[AblateStageConfig] = field(default_factory=list)
     """The baseline, as pipeline stages; the LAST one is the compared stage (validated, tested if chosen). At least one."""
-    search: dict[str, Any] | None = None
-    """A search every variant runs first, on validation at the first seed: a search file's fields (space, metric,
-    n_trials, sampler, ...) without verb, config, set and out_dir; none = fixed hyperparameters."""
+    search: dict[str, Any] | None = field(default_factory=dict)
+    """Each variant's own search, on validation at the first seed, before its seeds train: a search file's fields
+    (space, metric, n_trials, sampler, pruner, seed, timeout) without verb, config, set and out_dir; absent = the
+    defaults (4 trials; space: train.lr a factor 3 either side of the config's). The space given is the baseline's;
+    each variant searches it through its boosters (LoRA: lr 10x higher; adversarial: the method's strength, relative
+    to the embedding norm). `none` = no search: every variant trains with the settings the file gives it, untuned,
+    and the report says so."""
+    time_budget: float = 0.0
+    """Wall-clock seconds for one invocation, 0 = none: the variants still to run share what is left equally, each
+    in turn; a variant whose turn comes with nothing left is not run (listed; run again to continue it)."""
     variants: dict[str, VariantConfig] = field(default_factory=dict)
     """Variants by name, each compared with the baseline (always there, named baseline)."""
 
@@ -207,6 +233,8 @@ class AblateConfig:
             raise C.FieldError("test", f"{self.test!r} is not one of {', '.join(TEST_MODES)}")
         if not 0.5 <= self.confidence < 1:
             raise C.FieldError("confidence", "must be in [0.5, 1)")
+        if self.time_budget < 0:
+            raise C.FieldError("time_budget", "must be a number of seconds (0 = none)")
 
 
 @dataclass
@@ -214,6 +242,7 @@ class Variant:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the compared stage
     before: list[AblateStageConfig] = field(default_factory=list)  # pipeline stages run first
+    verb: str = ""  # the compared stage's verb when not the baseline's (distill)
 
 
 @dataclass
@@ -230,6 +259,8 @@ class AblationSpec:
     confidence: float = 0.95
     test: str = "chosen"
     ledger: Path | None = None  # the project's test ledger (honelm.protocol.ledger); None: ledger_path(out_dir)
+    time_budget: float = 0.0  # seconds for this invocation, shared by the variants (honelm.protocol.spaces)
+    skipped: dict[str, str] = field(default_factory=dict)  # variant → why it has no cells (no time, no trial)
 
     @property
     def higher_is_better(self) -> bool:
@@ -259,7 +290,8 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
     cfg = C.from_mapping(AblateConfig, raw, p)
     seed_list = list(range(cfg.seeds)) if isinstance(cfg.seeds, int) else list(cfg.seeds)
     spec = AblationSpec(p, Path(cfg.out_dir), seed_list, cfg.metric, cfg.stages, _variants(cfg, p), cfg.vars,
-                        cfg.search, cfg.bootstrap, cfg.confidence, cfg.test, L.ledger_path(cfg.out_dir, ledger))
+                        cfg.search, cfg.bootstrap, cfg.confidence, cfg.test, L.ledger_path(cfg.out_dir, ledger),
+                        cfg.time_budget)
     for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
         plan(cell_pipeline(spec, variant, spec.seeds[0]))
         plan(shared_pipeline(spec, variant))
@@ -298,7 +330,7 @@ def _variants(cfg: AblateConfig, p: Path) -> list[Variant]:
     variants: dict[str, Variant] = {BASELINE: Variant(BASELINE)}
     for name, body in cfg.variants.items():
         if not body.combine:
-            variants[name] = Variant(name, dict(_flatten(body.set)), list(body.before))
+            variants[name] = Variant(name, dict(_flatten(body.set)), list(body.before), body.verb)
             continue
         where = f"{p}: variants.{name}.combine"
         merged = Variant(name)
@@ -310,6 +342,9 @@ def _variants(cfg: AblateConfig, p: Path) -> list[Variant]:
                     raise ConfigError(f"{where}: '{k}' is set differently by the combined variants")
                 merged.settings[k] = v
             merged.before += [s for s in variants[part].before if s not in merged.before]
+            if variants[part].verb and merged.verb and variants[part].verb != merged.verb:
+                raise ConfigError(f"{where}: the combined variants run different verbs")
+            merged.verb = merged.verb or variants[part].verb
         variants[name] = merged
     return list(variants.values())
 
@@ -366,7 +401,8 @@ def _stages(spec: AblationSpec, variant: Variant, items: list[AblateStageConfig]
         if has_run_dir(item.verb):
             settings.setdefault("run.seed", seed)
         settings = {k: _substitute(v, shared) for k, v in settings.items()}
-        stages.append(Stage(item.name or item.verb, item.verb, 0, _substitute(item.config, shared), settings,
+        verb = variant.verb if tested and i == len(items) - 1 and variant.verb else item.verb
+        stages.append(Stage(item.name or item.verb, verb, 0, _substitute(item.config, shared), settings,
                             [_substitute(a, shared) for a in item.args], item.output))
     names = [s.name for s in stages] + list(shared)
     if len(set(names)) != len(names):
@@ -581,8 +617,19 @@ def test_cell(spec: AblationSpec, record: dict[str, Any], group: str | None) -> 
 test_cell.__test__ = False  # type: ignore[attr-defined]  # a name starting with "test": not a pytest test
 
 
-def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
-    """The variant's search (same space and budget for every variant) on the first seed; returns best params."""
+@dataclass
+class Searched:
+    """What a variant's search gives its cells: the variant with the settings its space is meant with
+    (adversarial.relative: true), and the values chosen on validation (None: no trial completed)."""
+
+    variant: Variant
+    params: dict[str, Any] | None
+    why: str = ""
+
+
+def search_variant(spec: AblationSpec, variant: Variant, timeout: float | None = None) -> Searched:
+    """The variant's own search (honelm.protocol.spaces: the baseline's space through its boosters, the same trial
+    count for all) on the first seed, after its before-stages; `timeout`: no new trial after so many seconds."""
     seed = spec.seeds[0]
     full = cell_pipeline(spec, variant, seed)
     common = shared_pipeline(spec, variant)
@@ -590,19 +637,52 @@ def search_variant(spec: AblationSpec, variant: Variant) -> dict[str, Any]:
         execute(common, again=AGAIN)
     if len(full.stages) > 1:  # the stages the searched one starts from, at the first seed
         execute(cell_pipeline(spec, variant, seed, upto=len(full.stages) - 1), again=AGAIN)
-    last = full.stages[-1]
-    index = len(full.stages) - 1
+    search = {k: v for k, v in (spec.search or {}).items() if k != "space"}
+    space, source, kept = _space_of(spec, variant)
+    n_trials = search.setdefault("n_trials", spaces.DEFAULT_TRIALS)
+    if timeout is not None:
+        search["timeout"] = max(timeout, 1e-3)  # a spent share still lets one trial run: Optuna starts one first
+    spaces.write_space(spec.out_dir / "cells" / variant.name, variant.name, space, source, kept, n_trials, timeout)
+    tuned = Variant(variant.name, {**variant.settings, **space.fixed}, variant.before, variant.verb)
+    if not space.ranges:  # the variant sets every searched key itself
+        return Searched(tuned, {})
+    last, index = full.stages[-1], len(full.stages) - 1
     settings = {k: resolve(full, index, _as_override(v), f"set.{k}") for k, v in last.set.items()}
-    raw = {**(spec.search or {}), "verb": last.verb, "config": resolve(full, index, last.config, "config"),
-           "set": settings, "out_dir": str(spec.out_dir / "cells" / variant.name / "search")}
+    raw = {**search, "verb": last.verb, "config": resolve(full, index, last.config, "config"), "space": space.ranges,
+           "set": {k: v for k, v in {**settings, **space.fixed}.items() if k not in space.ranges},
+           "out_dir": str(spec.out_dir / "cells" / variant.name / "search")}
     raw.setdefault("metric", "val_loss" if spec.metric in stats.LOWER_IS_BETTER else f"val_{spec.metric}")
-    raw["set"] = {k: v for k, v in settings.items() if k not in {str(s) for s in (spec.search or {}).get("space", {})}}
     search_spec = S.spec_from_mapping(raw, spec.path)
-    print(f"\n>> {variant.name}: search ({search_spec.n_trials} trials on validation, seed {seed})", flush=True)
+    print(f"\n>> {variant.name}: search ({search_spec.n_trials} trials on validation, seed {seed}; "
+          + ", ".join(f"{k} {spaces.shown(v)}" for k, v in space.ranges.items()) + ")", flush=True)
     best = S.run_search(search_spec)
     if not best:
-        raise HonelmError(f"{search_spec.out_dir}: the search of variant '{variant.name}' has no complete trial")
-    return dict(best["params"])
+        return Searched(tuned, None, "its search finished no trial"
+                        + (" within its share of the time budget" if timeout is not None else ""))
+    return Searched(tuned, dict(best["params"]))
+
+
+def _space_of(spec: AblationSpec, variant: Variant) -> tuple[spaces.Space, str, list[str]]:
+    """The variant's search space, where its base comes from, and the keys it sets itself (honelm.protocol.spaces)."""
+    baseline_cfg = plan(cell_pipeline(spec, spec.variants[0], spec.seeds[0]))[-1].config
+    base, source = spaces.baseline_space((spec.search or {}).get("space"), baseline_cfg)
+    space, kept = spaces.variant_space(base, plan(cell_pipeline(spec, variant, spec.seeds[0]))[-1].config,
+                                       variant.settings)
+    return space, source, kept
+
+
+def searched_earlier(spec: AblationSpec, variant: Variant, record: dict[str, Any]) -> Searched:
+    """A variant whose first cell has finished: its search is over, the values that cell trained with are kept (a
+    search a time budget cut short is not continued under cells already trained). A changed space is an error."""
+    space, _, _ = _space_of(spec, variant)
+    path = spec.out_dir / "cells" / variant.name / spaces.SPACE_FILE
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if recorded is not None and recorded["space"] != {k: spaces.shown(v) for k, v in space.ranges.items()}:
+        raise HonelmError(f"{spec.path}: variant '{variant.name}' searched another space than the file now gives it "
+                          f"({path}); delete {path.parent} to search and train it again")
+    fixed = recorded["fixed"] if recorded is not None else {}
+    return Searched(Variant(variant.name, {**variant.settings, **fixed}, variant.before, variant.verb),
+                    dict(record.get("settings") or {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,8 +747,9 @@ def _arr(values: list[Any]) -> Any:
 
 def choose(spec: AblationSpec, rows: list[dict[str, Any]]) -> str | None:
     """The variant with the best validation mean of `metric` (of equals the first listed: the baseline before any
-    variant); None until every variant has all its seeds."""
-    if len(rows) < len(spec.variants) or not all(r.get("complete") for r in rows):
+    variant); None until every variant has all its seeds. A variant without cells (spec.skipped: no time, no complete
+    trial) is not among the candidates; the report lists it."""
+    if len(rows) < len(spec.variants) - len(spec.skipped) or not all(r.get("complete") for r in rows):
         return None
     sign = 1.0 if spec.higher_is_better else -1.0
     scored = [(sign * r["mean"] if math.isfinite(r["mean"]) else -math.inf, -i, r["variant"]) for i, r in enumerate(rows)]
@@ -707,7 +788,7 @@ def write_results(spec: AblationSpec, rows: list[dict[str, Any]], cells_done: in
                   chosen: str | None = None, tested: dict[str, Any] | None = None) -> None:
     """results.json/csv and the chart; `cells_done` (of variants × seeds) when the ablation is unfinished."""
     out = spec.out_dir
-    planned = len(spec.variants) * len(spec.seeds)
+    planned = (len(spec.variants) - len(spec.skipped)) * len(spec.seeds)
     done = planned if cells_done is None else cells_done
     tested = tested or {"role": None, "rows": []}
     (out / "results.json").write_text(json.dumps({"metric": spec.metric, "split": "validation",
@@ -715,6 +796,7 @@ def write_results(spec: AblationSpec, rows: list[dict[str, Any]], cells_done: in
                                                   "seeds": spec.seeds, "complete": done == planned, "cells_done": done,
                                                   "cells_planned": planned, "rows": rows, "chosen": chosen,
                                                   "test_mode": spec.test, "test_role": tested["role"],
+                                                  "skipped": spec.skipped,
                                                   "test_rows": tested["rows"]},
                                                  indent=2, default=_json_default), encoding="utf-8")
     columns = ["variant", "metric", "mean", "std", "diff", "low", "high", "verdict", "note", "train_time_s",
@@ -770,7 +852,8 @@ def _spec_of(out_dir: Path, meta: dict[str, Any]) -> AblationSpec:
     return AblationSpec(Path(meta["file"]), out_dir, list(meta["seeds"]), meta["metric"], [],
                         [Variant(name) for name in meta["variants"]], bootstrap=int(meta["bootstrap"]),
                         confidence=float(meta["confidence"]), test=meta.get("test", "all"),
-                        ledger=Path(meta["ledger"]) if meta.get("ledger") else L.ledger_path(out_dir))
+                        ledger=Path(meta["ledger"]) if meta.get("ledger") else L.ledger_path(out_dir),
+                        skipped=spaces.skipped(out_dir, meta["variants"]))
 
 
 def results_from_cells(out_dir: Path) -> bool:
@@ -809,26 +892,60 @@ def cells_to_test(spec: AblationSpec, cells: dict[str, list[dict[str, Any]]], ch
     return []
 
 
+def _n_trials(spec: AblationSpec) -> int:
+    return int((spec.search or {}).get("n_trials") or spaces.DEFAULT_TRIALS)
+
+
+def _run_variant(spec: AblationSpec, variant: Variant, share: float | None, cells: dict[str, list[dict[str, Any]]]
+                 ) -> None:
+    """The variant's search and cells (every seed) into `cells`, or none when it was not run because the time budget
+    was spent before its turn or its search finished no trial (recorded in spec.skipped and on disk, with why)."""
+    where = spec.out_dir / "cells" / variant.name
+    done = all((cell_dir(spec, variant, seed) / "cell.json").is_file() for seed in spec.seeds)
+    why = None
+    if share is not None and share <= 0 and not done:
+        why = "not run: the time budget was spent before its turn (run the command again to continue it)"
+    found = Searched(variant, {})
+    first = cell_dir(spec, variant, spec.seeds[0]) / "cell.json"
+    if spec.search is not None and first.is_file():
+        found = searched_earlier(spec, variant, json.loads(first.read_text(encoding="utf-8")))
+    elif why is None and spec.search is not None:
+        found = search_variant(spec, variant, spaces.TimeBudget.search_timeout(share, _n_trials(spec), len(spec.seeds)))
+        why = found.why or None
+    spaces.mark_skipped(where, why)
+    if why is not None:
+        if variant.name == BASELINE:
+            raise HonelmError(f"{spec.out_dir}: the baseline was {why}; nothing can be compared without it")
+        spec.skipped[variant.name] = why
+        print(f"\n>> {variant.name}: {why}", flush=True)
+        return
+    spec.skipped.pop(variant.name, None)
+    cells[variant.name] = []
+    for seed in spec.seeds:
+        cells[variant.name].append(run_cell(spec, found.variant, seed, found.params or {}))
+        # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
+        write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+
+
 def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
     """Train every cell and compute the verdicts and the choice with the test split sealed; then test what
     `spec.test` asks for, once each. Returns the validation rows."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
               "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
-              "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation"}
+              "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation",
+              "time_budget": spec.time_budget, "spaces": "per variant"}
     (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
     print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {_seeds(len(spec.seeds))}, "
-          + (f"a {spec.search.get('n_trials', 10)}-trial search per variant" if spec.search else "fixed hyperparameters")
+          + (f"each variant's own {_n_trials(spec)}-trial search" if spec.search is not None
+             else "no search (search: none): the file's settings, untuned")
+          + (f", {spec.time_budget:g} s shared by the variants" if spec.time_budget else "")
           + f"; verdicts on validation, test: {spec.test}", flush=True)
     cells: dict[str, list[dict[str, Any]]] = {}
+    budget = spaces.TimeBudget(spec.time_budget, len(spec.variants))
     with forbid_test_split("an ablation's training and verdicts (chosen on validation; the test comes after)"):
-        for variant in spec.variants:
-            extra = search_variant(spec, variant) if spec.search else {}
-            cells[variant.name] = []
-            for seed in spec.seeds:
-                cells[variant.name].append(run_cell(spec, variant, seed, extra))
-                # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
-                write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+        for i, variant in enumerate(spec.variants):
+            _run_variant(spec, variant, budget.share(i), cells)
         rows = summarise(spec, cells)
     chosen = choose(spec, rows)
     write_results(spec, rows, chosen=chosen)  # the verdicts and the choice are on disk before any test look
@@ -877,6 +994,8 @@ def _print_results(spec: AblationSpec, rows: list[dict[str, Any]]) -> None:
         ci = "" if r["low"] is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
         print(f"{r['variant']:<{width}}  {r['mean']:.4f} {spread:<9} {ci:<30} {r['verdict']}"
               + (f" ({r['note']})" if r.get("note") else ""))
+    for name, why in (results.get("skipped") or {}).items():
+        print(f"{name:<{width}}  not compared: {why}")
     print(f"\nchosen on validation: {results['chosen']}")
     label = {"chosen": "tested once", "report": "tested (a report, not a selection)"}
     for r in results["test_rows"]:
@@ -915,12 +1034,10 @@ def _intro(meta: dict[str, Any]) -> list[str]:
             "none": "no cell was tested"}[meta.get("test", "all")]
     lines = [f"# Ablation report: {Path(meta['out_dir']).name if meta.get('out_dir') else meta['file']}", "",
              f"{len(meta['variants'])} variants × {_seeds(len(meta['seeds']))} ({', '.join(map(str, meta['seeds']))}); "
-             + ("each variant got the same hyperparameter search on validation "
-                f"({(meta['search'] or {}).get('n_trials', 10)} trials)" if meta.get("search") else "fixed hyperparameters")
-             + f". **Verdicts and the choice are made on validation**: Δ is the difference from baseline in validation "
-             f"{metric} of each cell's selected checkpoint (mean over seeds); the interval is a {conf}% paired bootstrap "
-             f"over validation examples and seed pairs ({meta['bootstrap']} resamples). {_verdict_rule(metric)} "
-             "The variant with the best validation mean "
+             + _search_words(meta) + ". **Verdicts and the choice are made on validation**: Δ is the difference from "
+             f"baseline in validation {metric} of each cell's selected checkpoint (mean over seeds); the interval is "
+             f"a {conf}% paired bootstrap over validation examples and seed pairs ({meta['bootstrap']} resamples). "
+             f"{_verdict_rule(metric)} The variant with the best validation mean "
              f"is chosen. The test split was sealed while the cells trained and the verdicts were computed; {test}.", "",
              "Validation also picked each cell's checkpoint (and, with a search, its hyperparameters), so every "
              "validation number is somewhat optimistic, for every variant alike; the test look is the unbiased one.", ""]
@@ -928,6 +1045,28 @@ def _intro(meta: dict[str, Any]) -> list[str]:
         lines += ["> **One seed:** each interval resamples validation examples only. Training noise (initialisation, "
                   "data order) is not in it, so a verdict may be one lucky or unlucky seed; run more seeds.", ""]
     return lines
+
+
+def _search_words(meta: dict[str, Any]) -> str:
+    """How the variants' hyperparameters were set, in words (the report's first paragraph)."""
+    search = meta.get("search", None)
+    if search is None:
+        return ("**no hyperparameter search** (`search: none`, as the file asks): every variant trained with the "
+                "settings the file gives it, untuned, so a booster's verdict holds for those settings only (a "
+                "booster that needs, say, a higher learning rate than the baseline's is judged at the baseline's)")
+    trials = search.get("n_trials") or spaces.DEFAULT_TRIALS
+    if meta.get("spaces") != "per variant":  # an ablation of an older honelm: one space, one budget for all
+        return f"each variant got the same hyperparameter search on validation ({search.get('n_trials', 10)} trials)"
+    budget = f"; a time budget of {meta['time_budget']:g} s shared by the variants" if meta.get("time_budget") else ""
+    return (f"each variant searched its own space on validation ({trials} trials each, the same step budget; the "
+            f"spaces and chosen values are below){budget}")
+
+
+def _skipped_lines(results: dict[str, Any]) -> list[str]:
+    skipped = results.get("skipped") or {}
+    if not skipped:
+        return []
+    return ["**Not compared** (no cells): " + "; ".join(f"{name}: {why}" for name, why in skipped.items()) + ".", ""]
 
 
 def _results_table(rows: list[dict[str, Any]], metric: str, conf: int, n_seeds: int, chosen: str | None) -> list[str]:
@@ -1016,6 +1155,7 @@ def write_report(path: Path, ledger: str | Path | None = None) -> Path:
                   f"and every number here can still change. Nothing is chosen or tested until every cell is done. Run "
                   f"`honelm ablate {meta['file']}` to continue.", ""]
     lines += _results_table(rows, metric, int(round(meta["confidence"] * 100)), len(meta["seeds"]), results.get("chosen"))
+    lines += _skipped_lines(results)
     if (path / "plots" / "ablation.png").is_file():
         lines += ["![ablation](plots/ablation.png)", ""]
     lines += _test_lines(results, metric)
@@ -1027,8 +1167,10 @@ def write_report(path: Path, ledger: str | Path | None = None) -> Path:
         lines += ["## Every validation metric (mean ± std over seeds)", "",
                   *table(["variant", *others], [[r["variant"], *[_pm(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in others]]
                                                 for r in rows]), ""]
+    searched = spaces.report_lines(path, meta["variants"])
+    lines += searched
     chosen_settings = [r for r in rows if r.get("settings")]
-    if chosen_settings:
+    if chosen_settings and not searched:  # an ablation of an older honelm: one shared space
         lines += ["## Hyperparameters chosen on validation", "",
                   *table(["variant", "values"], [[r["variant"], ", ".join(f"`{k}={fmt_value(v)}`" for k, v in r["settings"].items())]
                                                  for r in chosen_settings]), ""]

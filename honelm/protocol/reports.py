@@ -1,4 +1,4 @@
-"""`honelm report DIR` for the three kinds of directory: a run, a search, an ablation.
+"""`honelm report DIR` for the kinds of directory: a run, a search, an ablation, a boost (an ablation with a summary).
 
 A run's report is honelm.protocol.report's. A search's shows the space, every trial (value,
 state, parameters), the best trial and its config, and Optuna's plots; an ablation's shows the
@@ -15,11 +15,13 @@ import argparse
 from pathlib import Path
 
 from honelm.errors import HonelmError
-from honelm.protocol import ablate, search
+from honelm.protocol import ablate, boost, search
 from honelm.protocol.report import write_report
 
 
 def kind_of(path: Path) -> str:
+    if boost.is_boost(path):  # a boost directory is an ablation too: its report adds boost's summary on top
+        return "boost"
     if (path / "search.json").is_file():
         return "search"
     if (path / "ablation.json").is_file():
@@ -38,6 +40,8 @@ def write_any(path: str | Path, ledger: str | Path | None = None) -> Path:
         return search.write_report(path, ledger)
     if kind == "ablation":
         return ablate.write_report(path, ledger)
+    if kind == "boost":
+        return boost.write_report(path, ledger)
     return write_report(path, ledger)
 
 

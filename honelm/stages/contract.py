@@ -9,8 +9,9 @@ is done once, by `honelm.stages.runner`, in this order:
 
     check(cfg) → run directory, tracker → read(ctx) → tokenizer (tokenizer_texts, tokenizer_kind)
     → prepare(ctx) → model_spec(ctx) → model loaded → before_boosters(ctx, loaded) → boosters
-    → plan(ctx, loaded) → boosters prepare (a run of their own with the plan, in `ctx.sub_run`, then
-    a fresh model: a teacher run) → objective wrapped by boosters → fit → finish(ctx, plan, result)
+    → plan(ctx, loaded) → boosters calibrate (on the starting model) → boosters prepare (a run of
+    their own with the plan, in `ctx.sub_run`, then a fresh model: a teacher run) → objective
+    wrapped by boosters → fit → finish(ctx, plan, result)
 
 A stage that trains nothing (`trains = False`: a prompted LM) goes the same way up to `plan`, whose
 `evaluate` then runs once on the loaded model instead of `fit` (the runner's `evaluate_once`:

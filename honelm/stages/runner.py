@@ -2,12 +2,13 @@
 
 `run_stage(stage, cfg, resume, callbacks)` seeds, opens (or reopens) the run directory, reads the
 data through the stage, resolves the tokenizer and the model, hands the model to the boosters,
-asks the stage for its plan, lets the boosters prepare (a run of their own with that plan, such as
-a teacher, after which the main run trains a fresh model from the same start), lets the boosters
-wrap the objective, calls `fit`, and returns the run's summary; a stage that trains nothing
-(`Stage.trains` false) is evaluated once instead (`evaluate_once`). The order of these steps is the
-order of the RNG use, which exact resume depends on: the stage hooks are called where the stage
-modules used to do the same work by hand.
+asks the stage for its plan, lets the boosters measure what depends on the starting model
+(`calibrate`) and prepare (a run of their own with that plan, such as a teacher, after which the
+main run trains a fresh model from the same start), lets the boosters wrap the objective, calls
+`fit`, and returns the run's summary; a stage that trains nothing (`Stage.trains` false) is
+evaluated once instead (`evaluate_once`). The order of these steps is the order of the RNG use,
+which exact resume depends on: the stage hooks are called where the stage modules used to do the
+same work by hand.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     run did not start, and `--resume` continues the booster's run.
     """
     plan = stage.plan(ctx, loaded)
+    ctx.cfg = boosters.calibrate(ctx.cfg, loaded, plan, ctx.tokenizer, ctx.say)  # before the checkpoint: resume-exact
     prepared = boosters.prepare(ctx, stage, loaded, plan, sub_fit(plan), lambda: reload(stage, ctx))
     if prepared is not None and prepared.interrupted:
         return plan, None

@@ -169,7 +169,8 @@ def ablation_file(tmp_path: Path, data_dir: Path, seeds=1, **fields) -> Path:
             "vars": {"data": str(data_dir)},
             "stages": [{"name": "classify", "verb": "classify",
                         "set": {"data.train": "${vars.data}/reviews.jsonl", **TINY}}],
-            "variants": {"fgm": {"set": {"adversarial.method": "fgm"}}}, **fields}
+            "variants": {"fgm": {"set": {"adversarial.method": "fgm"}}},
+            "search": "none", **fields}  # these tests are about the protocol around the cells: no search
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
