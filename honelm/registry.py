@@ -72,7 +72,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "honelm.stages.chat:ChatConfig", "model"),
     Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain "
          "transformers model)", "command", "honelm.stages.export:main"),
-    Verb("report", "write report.md and a self-contained report.html for a run, a search or an ablation", "command",
+    Verb("report", "write report.md and a self-contained report.html for a run, a search, an ablation or a boost",
+         "command",
          "honelm.protocol.reports:main"),
     Verb("ls", "list verbs, config presets and recent runs", "command", "honelm.cli:cmd_ls"),
     Verb("demo", "offline end-to-end demo on generated data (tokenizer → pretrain → classify → test → report)",

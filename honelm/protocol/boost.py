@@ -195,7 +195,7 @@ def _variant(cfg: BoostConfig, path: str, task: ClassifyConfig, method: str) -> 
 
 def ablation(cfg: BoostConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """The ablation boost runs (an ablation file's mapping) and {method: why it is not tried}."""
-    path = str(registry.find_config(Classification.name, cfg.config)) if cfg.config else ""
+    path = str(registry.find_config(Classification.name, cfg.config).resolve()) if cfg.config else ""
     task = _build(ClassifyConfig, path, _overrides(cfg))
     variants, not_tried = {}, {}
     for method in dict.fromkeys(cfg.methods):

@@ -52,7 +52,7 @@ def test_boost_tries_each_method_with_its_own_search_tests_the_winner_once_and_r
     searched = {v: spaces[v]["space"] for v in spaces}
     assert searched["baseline"] == {"train.lr": "0.0003333 … 0.003 (log)"}  # the default: the config's lr ×/÷ 3
     assert searched["lora"] == {"train.lr": "0.003333 … 0.03 (log)"}  # an order of magnitude higher
-    assert searched["fgm"] == {**searched["baseline"], "adversarial.epsilon": "0.02 … 0.5 (log)"}
+    assert searched["fgm"] == {**searched["baseline"], "adversarial.epsilon": "0.003 … 0.3 (log)"}
     assert spaces["fgm"]["fixed"] == {"adversarial.relative": True} and spaces["lora"]["fixed"] == {}
     for variant in spaces:
         rows = trials(out / "cells" / variant / "search")
@@ -146,7 +146,7 @@ def test_boost_with_every_kind_of_method(data_dir, pretrained, tmp_path):
     distilled = yaml.safe_load((out / "cells" / "distill" / "seed-0" / "classify" / "config.yaml").read_text())
     assert distilled["teacher"]["model"] == str(teacher)
     plae = json.loads((out / "cells" / "plae" / "space.json").read_text())
-    assert plae["space"]["adversarial.epsilon"] == "0.01 … 0.2 (log)"
+    assert plae["space"]["adversarial.epsilon"] == "0.002 … 0.1 (log)"
     freelb = json.loads((out / "cells" / "freelb" / "space.json").read_text())
     assert "adversarial.step_size" in freelb["space"]
     assert len(results["test_rows"]) == 1 and "## Winner" in (out / "report.md").read_text()
