@@ -26,7 +26,9 @@ PAIRS = {**COMMON, "data.max_length": 96, "train.batch_size": 16, "train.lr": 3e
 
 
 def ablation(tmp_path: Path, verb: str, settings: dict[str, Any], variants: dict[str, Any], **fields: Any) -> Path:
-    spec = {"out_dir": str(tmp_path / "ablation"), "seeds": 1, "bootstrap": 200,
+    # search: none — these tests are about what each stage records and compares, not the per-variant search
+    # (tests/stages/test_boost_stage.py and test_search_ablate.py cover that)
+    spec = {"out_dir": str(tmp_path / "ablation"), "seeds": 1, "bootstrap": 200, "search": "none",
             "stages": [{"name": verb, "verb": verb, "set": settings}], "variants": variants, **fields}
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

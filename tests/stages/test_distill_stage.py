@@ -150,8 +150,9 @@ def test_distill_under_search_and_ablate_runs_the_teacher_once(teacher, keywords
     cli("search", str(tmp_path / "search.yaml"))
     logs = [p.read_text() for p in sorted((tmp_path / "search").rglob("log.txt")) if (p.parent / "teacher").is_dir()]
     assert len(logs) == 2 and sum(log.count("soft-labelling") for log in logs) == 1  # the second trial reused it
+    # one trial of each variant's own (default) search: the teacher's cache serves those runs too
     ablation = {"out_dir": str(tmp_path / "ablation"), "seeds": 1, "metric": "accuracy", "bootstrap": 100,
-                "stages": [{"name": "student", "verb": "distill", "set": fixed}],
+                "search": {"n_trials": 1, "pruner": "none"}, "stages": [{"name": "student", "verb": "distill", "set": fixed}],
                 "variants": {"mse": {"set": {"distill.loss": "mse"}}}}
     (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(ablation, sort_keys=False))
     cli("ablate", str(tmp_path / "ablation.yaml"))

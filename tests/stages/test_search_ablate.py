@@ -353,6 +353,7 @@ def test_a_shared_before_stage_runs_once_and_every_seed_starts_from_it(data_dir,
         assert built.run.seed == seed
 
 
+@pytest.mark.slow  # 9 s; the default suite checks equal per-variant budgets in test_boost_stage.py's end-to-end test
 def test_ablation_with_a_search_gives_every_variant_the_same_budget(data_dir, tmp_path):
     space = {"train.lr": {"low": 1e-4, "high": 3e-3, "log": True}}
     path = ablation_file(tmp_path, data_dir, seeds=1,
