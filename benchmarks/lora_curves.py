@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +84,7 @@ def demo_files(demo: Path) -> dict[str, str]:
 
 def parse_runs(spec: str) -> list[dict[str, Any]]:
     runs = []
-    for item in spec.split(","):
+    for item in re.split(r",(?=\s*(?:full|lora):)", spec):  # a comma inside a value (all-linear,embeddings) stays
         parts = item.strip().split(":", 2)
         kind, lr = parts[0], parts[1]
         extra = dict(kv.split("=", 1) for kv in parts[2].split(";")) if len(parts) > 2 and parts[2] else {}
