@@ -65,6 +65,16 @@ def scale_range(rng: Any, factor: float) -> Any:
     return {k: (v * factor if k in ("low", "high", "step") and v is not None else v) for k, v in rng.items()}
 
 
+def widen_range(rng: Any, factor: float) -> Any:
+    """A range reaching `factor` times higher at its top, its bottom kept (a log range stays log); a list of choices
+    gets each choice times `factor` added."""
+    if isinstance(rng, list):
+        return sorted({*rng, *(v * factor for v in rng)})
+    if "values" in rng:
+        return {**rng, "values": sorted({*rng["values"], *(v * factor for v in rng["values"])})}
+    return {**rng, "high": rng["high"] * factor}
+
+
 @dataclass(frozen=True)
 class Booster:
     """One booster: the config section it reads and what it does at each point of a run."""

@@ -38,7 +38,7 @@ in each cell's cost.
 
 Each variant searches its own space (honelm.protocol.spaces): the baseline's (the file's
 `search.space`, or the learning rate a factor 3 either side of the config's) through the variant's
-boosters (LoRA's learning rate 10× higher, an adversarial method's strength in units of the model's
+boosters (LoRA's learning rate up to 10× higher, an adversarial method's strength in units of the model's
 embedding norm), with the same number of trials and the same step budget for all, in
 OUT_DIR/cells/VARIANT/search on the first seed after its `before` stages; the best values are then
 used at every seed. An ablation without a `search` section does the same with the defaults (4

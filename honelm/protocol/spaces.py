@@ -175,7 +175,7 @@ def report_lines(out_dir: Path, variants: list[str]) -> list[str]:
                       for n in variants if (out_dir / "cells" / n / SPACE_FILE).is_file()})
     return ["## Hyperparameters chosen on validation: each variant's own search (first seed)", "",
             f"Every variant searched its own space: the baseline's ({'; '.join(sources)}) through the variant's "
-            "boosters (LoRA: the learning rate 10× higher; an adversarial method: its strength, in units of the "
+            "boosters (LoRA: the learning rate up to 10× higher; an adversarial method: its strength, in units of the "
             "model's mean per-token embedding norm), the same number of trials at the same step budget. A key a "
             "variant sets itself is kept, not searched.", "",
             *table(["variant", "searched", "fixed with it", "set by the variant (not searched)", "trials complete",

@@ -14,7 +14,7 @@ from honelm import boosters
 from honelm import config as C
 from honelm.boosters import adversarial as A
 from honelm.boosters import lora
-from honelm.boosters.base import Space, range_around, scale_range
+from honelm.boosters.base import Space, range_around, scale_range, widen_range
 from honelm.errors import HonelmError
 from honelm.objectives.classify import Classify
 from honelm.stages.classify import ClassifyConfig
@@ -101,12 +101,15 @@ def test_range_helpers():
     assert scale_range([1e-4, 1e-3], 10) == [pytest.approx(1e-3), pytest.approx(1e-2)]
 
 
-def test_lora_searches_an_order_of_magnitude_higher_learning_rate():
+def test_lora_searches_up_to_an_order_of_magnitude_higher_learning_rate():
+    """LoRA's range keeps the baseline's bottom and reaches 10x higher: on small models its best rate is 1-3x full
+    fine-tuning's and 10x collapses it (docs/benchmarks.md), on RoBERTa-base about 10x (Hu et al. 2021)."""
     on = C.build(ClassifyConfig, None, ["lora.enabled=true", "train.lr=2e-4"])
     moved = boosters.search_space(on, Space(dict(LR)))
-    assert moved.ranges["train.lr"] == {"low": pytest.approx(1e-3), "high": pytest.approx(1e-2), "log": True}
+    assert moved.ranges["train.lr"] == {"low": pytest.approx(1e-4), "high": pytest.approx(1e-2), "log": True}
+    assert widen_range([1e-4, 1e-3], 10) == [1e-4, 1e-3, pytest.approx(1e-2)]
     own = boosters.search_space(on, Space({"train.weight_decay": [0.0, 0.01]}))  # the baseline searches no lr
-    assert own.ranges["train.lr"] == range_around(2e-4 * lora.LR_FACTOR, lora.LR_AROUND)
+    assert own.ranges["train.lr"] == widen_range(range_around(2e-4, lora.LR_AROUND), lora.LR_FACTOR)
     assert own.ranges["train.weight_decay"] == [0.0, 0.01]
     off = C.build(ClassifyConfig, None, [])
     assert boosters.search_space(off, Space(dict(LR))) == Space(dict(LR))
@@ -124,7 +127,7 @@ def test_each_adversarial_method_adds_its_strength_in_relative_units():
         assert low <= default <= high  # the defaults sit inside
     both = C.build(ClassifyConfig, None, ["lora.enabled=true", "adversarial.method=fgm"])
     space = boosters.search_space(both, Space(dict(LR)))
-    assert set(space.ranges) == {"train.lr", "adversarial.epsilon"} and space.ranges["train.lr"]["low"] == 1e-3
+    assert set(space.ranges) == {"train.lr", "adversarial.epsilon"} and space.ranges["train.lr"]["high"] == pytest.approx(1e-2)
 
 
 @pytest.mark.parametrize("settings", [["adversarial.epsilon=0.1"], ["adversarial.step_size=0.01"], []])
