@@ -138,3 +138,17 @@ def test_a_strength_the_user_set_is_not_searched(settings):
     relative = C.build(ClassifyConfig, None, ["adversarial.method=pgd", "adversarial.relative=true",
                                               "adversarial.step_size=0.01"])
     assert "adversarial.epsilon" in boosters.search_space(relative, Space(dict(LR))).ranges
+
+
+def test_lora_plus_multiplier_reaches_the_run_through_the_booster_registry():
+    """`lora.lr_ratio` from a stage config: what the runner hands the optimizer (boosters.lr_scale)."""
+    plus = C.build(ClassifyConfig, None, ["lora.enabled=true", "lora.lr_ratio=4"])
+    scale = boosters.lr_scale(plus)
+    assert scale is not None
+    assert scale("base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight") == 4.0
+    assert scale("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight") == 1.0
+    assert scale("base_model.model.classifier.modules_to_save.default.weight") == 1.0
+    assert boosters.lr_scale(C.build(ClassifyConfig, None, ["lora.enabled=true"])) is None  # plain LoRA: one lr
+    assert boosters.lr_scale(C.build(ClassifyConfig, None, ["lora.lr_ratio=4"])) is None  # LoRA off: nothing scaled
+    with pytest.raises(HonelmError, match="lora.lr_ratio"):
+        C.build(ClassifyConfig, None, ["lora.enabled=true", "lora.lr_ratio=0"])
