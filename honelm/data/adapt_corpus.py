@@ -80,6 +80,12 @@ def mode_of(cfg: Any) -> str:
     if cfg.curate.k > 0 and not (domain and task):
         raise ConfigError("curate.k > 0 picks domain documents near the task's texts: it needs both data.train "
                           "(the domain pool) and task.train")
+    if cfg.adapt.task_guard_only and not (domain and task):
+        raise ConfigError("adapt.task_guard_only=true guards a domain corpus against a task's validation/test text: "
+                          "it needs both data.train (the domain corpus) and task.train (the task)")
+    if cfg.adapt.task_guard_only and (cfg.adapt.task_extra or cfg.curate.k > 0):
+        raise ConfigError("adapt.task_guard_only=true adds no task text, so adapt.task_extra and curate.k have "
+                          "nothing to join: leave them unset")
     if cfg.adapt.task_extra and not task:
         raise ConfigError("adapt.task_extra is extra TAPT text: it needs task.train (whose val/test texts the leak "
                           "guard keeps out of it)")
@@ -90,6 +96,8 @@ def mode_of(cfg: Any) -> str:
                           "model.init_from (a random model's embeddings mean nothing): use curate.method=tfidf")
     if cfg.curate.k > 0:
         return "curated_tapt"
+    if cfg.adapt.task_guard_only:
+        return "dapt"
     return "dapt+tapt" if domain and task else ("dapt" if domain else "tapt")
 
 
@@ -173,12 +181,18 @@ class Corpus:
         self.record = self.record or {"mode": self.mode, "sources": {}}
 
     def add_task(self, splits: Any, extra: list[Document] | None, seed: int, val_fraction: float,
-                 say: Callable[[str], None]) -> None:
-        """The task's train texts (and pair texts) plus `extra`, guarded, minus the validation slice."""
+                 say: Callable[[str], None], guard_only: bool = False) -> None:
+        """The task's train texts (and pair texts) plus `extra`, guarded, minus the validation slice.
+
+        `guard_only` (adapt.task_guard_only): the task sets the leak guard and adds no text (DAPT).
+        """
         self.task_splits = splits
         self.guard, self.record["leak_guard"] = leak_guard(splits)
         m = splits.manifest
         self.record["task_split"] = {k: m.get(k) for k in ("seed", "ratios", "counts", "hashes", "test_source")}
+        if guard_only:
+            self.record["task_split"]["role"] = "leak guard only (adapt.task_guard_only): no task text trains"
+            return
         seen: set[str] = set()
         task_docs = [Document(t, e.source, e.line) for e in splits.train
                      for t in (e.text, getattr(e, "text_pair", None)) if t]
@@ -256,7 +270,7 @@ def build_corpus(cfg: Any, mode: str, say: Callable[[str], None]) -> Corpus:
         splits = labelled_splits(cfg.task, say)
         extra = (read_documents(cfg.adapt.task_extra.split(","), unit=cfg.data.unit, text_field=cfg.task.text_field)
                  if cfg.adapt.task_extra else None)
-        corpus.add_task(splits, extra, cfg.task.seed, cfg.adapt.val_fraction, say)
+        corpus.add_task(splits, extra, cfg.task.seed, cfg.adapt.val_fraction, say, cfg.adapt.task_guard_only)
     if cfg.data.train:
         say("domain corpus split:")
         corpus.add_domain(text_splits(cfg.data, say), say)

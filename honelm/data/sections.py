@@ -46,6 +46,8 @@ class AdaptOptions:
 
     task_extra: str = ""
     """Extra unlabelled task text (files/globs, comma-separated; read like data.train with task.text_field): added to TAPT after the leak guard."""
+    task_guard_only: bool = False
+    """DAPT with a leak guard: task.* names the labelled task only so that domain text equal to one of its validation/test texts is excluded; its train text is not added to the corpus (boost's DAPT variant sets this)."""
     val_fraction: float = 0.1
     """Share of the TAPT texts (task train + task_extra), chosen by content hash, held out to validate; 0 = none."""
     mlm_probability: float = 0.15

@@ -167,10 +167,11 @@ def _adapted(cfg: BoostConfig, task: ClassifyConfig, name: str) -> tuple[dict[st
         init_kind(task.model)
     except HonelmError as e:
         return None, f"adapt cannot continue {task.model.init_from}: {e}"
-    if name == TAPT:  # the task's own train text, split exactly as the classify stage splits it
-        text = {f"task.{f.name}": getattr(task.data, f.name) for f in dataclasses.fields(task.data)}
-    else:
-        text = {"data.train": cfg.domain_text}
+    # the task, split exactly as the classify stage splits it: TAPT trains on its train text; DAPT
+    # names it only so that adapt's leak guard keeps its validation/test texts out of the domain text
+    text = {f"task.{f.name}": getattr(task.data, f.name) for f in dataclasses.fields(task.data)}
+    if name == DAPT:
+        text.update({"data.train": cfg.domain_text, "adapt.task_guard_only": True})
     return {"before": [_adapt_stage(cfg, task, name, text)], "set": {"model.init_from": "${" + name + "}"}}, ""
 
 

@@ -143,6 +143,9 @@ def test_boost_with_every_kind_of_method(data_dir, pretrained, tmp_path):
         assert (out / "shared" / variant / variant / "best").is_dir()
         cfg = C.build(ClassifyConfig, out / "cells" / variant / "seed-0" / "classify" / "config.yaml")
         assert cfg.model.init_from == str(out / "shared" / variant / variant)
+    dapt = json.loads((out / "shared" / "dapt" / "dapt" / "adapt_corpus.json").read_text())
+    assert dapt["mode"] == "dapt" and "task_train" not in dapt["sources"]  # the task only guards the domain text
+    assert dapt["leak_guard"]["covers"] == ["val", "test"]
     distilled = yaml.safe_load((out / "cells" / "distill" / "seed-0" / "classify" / "config.yaml").read_text())
     assert distilled["teacher"]["model"] == str(teacher)
     plae = json.loads((out / "cells" / "plae" / "space.json").read_text())

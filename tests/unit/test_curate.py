@@ -11,7 +11,8 @@ import torch
 from honelm import config as C
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.splits import unlock_test_split
-from honelm.data.adapt_corpus import build_corpus, sha
+from honelm.data.adapt_corpus import build_corpus, mode_of, sha
+from honelm.errors import ConfigError
 from honelm.stages.adapt import AdaptConfig
 
 POOL = [
@@ -121,6 +122,31 @@ def test_no_task_val_or_ratio_test_text_enters_the_tapt_corpus(tmp_path):
             domain_val = {sha(d.text) for d in corpus.val.get("domain", [])}
             assert not domain_val & {sha(t) for t in val + test}
     assert len(rows) == 60
+
+
+def test_dapt_guarded_by_a_task_adds_no_task_text_and_excludes_its_val_test_text(tmp_path):
+    """adapt.task_guard_only (boost's DAPT variant): the task only guards the domain corpus."""
+    _task(tmp_path)
+    task = [f"task.train={tmp_path / 'task.jsonl'}", "task.split=6:2:2"]
+    splits = build_corpus(C.build(AdaptConfig, overrides=task), "tapt", lambda _: None).task_splits
+    val = [e.text for e in splits.val]
+    with unlock_test_split("test of the leak guard"):
+        test = [e.text for e in splits.test]
+    domain = tmp_path / "domain.txt"
+    docs = [f"domain document {i}" for i in range(30)]
+    domain.write_text("\n".join([*val[:3], *test[:2], *docs]) + "\n", encoding="utf-8")
+    cfg = C.build(AdaptConfig, overrides=[*task, f"data.train={domain}", "adapt.task_guard_only=true"])
+    assert mode_of(cfg) == "dapt"
+    said: list[str] = []
+    corpus = build_corpus(cfg, mode_of(cfg), said.append)
+    used = _guarded_hashes(corpus)
+    assert not used & {sha(t) for t in val + test}
+    assert not used & {sha(e.text) for e in splits.train}  # no task text trains
+    assert used <= {sha(d) for d in docs} and len(used) >= 20  # the domain's own test split is held out
+    assert corpus.record["sources"]["domain"]["excluded_as_task_val_test"] == 5 and "task_train" not in corpus.record["sources"]
+    assert any("leak guard: 5 domain document(s)" in s for s in said)
+    with pytest.raises(ConfigError, match="needs both data.train"):
+        mode_of(C.build(AdaptConfig, overrides=[f"data.train={domain}", "adapt.task_guard_only=true"]))
 
 
 def test_pair_halves_and_a_user_val_file_are_guarded(tmp_path):
