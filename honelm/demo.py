@@ -8,10 +8,11 @@
    of its width, train the same student without a teacher, test both once and compare the three
    (quality with intervals, parameters, size, latency, throughput);
 7. search the classifier's learning rate and batch size on validation (a few Optuna trials), test
-   the winner once; 8. ablate: baseline vs +LoRA vs +FGM, each with its own small search (LoRA's
-   learning rate 10x higher, FGM's epsilon relative to the embeddings), over 2 seeds, paired-bootstrap
-   intervals and verdicts on validation, the variant with the best validation mean tested once, and
-   an HTML report (the project's test ledger counts every look at the test split).
+   the winner once; 8. `honelm boost` (configs/boost/demo.yaml): baseline vs +LoRA vs +FGM, each with
+   its own small search (LoRA's learning-rate range reaching 10x higher, FGM's epsilon relative to the
+   embeddings), over 2 seeds, paired-bootstrap intervals and verdicts on validation, the variant with
+   the best validation mean tested once, and an HTML report (the project's test ledger counts every
+   look at the test split).
 
 Every step runs through the real CLI (`honelm.cli.main`), exactly as a user would type it.
 """
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="demo-runs", help="directory for the generated data and all runs")
     p.add_argument("--steps", type=int, default=400, help="pre-training steps")
     p.add_argument("--trials", type=int, default=4, help="trials of the demo's hyperparameter search (0 = skip it)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant in the demo's ablation (0 = skip it)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant in the demo's boost (0 = skip it)")
     p.add_argument("--data-only", action="store_true", help="only write the generated data to OUT/data (corpus, "
                    "labelled reviews, instructions, preference pairs) and stop")
     args = p.parse_args(argv)
@@ -225,11 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
         step("test", search_dir)
         step("report", search_dir)
         reports.append(f"{search_dir}/report.html")
-    if args.seeds:  # baseline vs +LoRA vs +FGM, each its own search: verdicts on validation, chosen tested once
-        ablate_dir = f"{out}/ablate/{stamp}"
-        step("ablate", str(registry.find_config("ablate", "demo")), "--out-dir", ablate_dir, "--var", f"data={out}/data",
-             "--var", f"pretrained={pretrained}", "--seeds", str(args.seeds))
-        reports.append(f"{ablate_dir}/report.html")
+    if args.seeds:  # honelm boost: baseline vs +LoRA vs +FGM, each its own search; verdicts on validation, chosen tested once
+        boost_dir = f"{out}/boost/{stamp}"
+        step("boost", str(registry.find_config("boost", "demo")), f"out_dir={boost_dir}", f"set.data.train={labelled}",
+             f"set.model.init_from={pretrained}", f"seeds={args.seeds}")
+        reports.append(f"{boost_dir}/report.html")
     print(f"\ndemo finished in {time.time() - t0:.0f} s; test accuracy (read once per run):")
     for variant, metrics in runs.items():
         print(f"  classifier {variant:<18} accuracy {metrics['test_accuracy']:.3f}  macro-F1 {metrics['test_macro_f1']:.3f}")

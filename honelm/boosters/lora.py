@@ -73,8 +73,8 @@ class LoraConfig:
     """Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
     dropout: float = 0.0
     """Dropout on the input of the LoRA branch only. 0 (peft's default) by default: peft keeps one dropped-out copy of the input per adapted module, which costs memory and time (benchmarks/lora_memory.py); with dora it also costs an extra matmul."""
-    target_modules: str = "all-linear"
-    """Modules that get an adapter: all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
+    target_modules: str = "auto"
+    """Modules that get an adapter: auto (the default: a classifier's every Linear and its input embedding, an LM's every Linear; docs/benchmarks.md, "Why LoRA lost"), all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
     rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (peft use_rslora)."""
     dora: bool = False
@@ -152,6 +152,21 @@ def _no_match(model: nn.Module, spec: str, what: str) -> ConfigError:
         f"lora.target_modules={spec!r}: {what} no Linear/Embedding/Conv module of {type(model).__name__}; "
         f"its linear modules are: {', '.join(linear_suffixes(model))} "
         "(use all-linear, a comma-separated list of these names, or a regex over full names as re:REGEX)")
+
+
+def auto_targets(model: nn.Module, task: str) -> str:
+    """What `lora.target_modules=auto` means for this model and task.
+
+    A classifier (or reward model) adapts its input embedding as well as every Linear: a small model's
+    embeddings are a large share of what full fine-tuning moves, and freezing them left all-linear
+    LoRA near chance on the demo's decoder (0.575 vs 0.992 with them; docs/benchmarks.md, "Why LoRA
+    lost"). A language model keeps the usual all-linear: its embedding is usually tied to the output
+    layer, which an embedding adapter's merge would change.
+    """
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out is not None and emb is not None and getattr(out, "weight", None) is getattr(emb, "weight", None)
+    return "all-linear,embeddings" if task == "classify" and emb is not None and not tied else "all-linear"
 
 
 def resolve_targets(model: nn.Module, spec: str, exclude: Sequence[str] = ()) -> list[str]:
@@ -277,7 +292,8 @@ def peft_config(model: nn.Module, cfg: LoraConfig, task: str, new_weights: Seque
 
     init = check_config(cfg)
     heads = modules_to_save(model, task, new_weights)
-    targets = resolve_targets(model, cfg.target_modules, exclude=heads)
+    spec = auto_targets(model, task) if cfg.target_modules.strip().lower() == "auto" else cfg.target_modules
+    targets = resolve_targets(model, spec, exclude=heads)
     task_type = _task_type(task, model)
     # peft adds classifier/score itself for SEQ_CLS; pass only the others so the saved list has no repeats
     extra_heads = [h for h in heads if task_type is None or h not in ("classifier", "score")]

@@ -346,13 +346,14 @@ def main(argv: list[str]) -> Path:
                                 "validation; choose the best on validation, test it once, write one report.",
                                 epilog=C.fields_help(BoostConfig, "fields (key=value, or a YAML file of them):"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("settings", nargs="*", metavar="[FILE] key=value", help="a YAML file of the fields and/or "
+    p.add_argument("settings", nargs="*", metavar="[FILE] key=value", help="a YAML file (or a preset name: "
+                   "configs/boost/NAME.yaml) of the fields and/or "
                    "key=value (set.KEY=VALUE: a setting of the task's classify config; search.KEY=VALUE likewise)")
     p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger (default: as ablate's)")
     args = p.parse_intermixed_args(argv)
     words = list(args.settings)
     file = words.pop(0) if words and "=" not in words[0] else None
-    cfg = load_config(file, C.parse_overrides(words))
+    cfg = load_config(str(registry.find_config("boost", file)) if file else None, C.parse_overrides(words))
     report = run_boost(cfg, args.ledger)
     results = json.loads((Path(cfg.out_dir) / "results.json").read_text(encoding="utf-8"))
     print("\n" + "\n".join(_winner_lines(results)[2:]).replace("**", "").strip())
