@@ -11,8 +11,9 @@ before LoRA wraps the policy):
   otherwise                 a frozen copy of the starting policy
 
 `RUN/reference.json` records where the reference's weights are (`reference_location`), so
-`honelm test` scores the test pairs against the same reference (`load_reference`). A later
-reference-anchored objective (KTO, say) shares all of this.
+`honelm test` scores the test pairs against the same reference (`load_reference`). KTO shares all of
+this (its batches have the same two-rows-per-unit layout); orpo and simpo have no reference
+(`prepare_reference` makes none).
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def choose_reference(ctx: RunContext, loaded: LoadedModel, train: EncodedPairs, 
     reference = copy.deepcopy(loaded.model).to(ctx.device).eval().requires_grad_(False)
     ctx.say("reference: a frozen copy of the starting model (dpo.precompute_ref=true or LoRA avoid the copy)")
     return reference, []
+
+
+def prepare_reference(ctx: RunContext, loaded: LoadedModel, train: Any,
+                      val: Any) -> tuple[nn.Module | None, list[Callback]]:
+    """Before LoRA applies, for `honelm dpo`: nothing for a reference-free loss (orpo, simpo); otherwise
+    RUN/reference.json written and `choose_reference`'s answer."""
+    cfg = ctx.cfg
+    if cfg.dpo.reference_free:
+        return None, []
+    ctx.write_json(REFERENCE_FILE, reference_location(loaded, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled,
+                                                      ctx.runtime))
+    return choose_reference(ctx, loaded, train, val, cfg.dpo.precompute_ref)
 
 
 def reference_location(loaded: LoadedModel, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
