@@ -13,7 +13,7 @@ This module owns:
   the completion, trimmed, truncated and dropped as pairs are (counted, never silent). Each kept
   example i also gets a KL row: its prompt with the completion of another example (the next one,
   in split order, whose prompt differs), the mismatched pair KTO's reference point z0 is estimated
-  from (Ethayarajh et al. 2024, §4.1). The partner is fixed when encoding, so the KL rows' reference
+  from (Ethayarajh et al. 2024): example i's tokens up to its reply joined to the partner's reply tokens. The partner is fixed when encoding, so the KL rows' reference
   log-probs can be precomputed like every other row's.
 * `EncodedExamples.collate`: B examples → 2B rows, the examples first then their KL rows, right-padded:
 
@@ -171,7 +171,8 @@ def _fitted(tokenizer: object, example: Judged, max_length: int,
 def encode_examples(tokenizer: object, rows: Sequence[ExampleRow], max_length: int, drop_truncated: bool = False,
                     trim_turns: bool = True) -> EncodedExamples:
     """Tokenise prompt + completion through the chat template (labels on the completion), then each kept
-    example's KL row: its (trimmed) prompt + its partner's completion (`kl_partners`), cut at `max_length`."""
+    example's KL row: its tokens up to the reply, then its partner's reply tokens (`kl_partners`), cut at
+    `max_length` (a KL row cut before any reply token has no target: log-probs 0 for policy and reference)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         raise HonelmError("the tokenizer has no pad token: KTO batches are right-padded with it")
@@ -191,11 +192,9 @@ def encode_examples(tokenizer: object, rows: Sequence[ExampleRow], max_length: i
         prompts.append(prompt)
         desirable.append(row.example.desirable)
     out.desirable = torch.tensor(desirable, dtype=torch.bool)
+    starts = [next(t for t, lab in enumerate(labels) if lab != IGNORE) for labels in out.labels]  # where replies begin
     for i, j in enumerate(kl_partners([prompt_identity(p) for p in prompts])):
-        other = out.rows[j].example
-        assert other is not None
-        kl = encode_prompt_reply(tokenizer, prompts[i], other.completion, max_length)
-        # a partner completion cut away entirely leaves a row with no target: log-probs 0 for policy and reference
-        out.kl_ids.append(kl.ids if kl is not None else out.ids[i])
-        out.kl_labels.append(kl.labels if kl is not None else [IGNORE] * len(out.ids[i]))
+        # example i's tokens up to its reply, then example j's reply tokens (as TRL joins prompt and KL completion ids)
+        out.kl_ids.append((out.ids[i][:starts[i]] + out.ids[j][starts[j]:])[:max_length])
+        out.kl_labels.append(([IGNORE] * starts[i] + out.labels[j][starts[j]:])[:max_length])
     return out
