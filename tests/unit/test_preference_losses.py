@@ -3,6 +3,7 @@ the objectives on a batch (units, metrics, KTO's KL rows without a graph), and t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -11,11 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from honelm.boosters.adversarial import Adversarial, AdversarialConfig
+from honelm.data.preferences import EncodedPairs
 from honelm.errors import ConfigError
 from honelm.objectives import preference
 from honelm.objectives.dpo import DPOObjectiveConfig
 from honelm.objectives.kto import KTO, kto_loss, kto_values
 from honelm.objectives.reference_free import ReferenceFree, log_odds, orpo_loss, simpo_loss
+from honelm.stages.dpo import DPOConfig
 
 LN = math.log
 
@@ -226,6 +230,24 @@ def test_kto_objective_runs_kl_rows_without_a_graph_and_scores_by_hand():
     assert float(loss.metrics["kl"]) == pytest.approx(1 - ln2 + 3 - 3 * ln2, abs=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_reference_free_losses_compose_with_adversarial_training(loss, tiny_llama):
+    """Strength 0 is plain training exactly; fgm raises the loss (the rows it compares are the rewards [r_c, r_r])."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(2, 64, (n,), generator=g).tolist() + [1] for n in (6, 4, 5, 7)]
+    labels = [[-100] * 3 + x[3:] for x in seqs]
+    batch = EncodedPairs(seqs[:2], labels[:2], seqs[2:], labels[2:], None, pad_id=0, rows=[]).collate([0, 1])
+    plain_model, zero_model, fgm_model = tiny_llama(), tiny_llama(), tiny_llama()
+    plain = ReferenceFree(loss).step(plain_model.train(), batch, 1.0, contextlib.nullcontext)
+    zero = Adversarial(ReferenceFree(loss), AdversarialConfig(method="fgm", epsilon=0.0), [0, 1]).step(
+        zero_model.train(), batch, 1.0, contextlib.nullcontext)
+    assert torch.equal(plain.value.detach(), zero.value.detach())
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain_model.parameters(), zero_model.parameters()))
+    fgm = Adversarial(ReferenceFree(loss), AdversarialConfig(method="fgm", epsilon=1.0), [0, 1]).step(
+        fgm_model.train(), batch, 1.0, contextlib.nullcontext)
+    assert float(fgm.metrics["adv_loss"]) > float(fgm.value.detach()) + 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # the dpo section: defaults per loss, refusals
 
@@ -241,6 +263,15 @@ def test_beta_defaults_per_loss_and_settings_of_another_loss_are_refused():
                        (dict(loss="orpo", orpo_lambda=-1.0), "must be >= 0")]:
         with pytest.raises(ConfigError, match=match):
             DPOObjectiveConfig(**bad).validate()
+
+
+def test_kto_refuses_adversarial_training():
+    cfg = DPOConfig()
+    cfg.dpo, cfg.adversarial = DPOObjectiveConfig(loss="kto"), AdversarialConfig(method="fgm")
+    with pytest.raises(ConfigError, match="KTO's unpaired examples are not pairs"):
+        cfg.validate()
+    cfg.dpo = DPOObjectiveConfig(loss="simpo")
+    cfg.validate()
 
 
 def test_each_loss_builds_its_objective_and_records():
