@@ -17,11 +17,12 @@ micro-batch, KTO's loss depends on how examples are batched: `batch_size=2, grad
 each process's). λ_D = `dpo.kto_desirable_weight`, λ_U = `dpo.kto_undesirable_weight`, β = `dpo.beta`.
 
 Metrics (sums over examples; the loop logs sum / examples), per example, so `honelm ablate` can
-compare them: the implicit reward r̂ = β·r as `rewards`; `rewards_accuracy`, whether r̂ lies on
-the example's side of 0 (> 0 desirable, < 0 undesirable; strict: 0 at step 0); `rewards_margin`,
-r̂ signed by the label (+r̂ desirable, -r̂ undesirable); `kl`, the KL row's log-ratio, whose
-mean is z0 before its clamp; `logps` (policy log-probs). The validation loss uses each evaluation
-batch's z0. The reference comes from `Anchored` (stored, a frozen copy, or LoRA disabled).
+compare them: the implicit reward r̂ = β·r as `rewards`; `rewards_margin`, β·(r - z0) signed by
+the label (+ desirable, - undesirable), the quantity whose sigmoid the loss raises, so
+L = λ·(1 - σ(margin)); `rewards_accuracy`, whether that margin is > 0 (the example lies on its
+side of the reference point; strict: 0 at step 0); `kl`, the KL row's log-ratio, whose mean is z0
+before its clamp; `logps` (policy log-probs). Like the validation loss, margin and accuracy use
+each evaluation batch's z0. The reference comes from `Anchored` (stored, a frozen copy, or LoRA off).
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, kl_policy: torch.Ten
     return torch.where(desirable, up, down), z0
 
 
-def kto_values(policy: torch.Tensor, reference: torch.Tensor, kl_policy: torch.Tensor, kl_reference: torch.Tensor,
-               desirable: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """Detached per-example values (B,): implicit reward, accuracy, signed margin, KL-row log-ratio, policy log-prob."""
-    rewards = beta * (policy.detach().float() - reference.detach().float())
-    sign = desirable.float() * 2 - 1
-    return {"rewards": rewards, "rewards_accuracy": (rewards * sign > 0).float(), "rewards_margin": rewards * sign,
+def kto_values(policy: torch.Tensor, reference: torch.Tensor, z0: torch.Tensor, kl_policy: torch.Tensor,
+               kl_reference: torch.Tensor, desirable: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Detached per-example values (B,): implicit reward β·r, the margin β·(r - z0) signed by the label and whether it
+    is > 0, the KL row's log-ratio, the policy log-prob."""
+    r = policy.detach().float() - reference.detach().float()
+    margin = beta * (r - z0.float()) * (desirable.float() * 2 - 1)
+    return {"rewards": beta * r, "rewards_accuracy": (margin > 0).float(), "rewards_margin": margin,
             "kl": (kl_policy - kl_reference).detach().float(), "logps": policy.detach().float()}
 
 
@@ -78,15 +80,18 @@ class KTO(Anchored):
 
     def scores(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per example (B,): the loss and the detached `kto_values`."""
+        losses, values, _ = self.compute(model, batch)
+        return losses, values
+
+    def compute(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Per example (B,): losses, detached values, and the implicit rewards β·r through the policy."""
         p, r, kp, kr = self.terms(model, batch)
         desirable = batch["desirable"].bool()
-        losses, _ = kto_loss(p, r, kp, kr, desirable, self.beta, self.desirable_weight, self.undesirable_weight)
-        return losses, kto_values(p, r, kp, kr, desirable, self.beta)
+        losses, z0 = kto_loss(p, r, kp, kr, desirable, self.beta, self.desirable_weight, self.undesirable_weight)
+        return losses, kto_values(p, r, z0, kp, kr, desirable, self.beta), self.beta * (p - r)
 
     def outputs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Loss, torch.Tensor]:
         """The summed loss with its metrics (sums over examples) and the implicit rewards β·r (B, 1) through the policy."""
-        p, r, kp, kr = self.terms(model, batch)
-        desirable = batch["desirable"].bool()
-        losses, _ = kto_loss(p, r, kp, kr, desirable, self.beta, self.desirable_weight, self.undesirable_weight)
-        metrics = {k: v.sum() for k, v in kto_values(p, r, kp, kr, desirable, self.beta).items()}
-        return Loss(value=losses.sum(), units=losses.numel(), metrics=metrics), (self.beta * (p - r))[:, None]
+        losses, values, rewards = self.compute(model, batch)
+        metrics = {k: v.sum() for k, v in values.items()}
+        return Loss(value=losses.sum(), units=losses.numel(), metrics=metrics), rewards[:, None]

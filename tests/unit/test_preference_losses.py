@@ -73,9 +73,10 @@ def test_kto_by_hand():
     assert float(z0) == pytest.approx(0.5)
     # 1 - σ(1 - 0.5) = 0.377541;  2·(1 - σ(0.5 + 1)) = 0.364851;  1 - σ(0 - 0.5) = 0.622459
     assert loss.tolist() == pytest.approx([0.377541, 0.364851, 0.622459], abs=1e-6)
-    v = {k: t.tolist() for k, t in kto_values(POL, REF, KLP, KLR, DESIRABLE, beta=1.0).items()}
-    assert v["rewards"] == [1.0, -1.0, 0.0] and v["rewards_margin"] == [1.0, 1.0, 0.0]  # signed by the label
-    assert v["rewards_accuracy"] == [1.0, 1.0, 0.0]  # a zero reward is on neither side
+    v = {k: t.tolist() for k, t in kto_values(POL, REF, z0, KLP, KLR, DESIRABLE, beta=1.0).items()}
+    assert v["rewards"] == [1.0, -1.0, 0.0]
+    assert v["rewards_margin"] == [0.5, 1.5, -0.5]  # β·(r - z0), signed by the label
+    assert v["rewards_accuracy"] == [1.0, 1.0, 0.0]  # the third lies below the reference point though desirable
     assert v["kl"] == [1.5, 0.0, 0.0]
 
 
