@@ -38,8 +38,11 @@ def shipped(data_dir: Path, out: Path, kind: str) -> Path:
     return path
 
 
+# simpo's run is in the slow tier (the default suite's time): its stage path is orpo's (ReferenceFree), its loss and
+# the message-list format are unit-tested (tests/unit/test_preference_losses.py, test_preference_formats.py)
 @pytest.mark.parametrize("loss, kind, extra", [("kto", "unpaired", ["lora.enabled=true", "train.lr=1e-2"]),
-                                               ("orpo", "hh", []), ("simpo", "messages", [])])
+                                               ("orpo", "hh", []),
+                                               pytest.param("simpo", "messages", [], marks=pytest.mark.slow)])
 def test_new_losses_train_on_shipped_formats_then_test(data_dir, tmp_path, loss, kind, extra):
     data = shipped(data_dir, tmp_path, kind)
     cli("dpo", f"data.train={data}", *SCRATCH, "train.max_steps=4", "train.eval_every=2", f"dpo.loss={loss}", *extra,
@@ -61,8 +64,6 @@ def test_new_losses_train_on_shipped_formats_then_test(data_dir, tmp_path, loss,
         assert "data: 240 train pairs" in log
     records = [json.loads(x) for x in (run / "best" / "val_predictions.jsonl").read_text().splitlines()]
     assert {"rewards_accuracy", "rewards_margin", "loss"} <= set(records[0]["sums"])
-    if loss == "simpo":  # `honelm test` without a reference: orpo's run shows it
-        return
     cli("test", str(run))
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert 0 <= metrics["test_rewards_accuracy"] <= 1 and metrics["n_examples" if loss == "kto" else "n_pairs"] > 0
