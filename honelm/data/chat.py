@@ -273,7 +273,8 @@ def judged_of(row: Row) -> Judged:
             raise DataError(row.source, row.line, needed, "is missing (an unpaired row needs prompt, completion and "
                             "label)")
     raw = data["prompt"]
-    prompt = _messages(row, "prompt", raw) if isinstance(raw, list) else [{"role": "user", "content": _text(row, "prompt", raw)}]
+    prompt = (_messages(row, "prompt", raw) if isinstance(raw, list)
+              else [{"role": "user", "content": _text(row, "prompt", raw)}])
     if prompt[-1]["role"] != "user":
         raise DataError(row.source, row.line, "prompt", "the prompt must end with a user message")
     completion = _reply(row, "completion", data["completion"], "role", "content", ("assistant",))

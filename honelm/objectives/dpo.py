@@ -25,10 +25,10 @@ reward is 0 and the accuracy 0, not 0.5), `logps_chosen`, `logps_rejected` (poli
 TRL calls them rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
 logps/chosen, logps/rejected.
 
-The reference, in the order `Anchored.reference_logps` tries them (DPO's and KTO's, `honelm.objectives.kto`): log-probs stored in the batch
-(`ref_logps`, precomputed once before training), a separate frozen model, or, for a LoRA policy,
-the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
-model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
+The reference, in the order `Anchored.reference_logps` tries them (DPO's and KTO's,
+`honelm.objectives.kto`): log-probs stored in the batch (`ref_logps`, precomputed once before
+training), a separate frozen model, or, for a LoRA policy, the same model with its adapters
+disabled (peft's `disable_adapter()`), which is exactly the model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
 the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set and, given a
 `records` list, appends each pair's score record (`honelm.predictions.score_records`: its loss and
 every metric above), in pair order.
@@ -203,7 +203,6 @@ class Anchored(Objective):
     def unperturbed(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` with the reference's log-probs (`ref_logps`, (2P,)) computed now, before any perturbed pass."""
         return batch if "ref_logps" in batch else {**batch, "ref_logps": self.reference_logps(model, batch)}
-
 
 
 class DPO(Anchored):
