@@ -63,7 +63,7 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 reference-free orpo and simpo (`honelm.objectives.reference_free`)."""
 REFERENCE_FREE: tuple[str, ...] = ("orpo", "simpo")
 DEFAULT_BETA = {"simpo": 2.0}
-"""β when `dpo.beta` is left empty: 0.1 (DPO, KTO and TRL's default) unless listed (SimPO's paper tunes β ≈ 2-2.5)."""
+"""β when `dpo.beta` is left empty: 0.1 (DPO, KTO and TRL's default) unless listed (SimPO's paper uses β of 2 and more)."""
 
 
 @dataclass
