@@ -10,7 +10,8 @@ and field when it does not fit:
 
 Preference rows (reward, dpo): {"prompt", "chosen", "rejected"} (strings or message lists), or the
 ShareGPT ranking form {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
-(LLaMA-Factory's dpo_en_demo).
+(LLaMA-Factory's dpo_en_demo), or {"chosen", "rejected"} alone, each a whole dialogue (hh-rlhf text or a
+message list) whose shared beginning is the prompt (`honelm.data.dialogues`).
 
 Everything becomes a list of {"role", "content"} messages rendered by the tokenizer's chat
 template (`apply_chat_template`), so what honelm trains on is what any runtime renders. A model
@@ -33,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from honelm.data.dialogues import shared_prompt, turns_of_text
 from honelm.data.readers import Row, read_rows
 from honelm.errors import DataError, HonelmError
 
@@ -194,7 +196,8 @@ def read_conversations(spec: str | Sequence[str], fmt: str = "auto") -> list[Con
 
 
 def preference_of(row: Row) -> Preference:
-    """A row as a Preference: {prompt, chosen, rejected} or ShareGPT {conversations, chosen, rejected}."""
+    """A row as a Preference: {prompt, chosen, rejected}, ShareGPT {conversations, chosen, rejected}, or
+    {chosen, rejected} as two whole dialogues sharing their prompt (`honelm.data.dialogues`)."""
     data = row.data
     for needed in ("chosen", "rejected"):
         if needed not in data:
@@ -211,13 +214,27 @@ def preference_of(row: Row) -> Preference:
         chosen = _reply(row, "chosen", data["chosen"], "role", "content", ("assistant",))
         rejected = _reply(row, "rejected", data["rejected"], "role", "content", ("assistant",))
     else:
-        raise DataError(row.source, row.line, "prompt", "is missing (a preference row needs prompt or conversations)")
+        prompt, chosen, rejected = _implicit_prompt(row)
     if prompt[-1]["role"] != "user":
         raise DataError(row.source, row.line, "conversations" if "conversations" in data else "prompt",
                         "the prompt must end with a user message")
     if chosen == rejected:
         raise DataError(row.source, row.line, "rejected", "is identical to chosen (no preference to learn)")
     return Preference(prompt, chosen, rejected, row.source, row.line)
+
+
+def _implicit_prompt(row: Row) -> tuple[Messages, str, str]:
+    """{chosen, rejected} as two whole dialogues (hh-rlhf text or message lists): their shared prompt and replies."""
+    dialogues = []
+    for name in ("chosen", "rejected"):
+        value = row.data[name]
+        if isinstance(value, str):
+            value = turns_of_text(value, row.source, row.line, name)
+        elif not isinstance(value, list):
+            raise DataError(row.source, row.line, "prompt", "is missing (a preference row needs prompt or "
+                            "conversations, or chosen and rejected as whole dialogues)")
+        dialogues.append(_messages(row, name, value))
+    return shared_prompt(dialogues[0], dialogues[1], row.source, row.line)
 
 
 def _reply(row: Row, name: str, value: Any, key_role: str, key_text: str, roles: tuple[str, ...]) -> str:
@@ -231,6 +248,44 @@ def _reply(row: Row, name: str, value: Any, key_role: str, key_text: str, roles:
         raise DataError(row.source, row.line, f"{name}.{key_role}", f"must be one of {', '.join(roles)}, "
                         f"got {value.get(key_role)!r}")
     return _text(row, f"{name}.{key_text}", value.get(key_text))
+
+
+@dataclass
+class Judged:
+    """One unpaired example (KTO): a prompt, one assistant completion, and whether it is desirable."""
+
+    prompt: Messages
+    completion: str
+    desirable: bool
+    source: str
+    line: int
+
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def judged_of(row: Row) -> Judged:
+    """A {prompt, completion, label} row (KTO's unpaired format): prompt text or messages, completion text or one
+    assistant message, label a boolean (true = desirable; CSV cells "true"/"false"/"1"/"0")."""
+    data = row.data
+    for needed in ("prompt", "completion", "label"):
+        if needed not in data:
+            raise DataError(row.source, row.line, needed, "is missing (an unpaired row needs prompt, completion and "
+                            "label)")
+    raw = data["prompt"]
+    prompt = (_messages(row, "prompt", raw) if isinstance(raw, list)
+              else [{"role": "user", "content": _text(row, "prompt", raw)}])
+    if prompt[-1]["role"] != "user":
+        raise DataError(row.source, row.line, "prompt", "the prompt must end with a user message")
+    completion = _reply(row, "completion", data["completion"], "role", "content", ("assistant",))
+    label = data["label"]
+    if isinstance(label, str):
+        label = LABEL_WORDS.get(label.strip().lower(), label)
+    elif isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise DataError(row.source, row.line, "label", f"must be true (desirable) or false (undesirable), got {label!r}")
+    return Judged(prompt, completion, label, row.source, row.line)
 
 
 def read_preferences(spec: str | Sequence[str]) -> list[Preference]:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -88,21 +88,24 @@ def read_pairs(spec: str | Sequence[str], margin_field: str = "") -> list[PairRo
     return out
 
 
-def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None,
+                read: Callable[[Any, str], list[Any]] | None = None) -> Any:
     """Preference pairs split by `data.split` (or the given val/test files), grouped by prompt.
 
     `data` is a `honelm.stages.preference.PreferenceDataConfig` (margins are read when it has a
     non-empty `margin_field`). `leak_texts` (the prompts of a user test file) is passed only by
-    `honelm test`, which has already opened that file.
+    `honelm test`, which has already opened that file. `read(files, split)` reads rows of another
+    kind grouped the same way (KTO's unpaired examples: `honelm.data.unpaired`); default `read_pairs`.
     """
     margin_field = getattr(data, "margin_field", "")
+    read = read or (lambda spec, split: read_pairs(spec, margin_field))
 
     if not data.train:
         raise ConfigError("data.train is empty: give a JSONL/JSON file of preference pairs "
                           "({prompt, chosen, rejected} or ShareGPT {conversations, chosen, rejected})")
-    pairs = read_pairs(data.train, margin_field)
-    val = read_pairs(data.val, margin_field) if data.val else None
-    load_test = (lambda: read_pairs(data.test, margin_field)) if data.test else None
+    pairs = read(data.train, "train")
+    val = read(data.val, "val") if data.val else None
+    load_test = (lambda: read(data.test, "test")) if data.test else None
     splits = make_splits(pairs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test or None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
@@ -128,6 +131,8 @@ def _combined(hashes: Any) -> str:
 @dataclass
 class EncodedPairs:
     """Token ids and completion labels of kept pairs; `rows[i]` is where pair i came from."""
+
+    unit: ClassVar[str] = "pairs"
 
     chosen: list[list[int]]
     chosen_labels: list[list[int]]
@@ -223,17 +228,17 @@ def encode_pairs(tokenizer: Any, rows: Sequence[PairRow], max_length: int, drop_
     return out
 
 
-def describe_encoding(enc: EncodedPairs, name: str, max_length: int, drop_truncated: bool) -> str | None:
-    """One log line about truncated and dropped pairs of a split (None when there are none)."""
+def describe_encoding(enc: Any, name: str, max_length: int, drop_truncated: bool) -> str | None:
+    """One log line about truncated and dropped pairs (or KTO examples: `enc.unit`) of a split (None when none)."""
     parts = []
     if enc.trimmed:
-        parts.append(f"{enc.trimmed} of {len(enc) + len(enc.dropped)} {name} pairs lost their prompt's oldest "
+        parts.append(f"{enc.trimmed} of {len(enc) + len(enc.dropped)} {name} {enc.unit} lost their prompt's oldest "
                      f"exchanges to fit data.max_length={max_length} (data.trim_turns)")
     if enc.truncated:
-        parts.append(f"{enc.truncated} of {len(enc) + len(enc.dropped)} {name} pairs have a reply cut at "
+        parts.append(f"{enc.truncated} of {len(enc) + len(enc.dropped)} {name} {enc.unit} have a reply cut at "
                      f"data.max_length={max_length} (kept; a cut reply changes its score)")
     if enc.dropped:
         where = ", ".join(f"{r.source}:{r.line}" for r in enc.dropped[:3]) + (" ..." if len(enc.dropped) > 3 else "")
         why = "a reply cut by" if drop_truncated else "no reply token left within"
-        parts.append(f"{len(enc.dropped)} {name} pairs dropped ({why} data.max_length={max_length}): {where}")
+        parts.append(f"{len(enc.dropped)} {name} {enc.unit} dropped ({why} data.max_length={max_length}): {where}")
     return "; ".join(parts) or None

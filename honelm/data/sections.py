@@ -115,7 +115,7 @@ def encode_chat_split(tokenizer: Any, docs: Sequence[ChatDocument], data: ChatDa
 
 @dataclass
 class PreferenceDataConfig(SplitDataConfig):
-    """Preference pairs: {prompt, chosen, rejected} (strings or message lists) or ShareGPT {conversations, chosen, rejected} rows; splits group pairs by prompt."""
+    """Preference pairs: {prompt, chosen, rejected} (strings or message lists), ShareGPT {conversations, chosen, rejected} rows, or {chosen, rejected} as whole dialogues sharing their prompt (hh-rlhf text or message lists); for dpo.loss=kto also unpaired {prompt, completion, label} rows. Splits group rows by prompt."""
 
     max_length: int = 512
     """Longest prompt + reply in tokens (chat template included): the prompt's oldest turns go first (trim_turns), then the end is cut; pairs left with no reply token are dropped. All counted in the log."""

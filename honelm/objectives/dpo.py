@@ -25,10 +25,10 @@ reward is 0 and the accuracy 0, not 0.5), `logps_chosen`, `logps_rejected` (poli
 TRL calls them rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
 logps/chosen, logps/rejected.
 
-The reference, in the order `DPO.reference_logps` tries them: log-probs stored in the batch
-(`ref_logps`, precomputed once before training), a separate frozen model, or, for a LoRA policy,
-the same model with its adapters disabled (peft's `disable_adapter()`), which is exactly the
-model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
+The reference, in the order `Anchored.reference_logps` tries them (DPO's and KTO's,
+`honelm.objectives.kto`): log-probs stored in the batch (`ref_logps`, precomputed once before
+training), a separate frozen model, or, for a LoRA policy, the same model with its adapters
+disabled (peft's `disable_adapter()`), which is exactly the model LoRA was applied to. `precompute_reference` stores a model's log-probs of every pair for
 the first; `evaluate_pairs` gives the loss and metrics over a whole evaluation set and, given a
 `records` list, appends each pair's score record (`honelm.predictions.score_records`: its loss and
 every metric above), in pair order.
@@ -38,7 +38,9 @@ alone: `DPO.unperturbed` computes the reference log-probs of a batch before any 
 LoRA policy's reference is the same model, whose input embeddings the perturbation hooks). The
 rows `outputs` returns for consistency regularisers are the implicit rewards [r̂_c, r̂_r], whose
 softmax is the pair's implicit preference probability σ(β·h).
-`DPOObjectiveConfig` is the `dpo` section of `honelm dpo`'s config (these settings, read by the stage).
+`evaluate_pairs` reads any objective with a `scores` method (KTO's and the reference-free ORPO/SimPO's too).
+`DPOObjectiveConfig` is the `dpo` section of `honelm dpo`'s config: these settings and those of the other
+preference losses the stage offers (kto, orpo, simpo), read by the stage through `honelm.objectives.preference`.
 """
 
 from __future__ import annotations
@@ -56,32 +58,70 @@ from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.logprobs import sequence_logps, unwrap
 
-LossType = Literal["sigmoid", "ipo", "hinge"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+"""DPO's own losses (`dpo_loss`); the preference stage also offers kto (`honelm.objectives.kto`) and the
+reference-free orpo and simpo (`honelm.objectives.reference_free`)."""
+REFERENCE_FREE: tuple[str, ...] = ("orpo", "simpo")
+DEFAULT_BETA = {"simpo": 2.0}
+"""β when `dpo.beta` is left empty: 0.1 (DPO, KTO and TRL's default) unless listed (SimPO's paper uses β of 2 and more)."""
 
 
 @dataclass
 class DPOObjectiveConfig:
-    """The DPO-family loss and its reference model."""
+    """The preference loss (DPO's variants, KTO, ORPO, SimPO) and its reference model (formulas: docs/preference.md)."""
 
-    beta: float = 0.1
-    """β: how far the policy may move from the reference (larger = stays closer); for ipo it is τ."""
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    """sigmoid (DPO: -log σ(β·h)), ipo ((h/tokens - 1/(2β))², length-normalised as in TRL) or hinge (max(0, 1 - β·h))."""
+    beta: float | None = None
+    """β: how far the policy may move from the reference (larger = stays closer; τ for ipo; SimPO's reward scale); empty = the loss's default: 0.1 (sigmoid, ipo, hinge, kto) or 2.0 (simpo). orpo has no β (see orpo_lambda)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "kto", "orpo", "simpo"] = "sigmoid"
+    """sigmoid (DPO: -log σ(β·h)), ipo ((h/tokens - 1/(2β))², length-normalised as in TRL), hinge (max(0, 1 - β·h)); kto (unpaired examples, desirable or not, against the reference; Ethayarajh et al. 2024); no reference model: orpo (chosen NLL + λ·odds-ratio term; Hong et al. 2024), simpo (-log σ(β·Δ mean log-prob - γ); Meng et al. 2024)."""
     label_smoothing: float = 0.0
     """cDPO: the probability ε that a pair's preference is flipped; loss (1-ε)·L(c, r) + ε·L(r, c); sigmoid only, 0 <= ε < 0.5. Current TRL ignores label_smoothing for sigmoid (TRL 0.12 applied it like this)."""
     precompute_ref: bool = False
-    """Compute the reference log-probs of every train and validation pair in one no-grad pass before training and keep only those (no reference model in memory while training)."""
+    """Compute the reference log-probs of every train and validation pair in one no-grad pass before training and keep only those (no reference model in memory while training). Not for orpo/simpo, which have no reference."""
     disable_dropout: bool = True
     """Turn off every dropout of policy and reference (TRL's disable_dropout), so both score a sequence the same at step 0."""
+    kto_desirable_weight: float = 1.0
+    """KTO's λ_D, the weight of desirable examples' losses. The paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples (the log says when it is outside)."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's λ_U, the weight of undesirable examples' losses."""
+    orpo_lambda: float = 0.1
+    """ORPO's λ: weight of the odds-ratio term -log σ(log odds(chosen) - log odds(rejected)) added to the chosen reply's mean token NLL (TRL ORPOConfig.beta's default)."""
+    simpo_gamma: float = 1.0
+    """SimPO's target margin γ in -log σ(β·(mean log-prob of chosen - of rejected) - γ); with the default β 2, γ/β = 0.5."""
+
+    @property
+    def beta_value(self) -> float:
+        """β as the loss uses it: `beta`, or the loss's default when it is empty."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.1)
+
+    @property
+    def reference_free(self) -> bool:
+        """orpo and simpo: no reference model is loaded, copied or scored."""
+        return self.loss in REFERENCE_FREE
+
+    @property
+    def unpaired(self) -> bool:
+        """kto: trains on single completions judged desirable or not (`honelm.data.unpaired`), not on pairs."""
+        return self.loss == "kto"
 
     def validate(self) -> None:
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ConfigError(f"dpo.label_smoothing (cDPO) applies to dpo.loss=sigmoid only, not {self.loss}")
+        if self.beta is not None and self.loss == "orpo":
+            raise ConfigError("dpo.beta does not apply to dpo.loss=orpo (its weight is dpo.orpo_lambda)")
+        if self.precompute_ref and self.reference_free:
+            raise ConfigError(f"dpo.precompute_ref: dpo.loss={self.loss} uses no reference model")
+        for name, value, loss in (("kto_desirable_weight", self.kto_desirable_weight, "kto"),
+                                  ("kto_undesirable_weight", self.kto_undesirable_weight, "kto"),
+                                  ("orpo_lambda", self.orpo_lambda, "orpo"), ("simpo_gamma", self.simpo_gamma, "simpo")):
+            if value < 0 or (value == 0 and loss == "kto"):
+                raise ConfigError(f"dpo.{name} must be {'> 0' if loss == 'kto' else '>= 0'}, got {value}")
+            if self.loss != loss and value != getattr(DPOObjectiveConfig, name):
+                raise ConfigError(f"dpo.{name} applies to dpo.loss={loss} only, not {self.loss}")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -133,17 +173,19 @@ def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
     return inner.disable_adapter()
 
 
-class DPO(Objective):
-    """DPO-family loss on [chosen; rejected] batches with completion-only labels."""
+class Anchored(Objective):
+    """An objective scored against a frozen reference (DPO, KTO): where the reference's log-probs come from.
+
+    Batches are 2U rows (two per unit: [chosen; rejected] pairs, or KTO's [examples; KL rows]).
+    """
 
     default_metric = "val_loss"
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: nn.Module | None = None):
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+    def __init__(self, reference: nn.Module | None = None):
         self.reference = reference
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].size(0)) // 2
 
     def frozen_models(self) -> list[nn.Module]:
         return [self.reference] if self.reference is not None else []
@@ -162,6 +204,17 @@ class DPO(Objective):
         """`batch` with the reference's log-probs (`ref_logps`, (2P,)) computed now, before any perturbed pass."""
         return batch if "ref_logps" in batch else {**batch, "ref_logps": self.reference_logps(model, batch)}
 
+
+class DPO(Anchored):
+    """DPO-family loss on [chosen; rejected] batches with completion-only labels."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 reference: nn.Module | None = None):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        super().__init__(reference)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+
     def terms(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Per pair (P,) each: policy log-probs of chosen and rejected, the reference's, and both token counts."""
         ref = self.reference_logps(model, batch)  # (2P,), first: no graph held while it runs
@@ -175,22 +228,25 @@ class DPO(Objective):
         return (Loss(value=per_pair.sum(), units=pc.numel(), metrics=dpo_metrics(pc, pr, rc, rr, self.beta)),
                 implicit)
 
-    def units(self, batch: dict[str, Any]) -> int:
-        return int(batch["input_ids"].size(0)) // 2
+    def scores(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per pair (P,): the loss and the detached `dpo_pair_values`."""
+        pc, pr, rc, rr, tc, tr = self.terms(model, batch)
+        losses = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing, tc, tr)
+        return losses, dpo_pair_values(pc, pr, rc, rr, self.beta)
 
 
-def evaluate_pairs(model: nn.Module, data: Any, objective: DPO, batch_size: int, device: torch.device,
+def evaluate_pairs(model: nn.Module, data: Any, objective: Any, batch_size: int, device: torch.device,
                    prefix: str, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Mean loss and every DPO metric over the pairs of `data` (`honelm.data.preferences.EncodedPairs`),
-    in length-sorted batches (sums over pairs / pairs); each pair's score record appended to `records` when given."""
+    """Mean loss and every metric of `objective.scores` over the pairs of `data` (`honelm.data.preferences.EncodedPairs`;
+    or KTO's examples, `honelm.data.unpaired.EncodedExamples`), in length-sorted batches (sums over units / units);
+    each unit's score record appended to `records` when given."""
     order = sorted(range(len(data)), key=lambda i: data.lengths[i])
     total, sums = 0.0, {}
     per_pair: dict[str, list[float]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        pc, pr, rc, rr, tc, tr = objective.terms(model, {k: v.to(device) for k, v in data.collate(idx).items()})
-        losses = dpo_loss(pc, pr, rc, rr, objective.beta, objective.loss_type, objective.label_smoothing, tc, tr)
-        values = {"loss": losses.detach().float(), **dpo_pair_values(pc, pr, rc, rr, objective.beta)}
+        losses, scored = objective.scores(model, {k: v.to(device) for k, v in data.collate(idx).items()})
+        values = {"loss": losses.detach().float(), **scored}
         total += float(losses.sum())
         for k, v in values.items():
             if k != "loss":

@@ -71,6 +71,8 @@ file, before anything runs; empty: the first listed):
     reward                       accuracy, margin, loss, reward_mean    per pair (units 1; chosen > rejected)
     dpo                          rewards_accuracy, rewards_margin,      per pair, implicit rewards
                                  loss, rewards_chosen, rewards_rejected
+      with dpo.loss=kto          rewards_accuracy, rewards_margin,      per example (docs/preference.md)
+                                 loss, rewards, kl
 
 A score record holds each example's units and its sum of every metric over them, so the metric of a
 resample is Σ sums / Σ units: the stage's own val_NAME (sft's validation loss is the token-weighted
@@ -184,7 +186,7 @@ class AblateConfig:
     checkpoint's), named as the compared stage logs it (val_NAME): accuracy, macro_f1, mse or pearson (classify,
     distill, prompt); loss (sft, pretrain, adapt, an LM's distill; adapt's masked LM also accuracy); accuracy,
     margin, loss or reward_mean (reward); rewards_accuracy, rewards_margin, loss, rewards_chosen or rewards_rejected
-    (dpo). Empty: the first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for
+    (dpo; with dpo.loss=kto rewards and kl instead of the last two). Empty: the first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for
     loss and mse."""
     bootstrap: int = 2000
     """Paired-bootstrap resamples of the interval (at least 100)."""

@@ -1,16 +1,11 @@
-"""`honelm dpo`: direct preference optimisation of a causal LM against a frozen reference (METHODS.md §4.3).
+"""`honelm dpo`: preference optimisation of a causal LM: DPO's variants, KTO, ORPO, SimPO (METHODS.md §4.3).
 
-The policy starts from `model.init_from` (an sft run, typically; a LoRA adapter directory is loaded
-merged into its base first, by `honelm.models.load_model`). The reference is that same starting
-model, frozen: stored log-probs (`dpo.precompute_ref`), the policy with its LoRA adapters disabled,
-or a frozen copy (`honelm.stages.reference`, which also records it in `RUN/reference.json` so
-`honelm test` scores the test pairs against the same reference).
-
-Dropout is turned off in both by default (`dpo.disable_dropout`), so policy = reference at step 0
-(all implicit rewards 0). Losses, metrics and the maths: `honelm.objectives.dpo`. Validation
-reports the loss and every metric on the validation pairs; the best checkpoint is kept, with each
-validation pair's score record (best/val_predictions.jsonl; `honelm test`: test_predictions.jsonl),
-whose implicit-reward accuracy, margin and loss `honelm ablate` compares.
+The policy starts from `model.init_from` (a LoRA adapter directory is merged into its base first).
+`dpo.loss` chooses the objective (`honelm.objectives.preference`; docs/preference.md); the
+reference-anchored ones score against the starting model, frozen (`honelm.stages.reference`), orpo
+and simpo against none; kto reads unpaired examples (`honelm.data.unpaired`). Dropout is off by
+default (`dpo.disable_dropout`). The best checkpoint keeps each validation unit's score record
+(best/val_predictions.jsonl; `honelm test`: test_predictions.jsonl), which `honelm ablate` compares.
 """
 
 from __future__ import annotations
@@ -24,14 +19,14 @@ from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.base import ADAPTER_REFERENCE
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
-from honelm.data.preferences import EncodedPairs
 from honelm.data.sections import PreferenceDataConfig
 from honelm.errors import ConfigError, HonelmError
 from honelm.models import model_kind
-from honelm.objectives.dpo import DPO, DPOObjectiveConfig, evaluate_pairs
+from honelm.objectives import preference as losses
+from honelm.objectives.dpo import DPOObjectiveConfig, evaluate_pairs
 from honelm.stages import preference as P
 from honelm.stages.contract import Plan, RunContext
-from honelm.stages.reference import REFERENCE_FILE, choose_reference, load_reference, reference_location
+from honelm.stages.reference import load_reference, prepare_reference
 
 
 def _dpo_train_defaults() -> TrainConfig:
@@ -42,7 +37,7 @@ def _dpo_train_defaults() -> TrainConfig:
 
 @dataclass
 class DPOConfig(P.PairsConfig):
-    """Direct preference optimisation of a causal LM."""
+    """Preference optimisation of a causal LM (DPO, cDPO, IPO, hinge, KTO, ORPO, SimPO)."""
 
     verb = "dpo"
     capabilities = P.PairsConfig.capabilities | {ADAPTER_REFERENCE}
@@ -59,14 +54,22 @@ class DPOConfig(P.PairsConfig):
         super().validate()
         if not self.model.init_from and self.model.arch != "decoder":
             raise ConfigError("dpo trains a causal LM: model.arch must be decoder (or give model.init_from)")
+        if self.dpo.unpaired and self.adversarial.method != "none":
+            raise ConfigError("adversarial.method: KTO's unpaired examples are not pairs; use it with a pairwise dpo.loss")
 
 
 class DPOStage(P.PreferenceStage):
-    """A causal LM trained on pairs against its frozen starting point; validation and test: loss, implicit rewards."""
+    """A causal LM trained on preferences (against its frozen start, unless orpo/simpo); scored: loss, implicit rewards."""
 
     name = "dpo"
     config = DPOConfig
-    record_metrics = ("rewards_accuracy", "rewards_margin", "loss", "rewards_chosen", "rewards_rejected")
+    record_metrics = losses.PAIR_RECORDS
+
+    def unpaired(self, cfg: DPOConfig) -> bool:
+        return cfg.dpo.unpaired
+
+    def record_metrics_of(self, cfg: DPOConfig) -> tuple[str, ...]:
+        return losses.record_metrics(cfg.dpo)
 
     def before_boosters(self, ctx: RunContext, loaded: Any) -> None:
         cfg = ctx.cfg
@@ -76,29 +79,26 @@ class DPOStage(P.PreferenceStage):
         train, val = self.encode_training(ctx, loaded.model)
         ctx.extra.update(train=train, val=val)
         ctx.say(self.data_line(train, val))
-        ctx.write_json(REFERENCE_FILE, reference_location(loaded, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled,
-                                                          ctx.runtime))
-        ctx.extra["reference"], ctx.extra["callbacks"] = choose_reference(ctx, loaded, train, val,
-                                                                          cfg.dpo.precompute_ref)
+        ctx.extra["reference"], ctx.extra["callbacks"] = prepare_reference(ctx, loaded, train, val)
 
-    def objective(self, ctx: RunContext, reference: nn.Module | None) -> DPO:
-        ctx.extra["objective"] = DPO(ctx.cfg.dpo.beta, ctx.cfg.dpo.loss, ctx.cfg.dpo.label_smoothing, reference)
+    def objective(self, ctx: RunContext, reference: nn.Module | None) -> Any:
+        ctx.extra["objective"] = losses.build(ctx.cfg.dpo, reference)
         return ctx.extra["objective"]
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg, train, val = ctx.cfg, ctx.extra["train"], ctx.extra["val"]
         objective = self.objective(ctx, ctx.extra["reference"])
-        ctx.say(f"objective: {cfg.dpo.loss} loss, beta {cfg.dpo.beta}"
-                + (f", label smoothing {cfg.dpo.label_smoothing} (cDPO)" if cfg.dpo.label_smoothing else ""))
+        for line in losses.describe(cfg.dpo, train):
+            ctx.say(line)
         evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
         return Plan(objective, self.stream(ctx, train), evaluate, metric=cfg.train.metric or objective.default_metric,
                     callbacks=ctx.extra["callbacks"])
 
-    def score(self, ctx: RunContext, model: nn.Module, data: EncodedPairs, split: str) -> dict[str, float]:
-        """Against the reference of `ctx.extra["objective"]` (the run's, or the one `test` loaded)."""
+    def score(self, ctx: RunContext, model: nn.Module, data: Any, split: str) -> dict[str, float]:
+        """Against the reference of `ctx.extra["objective"]` (the run's, or the one `test` loaded), if it has one."""
         return evaluate_pairs(model, data, ctx.extra["objective"], ctx.cfg.train.eval_batch_size, ctx.device, split,
                               ctx.records(split))
 
     def test_setup(self, ctx: RunContext) -> None:
-        """Test pairs are scored against the run's reference (RUN/reference.json)."""
-        self.objective(ctx, load_reference(ctx.run_dir).to(ctx.device).eval())
+        """Test data is scored against the run's reference (RUN/reference.json); orpo/simpo have none."""
+        self.objective(ctx, None if ctx.cfg.dpo.reference_free else load_reference(ctx.run_dir).to(ctx.device).eval())

@@ -1,5 +1,8 @@
 """What `honelm reward` and `honelm dpo` share: the stage base class and dropout off.
 
+`honelm dpo` with KTO (`dpo.loss=kto`, `PreferenceStage.unpaired`) reads, splits and encodes unpaired
+examples (`honelm.data.unpaired`) instead of pairs, batched the same way (two rows per unit).
+
 Both verbs train on preference pairs rendered through the tokenizer's chat template (a tokenizer
 without one gets honelm's default, `honelm.data.chat.ensure_template`), split by prompt
 (`honelm.data.preferences.split_pairs`), and batch each pair as two rows [chosen; rejected].
@@ -25,6 +28,7 @@ from honelm.boosters.base import PAIRS
 from honelm.data.chat import ensure_template
 from honelm.data.preferences import EncodedPairs, PairRow, describe_encoding, encode_pairs, split_pairs
 from honelm.data.sections import PreferenceDataConfig
+from honelm.data.unpaired import EncodedExamples, ExampleRow, encode_examples, split_examples
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream
 from honelm.models import check_block_fits
@@ -52,19 +56,24 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
-def pair_texts(rows: list[PairRow]) -> list[str]:
-    """Prompt and reply texts, to train a tokenizer on the fly (from scratch)."""
+def pair_texts(rows: list[PairRow] | list[ExampleRow]) -> list[str]:
+    """Prompt and reply texts (of pairs, or of KTO's examples), to train a tokenizer on the fly (from scratch)."""
     out: list[str] = []
     for r in rows:
+        if isinstance(r, ExampleRow):
+            assert r.example is not None
+            out += [m["content"] for m in r.example.prompt] + [r.example.completion]
+            continue
         assert r.pair is not None
         out += [m["content"] for m in r.pair.prompt] + [r.pair.chosen, r.pair.rejected]
     return out
 
 
-def encode_split(tokenizer: Any, rows: list[PairRow], data: PreferenceDataConfig, name: str,
-                 say: Callable[[str], None]) -> EncodedPairs:
-    """Encode one split's pairs and log what truncation cut or dropped."""
-    enc = encode_pairs(tokenizer, rows, data.max_length, data.drop_truncated, data.trim_turns)
+def encode_split(tokenizer: Any, rows: list[Any], data: PreferenceDataConfig, name: str,
+                 say: Callable[[str], None], unpaired: bool = False) -> EncodedPairs | EncodedExamples:
+    """Encode one split's pairs (or, `unpaired`, KTO's examples) and log what truncation cut or dropped."""
+    encode = encode_examples if unpaired else encode_pairs
+    enc = encode(tokenizer, rows, data.max_length, data.drop_truncated, data.trim_turns)
     note = describe_encoding(enc, name, data.max_length, data.drop_truncated)
     if note:
         say(f"note: {note}")
@@ -81,7 +90,11 @@ class PreferenceStage(Stage):
     """Pairs split by prompt, a chat template, [chosen; rejected] batches grouped by length."""
 
     def splits(self, cfg: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return split_pairs(cfg.data, say, leak_texts)
+        return (split_examples if self.unpaired(cfg) else split_pairs)(cfg.data, say, leak_texts)
+
+    def unpaired(self, cfg: Any) -> bool:
+        """Whether the stage trains on unpaired examples judged desirable or not (dpo with KTO) instead of pairs."""
+        return False
 
     def tokenizer_texts(self, ctx: RunContext) -> list[str]:
         return pair_texts(ctx.splits.train)
@@ -92,7 +105,8 @@ class PreferenceStage(Stage):
     def encode(self, ctx: RunContext, rows: list[Any], split: str) -> EncodedPairs:
         # `honelm test` has no tracker: its truncation note goes to the terminal
         say = ctx.say if ctx.tracker is not None else print
-        return encode_split(ctx.tokenizer, rows, ctx.cfg.data, SPLIT_NAMES.get(split, split), say)
+        return encode_split(ctx.tokenizer, rows, ctx.cfg.data, SPLIT_NAMES.get(split, split), say,
+                            self.unpaired(ctx.cfg))
 
     def encode_training(self, ctx: RunContext, model: nn.Module) -> tuple[EncodedPairs, EncodedPairs | None]:
         """Train and validation pairs (validation None without a validation split), after the length check."""
@@ -100,7 +114,7 @@ class PreferenceStage(Stage):
         train = self.encode(ctx, ctx.splits.train, "train")
         val = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         if not len(train):
-            raise HonelmError("no training pair is left after truncation: raise data.max_length")
+            raise HonelmError(f"no training {train.unit[:-1]} is left after truncation: raise data.max_length")
         return train, val
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:
@@ -110,15 +124,15 @@ class PreferenceStage(Stage):
         data = self.encode_test(ctx, rows)
         with torch.no_grad():
             out: dict[str, Any] = self.score(ctx, model, data, "test")
-        return {**out, "n_pairs": len(data), "n_dropped": len(data.dropped)}
+        return {**out, f"n_{data.unit}": len(data), "n_dropped": len(data.dropped)}
 
     def test_setup(self, ctx: RunContext) -> None:
         """What `score` needs for the test beyond best/ (dpo: the run's reference)."""
 
-    def encode_test(self, ctx: RunContext, rows: list[Any]) -> EncodedPairs:
+    def encode_test(self, ctx: RunContext, rows: list[Any]) -> EncodedPairs | EncodedExamples:
         data = self.encode(ctx, rows, "test")
         if not len(data):
-            raise HonelmError(f"{ctx.run_dir}: no test pair is left after truncation at "
+            raise HonelmError(f"{ctx.run_dir}: no test {data.unit[:-1]} is left after truncation at "
                               f"data.max_length={ctx.cfg.data.max_length}")
         return data
 
@@ -131,12 +145,13 @@ class PreferenceStage(Stage):
                 ctx.say(f"dropout: turned off in {n} places ({section}.disable_dropout=true)")
 
     @staticmethod
-    def data_line(train: EncodedPairs, val: EncodedPairs | None) -> str:
-        return f"data: {len(train)} train pairs, {len(val) if val else 0} validation pairs"
+    def data_line(train: EncodedPairs | EncodedExamples, val: EncodedPairs | EncodedExamples | None) -> str:
+        kinds = " ({} desirable, {} undesirable)".format(*train.counts) if isinstance(train, EncodedExamples) else ""
+        return f"data: {len(train)} train {train.unit}{kinds}, {len(val) if val else 0} validation {train.unit}"
 
     @staticmethod
-    def stream(ctx: RunContext, train: EncodedPairs) -> BatchStream:
-        """Batches of train pairs grouped by length (each pair is two padded rows)."""
+    def stream(ctx: RunContext, train: EncodedPairs | EncodedExamples) -> BatchStream:
+        """Batches of train pairs (or KTO's examples) grouped by length (each is two padded rows)."""
         cfg = ctx.cfg
         return BatchStream(len(train), train.collate, cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed,
                            ctx.runtime.world_size, ctx.runtime.rank, lengths=train.lengths)

@@ -11,8 +11,9 @@ before LoRA wraps the policy):
   otherwise                 a frozen copy of the starting policy
 
 `RUN/reference.json` records where the reference's weights are (`reference_location`), so
-`honelm test` scores the test pairs against the same reference (`load_reference`). A later
-reference-anchored objective (KTO, say) shares all of this.
+`honelm test` scores the test pairs against the same reference (`load_reference`). KTO shares all of
+this (its batches have the same two-rows-per-unit layout); orpo and simpo have no reference
+(`prepare_reference` makes none).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ from honelm import runtime as rt
 from honelm.adapters import adapter_info
 from honelm.checkpoint import atomic_directory, checkpoint_precision
 from honelm.data.preferences import EncodedPairs
+from honelm.data.unpaired import EncodedExamples
 from honelm.errors import HonelmError
 from honelm.loop import Callback, TrainState
 from honelm.models import LoadedModel, load_model
 from honelm.objectives.dpo import precompute_reference
 from honelm.runtime import Runtime
 from honelm.stages.contract import RunContext
+
+Encoded = EncodedPairs | EncodedExamples
+"""What a reference scores: pairs, or KTO's examples with their KL rows (both two rows per unit)."""
 
 REFERENCE_FILE = "reference.json"
 """RUN/reference.json: where a run's frozen reference model is (`reference_location`)."""
@@ -51,7 +56,7 @@ class PrecomputedReference(Callback):
     `before_boosters`), in the checkpoint's precision, while `loaded.model` is still the starting model.
     """
 
-    def __init__(self, ctx: RunContext, loaded: Any, train: EncodedPairs, val: EncodedPairs | None) -> None:
+    def __init__(self, ctx: RunContext, loaded: Any, train: Encoded, val: Encoded | None) -> None:
         self.ctx, self.loaded, self.train, self.val = ctx, loaded, train, val
         self.pairs = [d for d in (train, val) if d is not None and len(d)]
         for data in self.pairs:  # what fit's probe step reads before `on_start`
@@ -68,12 +73,13 @@ class PrecomputedReference(Callback):
         # zero); on resume, before the boosters, the starting model as loaded
         model = (ctx.loaded or self.loaded).model
         precompute_reference(model, self.pairs, ctx.cfg.train.eval_batch_size, ctx.device, autocast)
+        n_val, unit = len(self.val) if self.val else 0, self.train.unit  # pairs, or KTO's examples
         ctx.say(f"reference: log-probs of the starting model precomputed for {len(self.train)} train + "
-                f"{len(self.val) if self.val else 0} validation pairs in {time.perf_counter() - started:.1f}s "
+                f"{n_val} validation {unit} in {time.perf_counter() - started:.1f}s "
                 f"({precision}, the training precision); no reference model is kept")
 
 
-def choose_reference(ctx: RunContext, loaded: LoadedModel, train: EncodedPairs, val: EncodedPairs | None,
+def choose_reference(ctx: RunContext, loaded: LoadedModel, train: Encoded, val: Encoded | None,
                      precompute: bool) -> tuple[nn.Module | None, list[Callback]]:
     """Before LoRA applies: (None, [the callback]) for stored log-probs, (None, []) for the adapter-disabled
     policy, or (a frozen copy, [])."""
@@ -88,6 +94,18 @@ def choose_reference(ctx: RunContext, loaded: LoadedModel, train: EncodedPairs, 
     reference = copy.deepcopy(loaded.model).to(ctx.device).eval().requires_grad_(False)
     ctx.say("reference: a frozen copy of the starting model (dpo.precompute_ref=true or LoRA avoid the copy)")
     return reference, []
+
+
+def prepare_reference(ctx: RunContext, loaded: LoadedModel, train: Any,
+                      val: Any) -> tuple[nn.Module | None, list[Callback]]:
+    """Before LoRA applies, for `honelm dpo`: nothing for a reference-free loss (orpo, simpo); otherwise
+    RUN/reference.json written and `choose_reference`'s answer."""
+    cfg = ctx.cfg
+    if cfg.dpo.reference_free:
+        return None, []
+    ctx.write_json(REFERENCE_FILE, reference_location(loaded, ctx.tokenizer, ctx.run_dir, cfg.lora.enabled,
+                                                      ctx.runtime))
+    return choose_reference(ctx, loaded, train, val, cfg.dpo.precompute_ref)
 
 
 def reference_location(loaded: LoadedModel, tokenizer: Any, run_dir: Path, lora: bool, runtime: Runtime) -> dict:
