@@ -1,6 +1,6 @@
 """The `honelm` command: verbs → stages, `--config NAME|PATH`, `key.sub=value` overrides, `--help`.
 
-    honelm <verb> [--config NAME|PATH] [--resume RUN] [key.sub=value ...]
+    honelm <verb> [--config NAME|PATH] [--resume RUN [--allow-changed-data]] [key.sub=value ...]
     honelm <verb> --help        every field with type, default and doc
     honelm ls                   verbs, presets and recent runs
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
 
 
 def config_help(verb: Verb, cls: type) -> str:
-    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN] [key.sub=value ...]", "",
+    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] [key.sub=value ...]", "",
              verb.summary, "", "fields (key: type = default   doc):"]
     section = None
     for key, tp, default, doc in C.describe(cls):
@@ -53,8 +53,9 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         return None
     config_path: str | None = None
     resume: str | None = None
+    allow_changed = "--allow-changed-data" in argv  # resume on inputs that changed since the run started (honelm.pins)
     overrides: list[str] = []
-    it = iter(argv)
+    it = iter(a for a in argv if a != "--allow-changed-data")
     for arg in it:
         if arg in ("--config", "-c"):
             config_path = next(it, None)
@@ -80,8 +81,10 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         config_path = str(Path(resume) / "config.yaml")
         if overrides:
             raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
+    elif allow_changed:
+        raise HonelmError("--allow-changed-data applies to --resume only")
     cfg = registry.build_config(verb.name, config_path, overrides)
-    return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks)
+    return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks, allow_changed_data=allow_changed)
 
 
 def cmd_ls(argv: list[str]) -> Any:
