@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 from honelm.checkpoint import file_sha256, resolve_model_dir
 from honelm.data.readers import expand_paths
 from honelm.data.sources import SplitDataConfig
+from honelm.data.splits import file_digest
 from honelm.errors import HonelmError
 
 PINS_FILE = "inputs.json"
@@ -53,14 +54,16 @@ def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
             yield f"model.{name}", value, True
 
 
-def _file(path: Path) -> dict[str, Any]:
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_sha256(path)}
+def _file(path: Path, data: bool = False) -> dict[str, Any]:
+    # data files are hashed as the split manifest hashes them: a test file is only ever opened to be hashed
+    digest = file_digest(path) if data else file_sha256(path)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
 
 
 def _pin(spec: str, is_model: bool) -> dict[str, Any]:
     """The files `spec` names now, hashed (a model spec: the files of the directory it resolves to)."""
     if not is_model:
-        return {"spec": spec, "files": [_file(p) for p in expand_paths(spec.split(","))]}
+        return {"spec": spec, "files": [_file(p, data=True) for p in expand_paths(spec.split(","))]}
     where = resolve_model_dir(spec)
     directory = Path(where)
     if not directory.is_dir():
