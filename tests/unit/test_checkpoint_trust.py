@@ -102,8 +102,9 @@ def test_an_edited_trainer_state_is_refused(two) -> None:
 
 
 @pytest.mark.parametrize("name", ck.CHECKPOINT_FILES)
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
-@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "legacy"])
+@pytest.mark.parametrize("damage,manifest", [("truncated", True), ("garbage", True), ("empty", False),
+                                             ("truncated", False), ("garbage", False)],
+                         ids=["size", "hash", "legacy-empty", "legacy-truncated", "legacy-garbage"])
 def test_damaged_files_are_one_line_errors(two, name: str, damage: str, manifest: bool) -> None:
     """With a manifest the size or hash check names the file; without one (a checkpoint written before manifests)
     the read itself fails, and that too is a one-line error naming the file, never the library's traceback."""
