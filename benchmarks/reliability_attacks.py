@@ -102,8 +102,8 @@ def _attacks() -> dict[str, tuple[Callable[[Path, Path], Any], str]]:
                                             "recovered"),
         "changed data, resumed from elsewhere": (changed_data, "refused"),
         "second writer holds the run": (hold_lock, "refused"),
-        "legacy: garbled tensor bytes (no manifest)": (lambda r, p: (unmanifest(r), garble(r / S8 / "model.safetensors")),
-                                                       "silent"),
+        "legacy: garbled tensor bytes (no manifest)": (
+            lambda r, p: (unmanifest(r), garble(r / S8 / "model.safetensors")), "silent"),
     }
 
 

@@ -267,8 +267,8 @@ def verify_checkpoint(path: Path) -> bool:
                                      "truncated or changed after it was written")
         actual = file_sha256(f)
         if actual != digest:
-            raise CheckpointError(f, f"sha256 {actual[:16]}… does not match the manifest's {digest[:16]}…: the file "
-                                     "was corrupted or changed after it was written")
+            raise CheckpointError(f, f"sha256 {actual[:16]}… does not match the manifest's {digest[:16]}…: the "
+                                     "file was corrupted or changed after it was written")
     return True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import inspect
 import os
 import sys
@@ -29,7 +30,8 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
 
 
 def config_help(verb: Verb, cls: type) -> str:
-    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] [key.sub=value ...]", "",
+    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
+             "[key.sub=value ...]", "",
              verb.summary, "", "fields (key: type = default   doc):"]
     section = None
     for key, tp, default, doc in C.describe(cls):
@@ -168,6 +170,13 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
             return 130
     except HonelmError as e:
         print(f"honelm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside the checkpoints (a log line, a report): still one line, and what to do
+        print(f"honelm {name}: error: no space left on the device ({e.filename or e}): free disk space and run "
+              "again (a training run continues with --resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"honelm {name}: interrupted", file=sys.stderr)

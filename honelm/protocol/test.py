@@ -9,8 +9,8 @@ ledger FIRST, then writes `test_metrics.json` and the per-example files the stag
 "files" (e.g. test predictions; else the score records its scoring kept in `ctx.records("test")`,
 as test_predictions.jsonl): a look interrupted after scoring still counts. It holds the run's lock
 throughout (honelm.rundir), so two `honelm test` of one run, or a test of a run still training,
-cannot both proceed. A second look is refused unless forced; forced looks are recorded as such, so a report always
-shows how many times the test set was seen. Every look also goes into the project's test ledger
+cannot both proceed. A second look is refused unless forced; forced looks are recorded as such, so
+a report always shows how many times the test set was seen. Every look also goes into the project's test ledger
 (honelm.protocol.ledger), keyed by the test split's hash: a look at a split that ANOTHER run has
 already looked at is flagged (a warning here, a mark in the ledger, a count in every report),
 never refused. Nothing here knows a stage by name.

@@ -8,9 +8,9 @@ main run trains a fresh model from the same start), lets the boosters wrap the o
 `fit`, and returns the run's summary; a stage that trains nothing (`Stage.trains` false) is
 evaluated once instead (`evaluate_once`). The run directory's lock is held from its opening to the
 run's end; a fresh run pins its inputs (honelm.pins), a resumed one checks them and first tidies
-what a killed write left behind (honelm.checkpoint.clean_stale). The order of these steps is the order of the RNG use,
-which exact resume depends on: the stage hooks are called where the stage modules used to do the
-same work by hand.
+what a killed write left behind (honelm.checkpoint.clean_stale). The order of these steps is the
+order of the RNG use, which exact resume depends on: the stage hooks are called where the stage
+modules used to do the same work by hand.
 """
 
 from __future__ import annotations

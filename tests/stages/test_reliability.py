@@ -9,6 +9,7 @@ its corpus by a relative path; each test works on its own copy.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 import honelm.checkpoint as ck
 import honelm.protocol.test as test_verb
+import honelm.registry as registry
 from honelm.cli import main
 from honelm.loop import Callback, TrainState
 from honelm.protocol.ledger import ledger_path, read_ledger
@@ -78,7 +80,8 @@ def _error_line(capsys: pytest.CaptureFixture) -> str:
 def test_garbled_checkpoint_is_refused_and_the_resume_stays_bit_identical(project, tmp_path, monkeypatch,
                                                                          capsys) -> None:
     run = _copy(project, tmp_path, monkeypatch)
-    uninterrupted = {k: v.clone() for k, v in load_file(run / STEP4 / "model.safetensors").items()}  # not a view of the file
+    # cloned: load_file's tensors may view the file, which the attack rewrites in place
+    uninterrupted = {k: v.clone() for k, v in load_file(run / STEP4 / "model.safetensors").items()}
     best = (run / "best" / "best.json").read_text()
     _garble(run / STEP4 / "model.safetensors")
     (run / "checkpoints" / ".tmp-step-00000006-4242").mkdir()  # what a kill during a write leaves
@@ -205,3 +208,14 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(project, tmp_path
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == ["step-00000002"]
     assert ck.verify_checkpoint(run / STEP2)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_full_disk_outside_the_checkpoints_is_one_line_too(monkeypatch, capsys) -> None:
+    """A log line or a report that hits ENOSPC: the CLI says so in one line instead of a traceback."""
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(registry, "run_verb", full)
+    assert main(["pretrain", "data.train=corpus.txt"]) == 1
+    assert _error_line(capsys) == ("honelm pretrain: error: no space left on the device (runs/x/metrics.jsonl): free "
+                                   "disk space and run again (a training run continues with --resume)")
