@@ -115,10 +115,15 @@ def check_inputs(run_dir: Path, cfg: Any, allow_changed: bool, say: Callable[[st
         if write:
             record_inputs(run_dir, cfg)
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        pinned = dict(recorded["inputs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HonelmError(f"{path}: unreadable ({type(e).__name__}: {e}); it records what the run was started on: "
+                          "restore it, or delete it to resume without the check") from None
     now = pin_inputs(cfg)
-    keys = sorted(set(recorded.get("inputs", {})) | set(now["inputs"]))
-    changes = [d for k in keys if (d := _change(k, recorded["inputs"].get(k), now["inputs"].get(k)))]
+    keys = sorted(set(pinned) | set(now["inputs"]))
+    changes = [d for k in keys if (d := _change(k, pinned.get(k), now["inputs"].get(k)))]
     if not changes:
         return
     if not allow_changed:

@@ -83,3 +83,9 @@ def test_a_run_from_before_pins_resumes_with_a_note_and_is_pinned(tmp_path: Path
     said: list[str] = []
     check_inputs(tmp_path, _cfg("corpus.txt"), False, said.append)
     assert "not checked on this resume" in said[0] and (tmp_path / PINS_FILE).is_file()
+
+
+def test_an_unreadable_pins_file_is_one_clear_error(started: Path) -> None:
+    (started / PINS_FILE).write_text("{", encoding="utf-8")
+    with pytest.raises(HonelmError, match="inputs.json: unreadable .*delete it to resume without the check"):
+        check_inputs(started, _cfg("corpus.txt"), False, print)
