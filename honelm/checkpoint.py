@@ -5,25 +5,38 @@ disk (random init, a merged or re-headed model, an init that rewrites the base) 
 beside it to `RUN/base/` (`save_base`), and `best_writes_base` says whether a save will do so.
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash
-(even SIGKILL mid-write) never leaves a directory with a final name that resume would trust.
-Weights go through safetensors; optimizer and RNG states through `torch.save` and are read back
-with `weights_only=True`.
+(even SIGKILL mid-write) never leaves a directory with a final name that resume would trust;
+what such a crash leaves behind (`.tmp-NAME-PID`, `.old-NAME-PID`) is tidied by `clean_stale` when
+the run is next opened. Weights go through safetensors; optimizer and RNG states through
+`torch.save` and are read back with `weights_only=True`.
+
+Every training checkpoint proves itself: its `manifest.json` (written last, inside the atomic
+rename) records each file's size and sha256, and `restore_newest` verifies it before anything is
+loaded, refuses a checkpoint that fails (`CheckpointError`, naming the file) and falls back to the
+newest one that verifies. A checkpoint written before manifests existed still loads (the caller
+is told, to warn). Every read failure and a full disk are one-line `CheckpointError`s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import importlib
 import json
 import os
+import pickle
 import re
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -31,6 +44,19 @@ from honelm.adapters import mutates_base
 from honelm.errors import HonelmError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+"""What every training checkpoint holds (its manifest lists each)."""
+_STALE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
+T = TypeVar("T")
+
+
+class CheckpointError(HonelmError):
+    """A checkpoint (or one of its files) that cannot be trusted, read or written; `path` names it."""
+
+    def __init__(self, path: Path, message: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {message}")
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -93,20 +119,88 @@ def _rng_from_tensors(saved: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             trainer_state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically; prune to the `keep` newest."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = _atomic_dir(final)
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """`directory/manifest.json`: the size and sha256 of every other file in it."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2), encoding="utf-8")
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of space (errno, safetensors' text, or torch's short write)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left", "os error 28", "unexpected pos", "Disk quota exceeded"))
+
+
+def _free_mb(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
+def _write_failed(err: Exception, final: Path, what: str) -> HonelmError:
+    """A write of `final` failed: a one-line error, naming disk space when that is what ran out."""
+    if _disk_full(err):
+        return CheckpointError(final, f"no space left on the device while writing {what} ({_free_mb(final.parent)} "
+                                      "after removing the partial copy): free disk space (or lower "
+                                      "train.keep_checkpoints), then continue with --resume; earlier checkpoints "
+                                      "are intact")
+    return CheckpointError(final, f"could not write {what} ({type(err).__name__}: {_short(err)}); earlier "
+                                  "checkpoints are intact")
+
+
+def _write_checkpoint_files(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict[str, Any], rng: dict[str, Any]) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_to_tensors(rng), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+    write_manifest(tmp)  # last: a checkpoint with a manifest is complete
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
-    _commit_dir(tmp, final)
+
+
+def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             trainer_state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-NNNNNNNN (with its manifest) atomically; prune to the `keep` newest.
+
+    The run directory must exist: one deleted while the run wrote to it is not made again (the run
+    stops with an error). A failed write (a full disk) removes its partial copy and is a one-line
+    `CheckpointError`; the checkpoints already there are untouched.
+    """
+    if not ckpt_root.parent.is_dir():
+        raise HonelmError(f"{ckpt_root.parent}: the run directory is gone (deleted while the run was writing to it); "
+                          "the run stops here")
+    final = ckpt_root / f"step-{step:08d}"
+    tmp: Path | None = None
+    try:
+        ckpt_root.mkdir(exist_ok=True)
+        tmp = _atomic_dir(final)
+        _write_checkpoint_files(tmp, model, optimizer, trainer_state, rng)
+        _commit_dir(tmp, final)
+    except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            raise _write_failed(e, final, "a training checkpoint") from None
+        raise
+    except BaseException:  # a second Ctrl-C mid-write: leave no partial copy behind
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -120,29 +214,175 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Restore model and optimizer in place; return (trainer_state, rng_state)."""
+def clean_stale(directory: Path) -> list[str]:
+    """Tidy what atomic writes interrupted by a kill left in `directory`; returns what was done, one line each.
+
+    A `.tmp-NAME-PID` (a copy being written) is removed. An `.old-NAME-PID` (the previous copy, moved
+    aside for the swap) is put back as NAME when NAME is missing (the kill came between the two
+    renames), else removed. Call it only while holding the run's lock: another writer's temporary
+    directories would look the same.
+    """
+    if not directory.is_dir():
+        return []
+    done = []
+    for entry in sorted(directory.iterdir()):
+        match = _STALE.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        final = directory / match.group(2)
+        if match.group(1) == "old" and not final.exists():
+            os.replace(entry, final)
+            done.append(f"restored {final} from {entry.name} (a swap interrupted by a kill)")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed {entry} (left by an interrupted write)")
+    return done
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:200] if text else "") or type(err).__name__
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """Check every file of checkpoint `path` against its manifest: True when it verifies, False when it has no
+    manifest (written before manifests: nothing to check); `CheckpointError` naming the file otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return False
     try:
-        try:  # strict, but safetensors knows tied weights are stored once
-            load_model(model, str(path / "model.safetensors"), strict=True)
-        except RuntimeError as e:
-            raise HonelmError(f"{path}: checkpoint does not match the model: {str(e)[:300]}") from None
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        rng = _rng_from_tensors(torch.load(path / "rng.pt", weights_only=True))
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise HonelmError(f"{path}: incomplete checkpoint ({e.filename} missing)") from None
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        listed = {name: (int(v["size"]), str(v["sha256"])) for name, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(manifest_path, f"unreadable manifest ({_short(e)})") from None
+    for name in CHECKPOINT_FILES:
+        if name not in listed:
+            raise CheckpointError(manifest_path, f"lists no {name}: not a complete checkpoint")
+    for name, (size, digest) in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f, "missing (the checkpoint's manifest lists it)")
+        if f.stat().st_size != size:
+            raise CheckpointError(f, f"{f.stat().st_size} bytes where the manifest recorded {size}: the file was "
+                                     "truncated or changed after it was written")
+        actual = file_sha256(f)
+        if actual != digest:
+            raise CheckpointError(f, f"sha256 {actual[:16]}… does not match the manifest's {digest[:16]}…: the "
+                                     "file was corrupted or changed after it was written")
+    return True
+
+
+def _read(file: Path, read: Callable[[], T]) -> T:
+    """`read()` of one checkpoint file, every way it can fail on a damaged file turned into a CheckpointError."""
+    try:
+        return read()
+    except FileNotFoundError:
+        raise CheckpointError(file, "missing: the checkpoint is incomplete") from None
+    except pickle.UnpicklingError:  # weights_only refused it; the library's hint to lift that must not be followed
+        raise CheckpointError(file, "holds something other than tensors and was refused (it was not written by "
+                                    "honelm, or is corrupted)") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, SafetensorError, RuntimeError) as e:
+        raise CheckpointError(file, f"unreadable ({type(e).__name__}: {_short(e)}): the file is empty, truncated "
+                                    "or corrupted") from None
+
+
+def _load_weights(file: Path, model: nn.Module) -> None:
+    try:  # strict, but safetensors knows tied weights are stored once
+        load_model(model, str(file), strict=True)
+    except RuntimeError as e:
+        raise HonelmError(f"{file.parent}: checkpoint does not match the model: {str(e)[:300]}") from None
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Verify checkpoint `path` (its manifest), restore model and optimizer in place; return (trainer_state, rng_state).
+
+    Any damaged file is a `CheckpointError` naming it."""
+    verify_checkpoint(path)
+    _read(path / "model.safetensors", lambda: _load_weights(path / "model.safetensors", model))
+    _read(path / "optimizer.pt",
+          lambda: optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True)))
+    rng = _read(path / "rng.pt", lambda: _rng_from_tensors(torch.load(path / "rng.pt", weights_only=True)))
+    state = _read(path / "trainer_state.json", lambda: _trainer_state(path / "trainer_state.json"))
     return state, rng
 
 
-def checkpoint_precision(run_dir: Path) -> str:
-    """The precision ("bf16"/"fp32") a run's newest checkpoint (under run_dir/checkpoints) trained in."""
-    found = list_checkpoints(run_dir / "checkpoints")
+def _trainer_state(file: Path) -> dict[str, Any]:
+    state = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("no integer 'step'")
+    return state
+
+
+@dataclass
+class Restored:
+    """What `restore_newest` loaded, and what it refused on the way."""
+
+    path: Path
+    state: dict[str, Any]
+    rng: dict[str, Any]
+    verified: bool
+    """False: the checkpoint predates manifests, so nothing proved its files intact."""
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+    """Newer checkpoints that failed, with why (newest first)."""
+
+
+def restore_newest(ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored:
+    """Load the newest checkpoint under `ckpt_root` that verifies and reads, falling back past ones that fail.
+
+    None good: the newest one's error (they usually share a cause, such as a model that changed).
+    """
+    found = list_checkpoints(ckpt_root)
     if not found:
+        raise HonelmError(f"{ckpt_root.parent}: --resume asked for, but there is no checkpoint under {ckpt_root}")
+    refused: list[tuple[Path, str]] = []
+    first_error: HonelmError | None = None
+    for path in reversed(found):
+        try:
+            verified = verify_checkpoint(path)
+            state, rng = load_training_checkpoint(path, model, optimizer)
+        except HonelmError as e:
+            first_error = first_error or e
+            refused.append((path, str(e)))
+            continue
+        return Restored(path, state, rng, verified, refused)
+    assert first_error is not None
+    if len(found) > 1:
+        raise HonelmError(f"no checkpoint under {ckpt_root} can be resumed ({len(found)} tried); the newest: "
+                          f"{first_error}") from None
+    raise first_error
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a refused checkpoint to `refused-step-N[-TIME]` beside it: resume never picks it again and pruning
+    never counts it, but it is kept for a look."""
+    target = path.parent / f"refused-{path.name}"
+    if target.exists():
+        target = path.parent / f"refused-{path.name}-{int(time.time())}"
+    os.replace(path, target)
+    return target
+
+
+def newest_good_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest (or that has none); None when no such one."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            verify_checkpoint(path)
+        except HonelmError:
+            continue
+        return path
+    return None
+
+
+def checkpoint_precision(run_dir: Path) -> str:
+    """The precision ("bf16"/"fp32") a run's newest good checkpoint (under run_dir/checkpoints) trained in."""
+    if not list_checkpoints(run_dir / "checkpoints"):
         raise HonelmError(f"{run_dir}: --resume asked for, but there is no checkpoint under {run_dir / 'checkpoints'}")
-    state = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+    path = newest_good_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        raise HonelmError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'} matches its manifest")
+    state = _read(path / "trainer_state.json", lambda: _trainer_state(path / "trainer_state.json"))
     if state.get("precision") not in ("bf16", "fp32"):
-        raise HonelmError(f"{found[-1] / 'trainer_state.json'}: no training precision recorded")
+        raise HonelmError(f"{path / 'trainer_state.json'}: no training precision recorded")
     return state["precision"]
 
 
@@ -152,10 +392,15 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = _atomic_dir(final)
     try:
         yield tmp
+        _commit_dir(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise _write_failed(e, final, final.name) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit_dir(tmp, final)
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -1,6 +1,6 @@
 """The `honelm` command: verbs → stages, `--config NAME|PATH`, `key.sub=value` overrides, `--help`.
 
-    honelm <verb> [--config NAME|PATH] [--resume RUN] [key.sub=value ...]
+    honelm <verb> [--config NAME|PATH] [--resume RUN [--allow-changed-data]] [key.sub=value ...]
     honelm <verb> --help        every field with type, default and doc
     honelm ls                   verbs, presets and recent runs
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import inspect
 import os
 import sys
@@ -29,7 +30,8 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
 
 
 def config_help(verb: Verb, cls: type) -> str:
-    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN] [key.sub=value ...]", "",
+    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
+             "[key.sub=value ...]", "",
              verb.summary, "", "fields (key: type = default   doc):"]
     section = None
     for key, tp, default, doc in C.describe(cls):
@@ -53,8 +55,9 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         return None
     config_path: str | None = None
     resume: str | None = None
+    allow_changed = "--allow-changed-data" in argv  # resume on inputs that changed since the run started (honelm.pins)
     overrides: list[str] = []
-    it = iter(argv)
+    it = iter(a for a in argv if a != "--allow-changed-data")
     for arg in it:
         if arg in ("--config", "-c"):
             config_path = next(it, None)
@@ -80,8 +83,10 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         config_path = str(Path(resume) / "config.yaml")
         if overrides:
             raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
+    elif allow_changed:
+        raise HonelmError("--allow-changed-data applies to --resume only")
     cfg = registry.build_config(verb.name, config_path, overrides)
-    return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks)
+    return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks, allow_changed_data=allow_changed)
 
 
 def cmd_ls(argv: list[str]) -> Any:
@@ -165,6 +170,13 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
             return 130
     except HonelmError as e:
         print(f"honelm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside the checkpoints (a log line, a report): still one line, and what to do
+        print(f"honelm {name}: error: no space left on the device ({e.filename or e}): free disk space and run "
+              "again (a training run continues with --resume)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"honelm {name}: interrupted", file=sys.stderr)

@@ -69,6 +69,8 @@ class ModelConfig:
     """Dropout of a from-scratch model (hidden and attention); 0 is usual for pre-training, 0.1 for fine-tuning."""
     trust_remote_code: bool = False
     """Allow checkpoints that ship their own Python code (never on unless you trust the source)."""
+    allow_pickle: bool = False
+    """Load an init_from checkpoint whose weights are pickle files only (pytorch_model.bin), read with weights_only=True; false = safetensors only (such a checkpoint is refused with how to convert it)."""
 
 
 @dataclass

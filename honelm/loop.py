@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from honelm import runtime as rt
-from honelm.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
+from honelm.checkpoint import newest_good_checkpoint, restore_newest, save_training_checkpoint, set_aside
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
 from honelm.models import count_parameters
@@ -360,17 +360,29 @@ class _Run:
     # -- before training
 
     def restore(self) -> dict[str, Any]:
-        """Model, optimizer, state and data position from the newest checkpoint; returns its RNG state."""
-        found = list_checkpoints(self.ckpt_root)
-        if not found:
-            raise HonelmError(f"{self.run_dir}: --resume asked for, but there is no checkpoint under {self.ckpt_root}")
-        saved, rng = load_training_checkpoint(found[-1], self.model, self.optimizer)
-        self.state.restore(saved)
+        """Model, optimizer, state and data position from the newest checkpoint that verifies; returns its RNG state.
+
+        Newer checkpoints that fail are named in the log and set aside (honelm.checkpoint.set_aside);
+        metrics.jsonl loses the events of the steps the resumed run replays, so they are not there twice.
+        """
+        restored = restore_newest(self.ckpt_root, self.model, self.optimizer)
+        self.runtime.barrier()  # every process has read its checkpoint before one is renamed
+        for path, why in restored.refused:
+            moved = set_aside(path) if self.runtime.is_main else path
+            self.tracker.say(f"warning: checkpoint {path.name} refused: {why}; set aside as {moved.name}")
+        if restored.refused:
+            self.tracker.say(f"falling back to {restored.path.name}, the newest checkpoint that verifies")
+        if not restored.verified:
+            self.tracker.say(f"warning: {restored.path} has no manifest.json (written before checkpoints carried "
+                             "one): its files cannot be verified; the checkpoints this run writes from now on can")
+        self.state.restore(restored.state)
         self.state.resumed = True
         self.plan.stream.position = self.state.position
+        dropped = self.tracker.drop_after(self.state.step)
         if not self.state.finished:
-            self.tracker.event("info", self.state.step, message=f"resumed from {found[-1].name}")
-        return rng
+            replayed = f"; {dropped} events after it dropped from metrics.jsonl (replayed)" if dropped else ""
+            self.tracker.event("info", self.state.step, message=f"resumed from {restored.path.name}{replayed}")
+        return restored.rng
 
     def already_finished(self) -> FitResult:
         st = self.state
@@ -486,8 +498,8 @@ class _Run:
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             bad_step, what = self.pending[i][0], ("loss" if not torch.isfinite(losses[i]) else "gradient norm")
-            last = list_checkpoints(self.ckpt_root)
-            hint = f"; the last good checkpoint is {last[-1]}" if last else ""
+            last = newest_good_checkpoint(self.ckpt_root)
+            hint = f"; the newest checkpoint that verifies is {last}" if last else ""
             raise TrainingError(f"non-finite {what} ({float(losses[i] if what == 'loss' else norms[i])}) at step "
                                 f"{bad_step}: try a lower train.lr, train.precision=fp32 or check the data{hint}")
         self.pending.clear()

@@ -384,11 +384,32 @@ def _from_pretrained(source: str, task: str, kwargs: dict[str, Any]) -> tuple[Pr
     return model, sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_AUTO_CLASS = {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
+               "classify": "AutoModelForSequenceClassification", "base": "AutoModel"}
+
+
+def refuse_pickle(local: Path, task: str) -> None:
+    """A checkpoint directory whose weights are pickle files only (pytorch_model.bin): refused, with how to convert."""
+    found = sorted({p.name for pattern in PICKLE_WEIGHTS for p in local.glob(pattern)})
+    if not found:
+        return
+    auto = _AUTO_CLASS.get(task, "AutoModel")
+    raise HonelmError(f"{local}: its weights are pickle files only ({', '.join(found[:3])}) and honelm loads "
+                      f"safetensors only by default. Convert it once: python -c \"from transformers import {auto}, "
+                      f"AutoTokenizer as T; d='{local}'; {auto}.from_pretrained(d).save_pretrained(d + '-safe'); "
+                      "T.from_pretrained(d).save_pretrained(d + '-safe')\" and use the -safe directory, or set "
+                      "model.allow_pickle=true to load it as it is (read with weights_only=True)")
+
+
 def _load_pretrained(path_or_id: str | Path, task: str, num_labels: int | None, id2label: dict | None,
-                     trust_remote_code: bool, torch_dtype: torch.dtype, problem_type: str | None) -> LoadedModel:
+                     trust_remote_code: bool, torch_dtype: torch.dtype, problem_type: str | None,
+                     allow_pickle: bool = False) -> LoadedModel:
     """A plain transformers checkpoint (not an adapter directory) for `task`; see `load_checkpoint`."""
     _check_choice("task", task, TASKS)
     local, source, has_safetensors = _checkpoint_source(path_or_id)
+    if local is not None and not has_safetensors and not allow_pickle:
+        refuse_pickle(local, task)
     config = _checkpoint_config(source, local, trust_remote_code)
     _fit_config_to_task(config, source, task, num_labels, id2label, problem_type)
     kwargs: dict[str, Any] = {
@@ -397,8 +418,10 @@ def _load_pretrained(path_or_id: str | Path, task: str, num_labels: int | None, 
         "trust_remote_code": trust_remote_code,
         "output_loading_info": True,
     }
-    if has_safetensors:
+    if has_safetensors or not allow_pickle:
         kwargs["use_safetensors"] = True
+    else:
+        kwargs["weights_only"] = True  # the opt-in to pickle still unpickles tensors only
     if task == "classify":
         kwargs["ignore_mismatched_sizes"] = True
     model, new_weights = _from_pretrained(source, task, kwargs)
@@ -422,8 +445,12 @@ def load_checkpoint(
     torch_dtype: torch.dtype = torch.float32,
     *,
     problem_type: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint directory (or hub id when online) for `task`, with what honelm knows of it.
+
+    Weights are read from safetensors only: a directory with pickle weights only (pytorch_model.bin)
+    is refused with how to convert it, unless `allow_pickle` (then read with weights_only=True).
 
     task "lm" -> AutoModelForCausalLM (encoder checkpoints are refused: use "mlm"),
     "mlm" -> AutoModelForMaskedLM, "classify" -> AutoModelForSequenceClassification,
@@ -443,7 +470,8 @@ def load_checkpoint(
         merged = load_merged(local, task, num_labels=num_labels, id2label=id2label,
                              trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type)
         return dataclasses.replace(merged, origin=f"from {path_or_id}")
-    return _load_pretrained(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype, problem_type)
+    return _load_pretrained(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype, problem_type,
+                            allow_pickle)
 
 
 def load_model(

@@ -156,11 +156,14 @@ def command(name: str) -> Any:
     return resolve(verb(name).target)
 
 
-def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = ()) -> Any:
-    """Run a stage (through the runner) or a config verb with a built config; returns its summary."""
+def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence[Any] = (),
+             allow_changed_data: bool = False) -> Any:
+    """Run a stage (through the runner) or a config verb with a built config; returns its summary.
+    `allow_changed_data`: a resumed stage run continues even on inputs that changed (honelm.pins)."""
     v = verb(name)
     if v.kind == "stage":
-        return resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks)
+        return resolve(RUNNER)(stage(name), cfg, resume=resume, callbacks=callbacks,
+                               allow_changed_data=allow_changed_data)
     if callbacks:
         raise TypeError(f"honelm {name} trains nothing that callbacks could observe")
     return importlib.import_module(v.module).run(cfg, resume=resume)

@@ -1,18 +1,24 @@
 """The run directory: created (or reopened to resume) once per run, with its config, run.json and `latest` link.
 
-`run_directory` refuses to mix two runs in one directory; `tracker_for` opens the run's log and
+`run_directory` refuses to mix two runs in one directory and takes the run's lock: one writer per
+run directory (`RUN/.lock`, an OS file lock held for the run's life and released by the kernel when
+the process dies however it dies), so a second `--resume` of a running run, or a `honelm test`
+while it trains, is refused with the holder named; `release_run` lets go at the run's end and
+`hold_run` holds it around other work (`honelm test`). `tracker_for` opens the run's log and
 metrics.jsonl; `stage_of` reads which verb made a run (run.json).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
@@ -22,6 +28,61 @@ from honelm.checkpoint import list_checkpoints
 from honelm.errors import HonelmError
 from honelm.runtime import Runtime
 from honelm.tracking import Tracker
+
+
+LOCK_FILE = ".lock"
+_HELD: dict[Path, IO[str]] = {}
+"""The run locks this process holds (by resolved run directory), until `release_run`."""
+
+
+def _lock(run_dir: Path, what: str) -> IO[str]:
+    """Take RUN/.lock without waiting, or a HonelmError naming who holds it."""
+    path = run_dir / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "holder unknown"
+        handle.close()
+        raise HonelmError(f"{run_dir} is in use by another honelm process ({holder}): one process writes a run at a "
+                          "time; wait for it to end (or stop it) and try again") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}: {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def acquire_run(run_dir: Path, what: str) -> None:
+    """Hold RUN's lock until `release_run` (or this process ends); a second writer gets a clear error."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        raise HonelmError(f"{run_dir} is already being written by this process ({what})")
+    _HELD[key] = _lock(run_dir, what)
+
+
+def release_run(run_dir: Path) -> None:
+    """Let go of RUN's lock (nothing when this process does not hold it)."""
+    handle = _HELD.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: Path, what: str) -> Iterator[None]:
+    """RUN's lock for the duration of the block (`honelm test`)."""
+    acquire_run(run_dir, what)
+    try:
+        yield
+    finally:
+        release_run(run_dir)
+
+
+def _refuse_if_busy(run_dir: Path) -> None:
+    """An existing run about to be replaced (run.overwrite) must not be one that a live process writes."""
+    if (run_dir / LOCK_FILE).is_file():
+        _lock(run_dir, "checking").close()
 
 
 def _broadcast_str(runtime: Runtime, value: str) -> str:
@@ -40,11 +101,12 @@ def _any_checkpoint(run_dir: Path) -> bool:
 
 
 def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) -> Path:
-    """Create (or, with resume, reopen) the run directory and point `latest` at it.
+    """Create (or, with resume, reopen) the run directory, take its lock (main process) and point `latest` at it.
 
     An existing non-empty directory is refused, except with `run.overwrite=true` on a honelm run
-    without checkpoints: its old files are removed first, so the new run's logs are not mixed
-    with the old one's. A directory that is not a honelm run (no run.json) is never removed.
+    without checkpoints that no live process writes: its old files are removed first, so the new
+    run's logs are not mixed with the old one's. A directory that is not a honelm run (no run.json)
+    is never removed. The caller releases the lock (`release_run`) when the run ends.
     """
     if resume:
         run_dir = Path(resume)
@@ -52,6 +114,8 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
             raise HonelmError(f"{resume}: not a run directory (no config.yaml)")
         if not _any_checkpoint(run_dir):
             raise HonelmError(f"{resume}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
+        if runtime.is_main:
+            acquire_run(run_dir, f"honelm {stage} --resume")
         return run_dir
     out = Path(cfg.run.out_dir or f"runs/{stage}")
     name = _broadcast_str(runtime, cfg.run.name or time.strftime("%Y%m%d-%H%M%S"))
@@ -66,8 +130,10 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
             if not (run_dir / "run.json").is_file():
                 raise HonelmError(f"{run_dir} is not a honelm run directory (no run.json): run.overwrite does not "
                                   "remove other files; choose another run.name")
+            _refuse_if_busy(run_dir)
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        acquire_run(run_dir, f"honelm {stage}")
         C.dump(cfg, run_dir / "config.yaml", header=f"# honelm {stage} --config {run_dir / 'config.yaml'}")
         info = {"stage": stage, "honelm_version": __version__, "argv": sys.argv, "started": time.time(),
                 "world_size": runtime.world_size}

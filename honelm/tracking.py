@@ -2,13 +2,16 @@
 
 Only the main process writes. Every event is a JSON object with `event`, `step` and `time`
 (see docs/run-directory.md for the schema); the same event is printed as one line, so the
-terminal, `log.txt` and `metrics.jsonl` always tell the same story.
+terminal, `log.txt` and `metrics.jsonl` always tell the same story. A resumed run drops the events
+of the steps it replays (`drop_after`); a metrics.jsonl deleted under a running run (its run
+directory removed) stops the run at the next event instead of writing into nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from honelm.errors import HonelmError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -87,6 +92,9 @@ class Tracker:
             return
         record = {"event": kind, "step": step, **fields, "time": round(time.time(), 3)}
         if self._jsonl:
+            if os.fstat(self._jsonl.fileno()).st_nlink == 0:  # unlinked: the run directory was removed under us
+                raise HonelmError(f"{self.run_dir}: metrics.jsonl was deleted while the run was writing it (the run "
+                                  "directory was removed?); the run stops here")
             self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
@@ -96,6 +104,34 @@ class Tracker:
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if k != "message")
         message = fields.get("message", "")
         self.say(f"[step {step}] {kind}{(' ' + message) if message else ''}{(' ' + shown) if shown else ''}")
+
+    def drop_after(self, step: int) -> int:
+        """Remove from metrics.jsonl the events after `step` (and lines torn by a kill); returns how many went.
+
+        A resumed run replays the steps after its checkpoint and logs them again: without this they
+        would be there twice. The file is replaced atomically.
+        """
+        if not self._jsonl or self.run_dir is None:
+            return 0
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.flush()
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or (isinstance(row.get("step"), int) and row["step"] > step):
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            tmp = path.with_name(f".metrics.jsonl.{os.getpid()}")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            self._jsonl.close()
+            os.replace(tmp, path)
+            self._jsonl = open(path, "a", encoding="utf-8")
+        return dropped
 
     def progress(self, step: int, info: str) -> None:
         if self._progress is not None:

@@ -753,6 +753,12 @@ def _file_sha256(spec: str | Path | Sequence[str | Path]) -> str:
     return _sha256("\n".join(f"{name}\0{digest}" for name, digest in digests))
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 hex of one file's bytes, read by the one function training may open a test file with (to hash it);
+    honelm.pins pins data files with it."""
+    return _file_sha256(path)
+
+
 def _histogram(rows: Sequence[Item]) -> dict[str, int]:
     counts = Counter(str(lbl) for lbl in (getattr(e, "label", None) for e in rows) if _is_class_label(lbl))
     return dict(sorted(counts.items()))

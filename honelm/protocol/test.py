@@ -4,11 +4,13 @@ It looks the run's stage up in the registry, rebuilds the run's splits from its 
 (splits are deterministic by content) with `Stage.splits`, checks that train and validation hash
 to what the run recorded, opens the test split inside `unlock_test_split`, and scores the best
 checkpoint once with `Stage.test` (by default: load best/, `encode`, `score` with the prefix
-"test", the same `score` validation used). It writes `test_metrics.json`, the per-example files the
-stage returns under "files" (e.g. test predictions; else the score records its scoring kept in
-`ctx.records("test")`, as test_predictions.jsonl), and appends the look to `test_looks.jsonl`.
-A second look is refused unless forced; forced looks are recorded as such, so a report always
-shows how many times the test set was seen. Every look also goes into the project's test ledger
+"test", the same `score` validation used). It appends the look to `test_looks.jsonl` and to the
+ledger FIRST, then writes `test_metrics.json` and the per-example files the stage returns under
+"files" (e.g. test predictions; else the score records its scoring kept in `ctx.records("test")`,
+as test_predictions.jsonl): a look interrupted after scoring still counts. It holds the run's lock
+throughout (honelm.rundir), so two `honelm test` of one run, or a test of a run still training,
+cannot both proceed. A second look is refused unless forced; forced looks are recorded as such, so
+a report always shows how many times the test set was seen. Every look also goes into the project's test ledger
 (honelm.protocol.ledger), keyed by the test split's hash: a look at a split that ANOTHER run has
 already looked at is flagged (a warning here, a mark in the ledger, a count in every report),
 never refused. Nothing here knows a stage by name.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +33,7 @@ from honelm.data.splits import content_text, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
 from honelm.predictions import TEST_FILE, dumps_records
 from honelm.protocol import ledger as L
-from honelm.rundir import stage_of
+from honelm.rundir import hold_run, stage_of
 from honelm.stages.contract import RunContext, Stage
 
 
@@ -57,19 +60,22 @@ def run_test(run_dir: str | Path, force: bool = False, ledger: str | Path | None
     flagged against each other (the seeds of the one configuration an ablation chose)."""
     run_dir = Path(run_dir)
     stage = stage_of(run_dir)
-    previous = looks(run_dir)
-    if previous and not force:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous[-1]["time"]))
-        raise HonelmError(f"{run_dir}: the test split was already evaluated ({len(previous)} look(s), last {when}). "
-                          "Choosing anything after seeing test results makes them optimistic; "
-                          "if you must look again, pass --force (the look is recorded).")
-    if stage not in registry.training_verbs():
-        raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
-    metrics = _test_stage(registry.stage(stage), run_dir)
-    metrics = _record(run_dir, previous, metrics)
-    path = L.ledger_path(run_dir, ledger)
-    manifest = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
-    entry = L.record_look(path, run_dir, manifest, stage, len(previous) + 1, bool(previous), metrics, group)
+    with hold_run(run_dir, "honelm test"):
+        previous = looks(run_dir)
+        if previous and not force:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(previous[-1]["time"]))
+            raise HonelmError(f"{run_dir}: the test split was already evaluated ({len(previous)} look(s), last "
+                              f"{when}). Choosing anything after seeing test results makes them optimistic; "
+                              "if you must look again, pass --force (the look is recorded).")
+        if stage not in registry.training_verbs():
+            raise HonelmError(f"{run_dir}: `honelm test` does not apply to {stage} runs")
+        metrics = _test_stage(registry.stage(stage), run_dir)
+        files = metrics.pop("files", {})
+        _record(run_dir, previous, metrics)  # the look first: a look cut short after scoring still counts
+        path = L.ledger_path(run_dir, ledger)
+        manifest = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
+        entry = L.record_look(path, run_dir, manifest, stage, len(previous) + 1, bool(previous), metrics, group)
+        _write_results(run_dir, len(previous) + 1, metrics, files)
     warning = L.warning(entry, path)
     if warning:
         print(warning, flush=True)
@@ -106,19 +112,27 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write test_metrics.json, the files the stage asked for, and the look in test_looks.jsonl."""
-    files = metrics.pop("files", {})
-    best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8")) if (run_dir / "best" / "best.json").is_file() else {}
-    record = {"time": time.time(), "forced": bool(previous), "look": len(previous) + 1, "best_step": best.get("step"),
-              "metrics": metrics}
-    (run_dir / "test_metrics.json").write_text(json.dumps({**metrics, "look": len(previous) + 1,
-                                                           "best_step": best.get("step")}, indent=2), encoding="utf-8")
-    for name, text in files.items():
-        (run_dir / name).write_text(text, encoding="utf-8")
+def _best_step(run_dir: Path) -> Any:
+    best = run_dir / "best" / "best.json"
+    return json.loads(best.read_text(encoding="utf-8")).get("step") if best.is_file() else None
+
+
+def _record(run_dir: Path, previous: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """Append the look to test_looks.jsonl (flushed to disk before any result is written)."""
+    record = {"time": time.time(), "forced": bool(previous), "look": len(previous) + 1,
+              "best_step": _best_step(run_dir), "metrics": metrics}
     with open(run_dir / "test_looks.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
-    return metrics
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_results(run_dir: Path, look: int, metrics: dict[str, Any], files: dict[str, str]) -> None:
+    """test_metrics.json and the files the stage asked for (after the look is recorded)."""
+    (run_dir / "test_metrics.json").write_text(json.dumps({**metrics, "look": look, "best_step": _best_step(run_dir)},
+                                                          indent=2), encoding="utf-8")
+    for name, text in files.items():
+        (run_dir / name).write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str]) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def _load_init_from(model_cfg: C.ModelConfig, task: str, num_labels: int | None,
     path = resolve_model_dir(model_cfg.init_from)
     if not carry:
         return load_checkpoint(path, task, num_labels=num_labels, id2label=id2label,
-                               trust_remote_code=model_cfg.trust_remote_code)
+                               trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
     if not is_adapter_dir(path):
         raise ConfigError(f"lora.carry=true: model.init_from={model_cfg.init_from} holds no LoRA adapter "
                           f"({path} has no adapter_config.json); set lora.carry=false to add a fresh adapter")

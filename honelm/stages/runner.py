@@ -6,9 +6,11 @@ asks the stage for its plan, lets the boosters measure what depends on the start
 (`calibrate`) and prepare (a run of their own with that plan, such as a teacher, after which the
 main run trains a fresh model from the same start), lets the boosters wrap the objective, calls
 `fit`, and returns the run's summary; a stage that trains nothing (`Stage.trains` false) is
-evaluated once instead (`evaluate_once`). The order of these steps is the order of the RNG use,
-which exact resume depends on: the stage hooks are called where the stage modules used to do the
-same work by hand.
+evaluated once instead (`evaluate_once`). The run directory's lock is held from its opening to the
+run's end; a fresh run pins its inputs (honelm.pins), a resumed one checks them and first tidies
+what a killed write left behind (honelm.checkpoint.clean_stale). The order of these steps is the
+order of the RNG use, which exact resume depends on: the stage hooks are called where the stage
+modules used to do the same work by hand.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
-from honelm.checkpoint import best_writes_base, list_checkpoints
+from honelm.checkpoint import best_writes_base, clean_stale, list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
 from honelm.models import LoadedModel, count_parameters
-from honelm.rundir import run_directory, tracker_for
+from honelm.pins import check_inputs, record_inputs
+from honelm.rundir import release_run, run_directory, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
 
@@ -36,8 +39,27 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     rt.seed_everything(cfg.run.seed)
     stage.check(cfg)
     run_dir = run_directory(stage.name, cfg, runtime, resume)
-    tracker = tracker_for(run_dir, runtime, cfg)
+    try:
+        tracker = tracker_for(run_dir, runtime, cfg)
+    except BaseException:
+        release_run(run_dir)
+        raise
     return RunContext(cfg=cfg, runtime=runtime, run_dir=run_dir, tracker=tracker, resume=resume is not None)
+
+
+def settle_inputs(ctx: RunContext, allow_changed_data: bool) -> None:
+    """A fresh run pins its inputs; a resumed one tidies stale temporary copies and checks its inputs."""
+    main = ctx.runtime.is_main
+    if not ctx.resume:
+        if main:
+            record_inputs(ctx.run_dir, ctx.cfg)
+        return
+    if main:
+        subdirs = [d for d in ctx.run_dir.iterdir() if d.is_dir()]
+        for directory in (ctx.run_dir, *subdirs, *(d / "checkpoints" for d in subdirs)):
+            for line in clean_stale(directory):
+                ctx.say(line)
+    check_inputs(ctx.run_dir, ctx.cfg, allow_changed_data, ctx.say, write=main)
 
 
 def load(stage: Stage, ctx: RunContext) -> LoadedModel:
@@ -174,10 +196,20 @@ def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, An
             "best_step": result.best_step, **result.last_eval, **extra, "stop_requested": result.stop_requested}
 
 
-def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train one run of `stage` with `cfg` (or continue `resume`); returns the run's summary."""
+def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Callback] = (),
+              allow_changed_data: bool = False) -> dict[str, Any]:
+    """Train one run of `stage` with `cfg` (or continue `resume`; `allow_changed_data`: even on inputs that changed
+    since it started); returns the run's summary."""
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
     ctx = open_run(stage, cfg, resume)
+    try:
+        settle_inputs(ctx, allow_changed_data)
+        return _run(stage, ctx, callbacks)
+    finally:
+        release_run(ctx.run_dir)
+
+
+def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback]) -> dict[str, Any]:
     loaded = load(stage, ctx)
     if stage.trains:
         plan, result = train(stage, ctx, loaded, callbacks)

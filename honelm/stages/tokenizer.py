@@ -8,13 +8,14 @@ RUN/tokenizer, loadable with `AutoTokenizer.from_pretrained`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from honelm import runtime as rt
 from honelm.config import RunConfig, section
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
-from honelm.rundir import run_directory, tracker_for, write_json
+from honelm.rundir import release_run, run_directory, tracker_for, write_json
 from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
 
 
@@ -44,6 +45,13 @@ class TokenizerConfig:
 def run(cfg: TokenizerConfig, resume: str | None = None) -> dict[str, Any]:
     runtime = rt.setup()
     run_dir = run_directory("tokenizer", cfg, runtime, None)
+    try:
+        return _train(cfg, runtime, run_dir)
+    finally:
+        release_run(run_dir)
+
+
+def _train(cfg: TokenizerConfig, runtime: rt.Runtime, run_dir: Path) -> dict[str, Any]:
     tracker = tracker_for(run_dir, runtime, cfg)
     splits = text_splits(cfg.data, tracker.say)
     write_json(run_dir / "split_manifest.json", splits.manifest, runtime)

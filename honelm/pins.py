@@ -1,0 +1,143 @@
+"""What a run was started on, pinned: absolute paths and sha256 of its data, tokenizer and init model.
+
+`config.yaml` keeps paths as the user typed them, often relative: resumed from another directory,
+or after a file was edited, the same config names different bytes. At the start of a run
+`record_inputs` writes RUN/inputs.json,
+
+    {"format": 1, "cwd": "/abs/where/it/started",
+     "inputs": {"data.train": {"spec": "corpus.txt",
+                               "files": [{"path": "/abs/corpus.txt", "size": 1234, "sha256": "9f2c…"}]},
+                "model.init_from": {"spec": "runs/pretrain/latest", "files": [...]},
+                "model.tokenizer": {"spec": "bert-base-uncased", "hub": true, "files": []}}}
+
+and `check_inputs` on `--resume` reads every pinned input again and refuses one whose files differ,
+naming the file and both hashes, unless the user passes `--allow-changed-data` (then the change is
+said, recorded in inputs.json under "changes", and the new content pinned). A hub id cannot be
+hashed without the network: its name is pinned, not its bytes. A run started before inputs were
+pinned is resumed unchecked, with a note, and pinned from then on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from honelm.checkpoint import file_sha256, resolve_model_dir
+from honelm.data.readers import expand_paths
+from honelm.data.sources import SplitDataConfig
+from honelm.data.splits import file_digest
+from honelm.errors import HonelmError
+
+PINS_FILE = "inputs.json"
+DATA_FIELDS = ("train", "val", "test", "unlabelled")
+"""The fields of a data section (`SplitDataConfig`: `data`, adapt's `task`) that name data files."""
+EXTRA_FIELDS = ("task_extra",)
+"""Fields of other sections that name data files (adapt's extra task text)."""
+MODEL_KEYS = ("init_from", "tokenizer")
+"""The `model.*` fields that name a model or tokenizer directory (or a hub id)."""
+
+
+def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
+    """(key, value, is_model) of every non-empty input field of `cfg`."""
+    for section, part in vars(cfg).items():
+        names = DATA_FIELDS if isinstance(part, SplitDataConfig) else EXTRA_FIELDS
+        for name in names:
+            value = getattr(part, name, "")
+            if isinstance(value, str) and value:
+                yield f"{section}.{name}", value, False
+    model = getattr(cfg, "model", None)
+    for name in MODEL_KEYS:
+        value = getattr(model, name, "") if model is not None else ""
+        if isinstance(value, str) and value:
+            yield f"model.{name}", value, True
+
+
+def _file(path: Path, data: bool = False) -> dict[str, Any]:
+    # data files are hashed as the split manifest hashes them: a test file is only ever opened to be hashed
+    digest = file_digest(path) if data else file_sha256(path)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
+
+
+def _pin(spec: str, is_model: bool) -> dict[str, Any]:
+    """The files `spec` names now, hashed (a model spec: the files of the directory it resolves to)."""
+    if not is_model:
+        return {"spec": spec, "files": [_file(p, data=True) for p in expand_paths(spec.split(","))]}
+    where = resolve_model_dir(spec)
+    directory = Path(where)
+    if not directory.is_dir():
+        return {"spec": spec, "hub": True, "files": []}
+    return {"spec": spec, "files": [_file(p) for p in sorted(directory.iterdir()) if p.is_file()]}
+
+
+def pin_inputs(cfg: Any) -> dict[str, Any]:
+    """Every input of `cfg` as inputs.json records it; an input that cannot be read is left out (the stage's own
+    reading reports it, with its file and line)."""
+    inputs = {}
+    for key, spec, is_model in _specs(cfg):
+        try:
+            inputs[key] = _pin(spec, is_model)
+        except (HonelmError, OSError):
+            continue
+    return {"format": 1, "cwd": str(Path.cwd().resolve()), "inputs": inputs}
+
+
+def record_inputs(run_dir: Path, cfg: Any) -> None:
+    """RUN/inputs.json for a run that starts now."""
+    (run_dir / PINS_FILE).write_text(json.dumps(pin_inputs(cfg), indent=2), encoding="utf-8")
+
+
+def _difference(key: str, old: dict[str, Any], new: dict[str, Any] | None) -> str | None:
+    """How input `key` differs from what the run recorded (None: the same)."""
+    if new is None:
+        was = old["files"][0]["path"] if old.get("files") else old.get("spec")
+        return f"{key}={old.get('spec')} cannot be read from here (the run read {was})"
+    if old.get("hub") or new.get("hub"):
+        return None if old.get("spec") == new.get("spec") else f"{key} was {old.get('spec')}, now {new.get('spec')}"
+    before, after = old.get("files", []), new.get("files", [])
+    if len(before) != len(after):
+        return f"{key}={new.get('spec')} now names {len(after)} files; the run read {len(before)}"
+    for was, now in zip(before, after):
+        if was["sha256"] != now["sha256"]:
+            return (f"{key}: {now['path']} has sha256 {now['sha256'][:16]}…, but the run was trained on "
+                    f"{was['path']} with sha256 {was['sha256'][:16]}…")
+    return None
+
+
+def check_inputs(run_dir: Path, cfg: Any, allow_changed: bool, say: Callable[[str], None], write: bool = True) -> None:
+    """On `--resume`: refuse inputs that differ from RUN/inputs.json (HonelmError naming the file and both hashes),
+    or with `allow_changed` say so, record the change and pin the new content (`write`: this process writes)."""
+    path = run_dir / PINS_FILE
+    if not path.is_file():
+        say(f"note: {path} is missing (a run started before inputs were pinned): its data is not checked on this "
+            "resume; it is pinned from now on")
+        if write:
+            record_inputs(run_dir, cfg)
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        pinned = dict(recorded["inputs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HonelmError(f"{path}: unreadable ({type(e).__name__}: {e}); it records what the run was started on: "
+                          "restore it, or delete it to resume without the check") from None
+    now = pin_inputs(cfg)
+    keys = sorted(set(pinned) | set(now["inputs"]))
+    changes = [d for k in keys if (d := _change(k, pinned.get(k), now["inputs"].get(k)))]
+    if not changes:
+        return
+    if not allow_changed:
+        raise HonelmError(f"{changes[0]}{f' (and {len(changes) - 1} more changes)' if len(changes) > 1 else ''}: "
+                          "a resumed run must read what it started on; restore the original input, or resume with "
+                          "--allow-changed-data to continue on the new one (recorded in inputs.json)")
+    for change in changes:
+        say(f"warning: {change}; continuing on it (--allow-changed-data)")
+    if write:
+        now["changes"] = [*recorded.get("changes", []), *({"time": time.time(), "change": c} for c in changes)]
+        path.write_text(json.dumps(now, indent=2), encoding="utf-8")
+
+
+def _change(key: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> str | None:
+    if old is None:
+        return f"{key}={new['spec']} is set, but the run started without it" if new is not None else None
+    return _difference(key, old, new)
