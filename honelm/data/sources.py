@@ -9,8 +9,10 @@ files and split them by content (honelm.data.splits). The test split inside is s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
+from honelm.bounds import at_least, between
+from honelm.config import FieldError
 from honelm.data.readers import read_documents, read_examples
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError
@@ -28,12 +30,23 @@ class SplitDataConfig:
     """Test data file, read only by `honelm test`; empty = split off the training data."""
     split: str = "8:1:1"
     """train:val:test ratios for what is split off (8:1:1 default; 6:2:2 accepted)."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Split seed, separate from run.seed so training seeds never change the split."""
     dedup: bool = False
     """Remove from train the exact and near duplicates of validation/test texts (always reported)."""
-    near_dup_threshold: float = 0.8
+    near_dup_threshold: Annotated[float, between(0, 1, open_lo=True)] = 0.8
     """Jaccard similarity of word 3-gram shingles at or above which two texts count as near duplicates (one changed word in 20 gives about 0.7)."""
+
+    def validate(self) -> None:
+        """data.split: three non-negative numbers, train > 0, and a validation share unless data.val gives one."""
+        try:
+            ratios = parse_ratios(self.split)
+        except ValueError as e:
+            raise FieldError("split", f"{self.split!r}: {str(e).split(': ', 1)[-1]}; write "
+                             "train:val:test, e.g. 8:1:1 (9:1:0 = no test share)") from None
+        if ratios[1] == 0 and not self.val:
+            raise FieldError("split", f"{self.split!r} leaves nothing for validation: give validation a share "
+                             "(e.g. 8:1:1) or a validation file (data.val)")
 
 
 def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from honelm import predictions as P
+from honelm.bounds import above, between
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.logprobs import sequence_logps, unwrap
@@ -64,11 +65,11 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 class DPOObjectiveConfig:
     """The DPO-family loss and its reference model."""
 
-    beta: float = 0.1
+    beta: Annotated[float, above(0)] = 0.1
     """β: how far the policy may move from the reference (larger = stays closer); for ipo it is τ."""
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """sigmoid (DPO: -log σ(β·h)), ipo ((h/tokens - 1/(2β))², length-normalised as in TRL) or hinge (max(0, 1 - β·h))."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, between(0, 0.5, open_hi=True)] = 0.0
     """cDPO: the probability ε that a pair's preference is flipped; loss (1-ε)·L(c, r) + ε·L(r, c); sigmoid only, 0 <= ε < 0.5. Current TRL ignores label_smoothing for sigmoid (TRL 0.12 applied it like this)."""
     precompute_ref: bool = False
     """Compute the reference log-probs of every train and validation pair in one no-grad pass before training and keep only those (no reference model in memory while training)."""

@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -63,6 +63,7 @@ from sqlalchemy.engine import make_url  # optuna's RDB storage depends on sqlalc
 
 from honelm import config as C
 from honelm import registry
+from honelm.bounds import ANY, above, at_least
 from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError, TrainingError
 from honelm.loop import Callback, TrainState, metric_is_min
@@ -153,11 +154,11 @@ class RangeConfig:
 
     values: list[Any] | None = None
     """Categorical choices (distinct); a plain list in place of the mapping means the same."""
-    low: int | float | None = None
+    low: Annotated[int | float | None, ANY] = None
     """Lowest value of a range (ints on both ends and in step make an int range)."""
-    high: int | float | None = None
+    high: Annotated[int | float | None, ANY] = None
     """Highest value of a range (included)."""
-    step: int | float | None = None
+    step: Annotated[int | float | None, above(0)] = None
     """Spacing of a range's values; none = continuous (or every int)."""
     log: bool = False
     """Sample the range on a log scale (needs low > 0; not with step)."""
@@ -215,11 +216,11 @@ class SearchConfig:
     """Optuna sampler; grid needs finite dimensions (choices, or int ranges with a step)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
-    n_trials: int | None = None
+    n_trials: Annotated[int | None, at_least(1)] = None
     """Finished (complete or pruned) trials to reach; empty = 10, or the whole grid with the grid sampler (--n-trials)."""
-    timeout: float = 0.0
+    timeout: Annotated[float, at_least(0)] = 0.0
     """Seconds after which this invocation starts no new trial; 0 = no limit (--timeout)."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Seed of the sampler."""
     keep_models: Literal["best", "all"] = "best"
     """Which trials keep their best/ model on disk: only the best trial's, or all."""

@@ -14,8 +14,9 @@ the reply continues) and are counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
+from honelm.bounds import at_least
 from honelm.data.chat import Messages, prompt_ids, prompt_of
 from honelm.data.readers import Document, expand_paths, read_documents, read_rows
 from honelm.data.sources import SplitDataConfig, say_split
@@ -34,7 +35,7 @@ class PromptDataConfig(SplitDataConfig):
     """train:val:test ratios of the prompts (validation prompts measure the score at eval time; PPO runs have no test split by default)."""
     chat: Literal["auto", "on", "off"] = "auto"
     """Render prompts with the tokenizer's chat template: auto = when the tokenizer has one; on = always (honelm's default template is added to a tokenizer without one); off = plain text continuation."""
-    max_prompt_length: int = 128
+    max_prompt_length: Annotated[int, at_least(1)] = 128
     """Longest prompt in tokens; a longer one keeps its last tokens (counted in the log)."""
 
 

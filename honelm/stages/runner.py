@@ -13,6 +13,7 @@ same work by hand.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -25,9 +26,13 @@ from honelm.checkpoint import best_writes_base, list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
 from honelm.models import LoadedModel, count_parameters
-from honelm.rundir import run_directory, tracker_for
+from honelm.rundir import discard_failed_start, latest_of, run_directory, runs_parent, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
+
+
+STARTED = "training_started"
+"""ctx.extra key set when the run's training (or its one evaluation) begins: a failure before it is a failed start."""
 
 
 def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
@@ -123,6 +128,7 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     # the run resumes from its own checkpoint only: one resumed during a booster's sub-run has none yet
     resume = ctx.resume and bool(list_checkpoints(ctx.run_dir / "checkpoints"))
     model = plan.model if plan.model is not None else loaded.model
+    ctx.extra[STARTED] = True
     return plan, fit_plan(ctx, plan, model, objective, resume, callbacks)
 
 
@@ -137,6 +143,7 @@ def evaluate_once(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks:
     """
     plan, tracker = stage.plan(ctx, loaded), ctx.tracker
     assert tracker is not None
+    ctx.extra[STARTED] = True
     model, state = loaded.model.to(ctx.device).eval(), TrainState(ctx.run_dir, total=0, reason="evaluated")
     every = [*plan.callbacks, *callbacks]
     for callback in every:
@@ -175,14 +182,28 @@ def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, An
 
 
 def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train one run of `stage` with `cfg` (or continue `resume`); returns the run's summary."""
+    """Train one run of `stage` with `cfg` (or continue `resume`); returns the run's summary.
+
+    A new run that fails before training starts (bad data, a model that does not fit the config) leaves
+    nothing behind: its directory is removed and `latest` points where it did (`discard_failed_start`).
+    """
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
+    latest_before = latest_of(runs_parent(stage.name, cfg)) if resume is None else None
     ctx = open_run(stage, cfg, resume)
-    loaded = load(stage, ctx)
-    if stage.trains:
-        plan, result = train(stage, ctx, loaded, callbacks)
-    else:
-        plan, result = evaluate_once(stage, ctx, loaded, callbacks)
+    try:
+        loaded = load(stage, ctx)
+        if stage.trains:
+            plan, result = train(stage, ctx, loaded, callbacks)
+        else:
+            plan, result = evaluate_once(stage, ctx, loaded, callbacks)
+    except BaseException:
+        if not ctx.resume and not ctx.extra.get(STARTED):
+            assert ctx.tracker is not None
+            ctx.tracker.close()
+            if discard_failed_start(ctx.run_dir, latest_before, ctx.runtime):
+                print(f"{ctx.run_dir}: removed, as the run failed before training (run the same command again once "
+                      "the error is fixed)", file=sys.stderr, flush=True)
+        raise
     assert ctx.tracker is not None
     if result is None:  # a booster's own run stopped before the main run started
         ctx.tracker.close()
