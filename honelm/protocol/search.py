@@ -29,8 +29,8 @@ can read the test split, not even `honelm test`; test the winner once afterwards
 
 Resuming: the study lives in OUT_DIR/study.db (SQLite). Running the same command again continues
 the same study up to `n_trials` finished (complete or pruned) trials. A trial that was running
-when the process died or was interrupted is marked failed and its parameters are tried again
-first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
+when the process died or was interrupted, or that failed (its error is in the trials' `error`
+column), is marked failed and its parameters are tried again first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
 trials are then detected by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
 
 Outputs, rewritten after every trial: trials.jsonl and trials.csv, best.json, best.yaml (the best
@@ -216,7 +216,7 @@ class SearchConfig:
     """Optuna sampler; grid needs finite dimensions (choices, or int ranges with a step)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
-    n_trials: Annotated[int | None, at_least(1)] = None
+    n_trials: Annotated[int | None, at_least(0)] = None
     """Finished (complete or pruned) trials to reach; empty = 10, or the whole grid with the grid sampler (--n-trials)."""
     timeout: Annotated[float, at_least(0)] = 0.0
     """Seconds after which this invocation starts no new trial; 0 = no limit (--timeout)."""
@@ -396,8 +396,10 @@ class _Lock:
 
 
 def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
-    """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive) or
-    failed by an interrupt: mark them failed and try their parameters again first. Returns how many."""
+    """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive), failed by an
+    interrupt or by an error: mark them failed and try their parameters again first, once per failed trial (a
+    retry that fails is itself retried by the next run). A grid sampler counts a failed point as visited, so
+    without this its value would never be tried again. Returns how many."""
     TS = optuna.trial.TrialState
     retried_path = spec.out_dir / "retried.json"
     retried = set(json.loads(retried_path.read_text())) if retried_path.is_file() else set()
@@ -407,7 +409,7 @@ def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
         stale = t.state == TS.RUNNING and not spec.storage
         if stale:
             storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TS.FAIL)
-        if (stale or (t.state == TS.FAIL and t.user_attrs.get("interrupted"))) and t.number not in retried:
+        if (stale or t.state == TS.FAIL) and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             retried.add(t.number)
             again += 1
@@ -475,22 +477,23 @@ def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str
         todo = max(spec.n_trials - done, 0)
         print(f"search {spec.out_dir}: {spec.verb}, {spec.metric} ({'min' if spec.minimize else 'max'}), "
               f"{spec.sampler} sampler, {spec.pruner} pruner; {done} trial(s) finished, {todo} to run"
-              + (f", {again} interrupted trial(s) tried again first" if again else ""), flush=True)
+              + (f", {again} interrupted or failed trial(s) tried again first" if again else ""), flush=True)
 
         def objective(trial: Any) -> float:
             nonlocal stopped
             params = {prm.key: suggest(trial, prm) for prm in spec.space}
             run_dir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir))
-            cfg = build_trial_config(spec, params, run_dir)
             shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
             print(f"\n> trial {trial.number} ({done_now() + 1}/{spec.n_trials}): {shown}", flush=True)
 
             started = time.time()
             try:
+                cfg = build_trial_config(spec, params, run_dir)
                 result = registry.run_verb(spec.verb, cfg, callbacks=[*callbacks, _Pruner(trial, spec.metric)])
-            except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
-                trial.set_user_attr("error", str(e)[:500])
+            except Exception as e:  # recorded, and tried again by the next run of the search (`_recover`)
+                message = str(e) if isinstance(e, HonelmError) else f"{type(e).__name__}: {e}"
+                trial.set_user_attr("error", message[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
                 raise
             trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -525,11 +528,14 @@ def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str
             with forbid_test_split("honelm search"):
                 try:
                     study.optimize(objective, n_trials=todo, timeout=spec.timeout or None, callbacks=study_callbacks,
-                                   catch=(TrainingError, ConfigError), gc_after_trial=True)
+                                   catch=(HonelmError,), gc_after_trial=True)
                 except KeyboardInterrupt:
                     write_outputs(spec, study)
                     print(f"search interrupted: run the same `honelm search {spec.path} ...` command again to "
                           "continue the same study", flush=True)
+                    raise
+                except Exception:  # an unexpected error ends the search; its trial's error is in the outputs
+                    write_outputs(spec, study)
                     raise
         best = write_outputs(spec, study, plots=True)
     return {**best, "stop_requested": True} if stopped else best

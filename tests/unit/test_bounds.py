@@ -112,8 +112,8 @@ def test_an_invalid_value_is_one_line_naming_key_value_and_range(verb, override,
 
 def test_a_spec_file_value_outside_its_range_names_the_file(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("verb: classify\nout_dir: x\nmetric: val_accuracy\nn_trials: 0\nspace:\n  train.lr: [0.1, 0.2]\n")
-    with pytest.raises(C.ConfigError, match=r"s.yaml: n_trials=0: must be an integer >= 1"):
+    path.write_text("verb: classify\nout_dir: x\nmetric: val_accuracy\nn_trials: -1\nspace:\n  train.lr: [0.1, 0.2]\n")
+    with pytest.raises(C.ConfigError, match=r"s.yaml: n_trials=-1: must be an integer >= 0"):
         C.from_mapping(SearchConfig, C.read_yaml(path, "search file", C.LineLoader), path)
     path.write_text("verb: classify\nout_dir: x\nmetric: val_accuracy\nspace:\n  train.lr: {low: 0.1, high: 0.2, "
                     "step: -1}\n")
