@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from honelm.bounds import at_least, between
 from honelm.data.sft import ChatDocument, SFTExamples, encode_conversations, split_conversations
-from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.sources import SplitDataConfig, check_not_empty, report_skipped, say_split, skipping
 
 
 @dataclass
@@ -101,8 +101,11 @@ class ChatDataConfig(SplitDataConfig):
 
 def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Conversations split by content and seed (`honelm.data.sft.split_conversations`), the split said."""
-    splits = split_conversations(data, leak_texts)
+    bad = skipping(data)
+    splits = split_conversations(data, say, leak_texts, bad)
+    report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
+    check_not_empty(splits.manifest, data)
     return splits
 
 

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from honelm.bounds import at_least
 from honelm.data.chat import Messages, prompt_ids, prompt_of
-from honelm.data.readers import Document, expand_paths, read_documents, read_rows
-from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.readers import BadRows, Document, convert_rows, expand_paths, read_documents, read_rows
+from honelm.data.sources import SplitDataConfig, check_not_empty, report_skipped, say_split, skipping, test_reader
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
 
@@ -65,15 +65,19 @@ def _document(messages: Messages, source: str, line: int) -> PromptDocument:
     return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages))
 
 
-def read_prompt_documents(spec: str | Sequence[str]) -> list[PromptDocument]:
-    """Every prompt of the files (comma-separated, directories or globs), with file and line."""
+def read_prompt_documents(spec: str | Sequence[str], bad: BadRows | None = None) -> list[PromptDocument]:
+    """Every prompt of the files (comma-separated, directories or globs), with file and line; bad rows are raised
+    together, or collected in `bad` for its owner (`honelm.data.readers.BadRows`)."""
+    given, bad = bad, BadRows() if bad is None else bad
     out: list[PromptDocument] = []
     for path in expand_paths(spec.split(",") if isinstance(spec, str) else spec):
         if path.suffix.lower() not in STRUCTURED:  # plain text, one prompt per non-empty line
-            for doc in read_documents([path], unit="lines"):
+            for doc in read_documents([path], unit="lines", bad=bad):
                 out.append(_document([{"role": "user", "content": doc.text}], doc.source, doc.line))
         else:
-            out.extend(_document(prompt_of(row), row.source, row.line) for row in read_rows([path]))
+            out.extend(convert_rows(read_rows([path], bad), lambda row: _document(prompt_of(row), row.source, row.line),
+                                    bad))
+    BadRows.finish(given, bad, out)
     if not out:
         raise DataError(str(spec), None, None, "no prompts found")
     return out
@@ -84,12 +88,17 @@ def prompt_splits(data: PromptDataConfig, say: Callable[[str], None]) -> Any:
     if not data.train:
         raise ConfigError("data.train is empty: give a prompt file (.txt, one per line, or JSONL rows with a prompt, "
                           "an instruction or a conversation)")
-    val = read_prompt_documents(data.val) if data.val else None
-    splits = make_splits(read_prompt_documents(data.train), ratios=parse_ratios(data.split), seed=data.seed,
-                         stratify=False, val=val, load_test=(lambda: read_prompt_documents(data.test)) if data.test else None,
-                         test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
+    bad = skipping(data)
+    train = read_prompt_documents(data.train, bad)
+    val = read_prompt_documents(data.val, bad) if data.val else None
+    bad.check()
+    load_test = test_reader(lambda b: read_prompt_documents(data.test, b), data, say) if data.test else None
+    splits = make_splits(train, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
+                         load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold)
+    report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
+    check_not_empty(splits.manifest, data)
     return splits
 
 
