@@ -107,6 +107,18 @@ def bounds_of(cls: type) -> dict[str, Bound]:
     return found
 
 
+def _integer(tp: Any) -> bool:
+    """Whether a field's values are integers (an `int | float` field, a search range's end, is "a number")."""
+    kinds = set(get_args(tp)) | {tp}
+    return int in kinds and float not in kinds
+
+
+def allowed(cls: type) -> dict[str, str]:
+    """What each bounded field of `cls` allows, in words (for `--help`)."""
+    hints = typing.get_type_hints(cls)
+    return {name: bound.describe(_integer(hints[name])) for name, bound in bounds_of(cls).items()}
+
+
 def check_bounds(cfg: Any, section: str = "") -> None:
     """Raise ConfigError for the first field of `cfg` (one section, not its subsections) outside its Bound.
 
@@ -116,8 +128,7 @@ def check_bounds(cfg: Any, section: str = "") -> None:
     hints = typing.get_type_hints(type(cfg))
     for name, bound in bounds_of(type(cfg)).items():
         value = getattr(cfg, name)
-        kinds = set(get_args(hints[name])) | {hints[name]}
-        integer = int in kinds and float not in kinds  # an int | float field (a search range's end) is "a number"
+        integer = _integer(hints[name])
         items = value if isinstance(value, list) else [value]
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (int, float)):

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from honelm.bounds import DROPOUT, PROBABILITY, above, at_least, between, check_bounds
+from honelm.bounds import DROPOUT, PROBABILITY, above, allowed, at_least, between, check_bounds
 from honelm.errors import ConfigError, HonelmError
 
 # --------------------------------------------------------------------------------------------
@@ -510,13 +510,15 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
     rows = []
     defaults = cls() if defaults is None else defaults
     docs = field_docs(cls)
+    ranges = allowed(cls)
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if _is_section(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
         else:
             value = getattr(defaults, f.name)
-            rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), docs.get(f.name, "")))
+            doc = docs.get(f.name, "") + (f" Allowed: {ranges[f.name]}." if f.name in ranges else "")
+            rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), doc))
             item, mark = _item_section(tp)  # a spec file's list or mapping of sections: the fields of one
             if item is not None:
                 rows.extend(describe(item, f"{prefix}{f.name}{mark}."))

@@ -30,7 +30,7 @@ class SplitDataConfig:
     test: str = ""
     """Test data file, read only by `honelm test`; empty = split off the training data."""
     split: str = "8:1:1"
-    """train:val:test ratios for what is split off (8:1:1 default; 6:2:2 accepted)."""
+    """train:val:test ratios for what is split off (8:1:1 default; 6:2:2 accepted; 9:1:0 = no test share): three non-negative numbers, train > 0, and validation gets a share unless data.val gives a file."""
     seed: Annotated[int, at_least(0)] = 0
     """Split seed, separate from run.seed so training seeds never change the split."""
     dedup: bool = False
