@@ -36,7 +36,7 @@ import torch
 
 from honelm.data.chat import IGNORE, Preference, encode_prompt_reply, preference_of
 from honelm.data.readers import BadRows, Document, Row, convert_rows, read_rows
-from honelm.data.sources import check_not_empty, report_skipped, say_split, skipping, test_reader
+from honelm.data.sources import check_not_empty, read_test_later, report_skipped, say_split, skipping
 from honelm.data.splits import content_hash, make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError, HonelmError
 
@@ -111,7 +111,7 @@ def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     pairs = read_pairs(data.train, margin_field, bad)
     val = read_pairs(data.val, margin_field, bad) if data.val else None
     bad.check()
-    load_test = test_reader(lambda b: read_pairs(data.test, margin_field, b), data, say) if data.test else None
+    load_test = read_test_later(lambda b: read_pairs(data.test, margin_field, b), data, say) if data.test else None
     splits = make_splits(pairs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test or None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)

@@ -68,7 +68,7 @@ BAD_ROWS_SHOWN = 20
 
 
 class BadRowsError(DataError):
-    """Several bad rows, reported together: `errors` holds each row's DataError (the first also sets path/line/field)."""
+    """Several bad rows reported together: `errors` holds each row's DataError (the first sets path, line, field)."""
 
     def __init__(self, errors: Sequence[DataError]) -> None:
         first = errors[0]

@@ -29,7 +29,7 @@ import torch
 
 from honelm.data.chat import IGNORE, Conversation, Messages, encode_chat, read_conversations
 from honelm.data.readers import BadRows, Document
-from honelm.data.sources import skipping, test_reader
+from honelm.data.sources import read_test_later, skipping
 from honelm.data.splits import Splits, make_splits, parse_ratios
 from honelm.errors import ConfigError
 
@@ -84,7 +84,7 @@ def split_conversations(data: Any, say: Callable[[str], None], leak_texts: list[
     val = read(data.val, bad) if data.val else None
     bad.check()
     return make_splits(train, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
-                       load_test=test_reader(lambda b: read(data.test, b), data, say) if data.test else None,
+                       load_test=read_test_later(lambda b: read(data.test, b), data, say) if data.test else None,
                        test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                        near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
 

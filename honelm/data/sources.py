@@ -64,7 +64,8 @@ def report_skipped(bad: BadRows, manifest: dict, say: Callable[[str], None]) -> 
         bad.say(say)
 
 
-def test_reader(read: Callable[[BadRows], list[Any]], data: Any, say: Callable[[str], None]) -> Callable[[], list[Any]]:
+def read_test_later(read: Callable[[BadRows], list[Any]], data: Any,
+                    say: Callable[[str], None]) -> Callable[[], list[Any]]:
     """`load_test` for make_splits: the test file read (only by `honelm test`), its skipped rows said."""
     def load() -> list[Any]:
         bad = skipping(data)
@@ -87,7 +88,7 @@ def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     docs = read(data.train, bad)
     val = read(data.val, bad) if data.val else None
     bad.check()
-    load_test = test_reader(lambda b: read(data.test, b), data, say) if data.test else None
+    load_test = read_test_later(lambda b: read(data.test, b), data, say) if data.test else None
     splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
@@ -113,7 +114,7 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
     bad.check()
     if data.task == "classification":
         warn_about_labels(examples + (val or []), say)
-    load_test = test_reader(lambda b: read_examples(data.test, **fields, bad=b), data, say) if data.test else None
+    load_test = read_test_later(lambda b: read_examples(data.test, **fields, bad=b), data, say) if data.test else None
     splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
                          stratify=data.task == "classification", val=val, load_test=load_test,
                          test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
@@ -158,8 +159,8 @@ def warn_about_labels(rows: Sequence[Any], say: Callable[[str], None]) -> list[s
                         "classes; fix the data if they mean one")
     for label, n in sorted(counts.items(), key=lambda kv: kv[1]):
         if n < MIN_CLASS_EXAMPLES:
-            said.append(f"warning: class {label!r} has only {n} example{'s' if n != 1 else ''} (first at {first[label]}): "
-                        f"fewer than {MIN_CLASS_EXAMPLES}, too few to train and be measured on")
+            said.append(f"warning: class {label!r} has only {n} example{'s' if n != 1 else ''} (first at "
+                        f"{first[label]}): fewer than {MIN_CLASS_EXAMPLES}, too few to train and be measured on")
     for line in said[:10]:
         say(line)
     if len(said) > 10:

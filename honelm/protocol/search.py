@@ -30,8 +30,9 @@ can read the test split, not even `honelm test`; test the winner once afterwards
 Resuming: the study lives in OUT_DIR/study.db (SQLite). Running the same command again continues
 the same study up to `n_trials` finished (complete or pruned) trials. A trial that was running
 when the process died or was interrupted, or that failed (its error is in the trials' `error`
-column), is marked failed and its parameters are tried again first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
-trials are then detected by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
+column), is marked failed and its parameters are tried again first. With `--storage URL`
+(e.g. postgresql://...) several machines can work on one study; stale trials are then detected
+by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
 
 Outputs, rewritten after every trial: trials.jsonl and trials.csv, best.json, best.yaml (the best
 trial's config, ready for `honelm VERB --config best.yaml`), a `best` link to the best trial's

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 from honelm.bounds import at_least
 from honelm.data.chat import Messages, prompt_ids, prompt_of
 from honelm.data.readers import BadRows, Document, convert_rows, expand_paths, read_documents, read_rows
-from honelm.data.sources import SplitDataConfig, check_not_empty, report_skipped, say_split, skipping, test_reader
+from honelm.data.sources import (SplitDataConfig, check_not_empty, read_test_later, report_skipped, say_split,
+                                 skipping)
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
 
@@ -92,7 +93,7 @@ def prompt_splits(data: PromptDataConfig, say: Callable[[str], None]) -> Any:
     train = read_prompt_documents(data.train, bad)
     val = read_prompt_documents(data.val, bad) if data.val else None
     bad.check()
-    load_test = test_reader(lambda b: read_prompt_documents(data.test, b), data, say) if data.test else None
+    load_test = read_test_later(lambda b: read_prompt_documents(data.test, b), data, say) if data.test else None
     splits = make_splits(train, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold)

@@ -102,7 +102,8 @@ INVALID = [
 def test_an_invalid_value_is_one_line_naming_key_value_and_range(verb, override, message, capsys, tmp_path,
                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main([verb, "data.train=nowhere.jsonl", override] if verb != "generate" else [verb, "nowhere", override]) == 1
+    source = "nowhere" if verb == "generate" else "data.train=nowhere.jsonl"  # never read: refused before
+    assert main([verb, source, override]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()

@@ -67,7 +67,8 @@ def test_failed_trials_are_recorded_and_their_grid_points_tried_again(tmp_path, 
     monkeypatch.setattr(registry, "run_verb", fake_runs({1: TrainingError("loss is nan at step 3")}))
     capsys.readouterr()
     assert main(["search", str(path)]) == 0
-    assert "0 trial(s) finished, 3 to run, 1 interrupted or failed trial(s) tried again first" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "0 trial(s) finished, 3 to run, 1 interrupted or failed trial(s) tried again first" in said
     found = rows(tmp_path)
     assert (found[1]["retry_of"], found[1]["state"]) == (0, "complete")
     assert found[1]["params.train.batch_size"] == first["params.train.batch_size"]
