@@ -81,6 +81,7 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     if plan.reset is not None:
         plan.reset()
     ctx.extra.pop("val_records", None)  # a sub-run's (a teacher's) records never describe this run's best/
+    ctx.extra[STARTED] = True  # a sub-run's context shares `extra`: a teacher's training counts as started too
     loaded, run_dir = ctx.loaded, ctx.run_dir
     assert loaded is not None
     train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=saver(ctx, plan),
@@ -128,7 +129,6 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     # the run resumes from its own checkpoint only: one resumed during a booster's sub-run has none yet
     resume = ctx.resume and bool(list_checkpoints(ctx.run_dir / "checkpoints"))
     model = plan.model if plan.model is not None else loaded.model
-    ctx.extra[STARTED] = True
     return plan, fit_plan(ctx, plan, model, objective, resume, callbacks)
 
 
