@@ -24,10 +24,11 @@ import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from honelm.bounds import DROPOUT, PROBABILITY, above, allowed, at_least, between, check_bounds
 from honelm.errors import ConfigError, HonelmError
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ class RunConfig:
     """Parent directory of the run; empty = runs/<stage>. A `latest` link there points to the newest run."""
     name: str = ""
     """Run directory name under out_dir; empty = a timestamp."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Seed for model initialisation, data order and dropout (not for the split: see data.seed)."""
     overwrite: bool = False
     """Reuse the name of an existing honelm run that has no checkpoint to resume: its old files are removed first."""
@@ -61,11 +62,11 @@ class ModelConfig:
     """From-scratch preset size. Ignored with init_from."""
     tokenizer: str = ""
     """Tokenizer directory or `honelm tokenizer` run; empty = the init_from checkpoint's, or (from scratch) one trained on the train split."""
-    vocab_size: int = 8000
+    vocab_size: Annotated[int, at_least(1)] = 8000
     """Vocabulary size of a tokenizer trained on the fly (from scratch without model.tokenizer)."""
-    max_positions: int = 512
+    max_positions: Annotated[int, at_least(1)] = 512
     """Longest sequence a from-scratch model supports."""
-    dropout: float = 0.0
+    dropout: Annotated[float, DROPOUT] = 0.0
     """Dropout of a from-scratch model (hidden and attention); 0 is usual for pre-training, 0.1 for fine-tuning."""
     trust_remote_code: bool = False
     """Allow checkpoints that ship their own Python code (never on unless you trust the source)."""
@@ -77,54 +78,54 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop: optimiser, schedule, batches, precision, evaluation, checkpoints."""
 
-    lr: float = 3e-4
+    lr: Annotated[float, above(0)] = 3e-4
     """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.1
+    weight_decay: Annotated[float, at_least(0)] = 0.1
     """AdamW decoupled weight decay; never applied to biases and norm weights."""
     decay_embeddings: bool = False
     """Apply weight decay to embedding matrices too (with tied embeddings this also decays the output layer)."""
-    adam_beta1: float = 0.9
+    adam_beta1: Annotated[float, between(0, 1, open_hi=True)] = 0.9
     """AdamW beta1."""
-    adam_beta2: float = 0.95
+    adam_beta2: Annotated[float, between(0, 1, open_hi=True)] = 0.95
     """AdamW beta2."""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[float, above(0)] = 1e-8
     """AdamW epsilon."""
-    batch_size: int = 16
+    batch_size: Annotated[int, at_least(1)] = 16
     """Micro-batch size per process (sequences)."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, at_least(1)] = 1
     """Micro-batches accumulated per optimizer step; global batch = batch_size x grad_accum x processes."""
-    max_steps: int = 0
+    max_steps: Annotated[int, at_least(0, note="0 = derive from epochs")] = 0
     """Optimizer steps to run; 0 = derive from epochs."""
-    epochs: float = 1.0
+    epochs: Annotated[float, above(0)] = 1.0
     """Passes over the training data when max_steps is 0 (fractions allowed)."""
-    warmup_steps: int = -1
+    warmup_steps: Annotated[int, at_least(0, -1, note="-1 = use warmup_ratio")] = -1
     """Linear warmup steps; -1 = use warmup_ratio."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: Annotated[float, PROBABILITY] = 0.05
     """Warmup as a fraction of all steps (used when warmup_steps is -1)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, PROBABILITY] = 0.1
     """Learning rate at the end of the schedule, as a fraction of lr (cosine and linear)."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, at_least(0, note="0 = no clipping")] = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast where a measured probe shows it pays (GPU with bf16, CPU with AMX), else fp32."""
-    eval_every: int = 100
+    eval_every: Annotated[int, at_least(0)] = 100
     """Validate every N optimizer steps (and always at the end); 0 = only at the end."""
-    eval_batch_size: int = 32
+    eval_batch_size: Annotated[int, at_least(1)] = 32
     """Batch size for validation."""
     metric: str = ""
     """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default.
     A validation that ties the best value with a lower validation loss counts as an improvement."""
     metric_mode: Literal["auto", "min", "max"] = "auto"
     """Whether the metric is better when smaller; auto = min for losses, perplexity, bpb and mse, else max."""
-    patience: int = 0
+    patience: Annotated[int, at_least(0)] = 0
     """Stop after this many validations without improvement; 0 = never stop early."""
-    save_every: int = 200
+    save_every: Annotated[int, at_least(0)] = 200
     """Write a resumable checkpoint every N optimizer steps; 0 = only at the end and on Ctrl-C."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, at_least(0, note="0 = keep all")] = 2
     """How many recent resumable checkpoints to keep."""
-    log_every: int = 10
+    log_every: Annotated[int, at_least(0)] = 10
     """Log training loss, learning rate and throughput every N optimizer steps."""
     progress: bool = True
     """Show a progress bar (tokens/s, loss, ETA) on an interactive terminal."""
@@ -139,7 +140,7 @@ class TrainConfig:
     the end."""
     compile: bool = False
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
-    threads: int = 0
+    threads: Annotated[int, at_least(0)] = 0
     """CPU threads for torch; 0 = leave torch's default."""
 
 
@@ -460,21 +461,35 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
 
 
 def validate(cfg: Any, section_name: str = "") -> None:
-    """Call `validate()` on the config and every section that has one: cross-field errors come before any work.
+    """Check every field's declared range (`honelm.bounds`), then call `validate()` on the config and every
+    section that has one: bad values and cross-field errors come before any work.
 
     A section's ValueError (e.g. `SamplingConfig`, also used outside configs) becomes a ConfigError
     naming the section, so the CLI reports it as a config error instead of a traceback.
     """
+    if not section_name:
+        check_all_bounds(cfg)
     check = getattr(cfg, "validate", None)
     if callable(check):
         try:
             check()
+        except FieldError as e:
+            raise ConfigError(f"{section_name}.{e.name}: {e.message}" if section_name else str(e)) from None
         except ValueError as e:
             raise ConfigError(f"{section_name}: {e}" if section_name else str(e)) from None
     for f in dataclasses.fields(cfg):
         section_value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section_value):
             validate(section_value, f"{section_name}.{f.name}" if section_name else f.name)
+
+
+def check_all_bounds(cfg: Any, section_name: str = "") -> None:
+    """Every declared Bound of the config and its sections (the first value outside its range is the error)."""
+    check_bounds(cfg, section_name)
+    for f in dataclasses.fields(cfg):
+        section_value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section_value):
+            check_all_bounds(section_value, f"{section_name}.{f.name}" if section_name else f.name)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -497,13 +512,15 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
     rows = []
     defaults = cls() if defaults is None else defaults
     docs = field_docs(cls)
+    ranges = allowed(cls)
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if _is_section(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
         else:
             value = getattr(defaults, f.name)
-            rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), docs.get(f.name, "")))
+            doc = docs.get(f.name, "") + (f" Allowed: {ranges[f.name]}." if f.name in ranges else "")
+            rows.append((f"{prefix}{f.name}", type_name(tp), repr(value), doc))
             item, mark = _item_section(tp)  # a spec file's list or mapping of sections: the fields of one
             if item is not None:
                 rows.extend(describe(item, f"{prefix}{f.name}{mark}."))
@@ -642,6 +659,10 @@ def _shorthand(cls: type, value: Any, where: str, key: str) -> Any:
 
 def _check(cfg: Any, where: str, key: str) -> None:
     """Run the section's `validate()`; its complaint is placed in the file like a type error."""
+    try:
+        check_bounds(cfg, key)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     check = getattr(cfg, "validate", None)
     if not callable(check):
         return

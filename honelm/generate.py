@@ -17,11 +17,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig
 
+from honelm.bounds import at_least, between
 from honelm.data.chat import Messages, prompt_of, reference_of
 from honelm.data.readers import read_rows
 from honelm.errors import DataError
@@ -31,19 +32,19 @@ from honelm.errors import DataError
 class SamplingConfig:
     """How to decode. Validated on construction and again by `generate` (fields are mutable)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: Annotated[int, at_least(1)] = 64
     """Upper bound on generated tokens per prompt; generation stops earlier at the EOS token."""
 
-    temperature: float = 1.0
+    temperature: Annotated[float, at_least(0)] = 1.0
     """Softmax temperature for sampling (> 0). 0 means greedy decoding, whatever `do_sample` says."""
 
-    top_k: int = 0
+    top_k: Annotated[int, at_least(0)] = 0
     """Keep only the k most likely tokens before sampling; 0 turns the filter off."""
 
-    top_p: float = 1.0
+    top_p: Annotated[float, between(0, 1, open_lo=True)] = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p, in (0, 1]; 1.0 = off."""
 
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Seed for sampling: the same seed, prompts, model and batch_size give the same outputs."""
 
     do_sample: bool = True

@@ -26,11 +26,12 @@ import hashlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from transformers.utils import cached_file
 
+from honelm.bounds import at_least
 from honelm.data.chat import prompt_ids
 from honelm.data.readers import Example
 from honelm.errors import ConfigError, HonelmError
@@ -47,7 +48,7 @@ class PromptOptions:
     """Text telling the task, at the start of the first user turn; empty = "Classify the input. Answer with one of: " + the verbalizers."""
     verbalizers: str = ""
     """What each label is answered with, LABEL=WORD comma-separated ("negative=terrible,positive=great"); every train label needs one; empty = the label names themselves."""
-    shots: int = 0
+    shots: Annotated[int, at_least(0)] = 0
     """Examples per label from the train split (chosen by run.seed, shuffled), shown before each example as answered turns; 0 = zero-shot."""
     template: str = ""
     """How an example is shown, with {text} (and {text_pair} for pair tasks); empty = "Text: {text}\\nAnswer:" (pairs: "Text: {text}\\nSecond text: {text_pair}\\nAnswer:")."""
@@ -61,13 +62,13 @@ class PromptOptions:
 class ScoringConfig:
     """How the scoring runs. Nothing trains: the section keeps the name `train` that the runner and `search` share with the training stages."""
 
-    eval_batch_size: int = 16
+    eval_batch_size: Annotated[int, at_least(1)] = 16
     """Sequences per forward pass (one sequence per example and label)."""
     metric: str = ""
     """Validation metric recorded as the run's value in best/best.json (what a search scores); empty = val_accuracy."""
     metric_mode: Literal["auto", "min", "max"] = "auto"
     """Whether the metric is better when smaller (set by `search`; one evaluation compares nothing itself)."""
-    threads: int = 0
+    threads: Annotated[int, at_least(0)] = 0
     """CPU threads for torch; 0 = leave torch's default."""
     progress: bool = True
     """Show the run's progress lines on the terminal."""

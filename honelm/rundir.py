@@ -117,7 +117,7 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
         if runtime.is_main:
             acquire_run(run_dir, f"honelm {stage} --resume")
         return run_dir
-    out = Path(cfg.run.out_dir or f"runs/{stage}")
+    out = runs_parent(stage, cfg)
     name = _broadcast_str(runtime, cfg.run.name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir = out / name
     if runtime.is_main:
@@ -138,14 +138,44 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
         info = {"stage": stage, "honelm_version": __version__, "argv": sys.argv, "started": time.time(),
                 "world_size": runtime.world_size}
         (run_dir / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        link = out / "latest"
-        tmp = out / f".latest-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(name, tmp)
-        os.replace(tmp, link)
+        _point_latest(out, name)
     runtime.barrier()
     return run_dir
+
+
+def runs_parent(stage: str, cfg: Any) -> Path:
+    """The directory a new run of `stage` is made in (run.out_dir, else runs/<stage>), where `latest` is."""
+    return Path(cfg.run.out_dir or f"runs/{stage}")
+
+
+def latest_of(parent: Path) -> str | None:
+    """Where parent/latest points now (None: no link)."""
+    link = parent / "latest"
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def _point_latest(out: Path, name: str) -> None:
+    """out/latest -> name, replaced atomically (a reader never finds it missing)."""
+    tmp = out / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(name, tmp)
+    os.replace(tmp, out / "latest")
+
+
+def discard_failed_start(run_dir: Path, latest_before: str | None, runtime: Runtime) -> bool:
+    """Undo a new run that failed before it trained: its directory goes (it holds nothing to resume, and the same
+    run.name must work again without run.overwrite) and `latest` points back where it did. A directory holding a
+    checkpoint (a booster's own run that finished) is kept. Returns whether the directory was removed."""
+    if not runtime.is_main or not run_dir.is_dir() or _any_checkpoint(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if latest_of(run_dir.parent) == run_dir.name:
+        if latest_before is None:
+            (run_dir.parent / "latest").unlink()
+        else:
+            _point_latest(run_dir.parent, latest_before)
+    return True
 
 
 def stage_of(run_dir: Path) -> str:

@@ -22,13 +22,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from honelm.adapters import is_adapter_dir
+from honelm.bounds import at_least
 from honelm.checkpoint import resolve_model_dir
 from honelm.data.batches import EncodedExamples, encode_examples
 from honelm.data.readers import Example
@@ -51,9 +52,9 @@ class TeacherConfig:
     """The teacher: a run directory (its best/), a checkpoint directory, pkg:MODULE, or a hub id (online only)."""
     tokenizer: str = ""
     """The teacher's tokenizer; empty = the teacher checkpoint's own."""
-    max_length: int = 0
+    max_length: Annotated[int, at_least(0)] = 0
     """Longest teacher input in tokens; 0 = data.max_length. Truncations are counted in the log."""
-    batch_size: int = 64
+    batch_size: Annotated[int, at_least(1)] = 64
     """Texts per teacher forward pass."""
     trust_remote_code: bool = False
     """Allow a teacher checkpoint that ships its own Python code."""

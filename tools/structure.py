@@ -43,6 +43,7 @@ from typing import Callable, NamedTuple
 # from its own layer or a lower one. Place every new module here deliberately.
 LAYERS: dict[str, int] = {
     "honelm": 0, "honelm.errors": 0, "honelm.config": 0, "honelm.metrics": 0, "honelm.html_report": 0,
+    "honelm.bounds": 0,  # the declared ranges of config fields, below the config machinery that checks them
     "honelm.runtime": 1, "honelm.tracking": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
     "honelm.adapters": 1, "honelm.models": 1,  # adapter reading below the model loader that uses it
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,

@@ -65,13 +65,14 @@ import abc
 import contextlib
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, ClassVar, Iterator, Literal, TypeVar
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from honelm.boosters.base import LABELS, PAIRS, Space
+from honelm.bounds import at_least
 from honelm.errors import ConfigError, HonelmError
 from honelm.objectives.base import Loss, Objective
 
@@ -91,23 +92,23 @@ class AdversarialConfig:
 
     method: Literal["none", "fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune", "plae"] = "none"
     """none, fgm, pgd, freelb, smart, r3f, vat, neftune or plae (README: papers, defaults, cost)."""
-    epsilon: float | None = None
+    epsilon: Annotated[float | None, at_least(0)] = None
     """Size of the perturbation. fgm/pgd/smart/vat/plae: radius of the per-example ball (0.2; pgd and plae 0.05); freelb: projection radius (inf = none, the reference default); r3f: noise half-width (1e-5); neftune: alpha (5). 0 turns the method off."""
-    steps: int | None = None
+    steps: Annotated[int | None, at_least(0)] = None
     """Passes K: ascent steps (pgd 3, smart 1, plae 3), freelb passes (2), vat power iterations (1); fgm is 1. 0 turns the method off."""
-    step_size: float | None = None
+    step_size: Annotated[float | None, at_least(0)] = None
     """Ascent step α (pgd 0.025, freelb 0.1 = adv_lr, smart 0.2, plae 0.025), along g/‖g‖ (l2) or sign(g) (linf; freelb: g/max|g| as its reference)."""
-    init_mag: float | None = None
+    init_mag: Annotated[float | None, at_least(0)] = None
     """Random start: freelb initial magnitude (0.2; 0 = clean first pass), pgd/plae random-start radius (0 = none), smart noise std per entry (1e-3), vat probe size ξ (0.02)."""
     norm: Literal["l2", "linf"] = "l2"
     """Per-example norm of steps and projection: l2 (Frobenius over the example's tokens x dims) or linf."""
-    weight: float | None = None
+    weight: Annotated[float | None, at_least(0)] = None
     """λ: weight of the adversarial loss (fgm, plae) or of the regulariser (smart, r3f, vat); 1.0. pgd trains on the adversarial loss alone."""
     noise: Literal["uniform", "normal"] = "uniform"
     """r3f noise: U(-ε, ε) or N(0, ε²)."""
     perturb_special: bool = False
     """Also perturb special tokens ([CLS], [SEP], BOS/EOS); padding never moves."""
-    copies: int = 1
+    copies: Annotated[int, at_least(1)] = 1
     """plae: adversarial embeddings stored per training example (each from its own random start when > 1)."""
     teacher: Literal["pgd", "plain"] = "pgd"
     """plae: how the teacher that generates the adversarial embeddings is fine-tuned (pgd adversarial training, as the paper's abstract says, or plain)."""

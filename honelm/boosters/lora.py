@@ -28,7 +28,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import peft
 import torch
@@ -39,6 +39,7 @@ from torch import nn
 
 from honelm.adapters import mutates_base, quiet_peft
 from honelm.boosters.base import ADAPTER_REFERENCE, Booster, Space, range_around, widen_range
+from honelm.bounds import DROPOUT, above, at_least
 from honelm.checkpoint import is_peft_model
 from honelm.errors import ConfigError, HonelmError
 from honelm.models import LoadedModel, model_kind
@@ -67,11 +68,11 @@ class LoraConfig:
 
     enabled: bool = False
     """Train a LoRA adapter instead of every weight; best/ is then a PEFT adapter directory (+ tokenizer)."""
-    r: int = 8
+    r: Annotated[int, at_least(1)] = 8
     """Rank of each update B·A (A: r x d_in, B: d_out x r)."""
-    alpha: float = 16.0
+    alpha: Annotated[float, above(0)] = 16.0
     """Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, DROPOUT] = 0.0
     """Dropout on the input of the LoRA branch only. 0 (peft's default) by default: peft keeps one dropped-out copy of the input per adapted module, which costs memory and time (benchmarks/lora_memory.py); with dora it also costs an extra matmul."""
     target_modules: str = "auto"
     """Modules that get an adapter: auto (the default: a classifier's every Linear and its input embedding, an LM's every Linear; docs/benchmarks.md, "Why LoRA lost"), all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
@@ -83,7 +84,7 @@ class LoraConfig:
     """Adapter init: default (kaiming A, B = 0), gaussian, orthogonal (even r), pissa, pissa_niter_N, olora. pissa/olora rewrite the base weights, so the run saves its own base/ copy."""
     bias: Literal["none", "lora_only", "all"] = "none"
     """Also train biases: none, those of adapted modules (lora_only), or all (saved with the adapter)."""
-    lr_ratio: float = 1.0
+    lr_ratio: Annotated[float, above(0)] = 1.0
     """LoRA+ (Hayou et al. 2024): the B matrices train at lr_ratio × train.lr, the A matrices and the fully trained heads at train.lr (the paper suggests 16 for a ratio; 1 = plain LoRA)."""
     carry: bool = False
     """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""

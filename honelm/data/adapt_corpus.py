@@ -32,10 +32,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
 import torch
 
+from honelm.bounds import at_least
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.readers import Document, read_documents
 from honelm.data.sources import labelled_splits, text_splits
@@ -46,13 +47,13 @@ from honelm.errors import ConfigError, HonelmError
 class CurateConfig:
     """Curated TAPT: add the nearest domain documents of every task training text."""
 
-    k: int = 0
+    k: Annotated[int, at_least(0)] = 0
     """Nearest domain documents added per task training text (needs data.train and task.train); 0 = no curation."""
     method: Literal["embedding", "tfidf"] = "embedding"
     """Similarity: cosine of the starting model's mean-pooled hidden states, or of TF-IDF word vectors."""
-    max_length: int = 128
+    max_length: Annotated[int, at_least(1)] = 128
     """Tokens per text when embedding (longer texts are truncated for the similarity only)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, at_least(1)] = 64
     """Texts per forward pass when embedding."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from honelm.data.readers import Example
+from honelm.errors import ConfigError
 
 
 @dataclass
@@ -58,6 +59,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
     has_pairs = any(p is not None for p in pairs)
+    check_room(tokenizer, max_length, has_pairs, is_decoder)
     ids: list[list[int]] = []
     type_ids: list[list[int]] | None = None
     truncated = 0
@@ -84,6 +86,15 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
         labels = torch.tensor([label2id[e.label] for e in examples], dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EncodedExamples(ids, type_ids, labels, pad, truncated)
+
+
+def check_room(tokenizer: Any, max_length: int, pairs: bool, is_decoder: bool, key: str = "data.max_length") -> None:
+    """Refuse a max_length that leaves no token of a text (or of each text of a pair) after the special tokens."""
+    special = (2 if pairs else 1) if is_decoder else tokenizer.num_special_tokens_to_add(pair=pairs)
+    needed = special + (2 if pairs else 1)
+    if max_length < needed:
+        raise ConfigError(f"{key}={max_length}: leaves no room for the text{'s of a pair' if pairs else ''} after "
+                          f"{special} special token{'s' if special != 1 else ''}; must be at least {needed}")
 
 
 def label_maps(train: Sequence[Example], task: str) -> tuple[dict | None, dict[int, str] | None]:

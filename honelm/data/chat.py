@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from honelm.data.dialogues import shared_prompt, turns_of_text
-from honelm.data.readers import Row, read_rows
+from honelm.data.readers import BadRows, Row, convert_rows, read_rows
 from honelm.errors import DataError, HonelmError
 
 IGNORE = -100
@@ -191,8 +191,12 @@ def _assistant_list(row: Row, name: str, value: Any) -> Messages:
     return [{"role": "assistant", "content": _text(row, f"{name}[0].content", m.get("content"))}]
 
 
-def read_conversations(spec: str | Sequence[str], fmt: str = "auto") -> list[Conversation]:
-    return [conversation_of(r, fmt) for r in read_rows(spec)]
+def read_conversations(spec: str | Sequence[str], fmt: str = "auto", bad: BadRows | None = None) -> list[Conversation]:
+    """Every row of the files as a Conversation; bad rows are reported together (or collected in `bad`)."""
+    given, bad = bad, BadRows() if bad is None else bad
+    out = convert_rows(read_rows(spec, bad), lambda r: conversation_of(r, fmt), bad)
+    BadRows.finish(given, bad, out)
+    return out
 
 
 def preference_of(row: Row) -> Preference:
@@ -288,8 +292,12 @@ def judged_of(row: Row) -> Judged:
     return Judged(prompt, completion, label, row.source, row.line)
 
 
-def read_preferences(spec: str | Sequence[str]) -> list[Preference]:
-    return [preference_of(r) for r in read_rows(spec)]
+def read_preferences(spec: str | Sequence[str], bad: BadRows | None = None) -> list[Preference]:
+    """Every row of the files as a Preference; bad rows are reported together (or collected in `bad`)."""
+    given, bad = bad, BadRows() if bad is None else bad
+    out = convert_rows(read_rows(spec, bad), preference_of, bad)
+    BadRows.finish(given, bad, out)
+    return out
 
 
 def prompt_of(row: Row) -> Messages:

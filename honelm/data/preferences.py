@@ -35,8 +35,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from honelm.data.chat import IGNORE, Preference, encode_prompt_reply, preference_of
-from honelm.data.readers import Document, read_rows
-from honelm.data.sources import say_split
+from honelm.data.readers import BadRows, Document, Row, convert_rows, read_rows
+from honelm.data.sources import check_not_empty, read_test_later, report_skipped, say_split, skipping
 from honelm.data.splits import content_hash, make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError, HonelmError
 
@@ -63,49 +63,58 @@ def prompt_identity(prompt: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def read_pairs(spec: str | Sequence[str], margin_field: str = "") -> list[PairRow]:
-    """Every preference row of the files, validated; margins from `margin_field` when the data has it."""
-    rows = read_rows(spec)
+def read_pairs(spec: str | Sequence[str], margin_field: str = "", bad: BadRows | None = None) -> list[PairRow]:
+    """Every preference row of the files, validated; margins from `margin_field` when the data has it.
+
+    Bad rows are raised together, or collected in `bad` for its owner (`honelm.data.readers.BadRows`)."""
+    given, bad = bad, BadRows() if bad is None else bad
+    rows = read_rows(spec, bad)
     with_margin = bool(margin_field) and any(margin_field in r.data for r in rows)
-    out: list[PairRow] = []
-    for row in rows:
-        pref = preference_of(row)
-        margin = None
-        if with_margin:
-            if margin_field not in row.data:
-                raise DataError(row.source, row.line, margin_field, "is missing, but other rows have it (a margin "
-                                "must be given for every pair or none; set data.margin_field= to ignore it)")
-            value = row.data[margin_field]
-            if isinstance(value, str):  # CSV/TSV cells are strings
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise DataError(row.source, row.line, margin_field, f"must be a finite number, got {value!r}")
-            margin = float(value)
-        out.append(PairRow(prompt_identity(pref.prompt), row.source, row.line, pair=pref, margin=margin))
+    out = convert_rows(rows, lambda row: _pair_row(row, margin_field if with_margin else ""), bad)
+    BadRows.finish(given, bad, out)
     return out
 
 
+def _pair_row(row: Row, margin_field: str) -> PairRow:
+    """One preference row, with its margin when `margin_field` is given (then every row needs it)."""
+    pref = preference_of(row)
+    margin = None
+    if margin_field:
+        if margin_field not in row.data:
+            raise DataError(row.source, row.line, margin_field, "is missing, but other rows have it (a margin "
+                            "must be given for every pair or none; set data.margin_field= to ignore it)")
+        value = row.data[margin_field]
+        if isinstance(value, str):  # CSV/TSV cells are strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(row.source, row.line, margin_field, f"must be a finite number, got {value!r}")
+        margin = float(value)
+    return PairRow(prompt_identity(pref.prompt), row.source, row.line, pair=pref, margin=margin)
+
+
 def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None,
-                read: Callable[[Any, str], list[Any]] | None = None) -> Any:
+                read: Callable[[Any, str, BadRows], list[Any]] | None = None) -> Any:
     """Preference pairs split by `data.split` (or the given val/test files), grouped by prompt.
 
     `data` is a `honelm.stages.preference.PreferenceDataConfig` (margins are read when it has a
     non-empty `margin_field`). `leak_texts` (the prompts of a user test file) is passed only by
-    `honelm test`, which has already opened that file. `read(files, split)` reads rows of another
+    `honelm test`, which has already opened that file. `read(files, split, bad)` reads rows of another
     kind grouped the same way (KTO's unpaired examples: `honelm.data.unpaired`); default `read_pairs`.
     """
     margin_field = getattr(data, "margin_field", "")
-    read = read or (lambda spec, split: read_pairs(spec, margin_field))
+    read = read or (lambda spec, split, bad: read_pairs(spec, margin_field, bad))
 
     if not data.train:
         raise ConfigError("data.train is empty: give a JSONL/JSON file of preference pairs "
                           "({prompt, chosen, rejected} or ShareGPT {conversations, chosen, rejected})")
-    pairs = read(data.train, "train")
-    val = read(data.val, "val") if data.val else None
-    load_test = (lambda: read(data.test, "test")) if data.test else None
+    bad = skipping(data)
+    pairs = read(data.train, "train", bad)
+    val = read(data.val, "val", bad) if data.val else None
+    bad.check()
+    load_test = read_test_later(lambda b: read(data.test, "test", b), data, say) if data.test else None
     splits = make_splits(pairs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
                          load_test=load_test, test_path=data.test or None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
@@ -116,7 +125,9 @@ def split_pairs(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     test_prompts = set(splits.manifest.get("example_hashes", {}).get("test") or [])
     if test_prompts and not data.test:  # a ratio test share: the rows whose prompt hash is listed
         hashes["test_pairs"] = _combined(r.full_hash for r in pairs if content_hash(r) in test_prompts)
+    report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
+    check_not_empty(splits.manifest, data)
     return splits
 
 

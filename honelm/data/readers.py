@@ -2,9 +2,13 @@
 
 This module owns file discovery (`expand_paths`), format parsing (plain text, JSONL, JSON,
 CSV/TSV, Parquet) and row validation. The rule is that nothing is silently dropped or altered:
-every bad row raises a `DataError` naming the file, the 1-based line and the field, and the
-first bad row in file order is the one reported. Only formatting is skipped (blank lines in
-JSONL/CSV/plain text); text values are returned exactly as found.
+every bad row is a `DataError` naming the file, the 1-based line and the field. A read collects
+the bad rows (`BadRows`) and reports them together in one `BadRowsError` (the first
+BAD_ROWS_SHOWN in file order, then a count), so that a user fixes them in one pass; with
+`BadRows(skip=True)` (a stage's `data.skip_bad_rows=true`) they are left out instead, counted and
+listed in the log and the split manifest. A problem with a whole file (a missing header, JSON that
+does not parse as an array) still stops the read at once. Only formatting is skipped (blank lines
+in JSONL/CSV/plain text); text values are returned exactly as found.
 
 Line numbers: plain text and JSONL use the physical line; JSON arrays use the line where each
 object starts; CSV/TSV use the physical line where the row starts (the header is line 1);
@@ -21,13 +25,16 @@ import re
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow.parquet as pq
 
 from honelm.errors import DataError
 
 __all__ = [
+    "BAD_ROWS_SHOWN",
+    "BadRows",
+    "BadRowsError",
     "DATA_SUFFIXES",
     "Document",
     "Example",
@@ -53,6 +60,68 @@ _JSON_WS = re.compile(r"[ \t\n\r]*")
 # as "01" and "1" never collapse into the same class.
 _CANONICAL_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _BOM = "\ufeff"
+T = TypeVar("T")
+
+
+BAD_ROWS_SHOWN = 20
+"""How many bad rows one error lists (then "... and K more")."""
+
+
+class BadRowsError(DataError):
+    """Several bad rows reported together: `errors` holds each row's DataError (the first sets path, line, field)."""
+
+    def __init__(self, errors: Sequence[DataError]) -> None:
+        first = errors[0]
+        super().__init__(first.path, first.line, first.field, first.message)
+        self.errors = list(errors)
+        if len(errors) > 1:
+            shown = [f"  {e}" for e in errors[:BAD_ROWS_SHOWN]]
+            more = len(errors) - BAD_ROWS_SHOWN
+            self.args = ("\n".join([f"{len(errors)} bad rows (fix them, or set data.skip_bad_rows=true to leave them "
+                                     "out, counted):", *shown] + ([f"  ... and {more} more"] if more > 0 else [])),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BadRows:
+    """The bad rows met while reading: raised together (`check`), or, with `skip`, left out and kept for the record."""
+
+    def __init__(self, skip: bool = False) -> None:
+        self.skip = skip
+        self.errors: list[DataError] = []
+
+    def attempt(self, read_row: Callable[[], T]) -> T | None:
+        """`read_row()`, or None after recording the DataError it raised (the read goes on to the next row)."""
+        try:
+            return read_row()
+        except DataError as e:
+            self.errors.append(e)
+            return None
+
+    def check(self) -> None:
+        """Raise every bad row so far in one BadRowsError, unless they are being skipped."""
+        if self.errors and not self.skip:
+            raise BadRowsError(self.errors)
+
+    @staticmethod
+    def finish(given: BadRows | None, bad: BadRows, found: Sequence[Any]) -> None:
+        """End of a read: a reader that made its own `bad` (given None) raises its bad rows; one that was given
+        a BadRows leaves that to its caller (who may read more files first), unless nothing good was found."""
+        if given is None or not found:
+            bad.check()
+
+    def record(self, first: int = 5) -> dict[str, Any]:
+        """What the split manifest keeps: how many rows were left out and the first few errors."""
+        return {"count": len(self.errors), "first": [str(e) for e in self.errors[:first]]}
+
+    def say(self, say: Callable[[str], None], first: int = 5) -> None:
+        """One log line per skipped row (the first few) after their count; nothing when no row was bad."""
+        if not self.errors:
+            return
+        say(f"data.skip_bad_rows: left out {len(self.errors)} bad row(s); the first {min(first, len(self.errors))}:")
+        for e in self.errors[:first]:
+            say(f"  {e}")
 
 
 @dataclass(frozen=True)
@@ -286,6 +355,9 @@ def _check_text(path: Path, line: int, field: str, value: Any) -> str:
         raise DataError(path, line, field, "is empty" if not value else "is whitespace-only")
     if _SURROGATE.search(value):
         raise DataError(path, line, field, "contains a lone surrogate (not valid Unicode)")
+    if "\x00" in value:
+        raise DataError(path, line, field, f"contains a NUL byte (character {value.index(chr(0)) + 1}): a binary or "
+                        "corrupted file?")
     return value
 
 
@@ -366,20 +438,33 @@ def _typed_row(
 # Format readers (each yields validated Examples in file order)
 
 
-def _read_jsonl(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+_BLANK = object()  # a blank JSONL line: formatting, not a row
+
+
+def _jsonl_value(path: Path, lineno: int, start: int, raw: bytes) -> Any:
+    """One JSONL line decoded and parsed (`_BLANK` for a blank line); a bad line is a DataError."""
+    text = _decode_line(path, lineno, start, raw, json_line=True)
+    if not text.strip():
+        return _BLANK
+    try:
+        return _DECODER.decode(text)
+    except _DuplicateKey as e:
+        raise DataError(path, lineno, e.key, "appears twice in the same object") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
+
+
+def _read_jsonl(path: Path, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
+    def example(lineno: int, start: int, raw: bytes) -> Example | None:
+        row = _jsonl_value(path, lineno, start, raw)
+        return None if row is _BLANK else _typed_row(path, lineno, row, fields, guard)
+
     for lineno, start, raw in _iter_binary_lines(path):
-        text = _decode_line(path, lineno, start, raw, json_line=True)
-        if not text.strip():
-            continue  # blank lines are formatting, not rows
-        try:
-            row = _DECODER.decode(text)
-        except _DuplicateKey as e:
-            raise DataError(path, lineno, e.key, "appears twice in the same object") from None
-        except json.JSONDecodeError as e:
-            raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
-        yield _typed_row(path, lineno, row, fields, guard)
+        ex = bad.attempt(lambda: example(lineno, start, raw))  # noqa: B023 (called at once)
+        if ex is not None:
+            yield ex
 
 
 class _LineCounter:
@@ -515,7 +600,7 @@ def _iter_json_rows(path: Path, text: str) -> Generator[tuple[int, Any], None, N
         )
 
 
-def _read_json(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+def _read_json(path: Path, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
     # A JSON document cannot be streamed with the standard library; this format alone loads
     # its file.
     data = path.read_bytes()
@@ -531,7 +616,9 @@ def _read_json(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[
     if text.startswith(_BOM):
         text = " " + text[1:]  # keep offsets (and so columns) stable
     for line, row in _iter_json_rows(path, text):
-        yield _typed_row(path, line, row, fields, guard)
+        ex = bad.attempt(lambda: _typed_row(path, line, row, fields, guard))  # noqa: B023 (called at once)
+        if ex is not None:
+            yield ex
 
 
 def _json_field_with_bad_bytes(path: Path, data: bytes, line: int) -> str | None:
@@ -592,28 +679,42 @@ def _parse_csv(path: Path, fields: _Fields | None) -> tuple[list[str], dict[str,
     return header, index, rows
 
 
-def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+def _csv_example(path: Path, line: int, row: list[str], index: dict[str, int], fields: _Fields) -> tuple[Example, str]:
+    """One CSV record's texts checked, and its raw label (converted once the whole column is known)."""
+    text = _check_text(path, line, fields.text, row[index[fields.text]])
+    pair = None
+    if fields.pair is not None:
+        pair = _check_text(path, line, fields.pair, row[index[fields.pair]])
+    raw = ""
+    if fields.label is not None:
+        raw = row[index[fields.label]]
+        if not raw.strip():
+            raise DataError(path, line, fields.label, "is empty")
+    return Example(text, pair, None, str(path), line), raw
+
+
+def _read_csv(path: Path, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
     _, index, rows = _parse_csv(path, fields)
-    examples: list[Example] = []
-    raw_labels: list[str] = []
-    for line, row in rows:
-        text = _check_text(path, line, fields.text, row[index[fields.text]])
-        pair = None
-        if fields.pair is not None:
-            pair = _check_text(path, line, fields.pair, row[index[fields.pair]])
-        if fields.label is not None:
-            raw = row[index[fields.label]]
-            if not raw.strip():
-                raise DataError(path, line, fields.label, "is empty")
-            raw_labels.append(raw)
-        examples.append(Example(text, pair, None, str(path), line))
+    checked = [bad.attempt(lambda: _csv_example(path, line, row, index, fields)) for line, row in rows]  # noqa: B023
+    good = [c for c in checked if c is not None]
+    examples = [ex for ex, _ in good]
     if fields.label is None:
         yield from examples
         return
-    labels = _convert_csv_labels(path, examples, raw_labels, fields)
+    labels = _convert_csv_labels(path, examples, [raw for _, raw in good], fields, bad)
     for ex, label in zip(examples, labels):
-        guard.check(path, ex.line, fields.label, label)
-        yield Example(ex.text, ex.text_pair, label, ex.source, ex.line)
+        if label is None:  # a regression value that is not a number: recorded by _convert_csv_labels
+            continue
+        labelled = bad.attempt(lambda: _guarded(path, ex, label, fields, guard))  # noqa: B023 (called at once)
+        if labelled is not None:
+            yield labelled
+
+
+def _guarded(path: Path, ex: Example, label: int | float | str, fields: _Fields, guard: _LabelTypeGuard) -> Example:
+    """`ex` with its label, once the label's type agrees with the earlier rows'."""
+    assert fields.label is not None
+    guard.check(path, ex.line, fields.label, label)
+    return Example(ex.text, ex.text_pair, label, ex.source, ex.line)
 
 
 def _check_header(path: Path, header: list[str], fields: _Fields) -> None:
@@ -636,21 +737,25 @@ def _check_csv_cells(path: Path, line: int, header: list[str] | None, row: list[
             raise DataError(path, bad_line, field, _bad_utf8_message(offset, bad, column))
 
 
+def _regression_value(path: Path, line: int, field: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise DataError(path, line, field, f"must be a number for regression, got {value!r}") from None
+    if not math.isfinite(number):
+        raise DataError(path, line, field, f"must be finite for regression, got {value!r}")
+    return number
+
+
 def _convert_csv_labels(
-    path: Path, examples: list[Example], raw: list[str], fields: _Fields
-) -> list[int | float | str]:
-    assert fields.label is not None
+    path: Path, examples: list[Example], raw: list[str], fields: _Fields, bad: BadRows
+) -> list[int | float | str | None]:
+    """The label column converted; for regression a value that is not a number is recorded in `bad` (None)."""
+    label = fields.label
+    assert label is not None
     if fields.task == "regression":
-        out: list[int | float | str] = []
-        for ex, value in zip(examples, raw):
-            try:
-                number = float(value)
-            except ValueError:
-                raise DataError(path, ex.line, fields.label, f"must be a number for regression, got {value!r}") from None
-            if not math.isfinite(number):
-                raise DataError(path, ex.line, fields.label, f"must be finite for regression, got {value!r}")
-            out.append(number)
-        return out
+        return [bad.attempt(lambda: _regression_value(path, ex.line, label, value))  # noqa: B023 (called at once)
+                for ex, value in zip(examples, raw)]
     # All values in CSV are strings; a column that is entirely canonical ints (e.g. 0/1) is a
     # numeric label column, anything else keeps every label as the string it is.
     if raw and all(_CANONICAL_INT.fullmatch(v) for v in raw):
@@ -658,7 +763,7 @@ def _convert_csv_labels(
     return list(raw)
 
 
-def _read_parquet(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+def _read_parquet(path: Path, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for corrupt files
@@ -676,31 +781,38 @@ def _read_parquet(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterat
             for i in range(batch.num_rows):
                 row_index += 1
                 row = {name: values[i] for name, values in columns.items()}
-                yield _typed_row(path, row_index, row, fields, guard)
+                ex = bad.attempt(lambda: _typed_row(path, row_index, row, fields, guard))  # noqa: B023 (called at once)
+                if ex is not None:
+                    yield ex
     except DataError:
         raise
     except Exception as e:
         raise DataError(path, row_index + 1, None, f"cannot read parquet row: {e}") from None
 
 
-def _read_text_lines(path: Path, field: str) -> Iterator[Example]:
+def _text_line(path: Path, lineno: int, start: int, raw: bytes, field: str) -> Example | None:
+    text = _strip_eol(_decode_line(path, lineno, start, raw))
+    if not text.strip():
+        return None  # blank lines separate nothing in "lines" mode; they are formatting
+    return Example(_check_text(path, lineno, field, text), None, None, str(path), lineno)
+
+
+def _read_text_lines(path: Path, field: str, bad: BadRows) -> Iterator[Example]:
     for lineno, start, raw in _iter_binary_lines(path):
-        text = _strip_eol(_decode_line(path, lineno, start, raw))
-        if not text.strip():
-            continue  # blank lines separate nothing in "lines" mode; they are formatting
-        _check_text(path, lineno, field, text)
-        yield Example(text, None, None, str(path), lineno)
+        ex = bad.attempt(lambda: _text_line(path, lineno, start, raw, field))  # noqa: B023 (called at once)
+        if ex is not None:
+            yield ex
 
 
-def _read_structured(path: Path, fields: _Fields, guard: _LabelTypeGuard) -> Iterator[Example]:
+def _read_structured(path: Path, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, fields, guard)
+        return _read_jsonl(path, fields, guard, bad)
     if suffix == ".json":
-        return _read_json(path, fields, guard)
+        return _read_json(path, fields, guard, bad)
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, fields, guard)
-    return _read_parquet(path, fields, guard)
+        return _read_csv(path, fields, guard, bad)
+    return _read_parquet(path, fields, guard, bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,6 +825,7 @@ def read_examples(
     pair_field: str | None = None,
     label_field: str | None = "label",
     task: str = "classification",
+    bad: BadRows | None = None,
 ) -> list[Example]:
     """Read labelled examples from one or more files (see `expand_paths`), strictly.
 
@@ -724,16 +837,20 @@ def read_examples(
     int and str labels may not be mixed within one call. In CSV/TSV a label column made only of
     canonical ints becomes int. Regression labels must be finite numbers and come back as
     float. With `label_field=None` every label is None and `task` is not consulted.
-    Text is returned unaltered; it is only checked to be a non-blank string.
+    Text is returned unaltered; it is only checked to be a non-blank string without NUL bytes.
+    Bad rows are collected and raised together at the end; given `bad`, they are collected there
+    and its owner raises them (`check`) once it has read every file, or, with `bad.skip`, reports
+    them as left out.
     """
     if label_field is not None and task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
     fields = _Fields(text_field, pair_field, label_field, task)
     guard = _LabelTypeGuard()
+    given, bad = bad, BadRows() if bad is None else bad
     examples: list[Example] = []
     for file in expand_paths(path):
         if file.suffix.lower() in _STRUCTURED:
-            examples.extend(_read_structured(file, fields, guard))
+            examples.extend(_read_structured(file, fields, guard, bad))
             continue
         if label_field is not None or pair_field is not None:
             missing = label_field if label_field is not None else pair_field
@@ -742,9 +859,11 @@ def read_examples(
                 "cannot be read from a plain-text file (one text per line, no fields); "
                 "use .jsonl/.json/.csv/.tsv/.parquet or pass label_field=None",
             )
-        examples.extend(_read_text_lines(file, text_field))
+        examples.extend(_read_text_lines(file, text_field, bad))
+    BadRows.finish(given, bad, examples)
     if not examples:
-        raise DataError(_spec_name(path), None, None, "no examples found (the files hold no rows)")
+        raise DataError(_spec_name(path), None, None, "no examples found (the files hold no rows"
+                        + (f" but the {len(bad.errors)} bad ones left out)" if bad.errors else ")"))
     return examples
 
 
@@ -757,22 +876,18 @@ class Row:
     line: int
 
 
-def _rows_of(path: Path) -> Iterator[Row]:
+def _jsonl_row(path: Path, lineno: int, start: int, raw: bytes) -> Row | None:
+    value = _jsonl_value(path, lineno, start, raw)
+    return None if value is _BLANK else _checked_row(path, lineno, value)
+
+
+def _rows_of(path: Path, bad: BadRows) -> Iterator[Row]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         for lineno, start, raw in _iter_binary_lines(path):
-            text = _decode_line(path, lineno, start, raw, json_line=True)
-            if not text.strip():
-                continue
-            try:
-                row = _DECODER.decode(text)
-            except _DuplicateKey as e:
-                raise DataError(path, lineno, e.key, "appears twice in the same object") from None
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            except RecursionError:
-                raise DataError(path, lineno, None, "invalid JSON: nested too deeply") from None
-            yield _checked_row(path, lineno, row)
+            found = bad.attempt(lambda: _jsonl_row(path, lineno, start, raw))  # noqa: B023 (called at once)
+            if found is not None:
+                yield found
     elif suffix == ".json":
         data = path.read_bytes()
         try:
@@ -785,7 +900,9 @@ def _rows_of(path: Path) -> Iterator[Row]:
         if text.startswith(_BOM):
             text = " " + text[1:]
         for line, row in _iter_json_rows(path, text):
-            yield _checked_row(path, line, row)
+            found = bad.attempt(lambda: _checked_row(path, line, row))  # noqa: B023 (called at once)
+            if found is not None:
+                yield found
     elif suffix == ".parquet":
         try:
             table = pq.read_table(path)
@@ -801,23 +918,35 @@ def _rows_of(path: Path) -> Iterator[Row]:
         raise DataError(path, None, None, "structured rows need .jsonl, .json, .csv, .tsv or .parquet")
 
 
+def convert_rows(rows: Sequence[Row], convert: Callable[[Row], T], bad: BadRows | None = None) -> list[T]:
+    """`convert` applied to every row; the rows it refuses (DataError) are collected in `bad` and raised together
+    (or, with `bad.skip`, left out)."""
+    given, bad = bad, BadRows() if bad is None else bad
+    out = [x for x in (bad.attempt(lambda: convert(row)) for row in rows) if x is not None]  # noqa: B023
+    BadRows.finish(given, bad, out)
+    return out
+
+
 def _checked_row(path: Path, line: int, row: Any) -> Row:
     if not isinstance(row, dict):
         raise DataError(path, line, None, f"row is a JSON {_json_type(row)}, expected an object")
     return Row(row, str(path), line)
 
 
-def read_rows(path: str | Path | Sequence[str | Path]) -> list[Row]:
+def read_rows(path: str | Path | Sequence[str | Path], bad: BadRows | None = None) -> list[Row]:
     """Every structured row of the files (see `expand_paths`), with file and line, strictly parsed.
 
     The stages whose rows are nested (SFT conversations, preference pairs) validate the fields
-    themselves and name file, line and field in their errors.
+    themselves (`convert_rows`) and name file, line and field in their errors. Rows that do not
+    parse are collected in `bad` as `read_examples` does.
     """
     rows: list[Row] = []
+    given, bad = bad, BadRows() if bad is None else bad
     for file in expand_paths(path):
         if file.suffix.lower() not in _STRUCTURED:
             raise DataError(file, None, None, "rows need a structured file: .jsonl, .json, .csv, .tsv or .parquet")
-        rows.extend(_rows_of(file))
+        rows.extend(_rows_of(file, bad))
+    BadRows.finish(given, bad, rows)
     if not rows:
         raise DataError(_spec_name(path), None, None, "no rows found (the files hold no rows)")
     return rows
@@ -856,7 +985,8 @@ def _read_whole_file(path: Path) -> Iterator[Document]:
 
 
 def read_documents(
-    spec: str | Path | Sequence[str | Path], unit: str = "lines", text_field: str = "text"
+    spec: str | Path | Sequence[str | Path], unit: str = "lines", text_field: str = "text",
+    bad: BadRows | None = None,
 ) -> list[Document]:
     """Read unlabelled documents from files, directories or globs.
 
@@ -871,16 +1001,18 @@ def read_documents(
         raise ValueError(f"unit must be one of {_DOC_UNITS}, got {unit!r}")
     fields = _Fields(text_field, None, None, "classification")
     guard = _LabelTypeGuard()
+    given, bad = bad, BadRows() if bad is None else bad
     docs: list[Document] = []
     for file in expand_paths(spec):
         if file.suffix.lower() in _STRUCTURED:
-            docs.extend(Document(e.text, e.source, e.line) for e in _read_structured(file, fields, guard))
+            docs.extend(Document(e.text, e.source, e.line) for e in _read_structured(file, fields, guard, bad))
         elif unit == "lines":
-            docs.extend(Document(e.text, e.source, e.line) for e in _read_text_lines(file, text_field))
+            docs.extend(Document(e.text, e.source, e.line) for e in _read_text_lines(file, text_field, bad))
         elif unit == "paragraphs":
             docs.extend(_read_paragraphs(file))
         else:
             docs.extend(_read_whole_file(file))
+    BadRows.finish(given, bad, docs)
     if not docs:
         raise DataError(_spec_name(spec), None, None, "no documents found (the files are empty)")
     return docs

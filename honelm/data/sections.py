@@ -10,10 +10,11 @@ read and split by `chat_splits`) and preference pairs (`PreferenceDataConfig`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
+from honelm.bounds import at_least, between
 from honelm.data.sft import ChatDocument, SFTExamples, encode_conversations, split_conversations
-from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.sources import SplitDataConfig, check_not_empty, report_skipped, say_split, skipping
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TextDataConfig(SplitDataConfig):
     """How plain-text files become documents: one per non-empty line, per blank-line-separated paragraph, or per file."""
     text_field: str = "text"
     """Field holding the text in JSONL/JSON/CSV/TSV/Parquet files."""
-    block_size: int = 256
+    block_size: Annotated[int, at_least(2)] = 256
     """Tokens per training block (documents are packed, separated by EOS)."""
 
 
@@ -34,7 +35,7 @@ class AdaptDataConfig(TextDataConfig):
 
     train: str = ""
     """Domain corpus for DAPT: files, directories or globs (comma-separated); empty = no domain text (TAPT only)."""
-    block_size: int = 256
+    block_size: Annotated[int, at_least(2)] = 256
     """Longest row in tokens: packed blocks are this long; in documents mode longer documents are truncated (counted)."""
     pack: Literal["auto", "blocks", "documents"] = "auto"
     """Masked LM rows: blocks = documents packed as [CLS] d1 [SEP] d2 [SEP]... (RoBERTa FULL-SENTENCES); documents = one per row, truncated (the DSP reference's TAPT --line_by_line); auto = documents when all training text comes from the task (TAPT, curated TAPT), blocks when the domain corpus trains (DAPT). Decoders always pack."""
@@ -48,9 +49,9 @@ class AdaptOptions:
     """Extra unlabelled task text (files/globs, comma-separated; read like data.train with task.text_field): added to TAPT after the leak guard."""
     task_guard_only: bool = False
     """DAPT with a leak guard: task.* names the labelled task only so that domain text equal to one of its validation/test texts is excluded; its train text is not added to the corpus (boost's DAPT variant sets this)."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, between(0, 1, open_hi=True)] = 0.1
     """Share of the TAPT texts (task train + task_extra), chosen by content hash, held out to validate; 0 = none."""
-    mlm_probability: float = 0.15
+    mlm_probability: Annotated[float, between(0, 1, open_lo=True, open_hi=True)] = 0.15
     """Share of real tokens selected for masked LM (of those 80% -> mask, 10% -> random token, 10% kept)."""
 
 
@@ -66,7 +67,7 @@ class LabelledDataConfig(SplitDataConfig):
     """Field holding the label (class name or integer; a number for regression)."""
     task: Literal["classification", "regression"] = "classification"
     """classification (one label per example) or regression (one real-valued output)."""
-    max_length: int = 128
+    max_length: Annotated[int, at_least(1)] = 128
     """Longest input in tokens; longer inputs are truncated and the count is logged."""
 
 
@@ -92,7 +93,7 @@ class ChatDataConfig(SplitDataConfig):
 
     format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
     """Row format; auto detects it per row: alpaca (instruction, input?, output), prompt_completion (prompt, completion), messages ([{role, content}]) or sharegpt (conversations: [{from, value}])."""
-    max_length: int = 512
+    max_length: Annotated[int, at_least(2)] = 512
     """Longest example in tokens (and the length of a packed row); longer ones keep their start and are counted; one whose every reply starts after it is dropped and counted (file:line in the log)."""
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Tokens that carry the loss: every assistant turn with its end-of-turn EOS (assistant), only the final assistant turn (last), or every token (all)."""
@@ -102,8 +103,11 @@ class ChatDataConfig(SplitDataConfig):
 
 def chat_splits(data: ChatDataConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Conversations split by content and seed (`honelm.data.sft.split_conversations`), the split said."""
-    splits = split_conversations(data, leak_texts)
+    bad = skipping(data)
+    splits = split_conversations(data, say, leak_texts, bad)
+    report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
+    check_not_empty(splits.manifest, data)
     return splits
 
 
@@ -117,7 +121,7 @@ def encode_chat_split(tokenizer: Any, docs: Sequence[ChatDocument], data: ChatDa
 class PreferenceDataConfig(SplitDataConfig):
     """Preference pairs: {prompt, chosen, rejected} (strings or message lists), ShareGPT {conversations, chosen, rejected} rows, or {chosen, rejected} as whole dialogues sharing their prompt (hh-rlhf text or message lists); for dpo.loss=kto also unpaired {prompt, completion, label} rows. Splits group rows by prompt."""
 
-    max_length: int = 512
+    max_length: Annotated[int, at_least(2)] = 512
     """Longest prompt + reply in tokens (chat template included): the prompt's oldest turns go first (trim_turns), then the end is cut; pairs left with no reply token are dropped. All counted in the log."""
     trim_turns: bool = True
     """When a reply does not fit in max_length, drop the prompt's oldest user/assistant exchanges (the system message and the last user turn stay) until it fits; counted in the log. false = cut the end instead."""

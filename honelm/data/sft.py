@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from honelm.data.chat import IGNORE, Conversation, Messages, encode_chat, read_conversations
-from honelm.data.readers import Document
+from honelm.data.readers import BadRows, Document
+from honelm.data.sources import read_test_later, skipping
 from honelm.data.splits import Splits, make_splits, parse_ratios
 from honelm.errors import ConfigError
 
@@ -62,22 +63,28 @@ def template_texts(messages_list: Sequence[Messages]) -> list[str]:
     return ["".join(f"<|{m['role']}|>\n{m['content']}" for m in msgs) for msgs in messages_list]
 
 
-def split_conversations(data: Any, leak_texts: list[str] | None = None) -> Splits:
+def split_conversations(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None,
+                        bad: BadRows | None = None) -> Splits:
     """Conversations split like documents (by content, seeded); each row a ChatDocument.
 
     `data` is a chat data config (`SplitDataConfig` fields and `format`); `leak_texts` (a user
-    test file's identity texts) is passed only by `honelm test`.
+    test file's identity texts) is passed only by `honelm test`. The train and val files' bad rows
+    go to `bad` (raised together unless it skips them); a test file's skipped rows are said through `say`.
     """
     if not data.train:
         raise ConfigError("data.train is empty: give a JSONL/JSON/CSV/TSV/Parquet file of conversations "
                           "(alpaca, prompt_completion, messages or sharegpt rows)")
 
-    def read(spec: str) -> list[ChatDocument]:
-        return [as_document(c) for c in read_conversations(spec.split(","), data.format)]
+    bad = skipping(data) if bad is None else bad
 
-    val = read(data.val) if data.val else None
-    return make_splits(read(data.train), ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
-                       load_test=(lambda: read(data.test)) if data.test else None,
+    def read(spec: str, bad: BadRows) -> list[ChatDocument]:
+        return [as_document(c) for c in read_conversations(spec.split(","), data.format, bad)]
+
+    train = read(data.train, bad)
+    val = read(data.val, bad) if data.val else None
+    bad.check()
+    return make_splits(train, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
+                       load_test=read_test_later(lambda b: read(data.test, b), data, say) if data.test else None,
                        test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                        near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import torch
 
+from honelm.bounds import PROBABILITY, at_least
 from honelm.data.adapt_corpus import leak_guard, sha
 from honelm.data.readers import Example, read_examples
 from honelm.errors import ConfigError
@@ -34,15 +35,15 @@ from honelm.errors import ConfigError
 class AugmentConfig:
     """Augmented copies of the train texts for the transfer set (Tang et al. 2019); copies=0 = none."""
 
-    copies: int = 0
+    copies: Annotated[int, at_least(0)] = 0
     """Augmentation attempts per train example (the paper used 20); copies equal to a text already in the transfer set are discarded."""
-    p_mask: float = 0.1
+    p_mask: Annotated[float, PROBABILITY] = 0.1
     """Probability that a word becomes the mask token (the teacher's mask token, else its unknown token)."""
-    p_swap: float = 0.1
+    p_swap: Annotated[float, PROBABILITY] = 0.1
     """Probability that a word (not masked) is replaced by a random word of the train texts."""
-    p_ngram: float = 0.25
+    p_ngram: Annotated[float, PROBABILITY] = 0.25
     """Probability that a copy is cut to a random n-gram of its words (single-text tasks only)."""
-    max_ngram: int = 5
+    max_ngram: Annotated[int, at_least(1)] = 5
     """Longest n-gram kept by n-gram sampling (n is uniform in 1..max_ngram)."""
     mask: str = ""
     """What a masked word becomes; empty = the teacher tokenizer's mask token, else its unknown token, else "[MASK]"."""

@@ -36,7 +36,7 @@ import torch
 
 from honelm.data.chat import IGNORE, Encoded, Judged, encode_prompt_reply, judged_of, preference_of
 from honelm.data.preferences import older_turns_dropped, prompt_identity, split_pairs
-from honelm.data.readers import Document, read_rows
+from honelm.data.readers import BadRows, Document, Row, convert_rows, read_rows
 from honelm.errors import DataError, HonelmError
 
 
@@ -54,18 +54,25 @@ class ExampleRow(Document):
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def read_examples(spec: str | Sequence[str]) -> list[ExampleRow]:
-    """Every row of the files as unpaired examples: {prompt, completion, label} as one, a preference row as two."""
-    out: list[ExampleRow] = []
-    for row in read_rows(spec):
-        if "label" in row.data or "completion" in row.data:
-            judged = [judged_of(row)]
-        else:
-            p = preference_of(row)
-            judged = [Judged(p.prompt, p.chosen, True, row.source, row.line),
-                      Judged(p.prompt, p.rejected, False, row.source, row.line)]
-        out += [ExampleRow(prompt_identity(j.prompt), row.source, row.line, example=j) for j in judged]
+def read_examples(spec: str | Sequence[str], bad: BadRows | None = None) -> list[ExampleRow]:
+    """Every row of the files as unpaired examples: {prompt, completion, label} as one, a preference row as two.
+
+    Bad rows are raised together, or collected in `bad` for its owner (`honelm.data.readers.BadRows`)."""
+    given, bad = bad, BadRows() if bad is None else bad
+    per_row = convert_rows(read_rows(spec, bad), _judged_rows, bad)
+    out = [r for rows in per_row for r in rows]
+    BadRows.finish(given, bad, out)
     return out
+
+
+def _judged_rows(row: Row) -> list[ExampleRow]:
+    if "label" in row.data or "completion" in row.data:
+        judged = [judged_of(row)]
+    else:
+        p = preference_of(row)
+        judged = [Judged(p.prompt, p.chosen, True, row.source, row.line),
+                  Judged(p.prompt, p.rejected, False, row.source, row.line)]
+    return [ExampleRow(prompt_identity(j.prompt), row.source, row.line, example=j) for j in judged]
 
 
 def require_both(rows: Sequence[ExampleRow], spec: str | Sequence[str]) -> None:
@@ -80,8 +87,8 @@ def require_both(rows: Sequence[ExampleRow], spec: str | Sequence[str]) -> None:
 
 def split_examples(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Unpaired examples split as pairs are (grouped by prompt; `split_pairs`), the training files checked for both kinds."""
-    def read(spec: Any, split: str) -> list[ExampleRow]:
-        rows = read_examples(spec)
+    def read(spec: Any, split: str, bad: BadRows) -> list[ExampleRow]:
+        rows = read_examples(spec, bad)
         if split == "train":
             require_both(rows, spec)
         return rows

@@ -22,12 +22,13 @@ equals the teacher's (`agreement`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honelm.bounds import PROBABILITY, above, at_least
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.classify import Classify
@@ -87,9 +88,9 @@ class Distill(Objective):
 class DistillOptions:
     """How the teacher's outputs and the gold labels are mixed in the student's loss."""
 
-    alpha: float = 0.5
+    alpha: Annotated[float, PROBABILITY] = 0.5
     """Weight of the gold-label term: loss = alpha*CE(gold) + (1-alpha)*KD; rows without a gold label carry KD only. 0 = teacher only."""
-    temperature: float = 2.0
+    temperature: Annotated[float, above(0)] = 2.0
     """Softmax temperature T of the KL term (multiplied by T^2, Hinton et al. 2015): classification with loss=kl, and token-level KD."""
     loss: Literal["kl", "mse"] = "kl"
     """KD term: kl (T^2 * KL(teacher_T || student_T)) or mse (squared distance of the logits, Tang et al. 2019). Regression always uses the squared error to the teacher's prediction."""
@@ -97,13 +98,13 @@ class DistillOptions:
     """Generation only: sequence (the teacher answers the training prompts, the student is SFT'd on the answers; any tokenizers) or token (the teacher's next-token distribution on the references; one shared vocabulary); auto = token when the student's tokenizer is the teacher's vocabulary."""
     divergence: Literal["forward", "reverse", "jsd"] = "forward"
     """Token-level KD: forward KL, reverse KL, or generalized JSD(beta) (GKD), on the teacher's top-k."""
-    beta: float = 0.5
+    beta: Annotated[float, PROBABILITY] = 0.5
     """Token-level KD with divergence=jsd: the interpolation beta in (0, 1)."""
-    top_k: int = 32
+    top_k: Annotated[int, at_least(1)] = 32
     """Token-level KD: teacher log-probs kept per target token (memory k x 6 bytes per token)."""
-    num_samples: int = 1
+    num_samples: Annotated[int, at_least(1)] = 1
     """Sequence-level KD: teacher answers per training prompt (seeds sampling.seed, seed+1, ...)."""
-    on_policy: float = 0.0
+    on_policy: Annotated[float, PROBABILITY] = 0.0
     """Token-level KD: share of batches whose answers the student samples itself (sampling.*) and the teacher, kept in memory, scores (GKD); 0 = none. Needs data.packing=false."""
 
     def validate(self) -> None:

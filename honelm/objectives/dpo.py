@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from honelm import predictions as P
+from honelm.bounds import above, at_least, between
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 from honelm.objectives.logprobs import sequence_logps, unwrap
@@ -70,23 +71,23 @@ DEFAULT_BETA = {"simpo": 2.0}
 class DPOObjectiveConfig:
     """The preference loss (DPO's variants, KTO, ORPO, SimPO) and its reference model (formulas: docs/preference.md)."""
 
-    beta: float | None = None
+    beta: Annotated[float | None, above(0)] = None
     """β: how far the policy may move from the reference (larger = stays closer; τ for ipo; SimPO's reward scale); empty = the loss's default: 0.1 (sigmoid, ipo, hinge, kto) or 2.0 (simpo). orpo has no β (see orpo_lambda)."""
     loss: Literal["sigmoid", "ipo", "hinge", "kto", "orpo", "simpo"] = "sigmoid"
     """sigmoid (DPO: -log σ(β·h)), ipo ((h/tokens - 1/(2β))², length-normalised as in TRL), hinge (max(0, 1 - β·h)); kto (unpaired examples, desirable or not, against the reference; Ethayarajh et al. 2024); no reference model: orpo (chosen NLL + λ·odds-ratio term; Hong et al. 2024), simpo (-log σ(β·Δ mean log-prob - γ); Meng et al. 2024)."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, between(0, 0.5, open_hi=True)] = 0.0
     """cDPO: the probability ε that a pair's preference is flipped; loss (1-ε)·L(c, r) + ε·L(r, c); sigmoid only, 0 <= ε < 0.5. Current TRL ignores label_smoothing for sigmoid (TRL 0.12 applied it like this)."""
     precompute_ref: bool = False
     """Compute the reference log-probs of every train and validation pair in one no-grad pass before training and keep only those (no reference model in memory while training). Not for orpo/simpo, which have no reference."""
     disable_dropout: bool = True
     """Turn off every dropout of policy and reference (TRL's disable_dropout), so both score a sequence the same at step 0."""
-    kto_desirable_weight: float = 1.0
+    kto_desirable_weight: Annotated[float, above(0)] = 1.0
     """KTO's λ_D, the weight of desirable examples' losses. The paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples (the log says when it is outside)."""
-    kto_undesirable_weight: float = 1.0
+    kto_undesirable_weight: Annotated[float, above(0)] = 1.0
     """KTO's λ_U, the weight of undesirable examples' losses."""
-    orpo_lambda: float = 0.1
+    orpo_lambda: Annotated[float, at_least(0)] = 0.1
     """ORPO's λ: weight of the odds-ratio term -log σ(log odds(chosen) - log odds(rejected)) added to the chosen reply's mean token NLL (TRL ORPOConfig.beta's default)."""
-    simpo_gamma: float = 1.0
+    simpo_gamma: Annotated[float, at_least(0)] = 1.0
     """SimPO's target margin γ in -log σ(β·(mean log-prob of chosen - of rejected) - γ); with the default β 2, γ/β = 0.5."""
 
     @property

@@ -24,13 +24,14 @@ loss, accuracy, margin and reward_mean, and both rewards), in pair order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from honelm import predictions as P
+from honelm.bounds import at_least
 from honelm.errors import ConfigError
 from honelm.objectives.base import Loss, Objective
 
@@ -41,7 +42,7 @@ MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 class RewardObjectiveConfig:
     """The Bradley-Terry objective."""
 
-    center_coef: float = 0.0
+    center_coef: Annotated[float, at_least(0)] = 0.0
     """Reward centring: add coef · mean((r_c + r_r)²) to pull the mean reward to 0 (TRL's center_rewards_coefficient, e.g. 0.01); 0 = off."""
     disable_dropout: bool = True
     """Turn off every dropout of the model (TRL's disable_dropout): with dropout, chosen and rejected are scored through noise."""

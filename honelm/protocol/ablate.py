@@ -110,7 +110,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -120,6 +120,7 @@ import torch
 from honelm import config as C
 from honelm import registry
 from honelm import runtime as rt
+from honelm.bounds import ANY, at_least, between
 from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
@@ -179,7 +180,7 @@ class AblateConfig:
 
     out_dir: str = ""
     """Directory of the cells, shared runs and results (--out-dir overrides it). Required."""
-    seeds: int | list[int] = 3
+    seeds: Annotated[int | list[int], ANY] = 3
     """Seeds of every variant: a count N (seeds 0..N-1) or a list of distinct integers (--seeds N)."""
     metric: str = ""
     """Metric of the interval, verdict and choice, computed on each cell's per-example validation records (its best
@@ -188,9 +189,9 @@ class AblateConfig:
     margin, loss or reward_mean (reward); rewards_accuracy, rewards_margin, loss, rewards_chosen or rewards_rejected
     (dpo; with dpo.loss=kto rewards and kl instead of the last two). Empty: the first of these for the stage (accuracy, loss, accuracy, rewards_accuracy). Lower is better for
     loss and mse."""
-    bootstrap: int = 2000
+    bootstrap: Annotated[int, at_least(100)] = 2000
     """Paired-bootstrap resamples of the interval (at least 100)."""
-    confidence: float = 0.95
+    confidence: Annotated[float, between(0.5, 1, open_hi=True)] = 0.95
     """Confidence level of the interval, in [0.5, 1)."""
     test: str = "chosen"
     """Which cells `honelm test` reads, once each, after every cell has trained and the verdicts are in: chosen (the
@@ -206,7 +207,7 @@ class AblateConfig:
     each variant searches it through its boosters (LoRA: lr 10x higher; adversarial: the method's strength, relative
     to the embedding norm). `none` = no search: every variant trains with the settings the file gives it, untuned,
     and the report says so."""
-    time_budget: float = 0.0
+    time_budget: Annotated[float, at_least(0)] = 0.0
     """Wall-clock seconds for one invocation, 0 = none: the variants still to run share what is left equally, each
     in turn; a variant whose turn comes with nothing left is not run (listed; run again to continue it)."""
     variants: dict[str, VariantConfig] = field(default_factory=dict)

@@ -38,13 +38,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
 from honelm import config as C
 from honelm import registry
 from honelm.boosters.adversarial import REGISTRY as ADVERSARIAL_METHODS
+from honelm.bounds import at_least, between
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import _as_override, _flatten
 from honelm.protocol import ablate, stats
@@ -86,19 +87,19 @@ class BoostConfig:
     teacher: str = ""
     """The teacher of the distillation variant: a classify run or model directory with the task's labels (distill's
     teacher.model); the student is the baseline's model. Empty = no distillation."""
-    steps: int = 0
+    steps: Annotated[int, at_least(0)] = 0
     """Optimizer steps of every trial and cell (train.max_steps of the compared stage), the same for every variant;
     0 = the config's own budget."""
-    adapt_steps: int = 0
+    adapt_steps: Annotated[int, at_least(0)] = 0
     """Optimizer steps of the TAPT and DAPT runs (adapt's train.max_steps); 0 = `steps`, or adapt's own (one epoch)
     when steps is 0 too."""
-    time_budget: float = 0.0
+    time_budget: Annotated[float, at_least(0)] = 0.0
     """Wall-clock seconds for one invocation, 0 = none: the variants still to run share what is left equally, each in
     turn, and a variant's search starts no new trial after its part of the share (honelm.protocol.spaces); one left
     with no time, or whose search finished no trial, is reported as such. Running the command again continues."""
-    n_trials: int = 4
+    n_trials: Annotated[int, at_least(1)] = 4
     """Trials of each variant's own search on validation (the same for every variant)."""
-    seeds: int = 1
+    seeds: Annotated[int, at_least(1)] = 1
     """Seeds per variant after its search (seeds 0..N-1); with one, training noise is not in the intervals."""
     space: dict[str, Any] = field(default_factory=dict)
     """The baseline's search space (a search file's `space`); empty = train.lr a factor 3 either side of the config's.
@@ -108,9 +109,9 @@ class BoostConfig:
     n_trials, space and timeout, which boost sets."""
     metric: str = "accuracy"
     """Validation metric of the intervals, verdicts and choice: accuracy, macro_f1, mse or pearson."""
-    bootstrap: int = 2000
+    bootstrap: Annotated[int, at_least(100)] = 2000
     """Paired-bootstrap resamples of each interval (at least 100)."""
-    confidence: float = 0.95
+    confidence: Annotated[float, between(0.5, 1, open_hi=True)] = 0.95
     """Confidence level of the intervals, in [0.5, 1)."""
 
     def validate(self) -> None:

@@ -29,9 +29,10 @@ can read the test split, not even `honelm test`; test the winner once afterwards
 
 Resuming: the study lives in OUT_DIR/study.db (SQLite). Running the same command again continues
 the same study up to `n_trials` finished (complete or pruned) trials. A trial that was running
-when the process died or was interrupted is marked failed and its parameters are tried again
-first. With `--storage URL` (e.g. postgresql://...) several machines can work on one study; stale
-trials are then detected by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
+when the process died or was interrupted, or that failed (its error is in the trials' `error`
+column), is marked failed and its parameters are tried again first. With `--storage URL`
+(e.g. postgresql://...) several machines can work on one study; stale trials are then detected
+by heartbeat and retried (Optuna's RetryHeartbeatStaleTrialCallback).
 
 Outputs, rewritten after every trial: trials.jsonl and trials.csv, best.json, best.yaml (the best
 trial's config, ready for `honelm VERB --config best.yaml`), a `best` link to the best trial's
@@ -54,7 +55,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -63,6 +64,7 @@ from sqlalchemy.engine import make_url  # optuna's RDB storage depends on sqlalc
 
 from honelm import config as C
 from honelm import registry
+from honelm.bounds import ANY, above, at_least
 from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError, TrainingError
 from honelm.loop import Callback, TrainState, metric_is_min
@@ -153,11 +155,11 @@ class RangeConfig:
 
     values: list[Any] | None = None
     """Categorical choices (distinct); a plain list in place of the mapping means the same."""
-    low: int | float | None = None
+    low: Annotated[int | float | None, ANY] = None
     """Lowest value of a range (ints on both ends and in step make an int range)."""
-    high: int | float | None = None
+    high: Annotated[int | float | None, ANY] = None
     """Highest value of a range (included)."""
-    step: int | float | None = None
+    step: Annotated[int | float | None, above(0)] = None
     """Spacing of a range's values; none = continuous (or every int)."""
     log: bool = False
     """Sample the range on a log scale (needs low > 0; not with step)."""
@@ -215,11 +217,11 @@ class SearchConfig:
     """Optuna sampler; grid needs finite dimensions (choices, or int ranges with a step)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
-    n_trials: int | None = None
+    n_trials: Annotated[int | None, at_least(0)] = None
     """Finished (complete or pruned) trials to reach; empty = 10, or the whole grid with the grid sampler (--n-trials)."""
-    timeout: float = 0.0
+    timeout: Annotated[float, at_least(0)] = 0.0
     """Seconds after which this invocation starts no new trial; 0 = no limit (--timeout)."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Seed of the sampler."""
     keep_models: Literal["best", "all"] = "best"
     """Which trials keep their best/ model on disk: only the best trial's, or all."""
@@ -395,8 +397,10 @@ class _Lock:
 
 
 def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
-    """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive) or
-    failed by an interrupt: mark them failed and try their parameters again first. Returns how many."""
+    """Trials left RUNNING by a dead process (we hold the directory's lock, so none is alive), failed by an
+    interrupt or by an error: mark them failed and try their parameters again first, once per failed trial (a
+    retry that fails is itself retried by the next run). A grid sampler counts a failed point as visited, so
+    without this its value would never be tried again. Returns how many."""
     TS = optuna.trial.TrialState
     retried_path = spec.out_dir / "retried.json"
     retried = set(json.loads(retried_path.read_text())) if retried_path.is_file() else set()
@@ -406,7 +410,7 @@ def _recover(study: Any, storage: Any, spec: SearchSpec) -> int:
         stale = t.state == TS.RUNNING and not spec.storage
         if stale:
             storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TS.FAIL)
-        if (stale or (t.state == TS.FAIL and t.user_attrs.get("interrupted"))) and t.number not in retried:
+        if (stale or t.state == TS.FAIL) and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             retried.add(t.number)
             again += 1
@@ -474,22 +478,23 @@ def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str
         todo = max(spec.n_trials - done, 0)
         print(f"search {spec.out_dir}: {spec.verb}, {spec.metric} ({'min' if spec.minimize else 'max'}), "
               f"{spec.sampler} sampler, {spec.pruner} pruner; {done} trial(s) finished, {todo} to run"
-              + (f", {again} interrupted trial(s) tried again first" if again else ""), flush=True)
+              + (f", {again} interrupted or failed trial(s) tried again first" if again else ""), flush=True)
 
         def objective(trial: Any) -> float:
             nonlocal stopped
             params = {prm.key: suggest(trial, prm) for prm in spec.space}
             run_dir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir))
-            cfg = build_trial_config(spec, params, run_dir)
             shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
             print(f"\n> trial {trial.number} ({done_now() + 1}/{spec.n_trials}): {shown}", flush=True)
 
             started = time.time()
             try:
+                cfg = build_trial_config(spec, params, run_dir)
                 result = registry.run_verb(spec.verb, cfg, callbacks=[*callbacks, _Pruner(trial, spec.metric)])
-            except (TrainingError, ConfigError) as e:  # a diverged or impossible trial fails; the search goes on
-                trial.set_user_attr("error", str(e)[:500])
+            except Exception as e:  # recorded, and tried again by the next run of the search (`_recover`)
+                message = str(e) if isinstance(e, HonelmError) else f"{type(e).__name__}: {e}"
+                trial.set_user_attr("error", message[:500])
                 trial.set_user_attr("time_s", round(time.time() - started, 1))
                 raise
             trial.set_user_attr("time_s", round(time.time() - started, 1))
@@ -524,11 +529,14 @@ def run_search(spec: SearchSpec, callbacks: Sequence[Callback] = ()) -> dict[str
             with forbid_test_split("honelm search"):
                 try:
                     study.optimize(objective, n_trials=todo, timeout=spec.timeout or None, callbacks=study_callbacks,
-                                   catch=(TrainingError, ConfigError), gc_after_trial=True)
+                                   catch=(HonelmError,), gc_after_trial=True)
                 except KeyboardInterrupt:
                     write_outputs(spec, study)
                     print(f"search interrupted: run the same `honelm search {spec.path} ...` command again to "
                           "continue the same study", flush=True)
+                    raise
+                except Exception:  # an unexpected error ends the search; its trial's error is in the outputs
+                    write_outputs(spec, study)
                     raise
         best = write_outputs(spec, study, plots=True)
     return {**best, "stop_requested": True} if stopped else best

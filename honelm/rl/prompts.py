@@ -14,11 +14,13 @@ the reply continues) and are counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
+from honelm.bounds import at_least
 from honelm.data.chat import Messages, prompt_ids, prompt_of
-from honelm.data.readers import Document, expand_paths, read_documents, read_rows
-from honelm.data.sources import SplitDataConfig, say_split
+from honelm.data.readers import BadRows, Document, convert_rows, expand_paths, read_documents, read_rows
+from honelm.data.sources import (SplitDataConfig, check_not_empty, read_test_later, report_skipped, say_split,
+                                 skipping)
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
 
@@ -34,7 +36,7 @@ class PromptDataConfig(SplitDataConfig):
     """train:val:test ratios of the prompts (validation prompts measure the score at eval time; PPO runs have no test split by default)."""
     chat: Literal["auto", "on", "off"] = "auto"
     """Render prompts with the tokenizer's chat template: auto = when the tokenizer has one; on = always (honelm's default template is added to a tokenizer without one); off = plain text continuation."""
-    max_prompt_length: int = 128
+    max_prompt_length: Annotated[int, at_least(1)] = 128
     """Longest prompt in tokens; a longer one keeps its last tokens (counted in the log)."""
 
 
@@ -64,15 +66,19 @@ def _document(messages: Messages, source: str, line: int) -> PromptDocument:
     return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages))
 
 
-def read_prompt_documents(spec: str | Sequence[str]) -> list[PromptDocument]:
-    """Every prompt of the files (comma-separated, directories or globs), with file and line."""
+def read_prompt_documents(spec: str | Sequence[str], bad: BadRows | None = None) -> list[PromptDocument]:
+    """Every prompt of the files (comma-separated, directories or globs), with file and line; bad rows are raised
+    together, or collected in `bad` for its owner (`honelm.data.readers.BadRows`)."""
+    given, bad = bad, BadRows() if bad is None else bad
     out: list[PromptDocument] = []
     for path in expand_paths(spec.split(",") if isinstance(spec, str) else spec):
         if path.suffix.lower() not in STRUCTURED:  # plain text, one prompt per non-empty line
-            for doc in read_documents([path], unit="lines"):
+            for doc in read_documents([path], unit="lines", bad=bad):
                 out.append(_document([{"role": "user", "content": doc.text}], doc.source, doc.line))
         else:
-            out.extend(_document(prompt_of(row), row.source, row.line) for row in read_rows([path]))
+            out.extend(convert_rows(read_rows([path], bad), lambda row: _document(prompt_of(row), row.source, row.line),
+                                    bad))
+    BadRows.finish(given, bad, out)
     if not out:
         raise DataError(str(spec), None, None, "no prompts found")
     return out
@@ -83,12 +89,17 @@ def prompt_splits(data: PromptDataConfig, say: Callable[[str], None]) -> Any:
     if not data.train:
         raise ConfigError("data.train is empty: give a prompt file (.txt, one per line, or JSONL rows with a prompt, "
                           "an instruction or a conversation)")
-    val = read_prompt_documents(data.val) if data.val else None
-    splits = make_splits(read_prompt_documents(data.train), ratios=parse_ratios(data.split), seed=data.seed,
-                         stratify=False, val=val, load_test=(lambda: read_prompt_documents(data.test)) if data.test else None,
-                         test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
+    bad = skipping(data)
+    train = read_prompt_documents(data.train, bad)
+    val = read_prompt_documents(data.val, bad) if data.val else None
+    bad.check()
+    load_test = read_test_later(lambda b: read_prompt_documents(data.test, b), data, say) if data.test else None
+    splits = make_splits(train, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
+                         load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
                          near_dup_threshold=data.near_dup_threshold)
+    report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
+    check_not_empty(splits.manifest, data)
     return splits
 
 

@@ -26,10 +26,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
 
+from honelm.bounds import at_least
 from honelm.checkpoint import resolve_model_dir
 from honelm.data.chat import ensure_template, render
 from honelm.errors import ConfigError, HonelmError
@@ -45,7 +46,7 @@ class RewardConfig:
     """Reward model: a `honelm reward` run or a directory holding a sequence-classification model with num_labels=1."""
     function: str = ""
     """Programmatic reward instead of a model: contains:TEXT (1 if the response contains TEXT), regex:PATTERN (1 if it matches) or token:ID (count of token ID in the response)."""
-    missing_eos_penalty: float = 0.0
+    missing_eos_penalty: Annotated[float, at_least(0)] = 0.0
     """Subtracted from the score of a response that hit the length limit without EOS (0 = off); discourages endless answers."""
 
     def validate(self) -> None:

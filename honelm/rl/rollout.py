@@ -34,10 +34,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 
+from honelm.bounds import PROBABILITY, above, at_least
 from honelm.checkpoint import STEP_DIR, list_checkpoints
 from honelm.errors import ConfigError, HonelmError
 from honelm.generate import rng_devices
@@ -55,27 +56,27 @@ Batch = dict[str, Any]
 class PPOOptions:
     """PPO: rollouts, the KL penalty, advantages, clipping and the value function."""
 
-    rollout_batch: int = 32
+    rollout_batch: Annotated[int, at_least(1)] = 32
     """Prompts sampled per rollout (per process); a multiple of train.batch_size x train.grad_accum (the minibatch)."""
-    ppo_epochs: int = 4
+    ppo_epochs: Annotated[int, at_least(1)] = 4
     """Passes over each rollout; each pass is cut into rollout_batch / minibatch optimizer steps."""
-    response_length: int = 48
+    response_length: Annotated[int, at_least(1)] = 48
     """Most tokens sampled per response; a response stops earlier at EOS."""
-    temperature: float = 0.7
+    temperature: Annotated[float, above(0)] = 0.7
     """Sampling temperature T (> 0); the loss recomputes log-probabilities of softmax(logits / T), so both agree."""
-    kl_coef: float = 0.05
+    kl_coef: Annotated[float, at_least(0)] = 0.05
     """beta of the per-token KL penalty -beta * KL_t to the reference (the starting policy)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimate: k1 = log pi - log pi_ref (unbiased, can be negative) or k3 = (r - 1) - log r, r = pi_ref/pi (never negative)."""
-    clip: float = 0.2
+    clip: Annotated[float, above(0)] = 0.2
     """Policy ratio clip epsilon: the surrogate ignores ratios beyond 1 +- clip in the direction the advantage favours."""
-    clip_value: float = 0.2
+    clip_value: Annotated[float, above(0)] = 0.2
     """Value clip: the value loss also scores V_old + clip(V - V_old, +-clip_value) and takes the larger loss."""
-    vf_coef: float = 0.1
+    vf_coef: Annotated[float, at_least(0)] = 0.1
     """Weight of the value loss in the total loss."""
-    gamma: float = 1.0
+    gamma: Annotated[float, PROBABILITY] = 1.0
     """Discount of GAE (1 = none, as InstructGPT and TRL)."""
-    lam: float = 0.95
+    lam: Annotated[float, PROBABILITY] = 0.95
     """lambda of GAE (bias-variance trade-off of the advantage estimate)."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards of each rollout (scale only: the mean is kept) before GAE; advantages are always whitened."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TextIO
+from typing import Annotated, Any, Callable, Iterator, TextIO
 
 from honelm import runtime as rt
+from honelm.bounds import at_least
 from honelm.checkpoint import resolve_model_dir
 from honelm.config import section
 from honelm.data.chat import Messages, ensure_template, prompt_ids
@@ -39,7 +40,7 @@ class ChatConfig:
     """A run directory (its best/ model) or a model directory; also accepted as the first argument."""
     system: str = ""
     """System message at the start of every conversation (empty = none)."""
-    max_context: int = 0
+    max_context: Annotated[int, at_least(0)] = 0
     """Longest conversation in tokens, reply included; 0 = the model's max_position_embeddings. Older turns are dropped to fit (and said so); a reply gets at most half of it."""
     sampling: SamplingConfig = section(_chat_sampling)
 

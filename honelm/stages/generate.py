@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from honelm import runtime as rt
+from honelm.bounds import at_least
 from honelm.checkpoint import resolve_model_dir
 from honelm.config import section
 from honelm.errors import ConfigError
@@ -42,7 +43,7 @@ class GenerateConfig:
     """A .txt file (one prompt per line) or rows (.jsonl/.json/.csv/.tsv/.parquet): {"prompt"} or SFT rows (alpaca, prompt_completion, messages, sharegpt), answered up to their last assistant turn (their reply is kept as `reference`); outputs go to `out`."""
     out: str = ""
     """JSONL file for the generations, rows that `honelm sft` reads as they are (prompt, completion, sampling settings, reference); default: print to the terminal."""
-    num_samples: int = 1
+    num_samples: Annotated[int, at_least(1)] = 1
     """Samples per prompt (seeds seed, seed+1, ...)."""
     chat: bool = False
     """Send each prompt (a user message, or a row's conversation) through the model's chat template (honelm's default is added to a tokenizer without one) and generate the assistant's reply; false = continue a single user message's text. Use true for answers that sft trains on."""

@@ -15,6 +15,7 @@ modules used to do the same work by hand.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -28,9 +29,13 @@ from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
 from honelm.models import LoadedModel, count_parameters
 from honelm.pins import check_inputs, record_inputs
-from honelm.rundir import release_run, run_directory, tracker_for
+from honelm.rundir import discard_failed_start, latest_of, release_run, run_directory, runs_parent, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
+
+
+STARTED = "training_started"
+"""ctx.extra key set when the run's training (or its one evaluation) begins: a failure before it is a failed start."""
 
 
 def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
@@ -98,6 +103,7 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     if plan.reset is not None:
         plan.reset()
     ctx.extra.pop("val_records", None)  # a sub-run's (a teacher's) records never describe this run's best/
+    ctx.extra[STARTED] = True  # a sub-run's context shares `extra`: a teacher's training counts as started too
     loaded, run_dir = ctx.loaded, ctx.run_dir
     assert loaded is not None
     train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=saver(ctx, plan),
@@ -159,6 +165,7 @@ def evaluate_once(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks:
     """
     plan, tracker = stage.plan(ctx, loaded), ctx.tracker
     assert tracker is not None
+    ctx.extra[STARTED] = True
     model, state = loaded.model.to(ctx.device).eval(), TrainState(ctx.run_dir, total=0, reason="evaluated")
     every = [*plan.callbacks, *callbacks]
     for callback in every:
@@ -199,22 +206,36 @@ def summary(ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, An
 def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequence[Callback] = (),
               allow_changed_data: bool = False) -> dict[str, Any]:
     """Train one run of `stage` with `cfg` (or continue `resume`; `allow_changed_data`: even on inputs that changed
-    since it started); returns the run's summary."""
+    since it started); returns the run's summary.
+
+    A new run that fails before training starts (bad data, a model that does not fit the config) leaves
+    nothing behind: its directory is removed and `latest` points where it did (`discard_failed_start`).
+    """
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
+    latest_before = latest_of(runs_parent(stage.name, cfg)) if resume is None else None
     ctx = open_run(stage, cfg, resume)
     try:
         settle_inputs(ctx, allow_changed_data)
-        return _run(stage, ctx, callbacks)
+        return _run(stage, ctx, callbacks, latest_before)
     finally:
         release_run(ctx.run_dir)
 
 
-def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    loaded = load(stage, ctx)
-    if stage.trains:
-        plan, result = train(stage, ctx, loaded, callbacks)
-    else:
-        plan, result = evaluate_once(stage, ctx, loaded, callbacks)
+def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback], latest_before: Any) -> dict[str, Any]:
+    try:
+        loaded = load(stage, ctx)
+        if stage.trains:
+            plan, result = train(stage, ctx, loaded, callbacks)
+        else:
+            plan, result = evaluate_once(stage, ctx, loaded, callbacks)
+    except BaseException:
+        if not ctx.resume and not ctx.extra.get(STARTED):
+            assert ctx.tracker is not None
+            ctx.tracker.close()
+            if discard_failed_start(ctx.run_dir, latest_before, ctx.runtime):
+                print(f"{ctx.run_dir}: removed, as the run failed before training (run the same command again once "
+                      "the error is fixed)", file=sys.stderr, flush=True)
+        raise
     assert ctx.tracker is not None
     if result is None:  # a booster's own run stopped before the main run started
         ctx.tracker.close()

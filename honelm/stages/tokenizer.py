@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from honelm import runtime as rt
+from honelm.bounds import at_least
 from honelm.config import RunConfig, section
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
@@ -25,9 +26,9 @@ class TokenizerOptions:
 
     kind: Literal["bpe", "wordpiece"] = "bpe"
     """bpe = byte-level BPE (decoders, any script, no unknown tokens); wordpiece = BERT-style (encoders)."""
-    vocab_size: int = 8000
+    vocab_size: Annotated[int, at_least(1)] = 8000
     """Vocabulary size, special tokens included."""
-    min_frequency: int = 2
+    min_frequency: Annotated[int, at_least(1)] = 2
     """A merge (BPE) or word piece must occur this often to enter the vocabulary."""
     lowercase: bool = False
     """Lowercase before tokenizing (cased is the default: lowercasing is lossy for some scripts)."""

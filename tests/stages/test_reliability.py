@@ -117,7 +117,8 @@ def test_resume_refuses_changed_data_unless_allowed(project, tmp_path, monkeypat
     manifest = (run / "split_manifest.json").read_bytes()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "corpus.txt").write_text("another corpus altogether\n" * 50, encoding="utf-8")
+    (elsewhere / "corpus.txt").write_text("".join(f"another corpus altogether, line {i}\n" for i in range(50)),
+                                          encoding="utf-8")
     monkeypatch.chdir(elsewhere)
     assert main(["pretrain", "--resume", str(run)]) == 1
     line = _error_line(capsys)

@@ -77,7 +77,7 @@ def test_shipped_presets_validate_and_start_with_their_command():
     for path in presets:
         stage = path.parent.name
         verb = VERBS[stage]
-        if stage in ("pipeline", "search", "ablate"):  # files of their own verbs, not config presets
+        if stage in ("pipeline", "search", "ablate", "boost"):  # files of their own verbs, not config presets
             assert path.read_text().startswith(f"# honelm {stage} configs/{stage}/{path.name}\n"), path
             if stage == "search":
                 from honelm.protocol.search import load_spec
@@ -87,6 +87,10 @@ def test_shipped_presets_validate_and_start_with_their_command():
                 from honelm.protocol.ablate import load_spec as load_ablation
 
                 load_ablation(path)  # builds every cell's configs
+            elif stage == "boost":
+                from honelm.protocol.boost import load_config as load_boost
+
+                load_boost(str(path), [])  # every field checked (the task's settings are checked when it runs)
             continue
         cls = registry.config_class(verb.name)
         C.build(cls, path)

@@ -1,0 +1,77 @@
+"""A failed search trial keeps its error in the trials table and its parameters are tried again by the next run.
+
+The trials' runs are stood in for (`registry.run_verb` writes the best/best.json a run would), so what is
+tested is the search's own bookkeeping: a grid point that failed is not lost (Optuna's grid sampler counts a
+failed point as visited) and an unexpected error is recorded before it ends the search.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from honelm import registry
+from honelm.cli import main
+from honelm.errors import TrainingError
+from honelm.protocol import search as S
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """The end-of-search plots take seconds and are not what is tested here."""
+    monkeypatch.setattr(S, "write_plots", lambda study, plots: {})
+
+
+def fake_runs(fail: dict[int, Exception]) -> Any:
+    """A `run_verb` whose call number N (from 0) raises `fail[N]`; any other saves a best value as a run does."""
+    calls = iter(range(1_000))
+
+    def run_verb(verb: str, cfg: Any, resume: Any = None, callbacks: Any = ()) -> dict[str, Any]:
+        error = fail.get(next(calls))
+        if error is not None:
+            raise error
+        best = Path(cfg.run.out_dir) / cfg.run.name / "best"
+        best.mkdir(parents=True)
+        (best / "best.json").write_text(json.dumps({"value": cfg.train.batch_size / 100}))
+        return {"reason": "max_steps"}
+
+    return run_verb
+
+
+def search_file(tmp_path: Path) -> Path:
+    spec = {"verb": "classify", "set": {"data.train": "reviews.jsonl"}, "out_dir": str(tmp_path / "search"),
+            "metric": "val_accuracy", "sampler": "grid", "pruner": "none", "space": {"train.batch_size": [4, 8, 16]}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def rows(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
+
+
+def test_failed_trials_are_recorded_and_their_grid_points_tried_again(tmp_path, monkeypatch, capsys):
+    path = search_file(tmp_path)
+    # an unexpected error still ends the search (as a bug should) ...
+    monkeypatch.setattr(registry, "run_verb", fake_runs({0: RuntimeError("disk hiccup")}))
+    with pytest.raises(RuntimeError, match="disk hiccup"):
+        main(["search", str(path)])
+    (first,) = rows(tmp_path)  # ... with its error recorded
+    assert (first["state"], first["error"]) == ("fail", "RuntimeError: disk hiccup")
+
+    # the next run tries that grid point again first; a honelm error fails its trial only: the search goes on
+    monkeypatch.setattr(registry, "run_verb", fake_runs({1: TrainingError("loss is nan at step 3")}))
+    capsys.readouterr()
+    assert main(["search", str(path)]) == 0
+    said = capsys.readouterr().out
+    assert "0 trial(s) finished, 3 to run, 1 interrupted or failed trial(s) tried again first" in said
+    found = rows(tmp_path)
+    assert (found[1]["retry_of"], found[1]["state"]) == (0, "complete")
+    assert found[1]["params.train.batch_size"] == first["params.train.batch_size"]
+    assert [(r["state"], r["error"]) for r in found] == [("fail", "RuntimeError: disk hiccup"), ("complete", None),
+                                                         ("fail", "loss is nan at step 3"), ("complete", None)]
+    assert "error" in (tmp_path / "search" / "trials.csv").read_text().splitlines()[0].split(",")
