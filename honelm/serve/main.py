@@ -1,0 +1,108 @@
+"""`honelm serve RUN|CHECKPOINT`: the options, the model loaded once, uvicorn until SIGTERM or Ctrl-C.
+
+The HTTP stack is FastAPI on uvicorn (the `serve` extra): both well kept, asyncio-native (server-sent
+events for streaming without threads per client), and what OpenAI-compatible servers commonly use.
+On SIGTERM uvicorn stops accepting connections, lets the requests in flight finish (streams
+included, up to --shutdown-timeout seconds), then the engine's worker finishes its last batch and
+the command returns 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from honelm import runtime as rt
+from honelm.errors import HonelmError
+from honelm.serve.engine import Engine, load_served
+
+try:  # the serve extra: `honelm serve --help` works without it, serving says what to install
+    import uvicorn
+
+    from honelm.serve.api import build_app
+    MISSING = ""
+except ImportError as missing:
+    MISSING = missing.name or str(missing)
+
+API_KEY_ENV = "HONELM_API_KEY"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="honelm serve",
+        description="Serve a run's best model (or a checkpoint directory) over HTTP: the OpenAI API "
+        "(/v1/chat/completions with SSE streaming, /v1/completions, /v1/models) for a causal LM, /v1/classify for a "
+        "classifier, regressor or reward model, /health, and a web page at / (chat or classify; the run's report). "
+        "Requests arriving together are batched. Needs the serve extra: pip install 'honelm[serve]'.")
+    p.add_argument("model", help="a run directory (its best/ model; its report.html/md is linked from the page) or a "
+                   "model directory (a causal LM, or a sequence classifier / regressor / reward model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "anything else should come with --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--name", default="", help="the model id clients send as `model` and /v1/models lists "
+                   "(default: the run's or model directory's name)")
+    p.add_argument("--api-key", default=os.environ.get("HONELM_API_KEY", ""),
+                   help=f"require `Authorization: Bearer KEY` on /v1/* and /report (401 otherwise); default: "
+                   f"${API_KEY_ENV}, else none")
+    p.add_argument("--max-batch", type=int, default=32, help="most rows run in one batch: classification inputs, "
+                   "or generated choices (default 32); also the largest n a request may ask")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the worker waits for more requests "
+                   "after the first before running a batch (default 5 ms; 0 = take only what is already queued)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated when a request names no "
+                   "max_tokens (default 256; never past the context)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of sampled batches whose requests name none "
+                   "(seed, seed+1, ...; default 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM/Ctrl-C, seconds to let the "
+                   "requests in flight finish before they are cut (default 30)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning; info logs every request)")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-tokens", args.max_tokens, 1), ("--threads", args.threads, 0)):
+        if value < low:
+            raise HonelmError(f"{name} must be >= {low}, got {value}")
+    if args.batch_window_ms < 0 or args.shutdown_timeout < 0:
+        raise HonelmError("--batch-window-ms and --shutdown-timeout must be >= 0")
+    if MISSING:
+        raise HonelmError(f"honelm serve needs the serve extra ({MISSING} is not installed): pip install 'honelm[serve]'")
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """`honelm serve MODEL [options]`; returns when the server has stopped."""
+    args = parser().parse_args(argv)
+    _check(args)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    device = rt.setup(args.threads).device
+    served = load_served(args.model, args.name, say)
+    served.model.to(device)
+    engine = Engine(served, args.max_batch, args.batch_window_ms / 1000, args.seed)
+    app = build_app(served, engine, args.api_key, args.max_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        say(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the model")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    server = uvicorn.Server(config)
+    stopped: list[int] = []
+
+    def note(sig: int, frame: FrameType | None) -> None:
+        stopped.append(sig)  # uvicorn passes the signal on after its graceful shutdown: end normally, not killed
+
+    signal.signal(signal.SIGTERM, note)
+    say(f"honelm serve: '{served.name}' ({'causal LM' if served.kind == 'lm' else 'classifier'}, {served.path}) on "
+        f"http://{args.host}:{args.port}/  (OpenAI API under /v1{', API key required' if args.api_key else ''})")
+    server.run()
+    if not server.started:
+        raise HonelmError(f"could not serve on {args.host}:{args.port} (see the error above: a port in use?)")
+    say(f"honelm serve: stopped{' on SIGTERM' if stopped else ''}; {len(engine.batcher.batches)} batches run")
+    return {"batches": len(engine.batcher.batches)}
