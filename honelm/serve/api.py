@@ -2,14 +2,18 @@
 
 Endpoints (https://platform.openai.com/docs/api-reference for the OpenAI ones):
 
-    GET  /health                 {"status": "ok", "model", "kind", "labels", "report", "auth"} (no key needed)
-    GET  /v1/models              the served model, as OpenAI lists models; /v1/models/{id} one
+    GET  /health                 {"status": "ok", "models": [{"id", "kind", "labels", "context", "report"}], "auth"}
+                                 (no key needed)
+    GET  /v1/models              the served models, as OpenAI lists models; /v1/models/{id} one
     POST /v1/chat/completions    causal LM: messages through the model's chat template; SSE with stream=true
     POST /v1/completions         causal LM: a prompt (or a list of prompts) continued as plain text
     POST /v1/classify            classifier / regressor / reward model: {"model", "input": text | [text |
                                  [text, text_pair] | messages, ...]} -> labels and probabilities (or scores)
     GET  /                       the web page (chat with an LM, or classify texts; the run's report)
-    GET  /report                 the run's report.html (or report.md), when the run has one
+    GET  /report?model=ID        the run's report.html (or report.md), when the model came from a run that has one
+
+One server may serve several models (a causal LM and a classifier, say), each with its own engine
+and worker thread; a request names its model in `model`.
 
 Every error, a bad request or not, is JSON in OpenAI's shape with a 4xx status for what the client
 sent: {"error": {"message", "type", "param", "code"}}. Request bodies are parsed here, strictly
@@ -144,20 +148,25 @@ async def read_body(request: Request) -> Any:
 
 @dataclass
 class State:
-    served: Served
-    engine: Engine
+    engines: dict[str, Engine]
+    """Model id -> the engine serving it (`engine.served` is the model)."""
     api_key: str
     default_max_tokens: int
 
-    def check_model(self, name: str, kind: str, route: str) -> None:
-        if name != self.served.name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.served.name}'",
-                           "model", "model_not_found")
-        if kind != self.served.kind:
-            other = "/v1/classify" if self.served.kind == "classifier" else "/v1/chat/completions and /v1/completions"
+    def find(self, name: str) -> Engine:
+        if name not in self.engines:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in self.engines)}", "model", "model_not_found")
+        return self.engines[name]
+
+    def check_model(self, name: str, kind: str, route: str) -> Engine:
+        engine = self.find(name)
+        if kind != engine.served.kind:
+            other = "/v1/classify" if engine.served.kind == "classifier" else "/v1/chat/completions and /v1/completions"
             raise ApiError(400, f"{route} needs a {'causal LM' if kind == 'lm' else 'classifier'}; "
-                           f"'{name}' is a {'causal LM' if self.served.kind == 'lm' else 'classifier'}: use {other}",
+                           f"'{name}' is a {'causal LM' if engine.served.kind == 'lm' else 'classifier'}: use {other}",
                            "model", "model_not_supported")
+        return engine
 
     def check_key(self, request: Request) -> None:
         if not self.api_key:
@@ -168,11 +177,11 @@ class State:
             raise ApiError(401, "Incorrect API key provided: send Authorization: Bearer KEY (honelm serve --api-key)",
                            None, "invalid_api_key")
 
-    def limits(self, req: Sampled, prompt_len: int, param: str, max_tokens: int | None) -> int:
+    def limits(self, engine: Engine, req: Sampled, prompt_len: int, param: str, max_tokens: int | None) -> int:
         """The request's max_tokens, checked against the context (OpenAI's context_length_exceeded)."""
-        ctx = self.served.context
-        if req.n > self.engine.batcher.max_batch:
-            raise ApiError(400, f"n={req.n} is more than this server's --max-batch {self.engine.batcher.max_batch}",
+        ctx = engine.served.context
+        if req.n > engine.batcher.max_batch:
+            raise ApiError(400, f"n={req.n} is more than this server's --max-batch {engine.batcher.max_batch}",
                            "n", "invalid_value")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > 4:
@@ -231,9 +240,9 @@ def _choice(kind: str, index: int, text: str | None, finish: str | None, first: 
     return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
 
 
-async def _stream(state: State, kind: str, channel: Channel, jobs: list[GenerateJob], prompt_tokens: int,
+async def _stream(model: str, kind: str, channel: Channel, jobs: list[GenerateJob], prompt_tokens: int,
                   usage_wanted: bool) -> AsyncIterator[str]:
-    rid, created, model = _new_id(kind), int(time.time()), state.served.name
+    rid, created = _new_id(kind), int(time.time())
     total = sum(j.n for j in jobs)
     completion = done = 0
     try:
@@ -258,7 +267,7 @@ async def _stream(state: State, kind: str, channel: Channel, jobs: list[Generate
             job.cancelled.set()
 
 
-async def _collect(state: State, kind: str, channel: Channel, jobs: list[GenerateJob], prompt_tokens: int) -> dict:
+async def _collect(model: str, kind: str, channel: Channel, jobs: list[GenerateJob], prompt_tokens: int) -> dict:
     total = sum(j.n for j in jobs)
     texts, reasons, completion = [""] * total, [""] * total, 0
     try:
@@ -280,7 +289,7 @@ async def _collect(state: State, kind: str, channel: Channel, jobs: list[Generat
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
     return {"id": _new_id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": state.served.name, "system_fingerprint": None,
+            "created": int(time.time()), "model": model, "system_fingerprint": None,
             "choices": choices, "usage": _usage(prompt_tokens, completion)}
 
 
@@ -292,17 +301,18 @@ def _new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-async def _answer(state: State, kind: str, req: Sampled, prompts: list[list[int]], max_tokens: list[int]) -> Response:
+async def _answer(state: State, engine: Engine, kind: str, req: Sampled, prompts: list[list[int]],
+                  max_tokens: list[int]) -> Response:
     channel = Channel()
     jobs = [state.job(req, ids, m, channel.shifted(k * req.n)) for k, (ids, m) in enumerate(zip(prompts, max_tokens))]
     for job in jobs:
-        state.engine.batcher.submit(job)
+        engine.batcher.submit(job)
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, kind, channel, jobs, prompt_tokens, usage),
+        return StreamingResponse(_stream(req.model, kind, channel, jobs, prompt_tokens, usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await _collect(state, kind, channel, jobs, prompt_tokens))
+    return JSONResponse(await _collect(req.model, kind, channel, jobs, prompt_tokens))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,24 +321,24 @@ async def _answer(state: State, kind: str, req: Sampled, prompts: list[list[int]
 
 async def chat_completions(state: State, request: Request) -> Response:
     req = parse(ChatRequest, await read_body(request))
-    state.check_model(req.model, "lm", "/v1/chat/completions")
+    engine = state.check_model(req.model, "lm", "/v1/chat/completions")
     messages = [m.as_dict() for m in req.messages]
     try:
-        ids = prompt_ids(state.served.tokenizer, messages)
+        ids = prompt_ids(engine.served.tokenizer, messages)
     except Exception as err:  # the template's own refusal (jinja raise_exception): the messages are at fault
         raise ApiError(400, f"messages: the chat template refused them: {err}", "messages", "invalid_value") from None
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = state.limits(req, len(ids), "messages", asked)
-    return await _answer(state, "chat", req, [ids], [max_tokens])
+    max_tokens = state.limits(engine, req, len(ids), "messages", asked)
+    return await _answer(state, engine, "chat", req, [ids], [max_tokens])
 
 
 async def completions(state: State, request: Request) -> Response:
     req = parse(CompletionRequest, await read_body(request))
-    state.check_model(req.model, "lm", "/v1/completions")
+    engine = state.check_model(req.model, "lm", "/v1/completions")
     texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not texts:
         raise ApiError(400, "prompt: give a string or a non-empty list of strings", "prompt", "invalid_value")
-    tok = state.served.tokenizer
+    tok = engine.served.tokenizer
     prompts, limits = [], []
     for i, text in enumerate(texts):
         # an empty prompt starts from EOS, as a document does in pre-training (honelm generate does the same)
@@ -337,14 +347,14 @@ async def completions(state: State, request: Request) -> Response:
             raise ApiError(400, f"prompt[{i}] has no tokens and the tokenizer has no EOS to start from", "prompt",
                            "invalid_value")
         prompts.append(ids)
-        limits.append(state.limits(req, len(ids), "prompt", req.max_tokens))
-    if len(texts) * req.n > state.engine.batcher.max_batch:
+        limits.append(state.limits(engine, req, len(ids), "prompt", req.max_tokens))
+    if len(texts) * req.n > engine.batcher.max_batch:
         raise ApiError(400, f"{len(texts)} prompts x n={req.n} is more than --max-batch "
-                       f"{state.engine.batcher.max_batch}", "prompt", "invalid_value")
-    return await _answer(state, "completion", req, prompts, limits)
+                       f"{engine.batcher.max_batch}", "prompt", "invalid_value")
+    return await _answer(state, engine, "completion", req, prompts, limits)
 
 
-def _classify_inputs(req: ClassifyRequest, state: State) -> list[Any]:
+def _classify_inputs(req: ClassifyRequest, served: Served) -> list[Any]:
     items = [req.input] if isinstance(req.input, str) else req.input
     if not items:
         raise ApiError(400, "input: give a text or a non-empty list of inputs", "input", "invalid_value")
@@ -355,7 +365,7 @@ def _classify_inputs(req: ClassifyRequest, state: State) -> list[Any]:
         elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
             out.append((item[0], item[1]))
         elif isinstance(item, list) and item and all(isinstance(x, dict) for x in item):
-            if not getattr(state.served.tokenizer, "chat_template", None):
+            if not getattr(served.tokenizer, "chat_template", None):
                 raise ApiError(400, f"input[{i}]: this model's tokenizer has no chat template to render messages "
                                "with; send texts", f"input[{i}]", "invalid_value")
             try:
@@ -371,15 +381,16 @@ def _classify_inputs(req: ClassifyRequest, state: State) -> list[Any]:
 
 async def classify(state: State, request: Request) -> Response:
     req = parse(ClassifyRequest, await read_body(request))
-    state.check_model(req.model, "classifier", "/v1/classify")
-    ids, types = encode_inputs(state.served, _classify_inputs(req, state))
+    engine = state.check_model(req.model, "classifier", "/v1/classify")
+    served = engine.served
+    ids, types = encode_inputs(served, _classify_inputs(req, served))
     for i, row in enumerate(ids):
-        if len(row) > state.served.context:
+        if len(row) > served.context:
             raise ApiError(400, f"input[{i}] is {len(row)} tokens; this model's maximum context length is "
-                           f"{state.served.context} tokens", f"input[{i}]", "context_length_exceeded")
+                           f"{served.context} tokens", f"input[{i}]", "context_length_exceeded")
     channel = Channel()
     job = ClassifyJob(ids, types, channel.emit)
-    state.engine.batcher.submit(job)
+    engine.batcher.submit(job)
     logits: list[list[float] | None] = [None] * len(ids)
     try:
         for _ in ids:
@@ -389,10 +400,10 @@ async def classify(state: State, request: Request) -> Response:
             logits[event[1]] = event[2]
     finally:
         job.cancelled.set()
-    data = [dict(_classified(state.served.labels, row), object="classification", index=i)
+    data = [dict(_classified(served.labels, row), object="classification", index=i)
             for i, row in enumerate(logits)]
     tokens = sum(map(len, ids))
-    return JSONResponse({"object": "list", "model": state.served.name, "data": data,
+    return JSONResponse({"object": "list", "model": served.name, "data": data,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
@@ -436,30 +447,25 @@ def _routes(app: FastAPI, state: State) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         state.check_key(request)
-        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+        return JSONResponse({"object": "list", "data": [_model_card(e.served) for e in state.engines.values()]})
 
     @app.get("/v1/models/{name:path}")
     async def model(request: Request, name: str) -> Response:
         state.check_key(request)
-        if name != state.served.name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{state.served.name}'",
-                           "model", "model_not_found")
-        return JSONResponse(_model_card(state))
+        return JSONResponse(_model_card(state.find(name).served))
 
     @app.get("/health")
     async def health() -> Response:
-        report = state.served.report()
-        return JSONResponse({"status": "ok", "model": state.served.name, "kind": state.served.kind,
-                             "labels": state.served.labels, "context": state.served.context,
-                             "report": report.suffix[1:] if report else None, "auth": bool(state.api_key)})
+        return JSONResponse({"status": "ok", "models": [_health(e.served) for e in state.engines.values()],
+                             "auth": bool(state.api_key)})
 
     @app.get("/report")
-    async def report(request: Request) -> Response:
+    async def report(request: Request, model: str = "") -> Response:
         state.check_key(request)
-        found = state.served.report()
+        found = state.find(model or next(iter(state.engines))).served.report()
         if found is None:
-            raise ApiError(404, "this model was not served from a run directory with a report "
-                           "(honelm report RUN writes one)", None, "no_report")
+            raise ApiError(404, f"the model '{model}' was not served from a run directory with a report "
+                           "(honelm report RUN writes one)", "model", "no_report")
         if found.suffix == ".md":
             return PlainTextResponse(found.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
         return FileResponse(found, media_type="text/html; charset=utf-8")
@@ -469,24 +475,34 @@ def _routes(app: FastAPI, state: State) -> None:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-def _model_card(state: State) -> dict[str, Any]:
-    return {"id": state.served.name, "object": "model", "created": state.served.created, "owned_by": "honelm",
-            "kind": state.served.kind}
+def _model_card(served: Served) -> dict[str, Any]:
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "honelm", "kind": served.kind}
 
 
-def build_app(served: Served, engine: Engine, api_key: str = "", default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI app serving `served` through `engine`, whose worker runs while the app does."""
+def _health(served: Served) -> dict[str, Any]:
+    report = served.report()
+    return {"id": served.name, "kind": served.kind, "labels": served.labels, "context": served.context,
+            "report": report.suffix[1:] if report else None}
+
+
+def build_app(engines: list[Engine], api_key: str = "", default_max_tokens: int = 256) -> FastAPI:
+    """The FastAPI app serving each engine's model (ids must differ); the engines' workers run while the app does."""
+    names = [e.served.name for e in engines]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two served models share an id ({', '.join(names)}): give each its own --name")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.batcher.start()
+        for engine in engines:
+            engine.batcher.start()
         try:
             yield
         finally:  # uvicorn ends the lifespan after the in-flight requests have been answered
-            engine.batcher.stop()
+            for engine in engines:
+                engine.batcher.stop()
 
     app = FastAPI(title="honelm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    state = State(served, engine, api_key, default_max_tokens)
+    state = State({e.served.name: e for e in engines}, api_key, default_max_tokens)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> Response:

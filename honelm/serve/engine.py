@@ -75,20 +75,20 @@ class Served:
         return None
 
 
-def _task_of(path: Path) -> str:
-    """"lm" or "classifier" from the saved config's architectures (a LoRA adapter: its task_type)."""
+def _task_of(path: Path) -> tuple[str, dict[str, Any]]:
+    """"lm" or "classifier" from the saved config's architectures (a LoRA adapter: its task_type), and the config."""
     if is_adapter_dir(path) and not (path / "config.json").is_file():
         task_type = adapter_info(path).get("task_type") or ""
-        return "classifier" if task_type == "SEQ_CLS" else "lm"
+        return ("classifier" if task_type == "SEQ_CLS" else "lm"), {}
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise HonelmError(f"{path}/config.json: cannot read the model config: {err}") from None
     names = config.get("architectures") or []
     if any(n.endswith("ForSequenceClassification") for n in names):
-        return "classifier"
+        return "classifier", config
     if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
-        return "lm"
+        return "lm", config
     raise HonelmError(f"{path}: architectures {names} is neither a causal LM nor a sequence classifier; "
                       "honelm serve serves those two")
 
@@ -99,12 +99,15 @@ def load_served(spec: str, name: str = "", say: Callable[[str], None] = print) -
     if not given.exists():
         raise HonelmError(f"{spec}: no such run or model directory")
     path = Path(resolve_model_dir(str(given)))
-    task = _task_of(path)
+    task, config = _task_of(path)
     tokenizer = load_tokenizer(path)
-    if is_adapter_dir(path) and not (path / "config.json").is_file():
-        model = load_merged(path).model  # the adapter's own task and labels, merged into its base
+    if not config:
+        model = load_merged(path).model  # a LoRA adapter: its own task and labels, merged into its base
+    elif task == "classifier":  # the saved head as it is: its labels and problem type
+        model = load_model(path, "classify", id2label=config.get("id2label"), num_labels=config.get("num_labels"),
+                           problem_type=config.get("problem_type"))
     else:
-        model = load_model(path, "classify" if task == "classifier" else "lm")
+        model = load_model(path, "lm")
     model.eval()
     labels = None
     if task == "classifier":
@@ -343,19 +346,21 @@ def encode_inputs(served: Served, inputs: list[tuple[str, str | None] | Messages
     """Token ids (and token type ids) of classification inputs, untruncated: a text or a (text, text_pair) as the
     classify stage encodes them, a conversation (messages) rendered through the chat template as a reward model
     reads prompt and reply."""
-    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, tuple)]
-    examples = [Example(text, pair, 0.0, "request", i) for i, (text, pair) in texts]
-    encoded = encode_examples(served.tokenizer, examples, None, 10 ** 9, model_kind(served.model) == "decoder") \
-        if examples else None
     ids: list[list[int]] = [[] for _ in inputs]
-    types = [[0] * 0 for _ in inputs] if encoded is not None and encoded.type_ids is not None else None
-    for k, (i, _) in enumerate(texts):
-        ids[i] = encoded.ids[k]
-        if types is not None:
-            types[i] = encoded.type_ids[k]
+    types: list[list[int]] = [[] for _ in inputs]
+    with_types = False
+    for pairs in (False, True):  # singles and pairs apart: the tokenizer takes a batch of one kind
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, tuple) and (x[1] is not None) == pairs]
+        if not texts:
+            continue
+        examples = [Example(text, pair, 0.0, "request", i) for i, (text, pair) in texts]
+        encoded = encode_examples(served.tokenizer, examples, None, 10 ** 9, model_kind(served.model) == "decoder")
+        with_types = with_types or encoded.type_ids is not None
+        for k, (i, _) in enumerate(texts):
+            ids[i] = encoded.ids[k]
+            types[i] = encoded.type_ids[k] if encoded.type_ids is not None else [0] * len(ids[i])
     for i, x in enumerate(inputs):
         if not isinstance(x, tuple):
             ids[i] = served.tokenizer(render(served.tokenizer, x), add_special_tokens=False)["input_ids"]
-            if types is not None:
-                types[i] = [0] * len(ids[i])
-    return ids, types
+            types[i] = [0] * len(ids[i])
+    return ids, types if with_types else None

@@ -1,4 +1,4 @@
-"""`honelm serve RUN|CHECKPOINT`: the options, the model loaded once, uvicorn until SIGTERM or Ctrl-C.
+"""`honelm serve RUN|CHECKPOINT [...]`: the options, the models loaded once, uvicorn until SIGTERM or Ctrl-C.
 
 The HTTP stack is FastAPI on uvicorn (the `serve` extra): both well kept, asyncio-native (server-sent
 events for streaming without threads per client), and what OpenAI-compatible servers commonly use.
@@ -38,13 +38,15 @@ def parser() -> argparse.ArgumentParser:
         "(/v1/chat/completions with SSE streaming, /v1/completions, /v1/models) for a causal LM, /v1/classify for a "
         "classifier, regressor or reward model, /health, and a web page at / (chat or classify; the run's report). "
         "Requests arriving together are batched. Needs the serve extra: pip install 'honelm[serve]'.")
-    p.add_argument("model", help="a run directory (its best/ model; its report.html/md is linked from the page) or a "
-                   "model directory (a causal LM, or a sequence classifier / regressor / reward model)")
+    p.add_argument("models", nargs="+", metavar="RUN|CHECKPOINT",
+                   help="a run directory (its best/ model; its report.html/md is linked from the page) or a model "
+                   "directory: a causal LM, or a sequence classifier / regressor / reward model. Several may be given "
+                   "(each gets its own batching worker); a request names its model in `model`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "anything else should come with --api-key)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--name", default="", help="the model id clients send as `model` and /v1/models lists "
-                   "(default: the run's or model directory's name)")
+    p.add_argument("--name", action="append", default=[], help="the model id clients send as `model` and /v1/models "
+                   "lists (default: the run's or model directory's name); repeat it to name several models, in order")
     p.add_argument("--api-key", default=os.environ.get("HONELM_API_KEY", ""),
                    help=f"require `Authorization: Bearer KEY` on /v1/* and /report (401 otherwise); default: "
                    f"${API_KEY_ENV}, else none")
@@ -73,6 +75,8 @@ def _check(args: argparse.Namespace) -> None:
         raise HonelmError("--batch-window-ms and --shutdown-timeout must be >= 0")
     if MISSING:
         raise HonelmError(f"honelm serve needs the serve extra ({MISSING} is not installed): pip install 'honelm[serve]'")
+    if len(args.name) > len(args.models):
+        raise HonelmError(f"{len(args.name)} --name for {len(args.models)} model(s): give at most one per model")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -84,10 +88,16 @@ def main(argv: list[str]) -> dict[str, Any]:
         print(line, file=sys.stderr, flush=True)
 
     device = rt.setup(args.threads).device
-    served = load_served(args.model, args.name, say)
-    served.model.to(device)
-    engine = Engine(served, args.max_batch, args.batch_window_ms / 1000, args.seed)
-    app = build_app(served, engine, args.api_key, args.max_tokens)
+    engines = []
+    for i, spec in enumerate(args.models):
+        served = load_served(spec, args.name[i] if i < len(args.name) else "", say)
+        served.model.to(device)
+        engines.append(Engine(served, args.max_batch, args.batch_window_ms / 1000, args.seed))
+        say(f"honelm serve: '{served.name}': {'causal LM' if served.kind == 'lm' else 'classifier'} from {served.path}")
+    try:
+        app = build_app(engines, args.api_key, args.max_tokens)
+    except ValueError as err:
+        raise HonelmError(str(err)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         say(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the model")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -99,10 +109,10 @@ def main(argv: list[str]) -> dict[str, Any]:
         stopped.append(sig)  # uvicorn passes the signal on after its graceful shutdown: end normally, not killed
 
     signal.signal(signal.SIGTERM, note)
-    say(f"honelm serve: '{served.name}' ({'causal LM' if served.kind == 'lm' else 'classifier'}, {served.path}) on "
-        f"http://{args.host}:{args.port}/  (OpenAI API under /v1{', API key required' if args.api_key else ''})")
+    say(f"honelm serve: http://{args.host}:{args.port}/  (OpenAI API under /v1{', API key required' if args.api_key else ''})")
     server.run()
     if not server.started:
         raise HonelmError(f"could not serve on {args.host}:{args.port} (see the error above: a port in use?)")
-    say(f"honelm serve: stopped{' on SIGTERM' if stopped else ''}; {len(engine.batcher.batches)} batches run")
-    return {"batches": len(engine.batcher.batches)}
+    batches = sum(len(e.batcher.batches) for e in engines)
+    say(f"honelm serve: stopped{' on SIGTERM' if stopped else ''}; {batches} batches run")
+    return {"batches": batches}
