@@ -1,7 +1,8 @@
 """Tiny models for the `honelm serve` tests, built in-process and saved as honelm saves them.
 
 `causal_lm(dir)`: a 2-layer decoder over a byte-level BPE, trained for 100 full-batch steps (about
-2 s on one core) to answer three questions through honelm's default chat template (CHATS), so a
+2 s on one core) to answer three questions through honelm's default chat template (CHATS; the
+second also after the first, in one conversation), so a
 greedy chat answer is known text and the browser test's screenshot shows a real reply. Saved as a
 run directory (RUN/best, run.json, report.md), so the page's report link has something to show.
 `classifier(dir)`: a 2-layer WordPiece encoder classifier (random weights) with labels negative /
@@ -33,8 +34,9 @@ def causal_lm(root: Path, context: int = 128, steps: int = 100) -> Path:
     model = build_model("decoder", "test", len(tok), task="lm", seed=3, max_positions=context,
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         hidden_size=64, intermediate_size=128)
-    rows = [encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], context)
-            for q, a in CHATS]
+    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in CHATS]
+    # each question alone, and the first two as one conversation (the page's second message follows the first)
+    rows = [encode_chat(tok, messages, context) for messages in [*turns, turns[0] + turns[1]]]
     width = max(len(r.ids) for r in rows)
     ids = torch.tensor([r.ids + [tok.pad_token_id] * (width - len(r.ids)) for r in rows])
     labels = torch.tensor([r.labels + [-100] * (width - len(r.ids)) for r in rows])
