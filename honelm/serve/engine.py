@@ -296,12 +296,19 @@ class Engine:
                 groups.setdefault(job.key(), []).append(job)
         for group in groups.values():
             chunk: list[GenerateJob] = []
-            for job in group:  # a group larger than max_batch rows runs as several batches
-                if chunk and sum(j.n for j in chunk) + job.n > self.batcher.max_batch:
+            for job in group:  # a group too large for one batch runs as several
+                if chunk and not self._fits(chunk + [job]):
                     self._generate_batch(chunk)
                     chunk = []
                 chunk.append(job)
             self._generate_batch(chunk)
+
+    def _fits(self, jobs: list[GenerateJob]) -> bool:
+        """At most max_batch rows, and the left-padded width plus the longest reply within the context: a row
+        that finished keeps taking positions while others go on (learned position tables have no more)."""
+        rows = sum(j.n for j in jobs)
+        width = max(len(j.prompt) for j in jobs) + max(j.max_tokens for j in jobs)
+        return rows <= self.batcher.max_batch and width <= self.served.context
 
     def _generate_batch(self, jobs: list[GenerateJob]) -> None:
         tok, model = self.served.tokenizer, self.served.model
@@ -336,8 +343,9 @@ class Engine:
                 ids[r, :n], mask[r, :n] = torch.tensor(job.ids[i]), 1
                 if types is not None and job.type_ids is not None:
                     types[r, :n] = torch.tensor(job.type_ids[i])
-            extra = {"token_type_ids": types} if types is not None else {}
-            logits = self.served.model(input_ids=ids, attention_mask=mask, **extra).logits.float()
+            device = next(self.served.model.parameters()).device
+            extra = {"token_type_ids": types.to(device)} if types is not None else {}
+            logits = self.served.model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
             for (job, i), row in zip(part, logits.tolist()):
                 job.emit(("result", i, row))
 
