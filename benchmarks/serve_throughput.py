@@ -17,7 +17,8 @@ C connections (C = 1, 8, 32), each sending one text per request, the next as soo
 comes, until --requests requests are answered (after 16 untimed warm-up requests). Texts are SST-2
 dev sentences (../shared/data/sst2/dev.tsv; generated sentences with --synthetic or when absent).
 Reported: requests/s, p50 and p99 latency, and errors (a non-200 answer or a dropped connection).
-The two servers alternate per concurrency level, so a change in the machine's load hits both.
+Both servers are started once and stay up (an idle one uses no CPU); at each level honelm's load
+runs, then the plain one's, so a change in the machine's load hits both.
 
 Causal LM (`--lm DIR`, default: honelm's decoder/small preset, random weights, 8,000-row BPE
 trained on the texts; random weights almost never emit EOS, so every request runs to its limit):
@@ -132,15 +133,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    """Start a server whose output goes to `log` (a pipe nobody reads would fill and block it); wait for /health."""
     import httpx
 
-    proc = subprocess.Popen(cmd, env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")),
-                            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=child_env(HF_HUB_OFFLINE="1"), cwd=str(REPO), stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"server exited {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -195,24 +198,25 @@ async def load(url: str, model: str, pool: list[str], clients: int, total: int, 
 
 
 def classifier_rounds(args: argparse.Namespace, model_dir: Path, pool: list[str]) -> list[dict[str, Any]]:
+    """Both servers started once (an idle one costs no CPU); at each level honelm's load, then the plain one's."""
+    ports = {"honelm": free_port(), "plain": free_port()}
+    cmds = {"honelm": [sys.executable, "-m", "honelm", "serve", str(model_dir), "--name", "clf", "--port",
+                       str(ports["honelm"]), "--threads", str(args.threads), "--batch-window-ms", str(args.batch_window_ms)],
+            "plain": [sys.executable, __file__, "--plain-server", str(model_dir), "--port", str(ports["plain"]),
+                      "--threads", str(args.threads)]}
+    procs = {name: start(cmd, ports[name], args.work / f"{name}.log") for name, cmd in cmds.items()}
     rows = []
-    for clients in LEVELS:
-        for name in ("honelm", "plain"):
-            port = free_port()
-            cmd = ([sys.executable, "-m", "honelm", "serve", str(model_dir), "--name", "clf", "--port", str(port),
-                    "--threads", str(args.threads), "--batch-window-ms", str(args.batch_window_ms)]
-                   if name == "honelm" else
-                   [sys.executable, __file__, "--plain-server", str(model_dir), "--port", str(port),
-                    "--threads", str(args.threads)])
-            proc = start(cmd, port)
-            try:
-                result = asyncio.run(load(f"http://127.0.0.1:{port}", "clf", pool, clients, args.requests))
-            finally:
-                stop(proc)
-            result["server"] = name
-            rows.append(result)
-            print(f"  {name:<7} {clients:>3} clients: {result['req_per_s']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-                  f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}", flush=True)
+    try:
+        for clients in LEVELS:
+            for name in ("honelm", "plain"):
+                result = asyncio.run(load(f"http://127.0.0.1:{ports[name]}", "clf", pool, clients, args.requests))
+                result["server"] = name
+                rows.append(result)
+                print(f"  {name:<7} {clients:>3} clients: {result['req_per_s']:8.1f} req/s  p50 {result['p50_ms']:7.1f} "
+                      f"ms  p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}", flush=True)
+    finally:
+        for proc in procs.values():
+            stop(proc)
     return rows
 
 
@@ -274,7 +278,8 @@ def generation_rounds(args: argparse.Namespace, lm_dir: Path, pool: list[str]) -
     print(f"  plain generate, one at a time: {rows[0]['tokens_per_s']:8.1f} tokens/s", flush=True)
     port = free_port()
     proc = start([sys.executable, "-m", "honelm", "serve", str(lm_dir), "--name", "lm", "--port", str(port),
-                  "--threads", str(args.threads), "--batch-window-ms", str(args.batch_window_ms)], port)
+                  "--threads", str(args.threads), "--batch-window-ms", str(args.batch_window_ms)], port,
+                 args.work / "lm.log")
     try:
         for clients in (1, 8):
             result = asyncio.run(stream_load(f"http://127.0.0.1:{port}", prompts, clients, args.max_tokens))
@@ -305,7 +310,7 @@ def main() -> None:
         plain_server(args.plain_server, args.port, args.threads)
         return
     pool = texts(args.synthetic)
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    work = args.work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     clf = Path(args.classifier) if args.classifier else build_classifier(work / "clf")
     lm = Path(args.lm) if args.lm else build_lm(work / "lm", pool, args.lm_size)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; threads {args.threads}")

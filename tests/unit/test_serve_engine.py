@@ -12,7 +12,9 @@ import torch
 
 from honelm.data.chat import prompt_ids
 from honelm.generate import SamplingConfig, generate_ids
+from honelm.cli import main
 from honelm.serve.engine import ClassifyJob, Engine, GenerateJob, encode_inputs, load_served
+from honelm.serve.main import parser
 from tests.serve_models import CHATS, causal_lm, classifier
 
 
@@ -141,3 +143,13 @@ def test_the_http_layer_in_process(lm, clf):
                                    headers=auth)
             assert response.status_code == status and response.json()["error"]["param"] == param
         assert client.get("/v1/models").status_code == 401
+
+
+def test_serve_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    for action in parser()._actions:
+        assert action.help and len(action.help) > 10, action.dest
+        assert all(flag in shown for flag in action.option_strings), action.dest
