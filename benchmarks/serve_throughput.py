@@ -112,7 +112,7 @@ def plain_server(model_dir: str, port: int, threads: int) -> None:
 
     @app.post("/v1/classify")
     def classify(body: dict) -> dict:  # a def endpoint: FastAPI runs it in its thread pool
-        scores = pipe(body["input"])
+        scores = pipe([body["input"]])[0]  # top_k=None: every label's score, for the one text
         return {"data": [{"index": 0, "label": max(scores, key=lambda s: s["score"])["label"],
                           "probabilities": {s["label"]: s["score"] for s in scores}}]}
 
@@ -300,7 +300,7 @@ def main() -> None:
     p.add_argument("--gen-requests", type=int, default=16, help="prompts generated per generation level")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per generation request")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every server and of plain generate")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="honelm serve --batch-window-ms")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="honelm serve --batch-window-ms")
     p.add_argument("--synthetic", action="store_true", help="generated texts instead of SST-2 dev")
     p.add_argument("--json", default="", help="also write every number here")
     p.add_argument("--plain-server", default="", help=argparse.SUPPRESS)

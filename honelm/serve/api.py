@@ -152,6 +152,8 @@ class State:
     """Model id -> the engine serving it (`engine.served` is the model)."""
     api_key: str
     default_max_tokens: int
+    arriving: int = 0
+    """Requests being read and checked, not yet handed to an engine (each engine's batcher waits for them)."""
 
     def find(self, name: str) -> Engine:
         if name not in self.engines:
@@ -167,6 +169,12 @@ class State:
                            f"'{name}' is a {'causal LM' if engine.served.kind == 'lm' else 'classifier'}: use {other}",
                            "model", "model_not_supported")
         return engine
+
+    def handed(self, request: Request) -> None:
+        """The request's job is with an engine (or never will be): it no longer counts as arriving."""
+        if getattr(request.state, "arriving", False):
+            request.state.arriving = False
+            self.arriving -= 1
 
     def check_key(self, request: Request) -> None:
         if not self.api_key:
@@ -301,12 +309,13 @@ def _new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-async def _answer(state: State, engine: Engine, kind: str, req: Sampled, prompts: list[list[int]],
+async def _answer(state: State, request: Request, engine: Engine, kind: str, req: Sampled, prompts: list[list[int]],
                   max_tokens: list[int]) -> Response:
     channel = Channel()
     jobs = [state.job(req, ids, m, channel.shifted(k * req.n)) for k, (ids, m) in enumerate(zip(prompts, max_tokens))]
     for job in jobs:
         engine.batcher.submit(job)
+    state.handed(request)
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -329,7 +338,7 @@ async def chat_completions(state: State, request: Request) -> Response:
         raise ApiError(400, f"messages: the chat template refused them: {err}", "messages", "invalid_value") from None
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = state.limits(engine, req, len(ids), "messages", asked)
-    return await _answer(state, engine, "chat", req, [ids], [max_tokens])
+    return await _answer(state, request, engine, "chat", req, [ids], [max_tokens])
 
 
 async def completions(state: State, request: Request) -> Response:
@@ -351,7 +360,7 @@ async def completions(state: State, request: Request) -> Response:
     if len(texts) * req.n > engine.batcher.max_batch:
         raise ApiError(400, f"{len(texts)} prompts x n={req.n} is more than --max-batch "
                        f"{engine.batcher.max_batch}", "prompt", "invalid_value")
-    return await _answer(state, engine, "completion", req, prompts, limits)
+    return await _answer(state, request, engine, "completion", req, prompts, limits)
 
 
 def _classify_inputs(req: ClassifyRequest, served: Served) -> list[Any]:
@@ -391,6 +400,7 @@ async def classify(state: State, request: Request) -> Response:
     channel = Channel()
     job = ClassifyJob(ids, types, channel.emit)
     engine.batcher.submit(job)
+    state.handed(request)
     logits: list[list[float] | None] = [None] * len(ids)
     try:
         for _ in ids:
@@ -431,18 +441,15 @@ def _softmax(row: list[float]) -> list[float]:
 def _routes(app: FastAPI, state: State) -> None:
     @app.post("/v1/chat/completions")
     async def chat_route(request: Request) -> Response:
-        state.check_key(request)
-        return await chat_completions(state, request)
+        return await _counted(state, request, chat_completions)
 
     @app.post("/v1/completions")
     async def completions_route(request: Request) -> Response:
-        state.check_key(request)
-        return await completions(state, request)
+        return await _counted(state, request, completions)
 
     @app.post("/v1/classify")
     async def classify_route(request: Request) -> Response:
-        state.check_key(request)
-        return await classify(state, request)
+        return await _counted(state, request, classify)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -475,6 +482,17 @@ def _routes(app: FastAPI, state: State) -> None:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
+async def _counted(state: State, request: Request, answer: Any) -> Response:
+    """Run an endpoint, counted in `state.arriving` until its job is submitted (`State.handed`) or it fails."""
+    state.arriving += 1
+    request.state.arriving = True
+    try:
+        state.check_key(request)
+        return await answer(state, request)
+    finally:
+        state.handed(request)
+
+
 def _model_card(served: Served) -> dict[str, Any]:
     return {"id": served.name, "object": "model", "created": served.created, "owned_by": "honelm", "kind": served.kind}
 
@@ -503,6 +521,8 @@ def build_app(engines: list[Engine], api_key: str = "", default_max_tokens: int 
 
     app = FastAPI(title="honelm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     state = State({e.served.name: e for e in engines}, api_key, default_max_tokens)
+    for engine in engines:
+        engine.batcher.arriving = lambda: state.arriving
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> Response:

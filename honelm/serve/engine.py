@@ -4,8 +4,9 @@
   causal LM (served by chat/completions) or as a sequence classifier (a classifier, regressor or
   reward model, served by classify), with what the server needs to know of it.
 - `Batcher`: requests arriving together are run together. The worker thread waits for a first
-  job, then collects more for a short window (`window_s`) or until `max_batch` rows are in hand,
-  and hands the batch to the engine. Jobs that arrive while a batch runs wait for the next one.
+  job, then takes every job already queued and waits (up to `window_s`) for those the server is
+  still reading, until `max_batch` rows are in hand, and hands the batch to the engine. Jobs that
+  arrive while a batch runs wait for the next one.
 - `Engine.classify`: one right-padded forward per `max_batch` rows, logits per row.
 - `Engine.generate`: jobs with the same sampling settings share one left-padded batch of
   `honelm.generate.sample_ids` (a job's `n` choices are rows of it); a `RowTracker` (a
@@ -166,7 +167,13 @@ class ClassifyJob:
 
 
 class Batcher:
-    """A worker thread running jobs in batches: a first job, then more for `window_s` or up to `max_batch` rows."""
+    """A worker thread running jobs in batches: a first job, then every job already queued or still arriving.
+
+    After the first job the worker takes what is queued, and waits (up to `window_s`) only while the
+    server says more requests are being received (`arriving`: requests read but not yet submitted). A lone
+    client's request runs at once; concurrent clients' requests, which the event loop reads one after
+    another, are gathered into one batch of at most `max_batch` rows.
+    """
 
     def __init__(self, run: Callable[[list[Any]], None], max_batch: int, window_s: float) -> None:
         self.run, self.max_batch, self.window_s = run, max_batch, window_s
@@ -174,6 +181,8 @@ class Batcher:
         self.thread = threading.Thread(target=self._loop, name="honelm-serve-engine", daemon=True)
         self.batches: list[int] = []
         """The row count of every batch run (what the tests and the benchmark read)."""
+        self.arriving: Callable[[], int] = lambda: 0
+        """How many requests the server is reading that have not been submitted yet (set by the HTTP layer)."""
 
     def start(self) -> None:
         self.thread.start()
@@ -191,10 +200,12 @@ class Batcher:
         deadline = time.monotonic() + self.window_s
         while rows < self.max_batch:
             try:
-                job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0)) if self.window_s > 0 \
-                    else self.jobs.get_nowait()
+                job = self.jobs.get_nowait()
             except queue.Empty:
-                break
+                if self.arriving() <= 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.0005)  # a request is being read: it joins this batch if it comes in time
+                continue
             if job is None:
                 stop = True
                 break
@@ -282,7 +293,7 @@ class RowTracker(StoppingCriteria):
 class Engine:
     """Runs batches of jobs on the served model (on the batcher's worker thread)."""
 
-    def __init__(self, served: Served, max_batch: int = 32, window_s: float = 0.005, seed: int = 0) -> None:
+    def __init__(self, served: Served, max_batch: int = 32, window_s: float = 0.02, seed: int = 0) -> None:
         self.served = served
         self.next_seed = seed
         """Seeds for sampled batches whose requests named none: seed, seed+1, ... (a server run is reproducible)."""
@@ -326,28 +337,51 @@ class Engine:
             if not s.finished and not s.job.cancelled.is_set():
                 s._finish("length", tok.decode(s.tokens, skip_special_tokens=True))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def classify(self, jobs: list[ClassifyJob]) -> None:
         rows = [(job, i) for job in jobs if not job.cancelled.is_set() for i in range(len(job.ids))]
+        for part in length_buckets(rows, lambda r: len(r[0].ids[r[1]]), self.batcher.max_batch):
+            self._classify_part(part)
+
+    def _classify_part(self, part: list[tuple[ClassifyJob, int]]) -> None:
         pad = self.served.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
-        for start in range(0, len(rows), self.batcher.max_batch):
-            part = rows[start:start + self.batcher.max_batch]
-            # right padding, as the classify stage trains: a decoder classifier reads the last non-pad token
-            width = max(len(job.ids[i]) for job, i in part)
-            ids = torch.full((len(part), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            types = torch.zeros_like(ids) if part[0][0].type_ids is not None else None
-            for r, (job, i) in enumerate(part):
-                n = len(job.ids[i])
-                ids[r, :n], mask[r, :n] = torch.tensor(job.ids[i]), 1
-                if types is not None and job.type_ids is not None:
-                    types[r, :n] = torch.tensor(job.type_ids[i])
-            device = next(self.served.model.parameters()).device
-            extra = {"token_type_ids": types.to(device)} if types is not None else {}
-            logits = self.served.model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
-            for (job, i), row in zip(part, logits.tolist()):
-                job.emit(("result", i, row))
+        # right padding, as the classify stage trains: a decoder classifier reads the last non-pad token
+        width = max(len(job.ids[i]) for job, i in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        types = torch.zeros_like(ids) if part[0][0].type_ids is not None else None
+        for r, (job, i) in enumerate(part):
+            n = len(job.ids[i])
+            ids[r, :n], mask[r, :n] = torch.tensor(job.ids[i]), 1
+            if types is not None and job.type_ids is not None:
+                types[r, :n] = torch.tensor(job.type_ids[i])
+        device = next(self.served.model.parameters()).device
+        extra = {"token_type_ids": types.to(device)} if types is not None else {}
+        logits = self.served.model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
+        for (job, i), row in zip(part, logits.tolist()):
+            job.emit(("result", i, row))
+
+
+def length_buckets(rows: list[Any], length: Callable[[Any], int], max_batch: int, waste: float = 0.25) -> list[list[Any]]:
+    """`rows` sorted by length and cut into forwards of at most `max_batch` rows, a new one started when padding the
+    next (longer) row would make padding more than `waste` of the forward's tokens.
+
+    On a CPU a classifier as small as MiniLM is compute-bound already at one row (batched, a row costs only about
+    half as much), so the tokens spent on padding are what batching must not waste: one batch of sentences from 3
+    to 60 tokens padded to the longest is about half padding.
+    """
+    out: list[list[Any]] = []
+    part: list[Any] = []
+    real = 0
+    for row in sorted(rows, key=length):
+        n = length(row)
+        if part and (len(part) >= max_batch or n * (len(part) + 1) > (1 + waste) * (real + n)):
+            out.append(part)
+            part, real = [], 0
+        part.append(row)
+        real += n
+    return out + ([part] if part else [])
 
 
 def encode_inputs(served: Served, inputs: list[tuple[str, str | None] | Messages]) -> tuple[list[list[int]], list[list[int]] | None]:

@@ -52,8 +52,9 @@ def parser() -> argparse.ArgumentParser:
                    f"${API_KEY_ENV}, else none")
     p.add_argument("--max-batch", type=int, default=32, help="most rows run in one batch: classification inputs, "
                    "or generated choices (default 32); also the largest n a request may ask")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the worker waits for more requests "
-                   "after the first before running a batch (default 5 ms; 0 = take only what is already queued)")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="after the first request of a batch, the "
+                   "longest the worker waits for requests the server is still reading (default 20 ms); queued ones "
+                   "join at once, and a lone request runs without waiting; 0 = only what is already queued")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated when a request names no "
                    "max_tokens (default 256; never past the context)")
     p.add_argument("--seed", type=int, default=0, help="first seed of sampled batches whose requests name none "

@@ -13,7 +13,7 @@ import torch
 from honelm.data.chat import prompt_ids
 from honelm.generate import SamplingConfig, generate_ids
 from honelm.cli import main
-from honelm.serve.engine import ClassifyJob, Engine, GenerateJob, encode_inputs, load_served
+from honelm.serve.engine import ClassifyJob, Engine, GenerateJob, encode_inputs, length_buckets, load_served
 from honelm.serve.main import parser
 from tests.serve_models import CHATS, causal_lm, classifier
 
@@ -92,15 +92,23 @@ def test_sampled_choices_are_seeded(lm):
 
 
 def test_requests_arriving_together_are_classified_in_one_batch(clf):
-    engine = Engine(clf, max_batch=32, window_s=0.3)
+    engine = Engine(clf, max_batch=32, window_s=5.0)
     texts = [["the music was beautiful"], ["dull and far too long", "honesty"], [("the film", "the story")]]
     results: list[list[tuple]] = [[] for _ in texts]
     jobs = []
     for inputs, out in zip(texts, results):
         ids, types = encode_inputs(clf, [x if isinstance(x, tuple) else (x, None) for x in inputs])
         jobs.append(ClassifyJob(ids, types, out.append))
+    submitted: list[ClassifyJob] = []
+    engine.batcher.arriving = lambda: len(jobs) - len(submitted)  # as the HTTP layer counts requests being read
+
+    def submit(j: ClassifyJob) -> None:
+        time.sleep(0.05)
+        engine.batcher.submit(j)
+        submitted.append(j)
+
     engine.batcher.start()
-    threads = [threading.Thread(target=engine.batcher.submit, args=(j,)) for j in jobs]
+    threads = [threading.Thread(target=submit, args=(j,)) for j in jobs]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
@@ -153,3 +161,12 @@ def test_serve_help_documents_every_option(capsys):
     for action in parser()._actions:
         assert action.help and len(action.help) > 10, action.dest
         assert all(flag in shown for flag in action.option_strings), action.dest
+
+
+def test_length_buckets_keep_padding_small():
+    lengths = [3, 60, 4, 58, 5, 30, 31, 6, 7, 8, 9]
+    parts = length_buckets(lengths, lambda n: n, max_batch=4)
+    assert sorted(x for p in parts for x in p) == sorted(lengths)  # every row once
+    for part in parts:
+        assert len(part) <= 4 and (len(part) == 1 or max(part) * len(part) <= 1.25 * sum(part))
+    assert parts[0] == [3, 4, 5]  # 6 would make 4 x 6 = 24 tokens for 18 real ones
