@@ -4,8 +4,8 @@ classify: texts in, labels and probabilities out; the run's report one click awa
 
 Skipped, with the reason shown, when Playwright or /usr/bin/chromium is missing (`.ci/run` installs
 chromium from Debian's packages where it can). Slow (a server process and a browser start): run with
--m slow. Screenshots go to the test's tmp directory, and also to $HONELM_SCREENSHOTS when set (the
-docs' image: HONELM_SCREENSHOTS=docs/img pytest -m slow tests/stages/test_serve_browser.py).
+-m slow. Screenshots go to the test's tmp directory, and the chat's also to $HONELM_SCREENSHOTS when
+set (the docs' image: HONELM_SCREENSHOTS=docs/img pytest -m slow tests/stages/test_serve_browser.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def chat(page, text: str) -> str:
     """Send one message; returns the answer once streamed, after checking it arrived in several pieces."""
     page.evaluate("""() => {
         window.updates = 0;
-        new MutationObserver(() => { window.updates += 1; })
+        new MutationObserver((changes) => { window.updates += changes.length; })
             .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
     }""")
     page.fill("#prompt", text)
@@ -49,7 +49,7 @@ def chat(page, text: str) -> str:
     answer = page.locator(".msg.assistant").last
     page.wait_for_function("() => [...document.querySelectorAll('.msg.assistant')].pop().dataset.done", timeout=30000)
     assert answer.get_attribute("data-done") == "true", answer.inner_text()
-    assert page.evaluate("window.updates") > 4  # the bubbles, then one update per streamed piece
+    assert page.evaluate("window.updates") > 6  # two bubbles, then one change per streamed piece
     return answer.inner_text()
 
 
@@ -80,9 +80,7 @@ def test_the_page_chats_classifies_and_shows_the_report(tmp_path):
             rows = page.locator("#results tbody tr")
             assert rows.count() == 2 and "%" in rows.first.inner_text()
             assert page.locator("#report-link").is_hidden()  # the classifier came from no run: nothing to link
-            shot = tmp_path / "serve-classify.png"
-            page.screenshot(path=str(shot))
-            keep(shot)
+            page.screenshot(path=str(tmp_path / "serve-classify.png"))  # the classifier's head is untrained: not kept
             browser.close()
     finally:
         proc.terminate()
