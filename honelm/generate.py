@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList
 
 from honelm.bounds import at_least, between
 from honelm.data.chat import Messages, prompt_of, reference_of
@@ -195,12 +195,16 @@ def sample_ids(
     rows: list[list[int]],
     cfg: SamplingConfig,
     batch_size: int = 8,
+    stopping_criteria: Sequence[Any] = (),
 ) -> list[list[int]]:
     """The new token ids sampled after each prompt (given as ids): up to and including the first EOS,
     or `max_new_tokens` ids when no EOS came. Same seeding, batching and mode handling as `generate`.
 
     The exact sampled tokens, not a re-tokenisation of their decoded text (which may split
     differently): on-policy distillation trains on the very tokens the student chose.
+    `stopping_criteria` (transformers `StoppingCriteria`) see every step's tokens and may end rows
+    early (the server's stop strings, per-request token limits and streaming); a row they end is
+    padded after its last token, which the returned ids do not cut.
     """
     cfg.validate()
     if batch_size < 1:
@@ -225,6 +229,8 @@ def sample_ids(
     }
     if eos_id is not None:
         gen_kwargs["eos_token_id"] = eos_id
+    if stopping_criteria:
+        gen_kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     if cfg.greedy:
         gen_kwargs["do_sample"] = False
     else:

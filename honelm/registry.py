@@ -72,6 +72,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "honelm.stages.chat:ChatConfig", "model"),
     Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain "
          "transformers model)", "command", "honelm.stages.export:main"),
+    Verb("serve", "serve a run's model over HTTP: the OpenAI API (chat, completions, streaming), /v1/classify for "
+         "classifiers, batched requests, and a web page to chat or classify", "command", "honelm.serve.main:main"),
     Verb("report", "write report.md and a self-contained report.html for a run, a search, an ablation or a boost",
          "command",
          "honelm.protocol.reports:main"),

@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
     "honelm.stages": 5, "honelm.stages.*": 5,  # incl. the shared contract and runner inside stages/
+    "honelm.serve": 5, "honelm.serve.*": 5,  # `honelm serve`: a command beside the stages, over checkpoint and generate
     "honelm.registry": 6,
     "honelm.protocol": 7, "honelm.protocol.*": 7, "honelm.pipeline": 7,
     "honelm.cli": 8, "honelm.demo": 8, "honelm.__main__": 8,
@@ -70,7 +71,8 @@ STAGE_MODULES = ["pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo",
 STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",
-               "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+               "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "HONELM_API_KEY"}  # serve's --api-key default: a credential kept out of argv, not a behaviour switch
 STAGE_NAMES = {"pretrain", "adapt", "classify", "distill", "sft", "reward", "dpo", "ppo"}
 STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "honelm.registry.*",
                       "honelm.demo"]  # the demo is a script of the commands a user types, verbs included
@@ -79,7 +81,7 @@ STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "ho
 # may use that word, and only that one.
 MODEL_TASK_WORDS = {"classify"}
 MODEL_TASK_MODULES = ["honelm.models", "honelm.adapters", "honelm.boosters.lora", "honelm.rl.rewards", "honelm.rl.policy",
-                      "honelm.teacher"]  # the teacher is loaded as a sequence classifier
+                      "honelm.teacher", "honelm.serve.engine"]  # the teacher, a served classifier: sequence classifiers
 
 
 class Node(NamedTuple):
