@@ -120,10 +120,16 @@ def validation(run: Path) -> M.Opened:
     verify_manifest(json.loads(manifest.read_text(encoding="utf-8")), opened.ctx.splits.manifest)
     if not opened.ctx.splits.val:
         raise HonelmError(f"{run}: the run has no validation split to check and measure the export on")
-    if opened.stage.model_spec(opened.ctx).task != "classify":
-        raise HonelmError(f"{run}: --format onnx exports classifiers (sequence classification/regression heads); "
-                          f"this is a {opened.stage.name} run")
     return opened
+
+
+def classifier(opened: M.Opened) -> nn.Module:
+    """best/ in fp32 (an adapter merged into its base), refused unless it is a sequence classifier or regressor."""
+    model = opened.stage.load_best(opened.ctx).float().eval()
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise HonelmError(f"{opened.ctx.run_dir}: --format onnx exports classifiers (a sequence classification or "
+                          f"regression head); this {opened.stage.name} run's model is a {type(model).__name__}")
+    return model
 
 
 def batches(opened: M.Opened, model: nn.Module, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
@@ -281,7 +287,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, settings: Settin
     settings = Settings(**{**settings.__dict__, "threads": settings.threads or torch.get_num_threads()})
     rt.setup(settings.threads)
     opened = validation(run)
-    model = opened.stage.load_best(opened.ctx).float().eval()
+    model = classifier(opened)
     data, labels = batches(opened, model, settings.batch_size)
     with atomic_directory(dest) as tmp:
         names = write_onnx(model, data[-1] if len(data[-1]["input_ids"]) > 1 else data[0], tmp / FP32_FILE)

@@ -178,12 +178,16 @@ def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequ
     """Train one run of `stage` with `cfg` (or continue `resume`); returns the run's summary."""
     rt.reset_peak_memory()  # the run's `end` event reports its own peak, not an earlier run's in this process
     ctx = open_run(stage, cfg, resume)
-    loaded = load(stage, ctx)
-    if stage.trains:
-        plan, result = train(stage, ctx, loaded, callbacks)
-    else:
-        plan, result = evaluate_once(stage, ctx, loaded, callbacks)
     assert ctx.tracker is not None
+    try:
+        loaded = load(stage, ctx)
+        if stage.trains:
+            plan, result = train(stage, ctx, loaded, callbacks)
+        else:
+            plan, result = evaluate_once(stage, ctx, loaded, callbacks)
+    except BaseException:
+        ctx.tracker.close(failed=True)  # an MLflow / W&B run is marked failed, not left running
+        raise
     if result is None:  # a booster's own run stopped before the main run started
         ctx.tracker.close()
         return {"run_dir": str(ctx.run_dir), "steps": 0, "reason": "interrupted", "best_step": 0}
