@@ -41,7 +41,8 @@ def test_int8_export_is_checked_measured_and_usable_alone(pairs_run):
     assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert measured["split"] == "validation" and measured["n_examples"] == 40
     assert measured["check"]["onnx_fp32"]["passed"] and measured["check"]["onnx_fp32"]["max_abs_diff"] < 1e-4
-    assert set(measured["throughput"]["examples_per_s"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    engines = {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert set(measured["throughput"]["examples_per_s"]) == set(measured["throughput"]["examples_per_cpu_s"]) == engines
     assert measured["throughput"]["ratio_vs_pytorch_fp32"]["pytorch_fp32"] == 1.0
     assert set(measured["quality"]["onnx_int8"]) == {"accuracy"}
     assert "| onnx_int8 |" in (out / "export.md").read_text()
