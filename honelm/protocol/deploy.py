@@ -135,7 +135,11 @@ def classifier(opened: M.Opened) -> nn.Module:
 def batches(opened: M.Opened, model: nn.Module, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
     """The validation rows encoded by the run's own stage, in length-sorted padded batches, and their labels."""
     rows = list(opened.ctx.splits.val)
-    inference = opened.stage.inference(opened.ctx, model, rows)
+    try:
+        inference = opened.stage.inference(opened.ctx, model, rows)
+    except NotImplementedError:
+        raise HonelmError(f"{opened.ctx.run_dir}: {opened.stage.name} runs cannot be exported to ONNX: the stage "
+                          "does not say how its rows become model inputs (Stage.inference)") from None
     first = inference.batch(list(range(len(rows))))
     lengths = first["attention_mask"].sum(-1).tolist()
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
