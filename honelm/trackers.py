@@ -82,6 +82,7 @@ def _ids(run_dir: Path) -> dict[str, str]:
 
 def _keep_id(run_dir: Path, name: str, run_id: str) -> None:
     ids = {**_ids(run_dir), name: run_id}
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / IDS_FILE).write_text(json.dumps(ids, indent=2), encoding="utf-8")
 
 

@@ -1,26 +1,36 @@
-"""`run.trackers=mlflow,wandb`: a real run logged to MLflow (a local store) and W&B (offline), with its params,
-metrics and best checkpoint path; a tracker asked for but not installed is an error before anything is written."""
+"""`run.trackers=mlflow,wandb`: MLflow (a local store) and W&B (offline) get the run's params, every event's numbers
+and the best checkpoint's path, and `--resume` continues the same tracker run; a tracker asked for but not installed
+is an error before anything is written. The whole run through the CLI, with MLflow's default SQLite store, is slow."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from honelm import registry
 from honelm.cli import main
+from honelm.rundir import tracker_for
+from honelm.runtime import Runtime
 from tests.stages.conftest import FAST, cli
 
 TINY = ["model.arch=encoder", "model.size=test", "model.vocab_size=300", "train.max_steps=2", "train.eval_every=2",
         "train.batch_size=16", "data.max_length=32", *FAST]
 
 
-def _classify(data_dir: Path, out: Path, name: str, *extra: str) -> Path:
-    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"run.out_dir={out}", f"run.name={name}", *TINY, *extra)
-    return out / name
+def _wandb_log(run: Path) -> bytes:
+    """The offline run's record logs (a resumed run adds a directory with the same id): keys and values are
+    stored as written."""
+    run_id = json.loads((run / "trackers.json").read_text())["wandb"]
+    parts = sorted((run / "wandb").glob("offline-run-*"))
+    assert parts and all(p.name.endswith(f"-{run_id}") for p in parts)
+    return b"".join(log.read_bytes() for p in parts for log in p.glob("*.wandb"))
 
 
-def test_mlflow_and_wandb_offline_log_params_metrics_and_best(data_dir, tmp_path, monkeypatch):
+def test_mlflow_and_wandb_offline_get_params_metrics_best_and_resume(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from mlflow import MlflowClient
@@ -28,22 +38,29 @@ def test_mlflow_and_wandb_offline_log_params_metrics_and_best(data_dir, tmp_path
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database store unless told otherwise
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = (tmp_path / "mlruns").as_uri()
-    run = _classify(data_dir, tmp_path, "tracked", "run.trackers=mlflow,wandb", f"run.mlflow_uri={uri}",
-                    "run.tracker_project=exp1")
-    best = str((run / "best").resolve())
+    cfg = registry.build_config("classify", None, ["run.trackers=mlflow,wandb", f"run.mlflow_uri={uri}",
+                                                   "run.tracker_project=exp1", "train.max_steps=2"])
+    run = tmp_path / "tracked"
+    tracker = tracker_for(run, Runtime(device=torch.device("cpu")), cfg)
+    tracker.event("train", 1, loss=0.69, lr=1e-3, message="ignored text")
+    tracker.event("eval", 2, split="val", val_accuracy=0.5, val_loss=float("nan"))
+    tracker.event("best", 2, metric="val_accuracy", value=0.5)
+    tracker.close()
+    again = tracker_for(run, Runtime(device=torch.device("cpu")), cfg)  # what --resume opens
+    again.event("eval", 4, split="val", val_accuracy=0.75)
+    again.close()
 
     client = MlflowClient(tracking_uri=uri)
     (found,) = client.search_runs([client.get_experiment_by_name("exp1").experiment_id])
     assert found.info.run_name == "tracked" and found.info.status == "FINISHED"
     assert found.data.params["train.max_steps"] == "2" and found.data.params["run.trackers"] == "mlflow,wandb"
-    assert {"train/loss", "eval/val_accuracy", "best/value", "end/train_time_s"} <= set(found.data.metrics)
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "eval/val_accuracy")] == [2]
-    assert found.data.tags["best_checkpoint"] == best and found.data.tags["best_step"] == "2"
-
-    (offline,) = (run / "wandb").glob("offline-run-*")
-    (log,) = offline.glob("*.wandb")
-    data = log.read_bytes()  # the offline run's record log: the keys and values are stored as written
-    for expected in (b"train/loss", b"eval/val_accuracy", b"train.max_steps", b"best_checkpoint", best.encode()):
+    assert set(found.data.metrics) == {"train/loss", "train/lr", "eval/val_accuracy", "best/value"}  # NaN dropped
+    history = client.get_metric_history(found.info.run_id, "eval/val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.75)]
+    assert found.data.tags["best_checkpoint"] == str((run / "best").resolve()) and found.data.tags["best_step"] == "2"
+    data = _wandb_log(run)
+    for expected in (b"train/loss", b"eval/val_accuracy", b"train.max_steps", b"best_checkpoint",
+                     str((run / "best").resolve()).encode()):
         assert expected in data
 
 
@@ -60,11 +77,17 @@ def test_a_tracker_asked_for_but_missing_is_an_error_before_the_run(data_dir, tm
 
 
 @pytest.mark.slow
-def test_mlflow_default_store_is_sqlite_beside_the_run(data_dir, tmp_path):
+def test_a_real_run_logs_to_mlflow_sqlite_beside_it_and_wandb_offline(data_dir, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
     from mlflow import MlflowClient
 
-    run = _classify(data_dir, tmp_path, "s", "run.trackers=mlflow")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"run.out_dir={tmp_path}", "run.name=s",
+        "run.trackers=mlflow,wandb", *TINY)
+    run = tmp_path / "s"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("honelm").experiment_id])
-    assert found.data.tags["best_checkpoint"] == str((run / "best").resolve())
+    assert found.info.status == "FINISHED" and found.data.tags["best_checkpoint"] == str((run / "best").resolve())
+    assert {"train/loss", "eval/val_accuracy", "end/train_time_s"} <= set(found.data.metrics)
+    assert b"eval/val_accuracy" in _wandb_log(run)
