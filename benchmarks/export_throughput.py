@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({m['quality']['onnx_int8'][metric] - base:+.4f}); files {sizes['model.onnx'] / 2**20:.1f} MiB fp32, "
           f"{sizes['model.int8.onnx'] / 2**20:.1f} MiB int8; other processes used {busy:.2f} cores before timing")
     if args.json:
-        args.json.write_text(json.dumps({"machine": cpu_model(), "run": str(run), "other_busy_cores": busy,
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "run": str(run), "other_busy_cores": busy,
                                          "file_bytes": sizes, "speed": speed, **info}, indent=2), encoding="utf-8")
     return 0
 

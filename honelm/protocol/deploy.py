@@ -63,11 +63,15 @@ class Settings:
     """How the export is checked and measured."""
 
     quantize: str = ""
-    """"" or "int8"."""
+    """"" (fp32 only) or "int8" (model.int8.onnx too)."""
     atol: float = 1e-4
+    """The check's absolute tolerance on each logit."""
     rtol: float = 1e-3
+    """The check's tolerance relative to |logit| (added to atol)."""
     batch_size: int = 32
+    """Rows per batch, for the check and the timing alike."""
     rounds: int = 5
+    """Timing rounds; the median is reported."""
     threads: int = 0
     """CPU threads for every engine; 0 = PyTorch's current setting."""
     max_timed: int = 512
@@ -140,8 +144,9 @@ def batches(opened: M.Opened, model: nn.Module, batch_size: int) -> tuple[list[d
     except NotImplementedError:
         raise HonelmError(f"{opened.ctx.run_dir}: {opened.stage.name} runs cannot be exported to ONNX: the stage "
                           "does not say how its rows become model inputs (Stage.inference)") from None
-    first = inference.batch(list(range(len(rows))))
-    lengths = first["attention_mask"].sum(-1).tolist()
+    lengths: list[int] = []
+    for start in range(0, len(rows), 1024):  # in chunks: one batch of a large split would pad every row to the longest
+        lengths += inference.batch(list(range(start, min(start + 1024, len(rows)))))["attention_mask"].sum(-1).tolist()
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     out, labels = [], []
     for start in range(0, len(order), batch_size):
