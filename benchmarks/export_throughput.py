@@ -63,6 +63,7 @@ def sst2_subset(data: Path, rows: int, out: Path) -> Path:
 
 def train(args: argparse.Namespace, work: Path) -> Path:
     """A briefly fine-tuned classifier run (MiniLM on SST-2, or the demo's classifier on generated reviews)."""
+    work.mkdir(parents=True, exist_ok=True)
     common = [f"run.out_dir={work}", "run.name=model", "train.progress=false", "train.tensorboard=false",
               f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", "train.precision=fp32"]
     if args.synthetic:
