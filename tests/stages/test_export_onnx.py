@@ -76,3 +76,16 @@ def test_export_refuses_what_it_cannot_check(tmp_path, capsys):
         assert main(["export", *argv]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_decoder_classifier_exports_and_matches(pretrained, data_dir, tmp_path):
+    """A decoder (Llama) classifier pools its last real token: the ONNX graph must do the same on padded batches."""
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", f"model.init_from={pretrained}", "train.max_steps=3",
+        "train.eval_every=3", "train.batch_size=16", "data.max_length=48", f"run.out_dir={tmp_path}", "run.name=dec",
+        *FAST)
+    cli("export", str(tmp_path / "dec"), "--format", "onnx", "--rounds", "1", "--threads", "1")
+    info = json.loads((tmp_path / "dec" / "onnx" / "export.json").read_text())
+    assert info["inputs"] == ["input_ids", "attention_mask"] and info["files"] == {"onnx_fp32": "model.onnx"}
+    assert info["measured"]["check"]["onnx_fp32"]["passed"]
+    assert info["measured"]["check"]["onnx_fp32"]["argmax_agreement"] == 1.0
