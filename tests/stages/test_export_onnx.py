@@ -1,5 +1,6 @@
 """`honelm export --format onnx|int8` through the real CLI: a tiny encoder on text pairs (token_type_ids) exported,
-its ONNX logits equal to PyTorch's on validation, the int8 model measured, and the files a consumer needs beside it."""
+its ONNX logits equal to PyTorch's on validation, the int8 model measured, and the files a consumer needs beside it;
+a decoder classifier too. The exports are slow tests (the exporter takes seconds); the refusals are not."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def pairs_run(data_dir, tmp_path_factory):
     return out / "pairs"
 
 
+@pytest.mark.slow  # ~11 s of CPU: the torch.export-based exporter alone takes ~8 s on a 2-core machine
 def test_int8_export_is_checked_measured_and_usable_alone(pairs_run):
     looks = test_access_count()
     cli("export", str(pairs_run), "--format", "int8", "--rounds", "1", "--threads", "1")
