@@ -22,7 +22,7 @@ TINY = ["model.arch=encoder", "model.size=test", "model.vocab_size=300", "train.
 
 
 def _wandb_log(run: Path) -> bytes:
-    """The offline run's record logs (a resumed run adds a directory with the same id): keys and values are
+    """The offline run's record logs (a resumed run would add a directory with the same id): keys and values are
     stored as written."""
     run_id = json.loads((run / "trackers.json").read_text())["wandb"]
     parts = sorted((run / "wandb").glob("offline-run-*"))
@@ -46,7 +46,10 @@ def test_mlflow_and_wandb_offline_get_params_metrics_best_and_resume(tmp_path, m
     tracker.event("eval", 2, split="val", val_accuracy=0.5, val_loss=float("nan"))
     tracker.event("best", 2, metric="val_accuracy", value=0.5)
     tracker.close()
-    again = tracker_for(run, Runtime(device=torch.device("cpu")), cfg)  # what --resume opens
+    # what --resume opens (MLflow alone: a W&B resume only adds a second offline directory under the same id)
+    resumed = registry.build_config("classify", None, ["run.trackers=mlflow", f"run.mlflow_uri={uri}",
+                                                       "run.tracker_project=exp1", "train.max_steps=2"])
+    again = tracker_for(run, Runtime(device=torch.device("cpu")), resumed)
     again.event("eval", 4, split="val", val_accuracy=0.75)
     again.close()
 
@@ -54,6 +57,7 @@ def test_mlflow_and_wandb_offline_get_params_metrics_best_and_resume(tmp_path, m
     (found,) = client.search_runs([client.get_experiment_by_name("exp1").experiment_id])
     assert found.info.run_name == "tracked" and found.info.status == "FINISHED"
     assert found.data.params["train.max_steps"] == "2" and found.data.params["run.trackers"] == "mlflow,wandb"
+    assert json.loads((run / "trackers.json").read_text())["mlflow"] == found.info.run_id
     assert set(found.data.metrics) == {"train/loss", "train/lr", "eval/val_accuracy", "best/value"}  # NaN dropped
     history = client.get_metric_history(found.info.run_id, "eval/val_accuracy")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.75)]
