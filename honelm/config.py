@@ -48,6 +48,14 @@ class RunConfig:
     """Seed for model initialisation, data order and dropout (not for the split: see data.seed)."""
     overwrite: bool = False
     """Reuse the name of an existing honelm run that has no checkpoint to resume: its old files are removed first."""
+    trackers: str = ""
+    """Experiment trackers besides metrics.jsonl, comma-separated: mlflow, wandb, tensorboard (an asked-for tracker that is not installed is an error). See docs/export.md."""
+    tracker_project: str = "honelm"
+    """The MLflow experiment and the W&B project the run is logged to."""
+    mlflow_uri: str = ""
+    """MLflow tracking store; empty = sqlite:///OUT_DIR/mlflow.db, beside the run directory."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B mode: offline writes RUN/wandb/ only (upload later with `wandb sync`); online needs `wandb login`."""
 
 
 @dataclass

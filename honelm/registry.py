@@ -71,7 +71,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("chat", "multi-turn chat with a model in the terminal, through its chat template (/reset, /quit)", "config",
          "honelm.stages.chat:ChatConfig", "model"),
     Verb("export", "write a run's best model as a standalone directory (--merge: LoRA merged into a plain "
-         "transformers model)", "command", "honelm.stages.export:main"),
+         "transformers model; --format onnx [--quantize int8]: a classifier as ONNX, checked and measured on "
+         "validation)", "command", "honelm.protocol.deploy:main"),
     Verb("serve", "serve a run's model over HTTP: the OpenAI API (chat, completions, streaming), /v1/classify for "
          "classifiers, batched requests, and a web page to chat or classify", "command", "honelm.serve.main:main"),
     Verb("report", "write report.md and a self-contained report.html for a run, a search, an ablation or a boost",

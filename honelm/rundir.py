@@ -27,6 +27,8 @@ from honelm import config as C
 from honelm.checkpoint import list_checkpoints
 from honelm.errors import HonelmError
 from honelm.runtime import Runtime
+from honelm.trackers import names as tracker_names
+from honelm.trackers import open_sinks
 from honelm.tracking import Tracker
 
 
@@ -107,7 +109,9 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
     without checkpoints that no live process writes: its old files are removed first, so the new
     run's logs are not mixed with the old one's. A directory that is not a honelm run (no run.json)
     is never removed. The caller releases the lock (`release_run`) when the run ends.
+    The trackers run.trackers asks for are checked first: a missing package is an error before anything is written.
     """
+    tracker_names(getattr(getattr(cfg, "run", None), "trackers", "") or "")
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -190,9 +194,14 @@ def load_run_config(run_dir: Path, cls: type) -> Any:
 
 
 def tracker_for(run_dir: Path, runtime: Runtime, cfg: Any, total_steps: int = 0) -> Tracker:
+    """The run's Tracker: log.txt, metrics.jsonl, TensorBoard (train.tensorboard or run.trackers) and, on the main
+    process, the MLflow / W&B sinks run.trackers asks for."""
     train = getattr(cfg, "train", None)
-    return Tracker(run_dir, enabled=runtime.is_main, tensorboard=bool(train and train.tensorboard),
-                   total_steps=total_steps, progress=bool(train is None or train.progress))
+    asked = tracker_names(getattr(getattr(cfg, "run", None), "trackers", "") or "")
+    tensorboard = bool(train and train.tensorboard) or "tensorboard" in asked
+    return Tracker(run_dir, enabled=runtime.is_main, tensorboard=tensorboard, total_steps=total_steps,
+                   progress=bool(train is None or train.progress),
+                   sinks=open_sinks(run_dir, cfg) if runtime.is_main else ())
 
 
 def write_json(path: Path, payload: Any, runtime: Runtime | None = None) -> None:

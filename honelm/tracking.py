@@ -1,4 +1,5 @@
-"""One readable log line per event, `metrics.jsonl`, TensorBoard when installed, a progress bar.
+"""One readable log line per event, `metrics.jsonl`, TensorBoard when installed, a progress bar, and the
+MLflow / W&B sinks `run.trackers` asks for (honelm.trackers).
 
 Only the main process writes. Every event is a JSON object with `event`, `step` and `time`
 (see docs/run-directory.md for the schema); the same event is printed as one line, so the
@@ -15,12 +16,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from honelm.errors import HonelmError
+from honelm.trackers import Sink
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -41,9 +43,10 @@ class Tracker:
     """Writes events; prints them; drives the optional progress bar."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = False, total_steps: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, sinks: Sequence[Sink] = ()):
         self.enabled = enabled
         self.run_dir = run_dir
+        self.sinks = list(sinks)
         self._jsonl = None
         self._log = None
         self._tb = None
@@ -97,10 +100,16 @@ class Tracker:
                                   "directory was removed?); the run stops here")
             self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._jsonl.flush()
+        numbers = {f"{kind}/{k}": v for k, v in fields.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self._tb is not None:
-            for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        for sink in self.sinks:
+            if numbers:
+                sink.metrics(step, numbers)
+            if kind == "best" and self.run_dir is not None:
+                sink.best(str((self.run_dir / "best").resolve()), step)
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if k != "message")
         message = fields.get("message", "")
         self.say(f"[step {step}] {kind}{(' ' + message) if message else ''}{(' ' + shown) if shown else ''}")
@@ -143,8 +152,12 @@ class Tracker:
             self._progress.stop()
             self._progress = None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close everything; `failed` marks the trackers' runs as failed (an exception ended the run)."""
         self.stop_progress()
+        for sink in self.sinks:
+            sink.close(failed)
+        self.sinks = []
         for handle in (self._jsonl, self._log):
             if handle:
                 handle.close()

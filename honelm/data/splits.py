@@ -31,6 +31,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from honelm.data import hub
 from honelm.data.readers import Document, Example, check_labels_seen, expand_paths
 from honelm.errors import ConfigError, DataError, HonelmError, TestSplitAccessError
 
@@ -740,6 +741,8 @@ def _near_duplicates(uni: _Universe, threshold: float
 
 
 def _file_sha256(spec: str | Path | Sequence[str | Path]) -> str:
+    if hub.is_hub(spec):  # a dataset by name: its rows' content, as no file holds them
+        return hub.sha256(str(spec))
     files = expand_paths(spec)
     digests = []
     for f in files:

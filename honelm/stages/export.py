@@ -1,5 +1,7 @@
 """`honelm export RUN [--merge] [--out DIR]`: a run's best model as a directory that needs nothing else.
 
+(`--format onnx` and `--quantize int8` are honelm.protocol.deploy's; the command line is parsed there.)
+
 * A LoRA run with `--merge`: the base is loaded in fp32 (whatever precision training used), the
   adapter attached and merged (`merge_and_unload`), and the result saved as a plain transformers
   checkpoint (safetensors) with the tokenizer. Merging in fp32 avoids the rounding a bf16 merge adds
@@ -14,7 +16,6 @@ into place; an existing non-empty destination is refused unless `overwrite`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -80,16 +81,3 @@ def export(run: str | Path, merge: bool = False, out: str | Path | None = None, 
     else:
         say(f"copied {src} to {dest}")
     return dest
-
-
-def main(argv: list[str]) -> Path:
-    """`honelm export RUN [--merge] [--out DIR] [--overwrite]`."""
-    p = argparse.ArgumentParser(prog="honelm export", description="Write RUN's best model to a directory that needs "
-                                "nothing else: a LoRA run merged into a plain transformers model (--merge) or its "
-                                "PEFT adapter as is; any other run's best/ copied.")
-    p.add_argument("run", help="run directory (e.g. runs/classify/latest) or a model/adapter directory (then --out)")
-    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base (in fp32) and save a plain checkpoint")
-    p.add_argument("--out", default=None, help="destination directory (default: RUN/export)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
-    args = p.parse_args(argv)
-    return export(args.run, merge=args.merge, out=args.out, overwrite=args.overwrite)

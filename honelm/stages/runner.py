@@ -222,6 +222,7 @@ def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequ
 
 
 def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback], latest_before: Any) -> dict[str, Any]:
+    assert ctx.tracker is not None
     try:
         loaded = load(stage, ctx)
         if stage.trains:
@@ -229,14 +230,12 @@ def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback], latest_be
         else:
             plan, result = evaluate_once(stage, ctx, loaded, callbacks)
     except BaseException:
+        ctx.tracker.close(failed=True)  # an MLflow / W&B run is marked failed, not left running
         if not ctx.resume and not ctx.extra.get(STARTED):
-            assert ctx.tracker is not None
-            ctx.tracker.close()
             if discard_failed_start(ctx.run_dir, latest_before, ctx.runtime):
                 print(f"{ctx.run_dir}: removed, as the run failed before training (run the same command again once "
                       "the error is fixed)", file=sys.stderr, flush=True)
         raise
-    assert ctx.tracker is not None
     if result is None:  # a booster's own run stopped before the main run started
         ctx.tracker.close()
         return {"run_dir": str(ctx.run_dir), "steps": 0, "reason": "interrupted", "best_step": 0}
