@@ -5,6 +5,10 @@ A prompt file is plain text (one prompt per non-empty line) or structured rows i
 is dropped, a preference row's prompt). Prompts are split like documents (by content, seeded;
 `honelm.data.splits.make_splits`), so validation prompts are never trained on.
 
+A structured row may carry its reference answer (an `answer` field, else the reply the row holds:
+alpaca `output`, a `completion`, a final assistant turn) and any other fields a reward check
+reads (`honelm.rl.checks`); both travel with the prompt to the scorer.
+
 Tokenising: with a chat template the prompt is rendered with the generation prompt
 (`prompt_ids`); without one (a plain `pretrain` model) a prompt must be a single user message,
 whose text the model continues as it is. Prompts longer than the limit keep their end (the part
@@ -13,11 +17,12 @@ the reply continues) and are counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
-from honelm.data.chat import Messages, prompt_ids, prompt_of
-from honelm.data.readers import Document, expand_paths, read_documents, read_rows
+from honelm.data.chat import Messages, prompt_ids, prompt_of, reference_of
+from honelm.data.readers import Document, Row, expand_paths, read_documents, read_rows
 from honelm.data.sources import SplitDataConfig, say_split
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
@@ -43,10 +48,18 @@ class PromptDocument(Document):
     """A prompt as a split row: `text` identifies it (roles and contents), `messages` holds it."""
 
     messages: tuple[tuple[str, str], ...] = ()
+    reference: str | None = None
+    """The row's reference answer (None: it has none)."""
+    fields_json: str = "{}"
+    """The row's fields as JSON (kept as text so that the document stays hashable)."""
 
     @property
     def conversation(self) -> Messages:
         return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return json.loads(self.fields_json)
 
 
 @dataclass
@@ -57,11 +70,24 @@ class EncodedPrompt:
     prompt: Messages | str  # messages in chat mode, the plain text otherwise
     source: str
     line: int
+    reference: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _document(messages: Messages, source: str, line: int) -> PromptDocument:
+def _document(messages: Messages, source: str, line: int, reference: str | None = None,
+              fields: dict[str, Any] | None = None) -> PromptDocument:
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages))
+    return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages), reference,
+                          json.dumps(fields or {}, ensure_ascii=False, default=str))
+
+
+def _row_document(row: Row) -> PromptDocument:
+    """A structured row's prompt with its reference answer (`answer`, else the row's reply) and its fields."""
+    answer = row.data.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise DataError(row.source, row.line, "answer", f"must be a string or a number, got {type(answer).__name__}")
+    reference = str(answer) if answer is not None else reference_of(row)
+    return _document(prompt_of(row), row.source, row.line, reference, {**row.data, "answer": reference})
 
 
 def read_prompt_documents(spec: str | Sequence[str]) -> list[PromptDocument]:
@@ -72,7 +98,7 @@ def read_prompt_documents(spec: str | Sequence[str]) -> list[PromptDocument]:
             for doc in read_documents([path], unit="lines"):
                 out.append(_document([{"role": "user", "content": doc.text}], doc.source, doc.line))
         else:
-            out.extend(_document(prompt_of(row), row.source, row.line) for row in read_rows([path]))
+            out.extend(_row_document(row) for row in read_rows([path]))
     if not out:
         raise DataError(str(spec), None, None, "no prompts found")
     return out
@@ -117,6 +143,6 @@ def encode_prompts(tokenizer: Any, docs: Sequence[PromptDocument], chat: bool, m
         if len(ids) > max_length:
             cut += 1
             ids = ids[-max_length:]
-        out.append(EncodedPrompt(list(ids), prompt, d.source, d.line))
+        out.append(EncodedPrompt(list(ids), prompt, d.source, d.line, d.reference, d.fields))
     return out, cut
 

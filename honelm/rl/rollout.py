@@ -208,7 +208,8 @@ class Sampler:
             n = int(mask[b].sum())
             tokens = response[b, :n].tolist()
             samples.append(Sample(p.prompt, p.ids, tokens, self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                  self.eos_id is not None and tokens[-1] == self.eos_id))
+                                  self.eos_id is not None and tokens[-1] == self.eos_id, p.reference, p.fields,
+                                  p.source, p.line))
         scores = self.scorer(samples).float().cpu()
         if scores.shape != (len(prompts),):
             raise HonelmError(f"the reward returned shape {tuple(scores.shape)} for {len(prompts)} responses")
