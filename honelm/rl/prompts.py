@@ -36,7 +36,7 @@ class PromptDataConfig(SplitDataConfig):
     """Prompts the policy is sampled on: a text file (one per line) or rows with a prompt, instruction, conversation or preference pair."""
 
     split: str = "9:1:0"
-    """train:val:test ratios of the prompts (validation prompts measure the score at eval time; PPO runs have no test split by default)."""
+    """train:val:test ratios of the prompts (validation prompts measure the reward at eval time; a test share lets `honelm test` score the final policy's answers)."""
     chat: Literal["auto", "on", "off"] = "auto"
     """Render prompts with the tokenizer's chat template: auto = when the tokenizer has one; on = always (honelm's default template is added to a tokenizer without one); off = plain text continuation."""
     max_prompt_length: int = 128

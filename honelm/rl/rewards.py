@@ -70,6 +70,19 @@ class RewardConfig:
         if self.missing_eos_penalty < 0:
             raise ConfigError(f"reward.missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
 
+    def checks_answers(self) -> bool:
+        """Whether a check compares responses with reference answers (then an accuracy is reported)."""
+        specs = ([self.function] if self.function else []) + list(self.checks)
+        return any(parse_weighted(x).needs_reference for x in specs)
+
+    def describe(self) -> str:
+        """The reward in one line, for the run's log."""
+        parts = [f"{self.model_weight:g} x model {self.model}" if self.model and (self.function or self.checks)
+                 else f"model {self.model}" if self.model else ""]
+        parts += [f"function {self.function}" if self.function else "", *self.checks]
+        penalty = f", minus {self.missing_eos_penalty} without EOS" if self.missing_eos_penalty else ""
+        return " + ".join(p for p in parts if p) + penalty
+
 
 @dataclass
 class Sample:
