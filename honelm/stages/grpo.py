@@ -57,7 +57,7 @@ class GRPOStage(PPOStage):
 
     name = "grpo"
     config = GRPOConfig
-    report_sections = (ReportSection("curves", ("rollouts.png", "ppo.png"), "honelm.rl.report:rollouts_section"),)
+    report_sections = (ReportSection("curves", ("rollouts.png", "grpo.png"), "honelm.rl.report:groups_section"),)
 
     def record_metrics_of(self, cfg: GRPOConfig) -> tuple[str, ...]:
         return ("reward", "accuracy") if cfg.reward.checks_answers() else ("reward",)

@@ -66,6 +66,8 @@ def test_grpo_run_resume_and_test(pretrained, prompts_file, tmp_path):
     cli("test", str(run))
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert {"test_reward", "test_accuracy", "test_response_length"} <= set(metrics)
+    cli("report", str(run))  # the reward curve and the update statistics
+    assert "## GRPO rollouts" in (run / "report.md").read_text() and (run / "plots" / "grpo.png").is_file()
     predictions = [json.loads(x) for x in (run / "test_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2 and {"response", "reference", "sums"} <= set(predictions[0])
     assert predictions[0]["reference"] in {a for _, a in PAIRS}
