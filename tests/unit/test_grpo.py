@@ -150,3 +150,13 @@ def test_grpo_through_fit_raises_a_token_reward(tiny_llama, tmp_path):
     assert {"pg_loss", "clipfrac", "entropy", "ratio"} <= set(train[-1])
     assert train[-1]["clipfrac"] == 0.0 and train[-1]["ratio"] == pytest.approx(1.0)  # on-policy: ratio exactly 1
     assert isinstance(GroupRollout.load(tmp_path / "rollouts" / "rollout-000007.pt"), GroupRollout)
+
+
+def test_arithmetic_data_keeps_grpo_prompts_unseen():
+    from honelm.demo import arithmetic_data
+
+    corpus, sft, held = arithmetic_data(n_sft=300, n_prompts=100, seed=1)
+    assert len(corpus) == len(sft) == 300 and len(held) == 100
+    assert not {r["prompt"] for r in sft} & {r["prompt"] for r in held}
+    a, b = (int(x) for x in held[0]["prompt"].rstrip(" =").split(" + "))
+    assert held[0]["answer"] == str(a + b) and sft[0]["completion"] == corpus[0].split(" = ")[1]
