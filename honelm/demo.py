@@ -130,22 +130,24 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def arithmetic_data(n_sft: int = 6000, n_prompts: int = 2000, seed: int = 0) -> tuple[list[str], list[dict], list[dict]]:
-    """Additions a + b (0 <= a, b < 100) for the GRPO worked example: (corpus lines, SFT rows, GRPO prompt rows).
+    """Comparisons for the GRPO worked example, "which is larger, a or b?" (10 <= a != b < 100, answer the
+    larger number): (corpus lines, SFT rows, GRPO prompt rows).
 
-    The 10,000 problems are shuffled once; the first `n_sft` give the pre-training corpus ("a + b = c"
-    lines) and the SFT rows (prompt "a + b =", completion "c"), the next `n_prompts` the GRPO prompt
-    rows (prompt, answer). No GRPO prompt, held-out or not, was seen in pre-training or SFT: held-out
-    accuracy measures addition, not recall.
+    The 8,010 problems are shuffled once; the first `n_sft` give the pre-training corpus (question and
+    answer on one line) and the SFT rows (prompt, completion), the next `n_prompts` the GRPO prompt rows
+    (prompt, answer). No GRPO prompt, held-out or not, was seen in pre-training or SFT: held-out accuracy
+    measures comparing numbers, not recall (guessing one of the two is right half the time).
     """
     rng = random.Random(f"arithmetic-{seed}")  # its own stream: the review data does not change
-    problems = [(a, b) for a in range(100) for b in range(100)]
+    problems = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
     rng.shuffle(problems)
     if n_sft + n_prompts > len(problems):
         raise ValueError(f"only {len(problems)} problems: n_sft + n_prompts = {n_sft + n_prompts}")
     sft, held = problems[:n_sft], problems[n_sft:n_sft + n_prompts]
-    corpus = [f"{a} + {b} = {a + b}" for a, b in sft]
-    return (corpus, [{"prompt": f"{a} + {b} =", "completion": str(a + b)} for a, b in sft],
-            [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a, b in held])
+    ask = "which is larger, {} or {}?".format
+    corpus = [f"{ask(a, b)} {max(a, b)}" for a, b in sft]
+    return (corpus, [{"prompt": ask(a, b), "completion": str(max(a, b))} for a, b in sft],
+            [{"prompt": ask(a, b), "answer": str(max(a, b))} for a, b in held])
 
 
 def write_arithmetic(out: Path, seed: int = 0) -> None:

@@ -143,3 +143,23 @@ def test_prompt_rows_carry_answers_and_bad_rows_are_named(tmp_path):
 def test_scores_are_float_tensors():
     out = function_scorer("token:5", 64)([sample("a b")])
     assert out.dtype == torch.float32 and out.tolist() == [3.0]
+
+
+class FakeRewardModel:
+    """Stands in for a reward model: a fixed score per response, and no frozen weights."""
+
+    def __call__(self, samples):
+        return torch.tensor([2.0, -1.0])[:len(samples)]
+
+    def frozen_models(self):
+        return []
+
+
+def test_a_reward_model_mixes_with_the_checks():
+    scorer = function_scorer("exact", 64)
+    scorer.model, scorer.model_weight = FakeRewardModel(), 0.5
+    scores, correct = score_and_correct(scorer, [sample("Paris", "paris"), sample("Rome", "paris")])
+    assert scores.tolist() == pytest.approx([1.0 + 1.0, 0.0 - 0.5]) and correct.tolist() == [True, False]
+    cfg = RewardConfig(model="rm", model_weight=0.5, function="exact", checks=["0.1*max_length:4"])
+    assert cfg.describe() == "0.5 x model rm + function exact + 0.1*max_length:4" and cfg.checks_answers()
+    assert not RewardConfig(model="rm").checks_answers()

@@ -158,5 +158,5 @@ def test_arithmetic_data_keeps_grpo_prompts_unseen():
     corpus, sft, held = arithmetic_data(n_sft=300, n_prompts=100, seed=1)
     assert len(corpus) == len(sft) == 300 and len(held) == 100
     assert not {r["prompt"] for r in sft} & {r["prompt"] for r in held}
-    a, b = (int(x) for x in held[0]["prompt"].rstrip(" =").split(" + "))
-    assert held[0]["answer"] == str(a + b) and sft[0]["completion"] == corpus[0].split(" = ")[1]
+    a, b = (int(x) for x in held[0]["prompt"].removeprefix("which is larger, ").rstrip("?").split(" or "))
+    assert held[0]["answer"] == str(max(a, b)) and corpus[0].endswith(" " + sft[0]["completion"])
