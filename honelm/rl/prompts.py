@@ -5,6 +5,10 @@ A prompt file is plain text (one prompt per non-empty line) or structured rows i
 is dropped, a preference row's prompt). Prompts are split like documents (by content, seeded;
 `honelm.data.splits.make_splits`), so validation prompts are never trained on.
 
+A structured row may carry its reference answer (an `answer` field, else the reply the row holds:
+alpaca `output`, a `completion`, a final assistant turn) and any other fields a reward check
+reads (`honelm.rl.checks`); both travel with the prompt to the scorer.
+
 Tokenising: with a chat template the prompt is rendered with the generation prompt
 (`prompt_ids`); without one (a plain `pretrain` model) a prompt must be a single user message,
 whose text the model continues as it is. Prompts longer than the limit keep their end (the part
@@ -13,12 +17,13 @@ the reply continues) and are counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
 
 from honelm.bounds import at_least
-from honelm.data.chat import Messages, prompt_ids, prompt_of
-from honelm.data.readers import BadRows, Document, convert_rows, expand_paths, read_documents, read_rows
+from honelm.data.chat import Messages, prompt_ids, prompt_of, reference_of
+from honelm.data.readers import BadRows, Document, Row, convert_rows, expand_paths, read_documents, read_rows
 from honelm.data.sources import (SplitDataConfig, check_not_empty, read_test_later, report_skipped, say_split,
                                  skipping)
 from honelm.data.splits import make_splits, parse_ratios
@@ -33,7 +38,7 @@ class PromptDataConfig(SplitDataConfig):
     """Prompts the policy is sampled on: a text file (one per line) or rows with a prompt, instruction, conversation or preference pair."""
 
     split: str = "9:1:0"
-    """train:val:test ratios of the prompts (validation prompts measure the score at eval time; PPO runs have no test split by default)."""
+    """train:val:test ratios of the prompts (validation prompts measure the reward at eval time; a test share lets `honelm test` score the final policy's answers)."""
     chat: Literal["auto", "on", "off"] = "auto"
     """Render prompts with the tokenizer's chat template: auto = when the tokenizer has one; on = always (honelm's default template is added to a tokenizer without one); off = plain text continuation."""
     max_prompt_length: Annotated[int, at_least(1)] = 128
@@ -45,10 +50,18 @@ class PromptDocument(Document):
     """A prompt as a split row: `text` identifies it (roles and contents), `messages` holds it."""
 
     messages: tuple[tuple[str, str], ...] = ()
+    reference: str | None = None
+    """The row's reference answer (None: it has none)."""
+    fields_json: str = "{}"
+    """The row's fields as JSON (kept as text so that the document stays hashable)."""
 
     @property
     def conversation(self) -> Messages:
         return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return json.loads(self.fields_json)
 
 
 @dataclass
@@ -59,11 +72,24 @@ class EncodedPrompt:
     prompt: Messages | str  # messages in chat mode, the plain text otherwise
     source: str
     line: int
+    reference: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _document(messages: Messages, source: str, line: int) -> PromptDocument:
+def _document(messages: Messages, source: str, line: int, reference: str | None = None,
+              fields: dict[str, Any] | None = None) -> PromptDocument:
     text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages))
+    return PromptDocument(text, source, line, tuple((m["role"], m["content"]) for m in messages), reference,
+                          json.dumps(fields or {}, ensure_ascii=False, default=str))
+
+
+def _row_document(row: Row) -> PromptDocument:
+    """A structured row's prompt with its reference answer (`answer`, else the row's reply) and its fields."""
+    answer = row.data.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise DataError(row.source, row.line, "answer", f"must be a string or a number, got {type(answer).__name__}")
+    reference = str(answer) if answer is not None else reference_of(row)
+    return _document(prompt_of(row), row.source, row.line, reference, {**row.data, "answer": reference})
 
 
 def read_prompt_documents(spec: str | Sequence[str], bad: BadRows | None = None) -> list[PromptDocument]:
@@ -76,8 +102,7 @@ def read_prompt_documents(spec: str | Sequence[str], bad: BadRows | None = None)
             for doc in read_documents([path], unit="lines", bad=bad):
                 out.append(_document([{"role": "user", "content": doc.text}], doc.source, doc.line))
         else:
-            out.extend(convert_rows(read_rows([path], bad), lambda row: _document(prompt_of(row), row.source, row.line),
-                                    bad))
+            out.extend(convert_rows(read_rows([path], bad), _row_document, bad))
     BadRows.finish(given, bad, out)
     if not out:
         raise DataError(str(spec), None, None, "no prompts found")
@@ -128,6 +153,6 @@ def encode_prompts(tokenizer: Any, docs: Sequence[PromptDocument], chat: bool, m
         if len(ids) > max_length:
             cut += 1
             ids = ids[-max_length:]
-        out.append(EncodedPrompt(list(ids), prompt, d.source, d.line))
+        out.append(EncodedPrompt(list(ids), prompt, d.source, d.line, d.reference, d.fields))
     return out, cut
 

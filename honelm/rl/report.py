@@ -1,4 +1,4 @@
-"""PPO's part of the run report: the rollouts and the update statistics, from the run's events."""
+"""PPO's and GRPO's part of the run report: the rollouts and the update statistics, from the run's events."""
 
 from __future__ import annotations
 
@@ -31,3 +31,29 @@ def rollouts_section(data: RunData, plots: Path, written: set[str]) -> list[str]
     rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
     return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]
 
+
+
+# What a GRPO run's `rollout` events (one per group rollout) and its `train` events carry, in panel order
+# (metric names; one is spelled like a stage, hence one string).
+GROUP_KEYS = tuple("reward accuracy reward_std zero_std_groups response_length ended".split())
+GRPO_TRAIN_KEYS = ("pg_loss", "entropy", "clipfrac", "kl", "ratio")
+
+
+def groups_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
+    """GRPO's rollout and update panels (the reward curve) with a first/last table; nothing without rollouts."""
+    rollouts = {k: pts for k in GROUP_KEYS if (pts := series(data.events, "rollout", k))}
+    if not rollouts:
+        return []
+    plot_val_metrics(plots / "rollouts.png", rollouts, "GRPO rollouts vs step (means over sampled responses)")
+    written.add("rollouts.png")
+    updates = {k: pts for k in GRPO_TRAIN_KEYS if (pts := series(data.events, "train", k))}
+    if updates:
+        plot_val_metrics(plots / "grpo.png", updates, "GRPO updates vs step")
+        written.add("grpo.png")
+    lines = ["## GRPO rollouts", "", "Each rollout samples a group of responses per prompt at the training temperature; "
+             "`reward` is their mean reward, `accuracy` the share every reference check accepted, `zero_std_groups` "
+             "the share of groups whose rewards were all equal (no signal).", "", "![GRPO rollouts](plots/rollouts.png)", ""]
+    if updates:
+        lines += ["![GRPO updates](plots/grpo.png)", ""]
+    rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
+    return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]

@@ -209,7 +209,8 @@ class Sampler:
             n = int(mask[b].sum())
             tokens = response[b, :n].tolist()
             samples.append(Sample(p.prompt, p.ids, tokens, self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                  self.eos_id is not None and tokens[-1] == self.eos_id))
+                                  self.eos_id is not None and tokens[-1] == self.eos_id, p.reference, p.fields,
+                                  p.source, p.line))
         scores = self.scorer(samples).float().cpu()
         if scores.shape != (len(prompts),):
             raise HonelmError(f"the reward returned shape {tuple(scores.shape)} for {len(prompts)} responses")
@@ -305,23 +306,27 @@ def build_rollout(index: int, s: Sampled, opts: PPOOptions) -> Rollout:
 class RolloutStream:
     """PPO minibatches for `fit`: one optimizer step = one minibatch; new rollouts as needed (see module doc)."""
 
-    def __init__(self, sampler: Sampler, prompts: list[EncodedPrompt], batch_size: int, grad_accum: int, seed: int,
+    rollout_type: Any = Rollout
+    """What `_build` makes and a resumed run loads (`load(path)`)."""
+
+    def __init__(self, sampler: Any, prompts: list[EncodedPrompt], batch_size: int, grad_accum: int, seed: int,
                  world: int = 1, rank: int = 0, run_dir: Path | None = None, tracker: Any = None):
         opts = sampler.opts
+        self.per_rollout, epochs, rows, what = self.shape(opts)
         minibatch = batch_size * grad_accum
-        if opts.rollout_batch % minibatch:
-            raise ConfigError(f"ppo.rollout_batch={opts.rollout_batch} must be a multiple of the minibatch "
-                              f"train.batch_size x train.grad_accum = {minibatch}")
+        if rows % minibatch:
+            raise ConfigError(f"{what} must be a multiple of the minibatch train.batch_size x train.grad_accum = "
+                              f"{minibatch}")
         self.sampler, self.prompts, self.opts = sampler, prompts, opts
         self.bs, self.accum, self.seed, self.world, self.rank = batch_size, grad_accum, seed, world, rank
-        self.minibatches = opts.rollout_batch // minibatch  # optimizer steps per pass over a rollout
-        self.steps_per_rollout = opts.ppo_epochs * self.minibatches
-        # one "item" is one sequence seen by one PPO epoch: a pass over the prompts is n items
-        self.n = len(prompts) * opts.ppo_epochs
+        self.minibatches = rows // minibatch  # optimizer steps per pass over a rollout
+        self.steps_per_rollout = epochs * self.minibatches
+        # one "item" is one sequence seen by one epoch: a pass over the prompts is n items
+        self.n = len(prompts) * epochs * (rows // self.per_rollout)
         self.position = 0
         self.run_dir, self.tracker = run_dir, tracker
-        self._order = BatchStream(len(prompts), lambda idx: idx, opts.rollout_batch, 1, seed, world, rank)
-        self._current: Rollout | None = None
+        self._order = BatchStream(len(prompts), lambda idx: idx, self.per_rollout, 1, seed, world, rank)
+        self._current: Any = None
         self.rollout_times: list[float] = []
 
     @property
@@ -341,13 +346,24 @@ class RolloutStream:
         suffix = f"-rank{self.rank}" if self.rank else ""
         return self.run_dir / "rollouts" / f"rollout-{index:06d}{suffix}.pt"
 
-    def _make(self, index: int, step: int) -> Rollout:
-        started = time.perf_counter()
-        self._order.position = index * self.opts.rollout_batch * self.world
-        chosen = [self.prompts[i] for i in self._order.next_step()[0]]
-        sampled = self.sampler.sample(chosen, derived_seed(self.seed, index, self.rank, 1))
+    @staticmethod
+    def shape(opts: Any) -> tuple[int, int, int, str]:
+        """(prompts per rollout, epochs over it, sequences in it, the setting that sizes it) of `opts`."""
+        return opts.rollout_batch, opts.ppo_epochs, opts.rollout_batch, f"ppo.rollout_batch={opts.rollout_batch}"
+
+    def _build(self, index: int, chosen: list[EncodedPrompt], seed: int) -> Any:
+        """A rollout of the chosen prompts, sampled with `seed`, with its statistics (PPO: `build_rollout`)."""
+        sampled = self.sampler.sample(chosen, seed)
         rollout = build_rollout(index, sampled, self.opts)
-        rollout.stats = {**sample_stats(sampled, self.opts), "time_s": round(time.perf_counter() - started, 3)}
+        rollout.stats = sample_stats(sampled, self.opts)
+        return rollout
+
+    def _make(self, index: int, step: int) -> Any:
+        started = time.perf_counter()
+        self._order.position = index * self.per_rollout * self.world
+        chosen = [self.prompts[i] for i in self._order.next_step()[0]]
+        rollout = self._build(index, chosen, derived_seed(self.seed, index, self.rank, 1))
+        rollout.stats = {**rollout.stats, "time_s": round(time.perf_counter() - started, 3)}
         self.rollout_times.append(rollout.stats["time_s"])
         path = self._path(index)
         if path is not None:
@@ -376,7 +392,7 @@ class RolloutStream:
             if index not in needed:
                 f.unlink(missing_ok=True)
 
-    def rollout_for(self, index: int, fresh: bool, step: int) -> Rollout:
+    def rollout_for(self, index: int, fresh: bool, step: int) -> Any:
         if self._current is not None and self._current.index == index:
             return self._current
         if fresh:
@@ -385,7 +401,7 @@ class RolloutStream:
             path = self._path(index)
             if path is None or not path.is_file():
                 raise HonelmError(f"resuming at step {step} needs rollout {index}, saved as {path}, which is missing")
-            self._current = Rollout.load(path)
+            self._current = self.rollout_type.load(path)
         return self._current
 
     # -- the BatchStream interface -------------------------------------------------------------

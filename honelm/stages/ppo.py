@@ -25,8 +25,9 @@ from honelm.errors import HonelmError
 from honelm.models import check_block_fits
 from honelm.objectives.ppo import PPO
 from honelm.rl.policy import Reference, disable_dropout, with_value
-from honelm.rl.prompts import PromptDataConfig, encode_prompts, prompt_splits, use_chat
-from honelm.rl.rewards import RewardConfig, make_scorer
+from honelm.rl.answers import answer_metrics
+from honelm.rl.prompts import EncodedPrompt, PromptDataConfig, encode_prompts, prompt_splits, use_chat
+from honelm.rl.rewards import RewardConfig, check_rows, make_scorer
 from honelm.rl.rollout import PPOOptions, RolloutStream, Sampler, validate_policy, write_samples
 from honelm.stages.contract import Plan, ReportSection, RunContext, Stage
 
@@ -55,11 +56,11 @@ class PPOConfig(StageConfig):
 
 
 class PPOStage(Stage):
-    """PPO on rollouts of the policy; validation samples held-out prompts (val_score, val_kl). No test split."""
+    """PPO on rollouts of the policy; validation samples held-out prompts (val_score, val_kl); `honelm test`
+    scores greedy answers to the test prompts with the reward (`honelm.rl.answers`)."""
 
     name = "ppo"
     config = PPOConfig
-    testable = False
     report_sections = (ReportSection("curves", ("rollouts.png", "ppo.png"), "honelm.rl.report:rollouts_section"),)
 
     def splits(self, cfg: PPOConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
@@ -87,7 +88,8 @@ class PPOStage(Stage):
             ctx.say(f"note: {cut} train and {cut_val} validation prompts are longer than data.max_prompt_length="
                     f"{cfg.data.max_prompt_length} and keep only their last tokens")
         longest = max(len(p.ids) for p in train + val)
-        check_block_fits(loaded.model, longest + cfg.ppo.response_length, "the longest prompt + ppo.response_length")
+        check_block_fits(loaded.model, longest + self.response_length(cfg),
+                         f"the longest prompt + {self.name}.response_length")
         ctx.extra.update(train=train, val=val)
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
@@ -101,8 +103,8 @@ class PPOStage(Stage):
         model.to(runtime.device)
         scorer = make_scorer(cfg.reward, tokenizer, runtime.device, runtime.autocast, cfg.train.eval_batch_size,
                              cfg.model.trust_remote_code)
-        say(f"reward: {'function ' + cfg.reward.function if cfg.reward.function else 'model ' + cfg.reward.model}"
-            + (f", minus {cfg.reward.missing_eos_penalty} without EOS" if cfg.reward.missing_eos_penalty else ""))
+        check_rows(scorer, train + val)
+        say(f"reward: {cfg.reward.describe()}")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         sampler = Sampler(model, reference, scorer, tokenizer, cfg.ppo, tokenizer.eos_token_id, pad_id,
                           runtime.autocast, chunk=max(cfg.train.batch_size, 1))
@@ -118,6 +120,24 @@ class PPOStage(Stage):
         return Plan(objective, stream, evaluate, metric=cfg.train.metric or objective.default_metric,
                     save_best=lambda m, info: ctx.save_best(m.policy, info), model=model,
                     frozen_models=sampler.frozen_models())
+
+    def response_length(self, cfg: Any) -> int:
+        """The most tokens an answer may have (sampled, greedy, tested)."""
+        return int(cfg.ppo.response_length)
+
+    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> list[EncodedPrompt]:
+        """Prompt rows tokenised as in training (chat template when the run used one), cut to their last tokens."""
+        return encode_prompts(ctx.tokenizer, rows, use_chat(ctx.cfg.data, ctx.tokenizer), ctx.cfg.data.max_prompt_length)[0]
+
+    def score(self, ctx: RunContext, model: Any, data: list[EncodedPrompt], split: str) -> dict[str, float]:
+        """Greedy answers scored by the run's reward (`honelm.rl.answers.answer_metrics`), records kept."""
+        cfg = ctx.cfg
+        scorer = ctx.extra.get("scorer") or make_scorer(  # `honelm test`: the reward the run trained with
+            cfg.reward, ctx.tokenizer, ctx.device, ctx.runtime.autocast, cfg.train.eval_batch_size, cfg.model.trust_remote_code)
+        metrics, records = answer_metrics(model, ctx.tokenizer, data, scorer, self.response_length(cfg),
+                                          ctx.runtime.autocast, cfg.train.eval_batch_size, split)
+        ctx.records(split).extend(records)
+        return metrics
 
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
         """samples.jsonl: the final policy's responses to a few validation prompts (not after an interrupt)."""
