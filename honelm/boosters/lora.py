@@ -75,7 +75,7 @@ class LoraConfig:
     dropout: Annotated[float, DROPOUT] = 0.0
     """Dropout on the input of the LoRA branch only. 0 (peft's default) by default: peft keeps one dropped-out copy of the input per adapted module, which costs memory and time (benchmarks/lora_memory.py); with dora it also costs an extra matmul."""
     target_modules: str = "auto"
-    """Modules that get an adapter: auto (the default: a classifier's every Linear and its input embedding, an LM's every Linear; docs/benchmarks.md, "Why LoRA lost"), all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
+    """Modules that get an adapter: auto (the default: a decoder-based classifier's every Linear and its input embedding, otherwise every Linear; docs/benchmarks.md, "Why LoRA lost"), all-linear (every Linear except the output/head layer), embeddings (the input token embedding; not when it is tied to the output layer), module names or name suffixes (q_proj,v_proj), comma-separated and combinable (all-linear,embeddings), or a regex over full module names prefixed with re: (re:.*\\.(q|v)_proj)."""
     rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (peft use_rslora)."""
     dora: bool = False
@@ -158,16 +158,22 @@ def _no_match(model: nn.Module, spec: str, what: str) -> ConfigError:
 def auto_targets(model: nn.Module, task: str) -> str:
     """What `lora.target_modules=auto` means for this model and task.
 
-    A classifier (or reward model) adapts its input embedding as well as every Linear: a small model's
-    embeddings are a large share of what full fine-tuning moves, and freezing them left all-linear
-    LoRA near chance on the demo's decoder (0.575 vs 0.992 with them; docs/benchmarks.md, "Why LoRA
-    lost"). A language model keeps the usual all-linear: its embedding is usually tied to the output
-    layer, which an embedding adapter's merge would change.
+    A decoder-based classifier (or reward model) adapts its input embedding as well as every Linear:
+    on honelm's small pre-trained decoders all-linear LoRA stayed near chance while LoRA with the
+    embedding matched full fine-tuning (demo decoder 0.575 vs 0.992; tests' decoder 0.60 vs 0.775).
+    An encoder classifier keeps all-linear: on MiniLM/SST-2 the embedding adapters cost 3.3 points
+    at the same learning rate (0.800 vs 0.833, one seed). A language model keeps all-linear too: its
+    embedding is usually tied to the output layer, which an embedding adapter's merge would change.
+    Measurements: docs/benchmarks.md, "Why LoRA lost".
     """
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = out is not None and emb is not None and getattr(out, "weight", None) is getattr(emb, "weight", None)
-    return "all-linear,embeddings" if task == "classify" and emb is not None and not tied else "all-linear"
+    try:
+        decoder = model_kind(model) == "decoder"
+    except ConfigError:
+        decoder = False
+    return "all-linear,embeddings" if task == "classify" and decoder and emb is not None and not tied else "all-linear"
 
 
 def resolve_targets(model: nn.Module, spec: str, exclude: Sequence[str] = ()) -> list[str]:

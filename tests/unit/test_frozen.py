@@ -83,7 +83,8 @@ def run_fit(tmp_path, name: str, task: str, bf16_frozen: bool, resume: bool = Fa
     model = build(task, seed=seed, **lora_kw)
     obj = objective or (Classify() if task == "classify" else CausalLM())
     if spy:
-        obj = Spy(obj, next(p for n, p in model.named_parameters() if "base_layer.weight" in n))
+        # a frozen Linear's weight (FrozenBf16 holds Linear weights; an adapted embedding stays fp32)
+        obj = Spy(obj, next(p for n, p in model.named_parameters() if "base_layer.weight" in n and "embeddings" not in n))
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=max_steps, eval_every=3, save_every=3, log_every=1,
                       precision="bf16", bf16_frozen=bf16_frozen, progress=False, tensorboard=False,
                       warmup_steps=1, keep_checkpoints=10)

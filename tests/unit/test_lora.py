@@ -182,14 +182,14 @@ def test_all_linear_skips_the_output_layer_and_heads():
     assert not hasattr(lm.base_model.model.lm_head, "lora_A")  # tied to the embedding: not a target
 
 
-def test_auto_targets_adapt_a_classifiers_embeddings_and_an_lms_linears_only():
+def test_auto_targets_adapt_a_decoder_classifiers_embeddings_and_otherwise_linears_only():
     classifier = build_model("decoder", "test", VOCAB, task="classify", num_labels=2, seed=0, pad_token_id=0)
     wrapped = apply_lora(LoadedModel.built(classifier), lora(), "classify", quiet).model  # the default: auto
     adapted = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")}
     assert adapted == {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     encoder = apply_lora(LoadedModel.built(encoder_classifier()), lora(), "classify", quiet).model
-    assert [n for n, m in encoder.named_modules() if len(getattr(m, "lora_embedding_A", ()))] == [
-        "base_model.model.bert.embeddings.word_embeddings"]
+    assert not any(len(getattr(m, "lora_embedding_A", ())) for m in encoder.modules())  # an encoder: all-linear
+    assert sum(len(getattr(m, "lora_A", ())) > 0 for m in encoder.modules()) >= 6
     lm = apply_lora(LoadedModel.built(decoder_lm()), lora(), "lm", quiet).model  # tied: the embedding is left alone
     assert not any(len(getattr(m, "lora_embedding_A", ())) for m in lm.modules())
     assert sum(len(getattr(m, "lora_A", ())) > 0 for m in lm.modules()) >= 7

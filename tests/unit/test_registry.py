@@ -27,7 +27,7 @@ from honelm.objectives.lm import CausalLM
 from honelm.stages.contract import Plan, RunContext, Stage
 
 ROOT = Path(__file__).resolve().parents[2]
-FILE_VERBS = ("pipeline", "search", "ablate")  # configs/<verb>/ holds files of their own, not presets
+FILE_VERBS = ("pipeline", "search", "ablate", "boost")  # configs/<verb>/ holds files of their own, not presets
 
 
 def test_every_configs_folder_is_a_verb_with_a_config():
