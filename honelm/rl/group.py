@@ -25,11 +25,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from torch import nn
 
+from honelm.bounds import above, at_least
 from honelm.errors import ConfigError, HonelmError
 from honelm.objectives.ppo import response_logits, token_logprobs
 from honelm.rl.advantages import response_mask
@@ -46,19 +47,19 @@ Batch = dict[str, Any]
 class GRPOOptions:
     """GRPO: groups of sampled responses, group-relative advantages, the clipped ratio and the KL to the reference."""
 
-    group_size: int = 8
+    group_size: Annotated[int, at_least(2)] = 8
     """G: responses sampled per prompt (>= 2); their rewards are compared with each other."""
-    prompts_per_rollout: int = 4
+    prompts_per_rollout: Annotated[int, at_least(1)] = 4
     """Prompts per rollout (per process): a rollout holds prompts_per_rollout x group_size responses, a multiple of train.batch_size x train.grad_accum."""
-    epochs: int = 1
+    epochs: Annotated[int, at_least(1)] = 1
     """Passes over each rollout (GRPO's mu); with one optimizer step per rollout the ratio is exactly 1 and no old log-probabilities are computed."""
-    response_length: int = 32
+    response_length: Annotated[int, at_least(1)] = 32
     """Most tokens sampled per response; a response stops earlier at EOS."""
-    temperature: float = 1.0
+    temperature: Annotated[float, above(0)] = 1.0
     """Sampling temperature T (> 0); the loss recomputes log-probabilities of softmax(logits / T)."""
-    clip: float = 0.2
+    clip: Annotated[float, above(0)] = 0.2
     """Policy ratio clip epsilon (PPO-clip on per-token ratios)."""
-    kl_coef: float = 0.0
+    kl_coef: Annotated[float, at_least(0)] = 0.0
     """beta of the k3 KL to the reference added to the loss per token (0 = off: no reference is kept)."""
     advantage_std: bool = True
     """Divide each group's mean-centred rewards by its std (GRPO); false = mean-centring only (Dr. GRPO's unbiased advantage)."""

@@ -104,6 +104,7 @@ def test_an_ablation_without_a_search_says_so_in_words(data_dir, tmp_path):
     assert ablate.load_spec(ablation_file(tmp_path, data_dir)).search == {}  # absent: each variant's own search
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_a_time_budget_lists_the_variants_it_left_unrun_and_a_second_run_continues_them(data_dir, tmp_path, capsys):
     path = ablation_file(tmp_path, data_dir, search={"n_trials": 2, "pruner": "none"}, time_budget=0.001)
     cli("ablate", str(path))  # the baseline's share lets one trial start; nothing is left for lora's turn

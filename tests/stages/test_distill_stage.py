@@ -89,6 +89,7 @@ def _args(keywords, teacher, out, name):
             "train.threads=1", "data.max_length=48", f"run.out_dir={out}", f"run.name={name}", *FAST]
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_kill_and_resume_is_bit_identical_and_the_teacher_runs_once(teacher, keywords, tmp_path):
     cli_subprocess(*_args(keywords, teacher, tmp_path, "full"))
     killed = cli_subprocess(*_args(keywords, teacher, tmp_path, "cut"), kill_at=7, check=False)
@@ -140,6 +141,7 @@ def test_refusals_name_the_problem(pretrained, teacher, data_dir, tmp_path, caps
     assert not any((tmp_path / name).exists() for name in "abd")  # refused before any run directory exists
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_distill_under_search_and_ablate_runs_the_teacher_once(teacher, keywords, tmp_path):
     fixed = {"data.train": str(keywords), "teacher.model": str(teacher), "model.arch": "encoder", "model.size": "test",
              "model.tokenizer": str(teacher), "data.max_length": 32, "train.max_steps": 4, "train.eval_every": 2,

@@ -5,6 +5,8 @@ of a LoRA run ≡ uninterrupted."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 
@@ -124,6 +126,7 @@ def test_lora_classify_resume_is_bit_identical(data_dir, tmp_path):
     assert (cut / "best" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_lora_under_bf16_holds_the_base_in_bf16_and_changes_nothing(pretrained, data_dir, tmp_path):
     """`train.bf16_frozen` (default on) against off, through the CLI under bf16 autocast: the same
     adapter bit for bit, the same test predictions, an fp32 base written, no spill file left."""

@@ -103,8 +103,9 @@ def test_precomputed_reference_uses_the_training_precision(data_dir, tmp_path, m
     assert abs(first["rewards_chosen"]) < 1e-3 and abs(first["rewards_rejected"]) < 1e-3, first
 
 
-# the frozen-copy reference's resume is in the slow tier (12 s): the default suite keeps one DPO kill-and-resume
-@pytest.mark.parametrize("reference", [pytest.param([], marks=pytest.mark.slow), ["dpo.precompute_ref=true"]],
+# both DPO kill-and-resume tests are in the slow tier (12 s each); CI runs them in their own step (.ci/run)
+@pytest.mark.parametrize("reference", [pytest.param([], marks=pytest.mark.slow),
+                                       pytest.param(["dpo.precompute_ref=true"], marks=pytest.mark.slow)],
                          ids=["frozen-copy", "precomputed"])
 def test_dpo_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, reference):
     """The reference is rebuilt on resume (a frozen copy of the same start, or its log-probs precomputed again in the

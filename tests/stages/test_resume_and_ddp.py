@@ -31,6 +31,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(last / "model.safetensors")
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     tok = tmp_path / "tok"
     cli_subprocess("tokenizer", f"data.train={data_dir / 'corpus.txt'}", "tokenizer.vocab_size=400",
@@ -48,6 +49,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     assert (tmp_path / "cut" / "best" / "best.json").read_text() == (tmp_path / "full" / "best" / "best.json").read_text()
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_ctrl_c_leaves_a_resumable_checkpoint(data_dir, tmp_path):
     args = _pretrain_args(data_dir, tmp_path, "int", steps=100000, extra=("train.save_every=0",))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -84,6 +86,7 @@ def test_ctrl_c_during_the_final_checkpoint_keeps_the_finished_run_and_exits_130
     assert "run already finished" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_two_processes_match_one(data_dir, tmp_path):
     tok = tmp_path / "tok"

@@ -129,6 +129,7 @@ def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other
     assert [r["state"] for r in rows] == ["complete"] * 3
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_a_storage_url_keeping_every_model_halving_and_a_timeout(data_dir, tmp_path):
     """--storage URL (what several machines share; no local study.db, no directory lock), keep_models: all,
     the successive-halving pruner, and --timeout (no trial starts after it; the running one finishes)."""
