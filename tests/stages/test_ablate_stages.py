@@ -98,6 +98,7 @@ def test_dpo_ablation_on_implicit_reward_accuracy(data_dir, tmp_path):
     check_chosen_on_validation_then_tested_once(tmp_path / "ablation", "rewards_accuracy", False, looks)
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_dpo_search_on_validation_then_its_best_trial_tested(data_dir, tmp_path):
     spec = {"verb": "dpo", "set": {"data.train": str(data_dir / "preferences.jsonl"), **PAIRS, "train.max_steps": 2},
             "out_dir": str(tmp_path / "search"), "metric": "val_rewards_margin", "n_trials": 2, "sampler": "random",
@@ -114,6 +115,7 @@ def test_dpo_search_on_validation_then_its_best_trial_tested(data_dir, tmp_path)
     assert "test_rewards_margin" in json.loads((Path(best["run_dir"]) / "test_metrics.json").read_text())
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_pretrain_ablation_on_block_loss(data_dir, tmp_path):
     path = ablation(tmp_path, "pretrain", {"data.train": str(data_dir / "corpus.txt"), "data.block_size": 32,
                                            "train.batch_size": 8, **COMMON}, {"fast": {"set": {"train.lr": 3e-3}}})

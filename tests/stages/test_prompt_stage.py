@@ -96,6 +96,7 @@ def test_a_changed_or_missing_model_is_refused_by_test(pretrained, data_dir, tmp
     assert not (tmp_path / "p" / "test_looks.jsonl").exists()  # a refused test is no look
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_search_over_prompt_settings(pretrained, data_dir, tmp_path):
     spec = {"verb": "prompt", "set": {"data.train": str(data_dir / "reviews.jsonl"), "model.init_from": str(pretrained),
                                       "train.progress": False, "data.max_length": 48},

@@ -45,6 +45,7 @@ def search_file(tmp_path: Path, data_dir: Path, **fields) -> Path:
     return path
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_search_seals_the_test_split_resumes_and_writes_its_outputs(data_dir, tmp_path):
     path = search_file(tmp_path, data_dir)
     attempts: list[str] = []
@@ -115,6 +116,7 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_a_stop_while_a_trial_saves_its_end_keeps_that_trial_and_starts_no_other(data_dir, tmp_path, monkeypatch,
                                                                                   stop_during_checkpoint):
     stop_during_checkpoint(6)  # the first trial's final checkpoint
@@ -177,6 +179,7 @@ def ablation_file(tmp_path: Path, data_dir: Path, seeds=1, **fields) -> Path:
     return path
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_ablation_tests_each_cell_once_reuses_finished_cells_and_reports(data_dir, tmp_path, capsys, monkeypatch):
     path = ablation_file(tmp_path, data_dir, seeds=2, test="all")  # every cell tested: a report, not a selection
     monkeypatch.setattr(rt.PROCESS_PEAK, "runs_started", 0)  # as in a fresh `honelm ablate` process

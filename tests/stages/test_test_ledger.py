@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from honelm.protocol import ledger as L
 from tests.stages.conftest import FAST, cli
 
@@ -33,6 +35,7 @@ def test_where_the_ledger_lives(tmp_path, monkeypatch):
     assert L.ledger_path(elsewhere, "mine.jsonl") == Path("mine.jsonl")
 
 
+@pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
 def test_a_second_look_at_a_split_by_another_run_is_flagged_and_counted(data_dir, tmp_path, capsys):
     out = tmp_path / "runs"
     first, second = _train(data_dir, out, "first"), _train(data_dir, out, "second", "run.seed=1")
