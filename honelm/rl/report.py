@@ -11,26 +11,34 @@ ROLLOUT_KEYS = ("score", "rlhf_reward", "kl", "response_length", "ended", "time_
 PPO_TRAIN_KEYS = ("pg_loss", "vf_loss", "entropy", "clipfrac", "vf_clipfrac", "approx_kl")
 
 
-def rollouts_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
-    """Rollout and update panels with a first/last table; nothing for a run without rollout events."""
-    rollouts = {k: pts for k in ROLLOUT_KEYS if (pts := series(data.events, "rollout", k))}
+def _rl_section(data: RunData, plots: Path, written: set[str], name: str, keys: tuple[tuple[str, ...], tuple[str, ...]],
+                rollout_title: str, update_title: str, intro: str) -> list[str]:
+    """An RL run's rollout panel and update panel (NAME.png) with a first/last table; nothing without rollouts."""
+    rollout_keys, train_keys = keys
+    rollouts = {k: pts for k in rollout_keys if (pts := series(data.events, "rollout", k))}
     if not rollouts:
         return []
-    plot_val_metrics(plots / "rollouts.png", rollouts, "PPO rollouts vs step (per-sequence means)")
+    plot_val_metrics(plots / "rollouts.png", rollouts, rollout_title)
     written.add("rollouts.png")
-    updates = {k: pts for k in PPO_TRAIN_KEYS if (pts := series(data.events, "train", k))}
+    updates = {k: pts for k in train_keys if (pts := series(data.events, "train", k))}
+    label = name.upper()
     if updates:
-        plot_val_metrics(plots / "ppo.png", updates, "PPO updates vs step (per response token)")
-        written.add("ppo.png")
-    lines = ["## PPO rollouts", "",
-             "Each rollout samples responses at the training temperature; `score` is the reward model's, "
-             "`kl` the summed per-token KL to the reference, `rlhf_reward` = score − kl_coef·kl, `ended` the "
-             "fraction of responses that emitted EOS.", "", "![PPO rollouts](plots/rollouts.png)", ""]
+        plot_val_metrics(plots / f"{name}.png", updates, update_title)
+        written.add(f"{name}.png")
+    lines = [f"## {label} rollouts", "", intro, "", f"![{label} rollouts](plots/rollouts.png)", ""]
     if updates:
-        lines += ["![PPO updates](plots/ppo.png)", ""]
+        lines += [f"![{label} updates](plots/{name}.png)", ""]
     rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
     return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]
 
+
+def rollouts_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
+    """PPO's rollout and update panels with a first/last table; nothing for a run without rollout events."""
+    return _rl_section(data, plots, written, "ppo", (ROLLOUT_KEYS, PPO_TRAIN_KEYS),
+                       "PPO rollouts vs step (per-sequence means)", "PPO updates vs step (per response token)",
+                       "Each rollout samples responses at the training temperature; `score` is the reward model's, "
+                       "`kl` the summed per-token KL to the reference, `rlhf_reward` = score − kl_coef·kl, `ended` the "
+                       "fraction of responses that emitted EOS.")
 
 
 # What a GRPO run's `rollout` events (one per group rollout) and its `train` events carry, in panel order
@@ -41,19 +49,8 @@ GRPO_TRAIN_KEYS = ("pg_loss", "entropy", "clipfrac", "kl", "ratio")
 
 def groups_section(data: RunData, plots: Path, written: set[str]) -> list[str]:
     """GRPO's rollout and update panels (the reward curve) with a first/last table; nothing without rollouts."""
-    rollouts = {k: pts for k in GROUP_KEYS if (pts := series(data.events, "rollout", k))}
-    if not rollouts:
-        return []
-    plot_val_metrics(plots / "rollouts.png", rollouts, "GRPO rollouts vs step (means over sampled responses)")
-    written.add("rollouts.png")
-    updates = {k: pts for k in GRPO_TRAIN_KEYS if (pts := series(data.events, "train", k))}
-    if updates:
-        plot_val_metrics(plots / "grpo.png", updates, "GRPO updates vs step")
-        written.add("grpo.png")
-    lines = ["## GRPO rollouts", "", "Each rollout samples a group of responses per prompt at the training temperature; "
-             "`reward` is their mean reward, `accuracy` the share every reference check accepted, `zero_std_groups` "
-             "the share of groups whose rewards were all equal (no signal).", "", "![GRPO rollouts](plots/rollouts.png)", ""]
-    if updates:
-        lines += ["![GRPO updates](plots/grpo.png)", ""]
-    rows = [[k, fmt(pts[0][1]), fmt(pts[-1][1]), pts[-1][0]] for k, pts in {**rollouts, **updates}.items()]
-    return [*lines, *table(["statistic", "first", "last", "last step"], rows), ""]
+    return _rl_section(data, plots, written, "grpo", (GROUP_KEYS, GRPO_TRAIN_KEYS),
+                       "GRPO rollouts vs step (means over sampled responses)", "GRPO updates vs step",
+                       "Each rollout samples a group of responses per prompt at the training temperature; `reward` is "
+                       "their mean reward, `accuracy` the share every reference check accepted, `zero_std_groups` the "
+                       "share of groups whose rewards were all equal (no signal).")
