@@ -220,13 +220,19 @@ def label_check(spec: str, arg: str) -> tuple[Callable[[Response], float], Calla
     return score, (check_row if labels else None)
 
 
-def length_check(spec: str, arg: str) -> Callable[[Response], float]:
+def int_arg(spec: str, arg: str, what: str, low: int) -> int:
+    """ARG of a KIND:ARG check as an integer >= `low`, or a ConfigError naming the check and what it needs."""
     try:
-        limit = int(arg)
+        value = int(arg)
     except ValueError:
-        raise ConfigError(f"{spec!r}: max_length takes a token count, e.g. max_length:64") from None
-    if limit < 1:
-        raise ConfigError(f"{spec!r}: the length must be >= 1")
+        raise ConfigError(f"{spec!r}: needs {what} (an integer >= {low}), got {arg!r}") from None
+    if value < low:
+        raise ConfigError(f"{spec!r}: {what} must be >= {low}, got {value}")
+    return value
+
+
+def length_check(spec: str, arg: str) -> Callable[[Response], float]:
+    limit = int_arg(spec, arg, "a token count", 1)
 
     def score(r: Response) -> float:
         n = len(r.token_ids) - int(r.ended)  # EOS is not part of the answer's length
@@ -266,12 +272,7 @@ def _fixed(spec: str, kind: str, arg: str) -> Callable[[Response], float] | None
         pattern = _compile(spec, arg)
         return lambda r: float(pattern.search(r.text) is not None)
     if kind == "token":
-        try:
-            token = int(arg)
-        except ValueError:
-            raise ConfigError(f"{spec!r}: token needs an integer id, got {arg!r}") from None
-        if token < 0:
-            raise ConfigError(f"{spec!r}: token id must be >= 0")
+        token = int_arg(spec, arg, "a token id", 0)
         return lambda r: float(sum(1 for t in r.token_ids if t == token))
     if kind == "format":
         pattern = _compile(spec, arg)
