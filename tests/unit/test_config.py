@@ -91,6 +91,7 @@ def test_shipped_presets_validate_and_start_with_their_command():
                 from honelm.protocol.boost import load_config as load_boost
 
                 load_boost(str(path), [])  # every field checked (the task's settings are checked when it runs)
+                assert find_config("boost", path.stem).resolve() == path.resolve()  # `honelm boost NAME` finds it
             continue
         cls = registry.config_class(verb.name)
         C.build(cls, path)
