@@ -19,8 +19,9 @@ Contenders, each in its own subprocess (peak RSS per contender, no shared alloca
   honelm     `honelm.stages.dpo.DPOStage` through `honelm.stages.runner.run_stage` (the `honelm dpo`
              verb itself) with `model.init_from` the saved directory: a frozen copy as reference,
              sigmoid loss, β `--beta`, dropout off, length-grouped batches, `train.precision=auto`
-             (a measured fp32/bf16 probe); all pairs in train (`data.split=1:0:0`), no validation,
-             no checkpoints inside the timed span.
+             (a measured fp32/bf16 probe); 98% of the pairs in train, 2% in validation (`data.split=98:2:0`:
+             a validation share is required; it is read only after the timed span), no checkpoints
+             inside the timed span.
   trl        `DPOTrainer` with `DPOConfig` defaults except what the work must share (batch, steps,
              lr, β, max_length) and what would write files or report (save_strategy="no",
              report_to="none"); its reference is loaded from the same directory.
@@ -138,7 +139,7 @@ def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, tokens: l
     preference.BatchStream = TimedStream  # the stage builds its stream from this name
     run_dir = Path(tempfile.mkdtemp(prefix="honelm_run_", dir=work))
     cfg = C.build(dpo.DPOConfig, overrides=[
-        f"data.train={work / 'pairs.jsonl'}", "data.split=1:0:0", f"data.max_length={args.max_length}",
+        f"data.train={work / 'pairs.jsonl'}", "data.split=98:2:0", f"data.max_length={args.max_length}",
         "data.trim_turns=false",  # cut long pairs at the end, as TRL does (keep_start): the same work
         f"model.init_from={work / 'model'}", f"train.batch_size={args.batch_size}",
         f"train.grad_accum={args.grad_accum}", f"train.max_steps={total_steps(args)}", f"train.lr={args.lr}",

@@ -16,7 +16,8 @@ on-policy update (no old log-probabilities), the loss averaged over all completi
 for both; TRL's own default on CPU is bf16=True, contender `trl_bf16`).
 
   honelm     `honelm.stages.grpo.GRPOStage` through `honelm.stages.runner.run_stage` (the verb itself);
-             all prompts in train, no validation, no checkpoints inside the timed span.
+             98% of the prompts in train, 2% in validation (a validation share is required; it is read only
+             after the timed span), no checkpoints inside the timed span.
   trl        `GRPOTrainer` with `GRPOConfig` defaults except what the work must share
              (per_device_train_batch_size = prompts x group, num_generations, max_completion_length,
              lr, beta=0, bf16 per --precision) and what would write files or report.
@@ -94,7 +95,7 @@ def run_honelm(args: argparse.Namespace, clock: StepClock, work: Path, lengths: 
     grpo.GroupRolloutStream = TimedStream  # the stage builds its stream from this name
     run_dir = Path(tempfile.mkdtemp(prefix="honelm_run_", dir=work))
     cfg = C.build(grpo.GRPOConfig, overrides=[
-        f"data.train={work / 'prompts.jsonl'}", "data.split=1:0:0", "data.chat=off", f"model.init_from={work / 'model'}",
+        f"data.train={work / 'prompts.jsonl'}", "data.split=98:2:0", "data.chat=off", f"model.init_from={work / 'model'}",
         "reward.function=numeric", f"grpo.group_size={args.group}", f"grpo.prompts_per_rollout={args.prompts}",
         f"grpo.response_length={args.length}", "grpo.temperature=1.0", "grpo.kl_coef=0", "grpo.length_norm=token",
         f"train.batch_size={args.prompts * args.group}", "train.grad_accum=1", f"train.max_steps={total_steps(args)}",
