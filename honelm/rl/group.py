@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from honelm.bounds import above, at_least
-from honelm.errors import ConfigError, HonelmError
+from honelm.errors import HonelmError
 from honelm.objectives.ppo import response_logits, token_logprobs
 from honelm.rl.advantages import response_mask
 from honelm.rl.answers import generate_responses, to_samples
@@ -65,16 +65,6 @@ class GRPOOptions:
     """Divide each group's mean-centred rewards by its std (GRPO); false = mean-centring only (Dr. GRPO's unbiased advantage)."""
     length_norm: Literal["sequence", "constant", "token"] = "sequence"
     """How token losses are averaged: sequence = over each response's own length, then over responses (GRPO); constant = summed and divided by response_length (Dr. GRPO: no length bias); token = over all tokens of the step (DAPO)."""
-
-    def validate(self) -> None:
-        checks = [(self.group_size >= 2, "group_size must be >= 2 (advantages compare a group's responses)"),
-                  (self.prompts_per_rollout >= 1, "prompts_per_rollout must be >= 1"),
-                  (self.epochs >= 1, "epochs must be >= 1"), (self.response_length >= 1, "response_length must be >= 1"),
-                  (self.temperature > 0, "temperature must be > 0 (log-probabilities are of softmax(logits / T))"),
-                  (self.clip > 0, "clip must be > 0"), (self.kl_coef >= 0, "kl_coef must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"grpo.{message}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool, eps: float = 1e-4) -> torch.Tensor:

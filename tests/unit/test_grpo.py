@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from honelm import runtime as rt
-from honelm.config import TrainConfig
+from honelm.config import TrainConfig, check_all_bounds
 from honelm.errors import ConfigError
 from honelm.loop import TrainPlan, fit
 from honelm.objectives.grpo import GRPO, k3, reduce_tokens
@@ -122,7 +122,7 @@ def test_micro_batches_sum_to_the_minibatch(tiny_llama):
 
 def test_options_refuse_a_group_of_one_and_stream_sizes():
     with pytest.raises(ConfigError, match="group_size"):
-        GRPOOptions(group_size=1).validate()
+        check_all_bounds(GRPOOptions(group_size=1), "grpo")  # the bound declared on the field
     with pytest.raises(ConfigError, match="prompts_per_rollout x grpo.group_size = 6"):
         GroupRolloutStream(sampler_for(nn.Linear(1, 1), GRPOOptions(group_size=3, prompts_per_rollout=2)),
                            prompts(4), 4, 1, 0)
