@@ -399,7 +399,8 @@ def refuse_pickle(local: Path, task: str) -> None:
                       f"safetensors only by default. Convert it once: python -c \"from transformers import {auto}, "
                       f"AutoTokenizer as T; d='{local}'; {auto}.from_pretrained(d).save_pretrained(d + '-safe'); "
                       "T.from_pretrained(d).save_pretrained(d + '-safe')\" and use the -safe directory, or set "
-                      "model.allow_pickle=true to load it as it is (read with weights_only=True)")
+                      "model.allow_pickle=true (teacher.allow_pickle for a teacher) to load it as it is (read with "
+                      "weights_only=True)")
 
 
 def _load_pretrained(path_or_id: str | Path, task: str, num_labels: int | None, id2label: dict | None,
@@ -450,7 +451,8 @@ def load_checkpoint(
     """Load a checkpoint directory (or hub id when online) for `task`, with what honelm knows of it.
 
     Weights are read from safetensors only: a directory with pickle weights only (pytorch_model.bin)
-    is refused with how to convert it, unless `allow_pickle` (then read with weights_only=True).
+    is refused with how to convert it, unless `allow_pickle` (then read with weights_only=True); so is
+    an adapter directory whose weights are adapter_model.bin only.
 
     task "lm" -> AutoModelForCausalLM (encoder checkpoints are refused: use "mlm"),
     "mlm" -> AutoModelForMaskedLM, "classify" -> AutoModelForSequenceClassification,
@@ -468,7 +470,8 @@ def load_checkpoint(
     local = Path(str(path_or_id)).expanduser()
     if local.is_dir() and is_adapter_dir(local) and not (local / "config.json").is_file():
         merged = load_merged(local, task, num_labels=num_labels, id2label=id2label,
-                             trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type)
+                             trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, problem_type=problem_type,
+                             allow_pickle=allow_pickle)
         return dataclasses.replace(merged, origin=f"from {path_or_id}")
     return _load_pretrained(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype, problem_type,
                             allow_pickle)
@@ -483,15 +486,31 @@ def load_model(
     torch_dtype: torch.dtype = torch.float32,
     *,
     problem_type: str | None = None,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """`load_checkpoint(...).model`: the model alone, for callers that need nothing else about it."""
     return load_checkpoint(path_or_id, task, num_labels, id2label, trust_remote_code, torch_dtype,
-                           problem_type=problem_type).model
+                           problem_type=problem_type, allow_pickle=allow_pickle).model
+
+
+def refuse_pickled_adapter(adapter_dir: Path) -> None:
+    """An adapter directory whose weights are a pickle file only (adapter_model.bin): refused, with how to convert."""
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return
+    found = sorted({p.name for pattern in PICKLE_WEIGHTS for p in adapter_dir.glob(pattern)})
+    if not found:
+        return
+    raise HonelmError(f"{adapter_dir}: the adapter's weights are pickle files only ({', '.join(found[:3])}) and "
+                      "honelm loads safetensors only by default. Convert it once: python -c \"import torch, "
+                      f"safetensors.torch as s; d='{adapter_dir}'; s.save_file(torch.load(d + '/{found[0]}', "
+                      f"weights_only=True), d + '/adapter_model.safetensors')\", or set model.allow_pickle=true (teacher.allow_pickle for a teacher) "
+                      "to load it as it is (read with weights_only=True)")
 
 
 def load_merged(adapter_dir: str | Path, task: str | None = None, num_labels: int | None = None,
                 id2label: dict | None = None, trust_remote_code: bool = False,
-                torch_dtype: torch.dtype = torch.float32, problem_type: str | None = None) -> LoadedModel:
+                torch_dtype: torch.dtype = torch.float32, problem_type: str | None = None,
+                allow_pickle: bool = False) -> LoadedModel:
     """Base + LoRA adapter from `adapter_dir`, merged into a plain transformers model (in `torch_dtype`).
 
     The base is loaded for the adapter's own task (a classifier with its own labels), the adapter
@@ -506,9 +525,12 @@ def load_merged(adapter_dir: str | Path, task: str | None = None, num_labels: in
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except Exception as e:  # IO and hub errors come in many types
         raise HonelmError(f"{adapter_dir}: cannot read the base model config from {base}: {e}") from None
+    if not allow_pickle:
+        refuse_pickled_adapter(Path(adapter_dir))
     own = native_task(info.get("task_type"), base_config)
     labels = base_labels(own, base_config, task, num_labels, id2label, problem_type)
-    loaded = load_checkpoint(base, own, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, **labels)
+    loaded = load_checkpoint(base, own, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype,
+                             allow_pickle=allow_pickle, **labels)
     merged = merge_into(loaded.model, adapter_dir, base)
     origin = f"from {adapter_dir}"
     wanted = own if task is None else task

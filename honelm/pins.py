@@ -35,8 +35,10 @@ DATA_FIELDS = ("train", "val", "test", "unlabelled")
 """The fields of a data section (`SplitDataConfig`: `data`, adapt's `task`) that name data files."""
 EXTRA_FIELDS = ("task_extra",)
 """Fields of other sections that name data files (adapt's extra task text)."""
-MODEL_KEYS = ("init_from", "tokenizer")
-"""The `model.*` fields that name a model or tokenizer directory (or a hub id)."""
+MODEL_FIELDS = (("model", "init_from"), ("model", "tokenizer"), ("teacher", "model"), ("teacher", "tokenizer"),
+                ("reward", "model"), ("ppo", "value_init"))
+"""The (section, field) pairs that name a model or tokenizer directory (or a hub id): the model trained, a
+distillation teacher, a PPO/GRPO reward model, a separate PPO value model's start."""
 
 
 def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
@@ -47,11 +49,10 @@ def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
             value = getattr(part, name, "")
             if isinstance(value, str) and value:
                 yield f"{section}.{name}", value, False
-    model = getattr(cfg, "model", None)
-    for name in MODEL_KEYS:
-        value = getattr(model, name, "") if model is not None else ""
+    for section, name in MODEL_FIELDS:
+        value = getattr(getattr(cfg, section, None), name, "")
         if isinstance(value, str) and value:
-            yield f"model.{name}", value, True
+            yield f"{section}.{name}", value, True
 
 
 def _file(path: Path, data: bool = False) -> dict[str, Any]:

@@ -58,10 +58,8 @@ class TeacherConfig:
     """Texts per teacher forward pass."""
     trust_remote_code: bool = False
     """Allow a teacher checkpoint that ships its own Python code."""
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.max_length < 0:
-            raise ConfigError("teacher.batch_size must be >= 1 and teacher.max_length >= 0")
+    allow_pickle: bool = False
+    """Load a teacher whose weights are pickle files only (pytorch_model.bin, adapter_model.bin), read with weights_only=True; by default such a teacher is refused with how to convert it."""
 
 
 def require_teacher(cfg: TeacherConfig, generation: bool) -> None:
@@ -106,7 +104,8 @@ def column_order(teacher_labels: dict[int, str], labels: dict[int, str], say: Ca
 def load_teacher(path: str, cfg: TeacherConfig) -> torch.nn.Module:
     """The teacher classifier with its own head and labels (a LoRA run's adapter merged into its base)."""
     if is_adapter_dir(path) and not (Path(path) / "config.json").is_file():
-        return load_merged(path, trust_remote_code=cfg.trust_remote_code).model  # the adapter's own task and labels
+        # the adapter's own task and labels
+        return load_merged(path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle).model
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     id2label = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
     architectures = getattr(config, "architectures", None) or []
@@ -114,7 +113,7 @@ def load_teacher(path: str, cfg: TeacherConfig) -> torch.nn.Module:
         raise HonelmError(f"teacher.model={cfg.model}: {path} is not a sequence classifier (architectures "
                           f"{architectures}); distil from a classifier, e.g. a classify run")
     loaded = load_checkpoint(path, "classify", num_labels=len(id2label) or 1, id2label=id2label or None,
-                             trust_remote_code=cfg.trust_remote_code)
+                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     if loaded.new_weights:
         raise HonelmError(f"teacher.model={cfg.model}: its classification head is not in the checkpoint (newly "
                           f"initialised: {', '.join(loaded.new_weights[:4])})")

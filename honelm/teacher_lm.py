@@ -45,7 +45,8 @@ def load_teacher_lm(cfg: Any, device: torch.device) -> tuple[torch.nn.Module, An
     """(model, tokenizer, resolved path) of `teacher.*`, the model in eval mode on `device`."""
     path = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.tokenizer) if cfg.tokenizer else path)
-    model = load_model(path, "lm", trust_remote_code=cfg.trust_remote_code).to(device).eval()
+    model = load_model(path, "lm", trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    model = model.to(device).eval()
     return model, tokenizer, path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -207,3 +208,19 @@ def test_a_pickle_only_checkpoint_is_refused_unless_allowed(tiny_llama, tmp_path
     assert "save_pretrained" in _one_line(err.value)
     loaded = load_checkpoint(tmp_path / "pickled", "lm", allow_pickle=True).model
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_pickle_only_adapter_is_refused_unless_allowed(tiny_llama, tmp_path: Path) -> None:
+    """adapter_model.bin is a pickle like pytorch_model.bin: the same refusal, the same opt-in."""
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    lora = get_peft_model(load_checkpoint(base, "lm").model, LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(HonelmError, match="adapter's weights are pickle files only .*adapter_model.bin"
+                                          ".*model.allow_pickle=true") as err:
+        load_checkpoint(adapter, "lm")
+    assert "safetensors.torch" in _one_line(err.value)
+    assert load_checkpoint(adapter, "lm", allow_pickle=True).model is not None

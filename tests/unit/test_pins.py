@@ -89,3 +89,23 @@ def test_an_unreadable_pins_file_is_one_clear_error(started: Path) -> None:
     (started / PINS_FILE).write_text("{", encoding="utf-8")
     with pytest.raises(HonelmError, match="inputs.json: unreadable .*delete it to resume without the check"):
         check_inputs(started, _cfg("corpus.txt"), False, print)
+
+
+def test_a_teacher_and_a_reward_model_are_pinned_and_a_changed_teacher_refused(tmp_path: Path) -> None:
+    """Models the run reads but does not train (a distillation teacher, a PPO/GRPO reward model) are inputs too:
+    a teacher retrained in place under the same path must not silently teach the resumed half of a run."""
+    for name in ("teacher", "rm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"v": 1}', encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text("one\n", encoding="utf-8")
+    cfg = SimpleNamespace(data=SplitDataConfig(train=str(tmp_path / "corpus.txt")), model=ModelConfig(),
+                          teacher=SimpleNamespace(model=str(tmp_path / "teacher"), tokenizer=""),
+                          reward=SimpleNamespace(model=str(tmp_path / "rm")))
+    run = tmp_path / "run"
+    run.mkdir()
+    record_inputs(run, cfg)
+    pins = json.loads((run / PINS_FILE).read_text())["inputs"]
+    assert sorted(pins) == ["data.train", "reward.model", "teacher.model"]
+    (tmp_path / "teacher" / "config.json").write_text('{"v": 2}', encoding="utf-8")
+    with pytest.raises(HonelmError, match=r"teacher.model: .*config.json has sha256"):
+        check_inputs(run, cfg, False, print)
