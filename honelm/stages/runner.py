@@ -215,15 +215,16 @@ def run_stage(stage: Stage, cfg: Any, resume: str | None = None, callbacks: Sequ
     latest_before = latest_of(runs_parent(stage.name, cfg)) if resume is None else None
     ctx = open_run(stage, cfg, resume)
     try:
-        settle_inputs(ctx, allow_changed_data)
-        return _run(stage, ctx, callbacks, latest_before)
+        return _run(stage, ctx, callbacks, latest_before, allow_changed_data)
     finally:
         release_run(ctx.run_dir)
 
 
-def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback], latest_before: Any) -> dict[str, Any]:
+def _run(stage: Stage, ctx: RunContext, callbacks: Sequence[Callback], latest_before: Any,
+         allow_changed_data: bool) -> dict[str, Any]:
     assert ctx.tracker is not None
     try:
+        settle_inputs(ctx, allow_changed_data)  # inside: a fresh run whose inputs cannot be pinned is a failed start
         loaded = load(stage, ctx)
         if stage.trains:
             plan, result = train(stage, ctx, loaded, callbacks)
