@@ -105,12 +105,14 @@ def test_lora_pretrain_from_a_checkpoint_then_generate(pretrained, data_dir, tmp
 
 
 def test_lora_classify_resume_is_bit_identical(data_dir, tmp_path):
+    """With LoRA+ (lora.lr_ratio): B matrices in their own optimizer group at 4x the rate, so the resume restores
+    two learning rates and two schedules, not one."""
     # one tokenizer for all three runs: a tokenizer trained on the fly is not the same from run to run
     cli("tokenizer", f"data.train={data_dir / 'reviews.jsonl'}", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
         f"run.out_dir={tmp_path}", "run.name=tok")
     args = [f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
             f"model.tokenizer={tmp_path / 'tok'}",
-            "lora.dropout=0.1", "lora.enabled=true", "train.max_steps=8", "train.eval_every=4", "train.save_every=4",
+            "lora.dropout=0.1", "lora.enabled=true", "lora.lr_ratio=4", "train.max_steps=8", "train.eval_every=4", "train.save_every=4",
             "train.keep_checkpoints=5", "train.batch_size=8", "train.lr=1e-2", "data.max_length=32",
             f"run.out_dir={tmp_path}", *FAST]
     cli("classify", *args, "run.name=full")
@@ -124,6 +126,8 @@ def test_lora_classify_resume_is_bit_identical(data_dir, tmp_path):
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert (cut / "best" / "adapter_config.json").is_file()
+    groups = torch.load(cut / "checkpoints" / "step-00000008" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {g["lr_scale"] for g in groups} == {1.0, 4.0}  # LoRA+'s B group came back with its own rate
 
 
 @pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite
