@@ -35,9 +35,9 @@ DATA_FIELDS = ("train", "val", "test", "unlabelled")
 """The fields of a data section (`SplitDataConfig`: `data`, adapt's `task`) that name data files."""
 EXTRA_FIELDS = ("task_extra",)
 """Fields of other sections that name data files (adapt's extra task text)."""
-MODEL_FIELDS = (("model", "init_from"), ("model", "tokenizer"), ("teacher", "model"), ("teacher", "tokenizer"),
-                ("reward", "model"), ("ppo", "value_init"))
-"""The (section, field) pairs that name a model or tokenizer directory (or a hub id): the model trained, a
+MODEL_FIELDS = ("model.init_from", "model.tokenizer", "teacher.model", "teacher.tokenizer", "reward.model",
+                "ppo.value_init")
+"""The config keys that name a model or tokenizer directory (or a hub id): the model trained, a
 distillation teacher, a PPO/GRPO reward model, a separate PPO value model's start."""
 
 
@@ -49,10 +49,11 @@ def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
             value = getattr(part, name, "")
             if isinstance(value, str) and value:
                 yield f"{section}.{name}", value, False
-    for section, name in MODEL_FIELDS:
+    for key in MODEL_FIELDS:
+        section, name = key.split(".")
         value = getattr(getattr(cfg, section, None), name, "")
         if isinstance(value, str) and value:
-            yield f"{section}.{name}", value, True
+            yield key, value, True
 
 
 def _file(path: Path, data: bool = False) -> dict[str, Any]:

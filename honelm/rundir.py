@@ -116,8 +116,8 @@ def run_directory(stage: str, cfg: Any, runtime: Runtime, resume: str | None) ->
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise HonelmError(f"{resume}: not a run directory (no config.yaml)")
-        if not _any_checkpoint(run_dir):
-            raise HonelmError(f"{resume}: nothing to resume (no checkpoint under {run_dir / 'checkpoints'})")
+        # no checkpoint yet (stopped before its first one, e.g. killed while writing it): the run trains from
+        # step 0 in the same directory (honelm.stages.runner.train says so)
         if runtime.is_main:
             acquire_run(run_dir, f"honelm {stage} --resume")
         return run_dir

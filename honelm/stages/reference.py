@@ -29,7 +29,7 @@ from torch import nn
 
 from honelm import runtime as rt
 from honelm.adapters import adapter_info
-from honelm.checkpoint import atomic_directory, checkpoint_precision
+from honelm.checkpoint import atomic_directory, checkpoint_precision, list_checkpoints
 from honelm.data.preferences import EncodedPairs
 from honelm.data.unpaired import EncodedExamples
 from honelm.errors import HonelmError
@@ -85,7 +85,9 @@ def choose_reference(ctx: RunContext, loaded: LoadedModel, train: Encoded, val: 
     policy, or (a frozen copy, [])."""
     if precompute:
         precomputed = PrecomputedReference(ctx, loaded, train, val)
-        if ctx.resume:  # the starting model is still what `loaded.model` holds; the precision is the checkpoint's
+        # resumed from a checkpoint: the starting model is still what `loaded.model` holds; the precision is the
+        # checkpoint's (a resumed run with no checkpoint yet trains from step 0 and precomputes as a fresh one)
+        if ctx.resume and list_checkpoints(ctx.run_dir / "checkpoints"):
             precomputed.precompute(checkpoint_precision(ctx.run_dir))
         return None, [precomputed]
     if ctx.cfg.lora.enabled:

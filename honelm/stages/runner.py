@@ -148,8 +148,14 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
         loaded = prepared.loaded
     objective = boosters.objective(plan.objective, ctx.cfg, ctx.tokenizer, ctx.say,
                                    stored=prepared.stored if prepared is not None else None)
-    # the run resumes from its own checkpoint only: one resumed during a booster's sub-run has none yet
+    # the run resumes from its own checkpoint only: one resumed during a booster's sub-run, or one stopped before
+    # its first checkpoint, has none yet and trains from step 0 (deterministic: it repeats what was lost)
     resume = ctx.resume and bool(list_checkpoints(ctx.run_dir / "checkpoints"))
+    if ctx.resume and not resume:
+        assert ctx.tracker is not None
+        dropped = ctx.tracker.drop_after(0)
+        ctx.say("no checkpoint of this run to resume from (it stopped before its first one): training from step 0"
+                + (f"; {dropped} events of the stopped attempt dropped from metrics.jsonl" if dropped else ""))
     model = plan.model if plan.model is not None else loaded.model
     return plan, fit_plan(ctx, plan, model, objective, resume, callbacks)
 

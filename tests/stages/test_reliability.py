@@ -101,6 +101,27 @@ def test_garbled_checkpoint_is_refused_and_the_resume_stays_bit_identical(projec
     assert [e["step"] for e in events(run, "eval")] == [2, 4] and len(events(run, "end")) == 1
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(project, tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    """Killed while writing its first checkpoint (found by benchmarks/kill_trials.py: `--resume` then said "nothing
+    to resume" and the run was stuck): the resume trains from step 0 in the same directory and ends bit-identical."""
+    run = _copy(project, tmp_path, monkeypatch)
+    uninterrupted = {k: v.clone() for k, v in load_file(run / STEP4 / "model.safetensors").items()}
+    for step in (run / "checkpoints").iterdir():
+        shutil.rmtree(step)
+    shutil.rmtree(run / "best")
+    (run / "checkpoints" / ".tmp-step-00000002-4242").mkdir()  # the half-written first checkpoint
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert "no checkpoint of this run to resume from (it stopped before its first one): training from step 0" in \
+        capsys.readouterr().err
+    resumed = load_file(run / STEP4 / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3, 4]  # the stopped attempt's events went
+    assert (run / "best" / "config.json").is_file()
+
+
 def test_unreadable_checkpoints_end_in_one_line(project, tmp_path, monkeypatch, capsys) -> None:
     run = _copy(project, tmp_path, monkeypatch)
     (run / STEP4 / "trainer_state.json").write_text('{"step": 4,', encoding="utf-8")  # cut mid-write
