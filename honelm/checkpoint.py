@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -40,7 +41,8 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
-from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule
 
@@ -381,13 +383,64 @@ def checkpoint_layout(path: Path) -> str:
         return ""
 
 
+# What a sharded checkpoint's `.metadata` pickle may name (module → names; None: any name in the module): the
+# storage metadata classes and the torch types they hold, nothing that runs code when unpickled.
+_METADATA_GLOBALS: dict[str, frozenset[str] | None] = {
+    "torch.distributed.checkpoint.metadata": None,
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}),
+    "collections": frozenset({"OrderedDict"}),
+    "builtins": frozenset({"set", "frozenset", "tuple", "list", "dict", "slice"}),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles `.metadata` refusing every global outside `_METADATA_GLOBALS` (and torch dtypes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _METADATA_GLOBALS.get(module, frozenset())
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _METADATA_GLOBALS and (allowed is None or name in allowed or dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """torch.distributed.checkpoint's file reader, but its `.metadata` pickle is read by `_MetadataUnpickler`:
+    the library unpickles it unrestricted, and honelm loads nothing with `torch.load(weights_only=False)`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("not a checkpoint's metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """The default load planner, but the non-tensor values (AdamW's param_groups: numbers, strings, tuples) must
+    load with `weights_only=True` first; the library then loads the same bytes, which hold nothing else."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises UnpicklingError on anything but plain data and tensors
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank reads its shards of the model and AdamW state from a sharded checkpoint into the sharded model."""
     state = _dcp_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
     except CheckpointException as e:  # a BaseException: one rank's failure, reported to every rank
-        raise CheckpointError(path, f"unreadable sharded checkpoint ({_short(e)})") from None
+        # its text is each failing rank's traceback; the last line says what went wrong
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(path, f"unreadable sharded checkpoint ({(lines or ['?'])[-1][:300]})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -31,6 +31,7 @@ Sharded training checkpoints (torch.distributed.checkpoint) are written and read
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -98,7 +99,13 @@ def shard(model: nn.Module, runtime: rt.Runtime, precision: str) -> str:
     units = blocks(model)
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # The root keeps its parameters gathered from forward to backward (FSDP's default for the root, said here
+    # because the objectives rely on it): they switch the output layer off and apply its weight to the final
+    # hidden states outside the model's forward (honelm.objectives.logprobs.final_hidden).
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    # That switched-off head returns the final hidden states, a view, and FSDP warns about in-place ops on a view
+    # output; the objectives only read it (out of place), so the warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     dtype = "bf16 compute, fp32 gradient reduction" if policy.param_dtype == torch.bfloat16 else "fp32 parameters"
     return (f"FSDP: parameters, gradients and optimizer state sharded over {runtime.world_size} processes "
             f"({len(units)} blocks + the rest as one unit; {dtype})")
