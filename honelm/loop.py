@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from honelm import runtime as rt
 from honelm import sharding
-from honelm.checkpoint import (newest_good_checkpoint, restore_newest, save_sharded_checkpoint, save_training_checkpoint,
-                               set_aside)
+from honelm.checkpoint import (newest_good_checkpoint, restore_newest, save_sharded_checkpoint,
+                               save_training_checkpoint, set_aside)
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
 from honelm.models import count_parameters
@@ -453,7 +453,8 @@ class _Run:
         self.window = _Window(torch.zeros((), device=self.runtime.device))
         # FSDP owns the sharded parameters' storage (and its bf16 policy all-gathers frozen weights in bf16 already)
         self.speed = TrainingSpeed(self.model, self.run_dir / SPILL_NAME.format(rank=self.runtime.rank),
-                                   bf16=self.runtime.precision == "bf16", bf16_frozen=cfg.bf16_frozen and not self.sharded,
+                                   bf16=self.runtime.precision == "bf16",
+                                   bf16_frozen=cfg.bf16_frozen and not self.sharded,
                                    extra=[*getattr(self.plan.objective, "frozen_models", list)(),
                                           *self.plan.frozen_models])
         self.model.train()
