@@ -364,7 +364,7 @@ class _Run:
         self.tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
         self.sharded = sharding.wanted(cfg.distributed, runtime)
         if self.sharded:  # before the optimizer: sharding replaces the parameters; it also places them on the device
-            sharding.refuse_unsupported(plan.stream, cfg.gradient_checkpointing, cfg.compile)
+            sharding.refuse_unsupported(plan.stream, cfg.compile)
             self.tracker.say(sharding.shard(model, runtime, cfg.precision))
         else:
             model.to(runtime.device)

@@ -51,21 +51,20 @@ def wanted(distributed: str, runtime: rt.Runtime) -> bool:
     return distributed == "fsdp" and runtime.distributed
 
 
-def refuse_unsupported(stream: Any, gradient_checkpointing: bool, compile_model: bool) -> None:
-    """ConfigError for what FSDP would get wrong here rather than train silently.
+def refuse_unsupported(stream: Any, compile_model: bool) -> None:
+    """ConfigError for what FSDP would get wrong here, or has never been run with, rather than train silently.
 
     A stream that runs the model itself (PPO's and GRPO's rollouts: it offers `probe_batch`) samples
     a different number of tokens on each process; every sharded forward is a collective, so the
-    processes would wait on one another forever. Activation checkpointing and torch.compile have
-    not been run with FSDP in honelm; they are refused until they are tested.
+    processes would wait on one another forever. torch.compile has not been run with FSDP in
+    honelm; it is refused until it is tested.
     """
     if getattr(stream, "probe_batch", None) is not None:
         raise ConfigError("train.distributed=fsdp: this stage samples from the model while it trains (a rollout "
                           "stream), which FSDP cannot do in step on every process; use train.distributed=ddp")
-    for on, key in ((gradient_checkpointing, "train.gradient_checkpointing"), (compile_model, "train.compile")):
-        if on:
-            raise ConfigError(f"train.distributed=fsdp: {key}=true has not been tested with FSDP in honelm; "
-                              f"set {key}=false or use train.distributed=ddp")
+    if compile_model:
+        raise ConfigError("train.distributed=fsdp: train.compile=true has not been tested with FSDP in honelm; "
+                          "set train.compile=false or use train.distributed=ddp")
 
 
 def mixed_precision(runtime: rt.Runtime, precision: str) -> MixedPrecisionPolicy:

@@ -1,7 +1,7 @@
 """`train.distributed=fsdp` on two gloo processes (CPU): the sharded run trains what the DDP run trains (the same
 losses at every logged step, the same weights), a SIGKILL and `--resume` from a sharded checkpoint ends bit for bit
-where the uninterrupted sharded run does, best/ is a plain model directory gathered from the shards, and LoRA under
-FSDP writes the adapter DDP writes."""
+where the uninterrupted sharded run does, best/ is a plain model directory gathered from the shards, and LoRA with
+gradient checkpointing under FSDP writes the adapter DDP writes."""
 
 from __future__ import annotations
 
@@ -110,14 +110,16 @@ def test_resume_from_a_sharded_checkpoint_is_bit_identical(runs):
     assert (cut / "best" / "best.json").read_text() == (runs / "fsdp" / "best" / "best.json").read_text()
 
 
-def test_lora_under_fsdp_writes_the_adapter_ddp_writes(runs, data_dir):
+def test_lora_with_gradient_checkpointing_under_fsdp_writes_the_adapter_ddp_writes(runs, data_dir):
     args = ["pretrain", f"data.train={data_dir / 'corpus.txt'}", f"model.init_from={runs / 'ddp'}",
             "data.block_size=32", "train.max_steps=4", "train.eval_every=2", "train.save_every=0",
             "train.batch_size=4", "train.grad_accum=2", "train.threads=1", "train.lr=1e-2", "lora.enabled=true",
-            "lora.dropout=0.0", "lora.r=4", f"run.out_dir={runs}", *FAST]
+            "lora.dropout=0.0", "lora.r=4", "train.gradient_checkpointing=true", f"run.out_dir={runs}", *FAST]
     for mode in ("ddp", "fsdp"):
         proc = torchrun(*args, f"run.name=lora-{mode}", f"train.distributed={mode}")
         assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (runs / "lora-fsdp" / "log.txt").read_text()
+    assert "FSDP: parameters" in log and "gradient checkpointing: on" in log
     a = load_file(runs / "lora-ddp" / "best" / "adapter_model.safetensors")
     b = load_file(runs / "lora-fsdp" / "best" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)

@@ -129,7 +129,7 @@ def test_the_config_and_what_fsdp_refuses():
             return {}
 
     with pytest.raises(ConfigError, match="rollout"):
-        sharding.refuse_unsupported(Rollouts(), False, False)
-    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
-        sharding.refuse_unsupported(object(), True, False)
-    sharding.refuse_unsupported(object(), False, False)
+        sharding.refuse_unsupported(Rollouts(), False)
+    with pytest.raises(ConfigError, match="train.compile"):
+        sharding.refuse_unsupported(object(), True)
+    sharding.refuse_unsupported(object(), False)
