@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -35,18 +36,29 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from honelm.adapters import mutates_base
 from honelm.errors import HonelmError
+from honelm.runtime import Runtime
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
 """What every training checkpoint holds (its manifest lists each)."""
+SHARDED = "sharded"
+"""The manifest's `layout` of a sharded checkpoint (an FSDP run's); a dense one has no `layout`."""
+SHARDED_FILES = (".metadata", "rng.pt", "trainer_state.json")
+"""What every sharded checkpoint holds besides one `__R_0.distcp` per process (torch.distributed.checkpoint's
+files: model and AdamW state, each process's shard; the manifest lists those too)."""
 _STALE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
 T = TypeVar("T")
 
@@ -128,11 +140,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """`directory/manifest.json`: the size and sha256 of every other file in it."""
+def write_manifest(directory: Path, layout: str = "") -> None:
+    """`directory/manifest.json`: the size and sha256 of every other file in it (and the `layout`, when sharded)."""
     files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2), encoding="utf-8")
+    manifest: dict[str, Any] = {"format": 1, **({"layout": layout} if layout else {}), "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -165,12 +178,28 @@ def _write_checkpoint_files(tmp: Path, model: nn.Module, optimizer: torch.optim.
                             trainer_state: dict[str, Any], rng: dict[str, Any]) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _finish_checkpoint(tmp, trainer_state, rng)
+
+
+def _finish_checkpoint(tmp: Path, trainer_state: dict[str, Any], rng: dict[str, Any], layout: str = "") -> None:
+    """RNG and trainer state beside the weights already in `tmp`, then the manifest, then every file synced."""
     torch.save(_rng_to_tensors(rng), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-    write_manifest(tmp)  # last: a checkpoint with a manifest is complete
+    write_manifest(tmp, layout)  # last: a checkpoint with a manifest is complete
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _run_dir_present(ckpt_root: Path) -> None:
+    if not ckpt_root.parent.is_dir():
+        raise HonelmError(f"{ckpt_root.parent}: the run directory is gone (deleted while the run was writing to it); "
+                          "the run stops here")
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -181,9 +210,7 @@ def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optim
     stops with an error). A failed write (a full disk) removes its partial copy and is a one-line
     `CheckpointError`; the checkpoints already there are untouched.
     """
-    if not ckpt_root.parent.is_dir():
-        raise HonelmError(f"{ckpt_root.parent}: the run directory is gone (deleted while the run was writing to it); "
-                          "the run stops here")
+    _run_dir_present(ckpt_root)
     final = ckpt_root / f"step-{step:08d}"
     tmp: Path | None = None
     try:
@@ -201,9 +228,60 @@ def save_training_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optim
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(ckpt_root, keep)
     return final
+
+
+def _shared_tmp(final: Path, runtime: Runtime) -> Path:
+    """Rank 0 makes the temporary directory of `final` (named with its pid, as `clean_stale` expects); every rank
+    learns its name, or rank 0's reason for not making it."""
+    made: list[Any] = [None]
+    if runtime.is_main:
+        try:
+            _run_dir_present(final.parent)
+            final.parent.mkdir(exist_ok=True)
+            made[0] = str(_atomic_dir(final))
+        except (HonelmError, OSError) as e:
+            made[0] = HonelmError(str(e))
+    torch.distributed.broadcast_object_list(made, src=0)
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return Path(made[0])
+
+
+def save_sharded_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict[str, Any], rng: dict[str, Any], keep: int, runtime: Runtime) -> Path:
+    """`save_training_checkpoint` for a sharded (FSDP) model; every rank calls it.
+
+    Each process writes its own shard of the weights and AdamW state with torch.distributed.checkpoint
+    into one temporary directory (which must be on a file system every process sees); rank 0 adds
+    the RNG and trainer state and the manifest (`layout: sharded`, every shard's sha256), and renames
+    it into place. The same trust rules as a dense checkpoint's follow: `restore_newest` verifies it
+    before loading and falls back past one that fails.
+    """
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = _shared_tmp(final, runtime)
+    try:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
+        if runtime.is_main:
+            _finish_checkpoint(tmp, trainer_state, rng, SHARDED)
+            _commit_dir(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, CheckpointException)):
+            raise _write_failed(e, final, "a sharded training checkpoint") from None
+        raise
+    runtime.barrier()  # no rank goes on (or prunes) before the checkpoint is complete
+    if runtime.is_main:
+        _prune(ckpt_root, keep)
+    return final
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state as torch.distributed.checkpoint saves and loads them (sharded DTensors
+    keyed by parameter name)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -251,13 +329,16 @@ def verify_checkpoint(path: Path) -> bool:
     if not manifest_path.is_file():
         return False
     try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-        listed = {name: (int(v["size"]), str(v["sha256"])) for name, v in files.items()}
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        listed = {name: (int(v["size"]), str(v["sha256"])) for name, v in manifest["files"].items()}
+        sharded = manifest.get("layout") == SHARDED
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(manifest_path, f"unreadable manifest ({_short(e)})") from None
-    for name in CHECKPOINT_FILES:
+    for name in SHARDED_FILES if sharded else CHECKPOINT_FILES:
         if name not in listed:
             raise CheckpointError(manifest_path, f"lists no {name}: not a complete checkpoint")
+    if sharded and not any(name.endswith(".distcp") for name in listed):
+        raise CheckpointError(manifest_path, "lists no shard (.distcp): not a complete sharded checkpoint")
     for name, (size, digest) in listed.items():
         f = path / name
         if not f.is_file():
@@ -293,14 +374,97 @@ def _load_weights(file: Path, model: nn.Module) -> None:
         raise HonelmError(f"{file.parent}: checkpoint does not match the model: {str(e)[:300]}") from None
 
 
-def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Verify checkpoint `path` (its manifest), restore model and optimizer in place; return (trainer_state, rng_state).
+def checkpoint_layout(path: Path) -> str:
+    """`SHARDED` for a sharded checkpoint (torch.distributed.checkpoint shards), "" for a dense one (or one
+    without a readable manifest: `verify_checkpoint` says what is wrong with it)."""
+    try:
+        return str(json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("layout", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
-    Any damaged file is a `CheckpointError` naming it."""
-    verify_checkpoint(path)
+
+# What a sharded checkpoint's `.metadata` pickle may name (module → names; None: any name in the module): the
+# storage metadata classes and the torch types they hold, nothing that runs code when unpickled.
+_METADATA_GLOBALS: dict[str, frozenset[str] | None] = {
+    "torch.distributed.checkpoint.metadata": None,
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}),
+    "collections": frozenset({"OrderedDict"}),
+    "builtins": frozenset({"set", "frozenset", "tuple", "list", "dict", "slice"}),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles `.metadata` refusing every global outside `_METADATA_GLOBALS` (and torch dtypes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _METADATA_GLOBALS.get(module, frozenset())
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _METADATA_GLOBALS and (allowed is None or name in allowed or dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """torch.distributed.checkpoint's file reader, but its `.metadata` pickle is read by `_MetadataUnpickler`:
+    the library unpickles it unrestricted, and honelm loads nothing with `torch.load(weights_only=False)`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / ".metadata", "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("not a checkpoint's metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """The default load planner, but the non-tensor values (AdamW's param_groups: numbers, strings, tuples) must
+    load with `weights_only=True` first; the library then loads the same bytes, which hold nothing else."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises UnpicklingError on anything but plain data and tensors
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank reads its shards of the model and AdamW state from a sharded checkpoint into the sharded model."""
+    state = _dcp_state(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
+    except CheckpointException as e:  # a BaseException: one rank's failure, reported to every rank
+        # its text is each failing rank's traceback; the last line says what went wrong
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(path, f"unreadable sharded checkpoint ({(lines or ['?'])[-1][:300]})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_weights_and_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    sharded = checkpoint_layout(path) == SHARDED
+    if sharded != isinstance(model, FSDPModule):
+        wrote, runs = ("a sharded (FSDP)", "without sharding") if sharded else ("an unsharded", "sharded (FSDP)")
+        raise HonelmError(f"{path}: written by {wrote} run, but this run trains {runs}: resume it with the "
+                          f"train.distributed it was written with ({'fsdp' if sharded else 'ddp'}, several processes)")
+    if sharded:
+        _read(path / ".metadata", lambda: _load_sharded(path, model, optimizer))
+        return
     _read(path / "model.safetensors", lambda: _load_weights(path / "model.safetensors", model))
     _read(path / "optimizer.pt",
           lambda: optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True)))
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Verify checkpoint `path` (its manifest), restore model and optimizer in place; return (trainer_state, rng_state).
+
+    A sharded checkpoint (`save_sharded_checkpoint`) restores a sharded model: every rank calls this.
+    Any damaged file is a `CheckpointError` naming it."""
+    verify_checkpoint(path)
+    _load_weights_and_optimizer(path, model, optimizer)
     rng = _read(path / "rng.pt", lambda: _rng_from_tensors(torch.load(path / "rng.pt", weights_only=True)))
     state = _read(path / "trainer_state.json", lambda: _trainer_state(path / "trainer_state.json"))
     return state, rng

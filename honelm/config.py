@@ -150,6 +150,10 @@ class TrainConfig:
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
     threads: Annotated[int, at_least(0)] = 0
     """CPU threads for torch; 0 = leave torch's default."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun, accelerate launch): ddp = a full copy of the model per process; fsdp = weights,
+    gradients and AdamW state sharded across processes (PyTorch FSDP2), for a model whose training state does not fit
+    one device; its checkpoints are sharded too (docs/distributed.md). Ignored with one process."""
 
 
 # --------------------------------------------------------------------------------------------

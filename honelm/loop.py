@@ -30,7 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from honelm import runtime as rt
-from honelm.checkpoint import newest_good_checkpoint, restore_newest, save_training_checkpoint, set_aside
+from honelm import sharding
+from honelm.checkpoint import (newest_good_checkpoint, restore_newest, save_sharded_checkpoint,
+                               save_training_checkpoint, set_aside)
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
 from honelm.models import count_parameters
@@ -268,7 +270,9 @@ def accumulate(model: nn.Module, objective: Objective, micro: list[Batch], runti
 
     Each micro-batch's summed loss is scaled by world / U, where U is the number of loss units
     (target tokens, examples) in the whole step across all processes; DDP's gradient averaging
-    divides by world again, so the result is sum(losses) / U however the step is cut.
+    (FSDP's reduce-scatter, likewise an average) divides by world again, so the result is
+    sum(losses) / U however the step is cut. Gradients are reduced once per step, at the last
+    micro-batch (DDP's `no_sync`, FSDP's `set_requires_gradient_sync`).
     Returns the summed loss (detached), U, and summed metrics.
     """
     units = torch.tensor([float(sum(objective.units(b) for b in micro))], dtype=torch.float64)
@@ -279,13 +283,22 @@ def accumulate(model: nn.Module, objective: Objective, micro: list[Batch], runti
     for i, batch in enumerate(micro):
         batch = _to_device(batch, runtime.device)
         last = i == len(micro) - 1
-        ctx = model.no_sync() if runtime.distributed and not last else contextlib.nullcontext()  # type: ignore[operator]
-        with ctx:
+        with _gradient_sync(model, runtime, last):
             loss = objective.step(model, batch, scale, runtime.autocast)
         step_loss += loss.value.detach().float()
         for k, v in loss.metrics.items():
             metrics[k] = metrics.get(k, 0) + v.detach().float()
     return step_loss, n_units, metrics
+
+
+def _gradient_sync(model: nn.Module, runtime: rt.Runtime, sync: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients across processes in this backward only when `sync` (the step's last micro-batch)."""
+    if not runtime.distributed:
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP: a switch, set before every micro-batch
+        sharding.gradient_sync(model, sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -348,10 +361,16 @@ class _Run:
         self.run_dir, self.callbacks = run_dir, list(callbacks)
         total = total_steps_for(cfg, plan.stream.n, plan.stream.step_items)
         self.warm = warmup_steps(cfg, total)
+        self.tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
+        self.sharded = sharding.wanted(cfg.distributed, runtime)
+        if self.sharded:  # before the optimizer: sharding replaces the parameters; it also places them on the device
+            sharding.refuse_unsupported(plan.stream, cfg.compile)
+            self.tracker.say(sharding.shard(model, runtime, cfg.precision))
+        else:
+            model.to(runtime.device)
         self.optimizer = make_optimizer(model, cfg, plan.lr_scale)
         self.ckpt_root = run_dir / "checkpoints"
         self.minimize = metric_is_min(plan.metric, cfg.metric_mode)
-        self.tracker = tracker or Tracker(run_dir, enabled=runtime.is_main, tensorboard=cfg.tensorboard)
         self.state = TrainState(run_dir, total)
         # (step, loss sum, grad norm) not yet checked for finite values: on GPU the check syncs, so it waits
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -390,11 +409,12 @@ class _Run:
         return FitResult(st.step, "already finished", st.best_step, self.plan.metric, st.best_value, st.train_time_s)
 
     def wrap_model(self) -> None:
-        """Activation recomputation, DDP across processes, torch.compile, as configured."""
+        """Activation recomputation, DDP across processes (unless sharded: FSDP is already in place), torch.compile,
+        as configured."""
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
             self.tracker.say("gradient checkpointing: on (activations recomputed in the backward pass)")
-        if self.runtime.distributed:
+        if self.runtime.distributed and not self.sharded:
             device = self.runtime.device
             self.train_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
                                                        else None)
@@ -431,8 +451,10 @@ class _Run:
         self.counts = count_parameters(self.model)
         self.start_time = time.perf_counter() - st.train_time_s
         self.window = _Window(torch.zeros((), device=self.runtime.device))
+        # FSDP owns the sharded parameters' storage (and its bf16 policy all-gathers frozen weights in bf16 already)
         self.speed = TrainingSpeed(self.model, self.run_dir / SPILL_NAME.format(rank=self.runtime.rank),
-                                   bf16=self.runtime.precision == "bf16", bf16_frozen=cfg.bf16_frozen,
+                                   bf16=self.runtime.precision == "bf16",
+                                   bf16_frozen=cfg.bf16_frozen and not self.sharded,
                                    extra=[*getattr(self.plan.objective, "frozen_models", list)(),
                                           *self.plan.frozen_models])
         self.model.train()
@@ -475,7 +497,9 @@ class _Run:
         step_loss, n_units, metrics = accumulate(self.train_model, self.plan.objective, micro, self.runtime)
         for k, v in metrics.items():
             window.metrics[k] = window.metrics.get(k, 0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # over sharded (DTensor) gradients the norm is the global one, returned as a replicated DTensor
+        grad_norm = sharding.local(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0
+                                                                  else float("inf")))
         self.pending.append((st.step + 1, step_loss, grad_norm.detach()))
         if len(self.pending) >= self.check_every:
             self._check_finite()  # on CPU before the update, so a bad step never touches the weights
@@ -556,14 +580,21 @@ class _Run:
                       and loss < st.best_loss)
         if best is None or (value < best if self.minimize else value > best) or tie_better:
             st.best_value, st.best_step, st.bad_evals, st.best_loss = value, st.step, 0, loss
-            if self.runtime.is_main:
+            if self.runtime.is_main or self.sharded:
                 self._save_best({"step": st.step, "metric": metric, "value": value, **st.last_eval})
             self.tracker.event("best", st.step, metric=metric, value=value)
         else:
             st.bad_evals += 1
 
     def _save_best(self, info: dict[str, Any]) -> None:
-        """save_best, with the exact fp32 weights back around it when it writes base weights."""
+        """save_best, with the exact fp32 weights back around it when it writes base weights.
+
+        Sharded, every rank calls this: the full weights are gathered to rank 0, which saves them."""
+        if self.sharded:
+            with sharding.gathered(self.model, self.runtime) as holder:
+                if holder:
+                    self.plan.save_best(self.model, info)
+            return
         with self.speed.exact_weights() if self.plan.best_writes_base() else contextlib.nullcontext():
             self.plan.save_best(self.model, info)
 
@@ -572,7 +603,11 @@ class _Run:
         st.position, st.finished = self.plan.stream.position, finished
         st.train_time_s = time.perf_counter() - self.start_time
         rng = rt.rng_state()
-        if self.runtime.is_main:
+        if self.sharded:  # every process writes its shard (rank 0's RNG state stands for all, as under DDP)
+            path = save_sharded_checkpoint(self.ckpt_root, st.step, self.model, self.optimizer, st.checkpoint_fields(),
+                                           rng, self.cfg.keep_checkpoints, self.runtime)
+            self.tracker.event("checkpoint", st.step, path=str(path.relative_to(self.run_dir)))
+        elif self.runtime.is_main:
             with self.speed.exact_weights():  # checkpoints hold the exact fp32 weights
                 path = save_training_checkpoint(self.ckpt_root, st.step, self.model, self.optimizer,
                                                 st.checkpoint_fields(), rng, self.cfg.keep_checkpoints)
@@ -585,7 +620,7 @@ class _Run:
         """The last checks and saves; returns whether a stop came too late to interrupt the run."""
         st = self.state
         self._check_finite()
-        if self.plan.evaluate is None and self.runtime.is_main:
+        if self.plan.evaluate is None and (self.runtime.is_main or self.sharded):
             st.best_step = st.step
             self._save_best({"step": st.step, "metric": None, "value": None})
         self._checkpoint(finished=st.reason != "interrupted")
@@ -616,8 +651,7 @@ def fit(model: nn.Module, plan: TrainPlan, cfg: TrainConfig, runtime: rt.Runtime
     had finished returns at once). `callbacks` act at the run's start, after each step, after each
     validation and at its end (`Callback`).
     """
-    model.to(runtime.device)
-    run = _Run(model, plan, cfg, runtime, run_dir, tracker, callbacks)
+    run = _Run(model, plan, cfg, runtime, run_dir, tracker, callbacks)  # on the device (sharded, with FSDP)
     rng = run.restore() if resume else None
     if run.state.finished:
         return run.already_finished()

@@ -24,6 +24,7 @@ from torch import nn
 
 from honelm import boosters
 from honelm import runtime as rt
+from honelm import sharding
 from honelm.checkpoint import best_writes_base, clean_stale, list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
@@ -140,6 +141,8 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     run did not start, and `--resume` continues the booster's run.
     """
     plan = stage.plan(ctx, loaded)
+    if sharding.wanted(ctx.cfg.train.distributed, ctx.runtime):  # before training starts: refused = a failed start
+        sharding.refuse_unsupported(plan.stream, ctx.cfg.train.compile)
     ctx.cfg = boosters.calibrate(ctx.cfg, loaded, plan, ctx.tokenizer, ctx.say)  # before the checkpoint: resume-exact
     prepared = boosters.prepare(ctx, stage, loaded, plan, sub_fit(plan), lambda: reload(stage, ctx))
     if prepared is not None and prepared.interrupted:
