@@ -239,6 +239,8 @@ class Splits:
             check_labels_seen(self.train, loaded, "test")
             self._test_examples = loaded
         _TEST_READS.record()
+        if not isinstance(self._test_examples, list):
+            return self._test_examples  # a large corpus's part (honelm.data.large_corpus): never its texts in memory
         return list(self._test_examples)
 
 
