@@ -8,7 +8,7 @@ validation block's score record (its targets and summed loss) goes to best/val_p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -49,10 +49,6 @@ class Pretrain(Stage):
 
     def splits(self, cfg: PretrainConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
         return corpus_splits(cfg.data, say, leak_texts)
-
-    def tokenizer_texts(self, ctx: RunContext) -> Iterable[str]:
-        train = ctx.splits.train
-        return train.texts() if isinstance(train, CorpusPart) else [d.text for d in train]
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
         cfg = ctx.cfg
