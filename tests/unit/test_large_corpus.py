@@ -121,3 +121,17 @@ def test_near_duplicates_in_a_sample_say_so(corpus, tmp_path):
     sample = big.manifest["duplicates"]["near"]["sample"]
     assert sample["documents"] == 50 and not sample["whole_corpus"]
     assert any("a sample of 50 of" in line for line in said)
+
+
+def test_a_user_test_file_is_hashed_and_read_only_by_honelm_test(corpus, tmp_path):
+    path, _, folder = corpus
+    test_file = tmp_path / "test.txt"
+    test_file.write_text("the film was good\nthe cast was bad\n", encoding="utf-8")
+    said: list[str] = []
+    ram = text_splits(_data(path, folder, memmap="off", test=str(test_file)), said.append)
+    big = corpus_splits(_data(path, folder, test=str(test_file)), said.append)
+    assert ram.manifest["hashes"] == big.manifest["hashes"] and ram.manifest["counts"] == big.manifest["counts"]
+    assert big.manifest["test_source"] == ram.manifest["test_source"]
+    from honelm.data.splits import unlock_test_split
+    with unlock_test_split("test"):
+        assert [d.text for d in big.test] == ["the film was good", "the cast was bad"]
