@@ -108,7 +108,8 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=2.0)
     p.add_argument("--small-mb", type=float, default=20.0)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--split", default="99998:1:1", help="data.split (a small validation share: validation is not timed)")
+    p.add_argument("--split", default="99998:1:1", help="the big corpus's data.split (a small validation share)")
+    p.add_argument("--small-split", default="98:1:1", help="the small corpus's data.split")
     p.add_argument("--rounds", type=int, default=3, help="alternating in-RAM / memmap runs on the small corpus")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default="")
@@ -128,11 +129,15 @@ def main() -> None:
         honelm(["tokenizer", f"data.train={out / 'small.txt'}", "tokenizer.vocab_size=8000",
                 f"run.out_dir={out}", "run.name=tok"], env)
         tok = out / "tok" / "tokenizer"
-        runs = {"big_memmap_cold": pretrain(out / "big.txt", "big1", out, tok, a.steps, a.split, env),
-                "big_memmap_warm": pretrain(out / "big.txt", "big2", out, tok, a.steps, a.split, env),
-                **{f"small_{name}_{k}": pretrain(out / "small.txt", f"{name}{k}", out, tok, a.steps, a.split, env,
-                                                 f"data.memmap={mode}")
-                   for k in range(a.rounds) for name, mode in (("in_ram", "off"), ("memmap", "on"))}}
+        plan = [(f"small_{name}_{k}", "small.txt", f"{name}{k}", a.small_split, (f"data.memmap={mode}",))
+                for k in range(a.rounds) for name, mode in (("in_ram", "off"), ("memmap", "on"))]
+        plan += [("big_memmap_cold", "big.txt", "big1", a.split, ()), ("big_memmap_warm", "big.txt", "big2", a.split, ())]
+        runs = {}
+        for name, corpus, run, split, extra in plan:  # the small runs first: they fail fast
+            runs[name] = pretrain(out / corpus, run, out, tok, a.steps, split, env, *extra)
+            if a.json:  # so far, in case a later run fails
+                Path(a.json).write_text(json.dumps({**results, "partial": {k: {x: y for x, y in v.items() if x != "log"}
+                                                                         for k, v in runs.items()}}, indent=1))
         results["cache_bytes"] = sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())
     finally:
         if not a.keep:
