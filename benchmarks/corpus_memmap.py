@@ -8,7 +8,8 @@
 2. Trains a byte-level BPE tokenizer (vocab 8,000) on the small corpus (`honelm tokenizer`).
 3. Runs `honelm pretrain` (decoder preset `tiny`, blocks of 128, batch 8, `--steps` steps, one
    thread, fp32) as separate processes, each under a wrapper that reads the peak RSS of the
-   process tree's largest process (getrusage RUSAGE_CHILDREN ru_maxrss):
+   process tree's largest process (getrusage RUSAGE_CHILDREN ru_maxrss); the small runs first
+   (they fail fast), then the big ones:
      big/memmap (cold)   the big corpus through data.memmap=auto: scan, split, tokenise, train
      big/memmap (warm)   the same command again: everything reused from the cache
      small/in-RAM        the small corpus with data.memmap=off (today's path), and

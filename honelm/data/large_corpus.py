@@ -440,9 +440,10 @@ def _publish(folder: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         try:
-            os.replace(tmp, folder) if not folder.exists() else None
-        except OSError:
             if not folder.exists():
+                os.replace(tmp, folder)
+        except OSError:
+            if not folder.exists():  # another process's rename won: its entry is the same
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
