@@ -74,7 +74,8 @@ STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",
                "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "HONELM_API_KEY"}  # serve's --api-key default: a credential kept out of argv, not a behaviour switch
+               "HONELM_API_KEY",  # serve's --api-key default: a credential kept out of argv, not a behaviour switch
+               "HONELM_CACHE_DIR", "XDG_CACHE_HOME"}  # where the token-file cache lives (a place, not a switch)
 STAGE_NAMES = {"pretrain", "adapt", "classify", "distill", "sft", "reward", "dpo", "ppo"}
 STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "honelm.registry.*",
                       "honelm.demo"]  # the demo is a script of the commands a user types, verbs included

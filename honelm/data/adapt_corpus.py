@@ -38,6 +38,7 @@ import torch
 
 from honelm.bounds import at_least
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
+from honelm.data.large_corpus import CorpusPart, corpus_splits
 from honelm.data.readers import Document, read_documents
 from honelm.data.sources import labelled_splits, text_splits
 from honelm.errors import ConfigError, HonelmError
@@ -220,6 +221,15 @@ class Corpus:
     def add_domain(self, splits: Any, say: Callable[[str], None]) -> None:
         """The domain corpus's train/val documents, guarded: they train, or (curated TAPT) are the pool."""
         self.domain_splits = splits
+        if isinstance(splits.train, CorpusPart):  # streamed (data.memmap): DAPT alone, so no guard applies
+            self.train, hashes = splits.train, splits.manifest["hashes"]  # type: ignore[assignment]
+            if len(splits.val):
+                self.val["domain"] = splits.val
+            self.record["sources"]["domain"] = {
+                "documents": len(splits.train), "excluded_as_task_val_test": 0, "train_sha256": hashes["train"],
+                "note": "streamed from a memory-mapped token file (data.memmap)", "role": "trains",
+                "train": len(splits.train), "val": len(splits.val)}
+            return
         kept, leaked, _ = _guarded(list(splits.train), self.guard)
         val_kept, val_leaked, _ = _guarded(list(splits.val), self.guard)
         if leaked + val_leaked:
@@ -245,8 +255,8 @@ class Corpus:
         """
         if not self.train:
             raise HonelmError("the adaptation corpus is empty after the leak guard and the validation slice")
-        self.record["train"] = {"texts": len(self.train), "sha256": combined(sha(d.text) for d in self.train)}
-        self.record["val"] = {name: {"texts": len(docs), "sha256": combined(sha(d.text) for d in docs)}
+        self.record["train"] = {"texts": len(self.train), "sha256": _combined(self.train, self.domain_splits, "train")}
+        self.record["val"] = {name: {"texts": len(docs), "sha256": _combined(docs, self.domain_splits, "val")}
                               for name, docs in self.val.items()}
         if resume:
             check_resume(run_dir, self.record)
@@ -259,7 +269,24 @@ class Corpus:
             (run_dir / "curated.jsonl").write_text(lines, encoding="utf-8")
 
 
-def build_corpus(cfg: Any, mode: str, say: Callable[[str], None]) -> Corpus:
+def _combined(docs: Any, splits: Any, name: str) -> str:
+    """`combined` of the documents' hashes; a streamed split's equal hash from its manifest (no text re-read)."""
+    return splits.manifest["hashes"][name] if isinstance(docs, CorpusPart) else combined(sha(d.text) for d in docs)
+
+
+def domain_splits(cfg: Any, kind: str, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+    """The domain corpus's split: streamed (data.memmap, `corpus_splits`) only when a decoder adapts on it alone;
+    task text (leak guard, mixing) and masked LM rows need it in memory."""
+    if cfg.data.memmap != "off" and (cfg.task.train or kind != "decoder"):
+        if cfg.data.memmap == "on":
+            raise ConfigError("data.memmap=on: adapt streams the domain corpus only for a decoder adapting on it "
+                              "alone (no task.*): task text needs the leak guard and masked LM its rows in memory; "
+                              "use data.memmap=off")
+        return text_splits(cfg.data, say, leak_texts)
+    return corpus_splits(cfg.data, say, leak_texts)
+
+
+def build_corpus(cfg: Any, mode: str, say: Callable[[str], None], kind: str = "decoder") -> Corpus:
     """Read, split and guard the text of an adapt config (curated picks are added later: they need the model).
 
     The labelled task and the domain corpus are split by `labelled_splits` and `text_splits`, as
@@ -274,7 +301,7 @@ def build_corpus(cfg: Any, mode: str, say: Callable[[str], None]) -> Corpus:
         corpus.add_task(splits, extra, cfg.task.seed, cfg.adapt.val_fraction, say, cfg.adapt.task_guard_only)
     if cfg.data.train:
         say("domain corpus split:")
-        corpus.add_domain(text_splits(cfg.data, say), say)
+        corpus.add_domain(domain_splits(cfg, kind, say), say)
     return corpus
 
 

@@ -1028,6 +1028,30 @@ def _read_whole_file(path: Path) -> Iterator[Document]:
     yield Document(text, str(path), 1)
 
 
+def iter_documents(spec: str | Path | Sequence[str | Path], unit: str = "lines", text_field: str = "text",
+                   bad: BadRows | None = None) -> Iterator[Document]:
+    """The documents of `read_documents`, one at a time in the same order, without holding them all.
+
+    Plain text files are read line by line; bad rows go to `bad` (the caller checks it at the end).
+    """
+    if unit not in _DOC_UNITS:
+        raise ValueError(f"unit must be one of {_DOC_UNITS}, got {unit!r}")
+    fields = _Fields(text_field, None, None, "classification")
+    guard = _LabelTypeGuard()
+    bad = BadRows() if bad is None else bad
+    for file in _inputs(spec):
+        if isinstance(file, hub.HubSpec):
+            yield from (Document(e.text, e.source, e.line) for e in _read_hub(file, fields, guard, bad))
+        elif file.suffix.lower() in _STRUCTURED:
+            yield from (Document(e.text, e.source, e.line) for e in _read_structured(file, fields, guard, bad))
+        elif unit == "lines":
+            yield from (Document(e.text, e.source, e.line) for e in _read_text_lines(file, text_field, bad))
+        elif unit == "paragraphs":
+            yield from _read_paragraphs(file)
+        else:
+            yield from _read_whole_file(file)
+
+
 def read_documents(
     spec: str | Path | Sequence[str | Path], unit: str = "lines", text_field: str = "text",
     bad: BadRows | None = None,
@@ -1041,23 +1065,8 @@ def read_documents(
     one document per row from `text_field`, validated like `read_examples` (no label needed),
     whatever `unit` says. Invalid UTF-8 is a DataError with the line and byte offset.
     """
-    if unit not in _DOC_UNITS:
-        raise ValueError(f"unit must be one of {_DOC_UNITS}, got {unit!r}")
-    fields = _Fields(text_field, None, None, "classification")
-    guard = _LabelTypeGuard()
     given, bad = bad, BadRows() if bad is None else bad
-    docs: list[Document] = []
-    for file in _inputs(spec):
-        if isinstance(file, hub.HubSpec):
-            docs.extend(Document(e.text, e.source, e.line) for e in _read_hub(file, fields, guard, bad))
-        elif file.suffix.lower() in _STRUCTURED:
-            docs.extend(Document(e.text, e.source, e.line) for e in _read_structured(file, fields, guard, bad))
-        elif unit == "lines":
-            docs.extend(Document(e.text, e.source, e.line) for e in _read_text_lines(file, text_field, bad))
-        elif unit == "paragraphs":
-            docs.extend(_read_paragraphs(file))
-        else:
-            docs.extend(_read_whole_file(file))
+    docs = list(iter_documents(spec, unit, text_field, bad))
     BadRows.finish(given, bad, docs)
     if not docs:
         raise DataError(_spec_name(spec), None, None, "no documents found (the files are empty)")

@@ -27,6 +27,16 @@ class TextDataConfig(SplitDataConfig):
     """Field holding the text in JSONL/JSON/CSV/TSV/Parquet files."""
     block_size: Annotated[int, at_least(2)] = 256
     """Tokens per training block (documents are packed, separated by EOS)."""
+    memmap: Literal["auto", "on", "off"] = "auto"
+    """Corpora larger than memory (docs/corpus.md): on = split while streaming the files and train from a cached memory-mapped token file; off = read the corpus into memory; auto = on when the data.train files reach data.memmap_threshold_mb (a validation file or an hf: dataset keeps it off)."""
+    memmap_threshold_mb: Annotated[float, at_least(0)] = 200.0
+    """data.memmap=auto: corpus size (MB of data.train files) from which the memory-mapped path is used."""
+    tokenize_workers: Annotated[int, at_least(0)] = 0
+    """Worker processes that tokenise a corpus into its token file (data.memmap); 0 = one per CPU core, at most 8."""
+    near_dup_sample: Annotated[int, at_least(1)] = 20000
+    """data.memmap: near duplicates across splits are searched in this many documents (those with the smallest content hashes: a sample fixed by content); exact duplicates in every document."""
+    cache_dir: str = ""
+    """Where token files are cached (data.memmap); empty = $HONELM_CACHE_DIR, else $XDG_CACHE_HOME/honelm, else ~/.cache/honelm (entries under corpus/; delete it to clear)."""
 
 
 @dataclass

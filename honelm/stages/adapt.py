@@ -22,11 +22,11 @@ from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
-from honelm.data.adapt_corpus import CurateConfig, build_corpus, curate, mode_of, packed_rows
+from honelm.data.adapt_corpus import CurateConfig, build_corpus, curate, domain_splits, mode_of, packed_rows
+from honelm.data.large_corpus import CorpusPart
 from honelm.data.masking import MLMRows, check_mlm_tokenizer, lm_rows
 from honelm.data.packing import PackedBlocks
 from honelm.data.sections import AdaptDataConfig, AdaptOptions, LabelledDataConfig
-from honelm.data.sources import text_splits
 from honelm.errors import HonelmError
 from honelm.models import LoadedModel, check_block_fits, kind_of_dir
 from honelm.objectives.lm import CausalLM
@@ -72,7 +72,7 @@ class Adapt(Stage):
         init_kind(cfg.model)
 
     def splits(self, cfg: AdaptConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return text_splits(cfg.data, say, leak_texts)  # the domain corpus's: the only test split adapt has
+        return domain_splits(cfg, init_kind(cfg.model), say, leak_texts)  # the only test split adapt has
 
     def read(self, ctx: RunContext) -> None:
         """ctx.splits is the adaptation `Corpus` (train texts, validation texts per source)."""
@@ -81,7 +81,7 @@ class Adapt(Stage):
         if not cfg.model.init_from:
             ctx.say("note: no model.init_from: adapting a randomly initialised preset (this is pre-training, "
                     "not adaptation)")
-        ctx.splits = build_corpus(cfg, ctx.extra["mode"], ctx.say)
+        ctx.splits = build_corpus(cfg, ctx.extra["mode"], ctx.say, ctx.extra["kind"])
         if ctx.splits.domain_splits is not None:
             ctx.write_json("split_manifest.json", ctx.splits.domain_splits.manifest)
         if ctx.splits.task_splits is not None:
@@ -124,9 +124,12 @@ class Adapt(Stage):
     def finish(self, ctx: RunContext, plan: Plan, result: Any) -> dict[str, Any]:
         return {"mode": ctx.extra["mode"]}
 
-    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> MLMRows | PackedBlocks:
-        """Documents → CLM blocks or MLM rows; only the train rows mask with this process's rank."""
+    def encode(self, ctx: RunContext, rows: list[Any] | CorpusPart, split: str) -> MLMRows | PackedBlocks:
+        """Documents → CLM blocks or MLM rows (a large corpus's CLM blocks from its token file); only the train
+        rows mask with this process's rank."""
         cfg, kind = ctx.cfg, ctx.extra["kind"]
+        if isinstance(rows, CorpusPart):
+            return rows.blocks(ctx.tokenizer, cfg.data.block_size)  # type: ignore[return-value]
         return lm_rows(ctx.tokenizer, [d.text for d in rows], cfg.data.block_size, kind,
                        packed_rows(cfg.data.pack, kind, ctx.extra["mode"]), cfg.adapt.mlm_probability,
                        ctx.runtime.rank if split == "train" else 0)

@@ -39,13 +39,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
 
 from honelm import predictions as P
 from honelm.checkpoint import save_pretrained_atomic
+from honelm.data.large_corpus import CorpusPart
 from honelm.errors import HonelmError
 from honelm.loop import BatchStream, Callback
 from honelm.models import LoadedModel, load_model
@@ -214,9 +215,11 @@ class Stage:
         ctx.splits = self.splits(ctx.cfg, ctx.say)
         ctx.write_json("split_manifest.json", ctx.splits.manifest)
 
-    def tokenizer_texts(self, ctx: RunContext) -> list[str]:
-        """The texts a tokenizer trained on the fly learns from (train split only)."""
-        return [d.text for d in ctx.splits.train]
+    def tokenizer_texts(self, ctx: RunContext) -> Iterable[str]:
+        """The texts a tokenizer trained on the fly learns from (train split only; streamed from the files for a
+        large corpus, data.memmap)."""
+        train = ctx.splits.train
+        return train.texts() if isinstance(train, CorpusPart) else [d.text for d in train]
 
     def tokenizer_kind(self, cfg: Any) -> Literal["bpe", "wordpiece"]:
         """What a tokenizer trained on the fly is: byte-level BPE (decoders) or WordPiece (encoders)."""

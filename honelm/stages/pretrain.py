@@ -16,9 +16,10 @@ from honelm.boosters import StageConfig
 from honelm.boosters.adversarial import AdversarialConfig
 from honelm.boosters.lora import LoraConfig
 from honelm.config import ModelConfig, RunConfig, TrainConfig, section
+from honelm.data.large_corpus import CorpusPart, corpus_splits
 from honelm.data.packing import PackedBlocks, pack
 from honelm.data.sections import TextDataConfig
-from honelm.data.sources import text_splits
+from honelm.data.token_file import MemmapBlocks
 from honelm.models import check_block_fits
 from honelm.objectives.lm import CausalLM
 from honelm.objectives.lm_scores import lm_scores, loss_sums
@@ -47,22 +48,25 @@ class Pretrain(Stage):
     record_metrics = ("loss",)
 
     def splits(self, cfg: PretrainConfig, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
-        return text_splits(cfg.data, say, leak_texts)
+        return corpus_splits(cfg.data, say, leak_texts)
 
     def plan(self, ctx: RunContext, loaded: Any) -> Plan:
-        cfg, tokenizer = ctx.cfg, ctx.tokenizer
+        cfg = ctx.cfg
         check_block_fits(loaded.model, cfg.data.block_size, "data.block_size")
-        train_blocks = pack(tokenizer, [d.text for d in ctx.splits.train], cfg.data.block_size)
+        train_blocks = self.encode(ctx, ctx.splits.train, "train")
         val_blocks = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
         ctx.say(f"data: {len(ctx.splits.train)} train documents → {len(train_blocks)} blocks of {cfg.data.block_size}; "
                 f"{len(ctx.splits.val)} validation documents → {len(val_blocks) if val_blocks else 0} blocks")
         evaluate = (lambda m: self.score(ctx, m, val_blocks, "val")) if val_blocks else None
         return Plan(CausalLM(), ctx.stream(train_blocks), evaluate, metric=cfg.train.metric or "val_loss")
 
-    def encode(self, ctx: RunContext, rows: list[Any], split: str) -> PackedBlocks:
+    def encode(self, ctx: RunContext, rows: list[Any] | CorpusPart, split: str) -> PackedBlocks | MemmapBlocks:
+        """Packed blocks in memory, or served from the split's token file for a large corpus (data.memmap)."""
+        if isinstance(rows, CorpusPart):
+            return rows.blocks(ctx.tokenizer, ctx.cfg.data.block_size)
         return pack(ctx.tokenizer, [d.text for d in rows], ctx.cfg.data.block_size)
 
-    def score(self, ctx: RunContext, model: torch.nn.Module, data: PackedBlocks, split: str) -> dict[str, float]:
+    def score(self, ctx: RunContext, model: torch.nn.Module, data: PackedBlocks | MemmapBlocks, split: str) -> dict[str, float]:
         """Loss (nats/token), perplexity and bits-per-byte over every target token of the blocks."""
         sums = loss_sums(model, data, ctx.cfg.train.eval_batch_size, 0, ctx.device, ctx.records(split))  # no masks
         return lm_scores({split: sums}, {split: data}, split)
