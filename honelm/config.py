@@ -148,8 +148,14 @@ class TrainConfig:
     the end."""
     compile: bool = False
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
-    threads: Annotated[int, at_least(0)] = 0
-    """CPU threads for torch; 0 = leave torch's default."""
+    threads: Annotated[int | Literal["auto"], at_least(0)] = "auto"
+    """CPU threads for torch. auto = OMP_NUM_THREADS when set, else measured on the run's model (the fewest threads
+    within 10% of the fastest), decided once per machine, model and batch shape and cached (train.probe_cache);
+    0 = torch's default (all cores, slow on a busy machine); N = that many. A resumed run keeps its recorded count."""
+    probe_cache: bool | Literal["refresh"] = True
+    """Reuse measured choices (threads=auto; precision=auto on a CPU with bf16 units) from HONELM_CACHE_DIR/choices.json
+    (default ~/.cache/honelm): true = reuse or measure and store, false = measure and store nothing, refresh = measure
+    again and replace the stored choice."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from honelm import choices as ch
 from honelm import runtime as rt
 from honelm.checkpoint import newest_good_checkpoint, restore_newest, save_training_checkpoint, set_aside
 from honelm.config import TrainConfig
@@ -402,14 +403,50 @@ class _Run:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
     def choose_precision(self) -> None:
-        """Measured on a fresh run (honelm.runtime.training_precision); a resumed run keeps its checkpoint's."""
-        st = self.state
+        """Threads, then precision (honelm.choices): measured on a fresh run with a margin and cached per machine,
+        model and batch shape; a resumed run keeps what it recorded (RUN/choices.json, the checkpoint's precision)."""
+        st, cfg = self.state, self.cfg
+        recorded = ch.read_recorded(self.run_dir) if st.resumed else None
+        probe: dict[str, Any] = {}  # the probe batch and its cache key, built only when something is decided
+        if cfg.threads == "auto" and recorded is not None and isinstance(recorded.get("threads"), int):
+            threads = ch.ThreadChoice(recorded["threads"], f"{recorded['threads']} (recorded by this run)", {})
+        else:
+            threads = ch.decide_threads(cfg.threads, self.runtime.device, self.runtime.world_size,
+                                        lambda: self._probe(probe, "bf16" if cfg.precision == "bf16" else "fp32")(),
+                                        self._probe_key(probe) if cfg.threads == "auto" else {}, cfg.probe_cache)
+        torch.set_num_threads(threads.threads)
+        self.tracker.event("info", 0, message=f"threads: {threads.reason}")
+        for line in (threads.warning, ch.busy_warning(threads.threads, threads.fresh)):
+            if line:
+                self.tracker.say(line)
         if st.precision is None:
-            batch = _to_device(self._probe_batch(), self.runtime.device)
-            st.precision, st.precision_reason = rt.training_precision(self.cfg.precision, self.runtime, self.model,
-                                                                      batch, self.plan.objective.step)
+            self._probe_key(probe)
+            st.precision, st.precision_reason, warning = ch.decide_precision(
+                cfg.precision, self.runtime, self.model, probe["batch"], self.plan.objective.step, probe["key"],
+                cfg.probe_cache)
             self.tracker.event("info", 0, message=f"precision: {st.precision_reason}")
+            if warning:
+                self.tracker.say(warning)
         self.runtime.precision = st.precision
+        if self.runtime.is_main:
+            ch.record(self.run_dir, {"threads": threads.threads, "threads_reason": threads.reason,
+                                     "threads_measured_s": {str(n): t for n, t in threads.measured.items()},
+                                     "precision": st.precision, "precision_reason": st.precision_reason,
+                                     "load_average": ch.load_average(),
+                                     "key": probe.get("key", (recorded or {}).get("key"))})
+
+    def _probe_key(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """The probe batch (on the device) and the choice's cache key, kept in `probe` once built."""
+        if "key" not in probe:
+            self.model.train()  # the probes time what training does
+            probe["batch"] = _to_device(self._probe_batch(), self.runtime.device)
+            probe["key"] = ch.choice_key(self.model, probe["batch"], type(self.plan.objective).__name__,
+                                         self.runtime.device)
+        return probe["key"]
+
+    def _probe(self, probe: dict[str, Any], mode: str) -> Callable[[], None]:
+        self._probe_key(probe)
+        return rt.probe_step(self.runtime, self.model, probe["batch"], self.plan.objective.step, mode)
 
     def _probe_batch(self) -> Batch:
         # a stream may supply its own probe batch (PPO's rollout stream: no items to collate before a rollout)
