@@ -39,6 +39,7 @@ from honelm.objectives.base import Objective
 from honelm.optim import LrScale, lr_at, make_optimizer, set_lr, warmup_steps
 from honelm.speed import SPILL_NAME, TrainingSpeed
 from honelm.tracking import Tracker
+from honelm import validation as V
 
 Batch = dict[str, Any]
 
@@ -357,6 +358,8 @@ class _Run:
         # (step, loss sum, grad norm) not yet checked for finite values: on GPU the check syncs, so it waits
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.check_every = 1 if runtime.device.type == "cpu" else max(cfg.log_every, 1)
+        self.capped: V.Scorer | None = None
+        """The periodic validation on a fixed subset, when train.eval_max_batches caps it (honelm.validation)."""
 
     # -- before training
 
@@ -476,6 +479,7 @@ class _Run:
         self.tracker.say(f"training {st.total} steps ({self.warm} warmup, {cfg.schedule}), {stream.step_items} "
                          f"sequences per step ({stream.bs} x {stream.accum} accumulation x "
                          f"{self.runtime.world_size} processes)")
+        self._cap_validation()
         self.tracker.start_progress(st.total)
         self.tracker.progress(st.step, "")
         with _Interrupt() as interrupt, self.speed:
@@ -561,12 +565,8 @@ class _Run:
         st = self.state
         if self.plan.evaluate is None:
             return False
-        with self.speed.evaluation():
-            self.model.eval()
-            with torch.no_grad(), self.runtime.autocast():
-                st.last_eval = self.plan.evaluate(self.model)
-            self.model.train()
-        self.tracker.event("eval", st.step, split="val", **st.last_eval)
+        st.last_eval = self._score(self.capped or self.plan.evaluate)
+        self.tracker.event("eval", st.step, split="val", **st.last_eval, **({"subset": True} if self.capped else {}))
         self._keep_best()
         stop = ""
         for callback in self.callbacks:  # each sees every validation; the last reason given stands
@@ -581,6 +581,32 @@ class _Run:
             return True
         return False
 
+    def _score(self, evaluate: V.Scorer) -> dict[str, float]:
+        with self.speed.evaluation():
+            self.model.eval()
+            with torch.no_grad(), self.runtime.autocast():
+                metrics = evaluate(self.model)
+            self.model.train()
+        return metrics
+
+    def _cap_validation(self) -> None:
+        """Periodic validations on a fixed subset when train.eval_max_batches caps them (a `Validation` plan only)."""
+        evaluate, cfg = self.plan.evaluate, self.cfg
+        cap = V.eval_cap(cfg, self.plan.stream.step_items)
+        if evaluate is not None and not isinstance(evaluate, V.Validation) and cfg.eval_max_batches > 0:
+            self.tracker.say(f"note: train.eval_max_batches={cfg.eval_max_batches} does not apply here: this "
+                             "validation is not row-wise, so every validation scores all of it")
+        if not isinstance(evaluate, V.Validation) or cap <= 0 or cap >= evaluate.items:
+            return
+        self.capped, size = evaluate.subset(cap)
+        why = (f"train.eval_max_batches={cfg.eval_max_batches}" if cfg.eval_max_batches > 0 else
+               f"train.eval_max_batches=auto: half the {cfg.eval_every * self.plan.stream.step_items} items trained "
+               f"between validations, at least {V.AUTO_MIN_BATCHES} batches")
+        self.tracker.say(f"validation: periodic validations on a fixed subset of {size} of {evaluate.items} "
+                         f"{evaluate.unit} ({why}; evenly spread, the same every time); the best is chosen on it, "
+                         f"and at the end the best and the final model are evaluated on all {evaluate.items} "
+                         "and the better one becomes best/ (train.eval_max_batches=0: no cap)")
+
     def _keep_best(self) -> None:
         st, metric = self.state, self.plan.metric
         value = st.last_eval.get(metric)
@@ -593,7 +619,9 @@ class _Run:
                       and loss < st.best_loss)
         if best is None or (value < best if self.minimize else value > best) or tie_better:
             st.best_value, st.best_step, st.bad_evals, st.best_loss = value, st.step, 0, loss
-            if self.runtime.is_main:
+            if self.runtime.is_main and self.capped is not None:  # best/ is written from the whole set at the end
+                V.save_best_weights(self.run_dir, st.step, self.model)
+            elif self.runtime.is_main:
                 self._save_best({"step": st.step, "metric": metric, "value": value, **st.last_eval})
             self.tracker.event("best", st.step, metric=metric, value=value)
         else:
@@ -625,8 +653,48 @@ class _Run:
         if self.plan.evaluate is None and self.runtime.is_main:
             st.best_step = st.step
             self._save_best({"step": st.step, "metric": None, "value": None})
+        if self.capped is not None and st.reason != "interrupted":
+            self._full_validation()
+        elif self.capped is not None:
+            self.tracker.say("best/ is written at the end of the run, from the whole validation set (validation is "
+                             "capped): `--resume` finishes it")
         self._checkpoint(finished=st.reason != "interrupted")
         return interrupt.requested and st.reason != "interrupted"
+
+    def _full_validation(self) -> None:
+        """Under a cap: the best model (chosen on the subset) and the final one on the whole validation set; the better
+        becomes best/ with those numbers. The final weights are back in the model after."""
+        st, metric = self.state, self.plan.metric
+        self.runtime.barrier()  # the main process wrote the best weights
+        final = {k: v.detach().clone() for k, v in V.trainable(self.model).items()}
+        kept = V.load_best_weights(self.run_dir, st.best_step) if st.best_step != st.step else None
+        full = self.plan.evaluate
+        assert full is not None
+        best_metrics = None
+        if kept is not None:
+            V.put_weights(self.model, kept)
+            best_metrics = self._score(full)
+            self.tracker.event("eval_full", st.step, split="val", model_step=st.best_step, **best_metrics)
+            V.put_weights(self.model, final)
+        final_metrics = self._score(full)  # last: a stage's kept records (val predictions) are the final model's
+        self.tracker.event("eval_full", st.step, split="val", model_step=st.step, **final_metrics)
+        winner, metrics = st.step, final_metrics
+        if best_metrics is not None and self._better(best_metrics[metric], final_metrics[metric]):
+            V.put_weights(self.model, kept)  # type: ignore[arg-type]
+            winner, metrics = st.best_step, self._score(full)  # again, so the kept records are the best model's
+        st.best_step, st.best_value, st.best_loss = winner, metrics[metric], metrics.get("val_loss")
+        st.last_eval = final_metrics
+        if self.runtime.is_main:
+            self._save_best({"step": winner, "metric": metric, "value": st.best_value, **metrics,
+                             "validation": "full"})
+        self.tracker.event("best", winner, metric=metric, value=st.best_value, validation="full")
+        V.put_weights(self.model, final)
+        self.runtime.barrier()  # every process has read the kept weights
+        if self.runtime.is_main:
+            (self.run_dir / V.BEST_WEIGHTS).unlink(missing_ok=True)  # best/ holds the best model now
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.minimize else a > b
 
     def _end(self, late_stop: bool) -> FitResult:
         st = self.state
