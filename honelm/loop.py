@@ -600,8 +600,8 @@ class _Run:
             return
         self.capped, size = evaluate.subset(cap)
         why = (f"train.eval_max_batches={cfg.eval_max_batches}" if cfg.eval_max_batches > 0 else
-               f"train.eval_max_batches=auto: half the {cfg.eval_every * self.plan.stream.step_items} items trained "
-               f"between validations, at least {V.AUTO_MIN_BATCHES} batches")
+               f"train.eval_max_batches=auto: 1/{V.AUTO_SHARE} of the {cfg.eval_every * self.plan.stream.step_items} "
+               f"items trained between validations, at least {V.AUTO_MIN_BATCHES} batches")
         self.tracker.say(f"validation: periodic validations on a fixed subset of {size} of {evaluate.items} "
                          f"{evaluate.unit} ({why}; evenly spread, the same every time); the best is chosen on it, "
                          f"and at the end the best and the final model are evaluated on all {evaluate.items} "

@@ -18,7 +18,7 @@ from tests.unit.test_loop import collate_fn, variable_length_data
 def test_the_subset_is_evenly_spread_and_the_auto_cap_follows_the_training_between_validations():
     assert spread(list(range(10)), 4) == [0, 2, 5, 7] and spread([1, 2], 5) == [1, 2]
     cfg = TrainConfig(eval_every=100, eval_batch_size=32)
-    assert eval_cap(cfg, step_items=16) == 800  # half of the 1,600 items trained between two validations
+    assert eval_cap(cfg, step_items=16) == 533  # a third of the 1,600 items trained between two validations
     assert eval_cap(TrainConfig(eval_every=2, eval_batch_size=8), 4) == AUTO_MIN_BATCHES * 8  # never below the floor
     assert eval_cap(TrainConfig(eval_max_batches=3, eval_batch_size=8), 4) == 24
     assert eval_cap(TrainConfig(eval_max_batches=0), 4) == 0 and eval_cap(TrainConfig(eval_every=0), 4) == 0
