@@ -271,6 +271,7 @@ def read_recorded(run_dir: Path) -> dict[str, Any] | None:
 
 def record(run_dir: Path, payload: dict[str, Any]) -> None:
     """Write RUN/choices.json (what the run trains with and what was measured)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{RUN_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     os.replace(tmp, run_dir / RUN_FILE)
