@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from honelm import choices as ch
 from honelm import runtime as rt
+from honelm import validation as V
 from honelm.checkpoint import newest_good_checkpoint, restore_newest, save_training_checkpoint, set_aside
 from honelm.config import TrainConfig
 from honelm.errors import HonelmError, TrainingError
@@ -39,7 +40,6 @@ from honelm.objectives.base import Objective
 from honelm.optim import LrScale, lr_at, make_optimizer, set_lr, warmup_steps
 from honelm.speed import SPILL_NAME, TrainingSpeed
 from honelm.tracking import Tracker
-from honelm import validation as V
 
 Batch = dict[str, Any]
 
@@ -668,6 +668,9 @@ class _Run:
         self.runtime.barrier()  # the main process wrote the best weights
         final = {k: v.detach().clone() for k, v in V.trainable(self.model).items()}
         kept = V.load_best_weights(self.run_dir, st.best_step) if st.best_step != st.step else None
+        if st.best_step != st.step and kept is None:
+            self.tracker.say(f"note: {V.BEST_WEIGHTS} does not hold the weights of the best step {st.best_step}: the "
+                             "final model is the only candidate for best/")
         full = self.plan.evaluate
         assert full is not None
         best_metrics = None
