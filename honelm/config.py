@@ -126,8 +126,8 @@ class TrainConfig:
     """Cap each periodic validation at this many batches of eval_batch_size, on a fixed subset (rows evenly spread over
     the validation split, the same every time); the best model is chosen on it, and at the end the best and the final
     model are evaluated on the whole validation set and the better one becomes best/. -1 = auto: a third of the items
-    trained between two validations (about an eighth of training time), at least 4 batches; 0 = no cap. Stages whose validation
-    is not row-wise (prompted, RL rollouts) always validate on all of it."""
+    trained between two validations (about an eighth of training time), at least 4 batches; 0 = no cap. Applies to pretrain,
+    adapt, classify, distill and sft; the preference, RL and prompted verbs validate on all of it."""
     metric: str = ""
     """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default.
     A validation that ties the best value with a lower validation loss counts as an improvement."""

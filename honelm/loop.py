@@ -595,7 +595,7 @@ class _Run:
         cap = V.eval_cap(cfg, self.plan.stream.step_items)
         if evaluate is not None and not isinstance(evaluate, V.Validation) and cfg.eval_max_batches > 0:
             self.tracker.say(f"note: train.eval_max_batches={cfg.eval_max_batches} does not apply here: this "
-                             "validation is not row-wise, so every validation scores all of it")
+                             "stage's validation cannot be cut to a subset, so every validation scores all of it")
         if not isinstance(evaluate, V.Validation) or cap <= 0 or cap >= evaluate.items:
             return
         self.capped, size = evaluate.subset(cap)
