@@ -66,3 +66,53 @@ def test_periodic_validations_score_one_subset_and_the_end_chooses_on_the_whole_
     assert torch.equal(saved[0]["weights"], weights_at[winner])  # the winner's weights were saved
     assert torch.equal(model.lm_head.weight, weights_at[4])  # and the final weights are back after
     assert not (tmp_path / ".best-weights.pt").exists()
+
+
+def test_a_resumed_capped_run_keeps_the_subset_and_the_best_weights_of_before_the_kill(tiny_llama, tmp_path):
+    """Killed after step 3 (best so far: step 2, its weights kept, checkpoint at step 2), resumed by a fresh model:
+    the same subset is scored, and at the end the kept step-2 weights compete on the whole set, and win."""
+    from honelm.loop import Callback
+
+    rows = variable_length_data(16, seed=1)
+    at: dict[str, int] = {"step": 0}
+    weights_at: dict[int, torch.Tensor] = {}
+    subset_loss = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5}
+    scored: list[list[int]] = []
+
+    class Steps(Callback):
+        def __init__(self, kill_at: int = 0) -> None:
+            self.kill_at = kill_at
+
+        def after_step(self, state) -> None:
+            at["step"] = state.step
+            if state.step == self.kill_at:
+                raise RuntimeError("killed")
+
+    def of_subset(idx: list[int]):
+        def score(model) -> dict[str, float]:
+            scored.append(idx)
+            weights_at[at["step"]] = model.lm_head.weight.detach().clone()
+            return {"val_loss": subset_loss[at["step"]]}
+        return score
+
+    def full(model) -> dict[str, float]:
+        step = next(s for s, w in weights_at.items() if torch.equal(w, model.lm_head.weight))
+        return {"val_loss": {2: 0.5, 4: 0.9}[step]}
+
+    saved: list[dict] = []
+
+    def run(resume: bool, kill_at: int) -> None:
+        cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=4, eval_every=1, eval_batch_size=2, eval_max_batches=2,
+                          precision="fp32", progress=False, tensorboard=False, save_every=2, threads=1)
+        plan = TrainPlan(CausalLM(), BatchStream(16, collate_fn(rows), 4, 1, seed=0),
+                         Validation(full, lambda n: (of_subset(spread(list(range(12)), n)), n), 12),
+                         lambda m, info: saved.append(info), "val_loss")
+        fit(tiny_llama(seed=0 if not resume else 5), plan, cfg, rt.Runtime(device=torch.device("cpu")), tmp_path,
+            resume=resume, callbacks=[Steps(kill_at)])
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(resume=False, kill_at=3)
+    assert (tmp_path / ".best-weights.pt").exists() and not saved  # no best/ from a subset
+    run(resume=True, kill_at=0)
+    assert all(s == [0, 3, 6, 9] for s in scored)
+    assert len(saved) == 1 and saved[0]["step"] == 2 and saved[0]["value"] == 0.5 and saved[0]["validation"] == "full"
