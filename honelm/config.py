@@ -122,6 +122,12 @@ class TrainConfig:
     """Validate every N optimizer steps (and always at the end); 0 = only at the end."""
     eval_batch_size: Annotated[int, at_least(1)] = 32
     """Batch size for validation."""
+    eval_max_batches: Annotated[int, at_least(0, -1, note="-1 = auto, 0 = no cap")] = -1
+    """Cap each periodic validation at this many batches of eval_batch_size, on a fixed subset (rows evenly spread over
+    the validation split, the same every time); the best model is chosen on it, and at the end the best and the final
+    model are evaluated on the whole validation set and the better one becomes best/. -1 = auto: a third of the items
+    trained between two validations (about an eighth of training time), at least 4 batches; 0 = no cap. Applies to pretrain,
+    adapt, classify, distill and sft; the preference, RL and prompted verbs validate on all of it."""
     metric: str = ""
     """Validation metric that selects the best checkpoint and drives early stopping; empty = the stage's default.
     A validation that ties the best value with a lower validation loss counts as an improvement."""
@@ -148,8 +154,14 @@ class TrainConfig:
     the end."""
     compile: bool = False
     """torch.compile the model (pays off on GPU for long runs; slow to start on CPU)."""
-    threads: Annotated[int, at_least(0)] = 0
-    """CPU threads for torch; 0 = leave torch's default."""
+    threads: Annotated[int | Literal["auto"], at_least(0)] = "auto"
+    """CPU threads for torch. auto = OMP_NUM_THREADS when set, else measured on the run's model (the fewest threads
+    within 10% of the fastest), decided once per machine, model and batch shape and cached (train.probe_cache);
+    0 = torch's default (all cores, slow on a busy machine); N = that many. A resumed run keeps its recorded count."""
+    probe_cache: bool | Literal["refresh"] = True
+    """Reuse measured choices (threads=auto; precision=auto on a CPU with bf16 units) from HONELM_CACHE_DIR/choices.json
+    (default ~/.cache/honelm): true = reuse or measure and store, false = measure and store nothing, refresh = measure
+    again and replace the stored choice."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """With several processes (torchrun, accelerate launch): ddp = a full copy of the model per process; fsdp = weights,
     gradients and AdamW state sharded across processes (PyTorch FSDP2), for a model whose training state does not fit

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from honelm import choices as ch
 from honelm import runtime as rt
 from honelm import sharding
+from honelm import validation as V
 from honelm.checkpoint import (newest_good_checkpoint, restore_newest, save_sharded_checkpoint,
                                save_training_checkpoint, set_aside)
 from honelm.config import TrainConfig
@@ -375,6 +377,8 @@ class _Run:
         # (step, loss sum, grad norm) not yet checked for finite values: on GPU the check syncs, so it waits
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.check_every = 1 if runtime.device.type == "cpu" else max(cfg.log_every, 1)
+        self.capped: V.Scorer | None = None
+        """The periodic validation on a fixed subset, when train.eval_max_batches caps it (honelm.validation)."""
 
     # -- before training
 
@@ -422,14 +426,50 @@ class _Run:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
     def choose_precision(self) -> None:
-        """Measured on a fresh run (honelm.runtime.training_precision); a resumed run keeps its checkpoint's."""
-        st = self.state
+        """Threads, then precision (honelm.choices): measured on a fresh run with a margin and cached per machine,
+        model and batch shape; a resumed run keeps what it recorded (RUN/choices.json, the checkpoint's precision)."""
+        st, cfg = self.state, self.cfg
+        recorded = ch.read_recorded(self.run_dir) if st.resumed else None
+        probe: dict[str, Any] = {}  # the probe batch and its cache key, built only when something is decided
+        if cfg.threads == "auto" and recorded is not None and isinstance(recorded.get("threads"), int):
+            threads = ch.ThreadChoice(recorded["threads"], f"{recorded['threads']} (recorded by this run)", {})
+        else:
+            threads = ch.decide_threads(cfg.threads, self.runtime.device, self.runtime.world_size,
+                                        lambda: self._probe(probe, "bf16" if cfg.precision == "bf16" else "fp32")(),
+                                        self._probe_key(probe) if cfg.threads == "auto" else {}, cfg.probe_cache)
+        torch.set_num_threads(threads.threads)
+        self.tracker.event("info", 0, message=f"threads: {threads.reason}")
+        for line in (threads.warning, ch.busy_warning(threads.threads, threads.fresh)):
+            if line:
+                self.tracker.say(line)
         if st.precision is None:
-            batch = _to_device(self._probe_batch(), self.runtime.device)
-            st.precision, st.precision_reason = rt.training_precision(self.cfg.precision, self.runtime, self.model,
-                                                                      batch, self.plan.objective.step)
+            self._probe_key(probe)
+            st.precision, st.precision_reason, warning = ch.decide_precision(
+                cfg.precision, self.runtime, self.model, probe["batch"], self.plan.objective.step, probe["key"],
+                cfg.probe_cache)
             self.tracker.event("info", 0, message=f"precision: {st.precision_reason}")
+            if warning:
+                self.tracker.say(warning)
         self.runtime.precision = st.precision
+        if self.runtime.is_main:
+            ch.record(self.run_dir, {"threads": threads.threads, "threads_reason": threads.reason,
+                                     "threads_measured_s": {str(n): t for n, t in threads.measured.items()},
+                                     "precision": st.precision, "precision_reason": st.precision_reason,
+                                     "load_average": ch.load_average(),
+                                     "key": probe.get("key", (recorded or {}).get("key"))})
+
+    def _probe_key(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """The probe batch (on the device) and the choice's cache key, kept in `probe` once built."""
+        if "key" not in probe:
+            self.model.train()  # the probes time what training does
+            probe["batch"] = _to_device(self._probe_batch(), self.runtime.device)
+            probe["key"] = ch.choice_key(self.model, probe["batch"], type(self.plan.objective).__name__,
+                                         self.runtime.device)
+        return probe["key"]
+
+    def _probe(self, probe: dict[str, Any], mode: str) -> Callable[[], None]:
+        self._probe_key(probe)
+        return rt.probe_step(self.runtime, self.model, probe["batch"], self.plan.objective.step, mode)
 
     def _probe_batch(self) -> Batch:
         # a stream may supply its own probe batch (PPO's rollout stream: no items to collate before a rollout)
@@ -461,6 +501,7 @@ class _Run:
         self.tracker.say(f"training {st.total} steps ({self.warm} warmup, {cfg.schedule}), {stream.step_items} "
                          f"sequences per step ({stream.bs} x {stream.accum} accumulation x "
                          f"{self.runtime.world_size} processes)")
+        self._cap_validation()
         self.tracker.start_progress(st.total)
         self.tracker.progress(st.step, "")
         with _Interrupt() as interrupt, self.speed:
@@ -548,12 +589,8 @@ class _Run:
         st = self.state
         if self.plan.evaluate is None:
             return False
-        with self.speed.evaluation():
-            self.model.eval()
-            with torch.no_grad(), self.runtime.autocast():
-                st.last_eval = self.plan.evaluate(self.model)
-            self.model.train()
-        self.tracker.event("eval", st.step, split="val", **st.last_eval)
+        st.last_eval = self._score(self.capped or self.plan.evaluate)
+        self.tracker.event("eval", st.step, split="val", **st.last_eval, **({"subset": True} if self.capped else {}))
         self._keep_best()
         stop = ""
         for callback in self.callbacks:  # each sees every validation; the last reason given stands
@@ -568,6 +605,35 @@ class _Run:
             return True
         return False
 
+    def _score(self, evaluate: V.Scorer) -> dict[str, float]:
+        with self.speed.evaluation():
+            self.model.eval()
+            with torch.no_grad(), self.runtime.autocast():
+                metrics = evaluate(self.model)
+            self.model.train()
+        return metrics
+
+    def _cap_validation(self) -> None:
+        """Periodic validations on a fixed subset when train.eval_max_batches caps them (a `Validation` plan only)."""
+        evaluate, cfg = self.plan.evaluate, self.cfg
+        cap = V.eval_cap(cfg, self.plan.stream.step_items)
+        if evaluate is not None and not isinstance(evaluate, V.Validation) and cfg.eval_max_batches > 0:
+            self.tracker.say(f"note: train.eval_max_batches={cfg.eval_max_batches} does not apply here: this "
+                             "stage's validation cannot be cut to a subset, so every validation scores all of it")
+        if not isinstance(evaluate, V.Validation) or cap <= 0 or cap >= evaluate.items:
+            return
+        if self.sharded:  # the kept best weights would be one rank's shards: a sharded run validates on all of it
+            self.tracker.say("validation: not capped under train.distributed=fsdp (every validation scores all of it)")
+            return
+        self.capped, size = evaluate.subset(cap)
+        why = (f"train.eval_max_batches={cfg.eval_max_batches}" if cfg.eval_max_batches > 0 else
+               f"train.eval_max_batches=auto: 1/{V.AUTO_SHARE} of the {cfg.eval_every * self.plan.stream.step_items} "
+               f"items trained between validations, at least {V.AUTO_MIN_BATCHES} batches")
+        self.tracker.say(f"validation: periodic validations on a fixed subset of {size} of {evaluate.items} "
+                         f"{evaluate.unit} ({why}; evenly spread, the same every time); the best is chosen on it, "
+                         f"and at the end the best and the final model are evaluated on all {evaluate.items} "
+                         "and the better one becomes best/ (train.eval_max_batches=0: no cap)")
+
     def _keep_best(self) -> None:
         st, metric = self.state, self.plan.metric
         value = st.last_eval.get(metric)
@@ -580,7 +646,10 @@ class _Run:
                       and loss < st.best_loss)
         if best is None or (value < best if self.minimize else value > best) or tie_better:
             st.best_value, st.best_step, st.bad_evals, st.best_loss = value, st.step, 0, loss
-            if self.runtime.is_main or self.sharded:
+            if self.capped is not None:  # best/ is written from the whole set at the end (never capped when sharded)
+                if self.runtime.is_main:
+                    V.save_best_weights(self.run_dir, st.step, self.model)
+            elif self.runtime.is_main or self.sharded:
                 self._save_best({"step": st.step, "metric": metric, "value": value, **st.last_eval})
             self.tracker.event("best", st.step, metric=metric, value=value)
         else:
@@ -623,8 +692,51 @@ class _Run:
         if self.plan.evaluate is None and (self.runtime.is_main or self.sharded):
             st.best_step = st.step
             self._save_best({"step": st.step, "metric": None, "value": None})
+        if self.capped is not None and st.reason != "interrupted":
+            self._full_validation()
+        elif self.capped is not None:
+            self.tracker.say("best/ is written at the end of the run, from the whole validation set (validation is "
+                             "capped): `--resume` finishes it")
         self._checkpoint(finished=st.reason != "interrupted")
         return interrupt.requested and st.reason != "interrupted"
+
+    def _full_validation(self) -> None:
+        """Under a cap: the best model (chosen on the subset) and the final one on the whole validation set; the better
+        becomes best/ with those numbers. The final weights are back in the model after."""
+        st, metric = self.state, self.plan.metric
+        self.runtime.barrier()  # the main process wrote the best weights
+        final = {k: v.detach().clone() for k, v in V.trainable(self.model).items()}
+        kept = V.load_best_weights(self.run_dir, st.best_step) if st.best_step != st.step else None
+        if st.best_step != st.step and kept is None:
+            self.tracker.say(f"note: {V.BEST_WEIGHTS} does not hold the weights of the best step {st.best_step}: the "
+                             "final model is the only candidate for best/")
+        full = self.plan.evaluate
+        assert full is not None
+        best_metrics = None
+        if kept is not None:
+            V.put_weights(self.model, kept)
+            best_metrics = self._score(full)
+            self.tracker.event("eval_full", st.step, split="val", model_step=st.best_step, **best_metrics)
+            V.put_weights(self.model, final)
+        final_metrics = self._score(full)  # last: a stage's kept records (val predictions) are the final model's
+        self.tracker.event("eval_full", st.step, split="val", model_step=st.step, **final_metrics)
+        winner, metrics = st.step, final_metrics
+        if best_metrics is not None and self._better(best_metrics[metric], final_metrics[metric]):
+            V.put_weights(self.model, kept)  # type: ignore[arg-type]
+            winner, metrics = st.best_step, self._score(full)  # again, so the kept records are the best model's
+        st.best_step, st.best_value, st.best_loss = winner, metrics[metric], metrics.get("val_loss")
+        st.last_eval = final_metrics
+        if self.runtime.is_main:
+            self._save_best({"step": winner, "metric": metric, "value": st.best_value, **metrics,
+                             "validation": "full"})
+        self.tracker.event("best", winner, metric=metric, value=st.best_value, validation="full")
+        V.put_weights(self.model, final)
+        self.runtime.barrier()  # every process has read the kept weights
+        if self.runtime.is_main:
+            (self.run_dir / V.BEST_WEIGHTS).unlink(missing_ok=True)  # best/ holds the best model now
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.minimize else a > b
 
     def _end(self, late_stop: bool) -> FitResult:
         st = self.state

@@ -143,3 +143,15 @@ def _change(key: str, old: dict[str, Any] | None, new: dict[str, Any] | None) ->
     if old is None:
         return f"{key}={new['spec']} is set, but the run started without it" if new is not None else None
     return _difference(key, old, new)
+
+
+def data_unchanged(run_dir: Path, cfg: Any) -> bool:
+    """Whether every data input of `cfg` has the bytes RUN/inputs.json pinned (False when nothing was pinned):
+    `honelm test` then takes the split from the run's manifest instead of computing it again."""
+    try:
+        pinned = json.loads((run_dir / PINS_FILE).read_text(encoding="utf-8"))["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    now = pin_inputs(cfg)["inputs"]
+    data_keys = {k for k in (*pinned, *now) if not k.startswith("model.")}
+    return bool(data_keys) and all(k in pinned and _change(k, pinned[k], now.get(k)) is None for k in data_keys)

@@ -38,6 +38,7 @@ from honelm.metrics import classification_scores
 from honelm.models import count_parameters, load_checkpoint, load_merged, model_kind
 from honelm.objectives.classify import predict
 from honelm.tokenizer import load_tokenizer
+from honelm.tracking import phase
 
 TEACHER_DIR = "teacher"
 LOGITS_FILE = "logits.safetensors"
@@ -215,7 +216,7 @@ def cached(run_dir: Path, cfg: TeacherConfig, transfer: Sequence[Example], val: 
             say(f"teacher: reusing the outputs cached by an earlier run with the same teacher and texts ({shared})")
             outputs = _load(shared, key, say)
         else:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), phase(say, "teacher: soft-labelling the transfer and validation texts"):
                 outputs = compute(cfg, transfer, val, labels, max_length, runtime.device, say)
             _store(shared, outputs, key)
         _store(folder, outputs, key)

@@ -10,21 +10,26 @@ directory removed) stops the run at the next event instead of writing into nothi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from honelm.errors import HonelmError
 from honelm.trackers import Sink
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+PHASE_SAYS_AFTER_S = 2.0
+"""A phase (`phase`) that took at least this long says its duration in the log."""
+_SHOWN: list[Progress] = []  # the phase display on screen (rich shows one live display at a time)
 
 
 def _fmt(value: Any) -> str:
@@ -165,3 +170,34 @@ class Tracker:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+@contextlib.contextmanager
+def phase(say: Callable[[str], None] | None, what: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    """A stretch of work before (or outside) training that may take a while: reading, splitting, the duplicate scan,
+    tokenising, teacher outputs, test scoring. While it runs, an interactive terminal (stderr) shows what it is and
+    for how long so far, with a bar when `total` is given (advance it with the yielded function); when it took
+    PHASE_SAYS_AFTER_S or longer, "`what`: 12.3 s" is said (the log), so no minute passes without a word. A phase
+    inside another shows no display of its own (the outer one is on screen) but says its duration all the same."""
+    started = time.perf_counter()
+    shown: Progress | None = None
+    if not _SHOWN and sys.stderr.isatty():
+        columns = [SpinnerColumn(), TextColumn(what), *((BarColumn(), MofNCompleteColumn()) if total else ()),
+                   TimeElapsedColumn()]
+        shown = Progress(*columns, console=console, transient=True)
+        task = shown.add_task(what, total=total)
+        shown.start()
+        _SHOWN.append(shown)
+
+    def advance(n: int = 1) -> None:
+        if shown is not None:
+            shown.advance(task, n)
+    try:
+        yield advance
+    finally:
+        if shown is not None:
+            shown.stop()
+            _SHOWN.remove(shown)
+        took = time.perf_counter() - started
+        if say is not None and took >= PHASE_SAYS_AFTER_S:
+            say(f"{what}: {took:.1f} s")

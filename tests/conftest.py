@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one thread (train.threads=auto takes OMP_NUM_THREADS as asked for: no thread probe in the suite), and a
+# probe cache of the session's own, never the user's
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HONELM_CACHE_DIR", tempfile.mkdtemp(prefix="honelm-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -44,13 +44,14 @@ from typing import Callable, NamedTuple
 LAYERS: dict[str, int] = {
     "honelm": 0, "honelm.errors": 0, "honelm.config": 0, "honelm.metrics": 0, "honelm.html_report": 0,
     "honelm.bounds": 0,  # the declared ranges of config fields, below the config machinery that checks them
-    "honelm.runtime": 1, "honelm.tracking": 1, "honelm.trackers": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
+    "honelm.runtime": 1, "honelm.choices": 1, "honelm.tracking": 1, "honelm.trackers": 1, "honelm.tokenizer": 1, "honelm.generate": 1,
     "honelm.adapters": 1, "honelm.models": 1,  # adapter reading below the model loader that uses it
     "honelm.data": 1, "honelm.data.*": 1, "honelm.objectives": 1, "honelm.objectives.*": 1,
     "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
     "honelm.prompting": 1,  # prompted classification: verbalizers, shots, scores (the prompt stage's maths)
     "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.teacher_lm": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
     "honelm.sharding": 2,  # FSDP2 sharding, no_sync and the gathered best/ weights, beside checkpoint (sharded files)
+    "honelm.validation": 2,  # bounded validation: the capped subset and the kept best weights, below the loop
     "honelm.pins": 2,  # a run's pinned inputs: data readers and checkpoint's model-dir resolution below it
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
@@ -74,8 +75,10 @@ STAGE_AVG_LINES, STAGE_MAX_LINES = 120, 200
 # Environment keys honelm may touch: library set-up and torch.distributed start-up.
 ENV_ALLOWED = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "LOCAL_RANK", "RANK",
                "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "HONELM_API_KEY",  # serve's --api-key default: a credential kept out of argv, not a behaviour switch
-               "HONELM_CACHE_DIR", "XDG_CACHE_HOME"}  # where the token-file cache lives (a place, not a switch)
+               "OMP_NUM_THREADS",  # read by torch itself; train.threads=auto takes it as the asked-for count
+               "HONELM_CACHE_DIR",  # where the token-file cache and honelm.choices' decisions live (a location)
+               "XDG_CACHE_HOME",  # the default parent of that location
+               "HONELM_API_KEY"}  # serve's --api-key default: a credential kept out of argv, not a behaviour switch
 STAGE_NAMES = {"pretrain", "adapt", "classify", "distill", "sft", "reward", "dpo", "ppo"}
 STAGE_NAME_MODULES = ["honelm.stages", "honelm.stages.*", "honelm.registry", "honelm.registry.*",
                       "honelm.demo"]  # the demo is a script of the commands a user types, verbs included

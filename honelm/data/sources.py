@@ -17,6 +17,7 @@ from honelm.config import FieldError
 from honelm.data.readers import BadRows, read_documents, read_examples
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
+from honelm.tracking import phase
 
 
 @dataclass
@@ -76,6 +77,9 @@ def read_test_later(read: Callable[[BadRows], list[Any]], data: Any,
     return load
 
 
+SPLITTING = "splitting (content hashes, exact and near-duplicate scan)"
+
+
 def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """Documents for language modelling, split by data.split (or the given val/test files)."""
     if not data.train:
@@ -85,13 +89,16 @@ def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     def read(spec: str, bad: BadRows) -> list[Any]:
         return read_documents(spec.split(","), unit=data.unit, text_field=data.text_field, bad=bad)
 
-    docs = read(data.train, bad)
-    val = read(data.val, bad) if data.val else None
+    with phase(say, f"reading {data.train}" + (f" and {data.val}" if data.val else "")):
+        docs = read(data.train, bad)
+        val = read(data.val, bad) if data.val else None
     bad.check()
     load_test = read_test_later(lambda b: read(data.test, b), data, say) if data.test else None
-    splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
-                         load_test=load_test, test_path=data.test.split(",") if data.test else None, dedup=data.dedup,
-                         near_dup_threshold=data.near_dup_threshold, test_texts_for_leak_check=leak_texts)
+    with phase(say, SPLITTING):
+        splits = make_splits(docs, ratios=parse_ratios(data.split), seed=data.seed, stratify=False, val=val,
+                             load_test=load_test, test_path=data.test.split(",") if data.test else None,
+                             dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
+                             test_texts_for_leak_check=leak_texts)
     report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
     check_not_empty(splits.manifest, data)
@@ -109,16 +116,18 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
     fields = dict(text_field=data.text_field, pair_field=data.pair_field or None, label_field=data.label_field,
                   task=data.task)
     bad = skipping(data)
-    examples = read_examples(data.train, **fields, bad=bad)
-    val = read_examples(data.val, **fields, bad=bad) if data.val else None
+    with phase(say, f"reading {data.train}" + (f" and {data.val}" if data.val else "")):
+        examples = read_examples(data.train, **fields, bad=bad)
+        val = read_examples(data.val, **fields, bad=bad) if data.val else None
     bad.check()
     if data.task == "classification":
         warn_about_labels(examples + (val or []), say)
     load_test = read_test_later(lambda b: read_examples(data.test, **fields, bad=b), data, say) if data.test else None
-    splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
-                         stratify=data.task == "classification", val=val, load_test=load_test,
-                         test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
-                         test_texts_for_leak_check=leak_texts)
+    with phase(say, SPLITTING):
+        splits = make_splits(examples, ratios=parse_ratios(data.split), seed=data.seed,
+                             stratify=data.task == "classification", val=val, load_test=load_test,
+                             test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
+                             test_texts_for_leak_check=leak_texts)
     report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
     check_not_empty(splits.manifest, data, _label_hint(examples, data))

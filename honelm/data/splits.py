@@ -41,6 +41,7 @@ __all__ = [
     "content_text",
     "make_splits",
     "parse_ratios",
+    "reuse_manifest",
     "test_access_count",
     "forbid_test_split",
     "unlock_test_split",
@@ -895,6 +896,77 @@ def _split_record(train: list[Item], val: list[Item], test: list[Item] | None, t
                         texts_hash)
 
 
+@dataclass
+class Reuse:
+    """What `reuse_manifest` hands its caller: whether the split inside the block came from the manifest."""
+
+    manifest: dict[str, Any]
+    reused: bool = False
+
+
+_REUSE: contextvars.ContextVar[Reuse | None] = contextvars.ContextVar("honelm_reuse_split", default=None)
+
+
+@contextmanager
+def reuse_manifest(manifest: dict[str, Any]) -> Iterator[Reuse]:
+    """Inside this block `make_splits` takes its assignment from `manifest` (a run's split_manifest.json) instead of
+    computing it, when the rows' content hashes are exactly those the manifest lists for each split (and the labels
+    per split count the same): then the split IS the recorded one, and the duplicate scan, which depends on the texts
+    only, is not repeated (its record is the manifest's). Anything else (a changed or missing row, other ratios or
+    seed, dedup, a user test file) takes the full computation, which `verify_manifest` then judges as always.
+    `honelm test` uses it: the run already knows its split."""
+    state = Reuse(manifest)
+    token = _REUSE.set(state)
+    try:
+        yield state
+    finally:
+        _REUSE.reset(token)
+
+
+def _split_of(recorded: dict[str, Any], examples: Sequence[Item], val: Sequence[Item] | None,
+              known: dict[int, str], seed: int) -> dict[str, list[Item]] | None:
+    """Each split's rows, by the manifest's example hashes and in the order `make_splits` gives them (by
+    sha256(seed, content hash), then source, line and label); None when a row's hash is not listed or lands in a
+    split that was supplied."""
+    where = {h: name for name in SPLIT_NAMES for h in recorded.get("example_hashes", {}).get(name, [])}
+    assigned: dict[str, list[Item]] = {name: [] for name in SPLIT_NAMES}
+    for ex in examples:
+        name = where.get(known[id(ex)])
+        if name is None or (name == "val" and val is not None):
+            return None
+        assigned[name].append(ex)
+    for name, rows in assigned.items():
+        rows.sort(key=lambda e: (_sha256(f"{seed}\x1f{known[id(e)]}"), e.source, e.line,
+                                 _label_key(getattr(e, "label", None))))
+    if val is not None:
+        assigned["val"] = list(val)
+    return assigned
+
+
+def _from_manifest(examples: Sequence[Item], val: Sequence[Item] | None, known: dict[int, str], seed: int,
+                   ratios: tuple[float, float, float], stratified: bool, reusable: bool) -> Splits | None:
+    """The splits `reuse_manifest` asked for, or None to compute them (see there)."""
+    state = _REUSE.get()
+    recorded = state.manifest if state is not None else None
+    if (not recorded or not reusable or recorded.get("seed") != seed or recorded.get("ratios") != list(ratios)
+            or recorded.get("stratified") != stratified or recorded.get("test_source") != "ratio"
+            or recorded.get("dedup", {}).get("enabled")):
+        return None
+    assigned = _split_of(recorded, examples, val, known, seed)
+    if assigned is None:
+        return None
+    record = _split_record(assigned["train"], assigned["val"], assigned["test"], None, None, known)
+    if record.split_hashes != recorded.get("hashes") or record.histogram != recorded.get("label_histogram"):
+        return None
+    _check_labels(assigned["train"], assigned["val"], assigned["test"], 0)
+    manifest = {**recorded, "counts": {"train": len(assigned["train"]), "val": len(assigned["val"]),
+                                       "test": record.test_count},
+                "label_histogram": record.histogram, "hashes": record.split_hashes,
+                "example_hashes": record.example_hashes}
+    state.reused = True  # type: ignore[union-attr]
+    return Splits(train=assigned["train"], val=assigned["val"], manifest=manifest, _test_examples=assigned["test"])
+
+
 def make_splits(
     examples: Sequence[Item],
     ratios: str | Sequence[float] = (0.8, 0.1, 0.1),
@@ -936,6 +1008,9 @@ def make_splits(
     known: dict[int, str] = {id(e): content_hash(e) for e in examples}
     if val is not None:
         known.update((id(e), content_hash(e)) for e in val)
+    reused = _from_manifest(examples, val, known, seed, r, stratified, load_test is None and not dedup)
+    if reused is not None:
+        return reused
     groups = _assign_by_ratio(examples, [known[id(e)] for e in examples], active, weights, seed, stratified)
     assigned: dict[str, list[Item]] = {name: [] for name in SPLIT_NAMES}
     for g in groups:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,12 +30,14 @@ from typing import Any
 from honelm import config as C
 from honelm import registry
 from honelm import runtime as rt
-from honelm.data.splits import content_text, unlock_test_split, verify_manifest
+from honelm.data.splits import content_text, reuse_manifest, unlock_test_split, verify_manifest
 from honelm.errors import HonelmError
+from honelm.pins import data_unchanged
 from honelm.predictions import TEST_FILE, dumps_records
 from honelm.protocol import ledger as L
 from honelm.rundir import hold_run, stage_of
 from honelm.stages.contract import RunContext, Stage
+from honelm.tracking import phase
 
 
 def looks(run_dir: Path) -> list[dict[str, Any]]:
@@ -88,9 +91,15 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
     ctx = RunContext(cfg=cfg, runtime=rt.setup(), run_dir=run_dir)
     stage.check_testable(ctx)
     quiet = lambda _: None  # noqa: E731
-    ctx.splits = stage.splits(cfg, quiet)
     recorded = json.loads((run_dir / "split_manifest.json").read_text(encoding="utf-8"))
+    # the recorded split is taken only for data whose bytes are those the run pinned (labels included)
+    known = recorded if data_unchanged(run_dir, cfg) else {}
+    with reuse_manifest(known) as reuse, phase(say, "reading the data and taking its split"):
+        ctx.splits = stage.splits(cfg, quiet)
     verify_manifest(recorded, ctx.splits.manifest)
+    say("split: " + ("taken from split_manifest.json (every row's content hash is where the run recorded it; the "
+                     "duplicate scan is not repeated)" if reuse.reused else "recomputed and checked against "
+                     "split_manifest.json"))
     with unlock_test_split("honelm test"):
         test = ctx.splits.test
     if not test:
@@ -98,18 +107,25 @@ def _test_stage(stage: Stage, run_dir: Path) -> dict[str, Any]:
     leakage = None
     if cfg.data.test:  # a user test file: training could not look for duplicates in it, so look now
         undeduped = replace(cfg, data=replace(cfg.data, dedup=False))
-        checked = stage.splits(undeduped, quiet, leak_texts=[content_text(e) for e in test])
+        with phase(say, "duplicate scan of the test file against train and validation"):
+            checked = stage.splits(undeduped, quiet, leak_texts=[content_text(e) for e in test])
         leakage = cross_split_duplicates(checked.manifest)
     elif "duplicates" in recorded:
         leakage = cross_split_duplicates(recorded)
     ctx.tokenizer = stage.test_tokenizer(ctx)
-    metrics = stage.test(ctx, test)
+    with phase(say, f"scoring best/ on {len(test)} test rows"):
+        metrics = stage.test(ctx, test)
     records = ctx.extra.get("test_records")  # the per-example score records the stage's scoring kept
     if records:
         metrics.setdefault("files", {}).setdefault(TEST_FILE, dumps_records(records))
     if leakage is not None:
         metrics["test_duplicates_of_train_or_val"] = leakage
     return metrics
+
+
+def say(line: str) -> None:
+    """What `honelm test` tells on the way (phase durations, where the split came from): stderr, beside the metrics."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _best_step(run_dir: Path) -> Any:

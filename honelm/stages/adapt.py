@@ -117,7 +117,7 @@ class Adapt(Stage):
                 ctx.say(f"note: {rows.truncated} {name} documents are longer than data.block_size="
                         f"{cfg.data.block_size} and were truncated (data.pack=blocks keeps all of their text)")
         stream = ctx.stream(train_rows, lengths=None if packed else train_rows.lengths)
-        evaluate = (lambda m: self.score(ctx, m, val_rows, "val")) if val_rows else None
+        evaluate = self.validation(ctx, corpus.val, "rows", val_rows) if val_rows else None
         return Plan(MaskedLM() if kind == "encoder" else CausalLM(), stream, evaluate,
                     metric=cfg.train.metric or "val_loss")
 

@@ -103,7 +103,7 @@ class Classification(Stage):
             stream.position = 0
             ctx.extra.pop("val_logits", None)
 
-        return Plan(objective, stream, (lambda m: self.score(ctx, m, val, "val")) if val is not None else None,
+        return Plan(objective, stream, self.validation(ctx, ctx.splits.val, "examples", val),
                     metric=cfg.train.metric or objective.default_metric, best_files=best_files, reset=reset)
 
     def training_items(self, ctx: RunContext) -> EncodedExamples:

@@ -55,6 +55,7 @@ from honelm.rundir import tracker_for
 from honelm.runtime import Runtime
 from honelm.tokenizer import load_tokenizer
 from honelm.tracking import Tracker
+from honelm.validation import Validation, Whole, rows_for, spread
 
 
 @dataclass
@@ -254,6 +255,28 @@ class Stage:
     def score(self, ctx: RunContext, model: nn.Module, data: Any, split: str) -> dict[str, float]:
         """Metrics named `{split}_*` of `model` on encoded data: validation and test use this one function."""
         raise NotImplementedError(f"{type(self).__name__} does not define score()")
+
+    def validation(self, ctx: RunContext, rows: Any, unit: str = "items",
+                   data: Any = None) -> Validation | Whole | None:
+        """The validation of a plan over `rows` (None when there are none): `score` on all of them encoded (`data`
+        when the stage has encoded them already; required for rows by source, {name: rows}, scored as
+        {name: encoded}), and on a fixed subset when train.eval_max_batches caps periodic validations (rows evenly
+        spread over the split, the same share of each source, encoded once: honelm.validation)."""
+        if not rows:
+            return None
+        data = self.encode(ctx, rows, "val") if data is None else data
+        if not isinstance(rows, (list, dict)):  # a streamed corpus split (data.memmap): scored whole every time
+            return Whole(lambda m: self.score(ctx, m, data, "val"), len(data))
+        items = sum(len(d) for d in data.values()) if isinstance(data, dict) else len(data)
+
+        def part(docs: list[Any], cap: int) -> Any:
+            return self.encode(ctx, spread(docs, rows_for(len(docs), items, cap)), "val")
+
+        def subset(cap: int) -> tuple[Callable[[nn.Module], dict[str, float]], int]:
+            some = {n: part(d, cap) for n, d in rows.items()} if isinstance(rows, dict) else part(rows, cap)
+            size = sum(len(d) for d in some.values()) if isinstance(some, dict) else len(some)
+            return (lambda m: self.score(ctx, m, some, "val")), size
+        return Validation(lambda m: self.score(ctx, m, data, "val"), subset, items, unit)
 
     def check_testable(self, ctx: RunContext) -> None:
         """Refuse `honelm test` on a run that has no test split of its own (before anything is read)."""

@@ -54,10 +54,9 @@ class Pretrain(Stage):
         cfg = ctx.cfg
         check_block_fits(loaded.model, cfg.data.block_size, "data.block_size")
         train_blocks = self.encode(ctx, ctx.splits.train, "train")
-        val_blocks = self.encode(ctx, ctx.splits.val, "val") if ctx.splits.val else None
+        evaluate = self.validation(ctx, ctx.splits.val, "blocks")
         ctx.say(f"data: {len(ctx.splits.train)} train documents → {len(train_blocks)} blocks of {cfg.data.block_size}; "
-                f"{len(ctx.splits.val)} validation documents → {len(val_blocks) if val_blocks else 0} blocks")
-        evaluate = (lambda m: self.score(ctx, m, val_blocks, "val")) if val_blocks else None
+                f"{len(ctx.splits.val)} validation documents → {evaluate.items if evaluate else 0} blocks")
         return Plan(CausalLM(), ctx.stream(train_blocks), evaluate, metric=cfg.train.metric or "val_loss")
 
     def encode(self, ctx: RunContext, rows: list[Any] | CorpusPart, split: str) -> PackedBlocks | MemmapBlocks:

@@ -33,6 +33,7 @@ from honelm.pins import check_inputs, record_inputs
 from honelm.rundir import discard_failed_start, latest_of, release_run, run_directory, runs_parent, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
+from honelm.tracking import phase
 
 
 STARTED = "training_started"
@@ -71,11 +72,14 @@ def settle_inputs(ctx: RunContext, allow_changed_data: bool) -> None:
 def load(stage: Stage, ctx: RunContext) -> LoadedModel:
     """Data, tokenizer and model, up to the boosters (the stage's own adjustments included)."""
     cfg = ctx.cfg
-    stage.read(ctx)
-    ctx.tokenizer = resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
-                                      stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
+    with phase(ctx.say, "reading and splitting the data"):
+        stage.read(ctx)
+    with phase(ctx.say, "tokenizer"):
+        ctx.tokenizer = resolve_tokenizer(cfg.model, ctx.run_dir, lambda: stage.tokenizer_texts(ctx),
+                                          stage.tokenizer_kind(cfg), ctx.say, ctx.runtime, ctx.resume)
     stage.prepare(ctx)
-    return load_model(stage, ctx)
+    with phase(ctx.say, "loading the model"):
+        return load_model(stage, ctx)
 
 
 def load_model(stage: Stage, ctx: RunContext) -> LoadedModel:
@@ -140,7 +144,8 @@ def train(stage: Stage, ctx: RunContext, loaded: LoadedModel, callbacks: Sequenc
     The result is None when a booster's own run before the main one (a teacher) stopped: the main
     run did not start, and `--resume` continues the booster's run.
     """
-    plan = stage.plan(ctx, loaded)
+    with phase(ctx.say, "preparing the data (tokenising, packing, encoding)"):
+        plan = stage.plan(ctx, loaded)
     if sharding.wanted(ctx.cfg.train.distributed, ctx.runtime):  # before training starts: refused = a failed start
         sharding.refuse_unsupported(plan.stream, ctx.cfg.train.compile)
     ctx.cfg = boosters.calibrate(ctx.cfg, loaded, plan, ctx.tokenizer, ctx.say)  # before the checkpoint: resume-exact

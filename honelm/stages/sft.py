@@ -99,7 +99,7 @@ class SFT(Stage):
             ctx.say(f"packing: {len(train)} examples → {len(items)} rows of up to {cfg.data.max_length} tokens, "
                     f"{items.fill:.0%} full (best-fit decreasing; position_ids restart per example; checked: no "
                     "attention across examples)")
-        evaluate = (lambda m: self.score(ctx, m, val, "val")) if val is not None and len(val) else None
+        evaluate = self.validation(ctx, ctx.splits.val, "examples", val) if val is not None and len(val) else None
         items, objective = self.training_items(ctx, train, items)
         return Plan(objective, ctx.stream(items, lengths=items.lengths), evaluate, metric=cfg.train.metric or "val_loss")
 

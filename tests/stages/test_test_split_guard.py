@@ -71,3 +71,25 @@ def test_the_lock_raises_outside_honelm_test(data_dir):
     s = make_splits(read_examples(data_dir / "reviews.jsonl"), ratios="8:1:1")
     with pytest.raises(TestSplitAccessError):
         _ = s.test
+
+
+def test_honelm_test_takes_the_recorded_split_and_still_refuses_changed_data(data_dir, tmp_path, capsys):
+    """`honelm test` takes the split from split_manifest.json when the data is the run's, and computes it (and is
+    refused by the seal) when a row changed since training."""
+    from honelm.errors import HonelmError
+    from honelm.protocol.test import run_test
+
+    rows = (data_dir / "reviews.jsonl").read_text().splitlines()[:200]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cli("classify", f"data.train={data}", "model.arch=encoder", "model.size=test", "model.vocab_size=400",
+        "train.max_steps=2", "train.eval_every=0", "data.max_length=32", *FAST, f"run.out_dir={tmp_path}",
+        "run.name=r")
+    capsys.readouterr()
+    cli("test", str(tmp_path / "r"))
+    assert "split: taken from split_manifest.json" in capsys.readouterr().err
+    edited = json.loads(rows[0])
+    edited["text"] += " (edited after training)"
+    data.write_text("\n".join([json.dumps(edited), *rows[1:]]) + "\n")
+    with pytest.raises(HonelmError, match="rebuilt splits differ from the recorded"):
+        run_test(tmp_path / "r", force=True)
