@@ -15,7 +15,8 @@ from tests.stages.conftest import FAST, cli, cli_subprocess, events
 def _args(data_dir, out, name, memmap, steps=4, verb="pretrain", extra=()) -> list[str]:
     return [verb, f"data.train={data_dir / 'corpus.txt'}", "model.size=test", "model.vocab_size=400",
             "data.block_size=32", f"train.max_steps={steps}", "train.eval_every=2", "train.batch_size=4",
-            "train.log_every=1", "train.threads=1", f"data.memmap={memmap}", f"data.cache_dir={out / 'cache'}",
+            # eval_max_batches=0: a streamed validation split is scored whole every time, so the in-memory one is too
+            "train.log_every=1", "train.threads=1", "train.eval_max_batches=0", f"data.memmap={memmap}", f"data.cache_dir={out / 'cache'}",
             f"run.out_dir={out}", f"run.name={name}", *FAST, *extra]
 
 
