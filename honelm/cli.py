@@ -29,9 +29,14 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
     from honelm.loop import Callback
 
 
+def config_usage(verb: Verb) -> str:
+    """The usage line of a verb that takes a config."""
+    return (f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
+            "[key.sub=value ...]")
+
+
 def config_help(verb: Verb, cls: type) -> str:
-    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
-             "[key.sub=value ...]", "",
+    lines = [config_usage(verb), "",
              verb.summary, "", "fields (key: type = default   doc):"]
     section = None
     for key, tp, default, doc in C.describe(cls):

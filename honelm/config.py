@@ -181,7 +181,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+@lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (cached: every key set and every --help row asks; never mutated)."""
     return typing.get_type_hints(cls)
 
 

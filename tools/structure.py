@@ -58,6 +58,7 @@ LAYERS: dict[str, int] = {
     "honelm.registry": 6,
     "honelm.protocol": 7, "honelm.protocol.*": 7, "honelm.pipeline": 7,
     "honelm.cli": 8, "honelm.demo": 8, "honelm.__main__": 8,
+    "honelm.reference": 8,  # docs/reference/ from the verbs' --help: over the cli and every command's parser
 }
 # Imports allowed inside functions: the extras of pyproject.toml (test, minilm, tensorboard) and
 # integrations honelm does not require (declare an extra when one is used). Never a package of
