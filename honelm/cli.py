@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
 
 def config_usage(verb: Verb) -> str:
     """The usage line of a verb that takes a config."""
-    return (f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
-            "[key.sub=value ...]")
+    return (f"usage: honelm {verb.name} [--config NAME|PATH [--var NAME=VALUE ...]] [--dry-run] "
+            "[--resume RUN [--allow-changed-data]] [key.sub=value ...]")
 
 
 def config_help(verb: Verb, cls: type) -> str:
@@ -62,9 +62,15 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
     resume: str | None = None
     allow_changed = "--allow-changed-data" in argv  # resume on inputs that changed since the run started (honelm.pins)
     overrides: list[str] = []
+    variables: list[str] = []  # --var NAME=VALUE: fills ${vars.NAME} in the preset (config.resolve_vars)
     it = iter(a for a in argv if a != "--allow-changed-data")
     for arg in it:
-        if arg in ("--config", "-c"):
+        if arg == "--var" or arg.startswith("--var="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None or "=" not in value:
+                raise HonelmError("--var needs NAME=VALUE (a variable the preset declares under vars)")
+            variables.append(value)
+        elif arg in ("--config", "-c"):
             config_path = next(it, None)
             if config_path is None:
                 raise HonelmError("--config needs a preset name or a YAML path")
@@ -86,11 +92,11 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         if config_path:
             raise HonelmError("--resume uses the run's own config.yaml; drop --config")
         config_path = str(Path(resume) / "config.yaml")
-        if overrides:
+        if overrides or variables:
             raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
     elif allow_changed:
         raise HonelmError("--allow-changed-data applies to --resume only")
-    cfg = registry.build_config(verb.name, config_path, overrides)
+    cfg = registry.build_config(verb.name, config_path, overrides, dict(C.parse_overrides(variables)))
     return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks, allow_changed_data=allow_changed)
 
 

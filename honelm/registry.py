@@ -214,7 +214,8 @@ def find_config(name: str, spec: str) -> Path:
     raise HonelmError(f"no config preset '{spec}' for {name}; presets: {', '.join(presets(name)) or 'none'}")
 
 
-def build_config(name: str, config: str | None, overrides: list[str]) -> Any:
-    """The verb's config: defaults < the preset or YAML `config` < `key=value` overrides."""
+def build_config(name: str, config: str | None, overrides: list[str], variables: dict[str, str] | None = None) -> Any:
+    """The verb's config: defaults < the preset or YAML `config` (its ${vars.NAME} filled from `variables`) <
+    `key=value` overrides."""
     path = find_config(name, config) if config else None
-    return C.build(config_class(name), path, overrides)
+    return C.build(config_class(name), path, overrides, variables)
