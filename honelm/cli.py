@@ -61,9 +61,10 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
     config_path: str | None = None
     resume: str | None = None
     allow_changed = "--allow-changed-data" in argv  # resume on inputs that changed since the run started (honelm.pins)
+    dry_run = "--dry-run" in argv
     overrides: list[str] = []
     variables: list[str] = []  # --var NAME=VALUE: fills ${vars.NAME} in the preset (config.resolve_vars)
-    it = iter(a for a in argv if a != "--allow-changed-data")
+    it = iter(a for a in argv if a not in ("--allow-changed-data", "--dry-run"))
     for arg in it:
         if arg == "--var" or arg.startswith("--var="):
             value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
@@ -97,7 +98,18 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
     elif allow_changed:
         raise HonelmError("--allow-changed-data applies to --resume only")
     cfg = registry.build_config(verb.name, config_path, overrides, dict(C.parse_overrides(variables)))
+    if dry_run:
+        return dry_run_verb(verb, cfg)
     return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks, allow_changed_data=allow_changed)
+
+
+def dry_run_verb(verb: Verb, cfg: Any) -> None:
+    """`honelm VERB ... --dry-run`: the config is built (and so valid); every input must exist and every output be
+    writable, all problems reported at once."""
+    problems = registry.preflight(verb.name, cfg)
+    if problems:
+        raise HonelmError(f"--dry-run found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    print(f"honelm {verb.name} --dry-run: the config is valid, every input exists and every output can be written")
 
 
 def cmd_ls(argv: list[str]) -> Any:

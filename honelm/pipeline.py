@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from honelm import config as C
-from honelm import registry
+from honelm import preflight, registry
 from honelm.checkpoint import list_checkpoints
 from honelm.registry import VERBS
 from honelm.errors import ConfigError, HonelmError
@@ -484,10 +484,33 @@ def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"argv": planned.argv, "started": started, "finished": time.time()}, indent=2),
                               encoding="utf-8")
-    if not dry_run:
+    if dry_run:
+        check_dry(pipe, steps)
+    else:
         done = ", ".join(f"{r['stage']} ({r['status']})" for r in summary)
         print(f"\npipeline finished: {done}", flush=True)
     return summary
+
+
+def check_dry(pipe: Pipeline, steps: list[Planned]) -> None:
+    """`--dry-run`: every input of every stage that would run exists, or an earlier stage makes it (its run
+    directory, or a command stage's `output`), and every output can be written; all problems at once, each with
+    its stage and field (HonelmError), else one line saying so."""
+    problems = [f"{pipe.path}: out_dir: {why}"] if (why := preflight.writable(pipe.out_dir)) else []
+    produced: list[Path] = []
+    for index, planned in enumerate(steps):
+        stage = planned.stage
+        if planned.config is not None and planned.status != "done":
+            where = f"{_where(pipe.path, stage.line)}: stage '{stage.name}' ({stage.verb})"
+            problems += [f"{where}: {line}" for line in preflight.check(planned.config, stage.verb, produced)]
+        if planned.run_dir is not None:
+            produced.append(planned.run_dir)
+        elif stage.output:
+            produced.append(Path(resolve(pipe, index, stage.output, "output")))
+    if problems:
+        raise HonelmError(f"--dry-run found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    print("\ndry run: every config is valid, every input exists (or an earlier stage makes it) and every output "
+          "can be written", flush=True)
 
 
 def _quote(word: str) -> str:

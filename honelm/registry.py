@@ -101,6 +101,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
 
 
 RUNNER = "honelm.stages.runner:run_stage"
+PREFLIGHT = "honelm.preflight:check"
 
 
 def resolve(target: str | Any) -> Any:
@@ -173,6 +174,12 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
     if callbacks:
         raise TypeError(f"honelm {name} trains nothing that callbacks could observe")
     return importlib.import_module(v.module).run(cfg, resume=resume)
+
+
+def preflight(name: str, cfg: Any) -> list[str]:
+    """What `honelm VERB --dry-run` finds wrong with a built config: inputs that do not exist, outputs that cannot be
+    written (`honelm.preflight.check`, imported on first use: it loads torch)."""
+    return resolve(PREFLIGHT)(cfg, name)
 
 
 def exit_code(result: Any) -> int:

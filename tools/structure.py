@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "honelm.predictions": 1, "honelm.reporting": 1,  # prediction files; the pieces of a run report
     "honelm.prompting": 1,  # prompted classification: verbalizers, shots, scores (the prompt stage's maths)
     "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.teacher_lm": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
+    "honelm.preflight": 2,  # --dry-run: every input exists, every output can be written (pins' fields, rundir's parent)
     "honelm.pins": 2,  # a run's pinned inputs: data readers and checkpoint's model-dir resolution below it
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
