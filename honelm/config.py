@@ -4,6 +4,9 @@ Precedence: dataclass defaults < YAML file < command-line overrides. Every field
 with an attribute docstring (the string literal right below it), which `describe()` reads back
 from the source so `honelm <verb> --help` can print type, default and doc for every field.
 Unknown keys fail with a "did you mean" suggestion; values are checked against the annotations.
+A preset may declare variables in a `vars:` block and use them as ${vars.NAME} in its values; `build`
+fills them from `--var NAME=VALUE` or their defaults, and a missing one is an error saying what to pass and
+where to get it (`resolve_vars`; docs/presets.md).
 
 The files of `honelm pipeline`, `search` and `ablate` are config dataclasses too, read by
 `from_mapping`: strict (no dotted paths: their `set` fields hold dotted keys as data), sections
@@ -525,7 +528,7 @@ def missing_vars(source: str | Path, declared: dict[str, VarConfig], uses: dict[
     lines = [f"{source} needs {' '.join(f'--var {name}=VALUE' for name in uses)}"]
     for name, keys in uses.items():
         var = declared[name]
-        about = f" ({var.description})" if var.description else ""
+        about = f": {var.description}" if var.description else ""
         where = f"; get it from {var.source}" if var.source else ""
         used = f"; used by {', '.join(keys)}" if keys else ""
         lines.append(f"  --var {name}=VALUE{about}{where}{used}")

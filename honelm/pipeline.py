@@ -2,7 +2,7 @@
 
     # honelm pipeline configs/pipeline/demo.yaml
     out_dir: runs/pipeline/demo          # every stage's run goes to OUT_DIR/<name>
-    vars: {data: runs/pipeline/demo/data}  # optional; ${vars.NAME} anywhere in a value
+    vars: {data: runs/pipeline/demo/data}  # optional; ${vars.NAME} in a value; --var NAME=VALUE (docs/presets.md)
     stages:
       - name: tokenizer                  # optional (default: the verb); unique
         verb: tokenizer                  # any verb that writes a run directory ...
@@ -30,7 +30,8 @@ checkpoint but no such event (killed or interrupted) is continued with `--resume
 a checkpoint is started again (`run.overwrite=true`). A finished or resumable run whose saved
 config.yaml differs from what the file now asks for is an error naming the keys: delete the
 run directory to redo it. A command stage is finished when OUT_DIR/.pipeline/NAME.json records
-that the same command line exited 0. A kept stage that started before a stage it names finished
+that the same command line exited 0. `--dry-run` runs nothing: it shows each command and checks every input
+and output (honelm.preflight; an earlier stage's output may be missing). A kept stage that started before a stage it names finished
 (that input was redone since) is an error too: its result is stale. Every config is built (and
 validated) before anything runs.
 """

@@ -52,8 +52,8 @@ def test_defaults_given_values_and_overridden_keys(tmp_path):
     # every key that uses the variable given on the command line: the variable is not needed
     cfg = C.build(ClassifyConfig, path, ["data.train=a.jsonl", "data.val=b.jsonl"])
     assert (cfg.data.train, cfg.data.val) == ("a.jsonl", "b.jsonl")
-    with pytest.raises(ConfigError, match=r"needs --var data=VALUE\n  --var data=VALUE \(a folder holding "
-                                          r"reviews.jsonl\); get it from https://example.org/reviews.zip; used by "
+    with pytest.raises(ConfigError, match=r"needs --var data=VALUE\n  --var data=VALUE: a folder holding "
+                                          r"reviews.jsonl; get it from https://example.org/reviews.zip; used by "
                                           r"data.val$"):
         C.build(ClassifyConfig, path, ["data.train=a.jsonl"])
     with pytest.raises(ConfigError, match=r"--var dta: not among the file's vars \(data, size\)"):
