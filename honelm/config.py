@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Collection, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -550,13 +550,7 @@ def substitute_vars(value: Any, values: dict[str, str], declared: dict[str, VarC
     """`value` with ${vars.NAME} replaced in every string inside it; a reference to a declared variable that has no
     value is left as written and its key recorded in `unfilled` (NAME -> dotted keys)."""
     if isinstance(value, dict):
-        items = {k: substitute_vars(v, values, declared, source, _dotted(key, str(k)), unfilled)
-                 for k, v in value.items()}
-        if isinstance(value, YamlMapping):  # keep the line a later error points at
-            kept = YamlMapping(items)
-            kept.line = value.line
-            return kept
-        return items
+        return {k: substitute_vars(v, values, declared, source, _dotted(key, str(k)), unfilled) for k, v in value.items()}
     if isinstance(value, list):
         return [substitute_vars(v, values, declared, source, f"{key}[{i}]", unfilled) for i, v in enumerate(value)]
     if not isinstance(value, str):
@@ -576,8 +570,7 @@ def substitute_vars(value: Any, values: dict[str, str], declared: dict[str, VarC
     return VAR_REF.sub(one, value)
 
 
-def resolve_vars(mapping: Any, given: dict[str, str], source: str | Path, overridden: set[str] = frozenset()
-                 ) -> Any:
+def resolve_vars(mapping: Any, given: dict[str, str], source: str | Path, overridden: Collection[str] = ()) -> Any:
     """A preset's mapping without its `vars:` block and with ${vars.NAME} filled from `given` (--var) or the
     defaults. A variable with no value is an error (`missing_vars`) unless every key using it is `overridden`."""
     if not isinstance(mapping, dict):

@@ -68,6 +68,11 @@ def test_defaults_given_values_and_overridden_keys(tmp_path):
 def test_the_command_line_passes_var_and_refuses_it_on_resume(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text(PRESET)
+    for name in ("reviews.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_text('{"text": "good", "label": "pos"}\n')
+    assert main(["classify", "--config", str(path), f"--var=data={tmp_path}", "--dry-run",
+                 f"run.out_dir={tmp_path / 'runs'}"]) == 0
+    assert "every input exists" in capsys.readouterr().out
     assert main(["classify", "--config", str(path), "--var"]) == 1
     assert "--var needs NAME=VALUE" in capsys.readouterr().err
     assert main(["classify", "--resume", str(tmp_path), "--var", "data=/d"]) == 1
