@@ -260,6 +260,11 @@ def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
                    dict(C.parse_overrides(variables)))
 
 
+def var_args(argv: list[str]) -> dict[str, str]:
+    """The `--var NAME=VALUE` pairs among a run stage's arguments (what its preset's ${vars.NAME} are given)."""
+    return dict(C.parse_overrides([value for flag, value in zip(argv, argv[1:]) if flag == "--var"]))
+
+
 def plan(pipe: Pipeline) -> list[Planned]:
     """Every stage's command line and config, built (and validated) before anything runs."""
     out: list[Planned] = []

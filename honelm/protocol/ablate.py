@@ -124,7 +124,7 @@ from honelm.bounds import ANY, at_least, between
 from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
-                             has_run_dir, plan, resolve)
+                             has_run_dir, plan, resolve, var_args)
 from honelm.predictions import TEST_FILE, VAL_FILE, is_scores, read_records
 from honelm.protocol import ledger as L
 from honelm.protocol import search as S
@@ -649,7 +649,8 @@ def search_variant(spec: AblationSpec, variant: Variant, timeout: float | None =
     settings = {k: resolve(full, index, _as_override(v), f"set.{k}") for k, v in last.set.items()}
     raw = {**search, "verb": last.verb, "config": resolve(full, index, last.config, "config"), "space": space.ranges,
            "set": {k: v for k, v in {**settings, **space.fixed}.items() if k not in space.ranges},
-           "out_dir": str(spec.out_dir / "cells" / variant.name / "search")}
+           "out_dir": str(spec.out_dir / "cells" / variant.name / "search"),
+           "vars": var_args([resolve(full, index, a, "args") for a in last.args])}  # its preset's --var
     raw.setdefault("metric", "val_loss" if spec.metric in stats.LOWER_IS_BETTER else f"val_{spec.metric}")
     search_spec = S.spec_from_mapping(raw, spec.path)
     print(f"\n>> {variant.name}: search ({search_spec.n_trials} trials on validation, seed {seed}; "

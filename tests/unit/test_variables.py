@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from honelm import config as C
 from honelm import registry
 from honelm.cli import main
 from honelm.errors import ConfigError
+from honelm.pipeline import plan
+from honelm.protocol import ablate, boost
 from honelm.stages.classify import ClassifyConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +88,18 @@ def test_a_pipeline_without_its_variables_names_each_with_its_source(capsys):
     err = capsys.readouterr().err
     assert "needs --var shakespeare=VALUE --var dpo=VALUE" in err
     assert "karpathy/char-rnn" in err and "dpo_en_demo.json" in err and "alpaca=VALUE" not in err
+
+
+def test_boost_gives_its_vars_to_the_task_preset_and_to_every_cell(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(PRESET)
+    cfg = boost.load_config(None, [("out_dir", str(tmp_path / "b")), ("config", str(path)), ("methods", "[fgm]")],
+                            {"data": "/d"})
+    mapping, not_tried = boost.ablation(cfg)
+    assert mapping["stages"][0]["args"] == ["--var", "data=/d"] and not_tried == {}
+    (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(mapping))
+    spec = ablate.load_spec(tmp_path / "ablation.yaml")  # every cell's config builds, the preset given its var
+    built = plan(ablate.cell_pipeline(spec, spec.variants[-1], 0))[-1].config
+    assert (built.data.train, built.adversarial.method) == ("/d/reviews.jsonl", "fgm")
+    with pytest.raises(ConfigError, match="needs --var data=VALUE"):
+        boost.ablation(boost.load_config(None, [("out_dir", str(tmp_path / "b")), ("config", str(path))]))
