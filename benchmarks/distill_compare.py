@@ -113,22 +113,23 @@ def main(argv: list[str] | None = None) -> None:
     if not task["data"].is_dir():
         print(f"skipped: {task['data']} is absent (see ../shared/data/README.md)")
         return
+    data = ["--var", f"data={task['data']}"]  # where the presets' ${vars.data} is (docs/presets.md)
     out = Path(args.out or f"runs/bench-distill/{args.task}")
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not args.teacher and not finished(teacher):
         if not task["teacher_config"]:
             sys.exit(f"--teacher is required for {args.task} (train it as docs/benchmarks.md says)")
         run("classify", "--config", task["teacher_config"], *task["teacher_set"], f"run.out_dir={out}",
-            "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else []))
+            "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else data))
     student, control = out / "student", out / "control"
     common = [*(f"data.unlabelled={task['unlabelled']}",) * bool(task["unlabelled"]), *args.set]
     if not finished(student):
-        resume = ["--resume", str(student)] if (student / "checkpoints").is_dir() else []
+        resume = ["--resume", str(student)] if (student / "checkpoints").is_dir() else data
         run("distill", "--config", task["student_config"], f"teacher.model={teacher}", f"run.out_dir={out}",
             "run.name=student", *common, *resume)
     if not finished(control):
         # the same student settings through classify: the distill preset minus what only distill has
-        resume = ["--resume", str(control)] if (control / "checkpoints").is_dir() else []
+        resume = ["--resume", str(control)] if (control / "checkpoints").is_dir() else data
         run("classify", "--config", str(control_config(task["student_config"], out)), f"run.out_dir={out}",
             "run.name=control", *[s for s in args.set if not s.startswith(("distill.", "augment.", "teacher."))],
             *resume)

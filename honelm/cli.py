@@ -29,9 +29,14 @@ if TYPE_CHECKING:  # the loop imports torch and transformers: `honelm --help` an
     from honelm.loop import Callback
 
 
+def config_usage(verb: Verb) -> str:
+    """The usage line of a verb that takes a config."""
+    return (f"usage: honelm {verb.name} [--config NAME|PATH [--var NAME=VALUE ...]] [--dry-run] "
+            "[--resume RUN [--allow-changed-data]] [key.sub=value ...]")
+
+
 def config_help(verb: Verb, cls: type) -> str:
-    lines = [f"usage: honelm {verb.name} [--config NAME|PATH] [--resume RUN [--allow-changed-data]] "
-             "[key.sub=value ...]", "",
+    lines = [config_usage(verb), "",
              verb.summary, "", "fields (key: type = default   doc):"]
     section = None
     for key, tp, default, doc in C.describe(cls):
@@ -56,10 +61,17 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
     config_path: str | None = None
     resume: str | None = None
     allow_changed = "--allow-changed-data" in argv  # resume on inputs that changed since the run started (honelm.pins)
+    dry_run = "--dry-run" in argv
     overrides: list[str] = []
-    it = iter(a for a in argv if a != "--allow-changed-data")
+    variables: list[str] = []  # --var NAME=VALUE: fills ${vars.NAME} in the preset (config.resolve_vars)
+    it = iter(a for a in argv if a not in ("--allow-changed-data", "--dry-run"))
     for arg in it:
-        if arg in ("--config", "-c"):
+        if arg == "--var" or arg.startswith("--var="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None or "=" not in value:
+                raise HonelmError("--var needs NAME=VALUE (a variable the preset declares under vars)")
+            variables.append(value)
+        elif arg in ("--config", "-c"):
             config_path = next(it, None)
             if config_path is None:
                 raise HonelmError("--config needs a preset name or a YAML path")
@@ -81,12 +93,23 @@ def run_config_verb(verb: Verb, argv: list[str], callbacks: Sequence[Callback] =
         if config_path:
             raise HonelmError("--resume uses the run's own config.yaml; drop --config")
         config_path = str(Path(resume) / "config.yaml")
-        if overrides:
+        if overrides or variables:
             raise HonelmError("--resume continues the run exactly as configured; overrides are not allowed")
     elif allow_changed:
         raise HonelmError("--allow-changed-data applies to --resume only")
-    cfg = registry.build_config(verb.name, config_path, overrides)
+    cfg = registry.build_config(verb.name, config_path, overrides, dict(C.parse_overrides(variables)))
+    if dry_run:
+        return dry_run_verb(verb, cfg)
     return registry.run_verb(verb.name, cfg, resume=resume, callbacks=callbacks, allow_changed_data=allow_changed)
+
+
+def dry_run_verb(verb: Verb, cfg: Any) -> None:
+    """`honelm VERB ... --dry-run`: the config is built (and so valid); every input must exist and every output be
+    writable, all problems reported at once."""
+    problems = registry.preflight(verb.name, cfg)
+    if problems:
+        raise HonelmError(f"--dry-run found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    print(f"honelm {verb.name} --dry-run: the config is valid, every input exists and every output can be written")
 
 
 def cmd_ls(argv: list[str]) -> Any:

@@ -4,6 +4,9 @@ Precedence: dataclass defaults < YAML file < command-line overrides. Every field
 with an attribute docstring (the string literal right below it), which `describe()` reads back
 from the source so `honelm <verb> --help` can print type, default and doc for every field.
 Unknown keys fail with a "did you mean" suggestion; values are checked against the annotations.
+A preset may declare variables in a `vars:` block and use them as ${vars.NAME} in its values; `build`
+fills them from `--var NAME=VALUE` or their defaults, and a missing one is an error saying what to pass and
+where to get it (`resolve_vars`; docs/presets.md).
 
 The files of `honelm pipeline`, `search` and `ablate` are config dataclasses too, read by
 `from_mapping`: strict (no dotted paths: their `set` fields hold dotted keys as data), sections
@@ -18,13 +21,14 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Collection, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -197,7 +201,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+@lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (cached: every key set and every --help row asks; never mutated)."""
     return typing.get_type_hints(cls)
 
 
@@ -465,8 +471,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults < YAML < overrides, checked. Returns an instance of `cls`."""
+def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+          variables: dict[str, str] | None = None) -> Any:
+    """Defaults < YAML < overrides, checked. Returns an instance of `cls`. `variables` (--var NAME=VALUE) fill the
+    YAML's ${vars.NAME} (see `resolve_vars`)."""
     cfg = cls()
     if yaml_path is not None:
         path = Path(yaml_path)
@@ -474,14 +482,124 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
             mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        overridden = {key for key, _ in parse_overrides(overrides or [])}
+        mapping = resolve_vars(mapping, variables or {}, path, overridden)
         try:
             apply_mapping(cfg, mapping)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    elif variables:
+        raise ConfigError(f"--var {', '.join(variables)}: a variable belongs to a config file's vars; give --config")
     for key, value in parse_overrides(overrides or []):
         set_key(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Variables: a file's `vars:` block, ${vars.NAME} in its values, --var NAME=VALUE on the command line.
+# --------------------------------------------------------------------------------------------
+
+VAR_REF = re.compile(r"\$\{\s*vars\.([A-Za-z_][A-Za-z0-9_-]*)\s*\}")
+
+
+@dataclass
+class VarConfig:
+    """A variable of a preset, pipeline or ablation file (its `vars:` block): ${vars.NAME} in the file's values,
+    given as --var NAME=VALUE. `NAME: VALUE` declares one with that default."""
+
+    default: str | None = None
+    """Its value when --var does not give one; none = it must be given (the error says what and where to get it)."""
+    description: str = ""
+    """What the value is (e.g. the folder holding the dataset's files), shown when it is missing."""
+    source: str = ""
+    """Where to get it (a URL, or the command that makes it), shown when it is missing."""
+
+    @staticmethod
+    def shorthand(value: Any) -> dict[str, Any]:
+        return {"default": str(value)}
+
+
+def declared_vars(raw: Any, source: str | Path) -> dict[str, VarConfig]:
+    """The declarations of a file's `vars:` block (as read from the file)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: vars: expected a mapping of NAME: VALUE or NAME: {{description, source, default}}")
+    return {str(name): _read_field(value, VarConfig, source, str(source), f"vars.{name}") for name, value in raw.items()}
+
+
+def var_values(declared: dict[str, VarConfig], given: dict[str, str], source: str | Path) -> dict[str, str]:
+    """Each declared variable's value: --var's, else its default (one with neither is absent)."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise ConfigError(f"{source}: --var {', '.join(unknown)}: not among the file's vars "
+                          f"({', '.join(declared) or 'none'})")
+    values = {name: var.default for name, var in declared.items() if var.default is not None}
+    return {**values, **given}
+
+
+def missing_vars(source: str | Path, declared: dict[str, VarConfig], uses: dict[str, list[str]]) -> ConfigError:
+    """The error for variables with no value: what to pass, what it is and where to get it, for each at once."""
+    lines = [f"{source} needs {' '.join(f'--var {name}=VALUE' for name in uses)}"]
+    for name, keys in uses.items():
+        var = declared[name]
+        about = f": {var.description}" if var.description else ""
+        where = f"; get it from {var.source}" if var.source else ""
+        used = f"; used by {', '.join(keys)}" if keys else ""
+        lines.append(f"  --var {name}=VALUE{about}{where}{used}")
+    return ConfigError("\n".join(lines))
+
+
+def file_var_values(declared: dict[str, VarConfig], given: dict[str, str], source: str | Path) -> dict[str, str]:
+    """Every declared variable's value (`var_values`) for a pipeline or ablation file, whose stages may use each:
+    one with no value is an error (`missing_vars`)."""
+    values = var_values(declared, given, source)
+    unfilled = {name: [] for name in declared if name not in values}
+    if unfilled:
+        raise missing_vars(source, declared, unfilled)
+    return values
+
+
+def substitute_vars(value: Any, values: dict[str, str], declared: dict[str, VarConfig], source: str | Path,
+                    key: str = "", unfilled: dict[str, list[str]] | None = None) -> Any:
+    """`value` with ${vars.NAME} replaced in every string inside it; a reference to a declared variable that has no
+    value is left as written and its key recorded in `unfilled` (NAME -> dotted keys)."""
+    if isinstance(value, dict):
+        return {k: substitute_vars(v, values, declared, source, _dotted(key, str(k)), unfilled) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_vars(v, values, declared, source, f"{key}[{i}]", unfilled) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in declared:
+            raise ConfigError(f"{source}: {key}: ${{vars.{name}}} is not declared under vars "
+                              f"({', '.join(declared) or 'none'})")
+        if name not in values:
+            if unfilled is not None:
+                unfilled.setdefault(name, []).append(key)
+            return match.group(0)
+        return values[name]
+
+    return VAR_REF.sub(one, value)
+
+
+def resolve_vars(mapping: Any, given: dict[str, str], source: str | Path, overridden: Collection[str] = ()) -> Any:
+    """A preset's mapping without its `vars:` block and with ${vars.NAME} filled from `given` (--var) or the
+    defaults. A variable with no value is an error (`missing_vars`) unless every key using it is `overridden`."""
+    if not isinstance(mapping, dict):
+        return mapping  # apply_mapping reports what it is
+    body = {k: v for k, v in mapping.items() if k != "vars"}
+    declared = declared_vars(mapping.get("vars"), source)
+    unfilled: dict[str, list[str]] = {}
+    out = substitute_vars(body, var_values(declared, given, source), declared, source, "", unfilled)
+    needed = {name: keys for name, keys in ((n, [k for k in ks if k not in overridden]) for n, ks in unfilled.items())
+              if keys}
+    if needed:
+        raise missing_vars(source, declared, needed)
+    return out
 
 
 def validate(cfg: Any, section_name: str = "") -> None:

@@ -2,7 +2,7 @@
 
     # honelm pipeline configs/pipeline/demo.yaml
     out_dir: runs/pipeline/demo          # every stage's run goes to OUT_DIR/<name>
-    vars: {data: runs/pipeline/demo/data}  # optional; ${vars.NAME} anywhere in a value
+    vars: {data: runs/pipeline/demo/data}  # optional; ${vars.NAME} in a value; --var NAME=VALUE (docs/presets.md)
     stages:
       - name: tokenizer                  # optional (default: the verb); unique
         verb: tokenizer                  # any verb that writes a run directory ...
@@ -30,7 +30,8 @@ checkpoint but no such event (killed or interrupted) is continued with `--resume
 a checkpoint is started again (`run.overwrite=true`). A finished or resumable run whose saved
 config.yaml differs from what the file now asks for is an error naming the keys: delete the
 run directory to redo it. A command stage is finished when OUT_DIR/.pipeline/NAME.json records
-that the same command line exited 0. A kept stage that started before a stage it names finished
+that the same command line exited 0. `--dry-run` runs nothing: it shows each command and checks every input
+and output (honelm.preflight; an earlier stage's output may be missing). A kept stage that started before a stage it names finished
 (that input was redone since) is an error too: its result is stale. Every config is built (and
 validated) before anything runs.
 """
@@ -51,7 +52,7 @@ from typing import Any
 import yaml
 
 from honelm import config as C
-from honelm import registry
+from honelm import preflight, registry
 from honelm.checkpoint import list_checkpoints
 from honelm.registry import VERBS
 from honelm.errors import ConfigError, HonelmError
@@ -77,7 +78,7 @@ class PipelineStageConfig:
     """Overrides of the verb's config: dotted keys or nested mappings, ${...} allowed in values."""
     args: list[str] = field(default_factory=list)
     """Command line of a command verb (honelm VERB ARGS...); for a run verb, extra key=value arguments (or its
-    positional one) before those of `set`."""
+    positional one, or `--var NAME=VALUE` for its preset's vars) before those of `set`."""
     output: str = ""
     """What ${NAME} stands for when the stage is a command (it has no run directory), e.g. the directory it
     writes."""
@@ -102,8 +103,9 @@ class PipelineConfig:
 
     out_dir: str = ""
     """Directory that holds every stage's run (OUT_DIR/NAME); ${out_dir} stands for it. Required."""
-    vars: dict[str, str] = field(default_factory=dict)
-    """Named values, used as ${vars.NAME} in a stage's config, set, args or output."""
+    vars: dict[str, C.VarConfig] = field(default_factory=dict)
+    """Named values, used as ${vars.NAME} in a stage's config, set, args or output: `NAME: VALUE` (a default), or
+    NAME: {description, source} for one that `--var NAME=VALUE` must give (the error says what and where to get it)."""
     stages: list[PipelineStageConfig] = field(default_factory=list)
     """The stages, run in this order; a stage can name only stages before it. At least one."""
 
@@ -139,8 +141,9 @@ def _where(pipe_path: Path, line: int | None) -> str:
     return f"{pipe_path}:{line}" if line else str(pipe_path)
 
 
-def load(path: str | Path) -> Pipeline:
-    """Parse and check the pipeline file (structure, names, verbs); errors name file, line and field."""
+def load(path: str | Path, variables: dict[str, str] | None = None) -> Pipeline:
+    """Parse and check the pipeline file (structure, names, verbs), its vars filled from `variables` (--var) or their
+    defaults; errors name file, line and field."""
     p = Path(path)
     raw = C.read_yaml(p, "pipeline file", C.LineLoader)
     if not isinstance(raw, dict):
@@ -154,7 +157,7 @@ def load(path: str | Path) -> Pipeline:
             raise ConfigError(f"{_where(p, line)}: stages[{i}].name: '{name}' is used by an earlier stage; "
                               "give this one a 'name'")
         stages.append(Stage(name, entry.verb, line or 0, entry.config, entry.set, entry.args, entry.output))
-    return Pipeline(p, Path(cfg.out_dir), cfg.vars, stages)
+    return Pipeline(p, Path(cfg.out_dir), C.file_var_values(cfg.vars, variables or {}, p), stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,19 +241,28 @@ class Planned:
 
 
 def _build_config(cls: type, verb: Any, argv: list[str]) -> Any:
-    """The config `honelm VERB ARGV...` would run with (the CLI's own rules: --config, a positional, key=value)."""
-    config_path, overrides = None, []
+    """The config `honelm VERB ARGV...` would run with (the CLI's own rules: --config, --var, a positional,
+    key=value)."""
+    config_path, overrides, variables = None, [], []
     it = iter(argv)
     for arg in it:
         if arg in ("--config", "-c"):
             config_path = next(it, None)
+        elif arg == "--var":
+            variables.append(next(it, ""))
         elif "=" not in arg and verb.positional and not overrides:
             overrides.append(f"{verb.positional}={arg}")
         elif "=" in arg:
             overrides.append(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r} (give settings under 'set')")
-    return C.build(cls, registry.find_config(verb.name, config_path) if config_path else None, overrides)
+    return C.build(cls, registry.find_config(verb.name, config_path) if config_path else None, overrides,
+                   dict(C.parse_overrides(variables)))
+
+
+def var_args(argv: list[str]) -> dict[str, str]:
+    """The `--var NAME=VALUE` pairs among a run stage's arguments (what its preset's ${vars.NAME} are given)."""
+    return dict(C.parse_overrides([value for flag, value in zip(argv, argv[1:]) if flag == "--var"]))
 
 
 def plan(pipe: Pipeline) -> list[Planned]:
@@ -428,9 +440,11 @@ def run_planned(planned: Planned) -> int:
     return registry.exit_code(result)
 
 
-def run_pipeline(path: str | Path, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Run (or, dry, only show) every stage that is not finished; returns one summary row per stage."""
-    return execute(load(path), dry_run)
+def run_pipeline(path: str | Path, dry_run: bool = False, variables: dict[str, str] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Run (or, dry, only show and check) every stage that is not finished; returns one summary row per stage.
+    `variables` (--var NAME=VALUE) fill the file's vars."""
+    return execute(load(path, variables), dry_run)
 
 
 def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict[str, Any]]:
@@ -476,10 +490,33 @@ def execute(pipe: Pipeline, dry_run: bool = False, again: str = "") -> list[dict
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"argv": planned.argv, "started": started, "finished": time.time()}, indent=2),
                               encoding="utf-8")
-    if not dry_run:
+    if dry_run:
+        check_dry(pipe, steps)
+    else:
         done = ", ".join(f"{r['stage']} ({r['status']})" for r in summary)
         print(f"\npipeline finished: {done}", flush=True)
     return summary
+
+
+def check_dry(pipe: Pipeline, steps: list[Planned]) -> None:
+    """`--dry-run`: every input of every stage that would run exists, or an earlier stage makes it (its run
+    directory, or a command stage's `output`), and every output can be written; all problems at once, each with
+    its stage and field (HonelmError), else one line saying so."""
+    problems = [f"{pipe.path}: out_dir: {why}"] if (why := preflight.writable(pipe.out_dir)) else []
+    produced: list[Path] = []
+    for index, planned in enumerate(steps):
+        stage = planned.stage
+        if planned.config is not None and planned.status != "done":
+            where = f"{_where(pipe.path, stage.line)}: stage '{stage.name}' ({stage.verb})"
+            problems += [f"{where}: {line}" for line in preflight.check(planned.config, stage.verb, produced)]
+        if planned.run_dir is not None:
+            produced.append(planned.run_dir)
+        elif stage.output:
+            produced.append(Path(resolve(pipe, index, stage.output, "output")))
+    if problems:
+        raise HonelmError(f"--dry-run found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    print("\ndry run: every config is valid, every input exists (or an earlier stage makes it) and every output "
+          "can be written", flush=True)
 
 
 def _quote(word: str) -> str:
@@ -492,6 +529,9 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
                                 epilog=C.fields_help(PipelineConfig, "fields of the file (key: type = default   doc):"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="show what would run (and check every config) without running")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set one of the file's vars")
+    p.add_argument("--dry-run", action="store_true", help="show what would run and check it without running: every "
+                   "config, every input (files, model directories; an earlier stage's output may be missing) and "
+                   "that every output can be written")
     args = p.parse_args(argv)
-    return run_pipeline(args.file, dry_run=args.dry_run)
+    return run_pipeline(args.file, dry_run=args.dry_run, variables=dict(C.parse_overrides(args.var)))

@@ -101,6 +101,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
 
 
 RUNNER = "honelm.stages.runner:run_stage"
+PREFLIGHT = "honelm.preflight:check"
 
 
 def resolve(target: str | Any) -> Any:
@@ -175,6 +176,12 @@ def run_verb(name: str, cfg: Any, resume: str | None = None, callbacks: Sequence
     return importlib.import_module(v.module).run(cfg, resume=resume)
 
 
+def preflight(name: str, cfg: Any) -> list[str]:
+    """What `honelm VERB --dry-run` finds wrong with a built config: inputs that do not exist, outputs that cannot be
+    written (`honelm.preflight.check`, imported on first use: it loads torch)."""
+    return resolve(PREFLIGHT)(cfg, name)
+
+
 def exit_code(result: Any) -> int:
     """The exit status of a verb that returned `result`: 130 when its run was interrupted (the checkpoint saved)
     or a stop came as the finished run saved itself (nothing after it should start), else 0."""
@@ -214,7 +221,8 @@ def find_config(name: str, spec: str) -> Path:
     raise HonelmError(f"no config preset '{spec}' for {name}; presets: {', '.join(presets(name)) or 'none'}")
 
 
-def build_config(name: str, config: str | None, overrides: list[str]) -> Any:
-    """The verb's config: defaults < the preset or YAML `config` < `key=value` overrides."""
+def build_config(name: str, config: str | None, overrides: list[str], variables: dict[str, str] | None = None) -> Any:
+    """The verb's config: defaults < the preset or YAML `config` (its ${vars.NAME} filled from `variables`) <
+    `key=value` overrides."""
     path = find_config(name, config) if config else None
-    return C.build(config_class(name), path, overrides)
+    return C.build(config_class(name), path, overrides, variables)

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "honelm.checkpoint": 2, "honelm.teacher": 2, "honelm.teacher_lm": 2, "honelm.optim": 2, "honelm.speed": 2, "honelm.rundir": 2,
     "honelm.sharding": 2,  # FSDP2 sharding, no_sync and the gathered best/ weights, beside checkpoint (sharded files)
     "honelm.validation": 2,  # bounded validation: the capped subset and the kept best weights, below the loop
+    "honelm.preflight": 2,  # --dry-run: every input exists, every output can be written (pins' fields, rundir's parent)
     "honelm.pins": 2,  # a run's pinned inputs: data readers and checkpoint's model-dir resolution below it
     "honelm.loop": 3,
     "honelm.boosters": 4, "honelm.boosters.*": 4, "honelm.rl": 4, "honelm.rl.*": 4,
@@ -60,6 +61,7 @@ LAYERS: dict[str, int] = {
     "honelm.registry": 6,
     "honelm.protocol": 7, "honelm.protocol.*": 7, "honelm.pipeline": 7,
     "honelm.cli": 8, "honelm.demo": 8, "honelm.__main__": 8,
+    "honelm.reference": 8,  # docs/reference/ from the verbs' --help: over the cli and every command's parser
 }
 # Imports allowed inside functions: the extras of pyproject.toml (test, minilm, tensorboard) and
 # integrations honelm does not require (declare an extra when one is used). Never a package of

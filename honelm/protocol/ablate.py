@@ -124,7 +124,7 @@ from honelm.bounds import ANY, at_least, between
 from honelm.data.splits import forbid_test_split
 from honelm.errors import ConfigError, HonelmError
 from honelm.pipeline import (Pipeline, PipelineStageConfig, Stage, _as_override, _flatten, config_differences, execute,
-                             has_run_dir, plan, resolve)
+                             has_run_dir, plan, resolve, var_args)
 from honelm.predictions import TEST_FILE, VAL_FILE, is_scores, read_records
 from honelm.protocol import ledger as L
 from honelm.protocol import search as S
@@ -196,8 +196,9 @@ class AblateConfig:
     test: str = "chosen"
     """Which cells `honelm test` reads, once each, after every cell has trained and the verdicts are in: chosen (the
     chosen variant's, every seed), all (every cell; that table is a report, not a selection) or none (--test)."""
-    vars: dict[str, str] = field(default_factory=dict)
-    """Named values, ${vars.NAME} in the stages as in a pipeline file (--var NAME=VALUE sets one)."""
+    vars: dict[str, C.VarConfig] = field(default_factory=dict)
+    """Named values, ${vars.NAME} in the stages as in a pipeline file (--var NAME=VALUE sets one): `NAME: VALUE`, or
+    NAME: {description, source} for one that --var must give."""
     stages: list[AblateStageConfig] = field(default_factory=list)
     """The baseline, as pipeline stages; the LAST one is the compared stage (validated, tested if chosen). At least one."""
     search: dict[str, Any] | None = field(default_factory=dict)
@@ -284,15 +285,10 @@ def load_spec(path: str | Path, variables: dict[str, str] | None = None, out_dir
         raw["seeds"] = seeds
     if test is not None:
         raw["test"] = test
-    if variables:
-        known = raw.get("vars") or {}
-        missing = sorted(set(variables) - set(known)) if isinstance(known, dict) else []
-        if missing:
-            raise ConfigError(f"{p}: --var {', '.join(missing)}: not among the file's vars ({', '.join(known) or 'none'})")
-        raw["vars"] = {**known, **variables}
     cfg = C.from_mapping(AblateConfig, raw, p)
+    values = C.file_var_values(cfg.vars, variables or {}, p)
     seed_list = list(range(cfg.seeds)) if isinstance(cfg.seeds, int) else list(cfg.seeds)
-    spec = AblationSpec(p, Path(cfg.out_dir), seed_list, cfg.metric, cfg.stages, _variants(cfg, p), cfg.vars,
+    spec = AblationSpec(p, Path(cfg.out_dir), seed_list, cfg.metric, cfg.stages, _variants(cfg, p), values,
                         cfg.search, cfg.bootstrap, cfg.confidence, cfg.test, L.ledger_path(cfg.out_dir, ledger),
                         cfg.time_budget)
     for variant in spec.variants:  # every cell's configs build (and validate) before anything runs
@@ -653,7 +649,8 @@ def search_variant(spec: AblationSpec, variant: Variant, timeout: float | None =
     settings = {k: resolve(full, index, _as_override(v), f"set.{k}") for k, v in last.set.items()}
     raw = {**search, "verb": last.verb, "config": resolve(full, index, last.config, "config"), "space": space.ranges,
            "set": {k: v for k, v in {**settings, **space.fixed}.items() if k not in space.ranges},
-           "out_dir": str(spec.out_dir / "cells" / variant.name / "search")}
+           "out_dir": str(spec.out_dir / "cells" / variant.name / "search"),
+           "vars": var_args([resolve(full, index, a, "args") for a in last.args])}  # its preset's --var
     raw.setdefault("metric", "val_loss" if spec.metric in stats.LOWER_IS_BETTER else f"val_{spec.metric}")
     search_spec = S.spec_from_mapping(raw, spec.path)
     print(f"\n>> {variant.name}: search ({search_spec.n_trials} trials on validation, seed {seed}; "

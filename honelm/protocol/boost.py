@@ -73,6 +73,9 @@ class BoostConfig:
     config: str = ""
     """The task's classify config: a preset name (configs/classify/NAME.yaml) or a YAML path; empty = classify's
     defaults."""
+    vars: dict[str, str] = field(default_factory=dict)
+    """Values of the `config` preset's vars (${vars.NAME} in it, e.g. where its data is; docs/presets.md); on the
+    command line --var NAME=VALUE."""
     set: dict[str, Any] = field(default_factory=dict)
     """Settings of the task's classify config on top of `config` (dotted keys or nested mappings; on the command line
     set.KEY=VALUE): data.train (required somewhere), the starting model (model.init_from, or a preset's model.arch
@@ -144,8 +147,9 @@ def _overrides(cfg: BoostConfig, extra: dict[str, Any] | None = None) -> dict[st
     return {**settings, **(extra or {})}
 
 
-def _build(cls: type, path: str, settings: dict[str, Any]) -> Any:
-    return C.build(cls, path or None, [f"{k}={_as_override(v)}" for k, v in settings.items()])
+def _build(cls: type, path: str, settings: dict[str, Any], variables: dict[str, str]) -> Any:
+    return C.build(cls, path or None, [f"{k}={_as_override(v)}" for k, v in settings.items()],
+                   variables if path else None)
 
 
 def _adapt_stage(cfg: BoostConfig, task: ClassifyConfig, name: str, text: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +193,7 @@ def _variant(cfg: BoostConfig, path: str, task: ClassifyConfig, method: str) -> 
         body = {"set": {"lora.enabled": True} if method == LORA else {"adversarial.method": method}}
         cls = ClassifyConfig
     try:  # the stage × booster checks, before anything runs
-        _build(cls, path, _overrides(cfg, body["set"]))
+        _build(cls, path, _overrides(cfg, body["set"]), cfg.vars)
     except ConfigError as e:
         return None, str(e)
     return body, ""
@@ -198,7 +202,7 @@ def _variant(cfg: BoostConfig, path: str, task: ClassifyConfig, method: str) -> 
 def ablation(cfg: BoostConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """The ablation boost runs (an ablation file's mapping) and {method: why it is not tried}."""
     path = str(registry.find_config(Classification.name, cfg.config).resolve()) if cfg.config else ""
-    task = _build(ClassifyConfig, path, _overrides(cfg))
+    task = _build(ClassifyConfig, path, _overrides(cfg), cfg.vars)
     variants, not_tried = {}, {}
     for method in dict.fromkeys(cfg.methods):
         body, why = _variant(cfg, path, task, method)
@@ -208,7 +212,8 @@ def ablation(cfg: BoostConfig) -> tuple[dict[str, Any], dict[str, str]]:
             variants[method] = body
     search = {**cfg.search, "n_trials": cfg.n_trials, **({"space": cfg.space} if cfg.space else {})}
     stage = {"name": Classification.name, "verb": Classification.name, "set": _overrides(cfg),
-             **({"config": path} if path else {})}
+             **({"config": path, "args": [w for k, v in cfg.vars.items() for w in ("--var", f"{k}={v}")]}
+                if path else {})}
     return {"out_dir": cfg.out_dir, "seeds": cfg.seeds, "metric": cfg.metric, "bootstrap": cfg.bootstrap,
             "confidence": cfg.confidence, "test": "chosen", "time_budget": cfg.time_budget, "stages": [stage],
             "search": search, "variants": variants}, not_tried
@@ -321,9 +326,10 @@ def write_report(path: Path, ledger: str | Path | None = None) -> Path:
 # the verb
 
 
-def load_config(file: str | None, pairs: list[tuple[str, str]]) -> BoostConfig:
+def load_config(file: str | None, pairs: list[tuple[str, str]], variables: dict[str, str] | None = None
+                ) -> BoostConfig:
     """BoostConfig from an optional YAML file with `key=value` on top (`set.KEY=VALUE` into `set`, `search.KEY=VALUE`
-    into `search`)."""
+    into `search`) and `variables` (--var) into `vars`."""
     source: str | Path = "the command line"
     raw: dict[str, Any] = {}
     if file:
@@ -338,6 +344,8 @@ def load_config(file: str | None, pairs: list[tuple[str, str]]) -> BoostConfig:
             raw[head] = {**dict(_flatten(raw.get(head) or {})), rest: yaml.safe_load(value)}
         else:
             raw[key] = value
+    if variables:
+        raw["vars"] = {**(raw.get("vars") or {}), **variables}
     return C.from_mapping(BoostConfig, raw, source)
 
 
@@ -351,10 +359,13 @@ def main(argv: list[str]) -> Path:
                    "configs/boost/NAME.yaml) of the fields and/or "
                    "key=value (set.KEY=VALUE: a setting of the task's classify config; search.KEY=VALUE likewise)")
     p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger (default: as ablate's)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for the task config's vars (e.g. where its data is)")
     args = p.parse_intermixed_args(argv)
     words = list(args.settings)
     file = words.pop(0) if words and "=" not in words[0] else None
-    cfg = load_config(str(registry.find_config("boost", file)) if file else None, C.parse_overrides(words))
+    cfg = load_config(str(registry.find_config("boost", file)) if file else None, C.parse_overrides(words),
+                      dict(C.parse_overrides(args.var)))
     report = run_boost(cfg, args.ledger)
     results = json.loads((Path(cfg.out_dir) / "results.json").read_text(encoding="utf-8"))
     print("\n" + "\n".join(_winner_lines(results)[2:]).replace("**", "").strip())

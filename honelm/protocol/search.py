@@ -132,6 +132,7 @@ class SearchSpec:
     keep_models: str = "best"
     study: str = "honelm"
     storage: str = ""  # set by --storage; default sqlite in out_dir
+    variables: dict[str, str] = field(default_factory=dict)  # the base preset's vars (not part of the identity)
 
     @property
     def minimize(self) -> bool:
@@ -207,6 +208,8 @@ class SearchConfig:
     """The verb's base preset name or YAML path; empty = the verb's defaults."""
     set: dict[str, Any] = field(default_factory=dict)
     """Fixed settings of every trial: dotted keys or nested mappings (the command line's key=value add to them)."""
+    vars: dict[str, str] = field(default_factory=dict)
+    """Values of the base preset's vars (${vars.NAME} in it), e.g. where its data is; --var NAME=VALUE adds one."""
     out_dir: str = ""
     """Directory of the study (study.db), the trials' runs and every output (--out-dir overrides it). Required."""
     metric: str = ""
@@ -250,14 +253,16 @@ class SearchConfig:
             raise C.FieldError("timeout", "must be a number of seconds (0 = none)")
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
-              ) -> SearchSpec:
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+              variables: dict[str, str] | None = None) -> SearchSpec:
     """Read and check a search file; `overrides` are the command line's options (n_trials, timeout,
-    storage, out_dir), `settings` its extra `key=value` fixed settings."""
+    storage, out_dir), `settings` its extra `key=value` fixed settings, `variables` its --var values."""
     p = Path(path)
     raw = C.read_yaml(p, "search file", C.LineLoader)
     if settings and isinstance(raw, dict):
         raw["set"] = {**dict(_flatten(raw.get("set") or {})), **settings}
+    if variables and isinstance(raw, dict):
+        raw["vars"] = {**(raw.get("vars") or {}), **variables}
     return spec_from_mapping(raw, p, overrides)
 
 
@@ -270,7 +275,7 @@ def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None
     space = [dim.param(key) for key, dim in cfg.space.items()]
     spec = SearchSpec(p, cfg.verb, Path(cfg.out_dir), cfg.metric, space, cfg.config, dict(_flatten(cfg.set)),
                       cfg.direction, cfg.sampler, cfg.pruner, 10 if cfg.n_trials is None else cfg.n_trials,
-                      cfg.timeout, cfg.seed, cfg.keep_models, cfg.study or "honelm", cfg.storage)
+                      cfg.timeout, cfg.seed, cfg.keep_models, cfg.study or "honelm", cfg.storage, dict(cfg.vars))
     if spec.sampler == "grid":  # every dimension must be finite; by default the whole grid is tried
         size = math.prod(len(prm.grid_values()) for prm in space)
         if cfg.n_trials is None:
@@ -295,7 +300,7 @@ def trial_overrides(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> 
 def build_trial_config(spec: SearchSpec, params: dict[str, Any], run_dir: Path) -> Any:
     cls = config_class(spec.verb)
     base = registry.find_config(spec.verb, spec.config) if spec.config else None
-    return C.build(cls, base, trial_overrides(spec, params, run_dir))
+    return C.build(cls, base, trial_overrides(spec, params, run_dir), spec.variables)
 
 
 def check_spec(spec: SearchSpec) -> None:
@@ -686,12 +691,15 @@ def main(argv: list[str], callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by several workers (default: "
                    "sqlite in OUT_DIR/study.db)")
     p.add_argument("--out-dir", default=None, help="where the study and trials live (overrides the file)")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for the base preset's vars (e.g. where its data is)")
     p.add_argument("settings", nargs="*", metavar="key.sub=value", help="extra fixed settings (added to the file's set)")
     args = p.parse_intermixed_args(argv)
     extra = dict(C.parse_overrides(args.settings))
     raw_overrides: dict[str, Any] = {"n_trials": args.n_trials, "timeout": args.timeout, "storage": args.storage,
                                      "out_dir": args.out_dir}
-    spec = load_spec(registry.find_config("search", args.file), raw_overrides, extra)
+    spec = load_spec(registry.find_config("search", args.file), raw_overrides, extra,
+                     dict(C.parse_overrides(args.var)))
     best = run_search(spec, callbacks)
     if "trial" in best:
         print(f"\nbest: trial {best['trial']}, {spec.metric} = {best['value']:.4f} with "

@@ -7,6 +7,7 @@ RUN/tokenizer, loadable with `AutoTokenizer.from_pretrained`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +17,8 @@ from honelm.bounds import at_least
 from honelm.config import RunConfig, section
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
-from honelm.rundir import release_run, run_directory, tracker_for, write_json
+from honelm.rundir import (discard_failed_start, latest_of, release_run, run_directory, runs_parent, tracker_for,
+                           write_json)
 from honelm.tokenizer import bytes_per_token_stats, train_tokenizer
 
 
@@ -45,9 +47,17 @@ class TokenizerConfig:
 
 def run(cfg: TokenizerConfig, resume: str | None = None) -> dict[str, Any]:
     runtime = rt.setup()
+    latest_before = latest_of(runs_parent("tokenizer", cfg))
     run_dir = run_directory("tokenizer", cfg, runtime, None)
     try:
         return _train(cfg, runtime, run_dir)
+    except BaseException:
+        # a tokenizer run that fails (a missing file, bad rows) holds nothing to keep: as a training run's failed
+        # start, its directory goes, `latest` points back and the same run.name works again
+        if discard_failed_start(run_dir, latest_before, runtime):
+            print(f"{run_dir}: removed, as the run failed (run the same command again once the error is fixed)",
+                  file=sys.stderr, flush=True)
+        raise
     finally:
         release_run(run_dir)
 

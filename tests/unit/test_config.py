@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from honelm import config as C
 from honelm import registry
@@ -71,6 +72,12 @@ def test_yaml_unknown_key_names_the_file(tmp_path):
         C.build(PretrainConfig, path)
 
 
+def example_vars(path: Path) -> dict[str, str]:
+    """A value for every variable the file declares without a default (what --var would give)."""
+    declared = C.declared_vars((yaml.safe_load(path.read_text()) or {}).get("vars"), path)
+    return {name: f"/data/{name}" for name, var in declared.items() if var.default is None}
+
+
 def test_shipped_presets_validate_and_start_with_their_command():
     presets = sorted((ROOT / "configs").glob("*/*.yaml"))
     assert presets
@@ -82,11 +89,14 @@ def test_shipped_presets_validate_and_start_with_their_command():
             if stage == "search":
                 from honelm.protocol.search import load_spec
 
-                load_spec(path)  # checks every key of the space and builds the config at its corners
+                base = yaml.safe_load(path.read_text())
+                preset = find_config(base["verb"], base["config"]) if base.get("config") else None
+                # checks every key of the space and builds the config at its corners
+                load_spec(path, variables=example_vars(preset) if preset else None)
             elif stage == "ablate":
                 from honelm.protocol.ablate import load_spec as load_ablation
 
-                load_ablation(path)  # builds every cell's configs
+                load_ablation(path, example_vars(path))  # builds every cell's configs
             elif stage == "boost":
                 from honelm.protocol.boost import load_config as load_boost
 
@@ -94,7 +104,7 @@ def test_shipped_presets_validate_and_start_with_their_command():
                 assert find_config("boost", path.stem).resolve() == path.resolve()  # `honelm boost NAME` finds it
             continue
         cls = registry.config_class(verb.name)
-        C.build(cls, path)
+        C.build(cls, path, variables=example_vars(path))
         assert path.read_text().startswith(f"# honelm {stage} "), path
         assert find_config(stage, path.stem) is not None
 
