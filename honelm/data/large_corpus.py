@@ -38,7 +38,7 @@ import numpy as np
 
 from honelm.data import hub
 from honelm.data.readers import BadRows, Document, expand_paths, iter_documents, read_documents
-from honelm.data.sources import (check_not_empty, read_test_later, report_skipped, say_split, skipping,
+from honelm.data.sources import (check_not_empty, read_test_later, say_split, skipping,
                                  text_splits)
 from honelm.data.splits import (SPLIT_NAMES, Splits, _allocate, _file_sha256, _near_duplicates, _ratio_weights,
                                 _Universe, parse_ratios)
