@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/ leads somewhere: the file exists, and a `#anchor` names a
+"""Every relative link in README.md, docs/ and the other top-level guides leads somewhere: the file exists, and a `#anchor` names a
 heading of that page (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens, repeats numbered)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def pages() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    top = [ROOT / name for name in ("README.md", "CONTRIBUTING.md", "DEVELOPERS.md", "benchmarks/README.md")]
+    return [*top, *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def prose(path: Path) -> list[tuple[int, str]]:
