@@ -29,8 +29,8 @@ with the best validation accuracy kept, early stopping after `--patience` (4) va
 without improvement, bf16 autocast for every cell (`--precision`; honelm's default `auto` measures
 bf16 against fp32 at the start of every run, and on a busy machine two cells could then train in
 different precisions). These are identical for every method; `adversarial.method` is the only
-difference and every adversarial key takes the method's default (README "Adversarial
-training"); `plain` is `adversarial.method=none`. run.seed = the seed (the subset seed too).
+difference and every adversarial key takes the method's default (docs/adversarial.md, "Methods, keys
+and costs"); `plain` is `adversarial.method=none`. run.seed = the seed (the subset seed too).
 Then `honelm test RUN` evaluates the selected model once (test_metrics.json): that is the clean
 test accuracy reported, and the only one.
 

@@ -91,7 +91,7 @@ class AdversarialConfig:
     """Adversarial / noise training on the word-embedding output (a field left empty takes the method's default)."""
 
     method: Literal["none", "fgm", "pgd", "freelb", "smart", "r3f", "vat", "neftune", "plae"] = "none"
-    """none, fgm, pgd, freelb, smart, r3f, vat, neftune or plae (README: papers, defaults, cost)."""
+    """none, fgm, pgd, freelb, smart, r3f, vat, neftune or plae (docs/adversarial.md: papers, defaults, cost)."""
     epsilon: Annotated[float | None, at_least(0)] = None
     """Size of the perturbation. fgm/pgd/smart/vat/plae: radius of the per-example ball (0.2; pgd and plae 0.05); freelb: projection radius (inf = none, the reference default); r3f: noise half-width (1e-5); neftune: alpha (5). 0 turns the method off."""
     steps: Annotated[int | None, at_least(0)] = None
@@ -322,8 +322,8 @@ class Method(abc.ABC):
     """An adversarial method: its settings (the subclass's fields) and its step on one micro-batch.
 
     A subclass is a frozen dataclass whose fields are the `adversarial.*` keys the method reads, in
-    the order its log line shows them, each at the method's default (README "Adversarial training"
-    has the table and the reasons); any other key set explicitly is an error, not silently ignored.
+    the order its log line shows them, each at the method's default (docs/adversarial.md,
+    "Methods, keys and costs", has the table and the reasons); any other key set explicitly is an error, not silently ignored.
     An instance is the method with its resolved settings (`AdversarialConfig.settings()`).
 
     ε is a per-example radius in raw word-embedding space, except: r3f's noise half-width,
@@ -336,7 +336,7 @@ class Method(abc.ABC):
     name: ClassVar[str] = ""
     """Its `adversarial.method` value (`register` sets it)."""
     cost: ClassVar[str] = ""
-    """Forward+backward passes per micro-batch, plain = 1 (the README's cost column; `register` sets it)."""
+    """Forward+backward passes per micro-batch, plain = 1 (docs/adversarial.md's cost column; `register` sets it)."""
     needs_stored: ClassVar[bool] = False
     """It trains on perturbations that a run before the main one stored (plae): the wrapper needs `stored`."""
     not_pairwise: ClassVar[str] = ""
