@@ -69,7 +69,7 @@ def verbs() -> dict[str, list[str]]:
                 "train.batch_size=4"],
         "grpo": ["grpo", "data.train=data/arithmetic_prompts.jsonl", "model.init_from=refs/pretrain",
                  "reward.function=numeric", "grpo.group_size=4", "grpo.prompts_per_rollout=2",
-                 "grpo.response_length=6", "train.batch_size=8", "train.eval_batch_size=16"],
+                 "grpo.response_length=6", "train.batch_size=8", "train.grad_accum=1", "train.eval_batch_size=16"],
         "distill": ["distill", "data.train=data/reviews.jsonl", "teacher.model=refs/classify",
                     "model.init_from=refs/pretrain", "data.max_length=32", "train.batch_size=8"],
     }
