@@ -183,7 +183,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows: list[dict[str, Any]] = []
     table = verbs()
-    for verb in [v.strip() for v in args.verbs.split(",") if v.strip()]:
+    chosen = [v.strip() for v in args.verbs.split(",") if v.strip()]
+    for needed in ("pretrain", "classify"):  # the runs others start from (refs/pretrain) or learn from (refs/classify)
+        if needed != chosen[0] and any(f"refs/{needed}" in a for v in chosen for a in table[v]):
+            reference(where, needed, table[needed])
+    for verb in chosen:
         ref, seconds = reference(where, verb, table[verb])
         for i in range(args.trials):
             row = trial(where, verb, table[verb], ref, seconds, i, rng)
