@@ -185,7 +185,7 @@ def main() -> None:
     table = verbs()
     chosen = [v.strip() for v in args.verbs.split(",") if v.strip()]
     for needed in ("pretrain", "classify"):  # the runs others start from (refs/pretrain) or learn from (refs/classify)
-        if needed != chosen[0] and any(f"refs/{needed}" in a for v in chosen for a in table[v]):
+        if any(f"refs/{needed}" in a for v in chosen for a in table[v]):
             reference(where, needed, table[needed])
     for verb in chosen:
         ref, seconds = reference(where, verb, table[verb])
