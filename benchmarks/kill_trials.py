@@ -7,7 +7,7 @@ the demo's generated data (`honelm.demo.generate_data`, tiny `model.size=test` m
 steps, a checkpoint every 3, one tokenizer trained once and shared, one thread). Then, per verb,
 `--trials` fresh runs of the same command are started with the real CLI in a subprocess and hit,
 once training has begun, at a moment drawn uniformly over the reference run's time from the start of
-training to the end of its process (steps, checkpoint writes, the final writes), by
+training to its `end` event (steps and checkpoint writes), by
 one of SIGKILL (the OOM killer, a lost machine), SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C),
 in turn. The run is then resumed with `honelm VERB --resume RUN` until it exits 0 (at most three
 times), and its final checkpoint's weights are compared with the uninterrupted run's.
@@ -102,18 +102,21 @@ def project(out: Path) -> Path:
 
 def reference(where: Path, verb: str, args: list[str]) -> tuple[dict[str, torch.Tensor], float]:
     """The uninterrupted run refs/VERB (kept and reused): its final weights, and the seconds from the start of its
-    training to the end of its process (the window the kill moments are drawn from: it holds every step, every
-    checkpoint write and the final writes of best/)."""
+    training to its `end` event (the window the kill moments are drawn from: every step and checkpoint write; a
+    slower trial run may still be hit after its last step, which is a trial too)."""
     run = where / "refs" / verb
     window_file = run / "kill_window.json"
     if not (run / FINAL).is_file() or not window_file.is_file():
         shutil.rmtree(run, ignore_errors=True)
         proc = honelm([*args, *FAST, "run.out_dir=refs", f"run.name={verb}"], where)
         began = _wait_for_training(run, proc)
+        while proc.poll() is None and " end reason=" not in _log(run):
+            time.sleep(0.01)
+        ended = time.perf_counter()
         _, err = proc.communicate()
         if proc.returncode != 0:
             raise SystemExit(f"{verb}: the reference run failed:\n{err[-3000:]}")
-        window_file.write_text(json.dumps({"seconds": time.perf_counter() - began}), encoding="utf-8")
+        window_file.write_text(json.dumps({"seconds": ended - began}), encoding="utf-8")
     seconds = float(json.loads(window_file.read_text())["seconds"])
     return {k: v.clone() for k, v in load_file(run / FINAL).items()}, seconds
 
@@ -126,9 +129,13 @@ def _wait_for_training(run: Path, proc: subprocess.Popen) -> float:
     return time.perf_counter()
 
 
-def _training(run: Path) -> bool:
+def _log(run: Path) -> str:
     log = run / "log.txt"
-    return log.is_file() and "training " in log.read_text(encoding="utf-8", errors="replace")
+    return log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+
+
+def _training(run: Path) -> bool:
+    return "training " in _log(run)
 
 
 def hit(where: Path, args: list[str], name: str, sig: signal.Signals, delay: float) -> tuple[bool, bool, bool]:
