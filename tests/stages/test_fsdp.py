@@ -34,7 +34,8 @@ def pretrain_args(data_dir: Path, out: Path, tok: Path, name: str, *extra: str) 
     return ["pretrain", f"data.train={data_dir / 'corpus.txt'}", "model.size=test", f"model.tokenizer={tok}",
             "model.dropout=0.1", "data.block_size=32", "train.max_steps=8", "train.eval_every=4", "train.save_every=4",
             "train.keep_checkpoints=5", "train.batch_size=4", "train.grad_accum=2", "train.log_every=1",
-            "train.threads=1", "train.lr=3e-3", f"run.out_dir={out}", f"run.name={name}", *FAST, *extra]
+            "train.threads=1", "train.eval_max_batches=0", "train.lr=3e-3", f"run.out_dir={out}", f"run.name={name}",
+            *FAST, *extra]  # eval_max_batches=0: a sharded run validates on all of it, so the DDP one does too
 
 
 def sharded_state(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +114,8 @@ def test_resume_from_a_sharded_checkpoint_is_bit_identical(runs):
 def test_lora_with_gradient_checkpointing_under_fsdp_writes_the_adapter_ddp_writes(runs, data_dir):
     args = ["pretrain", f"data.train={data_dir / 'corpus.txt'}", f"model.init_from={runs / 'ddp'}",
             "data.block_size=32", "train.max_steps=4", "train.eval_every=2", "train.save_every=0",
-            "train.batch_size=4", "train.grad_accum=2", "train.threads=1", "train.lr=1e-2", "lora.enabled=true",
+            "train.batch_size=4", "train.grad_accum=2", "train.threads=1", "train.eval_max_batches=0", "train.lr=1e-2",
+            "lora.enabled=true",
             "lora.dropout=0.0", "lora.r=4", "train.gradient_checkpointing=true", f"run.out_dir={runs}", *FAST]
     for mode in ("ddp", "fsdp"):
         proc = torchrun(*args, f"run.name=lora-{mode}", f"train.distributed={mode}")
