@@ -19,9 +19,11 @@ pinned is resumed unchecked, with a note, and pinned from then on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from honelm.checkpoint import file_sha256, resolve_model_dir
@@ -33,26 +35,32 @@ from honelm.errors import HonelmError
 PINS_FILE = "inputs.json"
 DATA_FIELDS = ("train", "val", "test", "unlabelled")
 """The fields of a data section (`SplitDataConfig`: `data`, adapt's `task`) that name data files."""
-EXTRA_FIELDS = ("task_extra",)
-"""Fields of other sections that name data files (adapt's extra task text)."""
-MODEL_FIELDS = ("model.init_from", "model.tokenizer", "teacher.model", "teacher.tokenizer", "reward.model",
-                "ppo.value_init")
-"""The config keys that name a model or tokenizer directory (or a hub id): the model trained, a
-distillation teacher, a PPO/GRPO reward model, a separate PPO value model's start."""
+DATA_NAMES = ("task_extra", "prompts_file")
+"""Fields outside a data section that name data files (adapt's extra task text, generate's prompts)."""
+MODEL_NAMES = ("init_from", "tokenizer", "model", "value_init")
+"""Fields, in any section, that name a model or tokenizer (a run, a directory, pkg:MODULE or a hub id): the model
+trained (model.*), a distillation teacher (teacher.*), a PPO/GRPO reward model, a separate PPO value model's start."""
 
 
-def _specs(cfg: Any) -> Iterator[tuple[str, str, bool]]:
-    """(key, value, is_model) of every non-empty input field of `cfg`."""
-    for section, part in vars(cfg).items():
-        names = DATA_FIELDS if isinstance(part, SplitDataConfig) else EXTRA_FIELDS
-        for name in names:
-            value = getattr(part, name, "")
-            if isinstance(value, str) and value:
-                yield f"{section}.{name}", value, False
-    for key in MODEL_FIELDS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section, None), name, "")
-        if isinstance(value, str) and value:
+def config_fields(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, field name, section object) of every field of `cfg` and of its sections, at any depth."""
+    for name, value in vars(cfg).items():
+        if dataclasses.is_dataclass(value) or isinstance(value, SimpleNamespace):
+            yield from config_fields(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", name, cfg
+
+
+def input_fields(cfg: Any) -> Iterator[tuple[str, str, bool]]:
+    """(key, value, is_model) of every non-empty field of `cfg` that names an input: what a run pins and what
+    --dry-run checks (honelm.preflight), found by field name so no stage is named here."""
+    for key, name, section in config_fields(cfg):
+        value = getattr(section, name)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if (isinstance(section, SplitDataConfig) and name in DATA_FIELDS) or name in DATA_NAMES:
+            yield key, value, False
+        elif name in MODEL_NAMES:
             yield key, value, True
 
 
@@ -77,7 +85,7 @@ def pin_inputs(cfg: Any) -> dict[str, Any]:
     """Every input of `cfg` as inputs.json records it; an input that cannot be read is left out (the stage's own
     reading reports it, with its file and line)."""
     inputs = {}
-    for key, spec, is_model in _specs(cfg):
+    for key, spec, is_model in input_fields(cfg):
         try:
             inputs[key] = _pin(spec, is_model)
         except (HonelmError, OSError):

@@ -17,49 +17,24 @@ directory). Every problem is returned, each as `key: what is wrong`, so all are 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from honelm.checkpoint import resolve_model_dir
 from honelm.data import hub
 from honelm.data.readers import expand_paths
-from honelm.data.sources import SplitDataConfig
 from honelm.errors import HonelmError
-from honelm.pins import DATA_FIELDS
+from honelm.pins import config_fields, input_fields
 from honelm.rundir import runs_parent
 
-DATA_NAMES = ("task_extra", "prompts_file")
-"""Fields outside a data section that name data files."""
-MODEL_NAMES = ("init_from", "tokenizer", "model", "value_init")
-"""Fields that name a model or tokenizer (a run, a directory, pkg:MODULE or a hub id)."""
 FILE_OUTPUTS = ("out",)
 """Fields that name a file the verb writes."""
 
 
-def _fields(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
-    """(dotted key, field name, section object) of every field of `cfg` and its sections."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _fields(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f.name, cfg
-
-
 def inputs(cfg: Any) -> list[tuple[str, str, str]]:
-    """(key, value, kind) of every non-empty input field, kind "data" or "model"."""
-    out = []
-    for key, name, section in _fields(cfg):
-        value = getattr(section, name)
-        if not isinstance(value, str) or not value.strip():
-            continue
-        if (isinstance(section, SplitDataConfig) and name in DATA_FIELDS) or name in DATA_NAMES:
-            out.append((key, value, "data"))
-        elif name in MODEL_NAMES:
-            out.append((key, value, "model"))
-    return out
+    """(key, value, kind) of every non-empty input field, kind "data" or "model": the fields a run pins."""
+    return [(key, value, "model" if is_model else "data") for key, value, is_model in input_fields(cfg)]
 
 
 def _made_by_earlier(path: str, produced: Sequence[Path]) -> bool:
@@ -117,7 +92,7 @@ def check(cfg: Any, verb: str, produced: Sequence[Path] = ()) -> list[str]:
         problem = writable(runs_parent(verb, cfg))
         if problem:
             problems.append(f"run.out_dir: {problem}")
-    for key, name, section in _fields(cfg):
+    for key, name, section in config_fields(cfg):
         value = getattr(section, name)
         if name in FILE_OUTPUTS and isinstance(value, str) and value:
             target = Path(value).expanduser()
