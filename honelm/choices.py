@@ -7,7 +7,7 @@ decides a coin flip each time makes identical seeded commands train differently.
 
 - A decision is keyed by what it depends on: the machine (CPU model, logical cores, torch version,
   device), the model's shape (class, parameter counts), the probe batch's shape and the objective.
-  It is stored in a small JSON cache, HONELM_CACHE_DIR/choices.json (default ~/.cache/honelm), and
+  It is stored in a small JSON cache, HONELM_CACHE_DIR/choices.json (default $XDG_CACHE_HOME/honelm or ~/.cache/honelm: honelm.config.cache_root), and
   later identical commands take it from there (`train.probe_cache`: true = reuse, false = measure and
   keep nothing, refresh = measure again and replace). The run records what it used in
   RUN/choices.json, which `--resume` reads, so a resumed run keeps its threads even if the cache
@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from honelm import runtime as rt
+from honelm.config import cache_root
 
 CACHE_FILE = "choices.json"
 RUN_FILE = "choices.json"
@@ -43,12 +44,6 @@ RUN_FILE = "choices.json"
 THREAD_MARGIN = 1.10
 """A thread count within this factor of the fastest counts as fast: the fewest such threads win."""
 _FORMAT = 1
-
-
-def cache_dir() -> Path:
-    """HONELM_CACHE_DIR when set, else ~/.cache/honelm."""
-    custom = os.environ.get("HONELM_CACHE_DIR", "")
-    return Path(custom).expanduser() if custom else Path.home() / ".cache" / "honelm"
 
 
 def cpu_name() -> str:
@@ -89,7 +84,7 @@ class ChoiceCache:
     """The JSON cache of decisions, one entry per key; unreadable files are treated as empty (and replaced)."""
 
     def __init__(self, directory: Path | None = None) -> None:
-        self.path = (directory or cache_dir()) / CACHE_FILE
+        self.path = (directory or cache_root()) / CACHE_FILE
 
     def _read(self) -> dict[str, Any]:
         try:

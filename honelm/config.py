@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import textwrap
 import types
@@ -824,3 +825,14 @@ def fields_help(cls: type, title: str) -> str:
         if doc:
             lines.append(f"      {doc}")
     return "\n".join(lines)
+
+
+def cache_root(configured: str = "") -> Path:
+    """Where honelm caches what it can rebuild (token files, measured thread/precision choices): `configured`
+    (data.cache_dir), $HONELM_CACHE_DIR, $XDG_CACHE_HOME/honelm or ~/.cache/honelm, in that order."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("HONELM_CACHE_DIR"):
+        return Path(os.environ["HONELM_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "honelm"

@@ -36,13 +36,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from honelm.config import cache_root
 from honelm.data import hub
 from honelm.data.readers import BadRows, Document, expand_paths, iter_documents, read_documents
 from honelm.data.sources import (check_not_empty, read_test_later, say_split, skipping,
                                  text_splits)
 from honelm.data.splits import (SPLIT_NAMES, Splits, _allocate, _file_sha256, _near_duplicates, _ratio_weights,
                                 _Universe, parse_ratios)
-from honelm.data.token_file import (CACHE_FORMAT, MemmapBlocks, cache_root, default_workers, eos_id, progress, timed,
+from honelm.data.token_file import (CACHE_FORMAT, MemmapBlocks, default_workers, eos_id, progress, timed,
                                     token_dtype, tokenize_to_file, tokenizer_hash, write_split_stream)
 from honelm.errors import ConfigError
 

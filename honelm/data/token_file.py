@@ -8,7 +8,7 @@ split's document order), and `MemmapBlocks` serves the blocks of that stream fro
 memmap: the same blocks of T tokens, overlapping by one, the last one padded, that `PackedBlocks`
 holds in memory, with the same `collate`; resident memory does not grow with the corpus.
 
-The cache root is `data.cache_dir`, else $HONELM_CACHE_DIR, else $XDG_CACHE_HOME/honelm, else
+The cache root (`honelm.config.cache_root`) is `data.cache_dir`, else $HONELM_CACHE_DIR, else $XDG_CACHE_HOME/honelm, else
 ~/.cache/honelm; the corpus entries live under its `corpus/` folder (delete it to clear them).
 """
 
@@ -35,17 +35,6 @@ CACHE_FORMAT = 1
 """Bumped whenever what is written changes, so an old cache entry is never read as a new one."""
 _CHUNK_CHARS = 1 << 20  # texts per worker task: about a megabyte of characters
 _WORKER: dict[str, Any] = {}  # the tokenizer of a worker process (set by its initializer)
-
-
-def cache_root(configured: str = "") -> Path:
-    """Where honelm caches what it can rebuild: `configured` (data.cache_dir), $HONELM_CACHE_DIR,
-    $XDG_CACHE_HOME/honelm or ~/.cache/honelm, in that order."""
-    if configured:
-        return Path(configured).expanduser()
-    if os.environ.get("HONELM_CACHE_DIR"):
-        return Path(os.environ["HONELM_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "honelm"
 
 
 def token_dtype(vocab: int) -> np.dtype:

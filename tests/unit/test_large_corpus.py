@@ -13,7 +13,8 @@ from honelm.data.packing import pack
 from honelm.data.readers import read_documents
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
-from honelm.data.token_file import MemmapBlocks, cache_root, token_dtype
+from honelm.config import cache_root
+from honelm.data.token_file import MemmapBlocks, token_dtype
 from honelm.loop import BatchStream
 from honelm.tokenizer import train_tokenizer
 
