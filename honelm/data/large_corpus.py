@@ -114,7 +114,7 @@ def _scan(documents: Iterator[Document], sample_size: int, total: int) -> Scan:
     hashes, nbytes, lines, sources = bytearray(), array("q"), array("q"), array("i")  # compact: ~52 bytes each
     names: dict[str, int] = {}
     heap: list[tuple[int, int, str]] = []  # the sample: a max-heap by (hash prefix, index), through negation
-    with progress(total, "reading") as bar:
+    with progress(total, "reading (bytes)") as advance:
         for i, doc in enumerate(documents):
             raw = doc.text.encode("utf-8")
             digest = hashlib.sha256(raw).digest()
@@ -122,7 +122,7 @@ def _scan(documents: Iterator[Document], sample_size: int, total: int) -> Scan:
             nbytes.append(len(raw))
             lines.append(doc.line)
             sources.append(names.setdefault(doc.source, len(names)))
-            bar.update(len(raw) + 1)
+            advance(len(raw) + 1)
             entry = (-int.from_bytes(digest[:8], "big"), -i, doc.text)
             if len(heap) < sample_size:
                 heapq.heappush(heap, entry)

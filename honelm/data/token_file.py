@@ -19,17 +19,16 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from honelm.data.packing import IGNORE
+from honelm.tracking import phase
 
 CACHE_FORMAT = 1
 """Bumped whenever what is written changes, so an old cache entry is never read as a new one."""
@@ -67,9 +66,10 @@ def default_workers(configured: int) -> int:
     return configured if configured > 0 else max(1, min(os.cpu_count() or 1, 8))
 
 
-def progress(total: int, what: str, unit: str = "B") -> tqdm:
-    """A tqdm bar on stderr when it is a terminal (nothing in logs or tests)."""
-    return tqdm(total=total, desc=what, unit=unit, unit_scale=True, disable=not sys.stderr.isatty(), leave=False)
+def progress(total: int, what: str) -> ContextManager[Callable[[int], None]]:
+    """The terminal's progress display for `what` (honelm.tracking.phase: one display, also when this runs inside
+    another phase); advance it with the yielded function."""
+    return phase(None, what, total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,13 +89,13 @@ def _encode(job: tuple[list[str], str]) -> tuple[bytes, np.ndarray]:
     return flat.tobytes(), lengths
 
 
-def _chunks(texts: Iterable[str], dtype: str, bar: tqdm) -> Iterator[tuple[list[str], str]]:
+def _chunks(texts: Iterable[str], dtype: str, advance: Callable[[int], None]) -> Iterator[tuple[list[str], str]]:
     chunk: list[str] = []
     size = 0
     for text in texts:
         chunk.append(text)
         size += len(text)
-        bar.update(len(text.encode("utf-8")) + 1)
+        advance(len(text.encode("utf-8")) + 1)
         if size >= _CHUNK_CHARS:
             yield chunk, dtype
             chunk, size = [], 0
@@ -112,8 +112,8 @@ def tokenize_to_file(tokenizer: Any, texts: Iterable[str], path: Path, total_byt
     """
     dtype = token_dtype(len(tokenizer)).str
     lengths: list[np.ndarray] = []
-    with open(path, "wb") as out, progress(total_bytes, "tokenising") as bar:
-        jobs = _chunks(texts, dtype, bar)
+    with open(path, "wb") as out, progress(total_bytes, "tokenising (bytes)") as advance:
+        jobs = _chunks(texts, dtype, advance)
         if workers <= 1:
             _init_worker(tokenizer)
             results: Iterable[tuple[bytes, np.ndarray]] = map(_encode, jobs)
