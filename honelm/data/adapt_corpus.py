@@ -40,7 +40,7 @@ from honelm.bounds import at_least
 from honelm.data.curate import embed_texts, nearest, tfidf_vectors
 from honelm.data.large_corpus import CorpusPart, corpus_splits
 from honelm.data.readers import Document, read_documents
-from honelm.data.sources import labelled_splits, text_splits
+from honelm.data.sources import labelled_splits
 from honelm.errors import ConfigError, HonelmError
 
 
@@ -277,13 +277,10 @@ def _combined(docs: Any, splits: Any, name: str) -> str:
 def domain_splits(cfg: Any, kind: str, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
     """The domain corpus's split: streamed (data.memmap, `corpus_splits`) only when a decoder adapts on it alone;
     task text (leak guard, mixing) and masked LM rows need it in memory."""
-    if cfg.data.memmap != "off" and (cfg.task.train or kind != "decoder"):
-        if cfg.data.memmap == "on":
-            raise ConfigError("data.memmap=on: adapt streams the domain corpus only for a decoder adapting on it "
-                              "alone (no task.*): task text needs the leak guard and masked LM its rows in memory; "
-                              "use data.memmap=off")
-        return text_splits(cfg.data, say, leak_texts)
-    return corpus_splits(cfg.data, say, leak_texts)
+    blocked = ("task text or masked-LM adaptation (adapt streams the domain corpus only for a decoder adapting on it "
+               "alone: task text needs the leak guard, masked LM its rows in memory)"
+               if cfg.task.train or kind != "decoder" else "")
+    return corpus_splits(cfg.data, say, leak_texts, blocked)
 
 
 def build_corpus(cfg: Any, mode: str, say: Callable[[str], None], kind: str = "decoder") -> Corpus:

@@ -52,30 +52,37 @@ def _settings_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([CACHE_FORMAT, *parts], default=str).encode()).hexdigest()[:24]
 
 
-def wants_memmap(data: Any) -> bool:
+def wants_memmap(data: Any, say: Callable[[str], None], blocked: str = "") -> bool:
     """Whether `data` is read through the memory-mapped path: data.memmap=on, or auto and the data.train files
-    reach data.memmap_threshold_mb; a dataset by name (hf:) or a validation file keeps the in-memory path."""
+    reach data.memmap_threshold_mb. What the streamed path cannot read (`blocked`, the caller's reason; a dataset
+    by name, hf:; a validation file) keeps the in-memory path: refused under `on`, said under `auto` when the
+    corpus is large enough that it would have streamed."""
     mode = data.memmap
     if mode == "off":
         return False
-    blocked = "a dataset by name (hf:)" if any(hub.is_hub(s) for s in data.train.split(",")) else (
-        "a validation file (data.val)" if data.val else "")
-    if blocked:
-        if mode == "on":
-            raise ConfigError(f"data.memmap=on streams data.train from files and splits it by ratio: it cannot read "
-                              f"{blocked}; use data.memmap=off (or auto)")
-        return False
+    hub_named = any(hub.is_hub(s) for s in data.train.split(","))
+    blocked = blocked or ("a dataset by name (hf:)" if hub_named else "a validation file (data.val)" if data.val
+                          else "")
+    if blocked and mode == "on":
+        raise ConfigError(f"data.memmap=on streams data.train from files and splits it by ratio, which it cannot do "
+                          f"with {blocked}; use data.memmap=off (or auto)")
     if mode == "on":
         return True
-    size = sum(p.stat().st_size for p in expand_paths(data.train.split(",")))
-    return size >= data.memmap_threshold_mb * 1e6
+    size = 0 if hub_named else sum(p.stat().st_size for p in expand_paths(data.train.split(",")))
+    large = size >= data.memmap_threshold_mb * 1e6
+    if blocked and large:
+        say(f"note: data.train is {size / 1e6:,.0f} MB, above data.memmap_threshold_mb, but is read into memory: "
+            f"the streamed path cannot take {blocked}")
+    return large and not blocked
 
 
-def corpus_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Splits:
-    """The documents of `data` split by data.split: in memory (`text_splits`) or streamed (this module)."""
+def corpus_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None,
+                  blocked: str = "") -> Splits:
+    """The documents of `data` split by data.split: in memory (`text_splits`) or streamed (this module); `blocked`:
+    why this caller's data cannot be streamed (`wants_memmap`)."""
     if not data.train:
         raise ConfigError("data.train is empty: give a text file, directory or glob")
-    if not wants_memmap(data):
+    if not wants_memmap(data, say, blocked):
         return text_splits(data, say, leak_texts)
     return LargeCorpus.open(data, say).splits(data, say, leak_texts)
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from honelm.config import cache_root
 from honelm.data.large_corpus import CorpusPart, corpus_splits, wants_memmap
 from honelm.data.packing import pack
 from honelm.data.readers import read_documents
 from honelm.data.sections import TextDataConfig
 from honelm.data.sources import text_splits
-from honelm.config import cache_root
 from honelm.data.token_file import MemmapBlocks, token_dtype
+from honelm.errors import ConfigError
 from honelm.loop import BatchStream
 from honelm.tokenizer import train_tokenizer
 
@@ -104,9 +105,9 @@ def test_cache_is_reused_and_workers_give_the_same_file(corpus, tmp_path):
 
 def test_selection_and_cache_location(corpus, monkeypatch, tmp_path):
     path, _, folder = corpus
-    assert not wants_memmap(_data(path, folder, memmap="auto"))  # a few kB: today's in-memory path
-    assert wants_memmap(_data(path, folder, memmap="auto", memmap_threshold_mb=0.001))
-    assert not wants_memmap(_data(path, folder, memmap="off", memmap_threshold_mb=0))
+    assert not wants_memmap(_data(path, folder, memmap="auto"), print)  # a few kB: today's in-memory path
+    assert wants_memmap(_data(path, folder, memmap="auto", memmap_threshold_mb=0.001), print)
+    assert not wants_memmap(_data(path, folder, memmap="off", memmap_threshold_mb=0), print)
     monkeypatch.setenv("HONELM_CACHE_DIR", str(tmp_path / "h"))
     assert cache_root() == tmp_path / "h" and cache_root("/x/y") == cache_root("/x/y")
     monkeypatch.delenv("HONELM_CACHE_DIR")
@@ -136,3 +137,17 @@ def test_a_user_test_file_is_hashed_and_read_only_by_honelm_test(corpus, tmp_pat
     from honelm.data.splits import unlock_test_split
     with unlock_test_split("test"):
         assert [d.text for d in big.test] == ["the film was good", "the cast was bad"]
+
+
+def test_what_cannot_stream_is_refused_under_on_and_said_under_auto(corpus):
+    """A large corpus the streamed path cannot take (here a validation file) is read into memory under auto, with
+    a note saying so (it would otherwise fill the memory without a word); under on it is an error."""
+    path, _, folder = corpus
+    said: list[str] = []
+    large = _data(path, folder, memmap="auto", memmap_threshold_mb=0.001, val=str(path))
+    assert not wants_memmap(large, said.append)
+    assert len(said) == 1 and "is read into memory: the streamed path cannot take a validation file" in said[0]
+    with pytest.raises(ConfigError, match="data.memmap=on .* cannot do with a validation file"):
+        wants_memmap(_data(path, folder, memmap="on", val=str(path)), said.append)
+    said.clear()
+    assert not wants_memmap(_data(path, folder, memmap="auto", val=str(path)), said.append) and said == []
