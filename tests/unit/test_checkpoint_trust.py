@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import honelm.checkpoint as ck
 from honelm.checkpoint import (CheckpointError, clean_stale, list_checkpoints, load_training_checkpoint,
@@ -27,6 +28,7 @@ from honelm.checkpoint import (CheckpointError, clean_stale, list_checkpoints, l
 from honelm.errors import HonelmError
 from honelm.models import load_checkpoint
 from honelm.runtime import rng_state
+from honelm.teacher import TeacherConfig, load_teacher
 
 
 def _model(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -224,3 +226,18 @@ def test_a_pickle_only_adapter_is_refused_unless_allowed(tiny_llama, tmp_path: P
         load_checkpoint(adapter, "lm")
     assert "safetensors.torch" in _one_line(err.value)
     assert load_checkpoint(adapter, "lm", allow_pickle=True).model is not None
+
+
+def test_a_pickle_only_teacher_is_refused_unless_teacher_allow_pickle(tmp_path: Path) -> None:
+    """A distillation teacher is loaded by honelm.teacher, not model.*: it has its own opt-in."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=2,
+                         id2label={0: "neg", 1: "pos"})
+    where = tmp_path / "teacher"
+    LlamaForSequenceClassification(config).save_pretrained(where)
+    torch.save(load_file(where / "model.safetensors"), where / "pytorch_model.bin")
+    (where / "model.safetensors").unlink()
+    with pytest.raises(HonelmError, match="pickle files only .*teacher.allow_pickle"):
+        load_teacher(str(where), TeacherConfig(model=str(where)))
+    teacher = load_teacher(str(where), TeacherConfig(model=str(where), allow_pickle=True))
+    assert teacher.config.id2label == {0: "neg", 1: "pos"}
