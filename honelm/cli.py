@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> i
     except HonelmError as e:
         print(f"honelm {name}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`honelm classify --help | head`): no traceback; stdout is pointed at devnull so
+        # the interpreter's final flush does not fail again, and the exit code says the output was cut (as Python's
+        # own recipe for SIGPIPE does)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Sequence
 
 from honelm.bounds import at_least, between
 from honelm.config import FieldError
-from honelm.data.readers import BadRows, read_documents, read_examples
+from honelm.data.readers import BadRows, BadRowsError, read_documents, read_examples
 from honelm.data.splits import make_splits, parse_ratios
 from honelm.errors import ConfigError, DataError
 from honelm.tracking import phase
@@ -117,10 +117,14 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
                   task=data.task)
     bad = skipping(data)
     with phase(say, f"reading {data.train}" + (f" and {data.val}" if data.val else "")):
-        examples = read_examples(data.train, **fields, bad=bad)
-        val = read_examples(data.val, **fields, bad=bad) if data.val else None
+        try:  # a file in which no row is good raises here, before the other file is read
+            examples = read_examples(data.train, **fields, bad=bad)
+            val = read_examples(data.val, **fields, bad=bad) if data.val else None
+        except BadRowsError as e:
+            raise _name_the_field_key(e, data) from None
     bad.check()
     if data.task == "classification":
+        check_two_classes(examples, data)
         warn_about_labels(examples + (val or []), say)
     load_test = read_test_later(lambda b: read_examples(data.test, **fields, bad=b), data, say) if data.test else None
     with phase(say, SPLITTING):
@@ -132,6 +136,37 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
     say_split(splits.manifest, say)
     check_not_empty(splits.manifest, data, _label_hint(examples, data))
     return splits
+
+
+FIELD_KEYS = ("text_field", "pair_field", "label_field")
+
+
+def _name_the_field_key(error: BadRowsError, data: Any) -> DataError:
+    """A file none of whose rows has a configured field most likely means a wrong data.*_field: say which key.
+
+    Called only when a file had no good row at all; a few bad rows among good ones are listed as rows.
+    """
+    missing = {e.field for e in error.errors if e.message.startswith("is missing")}
+    keys = [k for k in FIELD_KEYS if getattr(data, k) and getattr(data, k) in missing]
+    if len(missing) != 1 or len(error.errors) < 2 or any(not e.message.startswith("is missing") for e in error.errors) \
+            or not keys:
+        return error
+    first = error.errors[0]
+    field = next(iter(missing))
+    return DataError(first.path, None, None,
+                     f"data.{keys[0]}={field!r}: {len(error.errors)} rows have no field {field!r}, the first at line "
+                     f"{first.line} ({first.message.removeprefix('is missing; ')}); set data.{keys[0]} to the field "
+                     "that holds it")
+
+
+def check_two_classes(rows: Sequence[Any], data: Any) -> None:
+    """A classification task needs two classes or more: one class only is a wrong label field or a wrong file."""
+    classes = {r.label for r in rows}
+    if len(classes) == 1:
+        raise DataError(data.train, None, data.label_field,
+                        f"has one value only ({next(iter(classes))!r} in all {len(rows)} rows): classification needs "
+                        "at least two classes (check data.label_field and the file; data.task=regression for a "
+                        "numeric target)")
 
 
 def say_split(manifest: dict, say: Callable[[str], None]) -> None:

@@ -112,3 +112,27 @@ def test_a_split_that_leaves_validation_empty_is_refused(tmp_path):
     tiny = write_rows(tmp_path / "t.jsonl", reviews(2))
     with pytest.raises(DataError, match="the validation split is empty"):
         labelled_splits(LabelledDataConfig(train=tiny), lambda _: None)
+
+
+def test_one_class_only_is_refused(tmp_path):
+    rows = reviews()
+    for r in rows:
+        r["label"] = "pos"
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"field 'label' has one value only \('pos' in all 60 rows\): classification "
+                                        r"needs at least two classes"):
+        labelled_splits(LabelledDataConfig(train=path), lambda _: None)
+    scores = write_rows(tmp_path / "s.jsonl", [{"text": r["text"], "label": 1.0} for r in rows])
+    labelled_splits(LabelledDataConfig(train=scores, task="regression"), lambda _: None)  # a constant target is allowed
+
+
+def test_a_field_missing_from_every_row_names_the_config_key(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", reviews())
+    with pytest.raises(DataError) as caught:
+        labelled_splits(LabelledDataConfig(train=path, text_field="body"), lambda _: None)
+    assert str(caught.value) == (f"{path}: data.text_field='body': 60 rows have no field 'body', the first at line 1 "
+                                 "(available fields: 'text', 'label'); set data.text_field to the field that holds it")
+    rows = reviews()
+    del rows[3]["label"], rows[9]["label"]  # a few rows only: the rows are the story, not the key
+    with pytest.raises(BadRowsError, match="2 bad rows"):
+        labelled_splits(LabelledDataConfig(train=write_rows(tmp_path / "e.jsonl", rows)), lambda _: None)

@@ -142,3 +142,13 @@ def test_top_level_help_and_ls_list_verbs(capsys):
 def test_unknown_verb_suggests(capsys):
     assert main(["pretrian"]) == 2
     assert "did you mean 'pretrain'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`honelm classify --help | head -1`: no BrokenPipeError traceback, exit 1 (the output was cut)."""
+    import subprocess
+    import sys
+    proc = subprocess.run(f"'{sys.executable}' -m honelm classify --help | head -1 >/dev/null; "
+                          "echo rc=${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    assert proc.stdout.strip() == "rc=1"
