@@ -1,4 +1,4 @@
-"""What a run was started on, pinned: absolute paths and sha256 of its data, tokenizer and init model.
+"""What a run was started on, pinned: absolute paths and sha256 of its data, tokenizer, init model and reward code.
 
 `config.yaml` keeps paths as the user typed them, often relative: resumed from another directory,
 or after a file was edited, the same config names different bytes. At the start of a run
@@ -13,14 +13,18 @@ or after a file was edited, the same config names different bytes. At the start 
 and `check_inputs` on `--resume` reads every pinned input again and refuses one whose files differ,
 naming the file and both hashes, unless the user passes `--allow-changed-data` (then the change is
 said, recorded in inputs.json under "changes", and the new content pinned). A hub id cannot be
-hashed without the network: its name is pinned, not its bytes. A run started before inputs were
+hashed without the network: its name is pinned, not its bytes. A `python:MODULE:FUNCTION` reward check
+pins MODULE's source file (key `reward.function` or `reward.checks[i]`): the code that scores a GRPO/PPO run
+changes what it learns as much as its data does. A run started before inputs were
 pinned is resumed unchecked, with a note, and pinned from then on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,6 +68,30 @@ def input_fields(cfg: Any) -> Iterator[tuple[str, str, bool]]:
             yield key, value, True
 
 
+_PYTHON_CHECK = re.compile(r"^\s*(?:[-+0-9.eE]+\s*\*\s*)?python:(?P<module>[\w.]+):")
+"""A reward check `[WEIGHT*]python:MODULE:FUNCTION` (honelm.rl.checks): the code that scores the run."""
+
+
+def code_inputs(cfg: Any) -> Iterator[tuple[str, str]]:
+    """(key, module) of every `python:MODULE:FUNCTION` check named by a field of `cfg` (reward.function, an item of
+    reward.checks): a user's reward code decides what a GRPO/PPO run learns, so its source is pinned like data."""
+    for key, name, section in config_fields(cfg):
+        value = getattr(section, name)
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            found = _PYTHON_CHECK.match(item) if isinstance(item, str) else None
+            if found:
+                yield (key if i is None else f"{key}[{i}]"), found["module"]
+
+
+def _pin_code(spec: str, module: str) -> dict[str, Any]:
+    """The source file of `module`, hashed (found without running it; a module that cannot be found is left out)."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise OSError(f"no source file for {module}")
+    return {"spec": spec, "code": True, "files": [_file(Path(found.origin))]}
+
+
 def _file(path: Path, data: bool = False) -> dict[str, Any]:
     # data files are hashed as the split manifest hashes them: a test file is only ever opened to be hashed
     digest = file_digest(path) if data else file_sha256(path)
@@ -89,6 +117,11 @@ def pin_inputs(cfg: Any) -> dict[str, Any]:
         try:
             inputs[key] = _pin(spec, is_model)
         except (HonelmError, OSError):
+            continue
+    for key, module in code_inputs(cfg):
+        try:
+            inputs[key] = _pin_code(module, module)
+        except (ImportError, ValueError, OSError):  # the stage's own loading reports a module it cannot find
             continue
     return {"format": 1, "cwd": str(Path.cwd().resolve()), "inputs": inputs}
 
@@ -161,5 +194,5 @@ def data_unchanged(run_dir: Path, cfg: Any) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     now = pin_inputs(cfg)["inputs"]
-    data_keys = {k for k in (*pinned, *now) if not k.startswith("model.")}
+    data_keys = {k for k in (*pinned, *now) if not k.startswith("model.") and not (pinned.get(k) or now.get(k)).get("code")}
     return bool(data_keys) and all(k in pinned and _change(k, pinned[k], now.get(k)) is None for k in data_keys)

@@ -109,3 +109,23 @@ def test_a_teacher_and_a_reward_model_are_pinned_and_a_changed_teacher_refused(t
     (tmp_path / "teacher" / "config.json").write_text('{"v": 2}', encoding="utf-8")
     with pytest.raises(HonelmError, match=r"teacher.model: .*config.json has sha256"):
         check_inputs(run, cfg, False, print)
+
+
+def test_python_reward_code_is_pinned_and_a_changed_checker_refused(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "mychecks.py").write_text("def right(prompt, response, row):\n    return 1.0\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "q"}\n', encoding="utf-8")
+    cfg = SimpleNamespace(data=SplitDataConfig(train="p.jsonl"),
+                          reward=SimpleNamespace(function="python:mychecks:right", checks=["0.5*python:mychecks:right",
+                                                                                           "max_length:4"]))
+    run = tmp_path / "run"
+    run.mkdir()
+    record_inputs(run, cfg)
+    pins = json.loads((run / PINS_FILE).read_text())["inputs"]
+    assert pins["reward.function"]["files"][0]["path"] == str(tmp_path / "mychecks.py")
+    assert pins["reward.function"]["code"] and "reward.checks[0]" in pins and "reward.checks[1]" not in pins
+    check_inputs(run, cfg, allow_changed=False, say=print)  # the same code passes
+    (tmp_path / "mychecks.py").write_text("def right(prompt, response, row):\n    return 0.0\n", encoding="utf-8")
+    with pytest.raises(HonelmError, match=r"reward.checks\[0\]: .*mychecks.py has sha256 .* but the run was trained"):
+        check_inputs(run, cfg, allow_changed=False, say=print)
