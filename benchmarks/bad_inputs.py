@@ -149,6 +149,12 @@ def blank_lines(data: Path) -> bytes:
     return (data / "reviews.jsonl").read_bytes().replace(b"\n", b"\n\n", 10)
 
 
+def scores(bad_index: int, bad_value: bytes) -> bytes:
+    """A regression file of 40 rows (scores 0..4) whose row `bad_index` has the label `bad_value` (raw JSON)."""
+    return b"".join(b'{"text": "review %d", "label": %s}\n' % (i, bad_value if i == bad_index else b"%d" % (i % 5))
+                    for i in range(40))
+
+
 def csv_missing_column(data: Path) -> bytes:
     lines = ["text,label"] + [f"\"{r['text']}\",{r['label']}" for r in rows(data / "reviews.jsonl")]
     lines[12] = f"\"{rows(data / 'reviews.jsonl')[11]['text']}\""
@@ -181,14 +187,12 @@ def input_cases() -> list[Case]:
     add(Case("text field named wrongly", "classify", "refuse", ("data.text_field", "body"), args=("data.text_field=body",)))
     add(Case("label field = the text field", "classify", "refuse", ("data.label_field",), args=("data.label_field=text",)))
     add(Case("one class only", "classify", "refuse", ("class",), edited(rv, one_class)))
-    add(Case("regression label not a number", "classify", "refuse", (f"{rv}:8", "label"),
-             edited(rv, setter(7, "label", "abc")), ("data.task=regression",)))
+    add(Case("regression label not a number", "classify", "refuse", ("scores.jsonl:8", "label"),
+             raw("scores.jsonl", scores(7, b'"abc"')), ("data.task=regression",)))
     add(Case("regression label NaN", "classify", "refuse", ("scores.jsonl:3", "label"),
-             raw("scores.jsonl", b"".join(b'{"text": "t %d", "label": %s}\n' % (i, b"NaN" if i == 2 else b"%d" % (i % 5))
-                                          for i in range(40))), ("data.task=regression",)))
+             raw("scores.jsonl", scores(2, b"NaN")), ("data.task=regression",)))
     add(Case("regression label infinite", "classify", "refuse", ("scores.jsonl:3", "label"),
-             raw("scores.jsonl", b"".join(b'{"text": "t %d", "label": %s}\n' % (i, b"1e999" if i == 2 else b"%d" % (i % 5))
-                                          for i in range(40))), ("data.task=regression",)))
+             raw("scores.jsonl", scores(2, b"1e999")), ("data.task=regression",)))
     add(Case("CSV row missing a column", "classify", "refuse", ("reviews.csv:13",), raw("reviews.csv", csv_missing_column)))
     add(Case("label with a stray space", "classify", "warn", ("positive ",), edited(rv, setter(9, "label", "positive "))))
     add(Case("label differing in case", "classify", "warn", ("Positive",), edited(rv, setter(9, "label", "Positive"))))
