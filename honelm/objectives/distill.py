@@ -102,6 +102,8 @@ class DistillOptions:
     """Token-level KD with divergence=jsd: the interpolation beta in (0, 1)."""
     top_k: Annotated[int, at_least(1)] = 32
     """Token-level KD: teacher log-probs kept per target token (memory k x 6 bytes per token)."""
+    tail: Literal["bucket", "renormalise"] = "bucket"
+    """Token-level KD: the teacher's mass outside its top-k kept as one more category (bucket), or the top-k renormalised to 1 (renormalise: pushes the student's mass off every other token, the gold one included when the teacher ranked it below k). See docs/distill.md."""
     num_samples: Annotated[int, at_least(1)] = 1
     """Sequence-level KD: teacher answers per training prompt (seeds sampling.seed, seed+1, ...)."""
     on_policy: Annotated[float, PROBABILITY] = 0.0

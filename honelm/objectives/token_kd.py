@@ -24,6 +24,25 @@ the positions `honelm.objectives.lm.CausalLM` trains):
 
     loss per target token = alpha * CE + (1 - alpha) * T^2 * D,     CE = -log softmax(z)[y]  (T = 1)
 
+The formulas above are `tail="renormalise"`: the teacher is renormalised over its top-k, as if the rest
+of the vocabulary had probability 0. With a confident teacher the difference is small; with a weak one
+(perplexity in the hundreds, where the top-32 hold half the mass or less) forward KL then drives the
+student's mass off every token outside the teacher's top-k, the gold token included whenever the
+teacher ranked it below k, and the student's loss on the references climbs (measured: docs/distill.md).
+The default, `tail="bucket"`, keeps the rest of the vocabulary as one more category:
+
+    r          = 1 - sum_I exp(l): the teacher's mass outside its top-k, at T = 1 (exact from the cache)
+    c_teacher  = (l, log r)                          (k + 1,) the teacher's log-probs on {I, the rest}
+    c_student  = (log softmax(z)[I], log sum_{j not in I} softmax(z)_j)      the same partition
+    p^, q^     = softmax(c_teacher / T), softmax(c_student / T)
+    forward D  = KL(p^ || q^);   reverse D = KL(q^ || p^);   jsd as above with p^, q^
+
+At T = 1 this is the exact KL between the two distributions seen through the partition {each of I, the
+rest}, a lower bound of the full KL (data processing) that is 0 when the student matches the teacher
+on I and in its total tail mass. The temperature is applied to both (k + 1)-category distributions
+alike (the tail's own shape is not in the cache); with k = V the rest is empty and every divergence is
+the exact one at any T, as with renormalisation.
+
 T^2: the gradient of a divergence between tempered distributions scales as 1/T^2 (Hinton et al.
 2015, section 2), so the factor keeps the distillation term's weight against the CE term the same
 when T changes. `Loss.value` is the SUM over target tokens (units = their number, as CausalLM);
@@ -59,6 +78,8 @@ from honelm.objectives.logprobs import CHUNK_ELEMENTS, IGNORE, final_hidden
 
 Divergence = Literal["forward", "reverse", "jsd"]
 DIVERGENCES = ("forward", "reverse", "jsd")
+Tail = Literal["bucket", "renormalise"]
+TAILS = ("bucket", "renormalise")
 LOGP_FLOOR = -1e4  # exp(LOGP_FLOOR / T) is 0 in fp32 for any T <= 100
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 
@@ -68,19 +89,52 @@ def teacher_log_probs(logprobs: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.log_softmax(logprobs.float().clamp(min=LOGP_FLOOR) / temperature, dim=-1)
 
 
+def coarse_teacher(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p^ (N, k + 1) in fp32: the cached top-k log-probs and the rest of the vocabulary as one category,
+    at temperature T (tail="bucket" in the module docstring)."""
+    lp = logprobs.float().clamp(min=LOGP_FLOOR)
+    rest = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)  # a half-precision cache can sum a hair above 1
+    return torch.log_softmax(torch.cat([lp, torch.log(rest).clamp(min=LOGP_FLOOR)], -1) / temperature, dim=-1)
+
+
+def coarse_student(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log q^ (N, k + 1) in fp32: the student's log-probs at the teacher's top-k ids and of all other tokens
+    together, at temperature T."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    # the other tokens: the top-k ids filled with a constant far below any logit (exp underflows to 0, and no
+    # gradient flows through a filled entry); with k = V every entry is filled and the rest's mass is ~0
+    rest = torch.logsumexp(z.scatter(1, ids, LOGP_FLOOR), dim=-1, keepdim=True)
+    return torch.log_softmax((torch.cat([z.gather(1, ids), rest], -1) - lse) / temperature, dim=-1)
+
+
 def divergence(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-               kind: Divergence = "forward", beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+               kind: Divergence = "forward", beta: float = 0.5, temperature: float = 1.0,
+               tail: Tail = "renormalise") -> torch.Tensor:
     """D per target position (N,), fp32, of student logits (N, V) against the teacher's top-k (see the
-    module docstring); no T^2 factor here."""
+    module docstring; `tail` picks the renormalised or the bucketed form); no T^2 factor here."""
+    # with k = V there is no rest: renormalising is then exact, and it ignores the mass that a half-precision
+    # cache's rounding would leave for an empty category (enough, against the student's ~0, to swamp the KL)
+    if tail == "bucket" and teacher_ids.size(-1) < logits.size(-1):
+        logp = coarse_teacher(teacher_logprobs, temperature)
+        logq = coarse_student(logits, teacher_ids.long(), temperature)
+        return _between(logp, logq, kind, beta)
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
     z = logits.float() / temperature
     logp = teacher_log_probs(teacher_logprobs, temperature)  # (N, k)
-    p = logp.exp()
     zi = z.gather(1, teacher_ids.long())  # (N, k)
     if kind == "forward":
         logq = zi - torch.logsumexp(z, dim=-1, keepdim=True)  # the student's full softmax at I
+        return (logp.exp() * (logp - logq)).sum(-1)
+    return _between(logp, torch.log_softmax(zi, dim=-1), kind, beta)  # the student renormalised on I
+
+
+def _between(logp: torch.Tensor, logq: torch.Tensor, kind: Divergence, beta: float) -> torch.Tensor:
+    """forward, reverse or jsd(beta) between two distributions given by their log-probs on one support."""
+    p, q = logp.exp(), logq.exp()
+    if kind == "forward":
         return (p * (logp - logq)).sum(-1)
-    logq = torch.log_softmax(zi, dim=-1)  # the student renormalised on I
-    q = logq.exp()
     if kind == "reverse":
         return (q * (logq - logp)).sum(-1)
     if kind != "jsd":
@@ -95,9 +149,11 @@ class TokenKD(Objective):
     default_metric = "val_loss"
 
     def __init__(self, divergence: Divergence = "forward", beta: float = 0.5, temperature: float = 1.0,
-                 alpha: float = 0.0, chunk_rows: int | None = None):
+                 alpha: float = 0.0, chunk_rows: int | None = None, tail: Tail = "bucket"):
         if divergence not in DIVERGENCES:
             raise ConfigError(f"token KD: divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        if tail not in TAILS:
+            raise ConfigError(f"token KD: tail must be one of {', '.join(TAILS)}, got {tail!r}")
         if divergence == "jsd" and not 0 < beta < 1:
             raise ConfigError(f"token KD: jsd needs 0 < beta < 1 (beta 0 and 1 make it vanish; use forward or "
                               f"reverse), got {beta}")
@@ -108,13 +164,13 @@ class TokenKD(Objective):
         if chunk_rows is not None and chunk_rows < 1:
             raise ConfigError(f"token KD: chunk_rows must be >= 1, got {chunk_rows}")
         self.kind, self.beta, self.temperature, self.alpha = divergence, beta, temperature, alpha
-        self.chunk_rows = chunk_rows
+        self.chunk_rows, self.tail = chunk_rows, tail
 
     def rows_loss(self, logits: torch.Tensor, gold: torch.Tensor, teacher_ids: torch.Tensor,
                   teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed loss, summed CE, summed D) of target rows: logits (n, V), gold (n,), teacher (n, k)."""
         ce = F.cross_entropy(logits.float(), gold, reduction="none")
-        d = divergence(logits, teacher_ids, teacher_logprobs, self.kind, self.beta, self.temperature)
+        d = divergence(logits, teacher_ids, teacher_logprobs, self.kind, self.beta, self.temperature, self.tail)
         total = self.alpha * ce + (1 - self.alpha) * self.temperature ** 2 * d
         return total.sum(), ce.detach().sum(), d.detach().sum()
 

@@ -74,7 +74,7 @@ class LMDistillation(SFT):
         if ctx.extra["mode"] == "sequence":
             return super().training_items(ctx, examples, items)
         cache = teacher_topk(ctx.run_dir, ctx.cfg, examples, ctx.tokenizer, student, ctx.runtime, ctx.say)
-        objective: Objective = TokenKD(d.divergence, d.beta, d.temperature, d.alpha)
+        objective: Objective = TokenKD(d.divergence, d.beta, d.temperature, d.alpha, tail=d.tail)
         if d.on_policy > 0:
             objective = on_policy_objective(ctx.cfg, objective, ctx.tokenizer, student, ctx.device, ctx.say)
         return WithTeacher(items, cache), objective

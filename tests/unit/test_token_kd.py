@@ -32,6 +32,21 @@ def kl(a: list[float], b: list[float]) -> float:
     return sum(ai * math.log(ai / bi) for ai, bi in zip(a, b) if ai > 0)
 
 
+def by_hand_bucket(z: list[float], ids: list[int], lps: list[float], kind: str, beta: float, t: float) -> float:
+    """tail="bucket": both sides seen through the partition {each top-k id, the rest}, then tempered."""
+    probs = [math.exp(lp) for lp in lps]
+    teacher = [lp for lp in lps] + [math.log(max(1 - sum(probs), 1e-300))]
+    q_full = softmax(z)
+    student = [math.log(q_full[i]) for i in ids] + [math.log(sum(q for j, q in enumerate(q_full) if j not in ids))]
+    p, q = softmax([c / t for c in teacher]), softmax([c / t for c in student])
+    if kind == "forward":
+        return kl(p, q)
+    if kind == "reverse":
+        return kl(q, p)
+    m = [beta * pj + (1 - beta) * qj for pj, qj in zip(p, q)]
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
 def by_hand(z: list[float], ids: list[int], lps: list[float], kind: str, beta: float, t: float) -> float:
     p = softmax([lp / t for lp in lps])  # the teacher at T, renormalised over its top-k
     q_full = softmax([v / t for v in z])  # the student's full softmax at T
@@ -62,19 +77,58 @@ def test_divergences_worked_on_paper():
     ids = torch.tensor([[0, 1]])
     lps = torch.log(torch.tensor([[0.5, 0.3]]))
     # forward: 0.625 ln(0.625 / 0.25) + 0.375 ln(0.375 / 0.25) = 0.625 * 0.916291 + 0.375 * 0.405465
-    assert float(divergence(z, ids, lps, "forward")) == pytest.approx(0.724731, abs=1e-6)
+    assert float(divergence(z, ids, lps, "forward", tail="renormalise")) == pytest.approx(0.724731, abs=1e-6)
     # reverse, q~ = 0.5, 0.5: 0.5 ln(0.5 / 0.625) + 0.5 ln(0.5 / 0.375) = 0.5 (-0.223144 + 0.287682)
-    assert float(divergence(z, ids, lps, "reverse")) == pytest.approx(0.032269, abs=1e-6)
+    assert float(divergence(z, ids, lps, "reverse", tail="renormalise")) == pytest.approx(0.032269, abs=1e-6)
     # jsd(0.5), m = 0.5625, 0.4375: KL(p~||m) = 0.065850 - 0.057807 = 0.008044, KL(q~||m) = -0.058892 + 0.066766
     # = 0.007874; D = 0.5 * 0.008044 + 0.5 * 0.007874
-    assert float(divergence(z, ids, lps, "jsd", beta=0.5)) == pytest.approx(0.007959, abs=2e-6)
+    assert float(divergence(z, ids, lps, "jsd", beta=0.5, tail="renormalise")) == pytest.approx(0.007959, abs=2e-6)
+
+
+def test_the_tail_bucket_worked_on_paper():
+    # student uniform over V = 4; teacher top-2 ids 0, 1 with p = 0.5, 0.3, so its rest is 0.2; the student's
+    # coarse distribution on {0, 1, rest} is 0.25, 0.25, 0.5
+    z = torch.zeros(1, 4)
+    ids = torch.tensor([[0, 1]])
+    lps = torch.log(torch.tensor([[0.5, 0.3]]))
+    # forward: 0.5 ln(0.5/0.25) + 0.3 ln(0.3/0.25) + 0.2 ln(0.2/0.5) = 0.346574 + 0.054696 - 0.183258
+    assert float(divergence(z, ids, lps, "forward", tail="bucket")) == pytest.approx(0.218011, abs=1e-5)
+    # reverse: 0.25 ln(0.25/0.5) + 0.25 ln(0.25/0.3) + 0.5 ln(0.5/0.2) = -0.173287 - 0.045580 + 0.458145
+    assert float(divergence(z, ids, lps, "reverse", tail="bucket")) == pytest.approx(0.239278, abs=1e-5)
+
+
+def test_the_tail_bucket_leaves_the_gold_token_outside_the_top_k_alone():
+    """A student that matches the teacher on its top-k and in its total tail mass costs nothing under the bucket,
+    however that tail is shared out; renormalisation charges it for every bit of tail mass."""
+    ids = torch.tensor([[0, 1]])
+    lps = torch.log(torch.tensor([[0.6, 0.2]]))  # the teacher's rest: 0.2
+    z = torch.log(torch.tensor([[0.6, 0.2, 0.15, 0.05]]))  # the student: the same on {0, 1}, 0.2 elsewhere
+    for kind in ("forward", "reverse", "jsd"):
+        assert float(divergence(z, ids, lps, kind, beta=0.3, tail="bucket")) == pytest.approx(0.0, abs=1e-6), kind
+    assert float(divergence(z, ids, lps, "forward", tail="renormalise")) == pytest.approx(-math.log(0.8), abs=1e-6)
+    # and the gradient: renormalised forward KL lowers the tail tokens' logits (gold or not); the bucket does not
+    for tail, pushed_down in (("renormalise", True), ("bucket", False)):
+        zz = z.clone().requires_grad_(True)
+        divergence(zz, ids, lps, "forward", tail=tail).sum().backward()
+        assert bool((zz.grad[0, 2:] > 1e-6).all()) == pushed_down, tail  # descent lowers a logit of positive grad
+
+
+@pytest.mark.parametrize("kind, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
+def test_the_tail_bucket_matches_explicit_loops(kind, beta, t):
+    z, ids, lps = random_case(seed=3)
+    got = divergence(z, ids, lps, kind, beta, t, tail="bucket")
+    for r in range(z.size(0)):
+        want = by_hand_bucket(z[r].tolist(), ids[r].tolist(), lps[r].float().tolist(), kind, beta, t)
+        assert float(got[r]) == pytest.approx(want, rel=1e-4, abs=1e-5), r
+    assert (got >= -1e-6).all()
 
 
 @pytest.mark.parametrize("kind, beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)])
 @pytest.mark.parametrize("t", [1.0, 2.0, 0.5])
 def test_divergences_match_explicit_loops(kind, beta, t):
     z, ids, lps = random_case()
-    got = divergence(z, ids, lps, kind, beta, t)
+    got = divergence(z, ids, lps, kind, beta, t, tail="renormalise")
     for r in range(z.size(0)):
         want = by_hand(z[r].tolist(), ids[r].tolist(), lps[r].float().tolist(), kind, beta, t)
         assert float(got[r]) == pytest.approx(want, rel=1e-5, abs=1e-6), r
@@ -91,8 +145,9 @@ def test_k_equal_to_v_is_the_exact_kl(t):
     q_t = torch.log_softmax(z / t, -1)
     exact_forward = F.kl_div(q_t, p_t, log_target=True, reduction="none").sum(-1)  # KL(p_T || q_T)
     exact_reverse = F.kl_div(p_t, q_t, log_target=True, reduction="none").sum(-1)  # KL(q_T || p_T)
-    assert torch.allclose(divergence(z, ids, lps, "forward", temperature=t), exact_forward, atol=1e-5)
-    assert torch.allclose(divergence(z, ids, lps, "reverse", temperature=t), exact_reverse, atol=1e-5)
+    for tail in ("bucket", "renormalise"):
+        assert torch.allclose(divergence(z, ids, lps, "forward", temperature=t, tail=tail), exact_forward, atol=1e-5)
+        assert torch.allclose(divergence(z, ids, lps, "reverse", temperature=t, tail=tail), exact_reverse, atol=1e-5)
 
 
 def test_forward_kl_penalises_student_mass_outside_the_top_k():
@@ -100,26 +155,27 @@ def test_forward_kl_penalises_student_mass_outside_the_top_k():
     ids = torch.tensor([[0, 1]])
     lps = torch.log(torch.tensor([[0.6, 0.2]]))  # p~ = 0.75, 0.25
     z = torch.log(torch.tensor([[0.45, 0.15, 0.4]]))  # student: the same 3:1 ratio on {0, 1}, 0.4 elsewhere
-    assert float(divergence(z, ids, lps, "reverse")) == pytest.approx(0.0, abs=1e-6)
-    assert float(divergence(z, ids, lps, "jsd", beta=0.3)) == pytest.approx(0.0, abs=1e-6)
-    assert float(divergence(z, ids, lps, "forward")) == pytest.approx(-math.log(0.6), abs=1e-6)
+    assert float(divergence(z, ids, lps, "reverse", tail="renormalise")) == pytest.approx(0.0, abs=1e-6)
+    assert float(divergence(z, ids, lps, "jsd", beta=0.3, tail="renormalise")) == pytest.approx(0.0, abs=1e-6)
+    assert float(divergence(z, ids, lps, "forward", tail="renormalise")) == pytest.approx(-math.log(0.6), abs=1e-6)
 
 
 def test_jsd_limits():
     z, ids, lps = random_case(seed=2)
     fwd_restricted = torch.tensor([kl(softmax(lps[r].float().tolist()), softmax(z[r, ids[r].long()].tolist()))
                                    for r in range(z.size(0))])  # KL(p~ || q~)
-    rev = divergence(z, ids, lps, "reverse")
+    rev = divergence(z, ids, lps, "reverse", tail="renormalise")
     small, big = 1e-4, 1 - 1e-4
-    assert torch.allclose(divergence(z, ids, lps, "jsd", beta=small) / small, fwd_restricted.float(), rtol=2e-3)
-    assert torch.allclose(divergence(z, ids, lps, "jsd", beta=big) / (1 - big), rev, rtol=2e-3)
-    half = divergence(z, ids, lps, "jsd", beta=0.5)
+    assert torch.allclose(divergence(z, ids, lps, "jsd", beta=small, tail="renormalise") / small, fwd_restricted.float(), rtol=2e-3)
+    assert torch.allclose(divergence(z, ids, lps, "jsd", beta=big, tail="renormalise") / (1 - big), rev, rtol=2e-3)
+    half = divergence(z, ids, lps, "jsd", beta=0.5, tail="renormalise")
     assert (half <= math.log(2)).all() and (half > 0).all()
     # beta = 0.5 is symmetric: swapping teacher and student (on the top-k support) gives the same value
     logq = torch.log_softmax(z.gather(1, ids.long()), -1)
     local = torch.arange(ids.size(1)).expand_as(ids)  # student logits on the support only: V = k
-    assert torch.allclose(divergence(logq, local, torch.log_softmax(lps.float(), -1), "jsd", beta=0.5),
-                          divergence(torch.log_softmax(lps.float(), -1), local, logq, "jsd", beta=0.5), atol=1e-6)
+    assert torch.allclose(divergence(logq, local, torch.log_softmax(lps.float(), -1), "jsd", beta=0.5, tail="renormalise"),
+                          divergence(torch.log_softmax(lps.float(), -1), local, logq, "jsd", beta=0.5, tail="renormalise"),
+                          atol=1e-6)
 
 
 def test_a_zero_teacher_probability_is_no_nan():
@@ -127,10 +183,11 @@ def test_a_zero_teacher_probability_is_no_nan():
     lps = torch.tensor([[0.0, float("-inf"), float("-inf")]], dtype=torch.float16)  # a masked teacher
     z = torch.randn(1, 5, requires_grad=True)
     for kind in ("forward", "reverse", "jsd"):
-        d = divergence(z, ids, lps, kind, beta=0.5)
-        d.sum().backward()
-        assert torch.isfinite(d).all() and torch.isfinite(z.grad).all(), kind
-        z.grad = None
+        for tail in ("bucket", "renormalise"):
+            d = divergence(z, ids, lps, kind, beta=0.5, tail=tail)
+            d.sum().backward()
+            assert torch.isfinite(d).all() and torch.isfinite(z.grad).all(), (kind, tail)
+            z.grad = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +200,8 @@ def test_loss_is_alpha_ce_plus_t_squared_divergence():
     t, alpha = 2.0, 0.3
     total, ce, d = TokenKD("reverse", temperature=t, alpha=alpha).rows_loss(z, gold, ids, lps)
     want_ce = sum(-math.log(softmax(z[r].tolist())[int(gold[r])]) for r in range(4))  # at T = 1
-    want_d = sum(by_hand(z[r].tolist(), ids[r].tolist(), lps[r].float().tolist(), "reverse", 0.5, t) for r in range(4))
+    want_d = sum(by_hand_bucket(z[r].tolist(), ids[r].tolist(), lps[r].float().tolist(), "reverse", 0.5, t)
+                 for r in range(4))  # the default tail="bucket"
     assert float(ce) == pytest.approx(want_ce, rel=1e-5) and float(d) == pytest.approx(want_d, rel=1e-5)
     assert float(total) == pytest.approx(alpha * want_ce + (1 - alpha) * t * t * want_d, rel=1e-5)
     # Why T^2 (Hinton et al. 2015): d D / d z_i = (q_T - p_T)_i / T ≈ (z_i - v_i) / (V T^2) at high T
@@ -162,7 +220,7 @@ def test_loss_is_alpha_ce_plus_t_squared_divergence():
 
 def test_bad_settings_are_refused():
     for kwargs in ({"divergence": "kl"}, {"divergence": "jsd", "beta": 0.0}, {"divergence": "jsd", "beta": 1.0},
-                   {"temperature": 0.0}, {"alpha": 1.5}, {"chunk_rows": 0}):
+                   {"temperature": 0.0}, {"alpha": 1.5}, {"chunk_rows": 0}, {"tail": "drop"}):
         with pytest.raises(ConfigError):
             TokenKD(**kwargs)
 
@@ -199,7 +257,7 @@ def test_chunked_loss_equals_the_plain_rows_and_reaches_only_the_student(tiny_ll
     assert plain_head(student) is not None  # so the chunked path ran
     assert int(chunked.units) == 7 and float(chunked.value.detach()) == pytest.approx(float(plain.value.detach()), rel=1e-5)
     for key in ("ce", "kd"):
-        assert float(chunked.metrics[key]) == pytest.approx(float(plain.metrics[key]), rel=1e-5)
+        assert float(chunked.metrics[key]) == pytest.approx(float(plain.metrics[key]), rel=1e-5, abs=1e-7)
     for n, p in student.named_parameters():
         assert torch.allclose(p.grad, want[n], atol=1e-6), n
     assert batch["teacher_logprobs"].grad is None
