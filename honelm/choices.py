@@ -23,6 +23,7 @@ decides a coin flip each time makes identical seeded commands train differently.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -102,16 +103,20 @@ class ChoiceCache:
     def put(self, key: dict[str, Any], what: str, decision: dict[str, Any]) -> str:
         """Store one decision (atomically: a temporary file renamed over the cache); returns a warning when the
         cache cannot be written (training goes on: the run still records its choice), else ""."""
-        entries = self._read()
-        entry = entries.get(key_id(key), {})
-        entry = entry if entry.get("key") == key else {"key": key}
-        entry[what] = decision
-        entries[key_id(key)] = entry
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{CACHE_FILE}.{os.getpid()}")
-            tmp.write_text(json.dumps({"format": _FORMAT, "entries": entries}, indent=1), encoding="utf-8")
-            os.replace(tmp, self.path)
+            # read, add and replace under one lock: two runs starting together would otherwise each write the
+            # cache as it was before the other's decision, and the later rename would drop the earlier entry
+            with open(self.path.with_name(f".{CACHE_FILE}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                entries = self._read()
+                entry = entries.get(key_id(key), {})
+                entry = entry if entry.get("key") == key else {"key": key}
+                entry[what] = decision
+                entries[key_id(key)] = entry
+                tmp = self.path.with_name(f".{CACHE_FILE}.{os.getpid()}")
+                tmp.write_text(json.dumps({"format": _FORMAT, "entries": entries}, indent=1), encoding="utf-8")
+                os.replace(tmp, self.path)
         except OSError as e:  # a read-only home must not stop training: the decision is still recorded in the run
             return (f"warning: {self.path}: cannot write the probe cache ({e.strerror or e}); set HONELM_CACHE_DIR to "
                     "a writable directory, or train.probe_cache=false")

@@ -129,3 +129,24 @@ def test_later_identical_runs_reuse_the_choice_and_a_resumed_run_keeps_its_own(t
     torch.set_num_threads(1)
     assert _fit(tiny_llama, tmp_path / "c", "auto", resume=True)[-1] == "threads: 2 (recorded by this run)"
     assert torch.get_num_threads() == 2
+
+
+def _put_many(directory: str, worker: int, n: int) -> None:
+    cache = ch.ChoiceCache(__import__("pathlib").Path(directory))
+    for i in range(n):
+        cache.put({"worker": worker, "i": i}, "threads", {"threads": 1})
+
+
+def test_runs_writing_the_cache_together_lose_no_entry(tmp_path):
+    """Four processes adding entries at once: every entry is there afterwards (the read-add-replace is locked)."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_put_many, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = ch.ChoiceCache(tmp_path)
+    missing = [(w, i) for w in range(4) for i in range(25) if cache.get({"worker": w, "i": i}, "threads") is None]
+    assert not missing, f"{len(missing)} of 100 entries lost"
