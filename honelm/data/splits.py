@@ -18,6 +18,7 @@ import contextvars
 import hashlib
 import itertools
 import math
+import os
 import re
 import threading
 import warnings
@@ -744,17 +745,37 @@ def _near_duplicates(uni: _Universe, threshold: float
 # make_splits
 
 
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+"""sha256 of large files this process has hashed, keyed by (path, device, inode, size, modification time in ns)."""
+REMEMBER_DIGEST_BYTES = 64 << 20
+"""Files at least this large have their digest remembered. Smaller ones are always read again: a file rewritten
+in place with the same size within one tick of the file system's coarse clock (a few ms) keeps its mtime, which
+a small file can be and a 64 MiB write cannot."""
+
+
+def _one_file_sha256(path: Path) -> str:
+    """sha256 hex of one file, streamed. A large file this process has hashed before and that is unchanged since
+    (same inode, size and modification time) is not read again: the pins and the token-file cache both hash
+    a large corpus, and each pass costs seconds per gigabyte."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _DIGESTS.get(key) if st.st_size >= REMEMBER_DIGEST_BYTES else None
+    if found is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        found = h.hexdigest()
+        if st.st_size >= REMEMBER_DIGEST_BYTES:
+            _DIGESTS[key] = found
+    return found
+
+
 def _file_sha256(spec: str | Path | Sequence[str | Path]) -> str:
     if hub.is_hub(spec):  # a dataset by name: its rows' content, as no file holds them
         return hub.sha256(str(spec))
     files = expand_paths(spec)
-    digests = []
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digests.append((f.name, h.hexdigest()))
+    digests = [(f.name, _one_file_sha256(f)) for f in files]
     if len(digests) == 1:
         return digests[0][1]
     return _sha256("\n".join(f"{name}\0{digest}" for name, digest in digests))

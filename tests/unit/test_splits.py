@@ -354,3 +354,26 @@ def test_user_test_path_list_is_hashed_together(tmp_path: Path) -> None:
     b.write_text("held out b, edited\n", encoding="utf-8")
     with pytest.raises(HonelmError):
         S.verify_manifest(first, make().manifest)
+
+
+def test_a_large_file_is_hashed_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+    """The pins and the token-file cache both hash a corpus: the second pass reuses the first (large files only)."""
+    import hashlib as _hashlib
+
+    from honelm.data import splits as S
+    monkeypatch.setattr(S, "REMEMBER_DIGEST_BYTES", 10)
+    monkeypatch.setattr(S, "_DIGESTS", {})
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("a long enough corpus\n")
+    small.write_text("tiny\n")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (reads.append(str(f)), real_open(f, *a, **k))[1])
+    first = S.file_digest(big)
+    assert S.file_digest(big) == first == _hashlib.sha256(b"a long enough corpus\n").hexdigest()
+    S.file_digest(small), S.file_digest(small)
+    assert reads.count(str(big)) == 1 and reads.count(str(small)) == 2
+    big.write_text("another long corpus!\n")  # the same size, a new modification time
+    import os as _os
+    _os.utime(big, ns=(1, 1))
+    assert S.file_digest(big) == _hashlib.sha256(b"another long corpus!\n").hexdigest()
