@@ -155,6 +155,12 @@ def scores(bad_index: int, bad_value: bytes) -> bytes:
                     for i in range(40))
 
 
+def tsv_extra_column(data: Path) -> bytes:
+    lines = ["text\tlabel"] + [f"{r['text']}\t{r['label']}" for r in rows(data / "reviews.jsonl")]
+    lines[5] += "\tsurplus"
+    return ("\n".join(lines) + "\n").encode()
+
+
 def csv_missing_column(data: Path) -> bytes:
     lines = ["text,label"] + [f"\"{r['text']}\",{r['label']}" for r in rows(data / "reviews.jsonl")]
     lines[12] = f"\"{rows(data / 'reviews.jsonl')[11]['text']}\""
@@ -221,6 +227,24 @@ def input_cases() -> list[Case]:
     add(Case("grpo: python checker that does not exist", "grpo", "refuse", ("no_such_module",),
              args=("reward.function=python:no_such_module:check",)))
     add(Case("grpo: unknown check name", "grpo", "refuse", ("nonsense",), args=("reward.checks=[nonsense:3]",)))
+    # the other verbs that read data: reward (preference pairs), adapt (domain and task text), distill (a teacher)
+    add(Case("reward: chosen missing", "reward", "refuse", (f"{pref}:4", "chosen"), edited(pref, dropper(3, "chosen"))))
+    add(Case("adapt: NUL bytes in the domain text", "adapt", "refuse", ("nul.txt:3", "NUL"),
+             raw("nul.txt", b"first line\nsecond line\nthird \x00 line\n" + b"more text here\n" * 50)))
+    add(Case("adapt: task file missing its text field", "adapt", "refuse", ("task.text_field", "body"),
+             args=("task.text_field=body", f"task.train={{data}}/{rv}")))
+    add(Case("distill: teacher that does not exist", "distill", "refuse", ("teacher.model", "no/such/teacher"),
+             args=("teacher.model=no/such/teacher",)))
+    add(Case("distill: teacher with pickle weights only", "distill", "refuse", ("allow_pickle",),
+             args=("teacher.model={pickled}",)))
+    add(Case("classify: init model that does not exist", "classify", "refuse", ("model.init_from", "no/such/run"),
+             args=("model.init_from=no/such/run",)))
+    add(Case("classify: TSV row with an extra column", "classify", "refuse", ("reviews.tsv:6",),
+             raw("reviews.tsv", lambda d: tsv_extra_column(d))))
+    add(Case("classify: validation label never seen in train", "classify", "refuse", ("val.jsonl", "'neutral'"),
+             args=("data.val={where}/val.jsonl",)))
+    add(Case("classify: a JSON array instead of JSON lines", "classify", "accept", (),
+             raw("reviews.json", lambda d: json.dumps(rows(d / rv)).encode())))
     # pre-training corpora
     add(Case("pretrain: empty corpus", "pretrain", "refuse", ("empty.txt",), raw("empty.txt", b"")))
     add(Case("pretrain: NUL bytes in the corpus", "pretrain", "refuse", ("nul.txt:3", "NUL"),
@@ -265,7 +289,8 @@ def config_cases() -> list[Case]:
 
 
 DEFAULT_DATA = {"classify": "reviews.jsonl", "sft": "instructions.jsonl", "dpo": "preferences.jsonl",
-                "grpo": "arithmetic_prompts.jsonl", "pretrain": "corpus.txt"}
+                "grpo": "arithmetic_prompts.jsonl", "pretrain": "corpus.txt", "reward": "preferences.jsonl",
+                "adapt": "corpus.txt", "distill": "reviews.jsonl"}
 
 
 def base_args(verb: str, pre: Path) -> list[str]:
@@ -273,7 +298,11 @@ def base_args(verb: str, pre: Path) -> list[str]:
         return ["model.size=test", "model.vocab_size=300", "data.block_size=32", *FAST]
     extra = {"grpo": ["reward.function=numeric", "grpo.group_size=2", "grpo.prompts_per_rollout=2",
                       "grpo.response_length=4", "train.grad_accum=1"],
-             "sft": ["data.max_length=64"], "dpo": ["data.max_length=64"]}.get(verb, [])
+             "sft": ["data.max_length=64"], "dpo": ["data.max_length=64"], "reward": ["data.max_length=64"],
+             "adapt": ["data.block_size=32"],
+             "distill": [f"teacher.model={pre.parent / 'teacher'}", "data.max_length=32"]}.get(verb, [])
+    if verb == "distill":  # a from-scratch student with the teacher's tokenizer
+        return ["model.size=test", f"model.tokenizer={pre}", *FAST, *extra]
     return [f"model.init_from={pre}", *FAST, *extra]
 
 
@@ -339,8 +368,10 @@ def run_case(case: Case, index: int, out: Path, data: Path, pre: Path) -> Outcom
     runs.mkdir()
     (runs / "earlier").mkdir()
     (runs / "latest").symlink_to("earlier")
+    write(where / "val.jsonl", [{"text": f"an unseen kind of review {i}", "label": "neutral"} for i in range(8)])
+    places = {"data": str(data), "where": str(where), "pickled": str(out / "pickled")}
     args = [case.verb, *base_args(case.verb, pre), f"data.train={path}", f"run.out_dir={runs}", "run.name=case",
-            *case.args]
+            *(a.format(**places) for a in case.args)]  # a case's own key=value comes last, and the last one wins
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "honelm", *args], cwd=where, env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=600)
@@ -365,6 +396,19 @@ def prepare(out: Path) -> tuple[Path, Path]:
                 "data.block_size=32", f"run.out_dir={out}", "run.name=pre",
                 *[a for a in FAST if not a.startswith("train.max_steps")], "train.max_steps=8"]
         subprocess.run([sys.executable, "-m", "honelm", *args], env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    teacher = out / "teacher"
+    if not (teacher / "best").is_dir():  # a classifier for the distill cases: 4 steps from the pre-trained model
+        shutil.rmtree(teacher, ignore_errors=True)
+        args = ["classify", f"model.init_from={pre}", f"data.train={data / 'reviews.jsonl'}", f"run.out_dir={out}",
+                "run.name=teacher", *FAST]
+        subprocess.run([sys.executable, "-m", "honelm", *args], env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    pickled = out / "pickled"
+    if not pickled.is_dir():  # the teacher's weights as pytorch_model.bin only (torch.save of the state dict)
+        shutil.copytree(teacher / "best", pickled)
+        from safetensors.torch import load_file
+        import torch
+        torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+        (pickled / "model.safetensors").unlink()
     return data, pre
 
 

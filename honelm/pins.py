@@ -92,6 +92,17 @@ def _pin_code(spec: str, module: str) -> dict[str, Any]:
     return {"spec": spec, "code": True, "files": [_file(Path(found.origin))]}
 
 
+def check_models(cfg: Any) -> None:
+    """Every model or tokenizer `cfg` names resolves (a run, a directory, pkg:MODULE; a hub id is not checked):
+    else a HonelmError naming the key, raised before the run writes anything."""
+    for key, spec, is_model in input_fields(cfg):
+        if is_model:
+            try:
+                resolve_model_dir(spec)
+            except HonelmError as e:
+                raise HonelmError(f"{key}: {e}") from None
+
+
 def _file(path: Path, data: bool = False) -> dict[str, Any]:
     # data files are hashed as the split manifest hashes them: a test file is only ever opened to be hashed
     digest = file_digest(path) if data else file_sha256(path)

@@ -292,7 +292,7 @@ def build_corpus(cfg: Any, mode: str, say: Callable[[str], None], kind: str = "d
     corpus = Corpus(mode)
     if cfg.task.train:
         say("task split (the same settings give classify the same split):")
-        splits = labelled_splits(cfg.task, say)
+        splits = labelled_splits(cfg.task, say, section="task")
         extra = (read_documents(cfg.adapt.task_extra.split(","), unit=cfg.data.unit, text_field=cfg.task.text_field)
                  if cfg.adapt.task_extra else None)
         corpus.add_task(splits, extra, cfg.task.seed, cfg.adapt.val_fraction, say, cfg.adapt.task_guard_only)

@@ -105,11 +105,13 @@ def text_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | N
     return splits
 
 
-def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None) -> Any:
+def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str] | None = None,
+                    section: str = "data") -> Any:
     """Labelled examples, split stratified by label (classification) by data.split.
 
     `leak_texts` (the texts of a user-supplied test file) is passed only by `honelm test`, which
     has already opened that file: training never reads it, so its duplicates are found then.
+    `section` is the config section `data` came from (adapt's task text is `task`), for the keys errors name.
     """
     if not data.train:
         raise ConfigError("data.train is empty: give a labelled JSONL/JSON/CSV/TSV/Parquet file")
@@ -121,10 +123,10 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
             examples = read_examples(data.train, **fields, bad=bad)
             val = read_examples(data.val, **fields, bad=bad) if data.val else None
         except BadRowsError as e:
-            raise _name_the_field_key(e, data) from None
+            raise _name_the_field_key(e, data, section) from None
     bad.check()
     if data.task == "classification":
-        check_two_classes(examples, data)
+        check_two_classes(examples, data, section)
         warn_about_labels(examples + (val or []), say)
     load_test = read_test_later(lambda b: read_examples(data.test, **fields, bad=b), data, say) if data.test else None
     with phase(say, SPLITTING):
@@ -141,7 +143,7 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
 FIELD_KEYS = ("text_field", "pair_field", "label_field")
 
 
-def _name_the_field_key(error: BadRowsError, data: Any) -> DataError:
+def _name_the_field_key(error: BadRowsError, data: Any, section: str = "data") -> DataError:
     """A file none of whose rows has a configured field most likely means a wrong data.*_field: say which key.
 
     Called only when a file had no good row at all; a few bad rows among good ones are listed as rows.
@@ -154,19 +156,19 @@ def _name_the_field_key(error: BadRowsError, data: Any) -> DataError:
     first = error.errors[0]
     field = next(iter(missing))
     return DataError(first.path, None, None,
-                     f"data.{keys[0]}={field!r}: {len(error.errors)} rows have no field {field!r}, the first at line "
-                     f"{first.line} ({first.message.removeprefix('is missing; ')}); set data.{keys[0]} to the field "
-                     "that holds it")
+                     f"{section}.{keys[0]}={field!r}: {len(error.errors)} rows have no field {field!r}, the first at "
+                     f"line {first.line} ({first.message.removeprefix('is missing; ')}); set {section}.{keys[0]} to "
+                     "the field that holds it")
 
 
-def check_two_classes(rows: Sequence[Any], data: Any) -> None:
+def check_two_classes(rows: Sequence[Any], data: Any, section: str = "data") -> None:
     """A classification task needs two classes or more: one class only is a wrong label field or a wrong file."""
     classes = {r.label for r in rows}
     if len(classes) == 1:
         raise DataError(data.train, None, data.label_field,
                         f"has one value only ({next(iter(classes))!r} in all {len(rows)} rows): classification needs "
-                        "at least two classes (check data.label_field and the file; data.task=regression for a "
-                        "numeric target)")
+                        f"at least two classes (check {section}.label_field and the file; {section}.task=regression for "
+                        "a numeric target)")
 
 
 def say_split(manifest: dict, say: Callable[[str], None]) -> None:

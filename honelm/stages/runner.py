@@ -29,7 +29,7 @@ from honelm.checkpoint import best_writes_base, clean_stale, list_checkpoints
 from honelm.errors import HonelmError
 from honelm.loop import Callback, FitResult, TrainPlan, TrainState, fit
 from honelm.models import LoadedModel, count_parameters
-from honelm.pins import check_inputs, record_inputs
+from honelm.pins import check_inputs, check_models, record_inputs
 from honelm.rundir import discard_failed_start, latest_of, release_run, run_directory, runs_parent, tracker_for
 from honelm.stages.contract import Plan, RunContext, Stage
 from honelm.stages.resolve import resolve_model, resolve_tokenizer
@@ -44,6 +44,7 @@ def open_run(stage: Stage, cfg: Any, resume: str | None) -> RunContext:
     """Runtime, seed, the run directory and its tracker: the context every hook receives."""
     runtime = rt.setup(cfg.train.threads)
     rt.seed_everything(cfg.run.seed)
+    check_models(cfg)  # first: a stage's own check may load a teacher or a reward model by its path
     stage.check(cfg)
     run_dir = run_directory(stage.name, cfg, runtime, resume)
     try:

@@ -132,6 +132,8 @@ def test_a_field_missing_from_every_row_names_the_config_key(tmp_path):
         labelled_splits(LabelledDataConfig(train=path, text_field="body"), lambda _: None)
     assert str(caught.value) == (f"{path}: data.text_field='body': 60 rows have no field 'body', the first at line 1 "
                                  "(available fields: 'text', 'label'); set data.text_field to the field that holds it")
+    with pytest.raises(DataError, match=r"task.text_field='body': 60 rows .* set task.text_field to"):  # adapt's task
+        labelled_splits(LabelledDataConfig(train=path, text_field="body"), lambda _: None, section="task")
     rows = reviews()
     del rows[3]["label"], rows[9]["label"]  # a few rows only: the rows are the story, not the key
     with pytest.raises(BadRowsError, match="2 bad rows"):

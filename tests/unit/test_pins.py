@@ -129,3 +129,17 @@ def test_python_reward_code_is_pinned_and_a_changed_checker_refused(tmp_path: Pa
     (tmp_path / "mychecks.py").write_text("def right(prompt, response, row):\n    return 0.0\n", encoding="utf-8")
     with pytest.raises(HonelmError, match=r"reward.checks\[0\]: .*mychecks.py has sha256 .* but the run was trained"):
         check_inputs(run, cfg, allow_changed=False, say=print)
+
+
+def test_a_model_that_does_not_resolve_is_named_by_its_key(tmp_path: Path) -> None:
+    from honelm.pins import check_models
+    cfg = SimpleNamespace(model=ModelConfig(init_from=str(tmp_path / "runs" / "gone")),
+                          teacher=SimpleNamespace(model="", tokenizer=""))
+    with pytest.raises(HonelmError, match=r"^model.init_from: .*gone: no such directory$"):
+        check_models(cfg)
+    cfg.model.init_from = ""
+    cfg.teacher.model = "./nowhere/teacher"
+    with pytest.raises(HonelmError, match=r"^teacher.model: \./nowhere/teacher: no such directory$"):
+        check_models(cfg)
+    cfg.teacher.model = "bert-base-uncased"  # a hub id: not checked here (it needs the network)
+    check_models(cfg)
