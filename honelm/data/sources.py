@@ -136,7 +136,7 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
                              test_texts_for_leak_check=leak_texts)
     report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
-    check_not_empty(splits.manifest, data, _label_hint(examples, data))
+    check_not_empty(splits.manifest, data, _label_hint(examples, data, section))
     return splits
 
 
@@ -214,12 +214,12 @@ def warn_about_labels(rows: Sequence[Any], say: Callable[[str], None]) -> list[s
     return said
 
 
-def _label_hint(rows: Sequence[Any], data: Any) -> str:
+def _label_hint(rows: Sequence[Any], data: Any, section: str = "data") -> str:
     """For a classification task with about as many classes as rows: the likely cause (the wrong label field)."""
     classes = len({r.label for r in rows})
     if data.task != "classification" or classes * 2 <= len(rows):
         return ""
-    return (f"; data.label_field={data.label_field!r} gives {classes} classes for {len(rows)} rows, so most classes "
+    return (f"; {section}.label_field={data.label_field!r} gives {classes} classes for {len(rows)} rows, so most classes "
             "cannot reach validation: is it the label column?")
 
 
