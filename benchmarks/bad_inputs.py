@@ -242,7 +242,7 @@ def input_cases() -> list[Case]:
     add(Case("classify: TSV row with an extra column", "classify", "refuse", ("reviews.tsv:6",),
              raw("reviews.tsv", lambda d: tsv_extra_column(d))))
     add(Case("classify: validation label never seen in train", "classify", "refuse", ("val.jsonl", "'neutral'"),
-             args=("data.val={where}/val.jsonl",)))
+             args=("data.val={out}/val.jsonl",)))
     add(Case("classify: a JSON array instead of JSON lines", "classify", "accept", (),
              raw("reviews.json", lambda d: json.dumps(rows(d / rv)).encode())))
     # pre-training corpora
@@ -252,39 +252,32 @@ def input_cases() -> list[Case]:
     return c
 
 
-CONFIG_VALUES = [  # (verb, override, what the error must name)
-    ("classify", "train.batch_size=0", "train.batch_size"), ("classify", "train.batch_size=-4", "train.batch_size"),
-    ("classify", "train.grad_accum=0", "train.grad_accum"), ("classify", "train.lr=-0.001", "train.lr"),
-    ("classify", "model.dropout=2", "model.dropout"), ("classify", "train.adam_beta2=1.5", "train.adam_beta2"),
-    ("classify", "data.split=9:1", "data.split"), ("classify", "data.split=0:0:1", "data.split"),
-    ("classify", "data.split=a:b:c", "data.split"), ("classify", "data.split=9:-1:2", "data.split"),
-    ("classify", "data.split=9:0:1", "data.split"),
-    ("classify", "data.max_length=0", "data.max_length"), ("classify", "train.max_steps=-5", "train.max_steps"),
-    ("classify", "train.epochs=0", "train.epochs"), ("classify", "train.epochs=-1", "train.epochs"),
-    ("classify", "train.warmup_ratio=2", "train.warmup_ratio"), ("classify", "train.eval_every=-1", "train.eval_every"),
-    ("classify", "data.near_dup_threshold=0", "data.near_dup_threshold"), ("classify", "lora.r=0", "lora.r"),
-    ("classify", "lora.dropout=1.5", "lora.dropout"), ("classify", "train.precision=fp8", "train.precision"),
-    ("classify", "train.schedule=sawtooth", "train.schedule"), ("classify", "train.lrr=1e-3", "train.lrr"),
-    ("classify", "train.batch_size=abc", "train.batch_size"), ("classify", "adversarial.method=fgsm", "adversarial.method"),
-    ("classify", "adversarial.epsilon=-1", "adversarial.epsilon"), ("classify", "train.grad_clip=-1", "train.grad_clip"),
-    ("classify", "run.seed=-3", "run.seed"), ("classify", "train.threads=0.5", "train.threads"),
-    ("dpo", "dpo.beta=0", "dpo.beta"), ("dpo", "dpo.label_smoothing=0.7", "dpo.label_smoothing"),
-    ("dpo", "dpo.loss=ppo", "dpo.loss"),
-    ("grpo", "grpo.group_size=1", "grpo.group_size"), ("grpo", "grpo.clip=-0.1", "grpo.clip"),
-    ("grpo", "grpo.temperature=-1", "grpo.temperature"), ("grpo", "grpo.kl_coef=-0.5", "grpo.kl_coef"),
-    ("sft", "data.max_length=-1", "data.max_length"), ("pretrain", "data.block_size=0", "data.block_size"),
+CONFIG_VALUES = [  # (verb, override): the error must name the override's key
+    ("classify", "train.batch_size=0"), ("classify", "train.batch_size=-4"), ("classify", "train.grad_accum=0"),
+    ("classify", "train.lr=-0.001"), ("classify", "model.dropout=2"), ("classify", "train.adam_beta2=1.5"),
+    ("classify", "data.split=9:1"), ("classify", "data.split=0:0:1"), ("classify", "data.split=a:b:c"),
+    ("classify", "data.split=9:-1:2"), ("classify", "data.split=9:0:1"), ("classify", "data.max_length=0"),
+    ("classify", "train.max_steps=-5"), ("classify", "train.epochs=0"), ("classify", "train.epochs=-1"),
+    ("classify", "train.warmup_ratio=2"), ("classify", "train.eval_every=-1"), ("classify", "data.near_dup_threshold=0"),
+    ("classify", "lora.r=0"), ("classify", "lora.dropout=1.5"), ("classify", "train.precision=fp8"),
+    ("classify", "train.schedule=sawtooth"), ("classify", "train.lrr=1e-3"), ("classify", "train.batch_size=abc"),
+    ("classify", "adversarial.method=fgsm"), ("classify", "adversarial.epsilon=-1"), ("classify", "train.grad_clip=-1"),
+    ("classify", "run.seed=-3"), ("classify", "train.threads=0.5"),
+    ("dpo", "dpo.beta=0"), ("dpo", "dpo.label_smoothing=0.7"), ("dpo", "dpo.loss=ppo"),
+    ("grpo", "grpo.group_size=1"), ("grpo", "grpo.clip=-0.1"), ("grpo", "grpo.temperature=-1"),
+    ("grpo", "grpo.kl_coef=-0.5"), ("sft", "data.max_length=-1"), ("pretrain", "data.block_size=0"),
 ]
 
 
 def config_cases() -> list[Case]:
-    cases = [Case(f"{verb}: {override}", verb, "refuse", (key,), args=(override,), kind="config")
-             for verb, override, key in CONFIG_VALUES]
+    cases = [Case(f"{verb}: {override}", verb, "refuse", (override.split("=", 1)[0],), args=(override,), kind="config")
+             for verb, override in CONFIG_VALUES]
     cases.append(Case("config file that does not exist", "classify", "refuse", ("nowhere.yaml",),
                       args=("--config", "nowhere.yaml"), kind="config"))
     cases.append(Case("config file with a YAML syntax error", "classify", "refuse", ("broken.yaml", "line 3"),
-                      args=("--config", "broken.yaml"), kind="config"))
+                      args=("--config", "{out}/broken.yaml"), kind="config"))
     cases.append(Case("config file with an unknown section", "classify", "refuse", ("trian",),
-                      args=("--config", "typo.yaml"), kind="config"))
+                      args=("--config", "{out}/typo.yaml"), kind="config"))
     return cases
 
 
@@ -304,6 +297,12 @@ def base_args(verb: str, pre: Path) -> list[str]:
     if verb == "distill":  # a from-scratch student with the teacher's tokenizer
         return ["model.size=test", f"model.tokenizer={pre}", *FAST, *extra]
     return [f"model.init_from={pre}", *FAST, *extra]
+
+
+def honelm(args: list[str], cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m honelm ARGS` in its own process, offline and on one thread, its output captured."""
+    return subprocess.run([sys.executable, "-m", "honelm", *args], cwd=cwd, capture_output=True, text=True,
+                          check=check, timeout=600, env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
 
 
 def digest(path: Path) -> str:
@@ -358,8 +357,6 @@ def run_case(case: Case, index: int, out: Path, data: Path, pre: Path) -> Outcom
     where = out / "cases" / f"{index:02d}"
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
-    (where / "broken.yaml").write_text("train:\n  lr: 1e-3\n  batch_size: [4\n", encoding="utf-8")
-    (where / "typo.yaml").write_text("trian:\n  lr: 1e-3\n", encoding="utf-8")
     path = case.make(data, where) if case.make else data / DEFAULT_DATA[case.verb]
     if case.name == "missing file":
         path.unlink()
@@ -368,13 +365,11 @@ def run_case(case: Case, index: int, out: Path, data: Path, pre: Path) -> Outcom
     runs.mkdir()
     (runs / "earlier").mkdir()
     (runs / "latest").symlink_to("earlier")
-    write(where / "val.jsonl", [{"text": f"an unseen kind of review {i}", "label": "neutral"} for i in range(8)])
-    places = {"data": str(data), "where": str(where), "pickled": str(out / "pickled")}
+    places = {"data": str(data), "out": str(out), "pickled": str(out / "pickled")}
     args = [case.verb, *base_args(case.verb, pre), f"data.train={path}", f"run.out_dir={runs}", "run.name=case",
             *(a.format(**places) for a in case.args)]  # a case's own key=value comes last, and the last one wins
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "honelm", *args], cwd=where, env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=600)
+    proc = honelm(args, cwd=where)
     seconds = time.perf_counter() - start
     log = (runs / "case" / "log.txt").read_text(encoding="utf-8") if (runs / "case" / "log.txt").exists() else ""
     left = (runs / "case").exists() and any((runs / "case").iterdir())
@@ -385,7 +380,9 @@ def run_case(case: Case, index: int, out: Path, data: Path, pre: Path) -> Outcom
 
 
 def prepare(out: Path) -> tuple[Path, Path]:
-    """The demo data (honelm.demo.generate_data, seed 1) and a tiny decoder pre-trained on it for 8 steps."""
+    """The demo data (honelm.demo.generate_data, seed 1), a tiny decoder pre-trained on it for 8 steps, a classifier
+    from it (the distill cases' teacher) and a pickle-only copy of that classifier, and the files some cases name:
+    a broken and a mistyped config, a validation file with a label train never has."""
     data = out / "data"
     if not (data / "reviews.jsonl").is_file():
         generate_data(data, n_corpus=400, n_labelled=80, seed=1, n_instructions=80, n_preferences=80)
@@ -395,13 +392,16 @@ def prepare(out: Path) -> tuple[Path, Path]:
         args = ["pretrain", f"data.train={data / 'corpus.txt'}", "model.size=test", "model.vocab_size=300",
                 "data.block_size=32", f"run.out_dir={out}", "run.name=pre",
                 *[a for a in FAST if not a.startswith("train.max_steps")], "train.max_steps=8"]
-        subprocess.run([sys.executable, "-m", "honelm", *args], env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
+        honelm(args, check=True)
     teacher = out / "teacher"
     if not (teacher / "best").is_dir():  # a classifier for the distill cases: 4 steps from the pre-trained model
         shutil.rmtree(teacher, ignore_errors=True)
         args = ["classify", f"model.init_from={pre}", f"data.train={data / 'reviews.jsonl'}", f"run.out_dir={out}",
                 "run.name=teacher", *FAST]
-        subprocess.run([sys.executable, "-m", "honelm", *args], env=child_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), check=True, capture_output=True)
+        honelm(args, check=True)
+    (out / "broken.yaml").write_text("train:\n  lr: 1e-3\n  batch_size: [4\n", encoding="utf-8")
+    (out / "typo.yaml").write_text("trian:\n  lr: 1e-3\n", encoding="utf-8")
+    write(out / "val.jsonl", [{"text": f"an unseen kind of review {i}", "label": "neutral"} for i in range(8)])
     pickled = out / "pickled"
     if not pickled.is_dir():  # the teacher's weights as pytorch_model.bin only (torch.save of the state dict)
         shutil.copytree(teacher / "best", pickled)

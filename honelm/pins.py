@@ -84,12 +84,13 @@ def code_inputs(cfg: Any) -> Iterator[tuple[str, str]]:
                 yield (key if i is None else f"{key}[{i}]"), found["module"]
 
 
-def _pin_code(spec: str, module: str) -> dict[str, Any]:
-    """The source file of `module`, hashed (found without running it; a module that cannot be found is left out)."""
+def _pin_code(module: str) -> dict[str, Any]:
+    """The source file of `module`, hashed: found without running it (a dotted name imports its parent packages);
+    OSError when it has none, and the stage's own loading then reports the module it cannot find."""
     found = importlib.util.find_spec(module)
     if found is None or not found.origin or not Path(found.origin).is_file():
         raise OSError(f"no source file for {module}")
-    return {"spec": spec, "code": True, "files": [_file(Path(found.origin))]}
+    return {"spec": module, "code": True, "files": [_file(Path(found.origin))]}
 
 
 def check_models(cfg: Any) -> None:
@@ -131,8 +132,8 @@ def pin_inputs(cfg: Any) -> dict[str, Any]:
             continue
     for key, module in code_inputs(cfg):
         try:
-            inputs[key] = _pin_code(module, module)
-        except (ImportError, ValueError, OSError):  # the stage's own loading reports a module it cannot find
+            inputs[key] = _pin_code(module)
+        except (ImportError, ValueError, OSError):
             continue
     return {"format": 1, "cwd": str(Path.cwd().resolve()), "inputs": inputs}
 

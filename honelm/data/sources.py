@@ -148,10 +148,11 @@ def _name_the_field_key(error: BadRowsError, data: Any, section: str = "data") -
 
     Called only when a file had no good row at all; a few bad rows among good ones are listed as rows.
     """
-    missing = {e.field for e in error.errors if e.message.startswith("is missing")}
-    keys = [k for k in FIELD_KEYS if getattr(data, k) and getattr(data, k) in missing]
-    if len(missing) != 1 or len(error.errors) < 2 or any(not e.message.startswith("is missing") for e in error.errors) \
-            or not keys:
+    if len(error.errors) < 2 or any(not e.message.startswith("is missing") for e in error.errors):
+        return error
+    missing = {e.field for e in error.errors}
+    keys = [k for k in FIELD_KEYS if getattr(data, k) in missing]
+    if len(missing) != 1 or not keys:
         return error
     first = error.errors[0]
     field = next(iter(missing))

@@ -207,6 +207,12 @@ class TokenKD(Objective):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def token_objective(d: Any) -> TokenKD:
+    """The token-level KD objective of a `distill` section (honelm.objectives.distill.DistillOptions): every
+    setting it has reaches the loss."""
+    return TokenKD(d.divergence, d.beta, d.temperature, d.alpha, tail=d.tail)
+
+
 def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) shifted labels (position t predicts labels[t+1]) and their target mask."""
     gold = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)

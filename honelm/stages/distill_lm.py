@@ -29,7 +29,7 @@ from honelm.data.sft import SFTExamples, template_texts
 from honelm.errors import ConfigError
 from honelm.objectives.base import Objective
 from honelm.objectives.lm_teacher import WithTeacher
-from honelm.objectives.token_kd import TokenKD
+from honelm.objectives.token_kd import token_objective
 from honelm.stages.contract import RunContext
 from honelm.stages.sft import SFT
 from honelm.teacher_lm import on_policy_objective, teacher_answers, teacher_topk
@@ -74,7 +74,7 @@ class LMDistillation(SFT):
         if ctx.extra["mode"] == "sequence":
             return super().training_items(ctx, examples, items)
         cache = teacher_topk(ctx.run_dir, ctx.cfg, examples, ctx.tokenizer, student, ctx.runtime, ctx.say)
-        objective: Objective = TokenKD(d.divergence, d.beta, d.temperature, d.alpha, tail=d.tail)
+        objective: Objective = token_objective(d)
         if d.on_policy > 0:
             objective = on_policy_objective(ctx.cfg, objective, ctx.tokenizer, student, ctx.device, ctx.say)
         return WithTeacher(items, cache), objective

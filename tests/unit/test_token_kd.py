@@ -71,11 +71,14 @@ def random_case(n: int = 5, v: int = 7, k: int = 3, seed: int = 0) -> tuple[torc
 # the divergences
 
 
+def paper_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student uniform over V = 4 (q = 1/4 each); the teacher's top-2, ids 0 and 1, with p = 0.5 and 0.3."""
+    return torch.zeros(1, 4), torch.tensor([[0, 1]]), torch.log(torch.tensor([[0.5, 0.3]]))
+
+
 def test_divergences_worked_on_paper():
-    # student uniform over V = 4 (q = 1/4 each); teacher top-2 ids 0, 1 with p = 0.5, 0.3 → p~ = 0.625, 0.375
-    z = torch.zeros(1, 4)
-    ids = torch.tensor([[0, 1]])
-    lps = torch.log(torch.tensor([[0.5, 0.3]]))
+    # renormalised over the top-2: p~ = 0.625, 0.375
+    z, ids, lps = paper_case()
     # forward: 0.625 ln(0.625 / 0.25) + 0.375 ln(0.375 / 0.25) = 0.625 * 0.916291 + 0.375 * 0.405465
     assert float(divergence(z, ids, lps, "forward", tail="renormalise")) == pytest.approx(0.724731, abs=1e-6)
     # reverse, q~ = 0.5, 0.5: 0.5 ln(0.5 / 0.625) + 0.5 ln(0.5 / 0.375) = 0.5 (-0.223144 + 0.287682)
@@ -86,11 +89,8 @@ def test_divergences_worked_on_paper():
 
 
 def test_the_tail_bucket_worked_on_paper():
-    # student uniform over V = 4; teacher top-2 ids 0, 1 with p = 0.5, 0.3, so its rest is 0.2; the student's
-    # coarse distribution on {0, 1, rest} is 0.25, 0.25, 0.5
-    z = torch.zeros(1, 4)
-    ids = torch.tensor([[0, 1]])
-    lps = torch.log(torch.tensor([[0.5, 0.3]]))
+    # the teacher's rest is 0.2; the student's coarse distribution on {0, 1, rest} is 0.25, 0.25, 0.5
+    z, ids, lps = paper_case()
     # forward: 0.5 ln(0.5/0.25) + 0.3 ln(0.3/0.25) + 0.2 ln(0.2/0.5) = 0.346574 + 0.054696 - 0.183258
     assert float(divergence(z, ids, lps, "forward", tail="bucket")) == pytest.approx(0.218011, abs=1e-5)
     # reverse: 0.25 ln(0.25/0.5) + 0.25 ln(0.25/0.3) + 0.5 ln(0.5/0.2) = -0.173287 - 0.045580 + 0.458145
@@ -292,3 +292,17 @@ def test_distilling_from_the_teacher_itself_costs_nothing_at_k_equal_v(tiny_llam
     with torch.no_grad():
         for kind in ("forward", "reverse", "jsd"):
             assert float(TokenKD(kind)(model, batch).value) == pytest.approx(0.0, abs=1e-4), kind
+
+
+def test_the_distill_section_reaches_the_objective():
+    """`distill.tail`, divergence, beta, temperature and alpha as a user sets them are the loss's own settings."""
+    from honelm.objectives.distill import DistillOptions
+    from honelm.objectives.token_kd import token_objective
+    assert token_objective(DistillOptions()).tail == "bucket"  # the documented default
+    made = token_objective(DistillOptions(tail="renormalise", divergence="jsd", beta=0.3, temperature=1.5, alpha=0.2))
+    assert (made.tail, made.kind, made.beta, made.temperature, made.alpha) == ("renormalise", "jsd", 0.3, 1.5, 0.2)
+    z, ids, lps = paper_case()
+    gold = torch.tensor([2])
+    bucket = token_objective(DistillOptions(alpha=0.0, temperature=1.0)).rows_loss(z, gold, ids, lps)[0]
+    renorm = token_objective(DistillOptions(alpha=0.0, temperature=1.0, tail="renormalise")).rows_loss(z, gold, ids, lps)[0]
+    assert float(bucket) == pytest.approx(0.218011, abs=1e-5) and float(renorm) == pytest.approx(0.724731, abs=1e-5)
