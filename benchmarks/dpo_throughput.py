@@ -51,6 +51,7 @@ Smoke run (numbers meaningless):  python benchmarks/dpo_throughput.py --syntheti
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -305,9 +306,7 @@ def parent_main(args: argparse.Namespace) -> int:
         print(f"unknown contender(s) {unknown}; known: {', '.join(CONTENDERS)}")
         return 2
     if any(c.startswith("trl") for c in contenders):
-        try:
-            import trl
-        except ImportError:
+        if importlib.util.find_spec("trl") is None:
             print("skipped: TRL is not installed (pip install trl)")
             return 0
     import transformers

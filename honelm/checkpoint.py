@@ -411,11 +411,18 @@ class _SafeReader(FileSystemReader):
     """torch.distributed.checkpoint's file reader, but its `.metadata` pickle is read by `_MetadataUnpickler`:
     the library unpickles it unrestricted, and honelm loads nothing with `torch.load(weights_only=False)`."""
 
+    refusal: str | None = None  # why read_metadata refused, kept: some torch versions (2.11) report the failed read
+    # only as "metadata is None", which would lose the reason
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with open(Path(self.path) / ".metadata", "rb") as handle:
-            metadata = _MetadataUnpickler(handle).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError("not a checkpoint's metadata")
+        try:
+            with open(Path(self.path) / ".metadata", "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError("not a checkpoint's metadata")
+        except (pickle.UnpicklingError, OSError, EOFError) as e:
+            self.refusal = f"{type(e).__name__}: {e}"
+            raise
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -435,12 +442,15 @@ class _SafePlanner(DefaultLoadPlanner):
 def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank reads its shards of the model and AdamW state from a sharded checkpoint into the sharded model."""
     state = _dcp_state(model, optimizer)
+    reader = _SafeReader(str(path))
     try:
-        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner())
+        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:  # a BaseException: one rank's failure, reported to every rank
-        # its text is each failing rank's traceback; the last line says what went wrong
+        # its text is each failing rank's traceback; the last line says what went wrong, unless the metadata was
+        # refused, whose reason the reader kept
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(path, f"unreadable sharded checkpoint ({(lines or ['?'])[-1][:300]})") from None
+        why = reader.refusal or (lines or ["?"])[-1]
+        raise CheckpointError(path, f"unreadable sharded checkpoint ({why[:300]})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -35,6 +35,7 @@ from honelm.bounds import at_least
 from honelm.data.chat import prompt_ids
 from honelm.data.readers import Example
 from honelm.errors import ConfigError, HonelmError
+from honelm.objectives.logprobs import sum_by_row
 
 TEMPLATES = {False: "Text: {text}\nAnswer:", True: "Text: {text}\nSecond text: {text_pair}\nAnswer:"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -209,7 +210,9 @@ def verbalizer_scores(model: torch.nn.Module, data: Prompted, batch_size: int, d
         rows = torch.cat([torch.full((len(s) - b,), r) for r, (s, b) in enumerate(zip(chunk, starts))])
         cols = torch.cat([torch.arange(b, len(s)) for s, b in zip(chunk, starts)])
         logp = logits[rows, cols - 1].float().log_softmax(-1).gather(-1, ids[rows, cols, None].to(device))[:, 0]
-        sums = torch.zeros(len(chunk), device=device).index_add_(0, rows.to(device), logp).cpu()
+        taken = torch.zeros(ids.shape, dtype=torch.bool)
+        taken[rows, cols] = True  # row-major, as rows and cols list them
+        sums = sum_by_row(logp, taken.to(device)).cpu()
         counts = torch.tensor([len(s) - b for s, b in zip(chunk, starts)], dtype=torch.float32)
         out.append(sums / counts if mean else sums)
     return torch.cat(out).view(-1, data.n_labels)

@@ -27,7 +27,7 @@ from honelm.data.masking import MLMRows
 from honelm.data.packing import PackedBlocks, bits_per_byte
 from honelm.data.sft import SFTExamples
 from honelm.objectives.lm import IGNORE, CausalLM
-from honelm.objectives.logprobs import target_logps
+from honelm.objectives.logprobs import sum_by_row, target_logps
 from honelm.objectives.mlm import MaskedLM
 
 
@@ -41,10 +41,9 @@ def row_scores(model: torch.nn.Module, batch: dict[str, Any], masked: bool
         return -logps, counts, torch.zeros_like(logps)
     _, rows = MaskedLM().outputs(model, batch)  # (M, V) fp32: the masked positions, in row-major order
     selected = labels != IGNORE
-    where, target = selected.nonzero()[:, 0], labels[selected]
-    zeros = torch.zeros(labels.size(0), dtype=torch.float32, device=rows.device)
-    nll = zeros.index_add(0, where, F.cross_entropy(rows, target, reduction="none"))
-    correct = zeros.index_add(0, where, (rows.argmax(-1) == target).float())
+    target = labels[selected]
+    nll = sum_by_row(F.cross_entropy(rows, target, reduction="none"), selected)
+    correct = sum_by_row((rows.argmax(-1) == target).float(), selected)
     return nll, selected.sum(dim=1), correct
 
 

@@ -46,6 +46,18 @@ def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return -nll.view(b, t).sum(dim=1), (target != IGNORE).sum(dim=1)
 
 
+def sum_by_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) per-row sums of `values` (N,), one value per True of the (B, T) `mask`, in its row-major order.
+
+    The values are laid into a (B, T) zero tensor and summed over T: the same order of additions on every run and
+    device. `index_add` adds them with atomics on CUDA, in an order (and so to last bits) that changes from run to run:
+    on an H200 that made resumed runs' validation losses differ near the 9th digit, and this sum made them bit-identical
+    (docs/reliability.md, "On a GPU")."""
+    dense = values.new_zeros(mask.shape)
+    dense[mask] = values
+    return dense.sum(dim=1)
+
+
 class HeadLogProbs(torch.autograd.Function):
     """log softmax(h W^T)[target] per row, h (N, d), W (V, d), targets (N,) → (N,) fp32, chunk by chunk.
 
@@ -233,6 +245,4 @@ def target_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor)
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts labels[t+1]
     mask = target != IGNORE
     per_token = HeadLogProbs.apply(hidden[mask], head.weight, target[mask], dtype)  # (N,)
-    rows = mask.nonzero()[:, 0]  # (N,) row of each completion token
-    logps = torch.zeros(labels.size(0), dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)
-    return logps, mask.sum(dim=1)
+    return sum_by_row(per_token, mask), mask.sum(dim=1)

@@ -6,7 +6,6 @@ import builtins
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 

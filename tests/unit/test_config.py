@@ -9,7 +9,7 @@ import yaml
 
 from honelm import config as C
 from honelm import registry
-from honelm.cli import config_help, main
+from honelm.cli import main
 from honelm.registry import VERBS, find_config
 from honelm.errors import ConfigError
 from honelm.pipeline import PipelineConfig

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from honelm.objectives.dpo import DPO, dpo_loss, dpo_metrics
-from honelm.objectives.logprobs import completion_logps
+from honelm.objectives.logprobs import completion_logps, sum_by_row
 from honelm.objectives.reward import RewardModel, bradley_terry, pair_metrics, reward_stats
 
 
@@ -323,3 +323,14 @@ def test_chunked_head_log_probs_equal_full_logits_with_gradients(tiny_llama, mon
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, **tol)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back in place
+
+
+def test_sum_by_row_sums_each_rows_values_in_a_fixed_order_and_passes_gradients():
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False], [False, True, False, False]])
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)  # row 0: 1 + 2 + 4, row 1: none, row 2: 8
+    sums = sum_by_row(values, mask)
+    assert sums.tolist() == [7.0, 0.0, 8.0]
+    (sums * torch.tensor([1.0, 5.0, 3.0])).sum().backward()
+    assert values.grad.tolist() == [1.0, 1.0, 1.0, 3.0]  # each value's row weight
+    rows = mask.nonzero()[:, 0]  # what index_add computed before (with atomics on CUDA, in no fixed order)
+    assert torch.equal(sums, torch.zeros(3).index_add(0, rows, values.detach()))

@@ -64,8 +64,8 @@ def test_every_target_resolves():
             assert issubclass(type(registry.stage(v.name)), Stage)
             assert registry.stage(v.name).name == v.name
             assert registry.config_class(v.name).verb == v.name  # the name the booster checks' messages use
-            for section in registry.stage(v.name).report_sections:  # resolved only when a report is written
-                assert callable(registry.resolve(section.build)), section.build
+            for part in registry.stage(v.name).report_sections:  # resolved only when a report is written
+                assert callable(registry.resolve(part.build)), part.build
 
 
 def test_callbacks_are_refused_where_nothing_trains():

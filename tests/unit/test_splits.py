@@ -12,7 +12,7 @@ import pytest
 
 from honelm.data import splits as S
 from honelm.data.readers import Document, Example, read_examples
-from honelm.errors import ConfigError, DataError, HonelmError, TestSplitAccessError
+from honelm.errors import DataError, HonelmError, TestSplitAccessError
 
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
