@@ -90,15 +90,23 @@ class StepClock:
 
     Also samples CPU time at both ends of the span: `other_load` is the CPU the rest of the
     machine used meanwhile, in cores (near 0 on an idle machine; another training job shows as ~1+).
+
+    `sync`, when given, is called before every timestamp: on a GPU pass `torch.cuda.synchronize`,
+    so a mark is taken when the work queued so far has finished rather than when it was launched
+    (kernels run asynchronously; without it the span would time the CPU's launching). None (the
+    CPU case) reads the clock directly.
     """
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int, sync: Callable[[], None] | None = None):
         self.warmup, self.steps = warmup, steps
+        self.sync = sync
         self.marks: list[float] = []
         self.rss_at_end: float | None = None
         self.cpu: list[tuple[float, float]] = []
 
     def mark(self) -> None:
+        if self.sync is not None:
+            self.sync()
         self.marks.append(time.perf_counter())
         if len(self.marks) in (self.warmup + 1, self.warmup + self.steps + 1):
             self.cpu.append(cpu_counters())
@@ -130,10 +138,13 @@ def other_busy(window: float = 3.0) -> float:
     return max(0.0, (busy1 - busy0) - (own1 - own0)) / window
 
 
-def wait_for_idle(limit: float, threshold: float = CONTENDED) -> float:
-    """Wait (at most `limit` s) until other processes use under `threshold` cores; returns the last reading."""
+def wait_for_idle(limit: float, threshold: float = CONTENDED, window: float = 3.0) -> float:
+    """Wait (at most `limit` s) until other processes use under `threshold` cores; returns the last reading.
+
+    The first reading samples `window` seconds (later ones, while waiting, 5 s).
+    """
     deadline = time.monotonic() + limit
-    busy = other_busy()
+    busy = other_busy(window)
     said = False
     while busy >= threshold and time.monotonic() < deadline:
         if not said:
@@ -173,11 +184,12 @@ def run_child_process(cmd: list[str], env: dict[str, str], key: str, name: str) 
 
 def run_rounds(contenders: list[str], rounds: int, idle_wait: float | None, retries: int,
                run_one: Callable[[str], dict[str, Any]], describe: Callable[[dict[str, Any]], str],
-               label: Callable[[str], str] = str, rerun: str = "running {} again") -> dict[str, list[dict[str, Any]]]:
+               label: Callable[[str], str] = str, rerun: str = "running {} again", idle_window: float = 3.0
+               ) -> dict[str, list[dict[str, Any]]]:
     """Run every contender once per round, in an order rotated by one each round; {name: [result per round]}.
 
-    Before each attempt waits for the machine to go idle (at most `idle_wait` s; None: do not
-    check); `run_one(name)` runs one child and returns its result, with "error" when it failed.
+    Before each attempt waits for the machine to go idle (at most `idle_wait` s, first sampling
+    `idle_window` s; None: do not check); `run_one(name)` runs one child and returns its result, with "error" when it failed.
     A successful attempt prints "  <label(name)>: <describe(result)>"; one whose timed span was
     contended (other_load > CONTENDED) runs again, at most `retries` times, printing
     "    contended: <rerun.format(label(name))>". Kept per round: the least contended successful
@@ -191,7 +203,7 @@ def run_rounds(contenders: list[str], rounds: int, idle_wait: float | None, retr
             tries: list[dict[str, Any]] = []
             while True:
                 if idle_wait is not None:
-                    wait_for_idle(idle_wait)
+                    wait_for_idle(idle_wait, window=idle_window)
                 r = run_one(name)
                 tries.append(r)
                 if "error" in r:

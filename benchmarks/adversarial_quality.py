@@ -2,6 +2,8 @@
 
     python benchmarks/adversarial_quality.py [--out runs/adversarial_quality] [--sizes 500 2000]
         [--seeds 0 1 2] [--methods none,fgm,freelb,smart,r3f,plae] [--radius 1.0] [--dry-run | --report]
+    python benchmarks/adversarial_quality.py --subsets-only --seeds 0 --sizes 2000 --out DIR   # the data of
+        configs/ablate/sst2-adversarial.yaml: each method at its own searched strength
 
 A method may carry options as METHOD:KEY=VALUE[:KEY=VALUE...], each passed on as
 `adversarial.KEY=VALUE` (e.g. `plae:teacher=plain`, `fgm:epsilon=0.5`); such a variant is a cell
@@ -570,6 +572,9 @@ def main() -> None:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep RUN/checkpoints after a cell finishes")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished cells and exit")
+    mode.add_argument("--subsets-only", action="store_true",
+                      help="write the data subsets of --seeds, --sizes and --val-size under OUT/data and exit (the "
+                           "input of configs/ablate/sst2-adversarial.yaml)")
     mode.add_argument("--report", action="store_true",
                       help="rewrite results.md/json from the finished cells only (run nothing; unfinished cells are left out)")
     args = p.parse_args()
@@ -602,6 +607,12 @@ def main() -> None:
     budget = {"sizes": args.sizes, "seeds": args.seeds, "methods": methods, "data": str(data),
               "train": {n: train_settings(args, n) for n in args.sizes}, "attack": attack_settings(args),
               "model": MODEL, "device": device_name()}
+    if args.subsets_only:
+        for seed in args.seeds:
+            make_subsets(data, out, seed, args.sizes, args.val_size)
+            val_path, train_paths = subset_paths(out, seed, args.sizes, args.val_size)
+            print("\n".join(map(str, [val_path, *train_paths.values()])))
+        return
     if args.dry_run:
         for n in args.sizes:
             for seed in args.seeds:

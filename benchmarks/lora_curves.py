@@ -99,7 +99,9 @@ def parse_runs(spec: str) -> list[dict[str, Any]]:
     return runs
 
 
-def run_one(run: dict[str, Any], data: dict[str, str], args: argparse.Namespace, threads: int) -> Path:
+def run_one(run: dict[str, Any], data: dict[str, str], args: argparse.Namespace, threads: int) -> Path | str:
+    """The finished run's directory, or why it failed (the last line of its log: a run that diverges at a high
+    learning rate is a result of the sweep, not the end of it)."""
     out = Path(args.out) / run["name"]
     done = [p for p in sorted(out.glob("2*")) if _ended(p)]
     if done:
@@ -113,12 +115,15 @@ def run_one(run: dict[str, Any], data: dict[str, str], args: argparse.Namespace,
     cmd = [sys.executable, "-m", "honelm", "classify", *(["--config", preset] if preset else []),
            *[f"{k}={v}" for k, v in settings.items()]]
     print("$ " + " ".join(cmd[2:]), flush=True)
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"  # not with_suffix: a run name holds dots (lr1e-3-warmup_ratio0.2)
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
     if code != 0:
-        sys.exit(f"{run['name']} failed ({code}); see {log}")
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        why = f"failed (exit {code}): {(lines or ['?'])[-1][:200]}"
+        print(f"{run['name']}: {why}; see {log}", flush=True)
+        return why
     return [p for p in sorted(out.glob("2*")) if _ended(p)][-1]
 
 
@@ -148,6 +153,8 @@ def write_results(out: Path, runs: list[dict[str, Any]], task: str) -> None:
     (out / "results.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
     lines = [f"| run ({task}) | lr | trainable | best val acc | last | val acc at each evaluation | train s |",
              "|---|---:|---:|---:|---:|---|---:|"]
+    failed = [r for r in runs if r.get("failed")]
+    runs = [r for r in runs if not r.get("failed")]
     for r in runs:
         c = r["curve"]
         lines.append(f"| {r['name']} | {r['lr']:g} | {c['trainable_params']:,} | {c['best']:.4f} | {c['last']:.4f} | "
@@ -158,6 +165,7 @@ def write_results(out: Path, runs: list[dict[str, Any]], task: str) -> None:
         gap = 100 * (best["lora"]["curve"]["best"] - best["full"]["curve"]["best"])
         lines.append(f"\nBest LoRA ({best['lora']['name']}) − best full ({best['full']['name']}): {gap:+.2f} points "
                      "of validation accuracy (each at its own learning rate, equal steps).")
+    lines += [f"\n{r['name']} (lr {r['lr']:g}): {r['failed']}" for r in failed]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     plot(out, runs, task)
@@ -211,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         dirs = list(pool.map(lambda r: run_one(r, data, args, threads), runs))
     for run, run_dir in zip(runs, dirs):
+        if isinstance(run_dir, str):
+            run["failed"] = run_dir
+            continue
         run["run_dir"] = str(run_dir)
         run["curve"] = curve(run_dir)
     write_results(out, runs, args.task)
