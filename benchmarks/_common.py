@@ -232,3 +232,27 @@ def median(xs: list[float]) -> float:
     xs = sorted(xs)
     mid = len(xs) // 2
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def pick_contenders(spec: str, known: tuple[str, ...]) -> list[str] | None:
+    """The comma-separated contenders of `spec`, in its order; None, after printing which, when one is unknown."""
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in known]
+    if unknown:
+        print(f"unknown contender(s) {unknown}; known: {', '.join(known)}")
+        return None
+    return names
+
+
+def machine_info(threads: int, **libraries: str) -> dict[str, Any]:
+    """The machine and library versions a throughput result names (torch, python; `libraries`: the others)."""
+    import torch
+
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            **libraries, "python": platform.python_version()}
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """A benchmark's --json file, and the line that says where it went."""
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")

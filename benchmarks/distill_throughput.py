@@ -87,7 +87,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -99,8 +98,8 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _common import (StepClock, child_env, cpu_model, fmt_row, median, peak_rss_mib,  # noqa: E402
-                     run_child_process, run_rounds)
+from _common import (StepClock, child_env, fmt_row, machine_info, median, peak_rss_mib,  # noqa: E402
+                     pick_contenders, run_child_process, run_rounds, write_json)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca-en-demo" / "alpaca_en_demo.json"
 CONTENDERS = ("honelm", "trl", "trl_bf16")
@@ -337,13 +336,11 @@ def parent_main(args: argparse.Namespace) -> int:
         print("skipped: TRL with trl.experimental.gkd is not installed (pip install trl)")
         return 0
     torch.set_num_threads(args.threads)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if any(c not in CONTENDERS for c in contenders):
-        print(f"unknown contender in {contenders}; known: {', '.join(CONTENDERS)}")
+    contenders = pick_contenders(args.contenders, CONTENDERS)
+    if contenders is None:
         return 2
-    machine = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-               "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version(),
-               "reference": f"{GKDTrainer.__module__}.{GKDTrainer.__qualname__}"}
+    machine = machine_info(args.threads, transformers=transformers.__version__, trl=trl.__version__,
+                           reference=f"{GKDTrainer.__module__}.{GKDTrainer.__qualname__}")
     print(f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {args.threads} torch threads; "
           f"torch {machine['torch']}, transformers {machine['transformers']}, TRL {machine['trl']} "
           f"({machine['reference']})")
@@ -370,9 +367,8 @@ def parent_main(args: argparse.Namespace) -> int:
     lines, ratios = report(runs)
     print("\n" + "\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "data": meta, "settings": {
-            k: v for k, v in vars(args).items() if k != "json"}, "runs": runs, "ratios": ratios}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine, "data": meta, "settings": {
+            k: v for k, v in vars(args).items() if k != "json"}, "runs": runs, "ratios": ratios})
     return 1 if any("error" in r for rs in runs.values() for r in rs) else 0
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -53,7 +52,8 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _common import StepClock, child_env, cpu_model, fmt_row, median, run_child_process, run_rounds  # noqa: E402
+from _common import (StepClock, child_env, fmt_row, machine_info, median, pick_contenders,  # noqa: E402
+                     run_child_process, run_rounds, write_json)
 
 CONTENDERS = ("honelm", "trl", "trl_bf16")
 TARGET = 1.2  # honelm / trl steps per second, at least
@@ -211,12 +211,10 @@ def parent_main(args: argparse.Namespace) -> int:
         print("skipped: TRL is not installed (pip install trl)")
         return 0
     torch.set_num_threads(args.threads)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if any(c not in CONTENDERS for c in contenders):
-        print(f"unknown contender in {contenders}; known: {', '.join(CONTENDERS)}")
+    contenders = pick_contenders(args.contenders, CONTENDERS)
+    if contenders is None:
         return 2
-    machine = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-               "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version()}
+    machine = machine_info(args.threads, transformers=transformers.__version__, trl=trl.__version__)
     print(f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {args.threads} torch threads; "
           f"torch {machine['torch']}, transformers {machine['transformers']}, TRL {machine['trl']}")
     with tempfile.TemporaryDirectory(prefix="honelm-grpo-bench-") as tmp:
@@ -232,9 +230,8 @@ def parent_main(args: argparse.Namespace) -> int:
     lines, ratios = report(runs)
     print("\n" + "\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "data": meta, "settings": {
-            k: v for k, v in vars(args).items() if k != "json"}, "runs": runs, "ratios": ratios}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine, "data": meta, "settings": {
+            k: v for k, v in vars(args).items() if k != "json"}, "runs": runs, "ratios": ratios})
     return 1 if any("error" in r for rs in runs.values() for r in rs) else 0
 
 

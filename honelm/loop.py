@@ -147,6 +147,9 @@ class TrainPlan:
     frozen_models: Sequence[nn.Module] = ()
     lr_scale: LrScale | None = None
     """A trained parameter's learning-rate multiplier by name (boosters: LoRA+'s `lora.lr_ratio`); None: 1 for all."""
+    lr_hold: tuple[Callable[[str], bool], float] | None = None
+    """(which trained parameters wait, by name; the share of the first steps they wait at learning rate 0): LoRA's
+    `lora.head_first`; None: none waits."""
     best_writes_base: Callable[[], bool] = lambda: True
     """False: save_best writes an adapter only, so frozen bf16 weights need not be restored to fp32
     around it (`honelm.checkpoint.best_writes_base`)."""
@@ -370,7 +373,8 @@ class _Run:
             self.tracker.say(sharding.shard(model, runtime, cfg.precision))
         else:
             model.to(runtime.device)
-        self.optimizer = make_optimizer(model, cfg, plan.lr_scale)
+        self.optimizer = make_optimizer(model, cfg, plan.lr_scale, plan.lr_hold[0] if plan.lr_hold else None)
+        self.held = int(round(plan.lr_hold[1] * total)) if plan.lr_hold else 0  # steps the held groups wait
         self.ckpt_root = run_dir / "checkpoints"
         self.minimize = metric_is_min(plan.metric, cfg.metric_mode)
         self.state = TrainState(run_dir, total)
@@ -546,7 +550,7 @@ class _Run:
             self._check_finite()  # on CPU before the update, so a bad step never touches the weights
         lr = lr_at(st.step, peak=cfg.lr, total=st.total, warmup=self.warm, schedule=cfg.schedule,
                    min_ratio=cfg.min_lr_ratio)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, hold=st.step < self.held)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1

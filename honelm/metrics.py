@@ -15,7 +15,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import sacrebleu
 import torch
@@ -191,3 +191,37 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str], pref
             f"{prefix}_token_f1": sum(map(token_f1, predictions, references)) / n,
             f"{prefix}_chrf": chrf(predictions, references),
             f"{prefix}_bleu": bleu(predictions, references)}
+
+
+def one_class_warning(logits: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str] | None) -> str | None:
+    """The warning for a validation on which every example is predicted as one class while the gold labels hold
+    several, else None. Such a model has collapsed to a constant answer (its accuracy is that class's share): a
+    learning rate too high for the model does it, LoRA's above all (MiniLM on ChemProt: the [CLS] state became the
+    same for every input; docs/lora.md). A run can sit there for its whole budget while its loss looks plausible."""
+    if logits.ndim != 2 or logits.size(1) < 2 or logits.size(0) < 2 or labels.unique().numel() < 2:  # (N, 1): MSE
+        return None
+    predicted = logits.argmax(-1)
+    if predicted.unique().numel() != 1:
+        return None
+    k = int(predicted[0])
+    share = float((labels == k).float().mean())
+    name = id2label.get(k, str(k)) if id2label else str(k)
+    return (f"warning: two validations in a row predicted one class, {name!r}, for all {len(predicted)} examples "
+            f"(accuracy {share:.3f}, that class's share): the classifier has collapsed to a constant answer. A learning "
+            "rate too high for the model does this, LoRA's above all: lower train.lr or lengthen train.warmup_ratio "
+            "(docs/lora.md, \"One class for every input\")")
+
+
+class OneClassWatch:
+    """`one_class_warning` over a run's successive validations: `say` it when the second in a row predicts one
+    class only (the first may be a model that has not started to learn), then nothing until a validation tells
+    classes apart again."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.streak = say, 0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str] | None) -> None:
+        warning = one_class_warning(logits, labels, id2label)
+        self.streak = self.streak + 1 if warning else 0
+        if warning and self.streak == 2:
+            self.say(warning)

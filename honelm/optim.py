@@ -21,30 +21,34 @@ LrScale = Callable[[str], float]
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                 lr_scale: LrScale | None = None) -> list[dict]:
+                 lr_scale: LrScale | None = None, held: Callable[[str], bool] | None = None) -> list[dict]:
     """Decayed matrices, and everything else (biases, norms, maybe embeddings); each split again by
-    learning-rate multiplier (`lr_scale`, kept in the group as `lr_scale`: `set_lr` applies it)."""
+    learning-rate multiplier (`lr_scale`, kept in the group as `lr_scale`: `set_lr` applies it) and by
+    whether the parameter waits at the start (`held`, kept as `held`: `set_lr(hold=True)` gives it lr 0)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
         decays = p.ndim >= 2 and (decay_embeddings or id(p) not in embedding_ids)
-        groups.setdefault((decays, float(lr_scale(name)) if lr_scale else 1.0), []).append(p)
-    order = sorted(groups, key=lambda k: (not k[0], k[1]))  # decayed first, as the two groups always were
-    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in order]
+        key = (decays, float(lr_scale(name)) if lr_scale else 1.0, bool(held and held(name)))
+        groups.setdefault(key, []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[1], k[2]))  # decayed first, as the two groups always were
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1], "held": k[2]}
+            for k in order]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: LrScale | None = None) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: LrScale | None = None,
+                   held: Callable[[str], bool] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; the fused kernel on CUDA, torch's default elsewhere.
 
     Fused AdamW also exists for CPU and is faster in isolation, but the end-to-end pretrain
     benchmark measured honelm slower with it on this CPU (docs/benchmarks.md, second
     measurement); until profiled, CPU keeps the default implementation.
     """
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, lr_scale)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, lr_scale, held)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     device = next(p for g in groups for p in g["params"]).device.type
@@ -80,7 +84,8 @@ def lr_at(step: int, *, peak: float, total: int, warmup: int, schedule: str, min
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's `lr` for every group, times the group's own multiplier (`param_groups`)."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, hold: bool = False) -> None:
+    """The schedule's `lr` for every group, times the group's own multiplier (`param_groups`); with `hold`, 0 for
+    the groups that wait (`held`). A held group's gradients still feed AdamW's moments: it only does not move."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = 0.0 if hold and group.get("held") else lr * group.get("lr_scale", 1.0)

@@ -26,7 +26,7 @@ BOOSTERS: tuple[Booster, ...] = (lora.BOOSTER, ADVERSARIAL)
 """Every booster, in the order their hooks run."""
 
 __all__ = ["BOOSTERS", "Booster", "Prepared", "Space", "StageConfig", "apply", "calibrate", "carries_adapter", "check",
-           "lr_scale", "objective", "prepare", "search_space"]
+           "lr_hold", "lr_scale", "objective", "prepare", "search_space"]
 
 
 class StageConfig:
@@ -105,6 +105,16 @@ def lr_scale(cfg: Any) -> Callable[[str], float] | None:
     if not scales:
         return None
     return lambda name: math.prod(f(name) for f in scales)
+
+
+def lr_hold(cfg: Any) -> tuple[Callable[[str], bool], float] | None:
+    """The parameters that wait at learning rate 0 for the first share of the steps (LoRA's `lora.head_first`):
+    (by name, share), the longest share when several boosters hold some; None when none does."""
+    holds = [h for b, section in _active(cfg) if b.lr_hold is not None and (h := b.lr_hold(section)) is not None]
+    if not holds:
+        return None
+    waits = [w for w, _ in holds]
+    return (lambda name: any(w(name) for w in waits)), max(share for _, share in holds)
 
 
 def objective(inner: Any, cfg: Any, tokenizer: Any, say: Say, stored: Any = None) -> Any:

@@ -94,6 +94,9 @@ class Booster:
     """wrap(objective, section, tokenizer, say, stored) -> the objective the loop calls."""
     lr_scale: Callable[[Any], Callable[[str], float] | None] | None = None
     """lr_scale(section) -> a trained parameter's learning-rate multiplier by its name, or None (all 1)."""
+    lr_hold: Callable[[Any], tuple[Callable[[str], bool], float] | None] | None = None
+    """lr_hold(section) -> (which trained parameters wait, by name; the share of the run's first steps they wait at
+    learning rate 0), or None (none waits)."""
     calibrate: Callable[[Any, Any, Any, Any, Say], Any] | None = None
     """calibrate(section, model, stream, tokenizer, say) -> the section with what depends on the model at hand
     measured on the starting model (before any checkpoint is restored), e.g. relative sizes made absolute."""

@@ -25,7 +25,7 @@ from honelm.data.batches import EncodedExamples, encode_examples, label_maps
 from honelm.data.readers import check_labels_seen
 from honelm.data.sections import LabelledDataConfig
 from honelm.data.sources import labelled_splits
-from honelm.metrics import classification_scores
+from honelm.metrics import OneClassWatch, classification_scores
 from honelm.models import LoadedModel, check_block_fits, model_kind
 from honelm.objectives.base import Objective
 from honelm.objectives.classify import Classify, predict
@@ -114,13 +114,14 @@ class Classification(Stage):
         return Classify(regression=ctx.cfg.data.task == "regression")
 
     def encode(self, ctx: RunContext, rows: list[Any], split: str) -> EncodedExamples:
-        return encode_examples(ctx.tokenizer, rows, self.labels(ctx)[0], ctx.cfg.data.max_length,
-                               ctx.extra["is_decoder"])
+        return encode_examples(ctx.tokenizer, rows, self.labels(ctx)[0], ctx.cfg.data.max_length, ctx.extra["is_decoder"])
 
     def score(self, ctx: RunContext, model: torch.nn.Module, data: EncodedExamples, split: str) -> dict[str, float]:
         logits = predict(model, data, ctx.cfg.train.eval_batch_size, ctx.device)
         ctx.extra[f"{split}_logits"] = logits  # the per-example predictions files are written from these
         n_labels = self.model_spec(ctx).num_labels or 1
+        if split == "val":  # a collapse to one class is said (docs/lora.md)
+            ctx.extra.setdefault("one_class", OneClassWatch(ctx.say))(logits, data.labels, self.labels(ctx)[1])
         return classification_scores(logits, data.labels, ctx.cfg.data.task == "regression", n_labels, split)
 
     def test(self, ctx: RunContext, rows: list[Any]) -> dict[str, Any]:

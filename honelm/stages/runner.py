@@ -114,6 +114,7 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     assert loaded is not None
     train_plan = TrainPlan(objective=objective, stream=plan.stream, evaluate=plan.evaluate, save_best=saver(ctx, plan),
                            metric=plan.metric, frozen_models=plan.frozen_models, lr_scale=boosters.lr_scale(ctx.cfg),
+                           lr_hold=boosters.lr_hold(ctx.cfg),
                            best_writes_base=lambda: best_writes_base(model, loaded.base_pending, run_dir))
     return fit(model, train_plan, ctx.cfg.train, ctx.runtime, run_dir, tracker=ctx.tracker, resume=resume,
                callbacks=[*plan.callbacks, *callbacks])

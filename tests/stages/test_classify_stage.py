@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from honelm.predictions import read_records
+from honelm.metrics import one_class_warning
 from tests.stages.conftest import FAST, cli, events
 
 SHORT = ["train.max_steps=30", "train.eval_every=10", "train.batch_size=16", "train.lr=2e-3", "data.max_length=48", *FAST]
@@ -86,3 +88,32 @@ def test_early_stopping_on_validation(data_dir, tmp_path):
         "train.metric=val_loss", f"run.out_dir={tmp_path}", "run.name=e", *FAST)
     stop = events(tmp_path / "e", "early_stop")
     assert stop and stop[0]["step"] < 200
+
+
+def test_one_class_warning_by_hand():
+    labels = torch.tensor([0, 1, 1, 2])
+    constant = torch.tensor([[0.1, 2.0, 0.3]] * 4)
+    warning = one_class_warning(constant, labels, {0: "neg", 1: "pos", 2: "mixed"})
+    assert warning and "'pos'" in warning and "all 4 examples" in warning and "accuracy 0.500" in warning
+    assert one_class_warning(constant, labels, None) and "'1'" in one_class_warning(constant, labels, None)
+    varied = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    assert one_class_warning(varied, labels, None) is None
+    assert one_class_warning(constant, torch.tensor([1, 1, 1, 1]), None) is None  # gold of one class: nothing to say
+
+
+def test_a_run_that_predicts_one_class_twice_in_a_row_is_told_once(data_dir, tmp_path, monkeypatch):
+    import honelm.stages.classify as classify_stage
+
+    real = classify_stage.predict
+
+    def collapsed(*args, **kwargs):  # the real forward pass, then every example's answer made class 0
+        logits = real(*args, **kwargs)
+        return torch.cat([logits[:, :1] + 100.0, logits[:, 1:]], dim=1)
+
+    monkeypatch.setattr(classify_stage, "predict", collapsed)
+    cli("classify", f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
+        "model.vocab_size=500", "train.max_steps=6", "train.eval_every=2", "train.patience=0",
+        f"run.out_dir={tmp_path}", "run.name=c", *FAST)
+    log = (tmp_path / "c" / "log.txt").read_text()
+    assert log.count("two validations in a row predicted one class") == 1, log
+    assert "lower train.lr or lengthen train.warmup_ratio" in log

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from honelm.cli import main
 from honelm.predictions import read_records
 from tests.stages.conftest import FAST, cli, events
 
@@ -169,3 +170,40 @@ def test_lora_with_embedding_adapters_learns_where_all_linear_stays_at_chance(pr
     assert best["linear"] <= best["embeddings"] - 0.15, best  # what the ablations showed: all-linear LoRA far behind
     assert best["embeddings"] >= best["full"] - 0.05, best  # not behind full fine-tuning
     assert "embed_tokens" in (tmp_path / "embeddings" / "log.txt").read_text()
+
+
+def test_head_first_holds_the_adapters_then_lets_them_learn_and_resumes_exactly(data_dir, tmp_path, capsys):
+    """`lora.head_first=0.5` over 8 steps: in steps 1-4 only the classifier learns (every B stays exactly 0, as
+    initialised, and its optimizer group's lr is 0); from step 5 the adapters move. A run resumed from inside the
+    hold (step 2) ends bit-identical to the uninterrupted one."""
+    cli("tokenizer", f"data.train={data_dir / 'reviews.jsonl'}", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
+        f"run.out_dir={tmp_path}", "run.name=tok")
+    args = [f"data.train={data_dir / 'reviews.jsonl'}", "model.arch=encoder", "model.size=test",
+            f"model.tokenizer={tmp_path / 'tok'}", "lora.head_first=0.5", "train.max_steps=8", "train.eval_every=4",
+            "train.save_every=2", "train.keep_checkpoints=5", "train.batch_size=8", "train.lr=1e-2",
+            "data.max_length=32", f"run.out_dir={tmp_path}", *LORA, *FAST]
+    cli("classify", *args, "run.name=full")
+    full = tmp_path / "full" / "checkpoints"
+    at = {s: load_file(full / f"step-{s:08d}" / "model.safetensors") for s in (2, 4, 6)}
+    b_keys = [k for k in at[2] if "lora_B" in k]
+    head = [k for k in at[2] if "classifier" in k and "modules_to_save" in k]
+    assert b_keys and head
+    for s in (2, 4):
+        assert all(not at[s][k].any() for k in b_keys), f"an adapter moved during the hold (step {s})"
+    assert any(not torch.equal(at[2][k], at[4][k]) for k in head)  # the head learned meanwhile
+    assert any(at[6][k].any() for k in b_keys)  # after the hold, the adapters learn
+    groups = torch.load(full / "step-00000002" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {(g["held"], g["lr"] == 0.0) for g in groups} == {(True, True), (False, False)}
+    cli("classify", *args, "run.name=cut")
+    for s in (4, 6, 8):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{s:08d}")  # as if killed in the hold
+    cli("classify", "--resume", str(tmp_path / "cut"))
+    a = load_file(full / "step-00000008" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "step-00000008" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a model with no head that trains fully: nothing would learn during the hold, so it is refused
+    capsys.readouterr()
+    code = main(["pretrain", f"data.train={data_dir / 'corpus.txt'}", "model.size=test", "model.vocab_size=600",
+                 "data.block_size=32", "train.max_steps=2", "lora.head_first=0.2", f"run.out_dir={tmp_path}",
+                 "run.name=p", *LORA, *FAST])
+    assert code != 0 and "lora.head_first=0.2" in capsys.readouterr().err
