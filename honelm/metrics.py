@@ -195,9 +195,10 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str], pref
 
 def one_class_warning(logits: torch.Tensor, labels: torch.Tensor, id2label: dict[int, str] | None) -> str | None:
     """The warning for a validation on which every example is predicted as one class while the gold labels hold
-    several, else None. Such a model has collapsed to a constant answer (its accuracy is that class's share): a
-    learning rate too high for the model does it, LoRA's above all (MiniLM on ChemProt: the [CLS] state became the
-    same for every input; docs/lora.md). A run can sit there for its whole budget while its loss looks plausible."""
+    several, else None. Early in a run that can be a model that has not started to learn; for good, it is a collapse
+    to a constant answer (its accuracy is that class's share), which a learning rate too high for the model causes,
+    LoRA's above all (MiniLM on ChemProt: the [CLS] state became the same for every input; docs/lora.md). A run can
+    sit there for its whole budget while its loss looks plausible."""
     if logits.ndim != 2 or logits.size(1) < 2 or logits.size(0) < 2 or labels.unique().numel() < 2:  # (N, 1): MSE
         return None
     predicted = logits.argmax(-1)
@@ -207,8 +208,9 @@ def one_class_warning(logits: torch.Tensor, labels: torch.Tensor, id2label: dict
     share = float((labels == k).float().mean())
     name = id2label.get(k, str(k)) if id2label else str(k)
     return (f"warning: two validations in a row predicted one class, {name!r}, for all {len(predicted)} examples "
-            f"(accuracy {share:.3f}, that class's share): the classifier has collapsed to a constant answer. A learning "
-            "rate too high for the model does this, LoRA's above all: lower train.lr or lengthen train.warmup_ratio "
+            f"(accuracy {share:.3f}, that class's share). Either the model has not started to learn yet (a low learning "
+            "rate, a long warm-up) or it has collapsed to a constant answer, which a learning rate too high for the "
+            "model causes, LoRA's above all. If it stays so: lower train.lr or lengthen train.warmup_ratio "
             "(docs/lora.md, \"One class for every input\")")
 
 

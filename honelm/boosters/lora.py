@@ -87,7 +87,7 @@ class LoraConfig:
     lr_ratio: Annotated[float, above(0)] = 1.0
     """LoRA+ (Hayou et al. 2024): the B matrices train at lr_ratio × train.lr, the A matrices and the fully trained heads at train.lr (the paper suggests 16 for a ratio; 1 = plain LoRA)."""
     head_first: Annotated[float, between(0, 1, open_hi=True)] = 0.0
-    """Fraction of the run's optimizer steps at its start in which only the fully trained heads learn (a new classifier head, say): the adapters are held at learning rate 0 and join when it ends, at the schedule's rate of that step. Linear probing, then LoRA (LP-FT, Kumar et al. 2022): the adapters then start from a head that already reads the frozen features instead of one still random. MiniLM/ChemProt, lr 1e-3, seed 0: 1.4 points behind full fine-tuning with 0.1, 4.4 without (docs/lora.md, "A head first"). Needs a head that trains fully (refused otherwise); 0 = off."""
+    """Fraction of the run's optimizer steps at its start in which only the fully trained heads learn (a new classifier head, say): the adapters are held at learning rate 0 and join when it ends, at the schedule's rate of that step. Linear probing, then LoRA (LP-FT, Kumar et al. 2022): the adapters then start from a head that already reads the frozen features instead of one still random. MiniLM/ChemProt, lr 1e-3, seed 0: 1.4 points behind full fine-tuning with 0.1, 4.4 without; it does not prevent a collapse at too high a rate (seed 1 collapsed with it; docs/lora.md, "A head first"). Needs a head that trains fully (refused otherwise); 0 = off."""
     carry: bool = False
     """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""
 
@@ -438,7 +438,8 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
     kinds += sorted({t.rsplit(".", 1)[-1] for t in targets} - set(kinds))  # embeddings, convs
     return (f"lora: {variant} r={cfg.r} alpha={cfg.alpha:g} (scaling {scaling:.4g}), init {cfg.init}, "
             f"on {adapted} modules ({', '.join(kinds)})" + (f"; trained fully: {', '.join(heads)}" if heads else "")
-            + f"; {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+            + f"; {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+            + (f"; the heads first: adapters held for the first {cfg.head_first:.0%} of the steps" if cfg.head_first else ""))
 
 
 # ----------------------------------------------------------------------------------------------
