@@ -65,8 +65,10 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
     truncated = 0
     if is_decoder:
         eos = tokenizer.eos_token_id
-        a = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        b = tokenizer([p or "" for p in pairs], add_special_tokens=False)["input_ids"] if has_pairs else None
+        # verbose=False: transformers would warn that a text longer than the tokenizer's model_max_length "will result
+        # in indexing errors", but every row is cut to max_length below (and counted)
+        a = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        b = tokenizer([p or "" for p in pairs], add_special_tokens=False, verbose=False)["input_ids"] if has_pairs else None
         for i, first in enumerate(a):
             row = first + [eos] + (b[i] + [eos] if b is not None else [])
             if len(row) > max_length:
@@ -76,7 +78,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
     else:
         enc = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=max_length,
                         return_token_type_ids=True)
-        full = tokenizer(texts, pairs if has_pairs else None, truncation=False, return_length=True)
+        full = tokenizer(texts, pairs if has_pairs else None, truncation=False, return_length=True, verbose=False)
         truncated = sum(1 for n in full["length"] if n > max_length)
         ids = enc["input_ids"]
         type_ids = enc.get("token_type_ids")
