@@ -108,7 +108,8 @@ def fit_plan(ctx: RunContext, plan: Plan, model: nn.Module, objective: Any, resu
     """
     if plan.reset is not None:
         plan.reset()
-    ctx.extra.pop("val_records", None)  # a sub-run's (a teacher's) records never describe this run's best/
+    for kept in ("val_records", "one_class"):  # a sub-run's (a teacher's) records never describe this run's best/,
+        ctx.extra.pop(kept, None)  # and its last validations never count toward this run's one-class streak
     ctx.extra[STARTED] = True  # a sub-run's context shares `extra`: a teacher's training counts as started too
     loaded, run_dir = ctx.loaded, ctx.run_dir
     assert loaded is not None
