@@ -34,6 +34,7 @@ import peft
 import torch
 from peft import TaskType
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -88,6 +89,8 @@ class LoraConfig:
     """LoRA+ (Hayou et al. 2024): the B matrices train at lr_ratio × train.lr, the A matrices and the fully trained heads at train.lr (the paper suggests 16 for a ratio; 1 = plain LoRA)."""
     head_first: Annotated[float, between(0, 1, open_hi=True)] = 0.0
     """Fraction of the run's optimizer steps at its start in which only the fully trained heads (a new classifier head, say) and, with lora.bias, the biases learn: the adapters (DoRA's magnitudes too) are held at learning rate 0 and join when it ends, at the schedule's rate of that step. Linear probing, then LoRA (LP-FT, Kumar et al. 2022): the adapters then start from a head that already reads the frozen features instead of one still random. MiniLM/ChemProt, lr 1e-3, 0.1: +3.1 and +6.0 points on two seeds (seed 0 then 1.4 behind full fine-tuning), but the third seed collapsed with it and learned without it (docs/lora.md, "A head first"). Needs a head that trains fully (refused otherwise); 0 = off."""
+    train_pooler: bool = True
+    """A classifier's pooler (BERT's dense + tanh on the [CLS] state, which only the classifier reads) trains fully, as part of the head, like the same layer inside RoBERTa's, ELECTRA's or DeBERTa's classifier (Hu et al. 2021 trained that head fully). false: the pooler is adapted with LoRA like any Linear. A pretrained pooler the checkpoint never trained for its sentence task (all-MiniLM-L6-v2's outputs stay within ±0.27) then keeps LoRA at the majority class for hundreds of steps: MiniLM/ChemProt, lr 1e-3, 3 epochs, 0.56-0.71 or collapsed with it adapted (docs/lora.md, "The pooler is part of the head"). Models without a pooler ignore it."""
     carry: bool = False
     """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""
 
@@ -234,12 +237,16 @@ def _input_embeddings(model: nn.Module, spec: str, candidates: list[tuple[str, n
     return name
 
 
-def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str]) -> list[str]:
+def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str], pooler: bool = True) -> list[str]:
     """Modules that train fully and are saved with the adapter.
 
     For a classifier: every top-level child with parameters other than the trunk
     (`base_model_prefix`): `score` for LlamaForSequenceClassification, `classifier` for BERT,
     `pre_classifier` + `classifier` for DistilBERT. A frozen random head would cap what LoRA can learn.
+    With `pooler` (`lora.train_pooler`), also the trunk's `pooler` (BERT's dense + tanh on [CLS]): it is
+    the classification head's first layer in all but name (RoBERTa, ELECTRA and DeBERTa hold that layer
+    inside `classifier`), and a pretrained pooler left frozen under LoRA can make its outputs too small
+    for a fresh head to read (all-MiniLM-L6-v2's stay within ±0.27; docs/lora.md).
     For any task: the largest modules whose weights the loader all initialised afresh
     (`new_weights`, `LoadedModel.new_weights`), e.g. BERT's pooler when an MLM checkpoint becomes a
     classifier, or an MLM head's transform on a bare encoder. A module that also holds loaded
@@ -251,6 +258,9 @@ def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str]) -> 
     if task == "classify":
         trunk = getattr(model, "base_model_prefix", "")
         names += [n for n, child in model.named_children() if n != trunk and any(True for _ in child.parameters())]
+        pooling = getattr(getattr(model, trunk, None), "pooler", None) if trunk else None
+        if pooler and isinstance(pooling, nn.Module) and any(True for _ in pooling.parameters()):
+            names.append(f"{trunk}.pooler")
     new = set(new_weights)
     if new:
         for name, module in model.named_modules():
@@ -262,6 +272,21 @@ def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str]) -> 
         if not _under(n, out):
             out.append(n)
     return out
+
+
+def trained_heads(model: nn.Module, cfg: LoraConfig, task: str, new_weights: Sequence[str],
+                  carried: dict[str, Any] | None = None) -> list[str]:
+    """`modules_to_save` for this `lora` section. A carried adapter keeps its own split: a module it holds
+    adapter tensors for (the pooler of an adapter trained with `lora.train_pooler=false`) stays adapted."""
+    heads = modules_to_save(model, task, new_weights, cfg.train_pooler)
+    if carried is None:
+        return heads
+    path = Path(carried["dir"]) / "adapter_model.safetensors"
+    if not path.is_file():
+        return heads  # load_carried says what is missing
+    with safe_open(str(path), framework="pt") as f:
+        adapted = ["." + k for k in f.keys() if ".lora_" in k]
+    return [h for h in heads if not any(f".{h}." in k for k in adapted)]
 
 
 def uncovered_new_weights(new_weights: Sequence[str], heads: Sequence[str]) -> list[str]:
@@ -302,7 +327,7 @@ def peft_config(model: nn.Module, cfg: LoraConfig, task: str, new_weights: Seque
     """The `peft.LoraConfig` for `model`: validated section, resolved targets, heads to train fully."""
 
     init = check_config(cfg)
-    heads = modules_to_save(model, task, new_weights)
+    heads = trained_heads(model, cfg, task, new_weights)
     spec = auto_targets(model, task) if cfg.target_modules.strip().lower() == "auto" else cfg.target_modules
     targets = resolve_targets(model, spec, exclude=heads)
     task_type = _task_type(task, model)
@@ -330,7 +355,7 @@ def apply_lora(loaded: LoadedModel, cfg: LoraConfig, task: str, say: Callable[[s
         raise HonelmError("the model already carries a peft adapter; load it merged (model.init_from does) first")
     config = (peft_config(model, cfg, task, loaded.new_weights) if carried is None
               else carried_config(model, cfg, task, carried, loaded.new_weights))
-    heads = modules_to_save(model, task, loaded.new_weights)
+    heads = trained_heads(model, cfg, task, loaded.new_weights, carried)
     if cfg.head_first > 0 and not heads:
         raise ConfigError(f"lora.head_first={cfg.head_first:g} holds the adapters back while only the fully trained "
                           f"heads learn, but LoRA on this {type(model).__name__} trains no head (nothing would learn "
@@ -379,7 +404,7 @@ def carried_config(model: nn.Module, cfg: LoraConfig, task: str, carried: dict[s
     targets = saved.get("target_modules")
     if not targets:
         raise HonelmError(f"{where}/adapter_config.json: no target_modules, so there is no adapter to carry on")
-    heads = modules_to_save(model, task, new_weights)
+    heads = trained_heads(model, cfg, task, new_weights, carried)
     task_type = _task_type(task, model)
     extra_heads = [h for h in heads if task_type is None or h not in ("classifier", "score")]
     return peft.LoraConfig(

@@ -241,7 +241,7 @@ def test_trainable_and_total_counts_are_logged():
     lines: list[str] = []
     model = encoder_classifier()
     base_total = sum(p.numel() for p in model.parameters())
-    head = sum(p.numel() for p in model.classifier.parameters())
+    head = sum(p.numel() for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()])
     wrapped = apply_lora(LoadedModel.built(model), lora(), "classify", lines.append).model
     (line,) = lines
     found = re.search(r"([\d,]+) trainable of ([\d,]+) parameters \(([\d.]+)%\)", line)
@@ -251,7 +251,24 @@ def test_trainable_and_total_counts_are_logged():
     assert trainable == lora_params + head == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert total == base_total + lora_params
     assert float(found.group(3)) == pytest.approx(100 * trainable / total, abs=0.01)
-    assert "trained fully: classifier" in line and "r=4" in line
+    assert "trained fully: classifier, bert.pooler" in line and "r=4" in line
+
+
+def test_the_pooler_trains_fully_as_part_of_the_head_unless_told_otherwise():
+    """`lora.train_pooler` (default true): BERT's pooler is a head (a full copy trains; no adapter on it);
+    false: it is adapted like any Linear and its weights stay frozen."""
+    for train_pooler in (True, False):
+        wrapped = apply_lora(LoadedModel.built(encoder_classifier()), lora(train_pooler=train_pooler), "classify",
+                             quiet).model
+        names = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+        as_head = {n for n in names if ".pooler.modules_to_save." in n}
+        adapted = {n for n in names if ".pooler.dense.lora_" in n}
+        assert (bool(as_head), bool(adapted)) == (train_pooler, not train_pooler), names
+        assert ("bert.pooler" in wrapped.peft_config["default"].modules_to_save) == train_pooler
+        before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+        train_steps(wrapped)
+        moved = {n for n, p in wrapped.named_parameters() if not torch.equal(p, before[n])}
+        assert any(".pooler." in n for n in moved) and moved <= names
 
 
 @pytest.mark.parametrize("init, message", [("eva", "data"), ("false", "not the base"), ("loftq", "quantises"),
@@ -465,6 +482,82 @@ def test_carry_continues_the_same_adapter_on_its_base_for_a_new_task(tmp_path):
     train_steps(carried, steps=2)
     moved = get_peft_model_state_dict(carried)
     assert any(not torch.equal(moved[k], before[k]) for k in lora_keys)
+
+
+def _cue_batch(seed: int, rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens whose second token (3 or 4) is the label: a task the trunk below learns in 30 steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = torch.randint(5, 100, (rows, 12), generator=g), torch.randint(0, 2, (rows,), generator=g)
+    ids[:, 1] = torch.where(labels == 1, 3, 4)
+    return ids, labels
+
+
+def _cue_loss(model, steps: int, first: int, lr: float) -> float:
+    """Train `steps` AdamW steps on cue batches from seed `first`; the loss on 256 fresh examples after."""
+    opt = make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.01))
+    model.train()
+    for s in range(steps):
+        ids, labels = _cue_batch(first + s)
+        F.cross_entropy(model(input_ids=ids).logits, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    ids, labels = _cue_batch(999, rows=256)
+    with torch.no_grad():
+        return float(F.cross_entropy(model(input_ids=ids).logits, labels))
+
+
+def test_a_pooler_with_tiny_outputs_holds_a_fresh_head_back_unless_it_trains_as_part_of_the_head():
+    """Why `lora.train_pooler` is on (docs/lora.md, "The pooler is part of the head"): a trunk that already knows
+    the task, a fresh classifier, and a pretrained pooler whose outputs are tiny (all-MiniLM-L6-v2's stay within
+    ±0.27: it was never trained for the checkpoint's sentence task). With the pooler adapted like any Linear, LoRA's
+    rank-4 update and the head must first scale those outputs up; with the pooler trained as part of the head,
+    the same 20 steps at lr 1e-3 get the loss well down."""
+    losses = {}
+    for train_pooler in (True, False):
+        model = encoder_classifier()
+        _cue_loss(model, 30, 0, 1e-2)  # the "pretrained" trunk: full fine-tuning on the task
+        torch.manual_seed(1)
+        model.classifier.reset_parameters()  # a fresh head
+        with torch.no_grad():  # a pooler with tiny outputs
+            model.bert.pooler.dense.weight.mul_(0.01)
+            model.bert.pooler.dense.bias.zero_()
+        wrapped = apply_lora(LoadedModel.built(model), lora(train_pooler=train_pooler), "classify", quiet).model
+        losses[train_pooler] = _cue_loss(wrapped, 20, 100, 1e-3)
+    assert losses[True] < 0.5 * losses[False], losses  # measured: 0.10 against 0.44
+
+
+def test_carry_keeps_an_adapted_pooler_adapted_and_a_head_pooler_a_head(tmp_path):
+    """A classifier adapter trained with `lora.train_pooler=false` holds LoRA weights for the pooler: carried into
+    a stage with the default, the pooler stays adapted (its tensors load) rather than becoming a fresh head.
+    One trained with the default carries the pooler as a head, and peft's folded suffix targets (`dense`) put no
+    adapter inside it."""
+    from peft.utils import get_peft_model_state_dict
+
+    from honelm.models import load_for_carry
+
+    labels = {"num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"}}
+    for train_pooler in (False, True):
+        where = tmp_path / str(train_pooler)
+        encoder_classifier().save_pretrained(where / "base")
+        adapted = apply_lora(load_checkpoint(where / "base", "classify", **labels), lora(train_pooler=train_pooler),
+                             "classify", quiet)
+        train_steps(adapted.model)
+        save_pretrained_atomic(adapted.model, None, where / "best", {"step": 3}, base_pending=adapted.base_pending)
+        config = json.loads((where / "best" / "adapter_config.json").read_text())
+        config["target_modules"] = ["dense", "key", "query", "value"]  # how peft folds 20+ names (MiniLM's 36)
+        (where / "best" / "adapter_config.json").write_text(json.dumps(config))
+        carried = apply_lora(load_for_carry(where / "best", "classify", **labels), lora(carry=True), "classify",
+                             quiet).model
+        state = get_peft_model_state_dict(carried)
+        if train_pooler:
+            assert not any(".pooler." in k and "lora_" in k for k in state)
+            assert "bert.pooler" in carried.peft_config["default"].modules_to_save
+        else:
+            saved = get_peft_model_state_dict(adapted.model)
+            keys = [k for k in saved if ".pooler.dense.lora_" in k]
+            assert keys and all(torch.equal(saved[k], state[k]) for k in keys)
+            assert "bert.pooler" not in (carried.peft_config["default"].modules_to_save or [])
 
 
 def test_carry_refuses_a_section_that_contradicts_the_adapter(tmp_path):
