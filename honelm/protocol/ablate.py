@@ -110,7 +110,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -896,10 +896,11 @@ def _n_trials(spec: AblationSpec) -> int:
     return int((spec.search or {}).get("n_trials") or spaces.DEFAULT_TRIALS)
 
 
-def _run_variant(spec: AblationSpec, variant: Variant, share: float | None, cells: dict[str, list[dict[str, Any]]]
-                 ) -> None:
+def _run_variant(spec: AblationSpec, variant: Variant, share: float | None, cells: dict[str, list[dict[str, Any]]],
+                 progress: bool = True) -> None:
     """The variant's search and cells (every seed) into `cells`, or none when it was not run because the time budget
-    was spent before its turn or its search finished no trial (recorded in spec.skipped and on disk, with why)."""
+    was spent before its turn or its search finished no trial (recorded in spec.skipped and on disk, with why).
+    `progress`: write the results so far after every cell (not when other processes train other variants)."""
     where = spec.out_dir / "cells" / variant.name
     done = all((cell_dir(spec, variant, seed) / "cell.json").is_file() for seed in spec.seeds)
     why = None
@@ -924,7 +925,33 @@ def _run_variant(spec: AblationSpec, variant: Variant, share: float | None, cell
     for seed in spec.seeds:
         cells[variant.name].append(run_cell(spec, found.variant, seed, found.params or {}))
         # results so far after every cell: an ablation that takes sessions can be read (and reported) midway
-        write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+        if progress:
+            write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
+
+
+def train_only(spec: AblationSpec, names: Sequence[str]) -> None:
+    """`honelm ablate FILE --variants A,B`: only these variants' searches and cells, with the test split sealed, and
+    nothing compared, chosen, written to results.json or tested. Other processes (another GPU, another machine on
+    the same OUT_DIR) can train the other variants meanwhile: every variant has its own cells, search and shared
+    before-stages. `honelm ablate FILE` afterwards reuses every finished cell, then compares and tests."""
+    known = [v.name for v in spec.variants]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"--variants {','.join(names)}: {', '.join(unknown) or 'no name'} is not a variant of "
+                          f"{spec.path} (its variants: {', '.join(known)})")
+    if spec.time_budget:
+        raise ConfigError(f"--variants with the file's time_budget ({spec.time_budget:g} s): the budget is shared by "
+                          "the variants in order, which processes that each train some of them cannot do; drop one")
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [v for v in spec.variants if v.name in names]
+    print(f"ablation {spec.out_dir}: training {', '.join(v.name for v in chosen)} only (--variants); "
+          f"run `honelm ablate {spec.path}` without --variants afterwards to compare and test", flush=True)
+    cells: dict[str, list[dict[str, Any]]] = {}
+    with forbid_test_split("an ablation's training (--variants: nothing is tested)"):
+        for variant in chosen:
+            _run_variant(spec, variant, None, cells, progress=False)
+    for name, why in spec.skipped.items():
+        print(f"{name}: {why}", flush=True)
 
 
 def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
@@ -973,10 +1000,16 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--ledger", default=None, metavar="PATH", help="the project's test ledger (default: "
                    ".honelm/test_ledger.jsonl in the nearest directory above OUT_DIR that has .honelm/, else the "
                    "current directory when OUT_DIR is inside it, else OUT_DIR's parent)")
+    p.add_argument("--variants", default=None, metavar="A,B", help="train only these variants (baseline included "
+                   "by name), compare and test nothing: one process per GPU or machine on the same OUT_DIR, then the "
+                   "command without --variants reuses their cells, compares and tests")
     args = p.parse_args(argv)
     variables = dict(C.parse_overrides(args.var))
     spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds, args.test,
                      args.ledger)
+    if args.variants is not None:
+        train_only(spec, [n.strip() for n in args.variants.split(",") if n.strip()])
+        return []
     rows = run_ablation(spec)
     report = write_report(spec.out_dir, spec.ledger)
     _print_results(spec, rows)

@@ -288,6 +288,27 @@ def test_ablation_verdicts_read_no_test_data_and_only_the_chosen_cells_are_teste
     assert "## Test: the chosen variant, tested once" in report and "looked at once by 1 run" in report
 
 
+def test_variants_trained_in_separate_processes_are_reused_then_compared_and_tested_once(data_dir, tmp_path, capsys):
+    """`--variants`: one process per GPU or machine trains some variants on the shared OUT_DIR, tests nothing and
+    writes no results; the command without it reuses those cells, trains the rest, compares and tests."""
+    path = ablation_file(tmp_path, data_dir)
+    out = tmp_path / "ablation"
+    cli("ablate", str(path), "--variants", "fgm")
+    assert (out / "cells" / "fgm" / "seed-0" / "cell.json").is_file() and not (out / "cells" / "baseline").exists()
+    assert not (out / "results.json").exists() and not list(out.glob("cells/*/seed-*/test.json"))
+    assert not (tmp_path / ".honelm" / "test_ledger.jsonl").exists()  # no test look was taken
+    capsys.readouterr()
+    cli("ablate", str(path))
+    assert capsys.readouterr().out.count("finished earlier, reused") == 1  # fgm's cell; the baseline trained now
+    results = json.loads((out / "results.json").read_text())
+    assert {r["variant"] for r in results["rows"]} == {"baseline", "fgm"} and results["chosen"] in ("baseline", "fgm")
+    assert len(list(out.glob("cells/*/seed-*/test.json"))) == 1  # the chosen variant's one cell, tested once
+    for wrong in ("lora", ""):
+        capsys.readouterr()
+        assert main(["ablate", str(path), "--variants", wrong]) != 0
+        assert "its variants: baseline, fgm" in capsys.readouterr().err
+
+
 def test_an_unfinished_ablation_reports_the_cells_it_has(data_dir, tmp_path, monkeypatch):
     from honelm.protocol import ablate
 
