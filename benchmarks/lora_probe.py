@@ -8,7 +8,9 @@ hundreds of steps. If a logistic regression on the frozen features cannot beat t
 the head has nothing to start from and the adapters must do all the work; if it can, the features
 are not empty. For each of three sentence features — [CLS], BERT's pooler output, the mean of the
 token states — the probe standardises the training features, fits multinomial logistic regression
-(L-BFGS, 300 iterations, L2 1e-3) and reports validation accuracy against the majority class.
+(L-BFGS, 300 iterations, L2 1e-3) and reports validation accuracy against the majority class. Then
+the scale a fresh head reads before any standardising: each feature's std across the validation
+sentences and its largest value (MiniLM's pooler output is tiny: docs/lora.md).
 
 Data come from ../shared/data (never copied into the repository; the script exits with a message
 when absent): ChemProt's train.jsonl/dev.jsonl; SST-2's subset is the one `lora_curves.py --task sst2`
@@ -97,6 +99,11 @@ def main() -> None:
     for name in f_train:
         print(f"{args.task} {name:7s} linear-probe val acc={probe(f_train[name], y, f_val[name], yv, len(labels)):.3f}")
     print(f"{args.task} majority class          val acc={max((yv == i).float().mean().item() for i in range(len(labels))):.3f}")
+    # the scale a fresh head reads (docs/lora.md, "The pooler is part of the head"): per-dimension std across the
+    # validation sentences, averaged over dimensions, and the largest value; the probes above standardise this away
+    for name, x in f_val.items():
+        print(f"{args.task} {name:7s} std across sentences={x.float().std(0).mean().item():.3f} "
+              f"largest |value|={x.float().abs().max().item():.2f}")
 
 
 if __name__ == "__main__":
