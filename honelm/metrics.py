@@ -208,9 +208,9 @@ def one_class_warning(logits: torch.Tensor, labels: torch.Tensor, id2label: dict
     share = float((labels == k).float().mean())
     name = id2label.get(k, str(k)) if id2label else str(k)
     return (f"warning: two validations in a row predicted one class, {name!r}, for all {len(predicted)} examples "
-            f"(accuracy {share:.3f}, that class's share). Either the model has not started to learn yet (a low learning "
-            "rate, a long warm-up) or it has collapsed to a constant answer, which a learning rate too high for the "
-            "model causes, LoRA's above all. If it stays so: lower train.lr or lengthen train.warmup_ratio "
+            f"(accuracy {share:.3f}, that class's share). Either the model has not started to learn yet (a low "
+            "learning rate, a long warm-up) or it has collapsed to a constant answer, which a learning rate too high "
+            "for the model causes, LoRA's above all. If it stays so: lower train.lr or lengthen train.warmup_ratio "
             "(docs/lora.md, \"One class for every input\")")
 
 

@@ -90,7 +90,7 @@ class LoraConfig:
     head_first: Annotated[float, between(0, 1, open_hi=True)] = 0.0
     """Fraction of the run's optimizer steps at its start in which only the fully trained heads (a new classifier head, say) and, with lora.bias, the biases learn: the adapters (DoRA's magnitudes too) are held at learning rate 0 and join when it ends, at the schedule's rate of that step. Linear probing, then LoRA (LP-FT, Kumar et al. 2022): the adapters then start from a head that already reads the frozen features instead of one still random. MiniLM/ChemProt, lr 1e-3, 0.1: with the pooler adapted (lora.train_pooler=false) +3.1 and +6.0 points on two seeds and a collapse on the third; with the pooler trained (the default) −0.2, −0.2 and +1.7 (docs/lora.md, "A head first"). Needs a head that trains fully (refused otherwise); 0 = off."""
     train_pooler: bool = True
-    """A classifier's (or reward model's) pooler, BERT's dense + tanh on the [CLS] state that only the head reads, trains fully as part of the head, as the same layer does inside RoBERTa's, ELECTRA's and DeBERTa's classifier (and in LoRA's paper, Hu et al. 2021). false: the pooler is adapted with LoRA like any Linear. A pooler the checkpoint never trained for its sentence task (all-MiniLM-L6-v2's outputs stay within ±0.27) then holds a fresh head at the class prior: MiniLM/ChemProt, lr 1e-3, 3 epochs, 3 seeds, dev accuracy 0.648 with it adapted, 0.777 with it trained, full fine-tuning 0.763 (docs/lora.md, "The pooler is part of the head"). Models without a pooler, and other tasks, ignore it."""
+    """A classifier's (or reward model's) pooler, BERT's dense + tanh on the [CLS] state that only the head reads, trains fully as part of the head, as the same layer does inside RoBERTa's, ELECTRA's and DeBERTa's classifier (and in LoRA's paper, Hu et al. 2021). false: a pretrained pooler is adapted with LoRA like any Linear (one the loader initialised afresh trains fully either way, as any new weights do). A pooler the checkpoint never trained for its sentence task (all-MiniLM-L6-v2's outputs stay within ±0.27) then holds a fresh head at the class prior: MiniLM/ChemProt, lr 1e-3, 3 epochs, 3 seeds, dev accuracy 0.648 with it adapted, 0.777 with it trained, full fine-tuning 0.763 (docs/lora.md, "The pooler is part of the head"). Models without a pooler, and other tasks, ignore it."""
     carry: bool = False
     """When model.init_from is a LoRA run: keep training its adapter (its weights, targets, r, alpha, rslora/dora, on the base it was trained on) instead of merging it and starting a fresh one; this section's r/alpha/rslora/dora must match it. New heads still train fully. Not for dpo/ppo (their reference is the policy with adapters off)."""
 
@@ -237,7 +237,7 @@ def _input_embeddings(model: nn.Module, spec: str, candidates: list[tuple[str, n
     return name
 
 
-def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str], pooler: bool = True) -> list[str]:
+def modules_to_save(model: nn.Module, task: str, new_weights: Sequence[str], pooler: bool) -> list[str]:
     """Modules that train fully and are saved with the adapter.
 
     For a classifier: every top-level child with parameters other than the trunk
@@ -464,7 +464,8 @@ def _summary(wrapped: nn.Module, cfg: LoraConfig, targets: list[str], heads: lis
     return (f"lora: {variant} r={cfg.r} alpha={cfg.alpha:g} (scaling {scaling:.4g}), init {cfg.init}, "
             f"on {adapted} modules ({', '.join(kinds)})" + (f"; trained fully: {', '.join(heads)}" if heads else "")
             + f"; {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
-            + (f"; the heads first: adapters held for the first {cfg.head_first:.0%} of the steps" if cfg.head_first else ""))
+            + (f"; the heads first: adapters held for the first {cfg.head_first:.0%} of the steps"
+               if cfg.head_first else ""))
 
 
 # ----------------------------------------------------------------------------------------------

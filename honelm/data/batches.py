@@ -68,7 +68,8 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], label2id: dict 
         # verbose=False: transformers would warn that a text longer than the tokenizer's model_max_length "will result
         # in indexing errors", but every row is cut to max_length below (and counted)
         a = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        b = tokenizer([p or "" for p in pairs], add_special_tokens=False, verbose=False)["input_ids"] if has_pairs else None
+        b = (tokenizer([p or "" for p in pairs], add_special_tokens=False, verbose=False)["input_ids"] if has_pairs
+             else None)
         for i, first in enumerate(a):
             row = first + [eos] + (b[i] + [eos] if b is not None else [])
             if len(row) > max_length:

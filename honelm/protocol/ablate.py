@@ -936,9 +936,11 @@ def train_only(spec: AblationSpec, names: Sequence[str]) -> None:
     before-stages. `honelm ablate FILE` afterwards reuses every finished cell, then compares and tests."""
     known = [v.name for v in spec.variants]
     unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ConfigError(f"--variants {','.join(names)}: {', '.join(unknown) or 'no name'} is not a variant of "
-                          f"{spec.path} (its variants: {', '.join(known)})")
+    if not names:
+        raise ConfigError(f"--variants names no variant of {spec.path} (its variants: {', '.join(known)})")
+    if unknown:
+        raise ConfigError(f"--variants {','.join(names)}: {', '.join(unknown)} is not a variant of {spec.path} "
+                          f"(its variants: {', '.join(known)})")
     if spec.time_budget:
         raise ConfigError(f"--variants with the file's time_budget ({spec.time_budget:g} s): the budget is shared by "
                           "the variants in order, which processes that each train some of them cannot do; drop one")

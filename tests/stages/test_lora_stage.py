@@ -183,7 +183,8 @@ def test_head_first_holds_the_adapters_then_lets_them_learn_and_resumes_exactly(
             "train.save_every=2", "train.keep_checkpoints=5", "train.batch_size=8", "train.lr=1e-2",
             "data.max_length=32", f"run.out_dir={tmp_path}", *LORA, *FAST]
     cli("classify", *args, "run.name=full")
-    assert "the heads first: adapters held for the first 50% of the steps" in (tmp_path / "full" / "log.txt").read_text()
+    log = (tmp_path / "full" / "log.txt").read_text()
+    assert "the heads first: adapters held for the first 50% of the steps" in log
     full = tmp_path / "full" / "checkpoints"
     at = {s: load_file(full / f"step-{s:08d}" / "model.safetensors") for s in (2, 4, 6)}
     b_keys = [k for k in at[2] if "lora_B" in k]

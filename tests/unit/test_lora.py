@@ -315,6 +315,7 @@ def test_best_is_a_standard_peft_directory_that_plain_peft_loads(lora_run):
     config = json.loads((best / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((run / "base").resolve())  # random init: base saved once
     assert "classifier" in config["modules_to_save"] and config["use_dora"] is True
+    assert "bert.pooler" in config["modules_to_save"]  # lora.train_pooler: the merged export below carries it too
     base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"])
     with torch.no_grad():
         plain = PeftModel.from_pretrained(base, best).eval()(**enc).logits
@@ -515,7 +516,11 @@ def test_a_pooler_with_tiny_outputs_holds_a_fresh_head_back_unless_it_trains_as_
     the same 20 steps at lr 1e-3 get the loss well down."""
     losses = {}
     for train_pooler in (True, False):
-        model = encoder_classifier()
+        # no dropout: with it, these few steps at lr 1e-2 vary from process to process (one run in a few even left
+        # the trained pooler at chance); without it the losses below are the same on 1 and 2 threads
+        model = build_model("encoder", "test", VOCAB, task="classify", num_labels=3, seed=0,
+                            id2label={0: "a", 1: "b", 2: "c"}, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
         _cue_loss(model, 30, 0, 1e-2)  # the "pretrained" trunk: full fine-tuning on the task
         torch.manual_seed(1)
         model.classifier.reset_parameters()  # a fresh head
@@ -524,7 +529,7 @@ def test_a_pooler_with_tiny_outputs_holds_a_fresh_head_back_unless_it_trains_as_
             model.bert.pooler.dense.bias.zero_()
         wrapped = apply_lora(LoadedModel.built(model), lora(train_pooler=train_pooler), "classify", quiet).model
         losses[train_pooler] = _cue_loss(wrapped, 20, 100, 1e-3)
-    assert losses[True] < 0.5 * losses[False], losses  # measured: 0.10 against 0.44
+    assert losses[True] < 0.5 * losses[False], losses  # measured: 0.29 against 0.71 (ln 2 = 0.69: chance)
 
 
 def test_carry_keeps_an_adapted_pooler_adapted_and_a_head_pooler_a_head(tmp_path):
