@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 import json
+import random
 import shutil
 
 import torch
@@ -170,6 +171,45 @@ def test_lora_with_embedding_adapters_learns_where_all_linear_stays_at_chance(pr
     assert best["linear"] <= best["embeddings"] - 0.15, best  # what the ablations showed: all-linear LoRA far behind
     assert best["embeddings"] >= best["full"] - 0.05, best  # not behind full fine-tuning
     assert "embed_tokens" in (tmp_path / "embeddings" / "log.txt").read_text()
+
+
+def test_lora_on_an_encoder_whose_pooler_outputs_are_tiny_keeps_up_with_full_fine_tuning(tmp_path):
+    """Issue 19's ChemProt finding through the CLI (docs/lora.md, "The pooler is part of the head"): a bare BERT
+    checkpoint, as sentence-transformers ship all-MiniLM-L6-v2, whose trunk already separates the task but whose
+    pretrained pooler's outputs are tiny (it was never trained for the checkpoint's own task). `classify` gives it a
+    fresh head. At equal steps and rate, LoRA with the pooler trained as part of the head (the default) ends within
+    0.03 validation loss of full fine-tuning; with the pooler adapted like any Linear (`lora.train_pooler=false`,
+    the old behaviour) it falls well behind, as MiniLM's ChemProt runs did (0.648 against 0.763 accuracy)."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)]
+    with open(tmp_path / "cue.jsonl", "w", encoding="utf-8") as handle:  # the second word gives the label
+        for _ in range(480):
+            label = rng.choice(["yes", "no"])
+            tokens = rng.choices(words, k=10)
+            tokens.insert(1, "good" if label == "yes" else "bad")
+            handle.write(json.dumps({"text": " ".join(tokens), "label": label}) + "\n")
+    common = [f"data.train={tmp_path / 'cue.jsonl'}", f"run.out_dir={tmp_path}", "train.batch_size=16",
+              "train.patience=0", "data.max_length=16", "model.dropout=0.0", *FAST]
+    cli("classify", *common, "model.arch=encoder", "model.size=test", "model.vocab_size=500", "run.name=trunk",
+        "train.max_steps=60", "train.eval_every=20", "train.lr=1e-2")
+    assert events(tmp_path / "trunk", "eval")[-1]["val_accuracy"] == 1.0  # the trunk knows the task
+    trunk = AutoModelForSequenceClassification.from_pretrained(tmp_path / "trunk" / "best").bert  # no head
+    with torch.no_grad():  # a pooler with tiny outputs
+        trunk.pooler.dense.weight.mul_(0.003)
+        trunk.pooler.dense.bias.zero_()
+    checkpoint = tmp_path / "checkpoint"
+    trunk.save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "trunk" / "best" / name, checkpoint / name)
+    loss = {}
+    for name, extra in (("full", []), ("lora", LORA), ("adapted", [*LORA, "lora.train_pooler=false"])):
+        cli("classify", *common, f"model.init_from={checkpoint}", f"run.name={name}", "train.max_steps=30",
+            "train.eval_every=10", "train.lr=1e-3", *extra)
+        loss[name] = events(tmp_path / name, "eval")[-1]["val_loss"]
+    # measured: full 0.381, LoRA 0.387, pooler adapted 0.481 (ln 2 = 0.693: chance)
+    assert loss["lora"] <= loss["full"] + 0.03, loss
+    assert loss["adapted"] >= loss["full"] + 0.06, loss
+    assert "trained fully: classifier, bert.pooler" in (tmp_path / "lora" / "log.txt").read_text()
 
 
 def test_head_first_holds_the_adapters_then_lets_them_learn_and_resumes_exactly(data_dir, tmp_path, capsys):
