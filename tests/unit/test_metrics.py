@@ -1,8 +1,10 @@
-"""Hand-worked checks of honelm.metrics' classifier-probability metrics: confusion matrix, calibration bins, ECE."""
+"""Hand-worked checks of honelm.metrics: the confusion matrix, calibration bins, ECE, and the one-class watch
+(whose streak each fit starts afresh)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from honelm import metrics as M
 
@@ -43,3 +45,35 @@ def test_ece_edges() -> None:
     assert M.expected_calibration_error([], []) != M.expected_calibration_error([], [])  # NaN
     with pytest.raises(ValueError, match="outside"):
         M.calibration_bins([1.5], [True])
+
+
+def test_each_fit_starts_its_one_class_streak_and_validation_records_afresh(monkeypatch):
+    """A booster's sub-run (plae's teacher) shares the run's `ctx.extra`: the teacher's last validations must not
+    count toward the student's one-class streak, nor its kept records describe the student's best/. fit_plan drops
+    both before the loop starts; the streak itself warns on the second one-class validation in a row only."""
+    from types import SimpleNamespace
+
+    from honelm.metrics import OneClassWatch
+    from honelm.stages import runner
+    from honelm.stages.contract import Plan
+
+    said: list[str] = []
+    watch = OneClassWatch(said.append)
+    constant, labels = torch.tensor([[0.0, 5.0]] * 4), torch.tensor([0, 1, 0, 1])
+    watch(constant, labels, None)  # a teacher's last validation: one class
+    extra = {"one_class": watch, "val_records": ["the teacher's"]}
+    seen: dict = {}
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: seen.update(extra=dict(extra)))
+    monkeypatch.setattr(runner.boosters, "lr_scale", lambda cfg: None)
+    monkeypatch.setattr(runner.boosters, "lr_hold", lambda cfg: None)
+    ctx = SimpleNamespace(extra=extra, loaded=SimpleNamespace(base_pending=False), run_dir=None,
+                          cfg=SimpleNamespace(train=None), runtime=None, tracker=None, save_best=None, kept_files=None)
+    runner.fit_plan(ctx, Plan(objective=None, stream=None, evaluate=None, metric="val_accuracy"), None, None, False)
+    assert "one_class" not in seen["extra"] and "val_records" not in seen["extra"]
+    fresh = OneClassWatch(said.append)  # the student's own watch (classify sets one up on its first validation)
+    fresh(constant, labels, None)
+    assert said == []  # one one-class validation of its own: not yet a streak
+    fresh(constant, labels, None)
+    assert len(said) == 1 and "two validations in a row" in said[0]
+    watch(constant, labels, None)  # without the reset, the teacher's watch would have warned at once
+    assert len(said) == 2
