@@ -1004,12 +1004,15 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
                    "current directory when OUT_DIR is inside it, else OUT_DIR's parent)")
     p.add_argument("--variants", default=None, metavar="A,B", help="train only these variants (baseline included "
                    "by name), compare and test nothing: one process per GPU or machine on the same OUT_DIR, then the "
-                   "command without --variants reuses their cells, compares and tests")
+                   "command without --variants reuses their cells, compares and tests (so not with --test)")
     args = p.parse_args(argv)
     variables = dict(C.parse_overrides(args.var))
     spec = load_spec(registry.find_config("ablate", args.file), variables, args.out_dir, args.seeds, args.test,
                      args.ledger)
     if args.variants is not None:
+        if args.test is not None:  # it would be ignored: a --variants process tests nothing
+            raise ConfigError(f"--variants with --test {args.test}: a --variants process trains only and tests "
+                              "nothing; give --test to the command without --variants, which compares and tests")
         train_only(spec, [n.strip() for n in args.variants.split(",") if n.strip()])
         return []
     rows = run_ablation(spec)

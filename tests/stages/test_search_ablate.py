@@ -307,6 +307,9 @@ def test_variants_trained_in_separate_processes_are_reused_then_compared_and_tes
         capsys.readouterr()
         assert main(["ablate", str(path), "--variants", wrong]) != 0
         assert "its variants: baseline, fgm" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--variants", "fgm", "--test", "all"]) != 0  # it would be ignored: refused
+    assert "give --test to the command without --variants" in capsys.readouterr().err
 
 
 def test_an_unfinished_ablation_reports_the_cells_it_has(data_dir, tmp_path, monkeypatch):
