@@ -2,6 +2,7 @@
 
     python benchmarks/distill_compare.py --task sst2 --teacher RUN [--out runs/bench-distill/sst2]
     python benchmarks/distill_compare.py --task chemprot --teacher RUN   # the DAPT+TAPT MiniLM classifier
+    python benchmarks/distill_compare.py --task chemprot --teacher RUN --pretrain-student 4000  # a pre-trained student
 
 Hand-run and resumable (a finished step is skipped); never run by CI. Every step goes through the
 real CLI (`honelm.cli.main`), as a user would type it:
@@ -11,6 +12,10 @@ real CLI (`honelm.cli.main`), as a user would type it:
    configs/ablate/chemprot-minilm.yaml). Without `--teacher` it is trained here with the preset.
 2. the student: `honelm distill --config <task preset>` (a ~1.9M-parameter encoder from scratch,
    WordPiece trained on the transfer text; ChemProt adds the PubMed abstracts as `data.unlabelled`);
+   With `--pretrain-student STEPS` the student starts pre-trained instead: `honelm tokenizer` (WordPiece, 8,000)
+   and `honelm adapt` (a masked LM from scratch, the same `tiny` encoder, STEPS steps) on the task's domain text
+   (ChemProt: the PubMed and BC5CDR abstracts and the train sentences, never validation or test; SST-2: the train
+   sentences), then `model.init_from=` that run for the student and the control alike;
 3. the control: the same student, same data settings, same steps, `honelm classify` without a teacher;
 4. `honelm test` on each (each run's one look; the teacher's earlier look is reused);
 5. `honelm compare TEACHER STUDENT CONTROL`: metric with paired-bootstrap intervals, parameters,
@@ -40,6 +45,48 @@ TASKS = {
     "chemprot": {"data": DATA / "biomed-chemprot", "teacher_config": "", "student_config": "chemprot-tiny",
                  "teacher_set": [], "unlabelled": str(DATA / "biomed-chemprot" / "corpus" / "pubmed_abstracts_1MB.txt")},
 }
+
+
+def domain_text(task: str, path: Path) -> Path:
+    """The student's pre-training text, one document per line: text the task may use without labels (the domain
+    corpus and the train split's texts; never validation or test)."""
+    data = TASKS[task]["data"]
+    lines: list[str] = []
+    if task == "chemprot":
+        lines += (data / "corpus" / "pubmed_abstracts_1MB.txt").read_text(encoding="utf-8").splitlines()
+        for row in (data / "corpus" / "bc5cdr_abstracts.tsv").read_text(encoding="utf-8").splitlines():
+            lines.append(row.split("\t", 1)[1])  # pmid<TAB>title and abstract
+        lines += [json.loads(x)["text"] for x in (data / "chemprot" / "train.jsonl").read_text(encoding="utf-8")
+                  .splitlines()]
+    else:  # sst2: the train split's sentences (train.tsv; the preset splits validation off it, so it overlaps)
+        rows = (data / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        lines += [r.split("\t")[0] for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(x.strip() for x in lines if x.strip()) + "\n", encoding="utf-8")
+    return path
+
+
+def pretrained_student(task: str, out: Path, steps: int) -> Path:
+    """OUT/student-pretrain: a masked LM from scratch (the student presets' `tiny` encoder) on the task's domain
+    text, with its own WordPiece tokenizer; the student and the control start from it."""
+    tokenizer, mlm = out / "student-tokenizer", out / "student-pretrain"
+    corpus = out / "student_corpus.txt"
+    if finished(mlm):
+        return mlm
+    if not corpus.is_file():
+        domain_text(task, corpus)
+    if not (tokenizer / "tokenizer").is_dir():
+        run("tokenizer", f"data.train={corpus}", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=8000",
+            "data.split=95:5:0", f"run.out_dir={out}", "run.name=student-tokenizer")
+    if (mlm / "checkpoints").is_dir():
+        run("adapt", "--resume", str(mlm))
+    else:
+        run("adapt", f"data.train={corpus}", "data.split=95:5:0", "model.arch=encoder", "model.size=tiny",
+            "model.max_positions=512", f"model.tokenizer={tokenizer}", "model.dropout=0.1", "data.block_size=128",
+            "train.batch_size=32", "train.lr=1e-3", f"train.max_steps={steps}", "train.warmup_ratio=0.06",
+            "train.schedule=linear", "train.weight_decay=0.01", "train.eval_every=500", "train.save_every=500",
+            "train.log_every=100", f"run.out_dir={out}", "run.name=student-pretrain")
+    return mlm
 
 
 def run(*words: str) -> None:
@@ -108,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="", help="output directory (default runs/bench-distill/TASK)")
     p.add_argument("--set", nargs="*", default=[], help="extra key=value for the student and the control alike")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds of honelm compare")
+    p.add_argument("--pretrain-student", type=int, default=0, metavar="STEPS",
+                   help="start the student and the control from a masked LM pre-trained from scratch for STEPS "
+                        "steps on the task's domain text (0: from random init, the presets' default)")
     args = p.parse_args(argv)
     task = TASKS[args.task]
     if not task["data"].is_dir():
@@ -122,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         run("classify", "--config", task["teacher_config"], *task["teacher_set"], f"run.out_dir={out}",
             "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else data))
     student, control = out / "student", out / "control"
+    if args.pretrain_student:
+        args.set = [f"model.init_from={pretrained_student(args.task, out, args.pretrain_student)}", *args.set]
     common = [*(f"data.unlabelled={task['unlabelled']}",) * bool(task["unlabelled"]), *args.set]
     if not finished(student):
         resume = ["--resume", str(student)] if (student / "checkpoints").is_dir() else data
