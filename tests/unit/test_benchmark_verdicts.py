@@ -1,6 +1,6 @@
 """benchmarks/lora_memory.py's verdict: PASS/FAIL on the median of per-round ratios, and `not settled`
 when too few rounds agree with it (a one-sided sign test, p > 0.05). The benchmark itself is run by
-hand; this checks only the arithmetic that prints its verdict."""
+hand; this checks only the arithmetic that prints its verdict, and the step clock's wait for the device."""
 
 from __future__ import annotations
 
@@ -50,3 +50,26 @@ def test_verdicts_settled_and_not(lora_memory):
     lines, ratios = lora_memory.ratio_lines(runs_with([0.95, 0.97, 0.99, 0.93, 0.96], rss_ratio=0.75))
     assert "step time   0.96x   target <= 0.90x   FAIL   (" in lines[1]  # all 5 agree: settled
     assert not ratios["honelm_lora/honelm_full peak_rss_mib"]["pass"] and "FAIL   (" in lines[0]
+
+
+def test_step_clock_waits_for_the_device_before_every_mark():
+    """benchmarks/_common.StepClock(sync=): on a GPU the queued work must have finished before a mark is taken, so
+    `sync` runs before every timestamp (and is never needed on a CPU: None reads the clock directly)."""
+    import time
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import StepClock
+    finally:
+        sys.path.remove(str(BENCH))
+    events: list[tuple[str, float]] = []
+    clock = StepClock(warmup=1, steps=3, sync=lambda: events.append(("sync", time.perf_counter())))
+    for _ in range(5):
+        clock.mark()
+    assert [e[0] for e in events] == ["sync"] * 5  # one sync per mark
+    assert all(s <= m for (_, s), m in zip(events, clock.marks))  # each sync before its timestamp
+    assert clock.seconds() == clock.marks[4] - clock.marks[1] and len(clock.cpu) == 2
+    plain = StepClock(warmup=0, steps=1)
+    plain.mark()
+    plain.mark()
+    assert len(plain.marks) == 2 and plain.seconds() >= 0
