@@ -1,6 +1,7 @@
 """benchmarks/lora_memory.py's verdict: PASS/FAIL on the median of per-round ratios, and `not settled`
 when too few rounds agree with it (a one-sided sign test, p > 0.05). The benchmark itself is run by
-hand; this checks only the arithmetic that prints its verdict, and the step clock's wait for the device."""
+hand; this checks only the arithmetic that prints its verdict, the step clock's wait for the device and
+lora_curves.py's record of a failed run."""
 
 from __future__ import annotations
 
@@ -73,3 +74,30 @@ def test_step_clock_waits_for_the_device_before_every_mark():
     plain.mark()
     plain.mark()
     assert len(plain.marks) == 2 and plain.seconds() >= 0
+
+
+def test_lora_curves_records_a_failed_run_as_a_result_of_the_sweep(tmp_path):
+    """benchmarks/lora_curves.py: a run that fails (diverges at a high learning rate) is listed with why, below the
+    table of the runs that finished, and the gap line compares only finished runs."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("lora_curves_under_test", BENCH / "lora_curves.py")
+        curves = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(curves)
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def finished(name: str, kind: str, lr: float, accs: list[float]) -> dict:
+        return {"name": name, "kind": kind, "lr": lr, "curve": {
+            "steps": [10 * (i + 1) for i in range(len(accs))], "val_accuracy": accs, "val_loss": [1.0] * len(accs),
+            "train": [], "train_time_s": 12.0, "trainable_params": 1000, "best": max(accs), "last": accs[-1]}}
+
+    runs = [finished("full-lr1e-4", "full", 1e-4, [0.5, 0.8]), finished("lora-lr1e-3", "lora", 1e-3, [0.5, 0.79]),
+            {"name": "lora-lr1e-2", "kind": "lora", "lr": 1e-2, "failed": "failed (exit 1): non-finite gradient norm"}]
+    curves.write_results(tmp_path, runs, "demo")
+    text = (tmp_path / "results.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and not any("lora-lr1e-2" in line for line in table)  # header, rule, the two finished
+    assert "Best LoRA (lora-lr1e-3) − best full (full-lr1e-4): -1.00 points" in text
+    assert "lora-lr1e-2 (lr 0.01): failed (exit 1): non-finite gradient norm" in text
+    assert (tmp_path / "curves.png").is_file() and "failed" in (tmp_path / "results.json").read_text()
