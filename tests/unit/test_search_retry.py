@@ -75,3 +75,36 @@ def test_failed_trials_are_recorded_and_their_grid_points_tried_again(tmp_path, 
     assert [(r["state"], r["error"]) for r in found] == [("fail", "RuntimeError: disk hiccup"), ("complete", None),
                                                          ("fail", "loss is nan at step 3"), ("complete", None)]
     assert "error" in (tmp_path / "search" / "trials.csv").read_text().splitlines()[0].split(",")
+
+
+def test_the_pruner_judges_a_trial_only_after_its_first_share_of_steps(tmp_path):
+    """`prune_after` (default 0.5): every validation is reported to Optuna, but none before that share of the
+    trial's planned steps can stop it (early validations rank rates by how fast they start). 0 judges from the
+    first validation; 1 or more is refused."""
+    from types import SimpleNamespace
+
+    class Trial:
+        def __init__(self) -> None:
+            self.reported: list[tuple[float, int]] = []
+            self.asked = 0
+
+        def report(self, value: float, step: int) -> None:
+            self.reported.append((value, step))
+
+        def should_prune(self) -> bool:
+            self.asked += 1
+            return True
+
+    for after, first_judged in ((0.5, 100), (0.0, 25)):
+        trial = Trial()
+        pruner = S._Pruner(trial, "val_accuracy", after)
+        answers = {step: pruner.after_eval(SimpleNamespace(step=step, total=200), {"val_accuracy": 0.5})
+                   for step in (25, 50, 100, 150)}
+        assert [s for _, s in trial.reported] == [25, 50, 100, 150]  # every validation reported
+        assert [s for s, a in answers.items() if a == "pruned"] == [s for s in answers if s >= first_judged]
+    spec = {"verb": "classify", "out_dir": str(tmp_path / "s"), "metric": "val_accuracy",
+            "space": {"train.lr": [1e-3, 2e-3]}}
+    assert S.spec_from_mapping(spec, tmp_path / "s.yaml").prune_after == 0.5
+    assert S.spec_from_mapping({**spec, "prune_after": 0}, tmp_path / "s.yaml").prune_after == 0
+    with pytest.raises(Exception, match="prune_after"):
+        S.spec_from_mapping({**spec, "prune_after": 1.0}, tmp_path / "s.yaml")
