@@ -594,10 +594,19 @@ def _shown_url(url: str) -> str:
         return url.split(":", 1)[0] + ":***"
 
 
+def _judged_from(meta: dict[str, Any]) -> str:
+    """When the pruner may stop a trial (a marker written before `prune_after` existed says nothing)."""
+    after = meta.get("prune_after")
+    if meta.get("pruner") == "none" or after is None:
+        return ""
+    return " (from the first validation)" if not after else f" (from {after:.0%} of each trial's steps on)"
+
+
 def _write_marker(spec: SearchSpec) -> None:
     marker = {"kind": "search", "file": str(spec.path), "verb": spec.verb, "config": spec.config, "set": spec.settings,
               "metric": spec.metric, "direction": "minimize" if spec.minimize else "maximize",
-              "sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.n_trials, "study": spec.study,
+              "sampler": spec.sampler, "pruner": spec.pruner, "prune_after": spec.prune_after,
+              "n_trials": spec.n_trials, "study": spec.study,
               "storage": _shown_url(spec.storage) if spec.storage else "sqlite (study.db)",
               "space": {p.key: p.describe() for p in spec.space}}
     (spec.out_dir / SEARCH_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
@@ -744,7 +753,8 @@ def write_report(path: Path, ledger: str | Path | None = None) -> Path:
     lines = [f"# Search report: {path.name}", "",
              f"`honelm {meta['verb']}`" + (f" from `{meta['config']}`" if meta.get("config") else "")
              + f", scored by **{meta['metric']}** ({meta['direction']}) on the validation split; "
-             f"{meta['sampler']} sampler, {meta['pruner']} pruner, storage {meta['storage']}.", "",
+             f"{meta['sampler']} sampler, {meta['pruner']} pruner{_judged_from(meta)}, storage {meta['storage']}.",
+             "",
              "The test split was sealed during the whole search (`forbid_test_split`): no trial could read it. "
              "Test the selected trial once with `honelm test " + str(path) + "`.", ""]
     states: dict[str, int] = {}

@@ -114,6 +114,7 @@ def test_a_pruned_trial_stops_at_its_validation_and_is_recorded(data_dir, tmp_pa
     pruned_run = Path(rows[1]["run_dir"])
     end = events(pruned_run, "end")[-1]
     assert end["reason"] == "pruned" and end["step"] == 3  # stopped at its first validation of two
+    assert json.loads((tmp_path / "search" / S.SEARCH_FILE).read_text())["prune_after"] == 0.5  # the report says
 
 
 @pytest.mark.slow  # CI runs it in its own step (.ci/run); kept out of the 3-minute default suite

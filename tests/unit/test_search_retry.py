@@ -108,3 +108,7 @@ def test_the_pruner_judges_a_trial_only_after_its_first_share_of_steps(tmp_path)
     assert S.spec_from_mapping({**spec, "prune_after": 0}, tmp_path / "s.yaml").prune_after == 0
     with pytest.raises(Exception, match="prune_after"):
         S.spec_from_mapping({**spec, "prune_after": 1.0}, tmp_path / "s.yaml")
+    # the search report's words for it (a marker from before the field says nothing)
+    assert S._judged_from({"pruner": "median", "prune_after": 0.5}) == " (from 50% of each trial's steps on)"
+    assert S._judged_from({"pruner": "halving", "prune_after": 0}) == " (from the first validation)"
+    assert S._judged_from({"pruner": "none", "prune_after": 0.5}) == S._judged_from({"pruner": "median"}) == ""
