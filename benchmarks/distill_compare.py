@@ -14,8 +14,9 @@ real CLI (`honelm.cli.main`), as a user would type it:
    WordPiece trained on the transfer text; ChemProt adds the PubMed abstracts as `data.unlabelled`);
    With `--pretrain-student STEPS` the student starts pre-trained instead: `honelm tokenizer` (WordPiece, 8,000)
    and `honelm adapt` (a masked LM from scratch, the same `tiny` encoder, STEPS steps) on the task's domain text
-   (ChemProt: the PubMed and BC5CDR abstracts and the train sentences, never validation or test; SST-2: the train
-   sentences), then `model.init_from=` that run for the student and the control alike;
+   (ChemProt: the PubMed and BC5CDR abstracts and the train sentences, never validation or test), then
+   `model.init_from=` that run for the student and the control alike. Not for SST-2: its presets split validation
+   off train.tsv inside the run, so pre-training on train.tsv would show the student its validation sentences;
 3. the control: the same student, same data settings, same steps, `honelm classify` without a teacher;
 4. `honelm test` on each (each run's one look; the teacher's earlier look is reused);
 5. `honelm compare TEACHER STUDENT CONTROL`: metric with paired-bootstrap intervals, parameters,
@@ -47,26 +48,24 @@ TASKS = {
 }
 
 
-def domain_text(task: str, path: Path) -> Path:
-    """The student's pre-training text, one document per line: text the task may use without labels (the domain
-    corpus and the train split's texts; never validation or test)."""
-    data = TASKS[task]["data"]
-    lines: list[str] = []
-    if task == "chemprot":
-        lines += (data / "corpus" / "pubmed_abstracts_1MB.txt").read_text(encoding="utf-8").splitlines()
-        for row in (data / "corpus" / "bc5cdr_abstracts.tsv").read_text(encoding="utf-8").splitlines():
-            lines.append(row.split("\t", 1)[1])  # pmid<TAB>title and abstract
-        lines += [json.loads(x)["text"] for x in (data / "chemprot" / "train.jsonl").read_text(encoding="utf-8")
-                  .splitlines()]
-    else:  # sst2: the train split's sentences (train.tsv; the preset splits validation off it, so it overlaps)
-        rows = (data / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-        lines += [r.split("\t")[0] for r in rows]
+def domain_text(path: Path) -> Path:
+    """ChemProt's student pre-training text, one document per line: text the task may use without labels (the
+    domain corpus and the train split's sentences; never validation or test)."""
+    data = TASKS["chemprot"]["data"]
+    lines = (data / "corpus" / "pubmed_abstracts_1MB.txt").read_text(encoding="utf-8").splitlines()
+    tsv = data / "corpus" / "bc5cdr_abstracts.tsv"
+    for number, row in enumerate(tsv.read_text(encoding="utf-8").splitlines(), 1):
+        if "\t" not in row:
+            sys.exit(f"{tsv}:{number}: expected pmid<TAB>title and abstract, found no tab")
+        lines.append(row.split("\t", 1)[1])
+    lines += [json.loads(x)["text"] for x in (data / "chemprot" / "train.jsonl").read_text(encoding="utf-8")
+              .splitlines()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(x.strip() for x in lines if x.strip()) + "\n", encoding="utf-8")
     return path
 
 
-def pretrained_student(task: str, out: Path, steps: int) -> Path:
+def pretrained_student(out: Path, steps: int) -> Path:
     """OUT/student-pretrain: a masked LM from scratch (the student presets' `tiny` encoder) on the task's domain
     text, with its own WordPiece tokenizer; the student and the control start from it."""
     tokenizer, mlm = out / "student-tokenizer", out / "student-pretrain"
@@ -74,7 +73,7 @@ def pretrained_student(task: str, out: Path, steps: int) -> Path:
     if finished(mlm):
         return mlm
     if not corpus.is_file():
-        domain_text(task, corpus)
+        domain_text(corpus)
     if not (tokenizer / "tokenizer").is_dir():
         run("tokenizer", f"data.train={corpus}", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=8000",
             "data.split=95:5:0", f"run.out_dir={out}", "run.name=student-tokenizer")
@@ -157,9 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds of honelm compare")
     p.add_argument("--pretrain-student", type=int, default=0, metavar="STEPS",
                    help="start the student and the control from a masked LM pre-trained from scratch for STEPS "
-                        "steps on the task's domain text (0: from random init, the presets' default)")
+                        "steps on the task's domain text (chemprot only; 0: from random init, the presets' default)")
     args = p.parse_args(argv)
     task = TASKS[args.task]
+    if args.pretrain_student and args.task != "chemprot":  # refused before anything trains
+        sys.exit(f"--pretrain-student is for --task chemprot: {args.task}'s presets split validation off their train "
+                 "file inside the run, so pre-training on that file would show the student its validation sentences")
     if not task["data"].is_dir():
         print(f"skipped: {task['data']} is absent (see ../shared/data/README.md)")
         return
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else data))
     student, control = out / "student", out / "control"
     if args.pretrain_student:
-        args.set = [f"model.init_from={pretrained_student(args.task, out, args.pretrain_student)}", *args.set]
+        args.set = [f"model.init_from={pretrained_student(out, args.pretrain_student)}", *args.set]
     common = [*(f"data.unlabelled={task['unlabelled']}",) * bool(task["unlabelled"]), *args.set]
     if not finished(student):
         resume = ["--resume", str(student)] if (student / "checkpoints").is_dir() else data

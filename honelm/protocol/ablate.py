@@ -203,8 +203,8 @@ class AblateConfig:
     """The baseline, as pipeline stages; the LAST one is the compared stage (validated, tested if chosen). At least one."""
     search: dict[str, Any] | None = field(default_factory=dict)
     """Each variant's own search, on validation at the first seed, before its seeds train: a search file's fields
-    (space, metric, n_trials, sampler, pruner, seed, timeout) without verb, config, set and out_dir; absent = the
-    defaults (4 trials; space: train.lr a factor 3 either side of the config's). The space given is the baseline's;
+    (space, metric, n_trials, sampler, pruner, prune_after, seed, timeout) without verb, config, set and out_dir;
+    absent = the defaults (4 trials; space: train.lr a factor 3 either side of the config's). The space given is the baseline's;
     each variant searches it through its boosters (LoRA: lr 10x higher; adversarial: the method's strength, relative
     to the embedding norm). `none` = no search: every variant trains with the settings the file gives it, untuned,
     and the report says so."""

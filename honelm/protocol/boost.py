@@ -108,8 +108,8 @@ class BoostConfig:
     """The baseline's search space (a search file's `space`); empty = train.lr a factor 3 either side of the config's.
     Each variant searches it through its boosters (LoRA: lr 10x higher; adversarial: the method's strength)."""
     search: dict[str, Any] = field(default_factory=dict)
-    """More fields of every variant's search (sampler, pruner, seed, metric): an ablation's `search` section without
-    n_trials, space and timeout, which boost sets."""
+    """More fields of every variant's search (sampler, pruner, prune_after, seed, metric): an ablation's `search`
+    section without n_trials, space and timeout, which boost sets."""
     metric: str = "accuracy"
     """Validation metric of the intervals, verdicts and choice: accuracy, macro_f1, mse or pearson."""
     bootstrap: Annotated[int, at_least(100)] = 2000

@@ -465,9 +465,11 @@ class _Pruner(Callback):
     the run is `after` of the way through its planned steps. Why wait: at the first validations a faster-starting
     rate leads, so the median of earlier trials there prunes trials that would have finished as well (measured on
     SST-2, MiniLM, 188 steps: a LoRA trial at lr 1.9e-4 pruned at step 31 with 0.558, where an earlier one at 2.0e-4
-    stood at 0.560 and finished at 0.848; docs/protocol.md)."""
+    stood at 0.560 and finished at 0.848; docs/protocol.md). Optuna's own `n_warmup_steps` counts steps, the same for
+    every trial; a share of each trial's own plan is what stays fair when the batch size (so the step count) is
+    searched too."""
 
-    def __init__(self, trial: Any, metric: str, after: float = 0.0) -> None:
+    def __init__(self, trial: Any, metric: str, after: float) -> None:
         self.trial, self.metric, self.after = trial, metric, after
 
     def after_eval(self, state: TrainState, metrics: dict[str, float]) -> str | None:
