@@ -1,15 +1,17 @@
 """Teacher vs distilled student vs the same student without a teacher, on one sealed test split.
 
     python benchmarks/distill_compare.py --task sst2 --teacher RUN [--out runs/bench-distill/sst2]
-    python benchmarks/distill_compare.py --task chemprot --teacher RUN   # the DAPT+TAPT MiniLM classifier
+    python benchmarks/distill_compare.py --task chemprot [--teacher RUN]   # the DAPT+TAPT MiniLM classifier
     python benchmarks/distill_compare.py --task chemprot --teacher RUN --pretrain-student 4000  # a pre-trained student
 
 Hand-run and resumable (a finished step is skipped); never run by CI. Every step goes through the
 real CLI (`honelm.cli.main`), as a user would type it:
 
-1. the teacher: `--teacher RUN`, a finished `classify` run on the task's data settings (SST-2:
-   `honelm classify --config sst2-minilm data.dedup=true`; ChemProt: the DAPT+TAPT MiniLM of
-   configs/ablate/chemprot-minilm.yaml). Without `--teacher` it is trained here with the preset.
+1. the teacher: `--teacher RUN`, a finished `classify` run on the task's data settings. Without `--teacher`
+   it is trained here: SST-2, `honelm classify --config sst2-minilm data.dedup=true`; ChemProt, the
+   DAPT+TAPT MiniLM of configs/ablate/chemprot-minilm.yaml (its `dapt+tapt` variant at the file's
+   settings, read from the file: `honelm adapt --config chemprot-dapt`, then `chemprot-tapt` from it, then
+   `honelm classify` from that; OUT/teacher-dapt, OUT/teacher-tapt, OUT/teacher).
 2. the student: `honelm distill --config <task preset>` (a ~1.9M-parameter encoder from scratch,
    WordPiece trained on the transfer text; ChemProt adds the PubMed abstracts as `data.unlabelled`);
    With `--pretrain-student STEPS` the student starts pre-trained instead: `honelm tokenizer` (WordPiece, 8,000)
@@ -86,6 +88,36 @@ def pretrained_student(out: Path, steps: int) -> Path:
             "train.schedule=linear", "train.weight_decay=0.01", "train.eval_every=500", "train.save_every=500",
             "train.log_every=100", f"run.out_dir={out}", "run.name=student-pretrain")
     return mlm
+
+
+def chemprot_teacher(out: Path, data: Path) -> Path:
+    """OUT/teacher: the `dapt+tapt` variant of configs/ablate/chemprot-minilm.yaml at the file's settings (no
+    search), seed 0: its shared adapt stages in order, each from the one before, then its classify stage from the
+    last. The settings are read from the ablation file, so the teacher is the one its ablation trains."""
+    spec = yaml.safe_load((REPO / "configs" / "ablate" / "chemprot-minilm.yaml").read_text(encoding="utf-8"))
+    done: dict[str, str] = {}
+
+    def resolve(value: object) -> str:
+        text = str(value).replace("${vars.data}", str(data))
+        for name, path in done.items():
+            text = text.replace("${" + name + "}", path)
+        return text
+
+    def stage(verb: str, name: str, words: list[str]) -> Path:
+        run_dir = out / name
+        if not finished(run_dir):
+            run(verb, *(["--resume", str(run_dir)] if (run_dir / "checkpoints").is_dir()
+                        else [*words, f"run.out_dir={out}", f"run.name={name}"]))
+        return run_dir
+
+    variant = spec["variants"]["dapt+tapt"]
+    for before in variant["before"]:
+        words = ["--config", before["config"], *(resolve(a) for a in before.get("args", [])),
+                 *(f"{k}={resolve(v)}" for k, v in before.get("set", {}).items()), "run.seed=0"]
+        done[before["name"]] = str(stage(before["verb"], f"teacher-{before['name']}", words))
+    (classify,) = spec["stages"]
+    settings = {**classify["set"], **variant["set"]}
+    return stage(classify["verb"], "teacher", [*(f"{k}={resolve(v)}" for k, v in settings.items()), "run.seed=0"])
 
 
 def run(*words: str) -> None:
@@ -168,9 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     data = ["--var", f"data={task['data']}"]  # where the presets' ${vars.data} is (docs/presets.md)
     out = Path(args.out or f"runs/bench-distill/{args.task}")
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
-    if not args.teacher and not finished(teacher):
-        if not task["teacher_config"]:
-            sys.exit(f"--teacher is required for {args.task} (train it as docs/benchmarks.md says)")
+    if not args.teacher and args.task == "chemprot":
+        teacher = chemprot_teacher(out, task["data"])
+    elif not args.teacher and not finished(teacher):
         run("classify", "--config", task["teacher_config"], *task["teacher_set"], f"run.out_dir={out}",
             "run.name=teacher", *(["--resume", str(teacher)] if (teacher / "checkpoints").is_dir() else data))
     student, control = out / "student", out / "control"

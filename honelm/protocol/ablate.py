@@ -107,6 +107,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -929,9 +930,25 @@ def _run_variant(spec: AblationSpec, variant: Variant, share: float | None, cell
             write_results(spec, summarise(spec, cells), cells_done=sum(len(v) for v in cells.values()))
 
 
+def write_marker(spec: AblationSpec) -> None:
+    """OUT_DIR/ablation.json: what makes OUT_DIR an ablation to `honelm report` (and holds the file's settings).
+    Written by every process, `--variants` ones too, so that a report midway reads their cells (on validation,
+    nothing chosen until the baseline has finished); several processes on one OUT_DIR write the same content, each
+    through its own temporary file and an atomic rename, so none reads a half-written one."""
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
+              "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
+              "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation",
+              "time_budget": spec.time_budget, "spaces": "per variant"}
+    tmp = spec.out_dir / f".{ABLATION_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, spec.out_dir / ABLATION_FILE)
+
+
 def train_only(spec: AblationSpec, names: Sequence[str]) -> None:
     """`honelm ablate FILE --variants A,B`: only these variants' searches and cells, with the test split sealed, and
-    nothing compared, chosen, written to results.json or tested. Other processes (another GPU, another machine on
+    nothing compared, chosen, written to results.json or tested; it writes the marker, so `honelm report` reads the
+    cells so far. Other processes (another GPU, another machine on
     the same OUT_DIR) can train the other variants meanwhile: every variant has its own cells, search and shared
     before-stages. `honelm ablate FILE` afterwards reuses every finished cell, then compares and tests."""
     known = [v.name for v in spec.variants]
@@ -944,7 +961,7 @@ def train_only(spec: AblationSpec, names: Sequence[str]) -> None:
     if spec.time_budget:
         raise ConfigError(f"--variants with the file's time_budget ({spec.time_budget:g} s): the budget is shared by "
                           "the variants in order, which processes that each train some of them cannot do; drop one")
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(spec)
     chosen = [v for v in spec.variants if v.name in names]
     print(f"ablation {spec.out_dir}: training {', '.join(v.name for v in chosen)} only (--variants); "
           f"run `honelm ablate {spec.path}` without --variants afterwards to compare and test", flush=True)
@@ -959,12 +976,7 @@ def train_only(spec: AblationSpec, names: Sequence[str]) -> None:
 def run_ablation(spec: AblationSpec) -> list[dict[str, Any]]:
     """Train every cell and compute the verdicts and the choice with the test split sealed; then test what
     `spec.test` asks for, once each. Returns the validation rows."""
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    marker = {"kind": "ablation", "file": str(spec.path), "metric": spec.metric, "seeds": spec.seeds,
-              "variants": [v.name for v in spec.variants], "search": spec.search, "bootstrap": spec.bootstrap,
-              "confidence": spec.confidence, "test": spec.test, "ledger": str(spec.ledger), "split": "validation",
-              "time_budget": spec.time_budget, "spaces": "per variant"}
-    (spec.out_dir / ABLATION_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
+    write_marker(spec)
     print(f"ablation {spec.out_dir}: {len(spec.variants)} variants × {_seeds(len(spec.seeds))}, "
           + (f"each variant's own {_n_trials(spec)}-trial search" if spec.search is not None
              else "no search (search: none): the file's settings, untuned")

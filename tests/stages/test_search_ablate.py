@@ -298,6 +298,9 @@ def test_variants_trained_in_separate_processes_are_reused_then_compared_and_tes
     assert (out / "cells" / "fgm" / "seed-0" / "cell.json").is_file() and not (out / "cells" / "baseline").exists()
     assert not (out / "results.json").exists() and not list(out.glob("cells/*/seed-*/test.json"))
     assert not (tmp_path / ".honelm" / "test_ledger.jsonl").exists()  # no test look was taken
+    cli("report", str(out))  # the marker makes it an ablation to report: its cells so far, nothing chosen
+    assert "No results yet: run `honelm ablate" in (out / "report.md").read_text()
+    assert not list(out.glob(".ablation.json.*"))  # the marker's temporary file was renamed, not left
     capsys.readouterr()
     cli("ablate", str(path))
     assert capsys.readouterr().out.count("finished earlier, reused") == 1  # fgm's cell; the baseline trained now
