@@ -7,7 +7,7 @@
     out_dir: runs/search/demo           # the study, the trials' runs and every output
     metric: val_accuracy                # a validation metric the stage logs
     direction: maximize                 # optional: default min for losses/mse/ppl/bpb, else max
-    sampler: tpe                        # tpe | random | grid
+    sampler: tpe                        # tpe | qmc | random | grid
     pruner: median                      # median | halving | none (from intermediate validations)
     prune_after: 0.5                    # no trial is stopped in this first share of its steps (0 = none spared)
     n_trials: 8
@@ -218,8 +218,11 @@ class SearchConfig:
     """The validation metric (val_*) that scores a trial: its best value during the run. Required."""
     direction: Literal["", "minimize", "maximize"] = ""
     """Whether a smaller metric is better; empty = min for losses, mse, perplexity and bpb, else max."""
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
-    """Optuna sampler; grid needs finite dimensions (choices, or int ranges with a step)."""
+    sampler: Literal["tpe", "qmc", "random", "grid"] = "tpe"
+    """Optuna sampler. tpe: random for its first 10 trials, then model-based. qmc: a scrambled Sobol sequence (after
+    a random first trial), which spreads a few trials over the whole range where independent random draws may fall
+    together (for budgets of a handful of trials, as ablations use). grid needs finite dimensions (choices, or int
+    ranges with a step)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
     prune_after: Annotated[float, between(0, 1, open_hi=True)] = 0.5
@@ -354,6 +357,13 @@ def make_sampler(spec: SearchSpec) -> Any:
         return optuna.samplers.GridSampler({p.key: p.grid_values() for p in spec.space}, seed=spec.seed)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.sampler == "qmc":
+        # Optuna draws the first trial at random (it fixes the space) and categorical dimensions always: both by
+        # design, so its warnings about them would only be noise in every search log
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.0; the interface used here is stable
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=spec.seed,
+                                              warn_independent_sampling=False)
     return optuna.samplers.TPESampler(seed=spec.seed)
 
 
