@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from honelm import cli
+from honelm.pipeline import run_finished
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -128,8 +129,9 @@ def run(*words: str) -> None:
 
 
 def finished(run_dir: Path) -> bool:
-    return (run_dir / "best" / "best.json").is_file() and any(
-        json.loads(line).get("event") == "end" for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    """The run ended for a reason other than an interruption (an interrupted run has best/ and an `end` event too,
+    and must be resumed, not used) and holds its best model."""
+    return (run_dir / "best" / "best.json").is_file() and run_finished(run_dir)
 
 
 def tested(run_dir: Path) -> bool:
