@@ -135,7 +135,10 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _ended(run_dir: Path) -> bool:
-    return any(e.get("event") == "end" for e in _events(run_dir))
+    """Finished for a reason other than an interruption (an interrupted run logs an `end` event too)."""
+    from honelm.pipeline import run_finished
+
+    return run_finished(run_dir)
 
 
 def curve(run_dir: Path) -> dict[str, Any]:
