@@ -49,6 +49,7 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -221,7 +222,7 @@ class SearchConfig:
     sampler: Literal["tpe", "qmc", "random", "grid"] = "tpe"
     """Optuna sampler. tpe: random for its first 10 trials, then model-based. qmc: a scrambled Sobol sequence (after
     a random first trial), which spreads a few trials over the whole range where independent random draws may fall
-    together (for budgets of a handful of trials, as ablations use). grid needs finite dimensions (choices, or int
+    together (for budgets of a handful of trials, as ablations use; needs scipy: pip install 'honelm[qmc]'). grid needs finite dimensions (choices, or int
     ranges with a step)."""
     pruner: Literal["median", "halving", "none"] = "median"
     """Stops unpromising trials at an intermediate validation: median, successive halving, or none."""
@@ -285,6 +286,9 @@ def spec_from_mapping(raw: Any, p: Path, overrides: dict[str, Any] | None = None
                       cfg.direction, cfg.sampler, cfg.pruner, 10 if cfg.n_trials is None else cfg.n_trials,
                       cfg.timeout, cfg.seed, cfg.keep_models, cfg.study or "honelm", cfg.storage, dict(cfg.vars),
                       cfg.prune_after)
+    if spec.sampler == "qmc" and importlib.util.find_spec("scipy") is None:  # refused before any trial runs
+        raise ConfigError(f"{p}: sampler: qmc draws its Sobol sequence with scipy, which is not installed: "
+                          "pip install 'honelm[qmc]' (or scipy), or choose sampler: tpe, random or grid")
     if spec.sampler == "grid":  # every dimension must be finite; by default the whole grid is tried
         size = math.prod(len(prm.grid_values()) for prm in space)
         if cfg.n_trials is None:

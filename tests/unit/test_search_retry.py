@@ -133,3 +133,16 @@ def test_qmc_sampler_spreads_a_few_trials_over_the_whole_range(tmp_path, recwarn
         quarters = [int(4 * math.log(lr / low) / math.log(high / low)) for lr in lrs[1:]]
         assert sorted(quarters) == [0, 1, 2, 3], (seed, lrs)
     assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+def test_qmc_without_scipy_is_refused_before_any_trial(tmp_path, monkeypatch):
+    """scipy is not a dependency of honelm: `sampler: qmc` without it stops at the file, naming the field and the
+    install, not in the middle of the first trial."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(Exception, match=r"sampler: qmc .*pip install 'honelm\[qmc\]'"):
+        S.spec_from_mapping({"verb": "classify", "out_dir": str(tmp_path / "s"), "metric": "val_accuracy",
+                             "sampler": "qmc", "space": {"train.lr": {"low": 1e-4, "high": 1e-3, "log": True}}},
+                            tmp_path / "s.yaml")
