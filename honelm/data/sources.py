@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Sequence
 from honelm.bounds import at_least, between
 from honelm.config import FieldError
 from honelm.data.readers import BadRows, BadRowsError, read_documents, read_examples
-from honelm.data.splits import make_splits, parse_ratios
+from honelm.data.splits import make_splits, parse_ratios, val_inside_train
 from honelm.errors import ConfigError, DataError
 from honelm.tracking import phase
 
@@ -134,6 +134,9 @@ def labelled_splits(data: Any, say: Callable[[str], None], leak_texts: list[str]
                              stratify=data.task == "classification", val=val, load_test=load_test,
                              test_path=data.test or None, dedup=data.dedup, near_dup_threshold=data.near_dup_threshold,
                              test_texts_for_leak_check=leak_texts)
+        if not data.pair_field:  # a pair's two texts are not one phrase that a sentence could hold
+            splits.manifest["val_inside_train"] = val_inside_train([e.text for e in splits.train],
+                                                                   [e.text for e in splits.val])
     report_skipped(bad, splits.manifest, say)
     say_split(splits.manifest, say)
     check_not_empty(splits.manifest, data, _label_hint(examples, data, section))
@@ -181,6 +184,14 @@ def say_split(manifest: dict, say: Callable[[str], None]) -> None:
     say(f"split: train {counts.get('train')}, val {counts.get('val')}, test {counts.get('test')}; "
         f"across splits {exact} exact and {near} near duplicates" + (f", {removed} removed from train" if removed else
                                                                      " (data.dedup=true removes them from train)" if exact + near else ""))
+    inside = manifest.get("val_inside_train") or {}
+    if inside.get("count"):
+        say(f"validation: {inside['count']} of {inside['of']} texts ({100 * inside['count'] / inside['of']:.1f}%, median "
+            f"{inside['median_words']} words) occur word for word inside a longer train text, as phrase-level data "
+            "split by row does: validation will overstate accuracy on new text (docs/data.md)")
+    elif inside.get("checked") is False:
+        say(f"validation: not checked for texts inside train texts ({inside['windows']:,} word windows, over the "
+            f"{inside['limit']:,} limit)")
 
 
 MIN_CLASS_EXAMPLES = 10

@@ -377,3 +377,35 @@ def test_a_large_file_is_hashed_once_per_process_and_again_when_it_changes(tmp_p
     import os as _os
     _os.utime(big, ns=(1, 1))
     assert S.file_digest(big) == _hashlib.sha256(b"another long corpus!\n").hexdigest()
+
+
+def test_validation_phrases_inside_longer_train_texts_are_counted_and_said(tmp_path):
+    """Phrase-level data split by row (SST-2's train.tsv holds every sub-phrase of its sentences): a validation
+    text that occurs word for word inside a longer train text is counted (case and punctuation aside), one equal
+    to a train text is not (that is an exact duplicate, counted apart), and the split log says it; over the window
+    limit nothing is checked and the log says that instead."""
+    from honelm.data.sections import LabelledDataConfig
+    from honelm.data.sources import labelled_splits, say_split
+
+    train = ["A gorgeous, witty, seductive movie.", "the acting is wooden throughout", "a flat and lifeless plot"]
+    val = ["gorgeous , witty", "the acting is wooden throughout", "an entirely new sentence", "Plot", ""]
+    found = S.val_inside_train(train, val)
+    assert found == {"checked": True, "count": 2, "of": 5, "median_words": 2}  # "gorgeous witty" and "plot"
+    # 3 train texts of 5 words, windows of the validation lengths below 5 (1, 2 and 4 words): 3 x (5 + 4 + 2)
+    assert S.val_inside_train(train, val, limit=3) == {"checked": False, "windows": 33, "limit": 3, "of": 5}
+    said: list[str] = []
+    say_split({"counts": {}, "val_inside_train": found}, said.append)
+    assert "validation: 2 of 5 texts (40.0%, median 2 words) occur word for word inside a longer train text" in said[-1]
+    said.clear()
+    say_split({"counts": {}, "val_inside_train": {"checked": False, "windows": 33, "limit": 3, "of": 5}}, said.append)
+    assert said[-1] == "validation: not checked for texts inside train texts (33 word windows, over the 3 limit)"
+    # through the data path classify uses: rows that are sub-phrases of others, split off the same file
+    rows = [{"text": " ".join(f"w{i}-{k}" for k in range(12)), "label": i % 2} for i in range(40)]
+    rows += [{"text": " ".join(f"w{i}-{k}" for k in range(3)), "label": i % 2} for i in range(40)]  # their phrases
+    path = tmp_path / "phrases.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    said.clear()
+    splits = labelled_splits(LabelledDataConfig(train=str(path), split="8:2:0"), said.append)
+    inside = splits.manifest["val_inside_train"]
+    assert inside["checked"] and inside["of"] == len(splits.val) and 0 < inside["count"] < len(splits.val)
+    assert any(line.startswith(f"validation: {inside['count']} of {len(splits.val)} texts") for line in said)
