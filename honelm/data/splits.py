@@ -399,34 +399,46 @@ INSIDE_CHECK_LIMIT = 20_000_000
 skipped and says so."""
 
 
-def val_inside_train(train_texts: Sequence[str], val_texts: Sequence[str],
-                     limit: int = INSIDE_CHECK_LIMIT) -> dict[str, Any]:
-    """How many validation texts occur word for word (after `normalize_for_dedup`) as a contiguous run inside a
-    LONGER train text. Phrase-level data (a treebank's train file holding every sub-phrase of its sentences, as
-    SST-2's does) split by row puts phrases of one sentence on both sides; exact and near-duplicate checks miss it,
-    as a phrase is neither equal nor similar to the sentence holding it, and validation then overstates accuracy
-    on new sentences (on SST-2, 77% of the validation rows, docs/data.md). Only windows as long as some
-    validation text are formed; when they would exceed `limit`, nothing is checked: {"checked": False, ...}."""
-    wanted = {w for w in (normalize_for_dedup(t) for t in val_texts) if w}
-    lengths = np.array(sorted({len(w.split()) for w in wanted}), dtype=np.int64)
+def texts_inside(train_texts: Sequence[str], val_texts: Sequence[str],
+                 limit: int = INSIDE_CHECK_LIMIT) -> tuple[list[bool] | None, int]:
+    """For each validation text, whether its words (after `normalize_for_dedup`) occur as a contiguous run inside a
+    LONGER train text (one equal to a train text is an exact duplicate, counted apart); and the number of word
+    windows that takes. Only windows as long as some validation text are formed; when they would exceed `limit`,
+    nothing is compared and the flags are None."""
+    val_norm = [normalize_for_dedup(t) for t in val_texts]
+    wanted = {w for w in val_norm if w}
+    lengths = sorted({len(w.split()) for w in wanted})
     train_words = [normalize_for_dedup(t).split() for t in train_texts]
     sizes = np.array([len(w) for w in train_words], dtype=np.int64)
-    windows = int(sum(np.clip(sizes - n + 1, 0, None)[sizes > n].sum() for n in lengths.tolist()))
+    windows = int(sum(int((sizes[sizes > n] - n + 1).sum()) for n in lengths))
     if windows > limit:
-        return {"checked": False, "windows": windows, "limit": limit, "of": len(val_texts)}
+        return None, windows
     found: set[str] = set()
     for words in train_words:
-        for n in lengths.tolist():
+        for n in lengths:
             if n >= len(words):
                 break
             for i in range(len(words) - n + 1):
                 window = " ".join(words[i:i + n])
                 if window in wanted:
                     found.add(window)
-    inside = [t for t in val_texts if normalize_for_dedup(t) in found]
-    lengths_inside = sorted(len(normalize_for_dedup(t).split()) for t in inside)
-    return {"checked": True, "count": len(inside), "of": len(val_texts),
-            "median_words": lengths_inside[len(lengths_inside) // 2] if inside else None}
+    return [w in found for w in val_norm], windows
+
+
+def val_inside_train(train_texts: Sequence[str], val_texts: Sequence[str],
+                     limit: int = INSIDE_CHECK_LIMIT) -> dict[str, Any]:
+    """How many validation texts occur word for word inside a longer train text (`texts_inside`), for the split
+    manifest and log. Phrase-level data (a treebank's train file holding every sub-phrase of its sentences, as
+    SST-2's does) split by row puts phrases of one sentence on both sides; exact and near-duplicate checks miss it,
+    as a phrase is neither equal nor similar to the sentence holding it, and validation then overstates accuracy
+    on new sentences (on SST-2, 77% of the validation rows, docs/data.md). Over `limit` word windows:
+    {"checked": False, ...}."""
+    flags, windows = texts_inside(train_texts, val_texts, limit)
+    if flags is None:
+        return {"checked": False, "windows": windows, "limit": limit, "of": len(val_texts)}
+    lengths = sorted(len(normalize_for_dedup(t).split()) for t, inside in zip(val_texts, flags) if inside)
+    return {"checked": True, "count": len(lengths), "of": len(val_texts),
+            "median_words": lengths[len(lengths) // 2] if lengths else None}
 
 
 class _WordHashes(dict):  # type: ignore[type-arg]

@@ -391,6 +391,7 @@ def test_validation_phrases_inside_longer_train_texts_are_counted_and_said(tmp_p
     val = ["gorgeous , witty", "the acting is wooden throughout", "an entirely new sentence", "Plot", ""]
     found = S.val_inside_train(train, val)
     assert found == {"checked": True, "count": 2, "of": 5, "median_words": 2}  # "gorgeous witty" and "plot"
+    assert S.texts_inside(train, val) == ([True, False, False, True, False], 33)  # the flags val_overlap.py reads
     # 3 train texts of 5 words, windows of the validation lengths below 5 (1, 2 and 4 words): 3 x (5 + 4 + 2)
     assert S.val_inside_train(train, val, limit=3) == {"checked": False, "windows": 33, "limit": 3, "of": 5}
     said: list[str] = []
